@@ -1,0 +1,1210 @@
+"""Tests of minivan.py.
+
+In-process tests call App.handle directly (fast); socket tests run the real
+HTTP server on port 0 and talk to it with http.client; end-to-end tests drive
+the real OpenStack clients (openstackclient, openstacksdk, novaclient) and
+Tempest against a running minivan, in noauth mode and behind a real Keystone.
+
+Run everything with tools/test.sh.  MINIVAN_REQUIRE_E2E=1 turns every skip of
+an end-to-end test (a client or Keystone missing) into a failure.
+"""
+
+import base64
+import datetime
+import email.message
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import minivan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_E2E = os.environ.get("MINIVAN_REQUIRE_E2E") == "1"
+SAMPLE_KEY = (
+    "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC1HTrHCbb9NawNLSV8N6tSa8i637+EC2dA+lsdHHfQlT54t+N0"
+    "nHhJPlKWDLhc579j87vp6RDFriFJ/smsTnDnf64O12z0kBaJpJPH2zXrBkZFK6q2rmxydURzX/z0yLSCP77SFJ0fd"
+    "XWH2hMsAusflGyryHGX20n+mZK6mDrxVzGxEz228dwQ5G7Az5OoZDWygH2pqPvKjkifRw0jwUKf3BbkP0QvANACOk"
+    "26cv16mNFpFJfI1N3OC5lUsZQtKGR01ptJoWijYKccqhkAKuo902tg/qup58J5kflNm7I61sy1mJon6SGqNUSfoQa"
+    "gqtBH6vd/tU1jnlwZ03uUroAL Generated-by-Nova")
+SAMPLE_FINGERPRINT = "44:fe:29:6e:23:14:b9:53:5b:65:82:58:1c:fe:5a:c3"
+
+
+def skip_or_fail(test, reason):
+    """End-to-end prerequisites missing: a skip, or a failure under MINIVAN_REQUIRE_E2E=1."""
+    if REQUIRE_E2E:
+        test.fail("required end-to-end prerequisite missing: " + reason)
+    test.skipTest(reason)
+
+
+class FakeClock(minivan.Clock):
+    def __init__(self):
+        self.t = datetime.datetime(2026, 11, 30, 12, 0, 0)
+
+    def now(self):
+        return self.t
+
+
+# -- response checker: every response of every test passes through it ---------
+
+def check_response(test, pipeline, status, headers, body, content_length=None):
+    """Header rules of Nova's pipelines, JSON bodies, exact Content-Length."""
+    get = {k.lower(): v for k, v in headers}
+    all_vary = [v for k, v in headers if k.lower() == "vary"]
+    if content_length is not None:
+        test.assertEqual(int(get["content-length"]), len(body), "Content-Length is exact")
+    if pipeline == "health":
+        test.assertTrue(get.get("content-type", "").startswith("text/plain"))
+        return
+    if body:
+        test.assertTrue(get.get("content-type", "").startswith("application/json"),
+                        f"JSON content type for {status}")
+        json.loads(body)
+    if pipeline == "root":
+        test.assertNotIn("openstack-api-version", get)
+        test.assertNotIn("x-openstack-request-id", get)
+        return
+    rid = get.get("x-openstack-request-id", "")
+    test.assertTrue(rid.startswith("req-"), "request id present")
+    test.assertEqual(rid, get.get("x-compute-request-id"))
+    if pipeline == "v2.1":
+        test.assertTrue(get.get("openstack-api-version", "").startswith("compute "))
+        test.assertEqual(get["openstack-api-version"].split()[1],
+                         get["x-openstack-nova-api-version"])
+        test.assertIn("OpenStack-API-Version", all_vary)
+        test.assertIn("X-OpenStack-Nova-API-Version", all_vary)
+    else:
+        test.assertNotIn("openstack-api-version", get)
+        test.assertNotIn("x-openstack-nova-api-version", get)
+
+
+def pipeline_of(path):
+    if path.startswith("/healthcheck"):
+        return "health"
+    if path.startswith("/v2.1"):
+        return "v2.1"
+    if path == "/v2" or path.startswith("/v2/"):
+        return "v2"
+    return "root"
+
+
+class Reply:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.raw = status, headers, body
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self):
+        return json.loads(self.raw) if self.raw else None
+
+
+def make_headers(pairs):
+    msg = email.message.Message()
+    for k, v in pairs.items():
+        msg[k] = v
+    return msg
+
+
+class AppTestCase(unittest.TestCase):
+    """An App on a temporary data directory, called in-process."""
+
+    conf = {}
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="minivan-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.clock = FakeClock()
+        self.start_app()
+
+    def start_app(self):
+        conf = minivan.default_config(data_dir=self.tmp, port="8774", **self.conf)
+        self.store = minivan.open_store(conf)
+        self.app = minivan.App(conf, self.store, clock=self.clock)
+
+    def restart_app(self):
+        self.store.close()
+        self.start_app()
+
+    def tearDown(self):
+        self.store.close()
+
+    def call(self, method, path, body=None, token="admin:admin", version=None, headers=None,
+             raw=None, content_type="application/json"):
+        pairs = {"Host": "127.0.0.1:8774"}
+        if token is not None:
+            pairs["X-Auth-Token"] = token
+        if version is not None:
+            pairs["OpenStack-API-Version"] = "compute " + version
+        if body is not None or raw is not None:
+            pairs["Content-Type"] = content_type
+        pairs.update(headers or {})
+        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                               else b"")
+        resp = self.app.handle(method, path, make_headers(pairs), payload)
+        ctype = resp.content_type + ("; charset=UTF-8" if resp.status >= 400 else "")
+        hdrs = [("Content-Type", ctype)] + resp.headers if resp.payload else resp.headers
+        check_response(self, pipeline_of(path), resp.status, hdrs, resp.payload)
+        return Reply(resp.status, hdrs, resp.payload)
+
+    def get(self, path, **kw):
+        return self.call("GET", path, **kw)
+
+    def post(self, path, body, **kw):
+        return self.call("POST", path, body, **kw)
+
+    def put(self, path, body, **kw):
+        return self.call("PUT", path, body, **kw)
+
+    def delete(self, path, **kw):
+        return self.call("DELETE", path, **kw)
+
+    def assertFault(self, reply, status, name, message=None):
+        self.assertEqual(reply.status, status, reply.raw)
+        body = reply.json()
+        self.assertEqual(list(body), [name], body)
+        self.assertEqual(body[name]["code"], status)
+        if message is not None:
+            self.assertIn(message, body[name]["message"])
+        return body[name]["message"]
+
+
+# -- configuration --------------------------------------------------------------
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults_need_no_arguments(self):
+        """With no arguments every setting has a default; noauth binds loopback only."""
+        conf = minivan.load_config([], environ={})
+        self.assertEqual(conf["port"], 8774)
+        self.assertEqual(conf["auth"], "noauth")
+        self.assertEqual(conf["bind"], "127.0.0.1")
+        self.assertEqual(conf["libvirt_uri"], "qemu:///system")
+        self.assertTrue(conf["data_dir"])
+
+    def test_environment_and_command_line_precedence(self):
+        """MINIVAN_* environment variables are read; the command line wins over them."""
+        conf = minivan.load_config(["--port", "9000"], environ={"MINIVAN_PORT": "9001",
+                                                                "MINIVAN_MAX_LIMIT": "5"})
+        self.assertEqual(conf["port"], 9000)
+        self.assertEqual(conf["max_limit"], 5)
+
+    def test_keystone_mode_binds_all_addresses_and_needs_password(self):
+        """A Keystone URL selects keystone auth, which needs the service password."""
+        with self.assertRaises(minivan.ConfigError) as e:
+            minivan.load_config(["--keystone-url", "http://k/v3"], environ={})
+        self.assertIn("MINIVAN_KEYSTONE_PASSWORD", str(e.exception))
+        conf = minivan.load_config(["--keystone-url", "http://k/v3"],
+                                   environ={"MINIVAN_KEYSTONE_PASSWORD": "pw"})
+        self.assertEqual(conf["auth"], "keystone")
+        self.assertEqual(conf["bind"], "::")
+
+    def test_config_file_with_password_must_be_private(self):
+        """An INI file holding the password is refused unless it is mode 0600."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "minivan.conf")
+            with open(path, "w") as f:
+                f.write("[minivan]\nkeystone-url = http://k/v3\nkeystone-password = s3cret\n")
+            os.chmod(path, 0o644)
+            with self.assertRaises(minivan.ConfigError):
+                minivan.load_config(["--config", path], environ={})
+            os.chmod(path, 0o600)
+            conf = minivan.load_config(["--config", path], environ={})
+            self.assertEqual(conf["keystone_password"], "s3cret")
+
+    def test_no_password_flag_on_command_line(self):
+        """The Keystone password has no command-line flag."""
+        with self.assertRaises(SystemExit):
+            with open(os.devnull, "w") as devnull:
+                old, sys.stderr = sys.stderr, devnull
+                try:
+                    minivan.load_config(["--keystone-password", "x"], environ={})
+                finally:
+                    sys.stderr = old
+
+    def test_bad_values_are_one_line_errors(self):
+        """A wrong value gives a ConfigError naming the option."""
+        for argv in (["--port", "http"], ["--auth", "magic"], ["--tls-cert", "x"],
+                     ["--noauth-identity", "nobody"]):
+            with self.assertRaises(minivan.ConfigError):
+                minivan.load_config(argv, environ={})
+
+    def test_main_prints_one_line_for_config_errors(self):
+        """main() returns 2 and prints a single line for a configuration error."""
+        done = subprocess.run([sys.executable, os.path.join(HERE, "minivan.py"), "--port", "x"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+
+    def test_missing_libvirt_says_how_to_install(self):
+        """Without libvirt-python, minivan exits with an install hint on one line."""
+        with tempfile.TemporaryDirectory() as tmp:
+            blocker = os.path.join(tmp, "libvirt.py")
+            with open(blocker, "w") as f:
+                f.write("raise ImportError('no libvirt here')\n")
+            env = dict(os.environ, PYTHONPATH=tmp, MINIVAN_DATA_DIR=os.path.join(tmp, "d"))
+            done = subprocess.run([sys.executable, os.path.join(HERE, "minivan.py")],
+                                  capture_output=True, text=True, timeout=60, env=env)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("apt install python3-libvirt", done.stderr)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+
+    def test_help_documents_every_option(self):
+        """--help lists every option of the OPTIONS table."""
+        done = subprocess.run([sys.executable, os.path.join(HERE, "minivan.py"), "--help"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0)
+        for name, _, _ in minivan.OPTIONS:
+            self.assertIn("--" + name, done.stdout)
+
+
+# -- versions and microversions ------------------------------------------------------
+
+class VersionTests(AppTestCase):
+    def test_root_lists_v20_then_v21_without_version_headers(self):
+        """GET / lists v2.0 then v2.1 and carries no microversion or request-id headers."""
+        r = self.get("/", token=None)
+        self.assertEqual(r.status, 200)
+        versions = r.json()["versions"]
+        self.assertEqual([v["id"] for v in versions], ["v2.0", "v2.1"])
+        self.assertEqual(versions[1]["version"], "2.104")
+        self.assertEqual(versions[1]["min_version"], "2.1")
+        self.assertEqual(versions[1]["links"][0]["href"], "http://127.0.0.1:8774/v2.1/")
+
+    def test_v21_document_is_unauthenticated(self):
+        """GET /v2.1 and /v2.1/ answer the version document without a token."""
+        for path in ("/v2.1", "/v2.1/"):
+            r = self.get(path, token=None)
+            self.assertEqual(r.status, 200)
+            doc = r.json()["version"]
+            self.assertEqual(doc["id"], "v2.1")
+            self.assertEqual(doc["media-types"][0]["type"],
+                             "application/vnd.openstack.compute+json;version=2.1")
+
+    def test_v2_document_is_legacy(self):
+        """GET /v2 and /v2/ answer the deprecated v2.0 document without version headers."""
+        for path in ("/v2", "/v2/"):
+            r = self.get(path, token=None)
+            self.assertEqual(r.json()["version"]["status"], "DEPRECATED")
+
+    def test_project_version_document_needs_token(self):
+        """GET /v2.1/{project_id}/ is the version document, behind auth."""
+        self.assertFault(self.get("/v2.1/admin/", token=None), 401, "unauthorized")
+        r = self.get("/v2.1/admin/")
+        self.assertEqual(r.json()["version"]["id"], "v2.1")
+
+    def test_versions_show(self):
+        """GET /v2.1/versions/v2.1 is the single version; unknown ids are 404."""
+        self.assertEqual(self.get("/v2.1/versions/v2.1").json()["version"]["id"], "v2.1")
+        self.assertFault(self.get("/v2.1/versions/v9"), 404, "itemNotFound")
+
+    def test_other_paths_are_multiple_choices(self):
+        """Paths outside /v2 and /v2.1 answer 300 with the choices document."""
+        r = self.get("/v3/foo", token=None)
+        self.assertEqual(r.status, 300)
+        self.assertEqual([c["id"] for c in r.json()["choices"]], ["v2.0", "v2.1"])
+
+    def test_no_header_means_21_and_latest_means_max(self):
+        """No header is 2.1; 'latest' is 2.104; the effective version is echoed."""
+        self.assertEqual(self.get("/v2.1/flavors").header("X-OpenStack-Nova-API-Version"), "2.1")
+        r = self.get("/v2.1/flavors", version="latest")
+        self.assertEqual(r.header("OpenStack-API-Version"), "compute 2.104")
+
+    def test_standard_header_wins_over_legacy(self):
+        """OpenStack-API-Version wins over X-OpenStack-Nova-API-Version."""
+        r = self.get("/v2.1/flavors", headers={"OpenStack-API-Version": "compute 2.55",
+                                               "X-OpenStack-Nova-API-Version": "2.60"})
+        self.assertEqual(r.header("X-OpenStack-Nova-API-Version"), "2.55")
+        r = self.get("/v2.1/flavors", headers={"X-OpenStack-Nova-API-Version": "2.60"})
+        self.assertEqual(r.header("X-OpenStack-Nova-API-Version"), "2.60")
+        r = self.get("/v2.1/flavors", headers={"OpenStack-API-Version": "compute 2.3, volume 3.0"})
+        self.assertEqual(r.header("X-OpenStack-Nova-API-Version"), "2.3")
+
+    def test_malformed_version_is_400(self):
+        """A malformed version string is 400 badRequest with Nova's message."""
+        for bad in ("2.x", "2", "v2.1", "2.01"):
+            r = self.get("/v2.1/flavors", version=bad)
+            self.assertFault(r, 400, "badRequest", "is of invalid format")
+
+    def test_out_of_range_version_is_406(self):
+        """A version outside 2.1-2.104 is 406 computeFault echoing the version."""
+        r = self.get("/v2.1/flavors", version="9.99")
+        self.assertFault(r, 406, "computeFault", "Version 9.99 is not supported by the API. "
+                         "Minimum is 2.1 and maximum is 2.104.")
+        self.assertEqual(r.header("OpenStack-API-Version"), "compute 9.99")
+        self.assertFault(self.get("/v2.1/flavors", version="2.0"), 406, "computeFault")
+
+    def test_legacy_v2_ignores_microversion_headers(self):
+        """The /v2 pipeline ignores microversion headers and answers as 2.1."""
+        r = self.get("/v2/flavors/1", version="2.75")
+        self.assertEqual(r.json()["flavor"]["swap"], "")
+        self.assertIsNone(r.header("OpenStack-API-Version"))
+
+    def test_healthcheck_is_plain_text(self):
+        """GET /healthcheck answers OK in plain text without auth."""
+        r = self.get("/healthcheck", token=None)
+        self.assertEqual((r.status, r.raw), (200, b"OK"))
+
+
+# -- routing ------------------------------------------------------------------------
+
+def load_reference_routes():
+    path = os.path.join(HERE, "..", "shared", "nova-api", "routes.tsv")
+    if not os.path.exists(path):
+        return None
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f.read().splitlines()[5:]:
+            cols = line.split("\t")
+            rows.append((cols[0], cols[1], cols[2] or None))
+    return rows
+
+
+class RoutingTests(AppTestCase):
+    def test_table_holds_every_nova_route(self):
+        """ROUTES has one row per route of Nova's routes.tsv, none extra."""
+        reference = load_reference_routes()
+        if reference is None:
+            self.skipTest("reference routes.tsv not beside the checkout")
+        mine = {(r.method, r.path, r.action) for r in minivan.ROUTES}
+        self.assertEqual(mine, set(reference))
+
+    def test_every_route_answers_without_500(self):
+        """Every row of ROUTES answers: built, 501, 410 or a 4xx — never a 500."""
+        for route in minivan.ROUTES:
+            path = "/v2.1" + "/".join([""] + [("x" if s.startswith("{") else s)
+                                              for s in route.segments])
+            body = {route.action: {}} if route.action else ({} if route.method in ("POST", "PUT")
+                                                            else None)
+            r = self.call(route.method, path or "/v2.1/", body=body, version="latest")
+            self.assertLess(r.status, 500 if route.built or route.gone else 502,
+                            f"{route.method} {route.path} {route.action}: {r.raw[:200]}")
+            if not route.built and not route.gone and route.max == minivan.MAX_VERSION:
+                self.assertIn(r.status, (400, 404, 501), f"{route.method} {route.path}")
+
+    def test_unbuilt_route_is_501(self):
+        """A route not built yet answers 501 notImplemented."""
+        self.assertFault(self.get("/v2.1/os-hypervisors"), 501, "notImplemented")
+
+    def test_removed_api_is_410(self):
+        """Removed APIs answer 410 at every microversion."""
+        self.assertFault(self.get("/v2.1/os-cells"), 410, "computeFault")
+        self.assertFault(self.get("/v2.1/os-fping", version="2.1"), 410, "computeFault")
+
+    def test_unknown_path_is_404(self):
+        """An unknown path is 404 itemNotFound."""
+        self.assertFault(self.get("/v2.1/admin/no-such-thing"), 404, "itemNotFound")
+        self.assertFault(self.get("/v2.1/flavors/1/nothing"), 404, "itemNotFound")
+
+    def test_wrong_method_is_405_with_allow(self):
+        """A known path with a wrong method is 405 badMethod with Allow."""
+        r = self.call("PATCH", "/v2.1/flavors")
+        self.assertFault(r, 405, "badMethod")
+        self.assertEqual(r.header("Allow"), "GET, HEAD, POST")
+
+    def test_outside_microversion_range_is_404(self):
+        """PUT /flavors/{id} exists from 2.55: below it is 404."""
+        r = self.put("/v2.1/flavors/1", {"flavor": {"description": "x"}}, version="2.54")
+        self.assertFault(r, 404, "itemNotFound")
+        self.assertFault(self.get("/v2.1/images", version="2.36"), 404, "itemNotFound")
+
+    def test_static_path_wins_over_dynamic(self):
+        """/flavors/detail is the detail list, not the flavor 'detail'."""
+        r = self.get("/v2.1/flavors/detail")
+        self.assertIn("flavors", r.json())
+
+    def test_project_prefix(self):
+        """Routes answer under /v2.1/{project_id}; another project's id is 400."""
+        r = self.get("/v2.1/admin/flavors")
+        self.assertIn("/v2.1/admin/flavors/", r.json()["flavors"][0]["links"][0]["href"])
+        self.assertFault(self.get("/v2.1/other/flavors"), 400, "badRequest",
+                         "Malformed request URL: URL's project_id 'other' doesn't match "
+                         "Context's project_id 'admin'")
+
+    def test_json_suffix(self):
+        """A .json suffix selects JSON and changes nothing else."""
+        self.assertEqual(self.get("/v2.1/flavors/1.json").json()["flavor"]["id"], "1")
+
+    def test_action_dispatch(self):
+        """POST .../action: one key dispatches; unknown and several keys are 400."""
+        self.assertFault(self.post("/v2.1/flavors/1/action", {"nope": {}}), 400, "badRequest",
+                         "There is no such action: nope")
+        self.assertFault(self.post("/v2.1/flavors/1/action", {"a": 1, "b": 2}), 400,
+                         "badRequest", "Malformed request body")
+
+    def test_malformed_json_and_media_type(self):
+        """A non-JSON body is 400; a wrong Content-Type is 415."""
+        self.assertFault(self.call("POST", "/v2.1/flavors", raw=b"{nope"), 400, "badRequest",
+                         "Malformed request body")
+        self.assertFault(self.call("POST", "/v2.1/flavors", raw=b"<x/>",
+                                   content_type="application/xml"), 415, "badMediaType")
+        r = self.call("POST", "/v2.1/flavors", raw=b"", content_type="text/plain")
+        self.assertFault(r, 400, "badRequest")
+
+    def test_head_is_get_without_body(self):
+        """HEAD answers like GET."""
+        r = self.call("HEAD", "/v2.1/flavors/1")
+        self.assertEqual(r.status, 200)
+
+    def test_unexpected_exception_is_500_without_internals(self):
+        """A handler crash is a 500 computeFault naming only the exception class."""
+        route = next(r for r in minivan.ROUTES if r.handler_name == "flavors_show")
+        saved = route.handler
+        route.handler = lambda req: 1 / 0
+        try:
+            with self.assertLogs("minivan", "ERROR"):
+                r = self.get("/v2.1/flavors/1")
+        finally:
+            route.handler = saved
+        message = self.assertFault(r, 500, "computeFault")
+        self.assertIn("ZeroDivisionError", message)
+        self.assertNotIn("Traceback", message)
+        self.assertEqual(self.get("/v2.1/flavors/1").status, 200)
+
+
+# -- identity and policy --------------------------------------------------------------
+
+class NoAuthTests(AppTestCase):
+    def test_missing_token_is_401(self):
+        """No X-Auth-Token is 401."""
+        self.assertFault(self.get("/v2.1/flavors", token=None), 401, "unauthorized")
+
+    def test_user_project_token(self):
+        """user:project names the caller; only 'admin' gets the admin role."""
+        self.assertFault(self.post("/v2.1/flavors", {"flavor": {
+            "name": "x", "ram": 1, "vcpus": 1, "disk": 0}}, token="demo:demo"), 403, "forbidden",
+            "Policy doesn't allow os_compute_api:os-flavor-manage:create to be performed.")
+        r = self.get("/v2.1/os-keypairs", token="demo:demo")
+        self.assertEqual(r.status, 200)
+
+    def test_other_tokens_use_default_identity(self):
+        """Any other token (openstackclient's 'notused') is the default identity, admin."""
+        r = self.get("/v2.1/os-availability-zone/detail", token="notused")
+        self.assertEqual(r.status, 200)
+
+    def test_member_on_admin_route_is_403(self):
+        """A member calling an admin-only route is 403 forbidden."""
+        self.assertFault(self.get("/v2.1/os-availability-zone/detail", token="demo:demo"),
+                         403, "forbidden")
+        self.assertFault(self.get("/v2.1/os-quota-class-sets/default", token="demo:demo"),
+                         403, "forbidden")
+
+
+# -- flavors --------------------------------------------------------------------------
+
+class FlavorTests(AppTestCase):
+    def create(self, version=None, token="admin:admin", **fields):
+        spec = {"name": "f1", "ram": 128, "vcpus": 1, "disk": 1}
+        spec.update(fields)
+        return self.post("/v2.1/flavors", {"flavor": spec}, version=version, token=token)
+
+    def test_default_flavors(self):
+        """The built-in set: m1.tiny..m1.xlarge (1-5) and the seed's small/big (100/200)."""
+        flavors = {f["id"]: f["name"] for f in self.get("/v2.1/flavors").json()["flavors"]}
+        self.assertEqual(flavors, {"1": "m1.tiny", "2": "m1.small", "3": "m1.medium",
+                                   "4": "m1.large", "5": "m1.xlarge", "100": "small",
+                                   "200": "big"})
+
+    def test_flavors_json_matches_builtin(self):
+        """flavors.json ships the same set as the built-in default."""
+        with open(os.path.join(HERE, "flavors.json")) as f:
+            rows = json.load(f)
+        self.assertEqual([(r["id"], r["name"], r["ram"], r["vcpus"], r["disk"]) for r in rows],
+                         [tuple(row) for row in minivan.BUILTIN_FLAVORS])
+
+    def test_show_shapes_by_microversion(self):
+        """swap is '' below 2.75; description from 2.55; extra_specs from 2.61; no
+        rxtx_factor/disabled from 2.102."""
+        f = self.get("/v2.1/flavors/1").json()["flavor"]
+        self.assertEqual((f["swap"], f["rxtx_factor"], f["OS-FLV-DISABLED:disabled"]),
+                         ("", 1.0, False))
+        self.assertNotIn("description", f)
+        f = self.get("/v2.1/flavors/1", version="2.55").json()["flavor"]
+        self.assertIsNone(f["description"])
+        self.assertNotIn("extra_specs", f)
+        f = self.get("/v2.1/flavors/1", version="2.61").json()["flavor"]
+        self.assertEqual(f["extra_specs"], {})
+        f = self.get("/v2.1/flavors/1", version="2.75").json()["flavor"]
+        self.assertEqual(f["swap"], 0)
+        f = self.get("/v2.1/flavors/1", version="2.102").json()["flavor"]
+        self.assertNotIn("rxtx_factor", f)
+        self.assertNotIn("OS-FLV-DISABLED:disabled", f)
+
+    def test_list_filters(self):
+        """minRam/minDisk filter; bad values are 400."""
+        ids = [f["id"] for f in self.get("/v2.1/flavors?minRam=8192").json()["flavors"]]
+        self.assertEqual(sorted(ids), ["4", "5"])
+        ids = [f["id"] for f in self.get("/v2.1/flavors/detail?minDisk=80").json()["flavors"]]
+        self.assertEqual(sorted(ids), ["4", "5"])
+        self.assertFault(self.get("/v2.1/flavors?minRam=lots"), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/flavors?sort_key=nope"), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/flavors?sort_dir=up"), 400, "badRequest")
+
+    def test_sort(self):
+        """sort_key/sort_dir order the list."""
+        names = [f["name"] for f in self.get(
+            "/v2.1/flavors/detail?sort_key=memory_mb&sort_dir=desc").json()["flavors"]]
+        self.assertEqual(names[0], "m1.xlarge")
+        self.assertEqual(names[-1], "m1.tiny")
+
+    def test_pagination_links(self):
+        """limit/marker page through the list with next links."""
+        r = self.get("/v2.1/flavors?limit=3").json()
+        self.assertEqual(len(r["flavors"]), 3)
+        href = r["flavors_links"][0]["href"]
+        self.assertTrue(href.startswith("http://127.0.0.1:8774/v2.1/flavors?limit=3&marker="))
+        seen = [f["id"] for f in r["flavors"]]
+        while "flavors_links" in r:
+            query = r["flavors_links"][0]["href"].split("?", 1)[1]
+            r = self.get("/v2.1/flavors?" + query).json()
+            seen += [f["id"] for f in r["flavors"]]
+        self.assertEqual(len(seen), 7)
+        self.assertEqual(len(set(seen)), 7)
+        r = self.get("/v2.1/flavors/detail?limit=2").json()
+        self.assertIn("/v2.1/flavors/detail?limit=2&marker=", r["flavors_links"][0]["href"])
+        self.assertFault(self.get("/v2.1/flavors?marker=nope"), 400, "badRequest",
+                         "marker [nope] not found")
+        self.assertFault(self.get("/v2.1/flavors?limit=-1"), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/flavors?limit=x"), 400, "badRequest")
+
+    def test_unknown_query_strict_from_275(self):
+        """Unknown list parameters are ignored below 2.75 and rejected from 2.75."""
+        self.assertEqual(self.get("/v2.1/flavors?foo=1", version="2.74").status, 200)
+        self.assertFault(self.get("/v2.1/flavors?foo=1", version="2.75"), 400, "badRequest")
+
+    def test_create_show_delete(self):
+        """An admin creates a flavor, sees it, deletes it (202), and it is gone."""
+        r = self.create(id="10", name="test", ram=1024, vcpus=2, disk=10, swap=512)
+        self.assertEqual(r.status, 200)
+        f = r.json()["flavor"]
+        self.assertEqual((f["id"], f["ram"], f["swap"], f["os-flavor-access:is_public"]),
+                         ("10", 1024, 512, True))
+        self.assertEqual(self.get("/v2.1/flavors/10").json()["flavor"]["name"], "test")
+        self.assertEqual(self.delete("/v2.1/flavors/10").status, 202)
+        self.assertFault(self.get("/v2.1/flavors/10"), 404, "itemNotFound",
+                         "Flavor 10 could not be found.")
+        self.assertFault(self.delete("/v2.1/flavors/10"), 404, "itemNotFound")
+
+    def test_create_generates_uuid_and_accepts_strings(self):
+        """Without id a UUID is generated; numeric strings are accepted."""
+        f = self.create(ram="256", vcpus="2", disk="0").json()["flavor"]
+        self.assertTrue(minivan.is_uuid_like(f["id"]))
+        self.assertEqual((f["ram"], f["vcpus"]), (256, 2))
+
+    def test_create_conflicts(self):
+        """A duplicate id or name is 409."""
+        self.create(id="x1", name="dup")
+        self.assertFault(self.create(id="x1", name="other"), 409, "conflictingRequest",
+                         "Flavor with ID x1 already exists.")
+        self.assertFault(self.create(id="x2", name="dup"), 409, "conflictingRequest",
+                         "Flavor with name dup already exists.")
+
+    def test_create_validation(self):
+        """Bad fields are 400 naming the field; nothing is stored."""
+        before = len(self.get("/v2.1/flavors").json()["flavors"])
+        cases = [dict(ram=0), dict(ram=-1), dict(vcpus=0), dict(disk=-1), dict(ram="1.5"),
+                 dict(name=""), dict(name=" lead"), dict(name="x" * 256), dict(id=""),
+                 dict(id=" x"), dict(swap=-1), dict(rxtx_factor=0),
+                 dict(**{"os-flavor-access:is_public": "maybe"}), dict(extra=1), dict(ram=True)]
+        for fields in cases:
+            self.assertFault(self.create(**fields), 400, "badRequest")
+        r = self.create(ram="abc")
+        self.assertIn("ram", self.assertFault(r, 400, "badRequest"))
+        self.assertFault(self.post("/v2.1/flavors", {"flavour": {}}), 400, "badRequest")
+        self.assertEqual(len(self.get("/v2.1/flavors").json()["flavors"]), before)
+
+    def test_description_from_255(self):
+        """description is accepted from 2.55 and updated with PUT."""
+        self.assertFault(self.create(description="d"), 400, "badRequest")
+        f = self.create(version="2.55", id="d1", description="first").json()["flavor"]
+        self.assertEqual(f["description"], "first")
+        r = self.put("/v2.1/flavors/d1", {"flavor": {"description": "second"}}, version="2.55")
+        self.assertEqual(r.json()["flavor"]["description"], "second")
+        self.assertFault(self.put("/v2.1/flavors/d1", {"flavor": {"name": "x"}}, version="2.55"),
+                         400, "badRequest")
+        self.assertFault(self.put("/v2.1/flavors/nope", {"flavor": {"description": None}},
+                                  version="2.55"), 404, "itemNotFound")
+
+    def test_rxtx_factor_rejected_from_2102(self):
+        """rxtx_factor is not accepted on create from 2.102."""
+        self.assertFault(self.create(version="2.102", rxtx_factor=1.0), 400, "badRequest")
+        ids = [f["id"] for f in self.get("/v2.1/flavors?name=m1.tiny",
+                                         version="2.102").json()["flavors"]]
+        self.assertEqual(ids, ["1"])
+
+    def test_private_flavor_visibility_and_access(self):
+        """Private flavors: hidden from other projects until access is added."""
+        self.create(id="p1", name="private", **{"os-flavor-access:is_public": False})
+        self.assertFault(self.get("/v2.1/flavors/p1", token="demo:demo"), 404, "itemNotFound")
+        ids = [f["id"] for f in self.get("/v2.1/flavors", token="demo:demo").json()["flavors"]]
+        self.assertNotIn("p1", ids)
+        admin_ids = [f["id"] for f in self.get("/v2.1/flavors").json()["flavors"]]
+        self.assertNotIn("p1", admin_ids)
+        admin_all = [f["id"] for f in self.get("/v2.1/flavors?is_public=none").json()["flavors"]]
+        self.assertIn("p1", admin_all)
+        only_private = [f["id"] for f in
+                        self.get("/v2.1/flavors?is_public=false").json()["flavors"]]
+        self.assertEqual(only_private, ["p1"])
+        self.assertFault(self.get("/v2.1/flavors?is_public=perhaps"), 400, "badRequest")
+        r = self.post("/v2.1/flavors/p1/action", {"addTenantAccess": {"tenant": "demo"}})
+        self.assertEqual(r.json(), {"flavor_access": [{"flavor_id": "p1", "tenant_id": "demo"}]})
+        self.assertFault(self.post("/v2.1/flavors/p1/action",
+                                   {"addTenantAccess": {"tenant": "demo"}}), 409,
+                         "conflictingRequest")
+        self.assertEqual(self.get("/v2.1/flavors/p1", token="demo:demo").status, 200)
+        ids = [f["id"] for f in self.get("/v2.1/flavors", token="demo:demo").json()["flavors"]]
+        self.assertIn("p1", ids)
+        listed = self.get("/v2.1/flavors/p1/os-flavor-access").json()["flavor_access"]
+        self.assertEqual(listed, [{"flavor_id": "p1", "tenant_id": "demo"}])
+        r = self.post("/v2.1/flavors/p1/action", {"removeTenantAccess": {"tenant": "demo"}})
+        self.assertEqual(r.json(), {"flavor_access": []})
+        self.assertFault(self.post("/v2.1/flavors/p1/action",
+                                   {"removeTenantAccess": {"tenant": "demo"}}), 404,
+                         "itemNotFound")
+        self.assertFault(self.get("/v2.1/flavors/p1", token="demo:demo"), 404, "itemNotFound")
+
+    def test_public_flavor_access(self):
+        """Public flavors have no access list (404) and refuse access from 2.7 (409)."""
+        self.assertFault(self.get("/v2.1/flavors/1/os-flavor-access"), 404, "itemNotFound",
+                         "Access list not available for public flavors.")
+        self.assertFault(self.post("/v2.1/flavors/1/action", {"addTenantAccess": {"tenant": "x"}},
+                                   version="2.7"), 409, "conflictingRequest")
+
+    def test_extra_specs_crud(self):
+        """Extra specs: set, list, show, update one, delete; numbers become strings."""
+        r = self.post("/v2.1/flavors/1/os-extra_specs",
+                      {"extra_specs": {"hw:cpu_policy": "shared", "key1": 5}})
+        self.assertEqual(r.json(), {"extra_specs": {"hw:cpu_policy": "shared", "key1": "5"}})
+        self.assertEqual(self.get("/v2.1/flavors/1/os-extra_specs", token="demo:demo").json(),
+                         {"extra_specs": {"hw:cpu_policy": "shared", "key1": "5"}})
+        self.assertEqual(self.get("/v2.1/flavors/1/os-extra_specs/key1").json(), {"key1": "5"})
+        r = self.put("/v2.1/flavors/1/os-extra_specs/key1", {"key1": "6"})
+        self.assertEqual(r.json(), {"key1": "6"})
+        self.assertFault(self.put("/v2.1/flavors/1/os-extra_specs/key1", {"key2": "6"}), 400,
+                         "badRequest", "Request body and URI mismatch")
+        self.assertFault(self.put("/v2.1/flavors/1/os-extra_specs/key1",
+                                  {"key1": "6", "key2": "7"}), 400, "badRequest")
+        self.assertEqual(self.delete("/v2.1/flavors/1/os-extra_specs/key1").status, 200)
+        self.assertFault(self.get("/v2.1/flavors/1/os-extra_specs/key1"), 404, "itemNotFound")
+        f = self.get("/v2.1/flavors/1", version="2.61").json()["flavor"]
+        self.assertEqual(f["extra_specs"], {"hw:cpu_policy": "shared"})
+        self.assertFault(self.post("/v2.1/flavors/1/os-extra_specs", {"extra_specs": {"a": "b"}},
+                                   token="demo:demo"), 403, "forbidden")
+        self.assertFault(self.post("/v2.1/flavors/1/os-extra_specs",
+                                   {"extra_specs": {"bad/key": "x"}}), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/flavors/nope/os-extra_specs"), 404, "itemNotFound")
+
+    def test_extra_spec_validation_from_286(self):
+        """From 2.86 unknown keys of known namespaces and bad values are 400."""
+        body = {"extra_specs": {"hw:no_such_thing": "1"}}
+        self.assertEqual(self.post("/v2.1/flavors/1/os-extra_specs", body,
+                                   version="2.85").status, 200)
+        self.assertFault(self.post("/v2.1/flavors/1/os-extra_specs", body, version="2.86"),
+                         400, "badRequest")
+        self.assertFault(self.post("/v2.1/flavors/1/os-extra_specs",
+                                   {"extra_specs": {"hw:cpu_policy": "sometimes"}},
+                                   version="2.86"), 400, "badRequest")
+        ok = {"extra_specs": {"hw:numa_nodes": "2", "custom:thing": "x", "plain": "y"}}
+        self.assertEqual(self.post("/v2.1/flavors/1/os-extra_specs", ok,
+                                   version="2.86").status, 200)
+
+
+# -- keypairs -------------------------------------------------------------------------
+
+class KeypairTests(AppTestCase):
+    def test_import_and_fingerprint(self):
+        """Importing a public key stores it with Nova's MD5 fingerprint."""
+        r = self.post("/v2.1/os-keypairs", {"keypair": {"name": "k1", "public_key": SAMPLE_KEY}})
+        self.assertEqual(r.status, 200)
+        kp = r.json()["keypair"]
+        self.assertEqual(kp["fingerprint"], SAMPLE_FINGERPRINT)
+        self.assertEqual(kp["user_id"], "admin")
+        self.assertNotIn("type", kp)
+        self.assertNotIn("private_key", kp)
+
+    def test_status_codes_by_version(self):
+        """Create is 200 at 2.1 and 201 from 2.2; delete is 202 then 204."""
+        body = {"keypair": {"name": "k2", "public_key": SAMPLE_KEY}}
+        self.assertEqual(self.post("/v2.1/os-keypairs", body, version="2.2").status, 201)
+        self.assertEqual(self.delete("/v2.1/os-keypairs/k2", version="2.2").status, 204)
+        self.assertEqual(self.post("/v2.1/os-keypairs", body).status, 200)
+        self.assertEqual(self.delete("/v2.1/os-keypairs/k2").status, 202)
+
+    def test_generate_ssh(self):
+        """Without public_key (below 2.92) a key pair is generated with a private key."""
+        kp = self.post("/v2.1/os-keypairs", {"keypair": {"name": "gen"}}).json()["keypair"]
+        self.assertTrue(kp["private_key"].startswith("-----BEGIN RSA PRIVATE KEY-----"))
+        self.assertTrue(kp["public_key"].startswith("ssh-rsa "))
+        self.assertEqual(kp["fingerprint"], minivan.ssh_fingerprint(kp["public_key"]))
+        shown = self.get("/v2.1/os-keypairs/gen").json()["keypair"]
+        self.assertNotIn("private_key", shown)
+
+    def test_generate_pure_python_keys(self):
+        """The pure-Python RSA fallback makes a valid OpenSSH key and PEM private key."""
+        saved = minivan.shutil.which
+        minivan.shutil.which = lambda name: None
+        try:
+            private, public = minivan.generate_ssh_keypair()
+        finally:
+            minivan.shutil.which = saved
+        minivan.ssh_fingerprint(public)
+        self.assertIn("BEGIN RSA PRIVATE KEY", private)
+        if shutil.which("ssh-keygen"):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "k")
+                with open(path, "w") as f:
+                    f.write(private)
+                os.chmod(path, 0o600)
+                derived = subprocess.run(["ssh-keygen", "-y", "-f", path], capture_output=True,
+                                         text=True, check=True).stdout
+            self.assertEqual(derived.split()[1], public.split()[1])
+
+    def test_generate_x509(self):
+        """type x509 without public_key generates a certificate and SHA1 fingerprint."""
+        self.clock.t = datetime.datetime(2026, 1, 1)
+        kp = self.post("/v2.1/os-keypairs", {"keypair": {"name": "cert", "type": "x509"}},
+                       version="2.2").json()["keypair"]
+        self.assertIn("BEGIN CERTIFICATE", kp["public_key"])
+        self.assertEqual(len(kp["fingerprint"].split(":")), 20)
+        if shutil.which("openssl"):
+            out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha1"],
+                                 input=kp["public_key"], capture_output=True, text=True,
+                                 check=True).stdout
+            self.assertEqual(out.strip().split("=", 1)[1].lower(), kp["fingerprint"])
+            with tempfile.NamedTemporaryFile("w", suffix=".pem") as cert:
+                cert.write(kp["public_key"])
+                cert.flush()
+                verify = subprocess.run(["openssl", "verify", "-CAfile", cert.name, cert.name],
+                                        capture_output=True, text=True)
+            self.assertIn(": OK", verify.stdout, verify.stderr)
+
+    def test_list_show_delete(self):
+        """List wraps each item in 'keypair'; show has id and timestamps."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "b", "public_key": SAMPLE_KEY}})
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "a", "public_key": SAMPLE_KEY}})
+        items = self.get("/v2.1/os-keypairs").json()["keypairs"]
+        self.assertEqual([i["keypair"]["name"] for i in items], ["a", "b"])
+        self.assertEqual(set(items[0]["keypair"]), {"name", "public_key", "fingerprint"})
+        shown = self.get("/v2.1/os-keypairs/a", version="2.2").json()["keypair"]
+        self.assertEqual(shown["type"], "ssh")
+        self.assertEqual((shown["deleted"], shown["deleted_at"], shown["updated_at"]),
+                         (False, None, None))
+        self.assertIsInstance(shown["id"], int)
+        self.assertFault(self.get("/v2.1/os-keypairs/zzz"), 404, "itemNotFound")
+        self.assertFault(self.delete("/v2.1/os-keypairs/zzz"), 404, "itemNotFound")
+
+    def test_keypairs_belong_to_users(self):
+        """Another user of the same project does not see my keypairs."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "mine", "public_key": SAMPLE_KEY}},
+                  token="alice:demo")
+        self.assertEqual(self.get("/v2.1/os-keypairs", token="bob:demo").json()["keypairs"], [])
+        self.assertFault(self.get("/v2.1/os-keypairs/mine", token="bob:demo"), 404,
+                         "itemNotFound")
+        self.assertEqual(len(self.get("/v2.1/os-keypairs", token="alice:other")
+                             .json()["keypairs"]), 1)
+
+    def test_admin_user_id_from_210(self):
+        """Admins name another user with user_id from 2.10; members get 403."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY,
+                                                    "user_id": "alice"}}, version="2.10")
+        items = self.get("/v2.1/os-keypairs?user_id=alice", version="2.10").json()["keypairs"]
+        self.assertEqual(len(items), 1)
+        self.assertEqual(self.get("/v2.1/os-keypairs/k?user_id=alice", token="alice:p",
+                                  version="2.10").status, 200)
+        self.assertFault(self.get("/v2.1/os-keypairs?user_id=alice", token="bob:demo",
+                                  version="2.10"), 403, "forbidden")
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {
+            "name": "k", "public_key": SAMPLE_KEY, "user_id": "x"}}, version="2.9"), 400,
+            "badRequest")
+
+    def test_pagination_from_235(self):
+        """limit/marker with keypairs_links from 2.35."""
+        for name in "abcde":
+            self.post("/v2.1/os-keypairs", {"keypair": {"name": name, "public_key": SAMPLE_KEY}})
+        r = self.get("/v2.1/os-keypairs?limit=2", version="2.35").json()
+        self.assertEqual([i["keypair"]["name"] for i in r["keypairs"]], ["a", "b"])
+        self.assertIn("os-keypairs?limit=2&marker=b", r["keypairs_links"][0]["href"])
+        r = self.get("/v2.1/os-keypairs?limit=2&marker=d", version="2.35").json()
+        self.assertEqual([i["keypair"]["name"] for i in r["keypairs"]], ["e"])
+        self.assertNotIn("keypairs_links", r)
+        self.assertFault(self.get("/v2.1/os-keypairs?marker=zz", version="2.35"), 400,
+                         "badRequest")
+        self.assertEqual(len(self.get("/v2.1/os-keypairs?limit=2").json()["keypairs"]), 5)
+
+    def test_validation(self):
+        """Bad names, keys and extra fields are 400; duplicates 409."""
+        for body in ({"keypair": {"name": "bad!name", "public_key": SAMPLE_KEY}},
+                     {"keypair": {"name": "", "public_key": SAMPLE_KEY}},
+                     {"keypair": {"name": "x", "public_key": "ssh-rsa garbage"}},
+                     {"keypair": {"name": "x", "public_key": "not a key"}},
+                     {"keypair": {"name": "x", "public_key": SAMPLE_KEY, "type": "ssh"}},
+                     {"keypair": {"name": "x", "public_key": 5}},
+                     {"keypair": {}}, {"nokeypair": {}}):
+            self.assertFault(self.post("/v2.1/os-keypairs", body), 400, "badRequest")
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {
+            "name": "x", "public_key": SAMPLE_KEY, "type": "rsa"}}, version="2.2"),
+            400, "badRequest")
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "dup", "public_key": SAMPLE_KEY}})
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {
+            "name": "dup", "public_key": SAMPLE_KEY}}), 409, "conflictingRequest",
+            "Key pair 'dup' already exists.")
+
+    def test_292_requires_public_key_and_allows_at_dot(self):
+        """From 2.92 public_key is required and names may hold '@' and '.'."""
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {"name": "g"}},
+                                   version="2.92"), 400, "badRequest")
+        r = self.post("/v2.1/os-keypairs", {"keypair": {"name": "me@host.x",
+                                                        "public_key": SAMPLE_KEY}},
+                      version="2.92")
+        self.assertEqual(r.status, 201)
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {
+            "name": "me@host.y", "public_key": SAMPLE_KEY}}), 400, "badRequest")
+
+    def test_quota(self):
+        """Creating past the key_pairs quota is 403 with Nova's message."""
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"key_pairs": 1}})
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "one", "public_key": SAMPLE_KEY}})
+        self.assertFault(self.post("/v2.1/os-keypairs", {"keypair": {
+            "name": "two", "public_key": SAMPLE_KEY}}), 403, "forbidden",
+            "Quota exceeded, too many key pairs.")
+
+    def test_unknown_query_strict_from_275(self):
+        """Unknown keypair list parameters are rejected from 2.75."""
+        self.assertEqual(self.get("/v2.1/os-keypairs?x=1", version="2.74").status, 200)
+        self.assertFault(self.get("/v2.1/os-keypairs?x=1", version="2.75"), 400, "badRequest")
+
+
+# -- limits, quotas, availability zones -------------------------------------------------
+
+class LimitsQuotaTests(AppTestCase):
+    def test_limits_keys_by_version(self):
+        """Limit keys drop network ones at 2.36, image meta at 2.39, personality at 2.57."""
+        a = self.get("/v2.1/limits").json()["limits"]
+        self.assertEqual(a["rate"], [])
+        self.assertEqual(len(a["absolute"]), 19)
+        self.assertEqual(a["absolute"]["maxTotalInstances"], 10)
+        self.assertEqual(len(self.get("/v2.1/limits", version="2.36")
+                             .json()["limits"]["absolute"]), 14)
+        self.assertEqual(len(self.get("/v2.1/limits", version="2.39")
+                             .json()["limits"]["absolute"]), 13)
+        self.assertEqual(sorted(self.get("/v2.1/limits", version="2.57")
+                                .json()["limits"]["absolute"]),
+                         sorted(["maxServerMeta", "maxServerGroups", "maxServerGroupMembers",
+                                 "maxTotalCores", "maxTotalInstances", "maxTotalKeypairs",
+                                 "maxTotalRAMSize", "totalCoresUsed", "totalInstancesUsed",
+                                 "totalRAMUsed", "totalServerGroupsUsed"]))
+
+    def test_limits_query(self):
+        """tenant_id is admin-only; unknown keys are ignored below 2.75, rejected from it."""
+        self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 7}})
+        a = self.get("/v2.1/limits?tenant_id=demo").json()["limits"]["absolute"]
+        self.assertEqual(a["maxTotalCores"], 7)
+        self.assertFault(self.get("/v2.1/limits?tenant_id=admin", token="demo:demo"), 403,
+                         "forbidden")
+        self.assertEqual(self.get("/v2.1/limits?reserved=1", token="demo:demo").status, 200)
+        self.assertFault(self.get("/v2.1/limits?reserved=1", version="2.75"), 400, "badRequest")
+
+    def test_quota_show_defaults_detail(self):
+        """Quota sets show Nova's defaults; detail carries in_use/limit/reserved."""
+        q = self.get("/v2.1/os-quota-sets/demo").json()["quota_set"]
+        self.assertEqual((q["id"], q["instances"], q["cores"], q["ram"], q["key_pairs"]),
+                         ("demo", 10, 20, 51200, 100))
+        self.assertEqual(len(q), 15)
+        self.assertEqual(len(self.get("/v2.1/os-quota-sets/demo", version="2.36")
+                             .json()["quota_set"]), 11)
+        self.assertEqual(len(self.get("/v2.1/os-quota-sets/demo", version="2.57")
+                             .json()["quota_set"]), 8)
+        d = self.get("/v2.1/os-quota-sets/demo/defaults").json()["quota_set"]
+        self.assertEqual(d["instances"], 10)
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY}})
+        detail = self.get("/v2.1/os-quota-sets/admin/detail").json()["quota_set"]
+        self.assertEqual(detail["key_pairs"], {"in_use": 1, "limit": 100, "reserved": 0})
+
+    def test_quota_policy(self):
+        """Members read their own project's quotas only; only admins update."""
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo", token="u:demo").status, 200)
+        self.assertFault(self.get("/v2.1/os-quota-sets/admin", token="u:demo"), 403, "forbidden")
+        self.assertFault(self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 1}},
+                                  token="u:demo"), 403, "forbidden")
+        self.assertEqual(self.get("/v2.1/os-quota-sets/admin/defaults", token="u:demo").status,
+                         200)
+
+    def test_quota_update_and_revert(self):
+        """PUT changes limits (echoed without id); DELETE (202) reverts to defaults."""
+        r = self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"instances": 50, "cores": "30"}})
+        q = r.json()["quota_set"]
+        self.assertEqual((q["instances"], q["cores"]), (50, 30))
+        self.assertNotIn("id", q)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo").json()["quota_set"]["instances"],
+                         50)
+        self.assertEqual(self.delete("/v2.1/os-quota-sets/demo").status, 202)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo").json()["quota_set"]["instances"],
+                         10)
+
+    def test_quota_update_validation(self):
+        """Unknown keys, values below -1 and non-numbers are 400."""
+        for body in ({"quota_set": {"instances": -2}}, {"quota_set": {"nope": 1}},
+                     {"quota_set": {"instances": "many"}}, {"quota_set": {"force": "maybe"}},
+                     {"quota_set": {"fixed_ips": 1}, "x": 1}):
+            self.assertFault(self.put("/v2.1/os-quota-sets/demo", body), 400, "badRequest")
+        self.assertFault(self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"fixed_ips": 1}},
+                                  version="2.36"), 400, "badRequest")
+
+    def test_quota_below_usage_needs_force(self):
+        """A limit below what is in use is 400 unless force is set."""
+        for name in "ab":
+            self.post("/v2.1/os-keypairs", {"keypair": {"name": name, "public_key": SAMPLE_KEY}})
+        body = {"quota_set": {"key_pairs": 1}}
+        self.assertFault(self.put("/v2.1/os-quota-sets/admin?user_id=admin", body), 400,
+                         "badRequest")
+        body["quota_set"]["force"] = True
+        self.assertEqual(self.put("/v2.1/os-quota-sets/admin?user_id=admin", body).status, 200)
+
+    def test_per_user_quotas(self):
+        """user_id scopes quotas to one user and may not exceed the project's."""
+        self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"instances": 20}})
+        r = self.put("/v2.1/os-quota-sets/demo?user_id=alice", {"quota_set": {"instances": 5}})
+        self.assertEqual(r.json()["quota_set"]["instances"], 5)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo?user_id=alice")
+                         .json()["quota_set"]["instances"], 5)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo").json()["quota_set"]["instances"],
+                         20)
+        self.assertFault(self.put("/v2.1/os-quota-sets/demo?user_id=alice",
+                                  {"quota_set": {"instances": 21}}), 400, "badRequest")
+        self.assertEqual(self.delete("/v2.1/os-quota-sets/demo?user_id=alice").status, 202)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo?user_id=alice")
+                         .json()["quota_set"]["instances"], 20)
+
+    def test_quota_classes(self):
+        """The default quota class changes every project's defaults; shapes per version."""
+        c = self.get("/v2.1/os-quota-class-sets/default").json()["quota_class_set"]
+        self.assertEqual(c["id"], "default")
+        self.assertIn("floating_ips", c)
+        self.assertNotIn("server_groups", c)
+        c = self.get("/v2.1/os-quota-class-sets/default", version="2.50").json()["quota_class_set"]
+        self.assertIn("server_groups", c)
+        self.assertNotIn("floating_ips", c)
+        r = self.put("/v2.1/os-quota-class-sets/default", {"quota_class_set": {"instances": 33}})
+        self.assertEqual(r.json()["quota_class_set"]["instances"], 33)
+        self.assertNotIn("id", r.json()["quota_class_set"])
+        self.assertEqual(self.get("/v2.1/os-quota-sets/x/defaults")
+                         .json()["quota_set"]["instances"], 33)
+        self.assertEqual(self.get("/v2.1/limits").json()["limits"]["absolute"]
+                         ["maxTotalInstances"], 33)
+        self.assertFault(self.put("/v2.1/os-quota-class-sets/default",
+                                  {"quota_class_set": {"bogus": 1}}), 400, "badRequest")
+
+
+class AvailabilityZoneTests(AppTestCase):
+    def test_index(self):
+        """The zone list names the configured zone with hosts null."""
+        zones = self.get("/v2.1/os-availability-zone", token="u:p").json()["availabilityZoneInfo"]
+        self.assertEqual([z["zoneName"] for z in zones], ["nova"])
+        self.assertIsNone(zones[0]["hosts"])
+
+    def test_detail(self):
+        """The detail lists internal services and the compute host."""
+        zones = self.get("/v2.1/os-availability-zone/detail").json()["availabilityZoneInfo"]
+        self.assertEqual([z["zoneName"] for z in zones], ["internal", "nova"])
+        host = self.app.conf["host"]
+        self.assertIn("nova-compute", zones[1]["hosts"][host])
+
+
+class AvailabilityZoneConfigTests(AppTestCase):
+    conf = {"availability_zone": "az1"}
+
+    def test_configurable_zone(self):
+        """--availability-zone renames the zone."""
+        zones = self.get("/v2.1/os-availability-zone").json()["availabilityZoneInfo"]
+        self.assertEqual(zones[0]["zoneName"], "az1")
+
+
+# -- durable state ------------------------------------------------------------------
+
+class StateTests(AppTestCase):
+    def test_acknowledged_changes_survive_restart(self):
+        """A created flavor, keypair and quota survive a restart (journal replay)."""
+        self.post("/v2.1/flavors", {"flavor": {"name": "kept", "id": "k", "ram": 1, "vcpus": 1,
+                                               "disk": 0}})
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "kp", "public_key": SAMPLE_KEY}})
+        self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 3}})
+        self.delete("/v2.1/flavors/5")
+        # a crash: no snapshot, only the journal
+        os.close(self.store.journal)
+        self.store.journal = None
+        os.close(self.store.lock_fd)
+        self.store.lock_fd = None
+        self.store.data = None
+        self.start_app()
+        self.assertEqual(self.get("/v2.1/flavors/k").status, 200)
+        self.assertFault(self.get("/v2.1/flavors/5"), 404, "itemNotFound")
+        self.assertEqual(self.get("/v2.1/os-keypairs/kp").status, 200)
+        self.assertEqual(self.get("/v2.1/os-quota-sets/demo").json()["quota_set"]["cores"], 3)
+
+    def test_files_are_private_and_readable(self):
+        """state.json and its journal are mode 0600 JSON."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "kp", "public_key": SAMPLE_KEY}})
+        for name in ("state.json", "state.json.journal"):
+            mode = os.stat(os.path.join(self.tmp, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, name)
+        with open(os.path.join(self.tmp, "state.json.journal")) as f:
+            lines = [json.loads(line) for line in f]
+        self.assertTrue(lines[-1]["ops"])
+        self.restart_app()
+        with open(os.path.join(self.tmp, "state.json")) as f:
+            doc = json.load(f)
+        self.assertEqual(doc["schema_version"], minivan.SCHEMA_VERSION)
+        self.assertIn("kp", doc["data"]["keypairs"]["admin"])
+
+    def test_torn_last_line_is_dropped(self):
+        """A half-written last journal line is dropped; the rest replays."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "kp", "public_key": SAMPLE_KEY}})
+        self.store.close()
+        with open(os.path.join(self.tmp, "state.json.journal"), "a") as f:
+            f.write('{"ops":[["set",["flavors","zz"],{"id":"zz"')
+        with self.assertLogs("minivan", "WARNING"):
+            self.start_app()
+        self.assertEqual(self.get("/v2.1/os-keypairs/kp").status, 200)
+        self.assertFault(self.get("/v2.1/flavors/zz"), 404, "itemNotFound")
+
+    def test_corrupt_files_refuse_to_start_and_are_kept(self):
+        """An unreadable snapshot or journal line stops start-up and is left as it was."""
+        self.store.close()
+        journal = os.path.join(self.tmp, "state.json.journal")
+        with open(journal, "w") as f:
+            f.write("garbage\n{\"ops\": []}\n")
+        with self.assertRaises(minivan.StateError) as e:
+            self.start_app()
+        self.assertIn("line 1", str(e.exception))
+        with open(journal) as f:
+            self.assertTrue(f.read().startswith("garbage"))
+        os.unlink(journal)
+        path = os.path.join(self.tmp, "state.json")
+        with open(path, "w") as f:
+            f.write("{not json")
+        with self.assertRaises(minivan.StateError):
+            self.start_app()
+        with open(path) as f:
+            self.assertEqual(f.read(), "{not json")
+        self.store = minivan.Store(self.tmp)   # for tearDown
+        self.store.data = None
+
+    def test_newer_schema_is_refused(self):
+        """A snapshot from a newer schema version is refused with a clear message."""
+        self.store.close()
+        path = os.path.join(self.tmp, "state.json")
+        with open(path, "w") as f:
+            json.dump({"schema_version": 99, "data": {}}, f)
+        with self.assertRaises(minivan.StateError) as e:
+            self.start_app()
+        self.assertIn("schema_version 99", str(e.exception))
+        self.store = minivan.Store(self.tmp)
+        self.store.data = None
+
+    def test_second_daemon_on_same_directory_is_refused(self):
+        """state.lock keeps a second minivan out of a directory in use."""
+        other = minivan.Store(self.tmp)
+        with self.assertRaises(minivan.StateError):
+            other.open()
+
+    def test_journal_is_folded_into_snapshot(self):
+        """Past journal-max-bytes the journal becomes a snapshot and starts empty."""
+        self.store.journal_max_bytes = 2000
+        for i in range(30):
+            self.post("/v2.1/os-keypairs", {"keypair": {"name": f"k{i}", "public_key": SAMPLE_KEY}})
+        size = os.path.getsize(os.path.join(self.tmp, "state.json.journal"))
+        self.assertLess(size, 2000 + 1000)
+        self.restart_app()
+        self.assertEqual(len(self.get("/v2.1/os-keypairs").json()["keypairs"]), 30)
+
+    def test_group_commit_under_concurrency(self):
+        """Concurrent mutations all become durable, sharing fsyncs."""
+        fsyncs = []
+        real = os.fsync
+
+        def counting(fd):
+            fsyncs.append(fd)
+            real(fd)
+
+        minivan.os.fsync = counting
+        try:
+            def worker(n):
+                for i in range(10):
+                    self.store.commit([["set", ["quotas", f"p{n}-{i}"], {"cores": i}]])
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            minivan.os.fsync = real
+        self.assertLessEqual(len(fsyncs), 80)
+        self.restart_app()
+        self.assertEqual(len([k for k in self.store.data["quotas"] if k.startswith("p")]), 80)
+
+    def test_failed_validation_changes_nothing(self):
+        """A refused request leaves the state file untouched."""
+        self.store.snapshot()
+        before = open(os.path.join(self.tmp, "state.json.journal")).read()
+        self.post("/v2.1/flavors", {"flavor": {"name": "x", "ram": 0, "vcpus": 1, "disk": 1}})
+        self.post("/v2.1/flavors", {"flavor": {"name": "m1.tiny", "ram": 1, "vcpus": 1,
+                                               "disk": 1}})
+        self.assertEqual(open(os.path.join(self.tmp, "state.json.journal")).read(), before)
+
+
+class FlavorSeedTests(unittest.TestCase):
+    def test_flavors_file_replaces_builtin_on_first_start(self):
+        """--flavors FILE seeds a fresh state with its flavors instead of the built-in set."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "f.json")
+            with open(path, "w") as f:
+                json.dump([{"id": "9", "name": "only", "ram": 64, "vcpus": 1, "disk": 1}], f)
+            conf = minivan.default_config(data_dir=os.path.join(tmp, "d"), flavors=path)
+            store = minivan.open_store(conf)
+            try:
+                self.assertEqual(list(store.data["flavors"]), ["9"])
+            finally:
+                store.close()
+
+    def test_bad_flavors_file_is_config_error(self):
+        """A flavors file that is not a list of flavors is a clear error."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "f.json")
+            with open(path, "w") as f:
+                f.write("[{\"id\": 1}]")
+            conf = minivan.default_config(data_dir=os.path.join(tmp, "d"), flavors=path)
+            with self.assertRaises(minivan.ConfigError):
+                minivan.open_store(conf)
+
+
+# -- validation engine ----------------------------------------------------------------
+
+class ValidationTests(unittest.TestCase):
+    def test_messages_follow_nova(self):
+        """Messages name the field and the jsonschema reason."""
+        schema = {"type": "object", "additionalProperties": False, "required": ["a"],
+                  "properties": {"a": {"type": "integer", "minimum": 1}}}
+        cases = [({}, "'a' is a required property"), ({"a": "x"}, "'x' is not of type 'integer'"),
+                 ({"a": 0}, "0 is less than the minimum of 1"),
+                 ({"a": 1, "b": 2}, "Additional properties are not allowed ('b' was unexpected)")]
+        for value, message in cases:
+            with self.assertRaises(minivan.SchemaError) as e:
+                minivan.check_schema(schema, value)
+            self.assertEqual(e.exception.message, message)
+
+    def test_lenient_mode_ignores_extra_keys(self):
+        """The legacy /v2 pipeline ignores unknown keys."""
+        schema = {"type": "object", "additionalProperties": False, "properties": {}}
+        minivan.check_schema(schema, {"x": 1}, lenient=True)
