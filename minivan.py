@@ -2700,12 +2700,16 @@ class App:
 
     # -- entry point -------------------------------------------------------------
     def handle(self, method, target, headers, body=b"", secure=False):
-        """One HTTP request in, one Response out; never raises."""
+        """One HTTP request in, one Response out; never raises.
+
+        body is None when the client sent more than --max-body-size (413)."""
         split = urllib.parse.urlsplit(target)
         path = split.path or "/"
         base = self.base_url(headers, secure)
         if path == "/healthcheck":
             return Response(200, b"OK", content_type="text/plain")
+        if body is None and not path.startswith("/v2"):
+            return Response(413, TooLarge().body())
         if path in ("", "/"):
             return Response(200, versions_root(base))
         for root, legacy in (("/v2.1", False), ("/v2", True)):
@@ -2741,6 +2745,8 @@ class App:
                 except NotAcceptable:
                     echo = (requested_version_text(headers) or "").strip()
                     raise
+            if body is None:
+                raise TooLarge()
             resp = self.route(req, method, rest, body)
         except Fault as fault:
             resp = self.fault_response(fault, req)
@@ -2875,7 +2881,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.begin_request()
         try:
             body = self.read_body()
-            if body is None:
+            if body is False:
                 return
             resp = app.handle(self.command, self.path, self.headers, body,
                               secure=isinstance(self.connection, ssl.SSLSocket))
@@ -2885,20 +2891,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.end_request()
 
     def read_body(self):
+        """The request body; None when over the size limit, False after a protocol error."""
         limit = self.server.app.conf["max_body_size"]
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             return self.read_chunked(limit)
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            self.send_error(400, "Bad Content-Length")
-            return None
+            length = -1
         if length < 0:
             self.send_error(400, "Bad Content-Length")
-            return None
+            return False
         if length > limit:
             self.close_connection = True
-            self.write(Response(413, TooLarge().body()))
             return None
         return self.rfile.read(length)
 
@@ -2910,7 +2915,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 size = int(line.split(b";")[0].strip(), 16)
             except ValueError:
                 self.send_error(400, "Bad chunked encoding")
-                return None
+                return False
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -2918,7 +2923,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             total += size
             if total > limit:
                 self.close_connection = True
-                self.write(Response(413, TooLarge().body()))
                 return None
             chunks.append(self.rfile.read(size))
             self.rfile.readline(1024)

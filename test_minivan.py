@@ -1208,3 +1208,352 @@ class ValidationTests(unittest.TestCase):
         """The legacy /v2 pipeline ignores unknown keys."""
         schema = {"type": "object", "additionalProperties": False, "properties": {}}
         minivan.check_schema(schema, {"x": 1}, lenient=True)
+
+
+# -- the real HTTP server --------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SocketTestCase(AppTestCase):
+    """The App behind the real Server on an ephemeral port, spoken to with http.client."""
+
+    bind = "127.0.0.1"
+    tls = None
+
+    def setUp(self):
+        super().setUp()
+        self.server = minivan.Server(self.app, self.bind, 0, self.tls)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.addCleanup(self.stop_server)
+
+    def stop_server(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def connect(self):
+        host = self.bind if ":" not in self.bind else self.bind
+        if self.tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            return http.client.HTTPSConnection(host, self.port, timeout=10, context=ctx)
+        return http.client.HTTPConnection(host, self.port, timeout=10)
+
+    def http(self, method, path, body=None, headers=None, conn=None, token="admin:admin"):
+        own = conn is None
+        conn = conn or self.connect()
+        hdrs = {"X-Auth-Token": token} if token else {}
+        hdrs.update(headers or {})
+        payload = json.dumps(body) if isinstance(body, (dict, list)) else body
+        if payload is not None and "Content-Type" not in hdrs:
+            hdrs["Content-Type"] = "application/json"
+        conn.request(method, path, payload, hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        check_response(self, pipeline_of(path), resp.status, resp.getheaders(),
+                       data if method != "HEAD" else b"",
+                       content_length=None if method == "HEAD" else True)
+        if own:
+            conn.close()
+        return Reply(resp.status, resp.getheaders(), data)
+
+    def raw(self, data):
+        """Send raw bytes, return the raw answer."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def parse_raw(self, answer):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
+        status = int(lines[0].split()[1])
+        length = int(dict((k.lower(), v) for k, v in headers)["content-length"])
+        self.assertEqual(length, len(body))
+        self.assertTrue(dict(headers)["Content-Type"].startswith("application/json"))
+        return status, json.loads(body)
+
+
+class SocketTests(SocketTestCase):
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        """HTTP/1.1 keep-alive: one connection, many requests, exact lengths."""
+        conn = self.connect()
+        for path in ("/", "/v2.1/", "/v2.1/flavors", "/v2.1/flavors/nope", "/v2.1/os-cells",
+                     "/healthcheck", "/v2/flavors"):
+            self.http("GET", path, conn=conn)
+        r = self.http("DELETE", "/v2.1/os-keypairs/none", conn=conn)
+        self.assertEqual(r.status, 404)
+        self.http("POST", "/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY}},
+                  conn=conn, headers={"OpenStack-API-Version": "compute 2.2"})
+        r = self.http("DELETE", "/v2.1/os-keypairs/k", conn=conn,
+                      headers={"OpenStack-API-Version": "compute 2.2"})
+        self.assertEqual((r.status, r.raw, r.header("Content-Length")), (204, b"", "0"))
+        r = self.http("HEAD", "/v2.1/flavors/1", conn=conn)
+        self.assertEqual(r.status, 200)
+        self.http("GET", "/v2.1/flavors/1", conn=conn)
+        conn.close()
+
+    def test_malformed_request_line_is_json(self):
+        """A malformed request line gets a JSON 400, never an HTML page."""
+        status, body = self.parse_raw(self.raw(b"GARBAGE\r\n\r\n"))
+        self.assertEqual(status, 400)
+        self.assertEqual(body["badRequest"]["code"], 400)
+        status, body = self.parse_raw(self.raw(b"GET / HTTP/9.9\r\n\r\n"))
+        self.assertIn(status, (400, 505))
+
+    def test_over_long_header_is_json(self):
+        """An over-long header line is answered in JSON."""
+        answer = self.raw(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        status, body = self.parse_raw(answer)
+        self.assertIn(status, (400, 431))
+        answer = self.raw(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+        status, body = self.parse_raw(answer)
+        self.assertEqual(status, 414)
+
+    def test_unknown_method_is_405(self):
+        """An unknown HTTP method on a known path is 405 with Allow, in JSON."""
+        r = self.http("BREW", "/v2.1/flavors")
+        self.assertEqual(r.status, 405)
+        self.assertEqual(r.json()["badMethod"]["code"], 405)
+
+    def test_body_too_large_is_413(self):
+        """A body over --max-body-size is 413 overLimit and nothing is stored."""
+        big = {"flavor": {"name": "x" * 200000, "ram": 1, "vcpus": 1, "disk": 1}}
+        r = self.http("POST", "/v2.1/flavors", big)
+        self.assertEqual(r.status, 413)
+        self.assertIn("overLimit", r.json())
+        self.assertEqual(len(self.http("GET", "/v2.1/flavors").json()["flavors"]), 7)
+
+    def test_chunked_body(self):
+        """A chunked request body is read."""
+        body = json.dumps({"keypair": {"name": "ch", "public_key": SAMPLE_KEY}}).encode()
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        req = (b"POST /v2.1/os-keypairs HTTP/1.1\r\nHost: x\r\nX-Auth-Token: admin:admin\r\n"
+               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n" + chunked)
+        status, body = self.parse_raw(self.raw(req))
+        self.assertEqual(status, 200)
+        self.assertEqual(body["keypair"]["name"], "ch")
+
+    def test_forwarded_headers_make_links(self):
+        """X-Forwarded-Proto and Host shape every link."""
+        r = self.http("GET", "/v2.1/flavors/1", headers={"X-Forwarded-Proto": "https",
+                                                         "Host": "cloud.example.com"})
+        self.assertEqual(r.json()["flavor"]["links"][0]["href"],
+                         "https://cloud.example.com/v2.1/flavors/1")
+
+    def test_cors(self):
+        """Allowed origins get CORS headers and preflight answers; others get none."""
+        self.app.conf["cors_allowed_origins"] = ["http://dash.example"]
+        r = self.http("GET", "/v2.1/flavors", headers={"Origin": "http://dash.example"})
+        self.assertEqual(r.header("Access-Control-Allow-Origin"), "http://dash.example")
+        r = self.http("OPTIONS", "/v2.1/flavors", token=None,
+                      headers={"Origin": "http://dash.example",
+                               "Access-Control-Request-Method": "POST"})
+        self.assertEqual(r.status, 200)
+        self.assertIn("POST", r.header("Access-Control-Allow-Methods"))
+        r = self.http("GET", "/v2.1/flavors", headers={"Origin": "http://evil.example"})
+        self.assertIsNone(r.header("Access-Control-Allow-Origin"))
+
+
+class PublicUrlTests(SocketTestCase):
+    conf = {"public_url": "https://compute.example.com:8443/"}
+
+    def test_public_url_wins(self):
+        """--public-url is the base of every link."""
+        r = self.http("GET", "/v2.1/flavors/1", headers={"Host": "other"})
+        self.assertEqual(r.json()["flavor"]["links"][0]["href"],
+                         "https://compute.example.com:8443/v2.1/flavors/1")
+
+
+def have_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@unittest.skipUnless(have_ipv6(), "no IPv6 loopback on this host")
+class IPv6Tests(SocketTestCase):
+    bind = "::1"
+
+    def test_ipv6_loopback(self):
+        """minivan listens and answers on ::1."""
+        r = self.http("GET", "/v2.1/flavors/1")
+        self.assertEqual(r.status, 200)
+
+
+def make_self_signed(tmp):
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj",
+                    "/CN=localhost", "-days", "2", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "openssl needed to make a test certificate")
+class TLSTests(SocketTestCase):
+    def setUp(self):
+        self.certdir = tempfile.mkdtemp()
+        cert, key = make_self_signed(self.certdir)
+        self.tls = minivan.tls_context(minivan.default_config(tls_cert=cert, tls_key=key))
+        super().setUp()
+        self.addCleanup(shutil.rmtree, self.certdir, True)
+
+    def test_https(self):
+        """With --tls-cert/--tls-key the API is served over HTTPS, links https."""
+        r = self.http("GET", "/v2.1/flavors/1")
+        self.assertTrue(r.json()["flavor"]["links"][0]["href"].startswith("https://"))
+
+    def test_plain_http_to_tls_port_does_not_kill_server(self):
+        """A client speaking plain HTTP to the TLS port is dropped; the server goes on."""
+        self.raw(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.http("GET", "/").status, 200)
+
+
+# -- the daemon process: systemd notify, SIGTERM, restart ----------------------------
+
+class DaemonTests(unittest.TestCase):
+    def start(self, tmp, port, extra_env=None, args=()):
+        env = dict(os.environ, MINIVAN_DATA_DIR=os.path.join(tmp, "data"),
+                   MINIVAN_PORT=str(port), MINIVAN_LIBVIRT_URI="test:///default")
+        env.update(extra_env or {})
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py"), *args],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def wait_up(self, port, proc):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                self.fail("minivan exited: " + proc.stderr.read())
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/healthcheck")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.fail("minivan did not come up")
+
+    def setUp(self):
+        try:
+            minivan.import_libvirt()
+        except minivan.ConfigError as e:
+            skip_or_fail(self, str(e))
+
+    def test_sd_notify_ready_and_stopping(self):
+        """With NOTIFY_SOCKET, minivan sends READY=1 once serving and STOPPING=1 on SIGTERM."""
+        with tempfile.TemporaryDirectory() as tmp:
+            sock_path = os.path.join(tmp, "notify")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(sock_path)
+            sock.settimeout(20)
+            port = free_port()
+            proc = self.start(tmp, port, {"NOTIFY_SOCKET": sock_path})
+            message = sock.recv(4096).decode()
+            self.assertIn("READY=1", message)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthcheck")
+            self.assertEqual(conn.getresponse().status, 200)
+            proc.send_signal(signal.SIGTERM)
+            self.assertIn("STOPPING=1", sock.recv(4096).decode())
+            self.assertEqual(proc.wait(30), 0)
+            sock.close()
+
+    def test_sigterm_finishes_and_keeps_state(self):
+        """SIGTERM exits 0 with the state saved; a restart serves the same records."""
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            proc = self.start(tmp, port)
+            self.wait_up(port, proc)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/v2.1/os-keypairs",
+                         json.dumps({"keypair": {"name": "k", "public_key": SAMPLE_KEY}}),
+                         {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(30), 0)
+            with open(os.path.join(tmp, "data", "state.json")) as f:
+                self.assertIn("k", json.load(f)["data"]["keypairs"]["admin"])
+            self.assertEqual(os.path.getsize(os.path.join(tmp, "data", "state.json.journal")), 0)
+            proc = self.start(tmp, port)
+            self.wait_up(port, proc)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v2.1/os-keypairs/k", headers={"X-Auth-Token": "admin:admin"})
+            self.assertEqual(conn.getresponse().status, 200)
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(30), 0)
+
+    def test_kill_9_loses_nothing_acknowledged(self):
+        """After SIGKILL, every acknowledged mutation is still there (journal replay)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            proc = self.start(tmp, port)
+            self.wait_up(port, proc)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            for i in range(20):
+                conn.request("POST", "/v2.1/os-keypairs",
+                             json.dumps({"keypair": {"name": f"k{i}", "public_key": SAMPLE_KEY}}),
+                             {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                self.assertEqual(resp.status, 200)
+            proc.kill()
+            proc.wait(10)
+            proc = self.start(tmp, port)
+            self.wait_up(port, proc)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v2.1/os-keypairs", headers={"X-Auth-Token": "admin:admin"})
+            self.assertEqual(len(json.loads(conn.getresponse().read())["keypairs"]), 20)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    def test_noauth_warns_loudly(self):
+        """Start-up in noauth mode says that authentication is off."""
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            proc = self.start(tmp, port)
+            self.wait_up(port, proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            self.assertIn("AUTHENTICATION IS OFF", proc.stderr.read())
+
+
+class SystemdUnitTests(unittest.TestCase):
+    def test_unit_verifies(self):
+        """systemd-analyze verify accepts minivan.service (ExecStart pointed at this file)."""
+        analyze = shutil.which("systemd-analyze")
+        if not analyze:
+            skip_or_fail(self, "systemd-analyze not installed (Debian package systemd)")
+        with open(os.path.join(HERE, "minivan.service")) as f:
+            unit = f.read()
+        self.assertIn("Type=notify", unit)
+        self.assertIn("StateDirectory=minivan", unit)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "minivan.service")
+            with open(path, "w") as f:
+                f.write(unit.replace("/usr/local/lib/minivan/minivan.py",
+                                     os.path.join(HERE, "minivan.py")))
+            done = subprocess.run([analyze, "verify", path], capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("minivan.service:", done.stderr)
