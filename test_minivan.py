@@ -1557,3 +1557,145 @@ class SystemdUnitTests(unittest.TestCase):
             done = subprocess.run([analyze, "verify", path], capture_output=True, text=True)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotIn("minivan.service:", done.stderr)
+
+
+# -- Tempest's published response schemas ---------------------------------------------
+
+def tempest_schema(vdir, module, name):
+    import importlib
+    mod = importlib.import_module(f"tempest.lib.api_schema.response.compute.{vdir}.{module}")
+    return getattr(mod, name)
+
+
+class TempestSchemaTests(AppTestCase):
+    """Bodies checked against tempest.lib's compute response schemas (tempest 47.0.0)."""
+
+    def setUp(self):
+        try:
+            from tempest.lib.common import jsonschema_validator
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        self.validator = jsonschema_validator
+        super().setUp()
+        self.post("/v2.1/flavors", {"flavor": {"name": "priv", "id": "p1", "ram": 64, "vcpus": 1,
+                                               "disk": 1, "os-flavor-access:is_public": False}})
+        self.post("/v2.1/flavors/p1/action", {"addTenantAccess": {"tenant": "demo"}})
+        self.post("/v2.1/flavors/1/os-extra_specs", {"extra_specs": {"key1": "v1"}})
+        for name in ("a", "b", "c"):
+            self.post("/v2.1/os-keypairs", {"keypair": {"name": name, "public_key": SAMPLE_KEY}})
+
+    def validate(self, reply, vdir, module, name):
+        import jsonschema
+        schema = tempest_schema(vdir, module, name)
+        self.assertIn(reply.status, schema["status_code"], f"{module}.{name} {reply.raw[:300]}")
+        if "response_body" in schema:
+            jsonschema.validate(reply.json(), schema["response_body"],
+                                cls=self.validator.JSONSCHEMA_VALIDATOR,
+                                format_checker=self.validator.FORMAT_CHECKER)
+        else:
+            self.assertEqual(reply.raw, b"")
+
+    def test_versions(self):
+        """Version documents match tempest's versions schemas."""
+        self.validate(self.get("/", token=None), "v2_1", "versions", "list_versions")
+        self.validate(self.get("/v2.1/", token=None), "v2_1", "versions", "get_one_version")
+        self.validate(self.get("/v2.1/admin/"), "v2_1", "versions", "get_one_version")
+        self.validate(self.get("/v2.1/versions/v2.1"), "v2_1", "versions", "get_one_version")
+        self.validate(self.get("/v3", token=None), "v2_1", "versions", "get_version")
+
+    def test_flavors(self):
+        """Flavor lists and bodies at 2.1, 2.55, 2.61, 2.75 and 2.102."""
+        for version, vdir in (("2.1", "v2_1"), ("2.54", "v2_1"), ("2.55", "v2_55"),
+                              ("2.61", "v2_61"), ("2.75", "v2_61"), ("2.102", "v2_61"),
+                              ("latest", "v2_61")):
+            self.validate(self.get("/v2.1/flavors?limit=2", version=version), vdir, "flavors",
+                          "list_flavors")
+            self.validate(self.get("/v2.1/flavors/detail?limit=2", version=version), vdir,
+                          "flavors", "list_flavors_details")
+            self.validate(self.get("/v2.1/flavors/1", version=version), vdir, "flavors",
+                          "create_update_get_flavor_details")
+            body = {"flavor": {"name": "s" + version, "ram": 64, "vcpus": 1, "disk": 1}}
+            created = self.post("/v2.1/flavors", body, version=version)
+            self.validate(created, vdir, "flavors", "create_update_get_flavor_details")
+            flavor_id = created.json()["flavor"]["id"]
+            if version not in ("2.1", "2.54"):
+                self.validate(self.put("/v2.1/flavors/" + flavor_id,
+                                       {"flavor": {"description": "d"}}, version=version),
+                              vdir, "flavors", "create_update_get_flavor_details")
+            self.validate(self.delete("/v2.1/flavors/" + flavor_id, version=version), vdir,
+                          "flavors", "delete_flavor")
+
+    def test_flavor_extra_specs_and_access(self):
+        """Extra specs and flavor access bodies."""
+        v = ("v2_1", "flavors_extra_specs")
+        self.validate(self.get("/v2.1/flavors/1/os-extra_specs"), *v, "set_get_flavor_extra_specs")
+        self.validate(self.post("/v2.1/flavors/1/os-extra_specs", {"extra_specs": {"k": "v"}}),
+                      *v, "set_get_flavor_extra_specs")
+        self.validate(self.get("/v2.1/flavors/1/os-extra_specs/k"), *v,
+                      "set_get_flavor_extra_specs_key")
+        self.validate(self.put("/v2.1/flavors/1/os-extra_specs/k", {"k": "w"}), *v,
+                      "set_get_flavor_extra_specs_key")
+        self.validate(self.delete("/v2.1/flavors/1/os-extra_specs/k"), *v,
+                      "unset_flavor_extra_specs")
+        a = ("v2_1", "flavors_access", "add_remove_list_flavor_access")
+        self.validate(self.get("/v2.1/flavors/p1/os-flavor-access"), *a)
+        self.validate(self.post("/v2.1/flavors/p1/action", {"addTenantAccess": {"tenant": "t2"}}),
+                      *a)
+        self.validate(self.post("/v2.1/flavors/p1/action",
+                                {"removeTenantAccess": {"tenant": "t2"}}), *a)
+
+    def test_keypairs(self):
+        """Keypair bodies at 2.1, 2.2, 2.10, 2.35, 2.92 and latest."""
+        for version, vdir in (("2.1", "v2_1"), ("2.2", "v2_2"), ("2.10", "v2_2"),
+                              ("2.35", "v2_2"), ("2.92", "v2_2"), ("latest", "v2_2")):
+            # tempest's list schema has no keypairs_links (added at 2.35): list whole pages
+            self.validate(self.get("/v2.1/os-keypairs", version=version), vdir,
+                          "keypairs", "list_keypairs")
+            self.validate(self.get("/v2.1/os-keypairs/a", version=version), vdir, "keypairs",
+                          "get_keypair")
+            name = "n" + version.replace(".", "")
+            created = self.post("/v2.1/os-keypairs", {"keypair": {
+                "name": name, "public_key": SAMPLE_KEY}}, version=version)
+            self.validate(created, vdir, "keypairs", "create_keypair")
+            self.validate(self.delete("/v2.1/os-keypairs/" + name, version=version), vdir,
+                          "keypairs", "delete_keypair")
+        generated = self.post("/v2.1/os-keypairs", {"keypair": {"name": "gen"}}, version="2.91")
+        self.validate(generated, "v2_2", "keypairs", "create_keypair")
+
+    def test_limits(self):
+        """Limits at 2.1, 2.36, 2.39, 2.57 and latest."""
+        for version, vdir in (("2.1", "v2_1"), ("2.36", "v2_36"), ("2.39", "v2_39"),
+                              ("2.57", "v2_57"), ("latest", "v2_57")):
+            self.validate(self.get("/v2.1/limits", version=version), vdir, "limits", "get_limit")
+
+    def test_quotas(self):
+        """Quota sets at 2.1, 2.36, 2.57 and latest; quota classes at 2.1, 2.50, 2.57."""
+        for version, vdir in (("2.1", "v2_1"), ("2.36", "v2_36"), ("2.57", "v2_57"),
+                              ("latest", "v2_57")):
+            q = ("quotas",)
+            self.validate(self.get("/v2.1/os-quota-sets/demo", version=version), vdir, *q,
+                          "get_quota_set")
+            self.validate(self.get("/v2.1/os-quota-sets/demo?user_id=u", version=version), vdir,
+                          *q, "get_quota_set")
+            self.validate(self.get("/v2.1/os-quota-sets/demo/defaults", version=version), vdir,
+                          *q, "get_quota_set")
+            self.validate(self.get("/v2.1/os-quota-sets/demo/detail", version=version), vdir, *q,
+                          "get_quota_set_details")
+            self.validate(self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 9}},
+                                   version=version), vdir, *q, "update_quota_set")
+            self.validate(self.delete("/v2.1/os-quota-sets/demo", version=version), vdir, *q,
+                          "delete_quota")
+        for version, vdir in (("2.1", "v2_1"), ("2.50", "v2_50"), ("2.57", "v2_57"),
+                              ("latest", "v2_57")):
+            self.validate(self.get("/v2.1/os-quota-class-sets/default", version=version), vdir,
+                          "quota_classes", "get_quota_class_set")
+            self.validate(self.put("/v2.1/os-quota-class-sets/default",
+                                   {"quota_class_set": {"cores": 30}}, version=version), vdir,
+                          "quota_classes", "update_quota_class_set")
+
+    def test_availability_zones(self):
+        """Zone list and detail."""
+        self.validate(self.get("/v2.1/os-availability-zone"), "v2_1", "availability_zone",
+                      "list_availability_zone_list")
+        self.validate(self.get("/v2.1/os-availability-zone/detail"), "v2_1", "availability_zone",
+                      "list_availability_zone_list_detail")
