@@ -1699,3 +1699,184 @@ class TempestSchemaTests(AppTestCase):
                       "list_availability_zone_list")
         self.validate(self.get("/v2.1/os-availability-zone/detail"), "v2_1", "availability_zone",
                       "list_availability_zone_list_detail")
+
+
+# -- end to end: the real OpenStack clients -------------------------------------------
+
+BIN = os.path.dirname(sys.executable)
+
+
+def start_minivan(test_cls, port, args=(), env_extra=None):
+    """A minivan.py process on 127.0.0.1:port with its own data directory."""
+    data = tempfile.mkdtemp(prefix="minivan-e2e-")
+    env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
+               MINIVAN_LIBVIRT_URI="test:///default")
+    env.update(env_extra or {})
+    log = open(os.path.join(data, "minivan.log"), "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py"), *args], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("minivan exited: " + open(log.name).read())
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthcheck")
+            if conn.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    test_cls.minivan_proc, test_cls.minivan_data, test_cls.minivan_log = proc, data, log
+    return proc
+
+
+def stop_minivan(test_cls):
+    proc = getattr(test_cls, "minivan_proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if getattr(test_cls, "minivan_log", None):
+        test_cls.minivan_log.close()
+    shutil.rmtree(getattr(test_cls, "minivan_data", ""), True)
+
+
+def have_clients():
+    return all(os.path.exists(os.path.join(BIN, name)) for name in ("openstack",)) and \
+        all(_importable(m) for m in ("openstack", "novaclient", "keystoneauth1"))
+
+
+def _importable(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+class CLIMixin:
+    os_args = []
+
+    def openstack(self, *args, expect_ok=True, env=None):
+        """Run openstackclient; returns parsed JSON for -f json commands."""
+        cmd = [os.path.join(BIN, "openstack"), *self.os_args, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, **(env or {})))
+        if expect_ok:
+            self.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
+        if expect_ok and "json" in args:
+            return json.loads(done.stdout or "null")
+        return done
+
+    def keyfile(self):
+        path = os.path.join(self.minivan_data, "key.pub")
+        with open(path, "w") as f:
+            f.write(SAMPLE_KEY + "\n")
+        return path
+
+    def check_flavor_cli(self):
+        names = [f["Name"] for f in self.openstack("flavor", "list", "-f", "json")]
+        self.assertIn("m1.tiny", names)
+        shown = self.openstack("flavor", "show", "m1.tiny", "-f", "json")
+        self.assertEqual((shown["ram"], shown["vcpus"], shown["disk"]), (512, 1, 1))
+        made = self.openstack("flavor", "create", "--ram", "128", "--disk", "1", "--vcpus", "1",
+                              "--id", "e2e", "--private", "e2e-flavor", "-f", "json")
+        self.assertEqual(made["id"], "e2e")
+        self.openstack("flavor", "set", "--property", "hw:cpu_policy=shared",
+                       "--description", "from the CLI", "e2e-flavor")
+        shown = self.openstack("flavor", "show", "e2e-flavor", "-f", "json")
+        self.assertEqual(shown["properties"], {"hw:cpu_policy": "shared"})
+        self.assertEqual(shown["description"], "from the CLI")
+        self.openstack("flavor", "unset", "--property", "hw:cpu_policy", "e2e-flavor")
+        self.openstack("flavor", "delete", "e2e-flavor")
+        gone = self.openstack("flavor", "show", "e2e-flavor", expect_ok=False)
+        self.assertNotEqual(gone.returncode, 0)
+
+    def check_keypair_cli(self):
+        made = self.openstack("keypair", "create", "--public-key", self.keyfile(), "e2e-key",
+                              "-f", "json")
+        self.assertEqual(made["fingerprint"], SAMPLE_FINGERPRINT)
+        names = [k["Name"] for k in self.openstack("keypair", "list", "-f", "json")]
+        self.assertIn("e2e-key", names)
+        shown = self.openstack("keypair", "show", "e2e-key", "-f", "json")
+        self.assertEqual(shown["name"], "e2e-key")
+        generated = self.openstack("keypair", "create", "e2e-gen")
+        self.assertIn("PRIVATE KEY", generated.stdout)
+        self.openstack("keypair", "delete", "e2e-key", "e2e-gen")
+        self.assertEqual(self.openstack("keypair", "list", "-f", "json"), [])
+
+    def check_limits_and_zones_cli(self):
+        limits = {row["Name"]: row["Value"] for row in
+                  self.openstack("limits", "show", "--absolute", "-f", "json")}
+        self.assertEqual((limits["instances"], limits["key_pairs"]), (10, 100))
+        zones = self.openstack("availability", "zone", "list", "--compute", "-f", "json")
+        self.assertIn("nova", [z["Zone Name"] for z in zones])
+
+
+class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
+    """openstackclient, openstacksdk and novaclient against minivan in noauth mode."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not have_clients():
+            return
+        cls.port = free_port()
+        cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
+        cls.os_args = ["--os-auth-type", "none", "--os-endpoint", cls.url,
+                       "--os-identity-api-version", "3"]
+        start_minivan(cls, cls.port)
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+
+    def setUp(self):
+        if not have_clients():
+            skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
+
+    def test_cli_flavors(self):
+        """openstack flavor list/show/create/set/unset/delete in noauth mode."""
+        self.check_flavor_cli()
+
+    def test_cli_keypairs(self):
+        """openstack keypair create (import and generate)/list/show/delete in noauth mode."""
+        self.check_keypair_cli()
+
+    def test_cli_limits_and_zones(self):
+        """openstack limits show --absolute and availability zone list --compute."""
+        self.check_limits_and_zones_cli()
+
+    def test_sdk(self):
+        """openstacksdk negotiates 2.104 and manages flavors and keypairs."""
+        import openstack
+        conn = openstack.connect(auth_type="none", auth={"endpoint": self.url},
+                                 compute_endpoint_override=self.url, identity_api_version="3")
+        self.assertEqual(conn.compute.get_endpoint_data().max_microversion, (2, 104))
+        self.assertIn("m1.tiny", [f.name for f in conn.compute.flavors()])
+        flavor = conn.compute.create_flavor(name="sdk-flavor", ram=64, vcpus=1, disk=0)
+        self.assertEqual(conn.compute.get_flavor(flavor.id).name, "sdk-flavor")
+        conn.compute.delete_flavor(flavor.id)
+        kp = conn.compute.create_keypair(name="sdk-key", public_key=SAMPLE_KEY)
+        self.assertEqual(kp.fingerprint, SAMPLE_FINGERPRINT)
+        self.assertEqual([k.name for k in conn.compute.keypairs()], ["sdk-key"])
+        conn.compute.delete_keypair("sdk-key")
+        self.assertEqual(conn.compute.get_limits().absolute.instances, 10)
+        self.assertEqual([z.name for z in conn.compute.availability_zones()], ["nova"])
+
+    def test_novaclient(self):
+        """python-novaclient lists versions, flavors, keypairs and limits."""
+        from keystoneauth1 import noauth, session
+        from novaclient import client
+        sess = session.Session(auth=noauth.NoAuth(endpoint=self.url))
+        nova = client.Client("2.96", session=sess, endpoint_override=self.url)
+        self.assertEqual([v.id for v in nova.versions.list()], ["v2.0", "v2.1"])
+        self.assertIn("m1.small", [f.name for f in nova.flavors.list()])
+        nova.keypairs.create("nova-key", public_key=SAMPLE_KEY)
+        self.assertEqual([k.name for k in nova.keypairs.list()], ["nova-key"])
+        nova.keypairs.delete("nova-key")
+        absolute = {a.name: a.value for a in nova.limits.get().absolute}
+        self.assertEqual(absolute["maxTotalKeypairs"], 100)
+        old = client.Client("2.1", session=sess, endpoint_override=self.url)
+        self.assertEqual(old.flavors.get("1").name, "m1.tiny")
