@@ -1810,7 +1810,7 @@ class CLIMixin:
     def check_limits_and_zones_cli(self):
         limits = {row["Name"]: row["Value"] for row in
                   self.openstack("limits", "show", "--absolute", "-f", "json")}
-        self.assertEqual((limits["instances"], limits["key_pairs"]), (10, 100))
+        self.assertEqual((limits["instances"], limits["server_meta"]), (10, 128))
         zones = self.openstack("availability", "zone", "list", "--compute", "-f", "json")
         self.assertIn("nova", [z["Zone Name"] for z in zones])
 
