@@ -1880,3 +1880,250 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(absolute["maxTotalKeypairs"], 100)
         old = client.Client("2.1", session=sess, endpoint_override=self.url)
         self.assertEqual(old.flavors.get("1").name, "m1.tiny")
+
+
+def keystone_env():
+    """The variables tools/keystone.sh wrote for the running test Keystone, or None."""
+    path = os.environ.get("MINIVAN_TEST_KEYSTONE_ENV")
+    if not path or not os.path.exists(path):
+        return None
+    env = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("export ") and "=" in line:
+                key, value = line[7:].strip().split("=", 1)
+                env[key] = value
+    return env
+
+
+def keystone_token(env, user, project, password=None):
+    import urllib.request
+    body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": user, "domain": {"name": "Default"}, "password": password or env["OS_PASSWORD"]}}},
+        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}}
+    req = urllib.request.Request(env["OS_AUTH_URL"] + "/auth/tokens?nocatalog",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.headers["X-Subject-Token"]
+
+
+class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
+    """minivan behind a real Keystone, registered in its catalog, driven by the real clients."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        if cls.env is None or not have_clients():
+            return
+        cls.url = cls.env["COMPUTE_URL"]
+        cls.port = int(cls.url.split(":")[2].split("/")[0])
+        start_minivan(cls, cls.port, env_extra={
+            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1"})
+        cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
+        cls.tokens = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+
+    def setUp(self):
+        if self.env is None:
+            skip_or_fail(self, "no test Keystone (run tools/test.sh, which starts one)")
+        if not have_clients():
+            skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
+
+    def openstack(self, *args, expect_ok=True, env=None):
+        return super().openstack(*args, expect_ok=expect_ok, env=dict(self.os_env, **(env or {})))
+
+    def token(self, user, project):
+        if (user, project) not in self.tokens:
+            self.tokens[(user, project)] = keystone_token(self.env, user, project)
+        return self.tokens[(user, project)]
+
+    def api(self, method, path, token, body=None, version=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {"X-Auth-Token": token} if token else {}
+        if version:
+            headers["OpenStack-API-Version"] = "compute " + version
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
+                     headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        check_response(self, "v2.1", resp.status, resp.getheaders(), data, content_length=True)
+        conn.close()
+        return Reply(resp.status, resp.getheaders(), data)
+
+    def test_cli_versions_show(self):
+        """openstack versions show finds minivan through the catalog at 2.1-2.104."""
+        rows = self.openstack("versions", "show", "--service", "compute", "-f", "json")
+        current = [r for r in rows if r["Status"] == "CURRENT"]
+        self.assertEqual((current[0]["Min Microversion"], current[0]["Max Microversion"]),
+                         ("2.1", "2.104"))
+
+    def test_cli_flavors(self):
+        """openstack flavor list/show/create/set --property/delete behind Keystone."""
+        self.check_flavor_cli()
+
+    def test_cli_keypairs(self):
+        """openstack keypair create/list/show/delete behind Keystone."""
+        self.check_keypair_cli()
+
+    def test_cli_limits_and_zones(self):
+        """openstack limits show --absolute and availability zone list --compute."""
+        self.check_limits_and_zones_cli()
+
+    def test_cli_quotas(self):
+        """openstack quota show --compute and quota set, resolved through Keystone."""
+        shown = self.openstack("quota", "show", "--compute", "demo", "-f", "json")
+        rows = {r["Resource"]: r["Limit"] for r in shown} if isinstance(shown, list) else shown
+        self.assertEqual(rows["instances"], 10)
+        self.openstack("quota", "set", "--instances", "17", "--cores", "33", "demo")
+        got = self.api("GET", "/os-quota-sets/" + self.env["DEMO_PROJECT_ID"],
+                       self.token("admin", "admin")).json()["quota_set"]
+        self.assertEqual((got["instances"], got["cores"]), (17, 33))
+        shown = self.openstack("quota", "show", "--compute", "demo", "-f", "json")
+        rows = {r["Resource"]: r["Limit"] for r in shown} if isinstance(shown, list) else shown
+        self.assertEqual(rows["instances"], 17)
+        self.api("DELETE", "/os-quota-sets/" + self.env["DEMO_PROJECT_ID"],
+                 self.token("admin", "admin"))
+
+    def test_sdk(self):
+        """openstacksdk with a Keystone session: flavors, keypairs, quotas, limits."""
+        import openstack
+        conn = openstack.connect(auth_url=self.env["OS_AUTH_URL"], username="admin",
+                                 password=self.env["OS_PASSWORD"], project_name="admin",
+                                 user_domain_name="Default", project_domain_name="Default",
+                                 region_name="RegionOne", identity_api_version="3")
+        self.assertEqual(conn.compute.get_endpoint_data().max_microversion, (2, 104))
+        self.assertIn("m1.tiny", [f.name for f in conn.compute.flavors()])
+        kp = conn.compute.create_keypair(name="sdk-ks", public_key=SAMPLE_KEY)
+        self.assertEqual(kp.fingerprint, SAMPLE_FINGERPRINT)
+        conn.compute.delete_keypair("sdk-ks")
+        quota = conn.compute.get_quota_set(self.env["DEMO_PROJECT_ID"])
+        self.assertEqual(quota.instances, 10)
+        conn.compute.update_quota_set(self.env["DEMO_PROJECT_ID"], key_pairs=50)
+        self.assertEqual(conn.compute.get_quota_set(self.env["DEMO_PROJECT_ID"]).key_pairs, 50)
+        conn.compute.revert_quota_set(self.env["DEMO_PROJECT_ID"])
+        self.assertEqual(conn.compute.get_quota_set(self.env["DEMO_PROJECT_ID"]).key_pairs, 100)
+        self.assertGreaterEqual(conn.compute.get_limits().absolute.instances, 10)
+
+    def test_novaclient(self):
+        """python-novaclient with a Keystone session."""
+        from keystoneauth1 import session
+        from keystoneauth1.identity import v3
+        from novaclient import client
+        auth = v3.Password(auth_url=self.env["OS_AUTH_URL"], username="demo",
+                           password=self.env["OS_PASSWORD"], project_name="demo",
+                           user_domain_name="Default", project_domain_name="Default")
+        nova = client.Client("2.96", session=session.Session(auth=auth))
+        self.assertIn("m1.tiny", [f.name for f in nova.flavors.list()])
+        nova.keypairs.create("nova-ks", public_key=SAMPLE_KEY)
+        self.assertEqual([k.name for k in nova.keypairs.list()], ["nova-ks"])
+        nova.keypairs.delete("nova-ks")
+        quotas = nova.quotas.get(self.env["DEMO_PROJECT_ID"])
+        self.assertEqual(quotas.instances, 10)
+        from novaclient import exceptions
+        with self.assertRaises(exceptions.Forbidden):
+            nova.flavors.create("nope", 64, 1, 1)
+
+    def test_identity_answers_as_nova(self):
+        """No token, a garbage token, a member on an admin route, another project's id."""
+        r = self.api("GET", "/flavors", None)
+        self.assertEqual(r.status, 401)
+        self.assertTrue(r.header("WWW-Authenticate").startswith("Keystone uri="))
+        self.assertEqual(self.api("GET", "/flavors", "garbage-token").status, 401)
+        demo = self.token("demo", "demo")
+        self.assertEqual(self.api("GET", "/flavors", demo).status, 200)
+        r = self.api("POST", "/flavors", demo, {"flavor": {"name": "x", "ram": 1, "vcpus": 1,
+                                                           "disk": 0}})
+        self.assertEqual(r.status, 403)
+        self.assertEqual(self.api("GET", "/os-availability-zone/detail", demo).status, 403)
+        r = self.api("GET", "/" + self.env["ALT_PROJECT_ID"] + "/flavors", demo)
+        self.assertEqual(r.status, 400)
+        self.assertIn("Malformed request URL", r.raw.decode())
+        self.assertEqual(self.api("GET", "/" + self.env["DEMO_PROJECT_ID"] + "/flavors",
+                                  demo).status, 200)
+        self.assertEqual(self.api("GET", "/os-quota-sets/" + self.env["ALT_PROJECT_ID"],
+                                  demo).status, 403)
+        reader = self.token("demo_reader", "demo")
+        self.assertEqual(self.api("GET", "/os-quota-sets/" + self.env["DEMO_PROJECT_ID"],
+                                  reader).status, 200)
+        admin = self.token("admin", "admin")
+        self.assertEqual(self.api("GET", "/os-quota-sets/no-such-project", admin).status, 400)
+        r = self.api("POST", "/flavors/1/action", admin, {"addTenantAccess": {"tenant": "nope"}})
+        self.assertEqual(r.status, 400)
+
+    def test_keystone_unreachable_is_503(self):
+        """With Keystone unreachable, token checks answer 503 and minivan keeps serving."""
+        port = free_port()
+
+        class Holder:
+            pass
+        start_minivan(Holder, port, env_extra={
+            "MINIVAN_KEYSTONE_URL": "http://127.0.0.1:%d/v3" % free_port(),
+            "MINIVAN_KEYSTONE_PASSWORD": "x", "MINIVAN_BIND": "127.0.0.1"})
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/v2.1/flavors", headers={"X-Auth-Token": "anything"})
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 503)
+            self.assertIn("serviceUnavailable", json.loads(resp.read()))
+            conn.request("GET", "/healthcheck")
+            self.assertEqual(conn.getresponse().status, 200)
+        finally:
+            stop_minivan(Holder)
+
+    def test_tempest(self):
+        """Every Tempest test in tools/tempest-pass.txt passes against minivan behind Keystone."""
+        listing = os.environ.get("MINIVAN_TEMPEST_LIST", os.path.join(HERE, "tools",
+                                                                      "tempest-pass.txt"))
+        if not os.path.exists(os.path.join(BIN, "tempest")):
+            skip_or_fail(self, "tempest not installed (tools/setup-venvs.sh)")
+        with open(listing) as f:
+            wanted = [line.split("#")[0].strip() for line in f
+                      if line.strip() and not line.startswith("#")]
+        work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
+                            "tempest")
+        done = subprocess.run([os.path.join(HERE, "tools", "tempest.sh"), work,
+                               os.environ["MINIVAN_TEST_KEYSTONE_ENV"], listing],
+                              capture_output=True, text=True, timeout=1800)
+        output = done.stdout + done.stderr
+        tail = "\n".join(output.splitlines()[-40:])
+        self.assertEqual(done.returncode, 0, tail)
+        passed = [line for line in output.splitlines() if "... ok" in line]
+        self.assertEqual(len(passed), len(wanted), tail)
+        print(f"\nTempest: {len(passed)} of {len(wanted)} listed tests passed")
+
+
+class PythonVersionTests(unittest.TestCase):
+    def test_runs_on_python_310(self):
+        """vermin: minivan.py needs nothing newer than Python 3.10."""
+        vermin = os.path.join(BIN, "vermin")
+        if not os.path.exists(vermin):
+            skip_or_fail(self, "vermin not installed (tools/setup-venvs.sh)")
+        done = subprocess.run([vermin, "--no-tips", "--violations", "-t=3.10-",
+                               "--eval-annotations", "--backport", "typing",
+                               os.path.join(HERE, "minivan.py")],
+                              capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+
+    def test_only_stdlib_and_libvirt(self):
+        """minivan.py imports only the standard library, and libvirt inside the driver."""
+        import ast
+        with open(os.path.join(HERE, "minivan.py")) as f:
+            tree = ast.parse(f.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names.add(node.module.split(".")[0])
+        third_party = {n for n in names if n not in sys.stdlib_module_names}
+        self.assertEqual(third_party, {"libvirt"})

@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# keystone.sh - run a real Keystone (PyPI "keystone", sqlite, fernet tokens)
+# under gunicorn on 127.0.0.1 for minivan's tests.
+#
+#   tools/keystone.sh start DIR PORT COMPUTE_URL
+#       Everything lives in DIR: keystone.conf, keystone.db, fernet keys,
+#       keystone_wsgi.py, keystone.log, keystone.pid and "env" (sourceable:
+#       OS_* for admin, *_PROJECT_ID, MINIVAN_* service user).  Bootstraps
+#       admin/secret in project admin, region RegionOne, then creates:
+#         service  project: minivan (admin, service)   - the compute service user
+#         demo     project: demo (member, reader), demo_reader (reader only)
+#         alt_demo project: alt_demo (member)
+#       and a "compute" service "nova" with public/internal/admin endpoints =
+#       COMPUTE_URL.  Returns once keystone answers.  All passwords: "secret".
+#   tools/keystone.sh stop DIR
+#       Stops the gunicorn master in DIR/keystone.pid and its workers.
+# Re-running start on a stopped DIR reuses its database (ensures, no duplicates).
+#
+# Uses ${MINIVAN_KEYSTONE_VENV:-REPO/.venv-keystone} (tools/setup-venvs.sh);
+# users etc. are made through keystone's REST API with curl.
+set -euo pipefail
+shopt -s inherit_errexit
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KS_VENV=${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}
+PASSWORD=secret
+
+usage() { echo "usage: $0 start DIR PORT COMPUTE_URL | stop DIR" >&2; exit 2; }
+
+# Succeeds while the process in DIR/keystone.pid exists.
+running() { [[ -f $1/keystone.pid ]] && kill -0 "$(cat "$1/keystone.pid")" 2>/dev/null; }
+
+write_config() {  # write_config DIR
+    local dir=$1
+    cat > "$dir/keystone.conf" <<EOF
+[DEFAULT]
+debug = false
+[database]
+connection = sqlite:///$dir/keystone.db
+[identity]
+# cheapest bcrypt: password auth then costs ~ms instead of ~250 ms
+password_hash_rounds = 4
+[token]
+provider = fernet
+[fernet_tokens]
+key_repository = $dir/fernet-keys
+[fernet_receipts]
+key_repository = $dir/fernet-keys
+[credential]
+key_repository = $dir/credential-keys
+EOF
+    # keystone's config machinery parses sys.argv, which under gunicorn holds
+    # gunicorn's own options: reset it before the app is built.
+    cat > "$dir/keystone_wsgi.py" <<EOF
+import sys
+sys.argv = sys.argv[:1]
+from keystone.server.flask import core
+application = core.initialize_application(
+    name='public', config_files=['$dir/keystone.conf'])
+EOF
+}
+
+start() {
+    local dir port=$2 compute_url=$3 t0=$SECONDS
+    mkdir -p "$1"; dir=$(cd "$1" && pwd)
+    local url=http://127.0.0.1:$port/v3
+    running "$dir" && { echo "keystone: already running in $dir" >&2; exit 1; }
+    if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/"; then
+        echo "keystone: something already listens on 127.0.0.1:$port" >&2; exit 1
+    fi
+
+    write_config "$dir"
+    # keystone-manage is chatty (and warns about eventlet): log to a file.
+    manage() {
+        "$KS_VENV/bin/keystone-manage" --config-file "$dir/keystone.conf" "$@" \
+            >>"$dir/keystone-manage.log" 2>&1 ||
+            { echo "keystone: keystone-manage $1 failed, see $dir/keystone-manage.log" >&2; exit 1; }
+    }
+    manage fernet_setup --keystone-user "$(id -un)" --keystone-group "$(id -gn)"
+    manage credential_setup --keystone-user "$(id -un)" --keystone-group "$(id -gn)"
+    manage db_sync
+    # bootstrap also creates roles reader, member, manager, service and the
+    # implications admin > manager > member > reader.
+    manage bootstrap --bootstrap-username admin \
+        --bootstrap-password "$PASSWORD" --bootstrap-project-name admin \
+        --bootstrap-role-name admin --bootstrap-service-name keystone \
+        --bootstrap-region-id RegionOne --bootstrap-public-url "$url" \
+        --bootstrap-internal-url "$url" --bootstrap-admin-url "$url"
+    echo "keystone: database ready after $((SECONDS - t0))s"
+
+    # ONE sync worker: with two, concurrent writes (auth updates
+    # user.last_active_at; tempest's dynamic credentials create/delete users)
+    # make sqlite fail with "database is locked" -> HTTP 500.
+    # setsid: own process group, so nothing here waits on it or signals it.
+    setsid "$KS_VENV/bin/gunicorn" --workers 1 --bind "127.0.0.1:$port" \
+        --chdir "$dir" --pid "$dir/keystone.pid" --timeout 120 \
+        --access-logfile - --error-logfile - \
+        keystone_wsgi:application >>"$dir/keystone.log" 2>&1 </dev/null &
+    local i
+    for i in $(seq 120); do
+        curl -sf -o /dev/null --max-time 2 "$url" && break
+        if ! kill -0 $! 2>/dev/null; then
+            echo "keystone: gunicorn died; tail of $dir/keystone.log:" >&2
+            tail -n 30 "$dir/keystone.log" >&2; exit 1
+        fi
+        [[ $i == 120 ]] && { echo "keystone: no answer on $url after 60s" >&2; exit 1; }
+        sleep 0.5
+    done
+    echo "keystone: serving $url (pid $(cat "$dir/keystone.pid")) after $((SECONDS - t0))s"
+
+    cat > "$dir/env" <<EOF
+export OS_AUTH_URL=$url
+export OS_USERNAME=admin
+export OS_PASSWORD=$PASSWORD
+export OS_PROJECT_NAME=admin
+export OS_USER_DOMAIN_NAME=Default
+export OS_PROJECT_DOMAIN_NAME=Default
+export OS_IDENTITY_API_VERSION=3
+export OS_REGION_NAME=RegionOne
+export OS_INTERFACE=public
+export COMPUTE_URL=$compute_url
+export MINIVAN_USERNAME=minivan
+export MINIVAN_PASSWORD=$PASSWORD
+export MINIVAN_PROJECT_NAME=service
+EOF
+    # shellcheck source=/dev/null
+    source "$dir/env"
+    populate "$compute_url" >>"$dir/env"
+    echo "keystone: users, projects and catalog ready after $((SECONDS - t0))s; env in $dir/env"
+}
+
+# --- populate: keystone REST API via curl, as admin (fast: ~1 request each) ---
+# api METHOD PATH [JSON]: prints the response body, fails on HTTP errors.
+api() {
+    curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
+        -H 'Content-Type: application/json' ${3:+-d "$3"} "$OS_AUTH_URL$2"
+}
+# jget KEY...: walks JSON from stdin by keys/indexes; prints "" if absent.
+jget() {
+    "$KS_VENV/bin/python" -c 'import json, sys
+d = json.load(sys.stdin)
+try:
+    for k in sys.argv[1:]: d = d[int(k) if k.isdigit() else k]
+except (KeyError, IndexError): d = ""
+print(d)' "$@"
+}
+# ensure COLLECTION QUERY JSON: id of the first match of GET ?QUERY, else POSTs JSON.
+ensure() {
+    local id
+    id=$(api GET "/$1?$2" | jget "$1" 0 id)
+    [[ -n $id ]] || id=$(api POST "/$1" "$3" | jget "${1%s}" id)
+    echo "$id"
+}
+
+# Creates projects/users/roles/catalog (idempotently) as admin; prints the
+# project-id export lines for the env file.
+populate() {
+    local compute_url=$1 auth
+    auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
+        {"name": "admin", "domain": {"id": "default"}, "password": "'$PASSWORD'"}}},
+        "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}}'
+    TOKEN=$(curl -sS --fail-with-body -o /dev/null -D - -H 'Content-Type: application/json' \
+        -d "$auth" "$OS_AUTH_URL/auth/tokens" | tr -d '\r' | sed -n 's/^x-subject-token: //ip')
+    declare -A project user role
+    local p u r
+    for p in admin service demo alt_demo; do
+        project[$p]=$(ensure projects "name=$p" '{"project": {"name": "'$p'", "domain_id": "default"}}')
+    done
+    for u in minivan demo alt_demo demo_reader; do
+        user[$u]=$(ensure users "name=$u" \
+            '{"user": {"name": "'$u'", "domain_id": "default", "password": "'$PASSWORD'"}}')
+    done
+    for r in admin member reader service; do
+        role[$r]=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
+    done
+    grant() { api PUT "/projects/${project[$1]}/users/${user[$2]}/roles/${role[$3]}" >/dev/null; }
+    grant service minivan admin
+    grant service minivan service
+    grant demo demo member
+    grant demo demo reader
+    grant alt_demo alt_demo member
+    grant demo demo_reader reader
+    local svc iface ep body
+    svc=$(ensure services "name=nova" '{"service": {"name": "nova", "type": "compute"}}')
+    for iface in public internal admin; do
+        body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
+               "region_id": "RegionOne", "url": "'$compute_url'"}}'
+        ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
+        if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
+        else api POST /endpoints "$body" >/dev/null; fi
+    done
+    echo "export ADMIN_PROJECT_ID=${project[admin]}"
+    echo "export DEMO_PROJECT_ID=${project[demo]}"
+    echo "export ALT_PROJECT_ID=${project[alt_demo]}"
+    echo "export SERVICE_PROJECT_ID=${project[service]}"
+}
+
+stop() {
+    local dir pid kids i
+    dir=$(cd "$1" && pwd)
+    [[ -f $dir/keystone.pid ]] || { echo "keystone: no $dir/keystone.pid" >&2; return 0; }
+    pid=$(cat "$dir/keystone.pid")
+    # only signal it if it still is our gunicorn (a stale pid may be reused)
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pid $dir/keystone.pid"; then
+        kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
+        kill -TERM "$pid"
+        for i in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        # shellcheck disable=SC2086
+        kill -0 "$pid" $kids 2>/dev/null && kill -KILL "$pid" $kids 2>/dev/null
+        echo "keystone: stopped (pid $pid)"
+    else
+        echo "keystone: pid $pid from $dir/keystone.pid is not running"
+    fi
+    rm -f "$dir/keystone.pid"
+}
+
+case ${1:-} in
+    start) [[ $# == 4 ]] || usage; start "$2" "$3" "$4" ;;
+    stop)  [[ $# == 2 ]] || usage; stop "$2" ;;
+    *)     usage ;;
+esac

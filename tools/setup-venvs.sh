@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# setup-venvs.sh - create (or bring up to date) the two virtualenvs minivan's
+# tests use:
+#   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
+#       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
+#   ${MINIVAN_KEYSTONE_VENV:-REPO/.venv-keystone} <- tools/requirements-keystone.txt
+#       (keystone + gunicorn, kept apart so its pins cannot clash with tempest's)
+# Idempotent: a venv whose stamp file matches the hash of (python version +
+# requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${MINIVAN_PYTHON:-python3}
+
+# make_venv DIR REQUIREMENTS_FILE
+make_venv() {
+    local dir=$1 req=$2 stamp t0=$SECONDS
+    stamp=$( { "$PY" -VV; cat "$req"; } | sha256sum | cut -d' ' -f1)
+    if [[ -x $dir/bin/python && -f $dir/.minivan-stamp &&
+          $(cat "$dir/.minivan-stamp") == "$stamp" ]]; then
+        echo "setup-venvs: $dir is up to date"
+        return
+    fi
+    echo "setup-venvs: installing $req into $dir ..."
+    rm -f "$dir/.minivan-stamp"
+    "$PY" -m venv "$dir"
+    # -qq: this machine's pip.conf names missing local indexes; hide those warnings
+    "$dir/bin/python" -m pip install -qq --upgrade pip setuptools wheel
+    "$dir/bin/python" -m pip install -qq -r "$req"
+    echo "$stamp" > "$dir/.minivan-stamp"
+    echo "setup-venvs: $dir ready in $((SECONDS - t0))s"
+}
+
+make_venv "${MINIVAN_VENV:-$REPO/.venv}" "$REPO/tools/requirements-test.txt"
+make_venv "${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}" "$REPO/tools/requirements-keystone.txt"

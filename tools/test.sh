@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# test.sh - the one test command: installs what the tests need, starts the
+# services they use, runs pytest on test_minivan.py, stops what it started.
+#
+#   tools/test.sh [pytest args...]        e.g. tools/test.sh -k Flavor -x
+#
+# 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl), when missing
+# 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone)
+# 3. a real Keystone on 127.0.0.1 (tools/keystone.sh) with minivan's endpoint in its catalog
+# 4. pytest, in .venv
+# MINIVAN_REQUIRE_E2E=1 (set by .ci/run) fails every end-to-end test that would skip.
+# MINIVAN_TEMPEST_LIST=FILE picks the Tempest tests (default tools/tempest-pass.txt).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+VENV=${MINIVAN_VENV:-$REPO/.venv}
+export MINIVAN_VENV=$VENV
+
+PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+          qemu-utils systemd openssl openssh-client curl python3-venv gcc)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "test.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+tools/setup-venvs.sh
+
+free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+WORK=$(mktemp -d /tmp/minivan-test.XXXXXX)
+KEYSTONE_PORT=$(free_port)
+COMPUTE_PORT=$(free_port)
+cleanup() {
+    tools/keystone.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
+
+export MINIVAN_TEST_KEYSTONE_ENV=$WORK/keystone/env
+export MINIVAN_TEST_WORK=$WORK
+export MINIVAN_TEMPEST_LIST=${MINIVAN_TEMPEST_LIST:-$REPO/tools/tempest-pass.txt}
+set +e
+"$VENV/bin/python" -m pytest -v -rs -p no:cacheprovider test_minivan.py "$@"
+status=$?
+set -e
+exit $status
