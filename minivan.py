@@ -41,6 +41,7 @@ import base64
 import binascii
 import collections
 import configparser
+import contextvars
 import datetime
 import errno
 import fcntl
@@ -250,6 +251,18 @@ def parse_isotime(text):
 
 def new_request_id():
     return "req-" + str(uuid.uuid4())
+
+
+# The request being handled by this thread, for every log line about it.
+CURRENT_REQUEST = contextvars.ContextVar("minivan_request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds %(request_id)s to every log record: the id of the request being handled."""
+
+    def filter(self, record):
+        record.request_id = CURRENT_REQUEST.get()
+        return True
 
 
 def json_bytes(obj):
@@ -2798,9 +2811,15 @@ def find_routes(segments):
 # § 17 HTTP front end ----------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json", "application/vnd.openstack.compute+json")
-SECRET_FIELDS = re.compile(r'("(?:private_key|adminPass|password|auth_token|token)"\s*:\s*)"[^"]*"')
+SECRET_FIELDS = re.compile(r'("(?:private_key|adminPass|password|auth_token|token)"\s*:\s*)'
+                           r'"(?:[^"\\]|\\.)*"')
 CORS_EXPOSE = ("x-openstack-request-id, x-compute-request-id, OpenStack-API-Version, "
                "X-OpenStack-Nova-API-Version")
+
+
+def mask_secrets(payload):
+    """A body for the debug log, with passwords, tokens and private keys blanked."""
+    return SECRET_FIELDS.sub(r'\1"***"', payload.decode("utf-8", "replace"))
 
 
 class Response:
@@ -2870,6 +2889,13 @@ class App:
         req.legacy, req.base_url = legacy, base
         echo = version_text(MIN_VERSION)
         started = time.monotonic()
+        token = CURRENT_REQUEST.set(req.request_id)
+        global_id = headers.get("X-OpenStack-Request-ID", "")
+        if re.match(r"^req-[0-9a-f-]{36}$", global_id):
+            LOG.info("global request id %s", global_id)
+        if self.conf["debug"]:
+            LOG.debug("request %s %s%s%s body: %s", method, "/v2" if legacy else "/v2.1", rest,
+                      "?" + query if query else "", mask_secrets(body or b""))
         try:
             if not legacy:
                 try:
@@ -2883,7 +2909,7 @@ class App:
         except Fault as fault:
             resp = self.fault_response(fault, req)
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
-            LOG.exception("%s unexpected error in %s %s", req.request_id, method, rest)
+            LOG.exception("unexpected error in %s %s", method, rest)
             resp = Response(500, {"computeFault": {"code": 500,
                                                    "message": unexpected_error_message(exc)}})
         resp.headers += [("x-openstack-request-id", req.request_id),
@@ -2894,12 +2920,12 @@ class App:
                              ("Vary", "OpenStack-API-Version"),
                              ("Vary", "X-OpenStack-Nova-API-Version")]
         who = f"{req.ident.user_id} {req.ident.project_id}" if req.ident else "- -"
-        LOG.info("%s %s \"%s %s%s\" status: %s len: %s time: %.4f", req.request_id, who, method,
+        LOG.info("%s \"%s %s%s\" status: %s len: %s time: %.4f", who, method,
                  "/v2" if legacy else "/v2.1", rest, resp.status, len(resp.payload),
                  time.monotonic() - started)
         if self.conf["debug"]:
-            LOG.debug("%s response body: %s", req.request_id,
-                      SECRET_FIELDS.sub(r'\1"***"', resp.payload.decode("utf-8", "replace")))
+            LOG.debug("response body: %s", mask_secrets(resp.payload))
+        CURRENT_REQUEST.reset(token)
         return resp
 
     def fault_response(self, fault, req):
@@ -2911,7 +2937,7 @@ class App:
         for key, value in fault.headers.items():
             headers.append((key, value))
         if fault.code >= 500:
-            LOG.warning("%s %s", req.request_id, fault.message)
+            LOG.warning("%s", fault.message)
         return Response(fault.code, fault.body(), headers)
 
     def route(self, req, method, rest, body):
@@ -3215,6 +3241,18 @@ def open_store(conf):
     return store
 
 
+def listen(app, conf):
+    """The Server on --bind; '::' falls back to 0.0.0.0 on a host without IPv6."""
+    try:
+        return Server(app, conf["bind"], conf["port"], tls_context(conf))
+    except OSError as e:
+        if conf["bind"] != "::" or e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        LOG.warning("no IPv6 on this host: listening on 0.0.0.0 instead of ::")
+        conf["bind"] = "0.0.0.0"
+        return Server(app, conf["bind"], conf["port"], tls_context(conf))
+
+
 def tls_context(conf):
     if not conf["tls_cert"]:
         return None
@@ -3227,8 +3265,13 @@ def tls_context(conf):
 
 
 def setup_logging(debug):
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def main(argv=None):
@@ -3249,7 +3292,7 @@ def main(argv=None):
     auth = KeystoneAuth(conf, Clock()) if conf["auth"] == "keystone" else None
     app = App(conf, store, auth=auth, driver=driver)
     try:
-        server = Server(app, conf["bind"], conf["port"], tls_context(conf))
+        server = listen(app, conf)
     except (OSError, ConfigError) as e:
         store.close()
         print(f"minivan: cannot listen on [{conf['bind']}]:{conf['port']}: {e}", file=sys.stderr)

@@ -474,6 +474,59 @@ class RoutingTests(AppTestCase):
         self.assertEqual(self.get("/v2.1/flavors/1").status, 200)
 
 
+
+class LoggingTests(AppTestCase):
+    conf = {"debug": "true"}
+
+    def test_request_id_in_every_log_line(self):
+        """Every log line written while handling a request carries its request id."""
+        handler = minivan.logging.Handler()
+        records = []
+        handler.emit = records.append
+        handler.addFilter(minivan.RequestIdFilter())
+        minivan.LOG.addHandler(handler)
+        old_level = minivan.LOG.level
+        minivan.LOG.setLevel(minivan.logging.DEBUG)
+        try:
+            r = self.post("/v2.1/os-keypairs", {"keypair": {"name": "k"}})
+        finally:
+            minivan.LOG.removeHandler(handler)
+            minivan.LOG.setLevel(old_level)
+        rid = r.header("x-openstack-request-id")
+        self.assertTrue(records)
+        self.assertEqual({rec.request_id for rec in records}, {rid})
+        text = "\n".join(rec.getMessage() for rec in records)
+        self.assertNotIn("PRIVATE KEY", text)
+        self.assertNotIn("admin:admin", text)
+        self.assertIn('"private_key": "***"', text)
+
+
+class FuzzTests(AppTestCase):
+    def test_bad_bodies_never_500(self):
+        """Every built route answers odd bodies and ids with a 4xx, never a 500."""
+        bodies = [None, [], "x", 1, True, {}, {"x": None}, {"flavor": None}, {"flavor": []},
+                  {"flavor": {"name": None, "ram": {}, "vcpus": [], "disk": "1e3"}},
+                  {"keypair": {"name": ["x"], "public_key": {}}}, {"quota_set": {"cores": None}},
+                  {"quota_class_set": []}, {"extra_specs": {"k": None}}, {"extra_specs": []},
+                  {"k": {"nested": 1}}, {"addTenantAccess": None},
+                  {"removeTenantAccess": {"tenant": 5}}]
+        ids = ["1", "nope", "%00", "x" * 300, "..", "%2F"]
+        for route in minivan.ROUTES:
+            if not route.built:
+                continue
+            for ident in ids:
+                path = "/v2.1" + "".join("/" + (ident if s.startswith("{") else s)
+                                         for s in route.segments)
+                for body in (bodies if route.method in ("POST", "PUT") else [None]):
+                    for version in ("2.1", "2.60", "latest"):
+                        r = self.call(route.method, path or "/v2.1/", body=body,
+                                      version=version)
+                        self.assertLess(r.status, 500, f"{route.method} {path} {body}: {r.raw}")
+        self.assertIsNone(self.store.broken)
+        self.restart_app()
+        self.assertEqual(self.get("/v2.1/flavors/2").status, 200)
+
+
 # -- identity and policy --------------------------------------------------------------
 
 class NoAuthTests(AppTestCase):
