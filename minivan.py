@@ -205,6 +205,8 @@ def finish_config(conf):
         if not conf["keystone_password"]:
             raise ConfigError("--auth keystone needs the service user's password in "
                               "MINIVAN_KEYSTONE_PASSWORD or keystone-password in --config")
+    if conf["virt_type"] not in ("", "kvm", "qemu"):
+        raise ConfigError(f"--virt-type must be kvm or qemu, not {conf['virt_type']!r}")
     if conf["bind"] is None:
         conf["bind"] = "127.0.0.1" if conf["auth"] == "noauth" else "::"
     if ":" not in conf["noauth_identity"]:
@@ -910,6 +912,7 @@ class KeystoneAuth:
         self.clock = clock
         self.cache = collections.OrderedDict()   # sha256(token) -> Identity
         self.cache_size = conf["token_cache_size"]
+        self.known_projects = {}                  # project id -> when Keystone confirmed it
         self.lock = threading.Lock()
         self.service_token = None
         self.service_expires = None
@@ -1015,11 +1018,25 @@ class KeystoneAuth:
                         project.get("name"), expires=expires, token=token)
 
     def project_exists(self, project_id):
-        """False only when Keystone says the project does not exist."""
+        """False only when Keystone says the project does not exist (known ones are cached)."""
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", project_id or ""):
             return False
+        now = self.clock.now()
+        with self.lock:
+            seen = self.known_projects.get(project_id)
+        if seen and now - seen < PROJECT_CACHE_TIME:
+            return True
         status, _ = self._service_call("GET", "/projects/" + urllib.parse.quote(project_id))
-        return status != 404
+        if status == 404:
+            return False
+        with self.lock:
+            if len(self.known_projects) >= self.cache_size:
+                self.known_projects.clear()
+            self.known_projects[project_id] = now
+        return True
+
+
+PROJECT_CACHE_TIME = datetime.timedelta(minutes=10)
 
 
 def parse_keystone_time(text):
@@ -1075,11 +1092,26 @@ def import_libvirt():
     return libvirt
 
 
+def detect_virt_type(cpuinfo="/proc/cpuinfo", kvm_device="/dev/kvm"):
+    """kvm where the CPU has vmx/svm and /dev/kvm opens, else qemu (software emulation)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = re.findall(r"^flags\s*:(.*)$", f.read(), re.M)
+        hardware = any({"vmx", "svm"} & set(line.split()) for line in flags)
+        if hardware:
+            os.close(os.open(kvm_device, os.O_RDWR))
+            return "kvm"
+    except OSError:
+        pass
+    return "qemu"
+
+
 class LibvirtDriver:
     """Nova's ComputeDriver vocabulary over one libvirt connection."""
 
-    def __init__(self, uri):
+    def __init__(self, uri, virt_type=""):
         self.uri = uri
+        self.virt_type = virt_type or detect_virt_type()
         self.libvirt = import_libvirt()
         self.conn = None
         self.lock = threading.Lock()
@@ -1098,7 +1130,8 @@ class LibvirtDriver:
             try:
                 self.conn = self.libvirt.open(self.uri)
                 self.last_error = None
-                LOG.info("connected to libvirt at %s (%s)", self.uri, self.conn.getType())
+                LOG.info("connected to libvirt at %s (%s, guests as %s)", self.uri,
+                         self.conn.getType(), self.virt_type)
                 return True
             except self.libvirt.libvirtError as e:
                 if self.last_error != str(e):
@@ -1109,13 +1142,6 @@ class LibvirtDriver:
     @property
     def available(self):
         return self.conn is not None
-
-    def get_host_info(self):
-        """(hypervisor type, version, hostname) of the connected host."""
-        with self.lock:
-            if self.conn is None:
-                raise Unavailable("The hypervisor is unreachable.")
-            return self.conn.getType(), self.conn.getVersion(), self.conn.getHostname()
 
     def close(self):
         with self.lock:
@@ -2459,10 +2485,10 @@ def availability_zones_detail(req):
     validate_query(req, (), strict_since="2.102")
     host = req.app.conf["host"]
     up = req.app.compute_available()
-    started = isotime_us(req.app.started_at)
+    now = isotime_us(req.app.clock.now())
 
     def service(alive):
-        return {"available": alive, "active": True, "updated_at": started}
+        return {"available": alive, "active": True, "updated_at": now}
 
     return 200, {"availabilityZoneInfo": [
         {"zoneName": "internal", "zoneState": {"available": True},
@@ -3284,7 +3310,7 @@ def main(argv=None):
     setup_logging(conf["debug"])
     stop = threading.Event()
     try:
-        driver = LibvirtDriver(conf["libvirt_uri"])
+        driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"])
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)

@@ -261,6 +261,20 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("apt install python3-libvirt", done.stderr)
         self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
 
+    def test_virt_type_detection(self):
+        """kvm only with vmx/svm CPU flags and a usable /dev/kvm; --virt-type is checked."""
+        with tempfile.TemporaryDirectory() as tmp:
+            cpu = os.path.join(tmp, "cpuinfo")
+            with open(cpu, "w") as f:
+                f.write("processor : 0\nflags : fpu sse2 vmx\n")
+            self.assertEqual(minivan.detect_virt_type(cpu, os.path.join(tmp, "nokvm")), "qemu")
+            self.assertEqual(minivan.detect_virt_type(cpu, os.devnull), "kvm")
+            with open(cpu, "w") as f:
+                f.write("processor : 0\nflags : fpu sse2\n")
+            self.assertEqual(minivan.detect_virt_type(cpu, os.devnull), "qemu")
+        with self.assertRaises(minivan.ConfigError):
+            minivan.load_config(["--virt-type", "xen"], environ={})
+
     def test_help_documents_every_option(self):
         """--help lists every option of the OPTIONS table."""
         done = subprocess.run([sys.executable, os.path.join(HERE, "minivan.py"), "--help"],
