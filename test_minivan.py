@@ -1843,6 +1843,18 @@ class CLIMixin:
             f.write(SAMPLE_KEY + "\n")
         return path
 
+    def test_cli_flavors(self):
+        """openstack flavor list/show/create/set/unset/delete."""
+        self.check_flavor_cli()
+
+    def test_cli_keypairs(self):
+        """openstack keypair create (import and generate)/list/show/delete."""
+        self.check_keypair_cli()
+
+    def test_cli_limits_and_zones(self):
+        """openstack limits show --absolute and availability zone list --compute."""
+        self.check_limits_and_zones_cli()
+
     def check_flavor_cli(self):
         names = [f["Name"] for f in self.openstack("flavor", "list", "-f", "json")]
         self.assertIn("m1.tiny", names)
@@ -1902,18 +1914,6 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
     def setUp(self):
         if not have_clients():
             skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
-
-    def test_cli_flavors(self):
-        """openstack flavor list/show/create/set/unset/delete in noauth mode."""
-        self.check_flavor_cli()
-
-    def test_cli_keypairs(self):
-        """openstack keypair create (import and generate)/list/show/delete in noauth mode."""
-        self.check_keypair_cli()
-
-    def test_cli_limits_and_zones(self):
-        """openstack limits show --absolute and availability zone list --compute."""
-        self.check_limits_and_zones_cli()
 
     def test_sdk(self):
         """openstacksdk negotiates 2.104 and manages flavors and keypairs."""
@@ -2033,18 +2033,6 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         current = [r for r in rows if r["Status"] == "CURRENT"]
         self.assertEqual((current[0]["Min Microversion"], current[0]["Max Microversion"]),
                          ("2.1", "2.104"))
-
-    def test_cli_flavors(self):
-        """openstack flavor list/show/create/set --property/delete behind Keystone."""
-        self.check_flavor_cli()
-
-    def test_cli_keypairs(self):
-        """openstack keypair create/list/show/delete behind Keystone."""
-        self.check_keypair_cli()
-
-    def test_cli_limits_and_zones(self):
-        """openstack limits show --absolute and availability zone list --compute."""
-        self.check_limits_and_zones_cli()
 
     def test_cli_quotas(self):
         """openstack quota show --compute and quota set, resolved through Keystone."""
