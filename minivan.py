@@ -2848,6 +2848,28 @@ def mask_secrets(payload):
     return SECRET_FIELDS.sub(r'\1"***"', payload.decode("utf-8", "replace"))
 
 
+MAX_JSON_DEPTH = 64
+
+
+def reject_constant(name):
+    """NaN and Infinity are not JSON: such a body is malformed."""
+    raise ValueError(name)
+
+
+def json_depth(doc):
+    """How deeply a parsed body nests (without recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(
+            node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class Response:
     def __init__(self, status, body=None, headers=None, content_type="application/json"):
         self.status = status
@@ -2871,6 +2893,7 @@ class App:
         self.auth = auth or NoAuth(conf["noauth_identity"])
         self.driver = driver
         self.started_at = self.clock.now()
+        self.stopping = False
 
     def compute_available(self):
         return self.driver is not None and self.driver.available
@@ -2931,6 +2954,8 @@ class App:
                     raise
             if body is None:
                 raise TooLarge()
+            if self.stopping:
+                raise Unavailable("minivan is shutting down.")
             resp = self.route(req, method, rest, body)
         except Fault as fault:
             resp = self.fault_response(fault, req)
@@ -3004,9 +3029,12 @@ class App:
         if not body:
             return None
         try:
-            return json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("Malformed request body") from None
+        if json_depth(doc) > MAX_JSON_DEPTH:
+            raise BadRequest("Malformed request body")
+        return doc
 
     def pick_action(self, req, candidates):
         if not isinstance(req.body, dict) or len(req.body) != 1:
@@ -3069,6 +3097,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             resp = app.handle(self.command, self.path, self.headers, body,
                               secure=isinstance(self.connection, ssl.SSLSocket))
+            if app.stopping:
+                self.close_connection = True
             self.cors(resp)
             self.write(resp, head=self.command == "HEAD")
         finally:
@@ -3341,6 +3371,7 @@ def main(argv=None):
     stop.wait()
     sd_notify("STOPPING=1")
     LOG.info("stopping: no new connections, finishing requests in flight")
+    app.stopping = True
     server.shutdown()
     server.server_close()
     server.drain()

@@ -467,6 +467,21 @@ class RoutingTests(AppTestCase):
         r = self.call("POST", "/v2.1/flavors", raw=b"", content_type="text/plain")
         self.assertFault(r, 400, "badRequest")
 
+    def test_hostile_json(self):
+        """NaN, deep nesting and invalid UTF-8 are malformed bodies (400), never a 500."""
+        for raw in (b'{"flavor": {"name": "x", "ram": 1, "vcpus": 1, "disk": 1, "rxtx_factor": NaN}}',
+                    b"[" * 5000 + b"]" * 5000, b'{"flavor": ' + b'{"a": ' * 100 + b"1" + b"}" * 101,
+                    b"\xff\xfe{}", b'{"flavor": {"name": "' + b"[" * 90000 + b'"}}'):
+            r = self.call("POST", "/v2.1/flavors", raw=raw)
+            self.assertEqual(r.status, 400, raw[:80])
+        deep = {"extra_specs": {"k": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}
+        self.assertFault(self.post("/v2.1/flavors/1/os-extra_specs", deep), 400, "badRequest")
+
+    def test_shutting_down_is_503(self):
+        """Requests that arrive while minivan stops are answered 503."""
+        self.app.stopping = True
+        self.assertFault(self.get("/v2.1/flavors"), 503, "serviceUnavailable")
+
     def test_head_is_get_without_body(self):
         """HEAD answers like GET."""
         r = self.call("HEAD", "/v2.1/flavors/1")
