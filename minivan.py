@@ -114,6 +114,20 @@ OPTIONS = [
      "(default: flavors.json beside minivan.py, else the built-in set)"),
     ("libvirt-uri", "qemu:///system", "libvirt connection URI (test:///default for a trial)"),
     ("virt-type", "", "kvm or qemu (default: kvm where the CPU and /dev/kvm allow it)"),
+    ("network", "default", "libvirt network that servers' NICs join"),
+    ("images-dir", "", "local image directory (default: DATA_DIR/images)"),
+    ("instances-dir", "", "where servers' disks and console logs live "
+     "(default: DATA_DIR/instances)"),
+    ("force-config-drive", "false", "give every server a config drive"),
+    ("enable-instance-password", "true", "return adminPass on create, rebuild and rescue"),
+    ("reclaim-instance-interval", "0", "seconds a deleted server stays SOFT_DELETED "
+     "(0: delete at once)"),
+    ("shutdown-timeout", "60", "seconds a guest gets to shut down before it is stopped hard"),
+    ("shelved-offload-time", "0", "seconds before a shelved server is offloaded "
+     "(0: at once, -1: never)"),
+    ("resume-guests-state-on-host-boot", "true", "start the servers that were running when "
+     "the host went down"),
+    ("sync-power-state-interval", "10", "seconds between checks of the guests' power states"),
     ("availability-zone", "nova", "availability zone of this host"),
     ("host", "", "compute host name (default: this machine's host name)"),
     ("max-body-size", "114688", "largest request body accepted, in bytes"),
@@ -187,13 +201,17 @@ def read_ini(path):
 
 def finish_config(conf):
     """Types, derived defaults and cross-checks."""
-    for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size"):
+    for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
+                "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
+                "sync_power_state_interval"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
                               f"not {conf[key]!r}") from None
-    conf["debug"] = str(conf["debug"]).lower() in BOOL_TRUE
+    for key in ("debug", "force_config_drive", "enable_instance_password",
+                "resume_guests_state_on_host_boot"):
+        conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
     if conf["auth"] not in ("noauth", "keystone"):
@@ -214,6 +232,10 @@ def finish_config(conf):
     if bool(conf["tls_cert"]) != bool(conf["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     conf["data_dir"] = os.path.abspath(conf["data_dir"] or default_data_dir())
+    conf["images_dir"] = os.path.abspath(conf["images_dir"] or
+                                         os.path.join(conf["data_dir"], "images"))
+    conf["instances_dir"] = os.path.abspath(conf["instances_dir"] or
+                                            os.path.join(conf["data_dir"], "instances"))
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["public_url"] = conf["public_url"].rstrip("/")
     conf["cors_allowed_origins"] = [o.strip() for o in conf["cors_allowed_origins"].split(",")
@@ -386,7 +408,8 @@ def unexpected_error_message(exc):
 EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
-    "counters": {"keypair": 0, "flavor": 0},
+    "images": {}, "instance_actions": {},
+    "counters": {"keypair": 0, "flavor": 0, "instance": 0},
 }
 
 
@@ -1106,16 +1129,43 @@ def detect_virt_type(cpuinfo="/proc/cpuinfo", kvm_device="/dev/kvm"):
     return "qemu"
 
 
-class LibvirtDriver:
-    """Nova's ComputeDriver vocabulary over one libvirt connection."""
+class DriverError(Exception):
+    """A hypervisor operation failed; the server gets a fault with this message."""
 
-    def __init__(self, uri, virt_type=""):
+
+# libvirt domain states -> Nova power states (nova/compute/power_state.py)
+NOSTATE, RUNNING, PAUSED, SHUTDOWN, CRASHED, SUSPENDED = 0, 1, 3, 4, 6, 7
+LIBVIRT_POWER_STATE = {0: NOSTATE, 1: RUNNING, 2: RUNNING, 3: PAUSED, 4: SHUTDOWN,
+                       5: SHUTDOWN, 6: CRASHED, 7: SUSPENDED}
+METADATA_NS = "http://openstack.org/minivan/instance/1"
+METADATA_KEY = "minivan"
+
+
+def xml_escape(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&apos;"))
+
+
+class LibvirtDriver:
+    """Nova's ComputeDriver vocabulary over one libvirt connection.
+
+    Every domain minivan creates carries <minivan:instance> metadata naming its
+    server; minivan never touches a domain without it."""
+
+    def __init__(self, uri, virt_type="", network="default", instances_dir=None):
         self.uri = uri
         self.virt_type = virt_type or detect_virt_type()
+        self.network = network
+        self.instances_dir = instances_dir
         self.libvirt = import_libvirt()
         self.conn = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.last_error = None
+
+    @property
+    def simulated(self):
+        """libvirt's test driver: no QEMU, domains live inside this process."""
+        return self.uri.startswith("test:")
 
     def connect(self):
         """Open the connection if it is closed; True when usable."""
@@ -1151,6 +1201,507 @@ class LibvirtDriver:
                 except self.libvirt.libvirtError:
                     pass
                 self.conn = None
+
+    # -- helpers -------------------------------------------------------------
+    def _call(self, what, fn, *args):
+        """Run a libvirt call; a lost connection is 503, anything else a DriverError."""
+        with self.lock:
+            if self.conn is None and not self.connect():
+                raise Unavailable("The hypervisor is unreachable.")
+            try:
+                return fn(*args)
+            except self.libvirt.libvirtError as e:
+                if self.conn is not None and not self._alive():
+                    self.conn = None
+                    raise Unavailable("The hypervisor is unreachable.") from None
+                raise DriverError(f"{what} failed: {e.get_error_message()}") from None
+
+    def _alive(self):
+        try:
+            return self.conn.isAlive() == 1
+        except self.libvirt.libvirtError:
+            return False
+
+    def _domain(self, server, missing_ok=False):
+        """The server's own domain (by UUID, checked against our metadata)."""
+        def lookup():
+            try:
+                dom = self.conn.lookupByUUIDString(server["id"])
+            except self.libvirt.libvirtError as e:
+                if e.get_error_code() == self.libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            return dom if self._is_ours(dom) else None
+        dom = self._call("looking up the domain", lookup)
+        if dom is None and not missing_ok:
+            raise DriverError(f"domain {server['instance_name']} does not exist")
+        return dom
+
+    def _is_ours(self, dom):
+        try:
+            dom.metadata(self.libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+            return True
+        except self.libvirt.libvirtError:
+            return False
+
+    def instance_path(self, server, name=""):
+        return os.path.join(self.instances_dir, server["id"], name)
+
+    # -- the domain ------------------------------------------------------------
+    def domain_xml(self, server, disks, config_drive=None, rescue=None):
+        """libvirt XML for a server: disks is [(path, target, format)]."""
+        flavor = server["flavor"]
+        domain_type = "test" if self.simulated else self.virt_type
+        meta = (f'<minivan:instance xmlns:minivan="{METADATA_NS}">'
+                f'<minivan:name>{xml_escape(server["name"])}</minivan:name>'
+                f'<minivan:owner project="{xml_escape(server["project_id"])}" '
+                f'user="{xml_escape(server["user_id"])}"/>'
+                f'<minivan:flavor name="{xml_escape(flavor["name"])}" id="{xml_escape(flavor["id"])}"'
+                f' memory="{flavor["ram"]}" vcpus="{flavor["vcpus"]}" disk="{flavor["disk"]}"/>'
+                f'<minivan:image uuid="{xml_escape(server["image_ref"])}"/>'
+                f'<minivan:created>{server["created_at"]}</minivan:created>'
+                f'</minivan:instance>')
+        devices = []
+        all_disks = list(rescue or []) + list(disks)
+        for path, target, fmt in all_disks:
+            devices.append(f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' "
+                           f"cache='none'/><source file='{xml_escape(path)}'/>"
+                           f"<target dev='{target}' bus='virtio'/></disk>")
+        if config_drive:
+            devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+                           f"<source file='{xml_escape(config_drive)}'/>"
+                           f"<target dev='sda' bus='sata'/><readonly/></disk>")
+        for port in server.get("ports", []):
+            devices.append(f"<interface type='network'><source network="
+                           f"'{xml_escape(port['network'])}'/><mac address='{port['mac']}'/>"
+                           f"<model type='virtio'/></interface>")
+        console = xml_escape(self.instance_path(server, "console.log"))
+        devices.append(f"<serial type='pty'><log file='{console}' append='on'/>"
+                       f"<target port='0'/></serial>"
+                       f"<console type='pty'><target type='serial' port='0'/></console>")
+        if not self.simulated:
+            devices.append("<channel type='unix'><target type='virtio' "
+                           "name='org.qemu.guest_agent.0'/></channel>")
+            devices.append("<memballoon model='virtio'><stats period='10'/></memballoon>")
+        return (f"<domain type='{domain_type}'><name>{server['instance_name']}</name>"
+                f"<uuid>{server['id']}</uuid><metadata>{meta}</metadata>"
+                f"<memory unit='KiB'>{flavor['ram'] * 1024}</memory>"
+                f"<vcpu>{flavor['vcpus']}</vcpu>"
+                f"<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>"
+                f"<features><acpi/><apic/></features><clock offset='utc'/>"
+                f"<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
+                f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>")
+
+    def spawn(self, server, disks, config_drive=None, start=True):
+        """Define the server's domain and (unless start is False) boot it."""
+        xml = self.domain_xml(server, disks, config_drive)
+
+        def define():
+            dom = self.conn.defineXML(xml)
+            if start:
+                dom.create()
+            return dom
+        self._call("creating the domain", define)
+
+    def redefine(self, server, disks, config_drive=None, rescue=None):
+        """Replace the stopped domain's definition (resize, rescue, unrescue)."""
+        xml = self.domain_xml(server, disks, config_drive, rescue)
+        self._call("redefining the domain", self.conn.defineXML, xml)
+
+    def destroy(self, server):
+        """Stop and undefine the server's domain, if it exists."""
+        dom = self._domain(server, missing_ok=True)
+        if dom is None:
+            return
+
+        def remove():
+            if dom.isActive():
+                dom.destroy()
+            flags = (self.libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                     | self.libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            try:
+                dom.undefineFlags(flags)
+            except self.libvirt.libvirtError:
+                dom.undefine()
+        self._call("deleting the domain", remove)
+
+    def exists(self, server):
+        return self._domain(server, missing_ok=True) is not None
+
+    def get_info(self, server):
+        """Nova power state of the server's domain (NOSTATE if it has none)."""
+        dom = self._domain(server, missing_ok=True)
+        if dom is None:
+            return NOSTATE
+        state = self._call("reading the domain state", dom.state)[0]
+        if state == self.libvirt.VIR_DOMAIN_SHUTOFF and self._call(
+                "reading the saved state", dom.hasManagedSaveImage, 0):
+            return SUSPENDED
+        return LIBVIRT_POWER_STATE.get(state, NOSTATE)
+
+    def power_on(self, server):
+        dom = self._domain(server)
+        if not self._call("reading the domain state", dom.isActive):
+            self._call("starting the domain", dom.create)
+        elif self._call("reading the domain state", dom.state)[0] == \
+                self.libvirt.VIR_DOMAIN_PAUSED:
+            self._call("resuming the domain", dom.resume)
+
+    def power_off(self, server, timeout=60, clean=True):
+        """ACPI shutdown, then a hard stop after timeout seconds (0: at once)."""
+        dom = self._domain(server)
+        if not self._call("reading the domain state", dom.isActive):
+            return
+        if clean and timeout > 0:
+            try:
+                self._call("shutting the guest down", dom.shutdown)
+            except DriverError:
+                pass
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not self._call("reading the domain state", dom.isActive):
+                    return
+                time.sleep(0.2)
+        if self._call("reading the domain state", dom.isActive):
+            self._call("stopping the domain", dom.destroy)
+
+    def reboot(self, server, hard=False):
+        dom = self._domain(server)
+        if hard or not self._call("reading the domain state", dom.isActive):
+            if self._call("reading the domain state", dom.isActive):
+                self._call("stopping the domain", dom.destroy)
+            self._call("starting the domain", dom.create)
+            return
+        self._call("rebooting the guest", dom.reboot, 0)
+
+    def pause(self, server):
+        self._call("pausing the domain", self._domain(server).suspend)
+
+    def unpause(self, server):
+        self._call("unpausing the domain", self._domain(server).resume)
+
+    def suspend(self, server):
+        """Save the guest's memory to disk and stop it (Nova's suspend)."""
+        self._call("suspending the domain", self._domain(server).managedSave, 0)
+
+    def resume(self, server):
+        self._call("resuming the domain", self._domain(server).create)
+
+    def trigger_crash_dump(self, server):
+        self._call("injecting an NMI", self._domain(server).injectNMI, 0)
+
+    def set_admin_password(self, server, password):
+        dom = self._domain(server)
+        self._call("setting the password through the guest agent", dom.setUserPassword,
+                   "root", password, 0)
+
+    def get_console_output(self, server):
+        """The serial console log (empty when the guest has written nothing)."""
+        try:
+            with open(self.instance_path(server, "console.log"), "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def interface_addresses(self, server):
+        """{mac: [(address, version)]} from DHCP leases (or libvirt's default source)."""
+        dom = self._domain(server, missing_ok=True)
+        if dom is None or not self._call("reading the domain state", dom.isActive):
+            return {}
+        found = {}
+        for source in (self.libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0):
+            try:
+                ifaces = self._call("reading addresses", dom.interfaceAddresses, source)
+            except DriverError:
+                continue
+            for iface in ifaces.values():
+                mac = (iface.get("hwaddr") or "").lower()
+                for addr in iface.get("addrs") or []:
+                    version = 6 if addr["type"] == 1 else 4
+                    found.setdefault(mac, []).append((addr["addr"], version))
+            if found:
+                break
+        return found
+
+    def get_diagnostics(self, server):
+        """Counters for the 2.48 diagnostics view."""
+        dom = self._domain(server)
+
+        def read():
+            state, max_mem, mem, vcpus, cpu_time = dom.info()
+            stats = {"state": state, "max_memory_kb": max_mem, "memory_kb": mem,
+                     "vcpus": vcpus, "cpu_time": cpu_time, "cpu_details": [], "disks": [],
+                     "nics": []}
+            if dom.isActive():
+                try:
+                    for i, vcpu in enumerate(dom.vcpus()[0]):
+                        stats["cpu_details"].append({"id": i, "time": vcpu[2]})
+                except self.libvirt.libvirtError:
+                    pass
+                for target in ("vda", "vdb", "vdc"):
+                    try:
+                        rd_req, rd_bytes, wr_req, wr_bytes, errs = dom.blockStats(target)
+                    except self.libvirt.libvirtError:
+                        continue
+                    stats["disks"].append({"read_bytes": rd_bytes, "read_requests": rd_req,
+                                           "write_bytes": wr_bytes, "write_requests": wr_req,
+                                           "errors_count": errs})
+            return stats
+        return self._call("reading diagnostics", read)
+
+    def network_name(self, network_id):
+        """Name of the libvirt network with this UUID, or None."""
+        def lookup():
+            try:
+                return self.conn.networkLookupByUUIDString(network_id).name()
+            except self.libvirt.libvirtError:
+                return None
+        return self._call("looking up the network", lookup)
+
+    def own_domains(self):
+        """{server id: power state} of every domain minivan created on this host."""
+        def scan():
+            return {d.UUIDString(): LIBVIRT_POWER_STATE.get(d.state()[0], NOSTATE)
+                    for d in self.conn.listAllDomains() if self._is_ours(d)}
+        return self._call("listing domains", scan)
+
+    def get_available_resource(self):
+        """Host capacity: vcpus, memory_mb, local_gb, hypervisor type and version."""
+        def read():
+            model, memory_mb, cpus, *_ = self.conn.getInfo()
+            disk = shutil.disk_usage(self.instances_dir) if self.instances_dir and \
+                os.path.isdir(self.instances_dir) else None
+            return {"vcpus": cpus, "memory_mb": memory_mb, "cpu_model": model,
+                    "local_gb": disk.total // 2 ** 30 if disk else 0,
+                    "free_disk_gb": disk.free // 2 ** 30 if disk else 0,
+                    "hypervisor_type": self.conn.getType(),
+                    "hypervisor_version": self.conn.getVersion(),
+                    "hypervisor_hostname": self.conn.getHostname()}
+        return self._call("reading host resources", read)
+
+
+# -- disks ---------------------------------------------------------------------
+
+def qemu_img(*args):
+    tool = shutil.which("qemu-img")
+    if not tool:
+        raise DriverError("qemu-img is not installed (Debian/Ubuntu: apt install qemu-utils)")
+    done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise DriverError("qemu-img %s failed: %s" % (args[0], done.stderr.strip()[-300:]))
+    return done.stdout
+
+
+def image_format(path):
+    """qcow2 or raw, from the file's first bytes."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+
+def virtual_size(path):
+    return json.loads(qemu_img("info", "--output=json", path))["virtual-size"]
+
+
+def create_server_disks(instance_dir, base_path, flavor):
+    """The root overlay on the cached base image, plus ephemeral and swap disks."""
+    os.makedirs(instance_dir, mode=0o755, exist_ok=True)
+    disks = []
+    root = os.path.join(instance_dir, "disk")
+    if base_path:
+        fmt = image_format(base_path)
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base_path, "-F", fmt, root)
+        if flavor["disk"] and flavor["disk"] * 2 ** 30 > virtual_size(root):
+            qemu_img("resize", "-q", root, "%dG" % flavor["disk"])
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", root, "%dG" % max(flavor["disk"], 1))
+    disks.append((root, "vda", "qcow2"))
+    if flavor.get("ephemeral"):
+        path = os.path.join(instance_dir, "disk.eph0")
+        qemu_img("create", "-q", "-f", "qcow2", path, "%dG" % flavor["ephemeral"])
+        disks.append((path, "vdb", "qcow2"))
+    if flavor.get("swap"):
+        path = os.path.join(instance_dir, "disk.swap")
+        qemu_img("create", "-q", "-f", "qcow2", path, "%dM" % flavor["swap"])
+        disks.append((path, "vdc" if flavor.get("ephemeral") else "vdb", "qcow2"))
+    return disks
+
+
+def server_disks(instance_dir, flavor):
+    """The (path, target, format) list of disks create_server_disks made."""
+    disks = [(os.path.join(instance_dir, "disk"), "vda", "qcow2")]
+    if flavor.get("ephemeral"):
+        disks.append((os.path.join(instance_dir, "disk.eph0"), "vdb", "qcow2"))
+    if flavor.get("swap"):
+        disks.append((os.path.join(instance_dir, "disk.swap"),
+                      "vdc" if flavor.get("ephemeral") else "vdb", "qcow2"))
+    return disks
+
+
+# § images ---------------------------------------------------------------------
+#
+# The image source seam.  LocalImages serves the images directory: every
+# qcow2/raw file there is an image with a stable UUID; a sidecar FILE.json may
+# name it and set min_disk/min_ram/properties.  Snapshots are written there too.
+
+IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".qcow")
+IMAGE_NAMESPACE = uuid.UUID("5b0f2c1e-6f55-4b8e-9d6f-6d696e697661")
+
+
+class LocalImages:
+    """Images kept as files in one directory, with their records in the state."""
+
+    def __init__(self, directory, store, clock):
+        self.dir = directory
+        self.store = store
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.cache_locks = collections.defaultdict(threading.Lock)
+
+    def scan(self):
+        """Register new files and forget records whose file is gone."""
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            names = []
+        with self.lock:
+            known = {img["file"]: img for img in self.store.data["images"].values()}
+            ops = []
+            for name in names:
+                path = os.path.join(self.dir, name)
+                if not name.endswith(IMAGE_SUFFIXES) or name in known \
+                        or not os.path.isfile(path):
+                    continue
+                record = self._record_for(name, path)
+                ops.append(["set", ["images", record["id"]], record])
+            present = set(names)
+            for image_id, img in self.store.data["images"].items():
+                if img["file"] not in present and img.get("status") == "active":
+                    ops.append(["del", ["images", image_id]])
+            if ops:
+                self.store.commit(ops)
+
+    def _record_for(self, name, path):
+        sidecar = {}
+        try:
+            with open(path + ".json", encoding="utf-8") as f:
+                sidecar = json.load(f)
+        except (OSError, ValueError):
+            sidecar = {}
+        stamp = isotime_us(datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+                          .replace(tzinfo=None))
+        return {
+            "id": str(sidecar.get("id") or uuid.uuid5(IMAGE_NAMESPACE, name)),
+            "name": str(sidecar.get("name") or name.rsplit(".", 1)[0]), "file": name,
+            "disk_format": image_format(path), "container_format": "bare",
+            "size": os.path.getsize(path), "status": "active",
+            "visibility": sidecar.get("visibility", "public"), "owner": sidecar.get("owner"),
+            "min_disk": int(sidecar.get("min_disk", 0)), "min_ram": int(sidecar.get("min_ram", 0)),
+            "properties": {str(k): str(v) for k, v in (sidecar.get("properties") or {}).items()},
+            "os_hash_algo": None, "os_hash_value": None,
+            "created_at": stamp, "updated_at": stamp,
+        }
+
+    def list(self):
+        self.scan()
+        with self.store.reading():
+            return sorted(self.store.data["images"].values(),
+                          key=lambda i: (i["created_at"], i["id"]), reverse=True)
+
+    def get(self, image_id):
+        image = self.store.data["images"].get(image_id)
+        if image is None:
+            self.scan()
+            image = self.store.data["images"].get(image_id)
+        return image
+
+    def visible(self, image, ident):
+        return image["visibility"] in ("public", "community", "shared") or ident.is_admin \
+            or image.get("owner") == ident.project_id
+
+    def path(self, image):
+        return os.path.join(self.dir, image["file"])
+
+    def fetch(self, image, cache_dir):
+        """The image in the base-image cache, copied once and checked against its hash."""
+        os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+        target = os.path.join(cache_dir, image["id"])
+        with self.cache_locks[image["id"]]:
+            if os.path.exists(target):
+                return target
+            digest = hashlib.sha512()
+            tmp = target + ".part"
+            try:
+                with open(self.path(image), "rb") as src, open(tmp, "wb") as dst:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        dst.write(chunk)
+            except OSError as e:
+                raise DriverError(f"cannot copy image {image['id']}: {e}") from None
+            expected = image.get("os_hash_value")
+            if expected and expected != digest.hexdigest():
+                os.unlink(tmp)
+                raise DriverError(f"image {image['id']} does not match its checksum")
+            os.replace(tmp, target)
+            os.chmod(target, 0o644)
+            if not expected:
+                self.store.commit([["set", ["images", image["id"], "os_hash_algo"], "sha512"],
+                                   ["set", ["images", image["id"], "os_hash_value"],
+                                    digest.hexdigest()]])
+            return target
+
+    def create_snapshot(self, name, source_disk, owner, properties, min_disk, min_ram):
+        """Write a server's disk as a new qcow2 image; returns the record."""
+        image_id = str(uuid.uuid4())
+        filename = f"{image_id}.qcow2"
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = os.path.join(self.dir, "." + filename + ".part")
+        qemu_img("convert", "-q", "-O", "qcow2", source_disk, tmp)
+        os.replace(tmp, os.path.join(self.dir, filename))
+        record = self._record_for(filename, os.path.join(self.dir, filename))
+        record.update({"id": image_id, "name": name, "owner": owner, "visibility": "private",
+                       "properties": properties, "min_disk": min_disk, "min_ram": min_ram})
+        self.store.commit([["set", ["images", image_id], record]])
+        return record
+
+    def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
+        """A 'queued' record for a snapshot still being written (no file yet)."""
+        image_id = str(uuid.uuid4())
+        now = isotime_us(self.clock.now())
+        record = {"id": image_id, "name": name, "file": f"{image_id}.qcow2",
+                  "disk_format": "qcow2", "container_format": "bare", "size": 0,
+                  "status": "queued", "visibility": "private", "owner": owner,
+                  "min_disk": min_disk, "min_ram": min_ram, "properties": properties,
+                  "os_hash_algo": None, "os_hash_value": None, "created_at": now,
+                  "updated_at": now}
+        self.store.commit([["set", ["images", image_id], record]])
+        return record
+
+    def finish_snapshot(self, record, source_disk):
+        """Write the disk into the reserved image's file and mark it active."""
+        path = os.path.join(self.dir, record["file"])
+        tmp = os.path.join(self.dir, "." + record["file"] + ".part")
+        os.makedirs(self.dir, exist_ok=True)
+        if source_disk and os.path.exists(source_disk):
+            qemu_img("convert", "-q", "-O", "qcow2", source_disk, tmp)
+        else:
+            qemu_img("create", "-q", "-f", "qcow2", tmp, "1G")
+        os.replace(tmp, path)
+        self.store.commit([["set", ["images", record["id"]], dict(
+            record, status="active", size=os.path.getsize(path),
+            updated_at=isotime_us(self.clock.now()))]])
+
+    def delete(self, image):
+        try:
+            os.unlink(self.path(image))
+        except FileNotFoundError:
+            pass
+        for extra in (self.path(image) + ".json",):
+            if os.path.exists(extra):
+                os.unlink(extra)
+        self.store.commit([["del", ["images", image["id"]]]])
+
+    def set_properties(self, image, properties):
+        self.store.commit([["set", ["images", image["id"], "properties"], properties]])
 
 
 # § 9 quotas ----------------------------------------------------------------
@@ -2498,6 +3049,2552 @@ def availability_zones_detail(req):
     ]}
 
 
+# § servers: states, lookups, views ------------------------------------------------
+
+STATUS_BY_VM_STATE = {
+    "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
+    "paused": "PAUSED", "suspended": "SUSPENDED", "rescued": "RESCUE", "error": "ERROR",
+    "deleted": "DELETED", "soft-delete": "SOFT_DELETED", "shelved": "SHELVED",
+    "shelved_offloaded": "SHELVED_OFFLOADED",
+}
+RESIZE_TASKS = ("resize_prep", "resize_migrating", "resize_migrated", "resize_finish")
+REBUILD_TASKS = ("rebuilding", "rebuild_block_device_mapping", "rebuild_spawning")
+STATUS_BY_TASK = {
+    "active": dict([(t, "REBOOT") for t in ("rebooting", "reboot_pending", "reboot_started")]
+                   + [(t, "HARD_REBOOT") for t in ("rebooting_hard", "reboot_pending_hard",
+                                                    "reboot_started_hard")]
+                   + [("updating_password", "PASSWORD"), ("migrating", "MIGRATING")]
+                   + [(t, "REBUILD") for t in REBUILD_TASKS]
+                   + [(t, "RESIZE") for t in RESIZE_TASKS]),
+    "stopped": dict([(t, "RESIZE") for t in RESIZE_TASKS] + [(t, "REBUILD") for t in REBUILD_TASKS]),
+    "resized": {"resize_reverting": "REVERT_RESIZE"},
+    "paused": {"migrating": "MIGRATING"},
+    "error": {t: "REBUILD" for t in REBUILD_TASKS},
+}
+ALL_STATUSES = set(STATUS_BY_VM_STATE.values()) | {"REBOOT", "HARD_REBOOT", "PASSWORD",
+                                                   "MIGRATING", "REBUILD", "RESIZE",
+                                                   "REVERT_RESIZE", "UNKNOWN"}
+PROGRESS_STATUSES = ("ACTIVE", "BUILD", "REBUILD", "RESIZE", "VERIFY_RESIZE", "MIGRATING")
+
+
+def server_status(server):
+    vm, task = server["vm_state"], server.get("task_state")
+    return STATUS_BY_TASK.get(vm, {}).get(task) or STATUS_BY_VM_STATE.get(vm, "UNKNOWN")
+
+
+def find_server(req, server_id, include_deleted=False):
+    """The caller's server (any server for admins); 404 as Nova otherwise."""
+    server = req.store.data["servers"].get(server_id)
+    if server is None or (server["vm_state"] == "deleted" and not include_deleted) or (
+            server["project_id"] != req.ident.project_id and not req.ident.is_admin):
+        raise NotFound(f"Instance {server_id} could not be found.")
+    return server
+
+
+def host_id(server):
+    if not server.get("host"):
+        return ""
+    return hashlib.sha224((server["project_id"] + server["host"]).encode()).hexdigest()
+
+
+def server_addresses(server, with_ext=True):
+    addresses = {}
+    for port in server.get("ports", []):
+        entries = addresses.setdefault(port["network"], [])
+        for addr, version in port.get("ips", []):
+            item = {"version": version, "addr": addr}
+            if with_ext:
+                item = {"OS-EXT-IPS-MAC:mac_addr": port["mac"], "version": version,
+                        "addr": addr, "OS-EXT-IPS:type": "fixed"}
+            entries.append(item)
+    return addresses
+
+
+def server_image_view(req, server):
+    if not server["image_ref"]:
+        return ""
+    view = {"id": server["image_ref"], "links": [
+        {"rel": "bookmark", "href": req.bookmark_link("images", server["image_ref"])}]}
+    if req.since("2.98"):
+        view["properties"] = dict(server.get("image_properties") or {})
+    return view
+
+
+def server_flavor_view(req, server):
+    flavor = server["flavor"]
+    if not req.since("2.47"):
+        return {"id": flavor["id"], "links": [
+            {"rel": "bookmark", "href": req.bookmark_link("flavors", flavor["id"])}]}
+    view = {"vcpus": flavor["vcpus"], "ram": flavor["ram"], "disk": flavor["disk"],
+            "ephemeral": flavor["ephemeral"], "swap": flavor["swap"],
+            "original_name": flavor["name"]}
+    if policy_allows(req.ident, "reader", server["project_id"]):
+        view["extra_specs"] = dict(flavor.get("extra_specs") or {})
+    return view
+
+
+def server_fault_view(req, server):
+    fault = server.get("fault")
+    view = {"code": fault["code"], "created": fault["created"], "message": fault["message"]}
+    if fault.get("details") and (req.ident.is_admin or fault["code"] != 500):
+        view["details"] = fault["details"]
+    return view
+
+
+def server_view(req, server, kind="show"):
+    """A server as Nova shows it: kind is show, detail, update or rebuild."""
+    status = server_status(server)
+    full = kind in ("show", "detail") or req.since("2.75")
+    view = {"accessIPv4": server.get("access_ip_v4") or "",
+            "accessIPv6": server.get("access_ip_v6") or "",
+            "addresses": server_addresses(server),
+            "created": isotime(parse_isotime(server["created_at"])),
+            "flavor": server_flavor_view(req, server), "hostId": host_id(server),
+            "id": server["id"], "image": server_image_view(req, server),
+            "links": req.links("servers", server["id"]), "metadata": dict(server["metadata"]),
+            "name": server["name"], "status": status, "tenant_id": server["project_id"],
+            "user_id": server["user_id"],
+            "updated": isotime(parse_isotime(server["updated_at"])),
+            "OS-DCF:diskConfig": server.get("disk_config", "MANUAL")}
+    if status in PROGRESS_STATUSES:
+        view["progress"] = server.get("progress", 0)
+    if server.get("fault") and server["vm_state"] in ("error", "deleted"):
+        view["fault"] = server_fault_view(req, server)
+    if kind == "rebuild" and "admin_pass" in server:
+        view["adminPass"] = server["admin_pass"]
+    if full:
+        add_full_server_fields(req, server, view)
+    elif kind == "rebuild":
+        if req.since("2.54"):
+            view["key_name"] = server.get("key_name")
+        if req.since("2.57"):
+            view["user_data"] = server.get("user_data")
+    add_versioned_server_fields(req, server, view, kind)
+    return view
+
+
+def add_full_server_fields(req, server, view):
+    admin = policy_allows(req.ident, "admin")
+    view["OS-EXT-AZ:availability_zone"] = server["availability_zone"]
+    view["config_drive"] = "True" if server.get("config_drive") else ""
+    view["key_name"] = server.get("key_name")
+    view["OS-SRV-USG:launched_at"] = server.get("launched_at")
+    view["OS-SRV-USG:terminated_at"] = server.get("terminated_at")
+    if server.get("ports"):
+        view["security_groups"] = [{"name": n} for n in server.get("security_groups", [])]
+    if admin:
+        view["OS-EXT-SRV-ATTR:host"] = server.get("host")
+        view["OS-EXT-SRV-ATTR:instance_name"] = server["instance_name"]
+        view["OS-EXT-SRV-ATTR:hypervisor_hostname"] = server.get("node")
+    if req.since("2.3") and admin:
+        view["OS-EXT-SRV-ATTR:hostname"] = server["hostname"]
+        view["OS-EXT-SRV-ATTR:kernel_id"] = ""
+        view["OS-EXT-SRV-ATTR:launch_index"] = server.get("launch_index", 0)
+        view["OS-EXT-SRV-ATTR:ramdisk_id"] = ""
+        view["OS-EXT-SRV-ATTR:reservation_id"] = server["reservation_id"]
+        view["OS-EXT-SRV-ATTR:root_device_name"] = server.get("root_device_name")
+        view["OS-EXT-SRV-ATTR:user_data"] = server.get("user_data")
+    elif req.since("2.90"):
+        view["OS-EXT-SRV-ATTR:hostname"] = server["hostname"]
+    view["OS-EXT-STS:task_state"] = server.get("task_state")
+    view["OS-EXT-STS:vm_state"] = server["vm_state"]
+    view["OS-EXT-STS:power_state"] = server.get("power_state", NOSTATE)
+    volumes = [{"id": v["id"]} for v in server.get("volumes", [])]
+    if req.since("2.3"):
+        for item, vol in zip(volumes, server.get("volumes", [])):
+            item["delete_on_termination"] = vol.get("delete_on_termination", False)
+    view["os-extended-volumes:volumes_attached"] = volumes
+    if req.since("2.16") and admin:
+        view["host_status"] = "UP" if req.app.compute_available() else "UNKNOWN"
+
+
+def add_versioned_server_fields(req, server, view, kind):
+    if req.since("2.9"):
+        view["locked"] = bool(server.get("locked"))
+    if req.since("2.19"):
+        view["description"] = server.get("description")
+    if req.since("2.26"):
+        view["tags"] = list(server.get("tags", []))
+    if req.since("2.63"):
+        view["trusted_image_certificates"] = server.get("trusted_image_certificates")
+    if req.since("2.71") and kind != "detail":
+        view["server_groups"] = list(server.get("server_groups", []))
+    if req.since("2.73"):
+        view["locked_reason"] = server.get("locked_reason")
+    if req.since("2.96"):
+        view["pinned_availability_zone"] = server.get("pinned_availability_zone")
+    if req.since("2.100"):
+        view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
+
+
+# § servers: the compute engine ------------------------------------------------------
+#
+# API handlers check and record a state change under the store's lock, answer,
+# and hand the slow part to Compute, which runs it in a thread (one at a time
+# per server) and records the outcome.
+
+class Compute:
+    """Runs server operations against the driver and records their outcome."""
+
+    def __init__(self, app):
+        self.app = app
+        self.store = app.store
+        self.locks = collections.defaultdict(threading.Lock)
+        self.threads = set()
+        self.threads_lock = threading.Lock()
+
+    @property
+    def driver(self):
+        if self.app.driver is None:
+            raise Unavailable("minivan runs without a hypervisor.")
+        return self.app.driver
+
+    def now(self):
+        return isotime_us(self.app.clock.now())
+
+    # -- records -------------------------------------------------------------------
+    def update(self, server_id, **fields):
+        """Set fields of a server record (durably) and bump updated_at."""
+        def plan(data):
+            server = data["servers"].get(server_id)
+            if server is None:
+                return []
+            fields.setdefault("updated_at", self.now())
+            return [["set", ["servers", server_id], dict(server, **fields)]]
+        self.store.transaction(plan)
+
+    def fail(self, server_id, exc, vm_state="error"):
+        """Record a failed operation: ERROR with a fault, as Nova does."""
+        code = 503 if isinstance(exc, Unavailable) else 500
+        message = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+        LOG.error("server %s: %s", server_id, message)
+        self.update(server_id, vm_state=vm_state, task_state=None,
+                    fault={"code": code, "message": message[:255], "created":
+                           isotime(self.app.clock.now()), "details": message})
+
+    def record_action(self, req, server_id, action):
+        """Start an instance action (os-instance-actions) for this request."""
+        entry = {"action": action, "instance_uuid": server_id, "request_id": req.request_id,
+                 "user_id": req.ident.user_id, "project_id": req.ident.project_id,
+                 "start_time": self.now(), "finish_time": None, "message": None,
+                 "updated_at": self.now(), "events": []}
+
+        def plan(data):
+            actions = list(data["instance_actions"].get(server_id, []))
+            actions.append(entry)
+            return [["set", ["instance_actions", server_id], actions]]
+        self.store.transaction(plan)
+        return req.request_id
+
+    def finish_event(self, server_id, request_id, event, started, error=None):
+        def plan(data):
+            actions = [dict(a) for a in data["instance_actions"].get(server_id, [])]
+            for action in actions:
+                if action["request_id"] == request_id:
+                    action["events"] = action["events"] + [{
+                        "event": event, "start_time": started, "finish_time": self.now(),
+                        "result": "Error" if error else "Success",
+                        "traceback": error, "host": self.app.conf["host"],
+                        "details": error}]
+                    action["finish_time"] = self.now()
+                    action["updated_at"] = self.now()
+                    if error:
+                        action["message"] = "Error"
+            return [["set", ["instance_actions", server_id], actions]]
+        self.store.transaction(plan)
+
+    # -- running operations --------------------------------------------------------
+    def run(self, server_id, request_id, event, work, on_error=None):
+        """Run work(server) in the background, serialised per server."""
+        def body():
+            started = self.now()
+            with self.locks[server_id]:
+                server = self.store.data["servers"].get(server_id)
+                if server is None:
+                    return
+                error = None
+                try:
+                    work(server)
+                except (DriverError, Unavailable, OSError, Fault) as e:
+                    error = str(getattr(e, "message", None) or e)
+                    (on_error or self.fail)(server_id, e)
+                except Exception as e:  # noqa: BLE001 - a bug must not kill the worker
+                    LOG.exception("server %s: %s failed", server_id, event)
+                    error = repr(e)
+                    (on_error or self.fail)(server_id, e)
+                if request_id:
+                    self.finish_event(server_id, request_id, event, started, error)
+
+        thread = threading.Thread(target=self._tracked, args=(body,), daemon=True,
+                                  name=f"{event}-{server_id[:8]}")
+        with self.threads_lock:
+            self.threads.add(thread)
+        thread.start()
+
+    def _tracked(self, body):
+        try:
+            body()
+        finally:
+            with self.threads_lock:
+                self.threads.discard(threading.current_thread())
+
+    def wait_idle(self, timeout=60):
+        """Wait for every background operation to finish (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.threads_lock:
+                threads = list(self.threads)
+            if not threads:
+                return True
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return False
+
+    # -- building --------------------------------------------------------------------
+    def instance_dir(self, server):
+        return os.path.join(self.app.conf["instances_dir"], server["id"])
+
+    def build(self, server, admin_pass):
+        """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE."""
+        server_id = server["id"]
+        for task in ("scheduling", "networking"):
+            self.update(server_id, task_state=task)
+        self.update(server_id, task_state="block_device_mapping", host=self.app.conf["host"],
+                    node=self.app.conf["host"])
+        disks = self.prepare_disks(server)
+        self.update(server_id, task_state="spawning")
+        server = self.store.data["servers"][server_id]
+        drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
+        self.driver.spawn(server, disks, drive)
+        self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
+                    launched_at=self.now(), progress=0)
+        self.refresh_addresses(server_id)
+
+    def prepare_disks(self, server):
+        directory = self.instance_dir(server)
+        image = self.app.images.get(server["image_ref"]) if server["image_ref"] else None
+        if server["image_ref"] and image is None:
+            raise DriverError(f"Image {server['image_ref']} could not be found.")
+        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base")) \
+            if image else None
+        return create_server_disks(directory, base, server["flavor"])
+
+    def make_config_drive(self, server, admin_pass):
+        path = os.path.join(self.instance_dir(server), "disk.config")
+        write_config_drive(path, config_drive_files(self.app, server, admin_pass))
+        return path
+
+    def build_failed(self, server_id, exc):
+        """A failed build leaves no domain and no disks behind."""
+        server = self.store.data["servers"].get(server_id)
+        if server is not None:
+            self.cleanup(server)
+        self.fail(server_id, exc)
+        self.update(server_id, power_state=NOSTATE)
+
+    def cleanup(self, server):
+        try:
+            if self.app.driver is not None:
+                self.app.driver.destroy(server)
+        except (DriverError, Unavailable) as e:
+            LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
+        shutil.rmtree(self.instance_dir(server), ignore_errors=True)
+
+    def refresh_addresses(self, server_id):
+        """Learn each port's address from libvirt (DHCP leases) and record it."""
+        server = self.store.data["servers"].get(server_id)
+        if server is None or not server.get("ports") or self.app.driver is None:
+            return
+        try:
+            found = self.app.driver.interface_addresses(server)
+        except (DriverError, Unavailable):
+            return
+        ports = []
+        for port in server["ports"]:
+            ips = found.get(port["mac"].lower())
+            if port.get("fixed_ip"):
+                ips = [(port["fixed_ip"], 6 if ":" in port["fixed_ip"] else 4)]
+            ports.append(dict(port, ips=[list(x) for x in ips]) if ips else port)
+        if ports != server["ports"]:
+            self.update(server_id, ports=ports)
+
+    def delete(self, server):
+        """Remove the domain and disks; the record stays, as DELETED."""
+        self.cleanup(server)
+        now = self.now()
+        self.update(server["id"], vm_state="deleted", task_state=None, power_state=NOSTATE,
+                    terminated_at=now, deleted_at=now)
+
+    # -- start-up and the power-state sweep ------------------------------------------
+    def reconcile(self):
+        """Make stored servers and libvirt domains agree after a (re)start."""
+        try:
+            domains = self.driver.own_domains()
+        except (DriverError, Unavailable) as e:
+            LOG.error("cannot reconcile servers with the hypervisor: %s", e)
+            return
+        for server in list(self.store.data["servers"].values()):
+            try:
+                self.reconcile_one(server, domains)
+            except (DriverError, Unavailable, OSError) as e:
+                self.fail(server["id"], e)
+
+    def reconcile_one(self, server, domains):
+        server_id, vm, task = server["id"], server["vm_state"], server.get("task_state")
+        if vm == "deleted":
+            return
+        if task in ("deleting", "soft-deleting") and vm != "soft-delete":
+            self.delete(server)
+            return
+        if vm == "building":
+            self.cleanup(server)
+            self.fail(server_id, DriverError("the build was interrupted by a restart of minivan"))
+            self.update(server_id, power_state=NOSTATE)
+            return
+        needs_domain = vm not in ("shelved_offloaded", "error") or server.get("launched_at")             and vm != "shelved_offloaded"
+        if server_id not in domains:
+            if not needs_domain or (vm == "error" and not server.get("host")):
+                return
+            if self.driver.simulated:
+                self.redefine_simulated(server)
+                return
+            self.fail(server_id, DriverError(f"domain {server['instance_name']} is missing"))
+            return
+        if task is not None:
+            self.update(server_id, task_state=None)
+        state = domains[server_id]
+        if self.app.conf["resume_guests_state_on_host_boot"] and server.get(
+                "power_state") == RUNNING and state == SHUTDOWN and vm == "active":
+            LOG.info("server %s was running before the host went down: starting it", server_id)
+            self.driver.power_on(server)
+            state = RUNNING
+        self.update(server_id, power_state=state)
+
+    def redefine_simulated(self, server):
+        """libvirt's test driver forgets domains with the process: define them again."""
+        disks = server_disks(self.instance_dir(server), server["flavor"])
+        power = server.get("power_state")
+        self.driver.spawn(server, disks, self.config_drive_path(server),
+                          start=power in (RUNNING, PAUSED))
+        if power == PAUSED:
+            self.driver.pause(server)
+        if server.get("task_state") is not None:
+            self.update(server["id"], task_state=None)
+
+    def sync_power_states(self):
+        """Nova's periodic sync: a guest that stopped by itself becomes SHUTOFF."""
+        try:
+            domains = self.driver.own_domains()
+        except (DriverError, Unavailable):
+            return
+        for server in list(self.store.data["servers"].values()):
+            server_id = server["id"]
+            if server["vm_state"] in ("deleted", "building") or server.get("task_state")                     or server_id not in domains or self.locks[server_id].locked():
+                continue
+            state = domains[server_id]
+            if state != server.get("power_state"):
+                changes = {"power_state": state}
+                if server["vm_state"] == "active" and state in (SHUTDOWN, CRASHED):
+                    LOG.info("server %s stopped by itself: now SHUTOFF", server_id)
+                    changes["vm_state"] = "stopped"
+                self.update(server_id, **changes)
+            if server["vm_state"] == "active" and server.get("ports") and not all(
+                    p.get("ips") for p in server["ports"]):
+                self.refresh_addresses(server_id)
+            if server["vm_state"] == "soft-delete" and server.get("deleted_at") and (
+                    self.app.clock.now() - parse_isotime(server["deleted_at"])).total_seconds()                     >= self.app.conf["reclaim_instance_interval"]:
+                self.run(server_id, None, "reclaim", self.delete)
+
+    def delete_failed(self, server_id, exc):
+        self.fail(server_id, exc)
+
+    def soft_delete(self, server):
+        """Power off and keep the server (SOFT_DELETED) until reclaimed or restored."""
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.update(server["id"], task_state=None, power_state=SHUTDOWN,
+                    deleted_at=self.now())
+
+    def restore(self, server):
+        self.driver.power_on(server)
+        self.update(server["id"], vm_state="active", task_state=None, power_state=RUNNING,
+                    deleted_at=None)
+
+    def restart_if(self, server, was_active):
+        """Start the domain again when the server was running before the operation."""
+        if was_active:
+            self.driver.power_on(server)
+        return {"power_state": RUNNING if was_active else SHUTDOWN}
+
+    def resize(self, server, new_flavor, was_active):
+        """Resize on this host: stop, grow the disks, redefine, start again."""
+        server_id = server["id"]
+        directory = self.instance_dir(server)
+        self.update(server_id, task_state="resize_migrating")
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        root = os.path.join(directory, "disk")
+        if os.path.exists(root):
+            shutil.copyfile(root, root + ".resize")
+            if new_flavor["disk"] * 2 ** 30 > virtual_size(root):
+                qemu_img("resize", "-q", root, "%dG" % new_flavor["disk"])
+        self.update(server_id, task_state="resize_migrated")
+        grown = dict(server, flavor=new_flavor)
+        disks = self.extra_disks(grown)
+        self.update(server_id, task_state="resize_finish")
+        self.driver.redefine(grown, disks, self.config_drive_path(server))
+        state = self.restart_if(grown, was_active)
+        self.update(server_id, vm_state="resized", task_state=None, flavor=new_flavor,
+                    old_flavor=server["flavor"], old_vm_state="active" if was_active
+                    else "stopped", **state)
+
+    def extra_disks(self, server):
+        """Root disk plus ephemeral and swap disks sized for the server's flavor."""
+        directory = self.instance_dir(server)
+        disks = server_disks(directory, server["flavor"])
+        for path, _, _ in disks[1:]:
+            if not os.path.exists(path):
+                size = ("%dG" % server["flavor"]["ephemeral"]) if path.endswith("eph0") \
+                    else ("%dM" % server["flavor"]["swap"])
+                qemu_img("create", "-q", "-f", "qcow2", path, size)
+        return disks
+
+    def config_drive_path(self, server):
+        path = os.path.join(self.instance_dir(server), "disk.config")
+        return path if os.path.exists(path) else None
+
+    def confirm_resize(self, server):
+        backup = os.path.join(self.instance_dir(server), "disk.resize")
+        if os.path.exists(backup):
+            os.unlink(backup)
+        self.update(server["id"], vm_state=server.get("old_vm_state") or "active",
+                    task_state=None, old_flavor=None, old_vm_state=None)
+
+    def revert_resize(self, server):
+        server_id = server["id"]
+        was_active = server.get("old_vm_state", "active") == "active"
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        root = os.path.join(self.instance_dir(server), "disk")
+        if os.path.exists(root + ".resize"):
+            os.replace(root + ".resize", root)
+        old = dict(server, flavor=server.get("old_flavor") or server["flavor"])
+        self.driver.redefine(old, self.extra_disks(old), self.config_drive_path(server))
+        state = self.restart_if(old, was_active)
+        self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
+                    flavor=old["flavor"], old_flavor=None, old_vm_state=None, **state)
+
+    def rebuild(self, server, was_active, admin_pass):
+        """New root disk from the (new) image, same domain identity."""
+        server_id = server["id"]
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.update(server_id, task_state="rebuild_block_device_mapping")
+        self.driver.destroy(server)
+        directory = self.instance_dir(server)
+        for name in ("disk", "disk.config"):
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        image = self.app.images.get(server["image_ref"])
+        if image is None:
+            raise DriverError(f"Image {server['image_ref']} could not be found.")
+        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
+        root = os.path.join(directory, "disk")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base), root)
+        if server["flavor"]["disk"] * 2 ** 30 > virtual_size(root):
+            qemu_img("resize", "-q", root, "%dG" % server["flavor"]["disk"])
+        self.update(server_id, task_state="rebuild_spawning")
+        server = self.store.data["servers"][server_id]
+        drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
+            else None
+        self.driver.spawn(server, self.extra_disks(server), drive, start=was_active)
+        self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
+                    power_state=RUNNING if was_active else SHUTDOWN, launched_at=self.now())
+
+    def snapshot(self, server, image):
+        """Copy the root disk into the image (pausing a running guest meanwhile)."""
+        self.update(server["id"], task_state="image_pending_upload")
+        root = os.path.join(self.instance_dir(server), "disk")
+        paused = False
+        if self.driver.get_info(server) == RUNNING:
+            self.driver.pause(server)
+            paused = True
+        try:
+            self.update(server["id"], task_state="image_uploading")
+            self.app.images.finish_snapshot(image, root)
+        finally:
+            if paused:
+                self.driver.unpause(server)
+
+    def rotate_backups(self, server, backup_type, rotation):
+        """Keep only the newest `rotation` backups of this server and type."""
+        backups = [img for img in self.app.images.list()
+                   if img["properties"].get("image_type") == "backup"
+                   and img["properties"].get("instance_uuid") == server["id"]
+                   and img["properties"].get("backup_type") == backup_type]
+        backups.sort(key=lambda i: i["created_at"], reverse=True)
+        for img in backups[rotation:]:
+            self.app.images.delete(img)
+
+    def shelve(self, server):
+        """Snapshot to an image, stop, and (offload time 0) free the host."""
+        server_id = server["id"]
+        self.update(server_id, task_state="shelving_image_pending_upload")
+        image = self.app.images.reserve_snapshot(
+            server["name"] + "-shelved", server["project_id"],
+            snapshot_properties(server, {"image_type": "snapshot"}), server["flavor"]["disk"],
+            0)
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.update(server_id, task_state="shelving_image_uploading")
+        self.app.images.finish_snapshot(image, os.path.join(self.instance_dir(server), "disk"))
+        self.update(server_id, vm_state="shelved", task_state=None, power_state=SHUTDOWN,
+                    shelved_image_id=image["id"], shelved_at=self.now())
+        if self.app.conf["shelved_offload_time"] == 0:
+            self.shelve_offload(self.store.data["servers"][server_id])
+
+    def shelve_offload(self, server):
+        self.update(server["id"], task_state="shelving_offloading")
+        self.cleanup(server)
+        self.update(server["id"], vm_state="shelved_offloaded", task_state=None,
+                    power_state=SHUTDOWN, host=None, node=None)
+
+    def unshelve(self, server):
+        server_id = server["id"]
+        image_id = server.get("shelved_image_id")
+        if server["vm_state"] == "shelved":
+            self.driver.power_on(server)
+        else:
+            image = self.app.images.get(image_id) if image_id else None
+            if image is None:
+                raise DriverError("the shelved image of this server is gone")
+            self.update(server_id, task_state="spawning", host=self.app.conf["host"],
+                        node=self.app.conf["host"])
+            base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
+                                                             "_base"))
+            disks = create_server_disks(self.instance_dir(server), base, server["flavor"])
+            server = self.store.data["servers"][server_id]
+            drive = self.make_config_drive(server, None) if server.get("config_drive") else None
+            self.driver.spawn(server, disks, drive)
+        self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
+                    shelved_image_id=None, shelved_at=None)
+        image = self.app.images.get(image_id) if image_id else None
+        if image is not None:
+            self.app.images.delete(image)
+        self.refresh_addresses(server_id)
+
+    def rescue(self, server, image, was):
+        """Boot the rescue image with the server's own disk attached second."""
+        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        directory = self.instance_dir(server)
+        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
+        rescue_disk = os.path.join(directory, "disk.rescue")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base),
+                 rescue_disk)
+        disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
+        self.driver.redefine(server, disks, self.config_drive_path(server),
+                             rescue=[(rescue_disk, "vda", "qcow2")])
+        self.driver.power_on(server)
+        self.update(server["id"], vm_state="rescued", task_state=None, power_state=RUNNING,
+                    rescued_from=was)
+
+    def unrescue(self, server):
+        self.driver.power_off(server, timeout=0, clean=False)
+        rescue_disk = os.path.join(self.instance_dir(server), "disk.rescue")
+        self.driver.redefine(server, self.extra_disks(server), self.config_drive_path(server))
+        if os.path.exists(rescue_disk):
+            os.unlink(rescue_disk)
+        self.driver.power_on(server)
+        self.update(server["id"], vm_state="active", task_state=None, power_state=RUNNING,
+                    rescued_from=None)
+
+
+# § config drive --------------------------------------------------------------------
+
+def config_drive_files(app, server, admin_pass):
+    """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
+    meta = {"uuid": server["id"], "name": server["name"], "hostname": server["hostname"],
+            "launch_index": server.get("launch_index", 0),
+            "availability_zone": server["availability_zone"],
+            "project_id": server["project_id"], "meta": dict(server["metadata"]),
+            "devices": [], "random_seed": base64.b64encode(os.urandom(512)).decode()}
+    if server.get("key_name") and server.get("key_data"):
+        meta["public_keys"] = {server["key_name"]: server["key_data"]}
+        meta["keys"] = [{"name": server["key_name"], "type": "ssh", "data": server["key_data"]}]
+    if admin_pass:
+        meta["admin_pass"] = admin_pass
+    links, networks = [], []
+    for i, port in enumerate(server.get("ports", [])):
+        links.append({"id": f"tap{port['id'][:11]}", "vif_id": port["id"],
+                      "type": "ethernet", "ethernet_mac_address": port["mac"], "mtu": 1500})
+        networks.append({"id": f"network{i}", "type": "ipv4_dhcp", "link": links[-1]["id"],
+                         "network_id": port.get("network_id", port["network"])})
+    files = {}
+    for root in ("openstack/latest", "openstack/2012-08-10"):
+        files[f"{root}/meta_data.json"] = json_bytes(meta)
+        files[f"{root}/network_data.json"] = json_bytes({"links": links, "networks": networks,
+                                                         "services": []})
+        files[f"{root}/vendor_data.json"] = b"{}"
+        files[f"{root}/vendor_data2.json"] = b"{}"
+        if server.get("user_data"):
+            files[f"{root}/user_data"] = base64.b64decode(server["user_data"])
+    ec2 = {"instance-id": server["instance_name"], "hostname": server["hostname"],
+           "local-hostname": server["hostname"], "placement": {
+               "availability-zone": server["availability_zone"]},
+           "reservation-id": server["reservation_id"], "ami-launch-index": 0}
+    if meta.get("public_keys"):
+        ec2["public-keys"] = {"0": {"openssh-key": server["key_data"]}}
+    files["ec2/latest/meta-data.json"] = json_bytes(ec2)
+    if server.get("user_data"):
+        files["ec2/latest/user-data"] = base64.b64decode(server["user_data"])
+    return files
+
+
+def write_config_drive(path, files):
+    """An ISO 9660 image labelled config-2 (genisoimage, mkisofs or xorriso)."""
+    tool = shutil.which("genisoimage") or shutil.which("mkisofs") or shutil.which("xorrisofs")
+    if not tool:
+        raise DriverError("a config drive needs genisoimage or xorriso "
+                          "(Debian/Ubuntu: apt install genisoimage)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            target = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+        done = subprocess.run([tool, "-o", path, "-ldots", "-allow-lowercase",
+                               "-allow-multidot", "-l", "-quiet", "-J", "-r", "-V", "config-2",
+                               tmp], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise DriverError("building the config drive failed: " + done.stderr.strip()[-300:])
+    os.chmod(path, 0o644)
+
+
+# § API: servers -----------------------------------------------------------------------
+
+DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
+                   "pattern": DESCRIPTION_PATTERN}
+METADATA_SCHEMA = {"type": "object", "additionalProperties": False, "patternProperties": {
+    r"^[a-zA-Z0-9-_:. ]{1,255}$": {"type": "string", "maxLength": 255}}}
+TAG_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 60, "pattern": r"^[^,/]*$"}
+BOOL_LIKE = {"type": ["boolean", "string"], "enum": BOOLEAN_STRINGS}
+IPV4 = {"type": "string", "format": "ipv4"}
+IPV6 = {"type": "string", "format": "ipv6"}
+HOSTNAME_290 = {"type": "string", "minLength": 2, "maxLength": 63,
+                "pattern": r"^[a-zA-Z0-9]+[a-zA-Z0-9-]*[a-zA-Z0-9]+$"}
+HOSTNAME_294 = {"type": "string", "minLength": 1, "maxLength": 255,
+                "pattern": r"^[a-zA-Z0-9-._]*$"}
+MAX_TAGS = 50
+
+
+def hostname_schema(req):
+    return HOSTNAME_294 if req.since("2.94") else HOSTNAME_290
+
+
+def server_name_schema(req):
+    return {"type": "string", "minLength": 1, "maxLength": 255} if req.legacy else name_schema()
+
+
+def create_server_schema(req):
+    bdm = {"type": "object", "additionalProperties": False, "properties": {
+        "virtual_name": {"type": "string", "maxLength": 255},
+        "volume_id": {"type": "string", "format": "uuid"},
+        "snapshot_id": {"type": "string", "format": "uuid"},
+        "volume_size": int_or_digits(1), "device_name": {
+            "type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[a-zA-Z0-9._/-]*$"},
+        "delete_on_termination": BOOL_LIKE, "no_device": {},
+        "connection_info": {"type": "string", "maxLength": 16777215},
+        "source_type": {"type": "string", "enum": ["volume", "image", "snapshot", "blank"]},
+        "uuid": {"type": "string", "minLength": 1, "maxLength": 255,
+                 "pattern": r"^[a-zA-Z0-9._-]*$"},
+        "image_id": {"type": "string", "format": "uuid"},
+        "destination_type": {"type": "string", "enum": ["local", "volume"]},
+        "guest_format": {"type": "string", "maxLength": 255},
+        "device_type": {"type": "string", "maxLength": 255},
+        "disk_bus": {"type": "string", "maxLength": 255},
+        "boot_index": {"type": ["integer", "string", "null"], "pattern": r"^-?[0-9]+$"}}}
+    network = {"type": "object", "additionalProperties": False, "properties": {
+        "fixed_ip": {"type": "string"}, "port": {"type": ["string", "null"], "format": "uuid"},
+        "uuid": {"type": "string", "format": "uuid"} if req.since("2.37") else {"type": "string"}}}
+    if req.since("2.42") or (2, 32) <= req.version < (2, 37):
+        network["properties"]["tag"] = TAG_SCHEMA
+    if req.since("2.42") or req.version == (2, 32):
+        bdm["properties"]["tag"] = TAG_SCHEMA
+    if req.since("2.67"):
+        bdm["properties"]["volume_type"] = {"type": ["string", "null"], "maxLength": 255}
+    props = {
+        "name": server_name_schema(req),
+        "imageRef": {"type": "string"}, "flavorRef": {"type": ["string", "integer"],
+                                                     "minLength": 1},
+        "adminPass": {"type": "string"}, "metadata": METADATA_SCHEMA,
+        "networks": {"type": "array", "items": network},
+        "OS-DCF:diskConfig": {"type": "string", "enum": ["AUTO", "MANUAL"]},
+        "accessIPv4": IPV4, "accessIPv6": IPV6,
+        "availability_zone": dict(server_name_schema(req)),
+        "block_device_mapping": {"type": "array", "items": bdm},
+        "block_device_mapping_v2": {"type": "array", "items": bdm},
+        "config_drive": BOOL_LIKE, "key_name": dict(server_name_schema(req)),
+        "min_count": {"type": ["integer", "string"], "minimum": 1, "pattern": r"^[0-9]+$"},
+        "max_count": {"type": ["integer", "string"], "minimum": 1, "pattern": r"^[0-9]+$"},
+        "return_reservation_id": BOOL_LIKE,
+        "security_groups": {"type": "array", "items": {
+            "type": "object", "properties": {"name": dict(server_name_schema(req))}}},
+        "user_data": {"type": ["string", "null"] if req.legacy else "string",
+                      "maxLength": 65535},
+    }
+    if not req.since("2.57"):
+        props["personality"] = {"type": "array", "items": {"type": "object", "properties": {
+            "path": {"type": "string"}, "contents": {"type": "string"}}}}
+    if req.since("2.19"):
+        props["description"] = DESCRIPTION_255
+    if req.since("2.37"):
+        props["networks"] = {"type": ["array", "string"], "items": network}
+    if req.since("2.52"):
+        props["tags"] = {"type": "array", "maxItems": MAX_TAGS, "items": TAG_SCHEMA}
+    if req.since("2.63"):
+        props["trusted_image_certificates"] = {"type": ["array", "null"], "minItems": 1,
+                                               "maxItems": 50, "uniqueItems": True,
+                                               "items": {"type": "string", "minLength": 1}}
+    if req.since("2.74"):
+        host = {"type": "string", "minLength": 1, "maxLength": 255,
+                "pattern": r"^[a-zA-Z0-9-._]*$"}
+        props["host"], props["hypervisor_hostname"] = host, dict(host)
+    if req.since("2.90"):
+        props["hostname"] = hostname_schema(req)
+    required = ["name", "flavorRef"] + (["networks"] if req.since("2.37") else [])
+    hints = {"type": "object"}
+    return {"type": "object", "additionalProperties": False, "required": ["server"],
+            "properties": {"server": {"type": "object", "additionalProperties": False,
+                                      "required": required, "properties": props},
+                           "os:scheduler_hints": hints, "OS-SCH-HNT:scheduler_hints": hints}}
+
+
+def check_create_formats(spec, req):
+    """Formats the small validator leaves to code: UUIDs, IPs, base64, enums."""
+    image = spec.get("imageRef")
+    if image and not is_uuid_like(image.rstrip("/").rsplit("/", 1)[-1]):
+        raise BadRequest(f"Invalid input for field/attribute imageRef. Value: {image}. "
+                         f"'{image}' is not a 'uuid'")
+    for field, version in (("accessIPv4", 4), ("accessIPv6", 6)):
+        if field in spec:
+            check_ip(field, spec[field], version)
+    if "user_data" in spec and spec["user_data"] is not None:
+        try:
+            base64.b64decode(spec["user_data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("Invalid input for field/attribute user_data. Value: "
+                             f"{spec['user_data']}. '{spec['user_data']}' is not a "
+                             "'base64'") from None
+    networks = spec.get("networks")
+    if isinstance(networks, str) and networks not in ("auto", "none"):
+        raise BadRequest(f"Invalid input for field/attribute networks. Value: {networks}. "
+                         f"'{networks}' is not one of ['none', 'auto']")
+    for net in networks if isinstance(networks, list) else []:
+        if "fixed_ip" in net:
+            check_ip("fixed_ip", net["fixed_ip"], None)
+    for item in spec.get("personality", []):
+        try:
+            base64.b64decode(item.get("contents", ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("Personality content for %s cannot be decoded"
+                             % item.get("path")) from None
+
+
+def check_ip(field, value, version):
+    try:
+        parsed = ipaddress.ip_address(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or (version and parsed.version != version):
+        kind = {4: "ipv4", 6: "ipv6", None: "ipv4 or ipv6"}[version]
+        raise BadRequest(f"Invalid input for field/attribute {field}. Value: {value}. "
+                         f"'{value}' is not a '{kind}'")
+
+
+def ref_id(ref):
+    """A flavor or image reference: an id or a URL whose last segment is the id."""
+    return str(ref).rstrip("/").rsplit("/", 1)[-1]
+
+
+def server_create_plan(req, spec, hints):
+    """Everything a create needs resolved before any record is written."""
+    flavor_id = ref_id(spec["flavorRef"])
+    flavor = req.store.data["flavors"].get(flavor_id)
+    if flavor is None or not flavor_visible(req, flavor):
+        raise BadRequest("Invalid flavorRef provided.")
+    image = resolve_boot_image(req, spec)
+    if image is not None:
+        if flavor["ram"] < image.get("min_ram", 0):
+            raise BadRequest("Flavor's memory is too small for requested image.")
+        if flavor["disk"] and flavor["disk"] < image.get("min_disk", 0):
+            raise BadRequest("Flavor's disk is too small for requested image.")
+        if flavor["disk"] == 0 and not req.ident.is_admin:
+            raise Forbidden("Only volume-backed servers are allowed for flavors with zero disk.")
+    key_name, key_data = spec.get("key_name"), None
+    if key_name is not None:
+        kp = req.store.data["keypairs"].get(req.ident.user_id, {}).get(key_name)
+        if kp is None:
+            raise BadRequest("Invalid key_name provided.")
+        key_data = kp["public_key"]
+    zone = spec.get("availability_zone")
+    if zone is not None and zone.split(":")[0] not in ("", req.app.conf["availability_zone"]):
+        raise BadRequest(f"The requested availability zone is not available")
+    for host_field in ("host", "hypervisor_hostname"):
+        if host_field in spec:
+            authorize(req, "compute:servers:create:requested_destination", "admin")
+            if spec[host_field] != req.app.conf["host"]:
+                raise BadRequest(f"Compute host {spec[host_field]} could not be found.")
+    networks = resolve_networks(req, spec.get("networks"))
+    groups = [g.get("name", "default") for g in spec.get("security_groups") or
+              [{"name": "default"}]]
+    for group in groups:
+        if group != "default" and group not in req.store.data.get("security_groups", {}):
+            raise BadRequest(f"Security group {group} not found.")
+    metadata = spec.get("metadata") or {}
+    limits = project_limits(req.store.data, req.ident.project_id, req.ident.user_id)
+    if 0 <= limits["metadata_items"] < len(metadata):
+        raise Forbidden("Quota exceeded for metadata_items: Requested %d, but already used 0 "
+                        "of %d metadata_items" % (len(metadata), limits["metadata_items"]))
+    check_personality_quota(spec.get("personality") or [], limits)
+    return {"flavor": flavor, "image": image, "key_name": key_name, "key_data": key_data,
+            "networks": networks, "security_groups": groups, "metadata": metadata,
+            "hints": hints}
+
+
+def check_personality_quota(files, limits):
+    if 0 <= limits["injected_files"] < len(files):
+        raise Forbidden("Quota exceeded for injected_files: Requested %d, but already used 0 "
+                        "of %d injected_files" % (len(files), limits["injected_files"]))
+    for item in files:
+        if 0 <= limits["injected_file_path_bytes"] < len(item.get("path", "")):
+            raise Forbidden("Quota exceeded for injected_file_path_bytes.")
+        if 0 <= limits["injected_file_content_bytes"] < len(base64.b64decode(
+                item.get("contents", ""))):
+            raise Forbidden("Quota exceeded for injected_file_content_bytes.")
+
+
+def resolve_boot_image(req, spec):
+    """The image a server boots from: imageRef, or a boot_index 0 image mapping."""
+    image_ref = spec.get("imageRef") or ""
+    for bdm in spec.get("block_device_mapping_v2") or []:
+        if bdm.get("destination_type") == "volume" or bdm.get("source_type") in (
+                "volume", "snapshot"):
+            raise BadRequest("Block Device Mapping is Invalid: volumes need the block storage "
+                             "service, which this cloud does not have.")
+        if str(bdm.get("boot_index")) == "0" and bdm.get("source_type") == "image":
+            image_ref = bdm.get("uuid") or bdm.get("image_id") or image_ref
+    if spec.get("block_device_mapping"):
+        raise BadRequest("Block Device Mapping is Invalid: volumes need the block storage "
+                         "service, which this cloud does not have.")
+    if not image_ref:
+        raise BadRequest("Block Device Mapping is Invalid: Boot sequence for the instance and "
+                         "image/block device mapping combination is not valid.")
+    image_id = ref_id(image_ref)
+    image = req.app.images.get(image_id)
+    if image is None or not req.app.images.visible(image, req.ident):
+        raise BadRequest(f"Image {image_id} could not be found.")
+    if image["status"] != "active":
+        raise BadRequest(f"Image {image_id} is not active.")
+    return image
+
+
+def resolve_networks(req, requested):
+    """[(network name, fixed_ip)] for a create's networks field."""
+    default = req.app.conf["network"]
+    if requested is None or requested == "auto":
+        return [(default, None)]
+    if requested == "none":
+        return []
+    result = []
+    for net in requested:
+        if net.get("port"):
+            raise BadRequest(f"Port {net['port']} could not be found.")
+        name = default
+        if net.get("uuid"):
+            name = req.app.network_name(net["uuid"])
+            if name is None:
+                raise BadRequest(f"Network {net['uuid']} could not be found.")
+        result.append((name, net.get("fixed_ip")))
+    return result
+
+
+def new_mac():
+    return "fa:16:3e:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
+
+
+def sanitize_hostname(name, default="server"):
+    text = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")[:63]
+    return text or default
+
+
+def server_counts(plan, count):
+    flavor = plan["flavor"]
+    return {"instances": count, "cores": flavor["vcpus"] * count, "ram": flavor["ram"] * count}
+
+
+def check_server_quota(req, data, plan, min_count, max_count):
+    """How many servers fit the quotas (max_count down to min_count), else 403."""
+    project, user = req.ident.project_id, req.ident.user_id
+    for scope_user in (None, user):
+        limits = project_limits(data, project, scope_user)
+        used = usage(data, project, scope_user)
+        fits = max_count
+        for resource, per in server_counts(plan, 1).items():
+            if limits[resource] >= 0 and per:
+                fits = min(fits, (limits[resource] - used[resource]) // per)
+        if fits < min_count:
+            want = server_counts(plan, min_count)
+            over = [r for r in ("instances", "cores", "ram")
+                    if limits[r] >= 0 and used[r] + want[r] > limits[r]]
+            resource = over[0]
+            raise Forbidden(f"Quota exceeded for {resource}: Requested {want[resource]}, but "
+                            f"already used {used[resource]} of {limits[resource]} {resource}")
+        max_count = fits
+    return max_count
+
+
+def new_server_record(req, spec, plan, index, count, reservation_id, instance_number):
+    now = isotime_us(req.app.clock.now())
+    name = spec["name"]
+    if count > 1:
+        name = f"{name}-{index + 1}"
+    flavor = {k: plan["flavor"][k] for k in ("id", "name", "ram", "vcpus", "disk", "ephemeral",
+                                               "swap", "rxtx_factor", "extra_specs")}
+    image = plan["image"]
+    hostname = spec.get("hostname") or sanitize_hostname(name)
+    if spec.get("hostname") and count > 1:
+        hostname = f"{spec['hostname']}-{index + 1}"
+    return {
+        "id": str(uuid.uuid4()), "name": name, "project_id": req.ident.project_id,
+        "user_id": req.ident.user_id, "created_at": now, "updated_at": now,
+        "launched_at": None, "terminated_at": None, "deleted_at": None,
+        "vm_state": "building", "task_state": "scheduling", "power_state": NOSTATE,
+        "flavor": flavor, "image_ref": image["id"] if image else "",
+        "image_properties": dict(image.get("properties") or {}) if image else {},
+        "key_name": plan["key_name"], "key_data": plan["key_data"],
+        "metadata": dict(plan["metadata"]), "tags": list(spec.get("tags") or []),
+        "user_data": spec.get("user_data"),
+        "description": spec["description"] if "description" in spec else name,
+        "hostname": hostname, "access_ip_v4": spec.get("accessIPv4", ""),
+        "access_ip_v6": spec.get("accessIPv6", ""),
+        "disk_config": spec.get("OS-DCF:diskConfig", "MANUAL"),
+        "config_drive": bool_from_string(spec.get("config_drive", False))
+        or req.app.conf["force_config_drive"],
+        "availability_zone": req.app.conf["availability_zone"],
+        "pinned_availability_zone": (spec.get("availability_zone") or "").split(":")[0] or None,
+        "host": None, "node": None, "instance_name": "instance-%08x" % instance_number,
+        "reservation_id": reservation_id, "launch_index": index, "locked": False,
+        "locked_by": None, "locked_reason": None, "fault": None, "progress": 0,
+        "ports": [{"id": str(uuid.uuid4()), "mac": new_mac(), "network": net,
+                   "fixed_ip": fixed, "ips": []} for net, fixed in plan["networks"]],
+        "security_groups": plan["security_groups"] if plan["networks"] else [],
+        "scheduler_hints": plan["hints"],
+        "trusted_image_certificates": spec.get("trusted_image_certificates"),
+        "root_device_name": "/dev/vda", "server_groups": [], "volumes": [],
+        "personality": [dict(p) for p in spec.get("personality") or []],
+    }
+
+
+def servers_create(req):
+    """POST /servers"""
+    authorize(req, "os_compute_api:servers:create", "member", req.ident.project_id)
+    body = validate_body(req, create_server_schema(req))
+    spec = body["server"]
+    hints = body.get("os:scheduler_hints") or body.get("OS-SCH-HNT:scheduler_hints") or {}
+    check_create_formats(spec, req)
+    if not req.app.compute_available():
+        raise Unavailable("The hypervisor is unreachable; try again later.")
+    min_count = int(spec.get("min_count", 1))
+    max_count = int(spec.get("max_count", min_count))
+    if min_count > max_count:
+        raise BadRequest("min_count must be <= max_count")
+    if max_count > 1 and (spec.get("hostname") and not req.since("2.94")):
+        raise BadRequest("Unable to specify hostname with multiple instances")
+    admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
+    reservation_id = "r-" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                                    for _ in range(8))
+    created = []
+
+    def plan_fn(data):
+        plan = server_create_plan(req, spec, hints)
+        count = check_server_quota(req, data, plan, min_count, max_count)
+        number = data["counters"]["instance"]
+        ops = []
+        for index in range(count):
+            number += 1
+            record = new_server_record(req, spec, plan, index, count, reservation_id, number)
+            created.append(record)
+            ops.append(["set", ["servers", record["id"]], record])
+        ops.append(["set", ["counters", "instance"], number])
+        return ops
+
+    req.store.transaction(plan_fn)
+    compute = req.app.compute
+    for record in created:
+        rid = compute.record_action(req, record["id"], "create")
+        compute.run(record["id"], rid, "compute__do_build_and_run_instance",
+                    lambda server, pw=admin_pass: compute.build(server, pw),
+                    on_error=compute.build_failed)
+    if bool_from_string(spec.get("return_reservation_id", False)):
+        return 202, {"reservation_id": reservation_id}
+    first = created[0]
+    view = {"id": first["id"], "links": req.links("servers", first["id"]),
+            "OS-DCF:diskConfig": first["disk_config"]}
+    if first["ports"]:
+        view["security_groups"] = [{"name": n} for n in first["security_groups"]]
+    if req.app.conf["enable_instance_password"]:
+        view["adminPass"] = admin_pass
+    return 202, {"server": view}, {"Location": req.self_link("servers", first["id"])}
+
+
+def servers_show(req):
+    """GET /servers/{server_id}"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    return 200, {"server": server_view(req, server, "show")}
+
+
+# -- list -------------------------------------------------------------------------
+
+SERVER_SORT_KEYS = {
+    "access_ip_v4": "access_ip_v4", "access_ip_v6": "access_ip_v6",
+    "auto_disk_config": "disk_config", "availability_zone": "availability_zone",
+    "config_drive": "config_drive", "created_at": "created_at",
+    "display_description": "description", "display_name": "name", "host": "host",
+    "hostname": "hostname", "image_ref": "image_ref", "instance_type_id": "flavor_id",
+    "kernel_id": None, "key_name": "key_name", "launch_index": "launch_index",
+    "launched_at": "launched_at", "locked_by": "locked_by", "node": "node",
+    "power_state": "power_state", "progress": "progress", "project_id": "project_id",
+    "ramdisk_id": None, "root_device_name": "root_device_name", "task_state": "task_state",
+    "terminated_at": "terminated_at", "updated_at": "updated_at", "user_id": "user_id",
+    "uuid": "id", "vm_state": "vm_state",
+}
+IGNORED_SORT_KEYS = {"architecture", "cell_name", "cleaned", "default_ephemeral_device",
+                     "default_swap_device", "deleted", "deleted_at", "disable_terminate",
+                     "ephemeral_gb", "ephemeral_key_uuid", "id", "key_data", "launched_on",
+                     "memory_mb", "os_type", "reservation_id", "root_gb", "shutdown_terminate",
+                     "user_data", "vcpus", "vm_mode"}
+JOINED_FILTERS = {"block_device_mapping", "services", "metadata", "system_metadata",
+                  "info_cache", "security_groups", "pci_devices"}
+SERVER_QUERY_KEYS = [
+    "user_id", "project_id", "tenant_id", "launch_index", "image_ref", "image", "kernel_id",
+    "ramdisk_id", "hostname", "key_name", "power_state", "vm_state", "task_state", "host",
+    "node", "flavor", "reservation_id", "launched_at", "terminated_at", "availability_zone",
+    "name", "display_name", "description", "display_description", "locked_by", "uuid",
+    "root_device_name", "config_drive", "access_ip_v4", "access_ip_v6", "auto_disk_config",
+    "progress", "sort_key", "sort_dir", "all_tenants", "soft_deleted", "deleted", "status",
+    "changes-since", "ip", "ip6", "created_at", "block_device_mapping", "services", "metadata",
+    "system_metadata", "info_cache", "security_groups", "pci_devices", "limit", "marker"]
+
+
+def public_server_filters(req):
+    allowed = {"reservation_id", "name", "status", "image", "flavor", "ip", "changes-since",
+               "all_tenants", "limit", "marker", "sort_key", "sort_dir"}
+    if req.since("2.5"):
+        allowed.add("ip6")
+    if req.since("2.26"):
+        allowed |= {"tags", "tags-any", "not-tags", "not-tags-any"}
+    if req.since("2.66"):
+        allowed.add("changes-before")
+    if req.since("2.73"):
+        allowed.add("locked")
+    if req.since("2.83"):
+        allowed |= {"availability_zone", "config_drive", "key_name", "created_at",
+                    "launched_at", "terminated_at", "power_state", "task_state", "vm_state",
+                    "progress", "user_id"}
+    if req.since("2.90"):
+        allowed.add("hostname")
+    return allowed
+
+
+def server_query(req):
+    keys = list(SERVER_QUERY_KEYS)
+    if req.since("2.26"):
+        keys += ["tags", "tags-any", "not-tags", "not-tags-any"]
+    if req.since("2.66"):
+        keys.append("changes-before")
+    if req.since("2.73"):
+        keys.append("locked")
+    strict = req.since("2.75") and not req.legacy
+    query = {}
+    for key, values in req.query.items():
+        if key in keys or key.startswith("_"):
+            query[key] = values[-1]
+        elif strict:
+            raise BadRequest(f"Additional properties are not allowed ('{key}' was unexpected)")
+    for key in query:
+        if key in JOINED_FILTERS or key.startswith("_"):
+            raise BadRequest(f"Invalid filter field: {key}.")
+    if not req.ident.is_admin:
+        allowed = public_server_filters(req)
+        query = {k: v for k, v in query.items() if k in allowed}
+    return query
+
+
+def parse_changes_time(name, text):
+    try:
+        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"Invalid input for query parameters {name}. Value: {text}. "
+                         f"'{text}' is not a 'date-time'") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def regex_match(pattern, value):
+    try:
+        return re.search(pattern, value or "") is not None
+    except re.error:
+        return pattern in (value or "")
+
+
+def server_matches(server, query, statuses, since, before, deleted_wanted):
+    if server["vm_state"] == "deleted" and not (since or before or deleted_wanted):
+        return False
+    if deleted_wanted is True and server["vm_state"] != "deleted":
+        return False
+    updated = parse_isotime(server["updated_at"])
+    if since and updated < since or before and updated > before:
+        return False
+    if statuses is not None and server_status(server) not in statuses:
+        return False
+    checks = [("name", server["name"]), ("display_name", server["name"]),
+              ("description", server.get("description")),
+              ("display_description", server.get("description")),
+              ("hostname", server["hostname"])]
+    for key, value in checks:
+        if key in query and not regex_match(query[key], value):
+            return False
+    equal = {"reservation_id": server["reservation_id"], "image": server["image_ref"],
+             "image_ref": server["image_ref"], "flavor": server["flavor"]["id"],
+             "host": server.get("host"), "node": server.get("node"),
+             "key_name": server.get("key_name"), "user_id": server["user_id"],
+             "availability_zone": server["availability_zone"], "uuid": server["id"],
+             "vm_state": server["vm_state"], "task_state": server.get("task_state"),
+             "power_state": str(server.get("power_state")),
+             "launch_index": str(server.get("launch_index")),
+             "locked_by": server.get("locked_by"), "progress": str(server.get("progress")),
+             "access_ip_v4": server.get("access_ip_v4"), "access_ip_v6": server.get("access_ip_v6"),
+             "root_device_name": server.get("root_device_name"),
+             "config_drive": "True" if server.get("config_drive") else "",
+             "auto_disk_config": str(server.get("disk_config") == "AUTO")}
+    for key, value in equal.items():
+        if key in query and key not in ("image", "flavor") and str(value) != query[key]:
+            return False
+    if "image" in query and server["image_ref"] != ref_id(query["image"]):
+        return False
+    if "flavor" in query and server["flavor"]["id"] != ref_id(query["flavor"]):
+        return False
+    if "locked" in query and bool(server.get("locked")) != bool_from_string(query["locked"]):
+        return False
+    addresses = [(a, v) for p in server.get("ports", []) for a, v in p.get("ips", [])]
+    if "ip" in query and not any(v == 4 and regex_match(query["ip"], a) for a, v in addresses):
+        return False
+    if "ip6" in query and not any(v == 6 and regex_match(query["ip6"], a) for a, v in addresses):
+        return False
+    return tags_match(server.get("tags", []), query)
+
+
+def tags_match(tags, query):
+    def listed(key):
+        return [t for t in query[key].split(",") if t] if key in query else None
+    all_of, any_of = listed("tags"), listed("tags-any")
+    not_all, not_any = listed("not-tags"), listed("not-tags-any")
+    if all_of is not None and not set(all_of) <= set(tags):
+        return False
+    if any_of is not None and not set(any_of) & set(tags):
+        return False
+    if not_all is not None and set(not_all) <= set(tags):
+        return False
+    if not_any is not None and set(not_any) & set(tags):
+        return False
+    return True
+
+
+def server_sort(req):
+    keys = req.query.get("sort_key", [])
+    dirs = req.query.get("sort_dir", [])
+    result = []
+    for i, key in enumerate(keys):
+        direction = dirs[i] if i < len(dirs) else (dirs[0] if dirs else "desc")
+        if direction not in ("asc", "desc"):
+            raise BadRequest(f"Invalid sort_dir: {direction}")
+        if key in IGNORED_SORT_KEYS or (key == "locked" and not req.since("2.73")):
+            continue
+        if key == "locked":
+            result.append(("locked", direction))
+            continue
+        if key not in SERVER_SORT_KEYS:
+            raise BadRequest(f"Invalid sort_key: {key}")
+        if key in ("host", "node") and not req.ident.is_admin:
+            raise Forbidden("Only administrators can sort servers by host or node.")
+        result.append((key, direction))
+    return result or [("created_at", "desc")]
+
+
+def sort_servers(servers, order):
+    def value(server, key):
+        if key == "instance_type_id":
+            return server["flavor"]["id"]
+        field = SERVER_SORT_KEYS.get(key, key)
+        return server.get(field) if field else None
+    servers = sorted(servers, key=lambda s: s["id"], reverse=True)
+    for key, direction in reversed(order):
+        servers.sort(key=lambda s: (value(s, key) is None, str(value(s, key)) if not isinstance(
+            value(s, key), (int, float)) else value(s, key)), reverse=direction == "desc")
+    return servers
+
+
+def server_list(req, detail):
+    query = server_query(req)
+    project = req.ident.project_id
+    all_tenants = "all_tenants" in query and (query["all_tenants"] == "" or bool_from_string(
+        query["all_tenants"]))
+    if "all_tenants" in query:
+        rule = "os_compute_api:servers:%s:get_all_tenants" % ("detail" if detail else "index")
+        authorize(req, rule, "admin")
+    statuses = None
+    if "status" in query:
+        wanted = query["status"].upper()
+        if wanted not in ALL_STATUSES:
+            if req.since("2.38"):
+                raise BadRequest(f"Invalid status value")
+            return 200, {"servers": []}
+        statuses = {wanted}
+    since = parse_changes_time("changes-since", query["changes-since"]) \
+        if "changes-since" in query else None
+    before = parse_changes_time("changes-before", query["changes-before"]) \
+        if "changes-before" in query else None
+    if since and before and before < since:
+        raise BadRequest("The value of changes-since must be less than or equal to "
+                         "changes-before.")
+    deleted_wanted = None
+    if "deleted" in query:
+        deleted_wanted = bool_from_string(query["deleted"])
+    order = server_sort(req)
+    owner = query.get("project_id") or query.get("tenant_id")
+    with req.store.reading():
+        servers = [s for s in req.store.data["servers"].values()
+                   if (s["project_id"] == project if not (all_tenants or (
+                       owner and req.ident.is_admin)) else (owner is None
+                                                            or s["project_id"] == owner))
+                   and server_matches(s, query, statuses, since, before, deleted_wanted)]
+    servers = sort_servers(servers, order)
+    page, marker = paginate(req, servers, lambda s: s["id"])
+    if detail:
+        body = {"servers": [server_view(req, s, "detail") for s in page]}
+    else:
+        body = {"servers": [{"id": s["id"], "links": req.links("servers", s["id"]),
+                             "name": s["name"]} for s in page]}
+    if marker is not None:
+        body["servers_links"] = req.next_link("servers/detail" if detail else "servers", marker)
+    return 200, body
+
+
+def servers_index(req):
+    """GET /servers"""
+    return server_list(req, detail=False)
+
+
+def servers_detail(req):
+    """GET /servers/detail"""
+    return server_list(req, detail=True)
+
+
+# -- update, delete -----------------------------------------------------------------
+
+def servers_update(req):
+    """PUT /servers/{server_id}"""
+    props = {"name": server_name_schema(req),
+             "OS-DCF:diskConfig": {"type": "string", "enum": ["AUTO", "MANUAL"]},
+             "accessIPv4": IPV4, "accessIPv6": IPV6}
+    if req.since("2.19"):
+        props["description"] = DESCRIPTION_255
+    if req.since("2.90"):
+        props["hostname"] = hostname_schema(req)
+    if req.since("2.104"):
+        props["pinned_availability_zone"] = {"type": ["string", "null"], "minLength": 1,
+                                             "maxLength": 255}
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["server"], "properties": {"server": {
+                                   "type": "object", "additionalProperties": False,
+                                   "properties": props}}})["server"]
+    for field, version in (("accessIPv4", 4), ("accessIPv6", 6)):
+        if field in spec:
+            check_ip(field, spec[field], version)
+    fields = {"name": "name", "OS-DCF:diskConfig": "disk_config", "accessIPv4": "access_ip_v4",
+              "accessIPv6": "access_ip_v6", "description": "description",
+              "hostname": "hostname"}
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        check_not_locked(req, server)
+        changes = {fields[k]: v for k, v in spec.items() if k in fields}
+        if "pinned_availability_zone" in spec:
+            changes["pinned_availability_zone"] = pin_zone(req, server,
+                                                           spec["pinned_availability_zone"])
+        changes["updated_at"] = isotime_us(req.app.clock.now())
+        return [["set", ["servers", server_id], dict(server, **changes)]]
+
+    req.store.transaction(plan)
+    return 200, {"server": server_view(req, req.store.data["servers"][server_id], "update")}
+
+
+def pin_zone(req, server, zone):
+    current = server.get("pinned_availability_zone")
+    if zone is None:
+        return None
+    if zone != server["availability_zone"]:
+        raise Conflict(f"Cannot pin server {server['id']} to availability zone {zone}: it is "
+                       f"in {server['availability_zone']}.")
+    if current not in (None, zone):
+        raise Conflict(f"Server {server['id']} is already pinned to {current}.")
+    return zone
+
+
+def check_not_locked(req, server):
+    """A locked server refuses changes from everyone but admins (409)."""
+    if server.get("locked") and not req.ident.is_admin:
+        raise Conflict(f"Instance {server['id']} is locked")
+
+
+def servers_delete(req):
+    """DELETE /servers/{server_id}"""
+    server_id = req.params["server_id"]
+    soft = req.app.conf["reclaim_instance_interval"] > 0
+    compute = req.app.compute
+
+    def plan(data):
+        server = find_server(req, server_id)
+        check_not_locked(req, server)
+        if server.get("task_state") == "deleting":
+            return []
+        if soft and server["vm_state"] not in ("soft-delete", "error", "building"):
+            return [["set", ["servers", server_id], dict(
+                server, vm_state="soft-delete", task_state="soft-deleting",
+                updated_at=isotime_us(req.app.clock.now()))]]
+        return [["set", ["servers", server_id], dict(
+            server, task_state="deleting", updated_at=isotime_us(req.app.clock.now()))]]
+
+    ops = req.store.transaction(plan)
+    if ops:
+        server = req.store.data["servers"][server_id]
+        rid = compute.record_action(req, server_id, "delete")
+        if server["vm_state"] == "soft-delete":
+            compute.run(server_id, rid, "compute_soft_delete_instance", compute.soft_delete)
+        else:
+            compute.run(server_id, rid, "compute_terminate_instance", compute.delete,
+                        on_error=compute.delete_failed)
+    return 204, None
+
+
+# -- actions ------------------------------------------------------------------------
+#
+# Each action: check the states Nova allows (409 otherwise), set the task state,
+# answer, and let Compute do the work.  ACTION_RULES is Nova's
+# @check_instance_state table for the actions minivan runs.
+
+ACTION_RULES = {
+    # action: (nova's name in messages, allowed vm_states, allowed task_states or None=any)
+    "reboot_soft": ("reboot", {"active"}, {None}),
+    "reboot_hard": ("reboot", {"active", "stopped", "paused", "suspended", "error"},
+                    {None, "rebooting", "reboot_pending", "reboot_started", "rebooting_hard",
+                     "reboot_pending_hard", "reboot_started_hard"}),
+    "start": ("start", {"stopped"}, {None}),
+    "stop": ("stop", {"active", "rescued", "error"}, {None}),
+    "pause": ("pause", {"active"}, {None}),
+    "unpause": ("unpause", {"paused"}, {None}),
+    "suspend": ("suspend", {"active"}, {None}),
+    "resume": ("resume", {"suspended"}, {None}),
+    "rescue": ("rescue", {"active", "stopped", "error"}, {None}),
+    "unrescue": ("unrescue", {"rescued"}, {None}),
+    "resize": ("resize", {"active", "stopped"}, {None}),
+    "confirmResize": ("confirm_resize", {"resized"}, {None}),
+    "revertResize": ("revert_resize", {"resized"}, {None}),
+    "rebuild": ("rebuild", {"active", "stopped", "error"}, {None}),
+    "createImage": ("createImage", {"active", "stopped", "paused", "suspended"}, {None}),
+    "createBackup": ("createBackup", {"active", "stopped", "paused", "suspended"}, {None}),
+    "shelve": ("shelve", {"active", "stopped", "paused", "suspended"}, {None}),
+    "shelveOffload": ("shelve_offload", {"shelved"}, {None}),
+    "unshelve": ("unshelve", {"shelved", "shelved_offloaded"}, {None}),
+    "trigger_crash_dump": ("trigger_crash_dump",
+                           {"active", "paused", "rescued", "resized", "error"}, {None}),
+    "changePassword": ("set_admin_password", {"active"}, {None}),
+    "restore": ("restore", {"soft-delete"}, None),
+    "forceDelete": ("force_delete", {"soft-delete"}, None),
+    "injectNetworkInfo": ("inject_network_info", set(STATUS_BY_VM_STATE), None),
+    "metadata": ("update metadata", {"active", "paused", "suspended", "stopped", "shelved",
+                                     "shelved_offloaded", "building"}, None),
+}
+
+
+def begin_action(req, rule, task_state, action_name, extra=None, check_lock=True):
+    """Check the server's state for rule, set task_state (and extra fields) durably."""
+    server_id = req.params["server_id"]
+    name, vm_states, task_states = ACTION_RULES[rule]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        if check_lock:
+            check_not_locked(req, server)
+        if server["vm_state"] not in vm_states:
+            raise Conflict(f"Cannot '{name}' instance {server_id} while it is in vm_state "
+                           f"{server['vm_state']}")
+        if task_states is not None and server.get("task_state") not in task_states:
+            raise Conflict(f"Cannot '{name}' instance {server_id} while it is in task_state "
+                           f"{server['task_state']}")
+        changes = dict(extra or {}, task_state=task_state,
+                       updated_at=isotime_us(req.app.clock.now()))
+        return [["set", ["servers", server_id], dict(server, **changes)]]
+
+    if not req.app.compute_available():
+        raise Unavailable("The hypervisor is unreachable; try again later.")
+    req.store.transaction(plan)
+    rid = req.app.compute.record_action(req, server_id, action_name)
+    return req.store.data["servers"][server_id], rid
+
+
+def run_action(req, rule, task_state, action_name, event, work, extra=None):
+    """begin_action, then work(server) in the background; the server's state is restored
+    (with a fault) if work fails."""
+    server, rid = begin_action(req, rule, task_state, action_name, extra)
+    compute = req.app.compute
+    before = {"vm_state": server["vm_state"]}
+
+    def failed(server_id, exc):
+        compute.fail(server_id, exc, vm_state=before["vm_state"] if isinstance(
+            exc, Unavailable) else "error")
+
+    compute.run(server["id"], rid, event, work, on_error=failed)
+    return server
+
+
+def settle(compute, server_id, **fields):
+    """Finish an action: task_state back to None plus the new state."""
+    compute.update(server_id, task_state=None, **fields)
+
+
+def server_action_reboot(req):
+    """POST /servers/{server_id}/action reboot"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["reboot"], "properties": {"reboot": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["type"], "properties": {"type": {
+                                       "type": "string",
+                                       "enum": ["HARD", "Hard", "hard", "SOFT", "Soft",
+                                                "soft"]}}}}})
+    hard = body["reboot"]["type"].upper() == "HARD"
+    compute = req.app.compute
+
+    def work(server):
+        compute.update(server["id"], task_state="reboot_started_hard" if hard
+                       else "reboot_started")
+        compute.driver.reboot(server, hard=hard)
+        settle(compute, server["id"], vm_state="active", power_state=RUNNING)
+        compute.refresh_addresses(server["id"])
+
+    run_action(req, "reboot_hard" if hard else "reboot_soft",
+               "rebooting_hard" if hard else "rebooting", "reboot",
+               "compute_reboot_instance", work)
+    return 202, None
+
+
+def simple_action(req, rule, task, action, event, operation, final):
+    """An action that calls one driver operation and lands in one state."""
+    compute = req.app.compute
+
+    def work(server):
+        getattr(compute.driver, operation)(server)
+        settle(compute, server["id"], **final)
+
+    run_action(req, rule, task, action, event, work)
+    return 202, None
+
+
+def null_body(req, key):
+    validate_body(req, {"type": "object", "additionalProperties": False, "required": [key],
+                        "properties": {key: {}}})
+
+
+def server_action_start(req):
+    """POST /servers/{server_id}/action os-start"""
+    null_body(req, "os-start")
+    return simple_action(req, "start", "powering-on", "start", "compute_start_instance",
+                         "power_on", {"vm_state": "active", "power_state": RUNNING})
+
+
+def server_action_stop(req):
+    """POST /servers/{server_id}/action os-stop"""
+    null_body(req, "os-stop")
+    compute = req.app.compute
+
+    def work(server):
+        compute.driver.power_off(server, timeout=req.app.conf["shutdown_timeout"])
+        settle(compute, server["id"], vm_state="stopped", power_state=SHUTDOWN)
+
+    run_action(req, "stop", "powering-off", "stop", "compute_stop_instance", work)
+    return 202, None
+
+
+def server_action_pause(req):
+    """POST /servers/{server_id}/action pause"""
+    null_body(req, "pause")
+    return simple_action(req, "pause", "pausing", "pause", "compute_pause_instance", "pause",
+                         {"vm_state": "paused", "power_state": PAUSED})
+
+
+def server_action_unpause(req):
+    """POST /servers/{server_id}/action unpause"""
+    null_body(req, "unpause")
+    return simple_action(req, "unpause", "unpausing", "unpause", "compute_unpause_instance",
+                         "unpause", {"vm_state": "active", "power_state": RUNNING})
+
+
+def server_action_suspend(req):
+    """POST /servers/{server_id}/action suspend"""
+    null_body(req, "suspend")
+    return simple_action(req, "suspend", "suspending", "suspend", "compute_suspend_instance",
+                         "suspend", {"vm_state": "suspended", "power_state": SHUTDOWN})
+
+
+def server_action_resume(req):
+    """POST /servers/{server_id}/action resume"""
+    null_body(req, "resume")
+    return simple_action(req, "resume", "resuming", "resume", "compute_resume_instance",
+                         "resume", {"vm_state": "active", "power_state": RUNNING})
+
+
+def server_action_trigger_crash_dump(req):
+    """POST /servers/{server_id}/action trigger_crash_dump"""
+    validate_body(req, {"type": "object", "additionalProperties": False,
+                        "required": ["trigger_crash_dump"],
+                        "properties": {"trigger_crash_dump": {"type": "null"}}})
+    server, rid = begin_action(req, "trigger_crash_dump", None, "trigger_crash_dump")
+    compute = req.app.compute
+    compute.run(server["id"], rid, "compute_trigger_crash_dump",
+                compute.driver.trigger_crash_dump)
+    return 202, None
+
+
+def server_action_lock(req):
+    """POST /servers/{server_id}/action lock"""
+    props = {}
+    if req.since("2.73"):
+        props["locked_reason"] = {"type": "string", "minLength": 1, "maxLength": 255}
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["lock"], "properties": {"lock": {
+                                   "type": ["object", "null"], "additionalProperties": False,
+                                   "properties": props}}})
+    reason = (body["lock"] or {}).get("locked_reason")
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        who = "admin" if req.ident.is_admin else "owner"
+        return [["set", ["servers", server_id], dict(
+            server, locked=True, locked_by=who, locked_reason=reason,
+            updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    req.app.compute.record_action(req, server_id, "lock")
+    return 202, None
+
+
+def server_action_unlock(req):
+    """POST /servers/{server_id}/action unlock"""
+    null_body(req, "unlock")
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        if server.get("locked_by") == "admin" and not req.ident.is_admin:
+            authorize(req, "os_compute_api:os-lock-server:unlock:unlock_override", "admin")
+        return [["set", ["servers", server_id], dict(
+            server, locked=False, locked_by=None, locked_reason=None,
+            updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    req.app.compute.record_action(req, server_id, "unlock")
+    return 202, None
+
+
+def server_action_reset_state(req):
+    """POST /servers/{server_id}/action os-resetState"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["os-resetState"], "properties": {"os-resetState": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["state"], "properties": {"state": {
+                                       "type": "string", "enum": ["active", "error"]}}}}})
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        return [["set", ["servers", server_id], dict(
+            server, vm_state=body["os-resetState"]["state"], task_state=None,
+            updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    req.app.compute.record_action(req, server_id, "reset_state")
+    return 202, None
+
+
+def server_action_inject_network_info(req):
+    """POST /servers/{server_id}/action injectNetworkInfo"""
+    validate_body(req, {"type": "object", "additionalProperties": False,
+                        "required": ["injectNetworkInfo"],
+                        "properties": {"injectNetworkInfo": {}}})
+    server, rid = begin_action(req, "injectNetworkInfo", None, "inject_network_info",
+                               check_lock=False)
+    compute = req.app.compute
+    compute.run(server["id"], rid, "compute_inject_network_info",
+                lambda s: compute.refresh_addresses(s["id"]))
+    return 202, None
+
+
+def server_action_get_console_output(req):
+    """POST /servers/{server_id}/action os-getConsoleOutput"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["os-getConsoleOutput"],
+                               "properties": {"os-getConsoleOutput": {
+                                   "type": "object", "additionalProperties": False,
+                                   "properties": {"length": {
+                                       "type": ["integer", "string", "null"],
+                                       "pattern": r"^-?[0-9]+$"}}}}})
+    length = body["os-getConsoleOutput"].get("length")
+    if length is not None:
+        length = int(length)
+        if length < -1:
+            raise BadRequest("length must be -1 or a positive number")
+    server = find_server(req, req.params["server_id"])
+    if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
+        raise Conflict(f"Instance {server['id']} is not ready")
+    output = req.app.compute.driver.get_console_output(server)
+    if length is not None and length >= 0:
+        lines = output.splitlines(keepends=True)
+        output = "".join(lines[-length:]) if length else ""
+    return 200, {"output": output}
+
+
+def server_action_change_password(req):
+    """POST /servers/{server_id}/action changePassword"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["changePassword"], "properties": {
+                                   "changePassword": {"type": "object",
+                                                      "additionalProperties": False,
+                                                      "required": ["adminPass"],
+                                                      "properties": {"adminPass": {
+                                                          "type": "string"}}}}})
+    server, rid = begin_action(req, "changePassword", "updating_password", "changePassword")
+    compute = req.app.compute
+    try:
+        compute.driver.set_admin_password(server, body["changePassword"]["adminPass"])
+    except (DriverError, Unavailable) as e:
+        settle(compute, server["id"])
+        compute.finish_event(server["id"], rid, "compute_set_admin_password",
+                             compute.now(), str(e))
+        raise Conflict(f"Failed to set admin password on {server['id']} because the guest "
+                       "agent is not running in it") from None
+    settle(compute, server["id"])
+    compute.finish_event(server["id"], rid, "compute_set_admin_password", compute.now())
+    return 202, None
+
+
+def server_action_resize(req):
+    """POST /servers/{server_id}/action resize"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["resize"], "properties": {"resize": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["flavorRef"], "properties": {
+                                       "flavorRef": {"type": ["string", "integer"],
+                                                     "minLength": 1},
+                                       "OS-DCF:diskConfig": {"type": "string",
+                                                             "enum": ["AUTO", "MANUAL"]}}}}})
+    server = find_server(req, req.params["server_id"])
+    flavor = req.store.data["flavors"].get(ref_id(body["resize"]["flavorRef"]))
+    if flavor is None or not flavor_visible(req, flavor):
+        raise BadRequest("Unable to locate requested flavor.")
+    if flavor["id"] == server["flavor"]["id"]:
+        raise BadRequest("When resizing, instances must change flavor!")
+    if flavor["disk"] == 0:
+        raise BadRequest("Resize to zero disk flavor is not allowed.")
+    if flavor["disk"] < server["flavor"]["disk"]:
+        raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
+    new = {k: flavor[k] for k in server["flavor"]}
+    extra = check_resize_quota(req, server, new)
+    compute = req.app.compute
+    was_active = server["vm_state"] == "active"
+
+    def work(server):
+        compute.resize(server, new, was_active)
+
+    run_action(req, "resize", "resize_prep", "resize", "compute_resize_instance", work,
+               extra=extra)
+    return 202, None
+
+
+def check_resize_quota(req, server, new):
+    delta = {"cores": new["vcpus"] - server["flavor"]["vcpus"],
+             "ram": new["ram"] - server["flavor"]["ram"]}
+    data = req.store.data
+    limits = project_limits(data, server["project_id"])
+    used = usage(data, server["project_id"])
+    for resource, more in delta.items():
+        if more > 0 and limits[resource] >= 0 and used[resource] + more > limits[resource]:
+            raise Forbidden(f"Quota exceeded for {resource}: Requested {more}, but already "
+                            f"used {used[resource]} of {limits[resource]} {resource}")
+    return {}
+
+
+def server_action_confirm_resize(req):
+    """POST /servers/{server_id}/action confirmResize"""
+    null_body(req, "confirmResize")
+    server, rid = begin_action(req, "confirmResize", "resize_confirming", "confirmResize")
+    compute = req.app.compute
+    compute.confirm_resize(server)
+    compute.finish_event(server["id"], rid, "compute_confirm_resize", compute.now())
+    return 204, None
+
+
+def server_action_revert_resize(req):
+    """POST /servers/{server_id}/action revertResize"""
+    null_body(req, "revertResize")
+    compute = req.app.compute
+    run_action(req, "revertResize", "resize_reverting", "revertResize",
+               "compute_revert_resize", compute.revert_resize)
+    return 202, None
+
+
+def rebuild_schema(req):
+    props = {"name": server_name_schema(req), "imageRef": {"type": "string"},
+             "adminPass": {"type": "string"}, "metadata": METADATA_SCHEMA,
+             "preserve_ephemeral": BOOL_LIKE,
+             "OS-DCF:diskConfig": {"type": "string", "enum": ["AUTO", "MANUAL"]},
+             "accessIPv4": IPV4, "accessIPv6": IPV6}
+    if not req.since("2.57"):
+        props["personality"] = {"type": "array"}
+    if req.since("2.19"):
+        props["description"] = DESCRIPTION_255
+    if req.since("2.54"):
+        props["key_name"] = {"type": ["string", "null"], "minLength": 1, "maxLength": 255}
+    if req.since("2.57"):
+        props["user_data"] = {"type": ["string", "null"], "maxLength": 65535}
+    if req.since("2.63"):
+        props["trusted_image_certificates"] = {"type": ["array", "null"], "minItems": 1,
+                                               "maxItems": 50, "uniqueItems": True}
+    if req.since("2.90"):
+        props["hostname"] = hostname_schema(req)
+    return {"type": "object", "additionalProperties": False, "required": ["rebuild"],
+            "properties": {"rebuild": {"type": "object", "additionalProperties": False,
+                                       "required": ["imageRef"], "properties": props}}}
+
+
+def server_action_rebuild(req):
+    """POST /servers/{server_id}/action rebuild"""
+    spec = validate_body(req, rebuild_schema(req))["rebuild"]
+    check_create_formats(spec, req)
+    server = find_server(req, req.params["server_id"])
+    image = resolve_boot_image(req, {"imageRef": spec["imageRef"]})
+    if server["flavor"]["ram"] < image.get("min_ram", 0):
+        raise BadRequest("Flavor's memory is too small for requested image.")
+    if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
+        raise BadRequest("Flavor's disk is too small for requested image.")
+    extra = {"image_ref": image["id"], "image_properties": dict(image.get("properties") or {})}
+    for field, key in (("name", "name"), ("metadata", "metadata"),
+                       ("OS-DCF:diskConfig", "disk_config"), ("accessIPv4", "access_ip_v4"),
+                       ("accessIPv6", "access_ip_v6"), ("description", "description"),
+                       ("user_data", "user_data"), ("hostname", "hostname"),
+                       ("trusted_image_certificates", "trusted_image_certificates")):
+        if field in spec:
+            extra[key] = spec[field]
+    if "key_name" in spec:
+        extra["key_name"], extra["key_data"] = None, None
+        if spec["key_name"] is not None:
+            kp = req.store.data["keypairs"].get(req.ident.user_id, {}).get(spec["key_name"])
+            if kp is None:
+                raise BadRequest("Invalid key_name provided.")
+            extra["key_name"], extra["key_data"] = spec["key_name"], kp["public_key"]
+    admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
+    compute = req.app.compute
+    was_active = server["vm_state"] == "active"
+
+    def work(server):
+        compute.rebuild(server, was_active, admin_pass)
+
+    server = run_action(req, "rebuild", "rebuilding", "rebuild", "compute_rebuild_instance",
+                        work, extra=extra)
+    view_server = dict(server)
+    if req.app.conf["enable_instance_password"]:
+        view_server["admin_pass"] = admin_pass
+    return 202, {"server": server_view(req, view_server, "rebuild")}
+
+
+def snapshot_properties(server, extra):
+    props = {"image_type": "snapshot", "instance_uuid": server["id"],
+             "base_image_ref": server["image_ref"], "user_id": server["user_id"],
+             "owner_project_name": server["project_id"], "image_location": "snapshot"}
+    props.update(server.get("image_properties") or {})
+    props.update(extra)
+    return {k: str(v) for k, v in props.items()}
+
+
+def snapshot_response(req, image):
+    if req.since("2.45"):
+        return 202, {"image_id": image["id"]}
+    return 202, None, {"Location": req.bookmark_link("images", image["id"])}
+
+
+def server_action_create_image(req):
+    """POST /servers/{server_id}/action createImage"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["createImage"], "properties": {"createImage": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["name"], "properties": {
+                                       "name": server_name_schema(req),
+                                       "metadata": METADATA_SCHEMA}}}})["createImage"]
+    server = find_server(req, req.params["server_id"])
+    check_image_meta_quota(req, body.get("metadata") or {})
+    image = start_snapshot(req, server, body["name"], snapshot_properties(
+        server, body.get("metadata") or {}), "createImage", "image_snapshot")
+    return snapshot_response(req, image)
+
+
+def check_image_meta_quota(req, metadata):
+    if req.since("2.39"):
+        return
+    limit = project_limits(req.store.data, req.ident.project_id)["metadata_items"]
+    if 0 <= limit < len(metadata):
+        raise Forbidden(f"Quota exceeded for metadata_items: Requested {len(metadata)}, but "
+                        f"already used 0 of {limit} metadata_items")
+
+
+def start_snapshot(req, server, name, properties, rule, task, rotation=None):
+    flavor = server["flavor"]
+    image_min_ram = int((req.app.images.get(server["image_ref"]) or {}).get("min_ram", 0)) \
+        if server["image_ref"] else 0
+    begin_action(req, rule, task, rule)
+    image = req.app.images.reserve_snapshot(name, server["project_id"], properties,
+                                            flavor["disk"], image_min_ram)
+    compute = req.app.compute
+    rid = req.request_id
+
+    def work(server):
+        compute.snapshot(server, image)
+        if rotation is not None:
+            compute.rotate_backups(server, properties["backup_type"], rotation)
+        settle(compute, server["id"])
+
+    def failed(server_id, exc):
+        req.app.images.delete(image)
+        compute.fail(server_id, exc, vm_state=server["vm_state"])
+        compute.update(server_id, task_state=None)
+
+    compute.run(server["id"], rid, "compute_snapshot_instance", work, on_error=failed)
+    return image
+
+
+def server_action_create_backup(req):
+    """POST /servers/{server_id}/action createBackup"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["createBackup"], "properties": {"createBackup": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["name", "backup_type", "rotation"],
+                                   "properties": {"name": server_name_schema(req),
+                                                  "backup_type": {"type": "string"},
+                                                  "rotation": int_or_digits(0),
+                                                  "metadata": METADATA_SCHEMA}}}})["createBackup"]
+    server = find_server(req, req.params["server_id"])
+    check_image_meta_quota(req, body.get("metadata") or {})
+    props = snapshot_properties(server, dict(body.get("metadata") or {}, image_type="backup",
+                                             backup_type=body["backup_type"]))
+    image = start_snapshot(req, server, body["name"], props, "createBackup", "image_backup",
+                           rotation=int(body["rotation"]))
+    return snapshot_response(req, image)
+
+
+def server_action_shelve(req):
+    """POST /servers/{server_id}/action shelve"""
+    null_body(req, "shelve")
+    compute = req.app.compute
+    run_action(req, "shelve", "shelving", "shelve", "compute_shelve_instance", compute.shelve)
+    return 202, None
+
+
+def server_action_shelve_offload(req):
+    """POST /servers/{server_id}/action shelveOffload"""
+    null_body(req, "shelveOffload")
+    compute = req.app.compute
+    run_action(req, "shelveOffload", "shelving_offloading", "shelveOffload",
+               "compute_shelve_offload_instance", compute.shelve_offload)
+    return 202, None
+
+
+def server_action_unshelve(req):
+    """POST /servers/{server_id}/action unshelve"""
+    props = {}
+    if req.since("2.77"):
+        props["availability_zone"] = {"type": ["string", "null"]} if req.since("2.91") else \
+            {"type": "string"}
+    if req.since("2.91"):
+        props["host"] = {"type": "string", "minLength": 1, "maxLength": 255}
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["unshelve"], "properties": {"unshelve": {
+                                   "type": ["object", "null"], "additionalProperties": False,
+                                   "properties": props}}})
+    spec = body["unshelve"] or {}
+    zone = spec.get("availability_zone")
+    if zone and zone != req.app.conf["availability_zone"]:
+        raise BadRequest(f"The requested availability zone is not available")
+    if spec.get("host") and spec["host"] != req.app.conf["host"]:
+        raise BadRequest(f"Compute host {spec['host']} could not be found.")
+    compute = req.app.compute
+    run_action(req, "unshelve", "unshelving", "unshelve", "compute_unshelve_instance",
+               compute.unshelve)
+    return 202, None
+
+
+def server_action_rescue(req):
+    """POST /servers/{server_id}/action rescue"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["rescue"], "properties": {"rescue": {
+                                   "type": ["object", "null"], "additionalProperties": False,
+                                   "properties": {"adminPass": {"type": "string"},
+                                                  "rescue_image_ref": {"type": "string"}}}}})
+    spec = body["rescue"] or {}
+    server = find_server(req, req.params["server_id"])
+    image_ref = spec.get("rescue_image_ref") or server["image_ref"]
+    if not image_ref:
+        raise BadRequest("Cannot rescue a volume-backed instance")
+    image = resolve_boot_image(req, {"imageRef": image_ref})
+    admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
+    compute = req.app.compute
+    was = server["vm_state"]
+
+    def work(server):
+        compute.rescue(server, image, was)
+
+    run_action(req, "rescue", "rescuing", "rescue", "compute_rescue_instance", work)
+    if req.app.conf["enable_instance_password"]:
+        return 200, {"adminPass": admin_pass}
+    return 200, {}
+
+
+def server_action_unrescue(req):
+    """POST /servers/{server_id}/action unrescue"""
+    null_body(req, "unrescue")
+    compute = req.app.compute
+    run_action(req, "unrescue", "unrescuing", "unrescue", "compute_unrescue_instance",
+               compute.unrescue)
+    return 202, None
+
+
+def server_action_restore(req):
+    """POST /servers/{server_id}/action restore"""
+    null_body(req, "restore")
+    compute = req.app.compute
+    run_action(req, "restore", "restoring", "restore", "compute_restore_instance",
+               compute.restore)
+    return 202, None
+
+
+def server_action_force_delete(req):
+    """POST /servers/{server_id}/action forceDelete"""
+    null_body(req, "forceDelete")
+    compute = req.app.compute
+    run_action(req, "forceDelete", "deleting", "forceDelete", "compute_terminate_instance",
+               compute.delete)
+    return 202, None
+
+
+# -- sub-resources ------------------------------------------------------------------
+
+def server_ips_index(req):
+    """GET /servers/{server_id}/ips"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    return 200, {"addresses": server_addresses(server, with_ext=False)}
+
+
+def server_ips_show(req):
+    """GET /servers/{server_id}/ips/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    addresses = server_addresses(server, with_ext=False)
+    network = req.params["id"]
+    if network not in addresses:
+        raise NotFound("Instance is not a member of specified network")
+    return 200, {network: addresses[network]}
+
+
+def metadata_change(req, change):
+    """Apply change(old metadata) -> new metadata to the server, checking state and quota."""
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        check_not_locked(req, server)
+        name, vm_states, _ = ACTION_RULES["metadata"]
+        if server["vm_state"] not in vm_states:
+            raise Conflict(f"Cannot '{name}' instance {server_id} while it is in vm_state "
+                           f"{server['vm_state']}")
+        new = change(dict(server["metadata"]))
+        limit = project_limits(data, server["project_id"])["metadata_items"]
+        if 0 <= limit < len(new):
+            raise Forbidden(f"Quota exceeded for metadata_items: Requested {len(new)}, but "
+                            f"already used 0 of {limit} metadata_items")
+        return [["set", ["servers", server_id], dict(
+            server, metadata=new, updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    return req.store.data["servers"][server_id]["metadata"]
+
+
+def metadata_body(req, key="metadata"):
+    return validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": [key], "properties": {key: METADATA_SCHEMA}})[key]
+
+
+def server_metadata_index(req):
+    """GET /servers/{server_id}/metadata"""
+    validate_query(req, (), strict_since="2.102")
+    return 200, {"metadata": dict(find_server(req, req.params["server_id"])["metadata"])}
+
+
+def server_metadata_create(req):
+    """POST /servers/{server_id}/metadata"""
+    items = metadata_body(req)
+    return 200, {"metadata": metadata_change(req, lambda old: dict(old, **items))}
+
+
+def server_metadata_update_all(req):
+    """PUT /servers/{server_id}/metadata"""
+    items = metadata_body(req)
+    return 200, {"metadata": metadata_change(req, lambda old: dict(items))}
+
+
+def server_metadata_show(req):
+    """GET /servers/{server_id}/metadata/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    metadata = find_server(req, req.params["server_id"])["metadata"]
+    key = req.params["id"]
+    if key not in metadata:
+        raise NotFound("Metadata item was not found")
+    return 200, {"meta": {key: metadata[key]}}
+
+
+def server_metadata_update(req):
+    """PUT /servers/{server_id}/metadata/{id}"""
+    item = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["meta"], "properties": {"meta": dict(
+                                   METADATA_SCHEMA, minProperties=1, maxProperties=1)}})["meta"]
+    key = req.params["id"]
+    if len(item) != 1:
+        raise BadRequest("Request body contains too many items")
+    if key not in item:
+        raise BadRequest("Request body and URI mismatch")
+    metadata_change(req, lambda old: dict(old, **item))
+    return 200, {"meta": item}
+
+
+def server_metadata_delete(req):
+    """DELETE /servers/{server_id}/metadata/{id}"""
+    key = req.params["id"]
+
+    def change(old):
+        if key not in old:
+            raise NotFound("Metadata item was not found")
+        del old[key]
+        return old
+
+    metadata_change(req, change)
+    return 204, None
+
+
+# tags (2.26)
+
+def tags_change(req, change):
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        check_not_locked(req, server)
+        if server["vm_state"] not in ("active", "paused", "suspended", "stopped", "shelved",
+                                      "shelved_offloaded", "building", "error", "rescued",
+                                      "resized") or server.get("task_state") == "deleting":
+            raise Conflict(f"Cannot 'update tags' instance {server_id} while it is in "
+                           f"vm_state {server['vm_state']}")
+        tags = change(list(server.get("tags", [])))
+        if len(tags) > MAX_TAGS:
+            raise BadRequest(f"The number of tags exceeded the per-server limit {MAX_TAGS}")
+        return [["set", ["servers", server_id], dict(
+            server, tags=tags, updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    return req.store.data["servers"][server_id]["tags"]
+
+
+def check_tag(tag):
+    if not 1 <= len(tag) <= 60 or "/" in tag or "," in tag:
+        raise BadRequest(f"Tag '{tag}' is invalid. It must be 1 to 60 characters long and "
+                         "contain neither '/' nor ','.")
+
+
+def server_tags_index(req):
+    """GET /servers/{server_id}/tags"""
+    validate_query(req, (), strict_since="2.102")
+    return 200, {"tags": list(find_server(req, req.params["server_id"]).get("tags", []))}
+
+
+def server_tags_update_all(req):
+    """PUT /servers/{server_id}/tags"""
+    tags = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["tags"], "properties": {"tags": {
+                                   "type": "array", "items": TAG_SCHEMA}}})["tags"]
+    unique = list(dict.fromkeys(tags))
+    return 200, {"tags": tags_change(req, lambda old: unique)}
+
+
+def server_tags_delete_all(req):
+    """DELETE /servers/{server_id}/tags"""
+    tags_change(req, lambda old: [])
+    return 204, None
+
+
+def server_tags_show(req):
+    """GET /servers/{server_id}/tags/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    tag = req.params["id"]
+    if tag not in find_server(req, req.params["server_id"]).get("tags", []):
+        raise NotFound(f"Tag {tag} could not be found.")
+    return 204, None
+
+
+def server_tags_update(req):
+    """PUT /servers/{server_id}/tags/{id}"""
+    tag = req.params["id"]
+    check_tag(tag)
+    existed = tag in find_server(req, req.params["server_id"]).get("tags", [])
+    tags_change(req, lambda old: old if tag in old else old + [tag])
+    if existed:
+        return 204, None
+    return 201, None, {"Location": req.self_link("servers", req.params["server_id"], "tags", tag)}
+
+
+def server_tags_delete(req):
+    """DELETE /servers/{server_id}/tags/{id}"""
+    tag = req.params["id"]
+
+    def change(old):
+        if tag not in old:
+            raise NotFound(f"Tag {tag} could not be found.")
+        return [t for t in old if t != tag]
+
+    tags_change(req, change)
+    return 204, None
+
+
+# instance actions
+
+def action_view(req, action, with_events):
+    view = {"action": action["action"], "instance_uuid": action["instance_uuid"],
+            "message": action.get("message"), "project_id": action["project_id"],
+            "request_id": action["request_id"], "start_time": action["start_time"],
+            "user_id": action["user_id"]}
+    if req.since("2.58"):
+        view["updated_at"] = action.get("updated_at")
+    if not with_events:
+        return view
+    admin = req.ident.is_admin
+    if not admin and not req.since("2.51"):
+        return view
+    events = []
+    for event in action.get("events", []):
+        item = {"event": event["event"], "start_time": event["start_time"],
+                "finish_time": event["finish_time"], "result": event["result"]}
+        if admin:
+            item["traceback"] = event.get("traceback")
+        if req.since("2.62"):
+            item["hostId"] = hashlib.sha224((action["project_id"] + event["host"]).encode()
+                                            ).hexdigest()
+            if admin:
+                item["host"] = event["host"]
+        if req.since("2.84") and (admin or event.get("result") == "Error"):
+            item["details"] = event.get("details")
+        events.append(item)
+    view["events"] = events
+    return view
+
+
+def instance_actions_for(req):
+    server_id = req.params["server_id"]
+    find_server(req, server_id, include_deleted=req.since("2.21"))
+    return list(req.store.data["instance_actions"].get(server_id, []))
+
+
+def instance_actions_index(req):
+    """GET /servers/{server_id}/os-instance-actions"""
+    allowed = ["limit", "marker", "changes-since"] if req.since("2.58") else []
+    if req.since("2.66"):
+        allowed.append("changes-before")
+    query = validate_query(req, allowed, strict_since="2.58")
+    actions = sorted(instance_actions_for(req), key=lambda a: a["start_time"], reverse=True)
+    if "changes-since" in query:
+        since = parse_changes_time("changes-since", query["changes-since"][-1])
+        actions = [a for a in actions if parse_isotime(a["updated_at"]) >= since]
+    if "changes-before" in query:
+        before = parse_changes_time("changes-before", query["changes-before"][-1])
+        actions = [a for a in actions if parse_isotime(a["updated_at"]) <= before]
+    body = {}
+    if req.since("2.58"):
+        actions, marker = paginate(req, actions, lambda a: a["request_id"],
+                                   "Marker %s could not be found.")
+        if marker is not None:
+            body["links"] = req.next_link(
+                f"servers/{req.params['server_id']}/os-instance-actions", marker)
+    body = dict({"instanceActions": [action_view(req, a, False) for a in actions]}, **body)
+    return 200, body
+
+
+def instance_actions_show(req):
+    """GET /servers/{server_id}/os-instance-actions/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    for action in instance_actions_for(req):
+        if action["request_id"] == req.params["id"]:
+            return 200, {"instanceAction": action_view(req, action, True)}
+    raise NotFound(f"Action for request_id {req.params['id']} on instance "
+                   f"{req.params['server_id']} not found")
+
+
+# diagnostics, password, topology, security groups
+
+def server_diagnostics_index(req):
+    """GET /servers/{server_id}/diagnostics"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
+        raise Conflict(f"Cannot 'get_diagnostics' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    stats = req.app.compute.driver.get_diagnostics(server)
+    if not req.since("2.48"):
+        old = {"cpu%d_time" % c["id"]: c["time"] for c in stats["cpu_details"]}
+        old["memory"] = stats["memory_kb"]
+        for i, disk in enumerate(stats["disks"]):
+            name = "vd" + chr(ord("a") + i)
+            old.update({f"{name}_read": disk["read_bytes"], f"{name}_write": disk["write_bytes"],
+                        f"{name}_read_req": disk["read_requests"],
+                        f"{name}_write_req": disk["write_requests"],
+                        f"{name}_errors": disk["errors_count"]})
+        return 200, old
+    state = {RUNNING: "running", PAUSED: "paused", SHUTDOWN: "shutdown", CRASHED: "crashed",
+             SUSPENDED: "suspended"}.get(LIBVIRT_POWER_STATE.get(stats["state"], 0), "pending")
+    launched = parse_isotime(server["launched_at"]) if server.get("launched_at") else None
+    uptime = int((req.app.clock.now() - launched).total_seconds()) if launched else 0
+    return 200, {"state": state, "driver": "libvirt", "hypervisor": req.app.driver.virt_type
+                 if not req.app.driver.simulated else "test", "hypervisor_os": "linux",
+                 "uptime": uptime, "config_drive": bool(server.get("config_drive")),
+                 "num_cpus": len(stats["cpu_details"]) or server["flavor"]["vcpus"],
+                 "num_nics": len(server.get("ports", [])), "num_disks": len(stats["disks"]),
+                 "memory_details": {"maximum": stats["max_memory_kb"] // 1024,
+                                    "used": stats["memory_kb"] // 1024},
+                 "cpu_details": [{"id": c["id"], "time": c["time"], "utilisation": None}
+                                 for c in stats["cpu_details"]],
+                 "nic_details": [{"mac_address": p["mac"], "rx_octets": None, "rx_errors": None,
+                                  "rx_drop": None, "rx_packets": None, "rx_rate": None,
+                                  "tx_octets": None, "tx_errors": None, "tx_drop": None,
+                                  "tx_packets": None, "tx_rate": None}
+                                 for p in server.get("ports", [])],
+                 "disk_details": [{"read_bytes": d["read_bytes"],
+                                   "read_requests": d["read_requests"],
+                                   "write_bytes": d["write_bytes"],
+                                   "write_requests": d["write_requests"],
+                                   "errors_count": d["errors_count"]} for d in stats["disks"]]}
+
+
+def server_password_index(req):
+    """GET /servers/{server_id}/os-server-password"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    return 200, {"password": server.get("password") or ""}
+
+
+def server_password_clear(req):
+    """DELETE /servers/{server_id}/os-server-password"""
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        return [["set", ["servers", server_id], dict(server, password="")]]
+
+    req.store.transaction(plan)
+    return 204, None
+
+
+def server_topology_index(req):
+    """GET /servers/{server_id}/topology"""
+    validate_query(req, (), strict_since="2.102")
+    find_server(req, req.params["server_id"])
+    return 200, {"nodes": [], "pagesize_kb": None}
+
+
+def server_security_groups_index(req):
+    """GET /servers/{server_id}/os-security-groups"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    groups = []
+    for name in server.get("security_groups", []):
+        groups.append({"id": str(uuid.uuid5(IMAGE_NAMESPACE, server["project_id"] + ":" + name)),
+                       "name": name, "description": "Default security group"
+                       if name == "default" else "", "tenant_id": server["project_id"],
+                       "rules": []})
+    return 200, {"security_groups": groups}
+
+
+# § API: images (the image proxy, up to 2.35; metadata up to 2.38) ---------------------
+
+def image_view(req, image, detail=True):
+    view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
+            + [{"rel": "alternate", "type": "application/vnd.openstack.image",
+                "href": req.base_url + "/image/v2/images/" + image["id"]}]}
+    if not detail:
+        return view
+    created = isotime(parse_isotime(image["created_at"]))
+    status = {"active": "ACTIVE", "queued": "SAVING", "saving": "SAVING"}.get(
+        image["status"], "UNKNOWN")
+    view.update({"OS-EXT-IMG-SIZE:size": image["size"], "created": created,
+                 "updated": isotime(parse_isotime(image["updated_at"])),
+                 "metadata": dict(image["properties"]), "minDisk": image["min_disk"],
+                 "minRam": image["min_ram"], "progress": 100 if status == "ACTIVE" else 25,
+                 "status": status})
+    server = image["properties"].get("instance_uuid")
+    if server:
+        view["server"] = {"id": server, "links": req.links("servers", server)}
+    return view
+
+
+def find_image(req, image_id):
+    image = req.app.images.get(image_id)
+    if image is None or not req.app.images.visible(image, req.ident):
+        raise NotFound("Image not found.")
+    return image
+
+
+def image_list(req, detail):
+    query = validate_query(req, ["name", "status", "changes-since", "server", "type",
+                                 "minRam", "minDisk", "limit", "marker"])
+    images = [i for i in req.app.images.list() if req.app.images.visible(i, req.ident)]
+    if "name" in query:
+        images = [i for i in images if i["name"] == query["name"][-1]]
+    if "status" in query:
+        wanted = query["status"][-1].upper()
+        images = [i for i in images if image_view(req, i)["status"] == wanted]
+    for param, field in (("minRam", "min_ram"), ("minDisk", "min_disk")):
+        if param in query:
+            try:
+                bound = int(query[param][-1])
+            except ValueError:
+                raise BadRequest(f"Invalid {param} filter [{query[param][-1]}]") from None
+            images = [i for i in images if i[field] >= bound]
+    if "server" in query:
+        ref = ref_id(query["server"][-1])
+        images = [i for i in images if i["properties"].get("instance_uuid") == ref]
+    if "type" in query:
+        images = [i for i in images if i["properties"].get("image_type") == query["type"][-1]]
+    page, marker = paginate(req, images, lambda i: i["id"])
+    body = {"images": [image_view(req, i, detail) for i in page]}
+    if marker is not None:
+        body["images_links"] = req.next_link("images/detail" if detail else "images", marker)
+    return 200, body
+
+
+def images_index(req):
+    """GET /images"""
+    return image_list(req, detail=False)
+
+
+def images_detail(req):
+    """GET /images/detail"""
+    return image_list(req, detail=True)
+
+
+def images_show(req):
+    """GET /images/{id}"""
+    return 200, {"image": image_view(req, find_image(req, req.params["id"]))}
+
+
+def images_delete(req):
+    """DELETE /images/{id}"""
+    image = find_image(req, req.params["id"])
+    if image.get("owner") not in (None, req.ident.project_id) and not req.ident.is_admin:
+        raise Forbidden("You are not authorized to delete this image.")
+    in_use = [s["id"] for s in req.store.data["servers"].values()
+              if s.get("shelved_image_id") == image["id"] and s["vm_state"] != "deleted"]
+    if in_use:
+        raise Conflict(f"Image {image['id']} is the shelved image of server {in_use[0]}.")
+    req.app.images.delete(image)
+    return 204, None
+
+
+def image_meta_change(req, change):
+    image = find_image(req, req.params["image_id"])
+    if image.get("owner") not in (None, req.ident.project_id) and not req.ident.is_admin:
+        raise Forbidden("You are not authorized to change this image.")
+    new = change(dict(image["properties"]))
+    limit = project_limits(req.store.data, req.ident.project_id)["metadata_items"]
+    if 0 <= limit < len(new):
+        raise Forbidden(f"Quota exceeded for metadata_items: Requested {len(new)}, but "
+                        f"already used 0 of {limit} metadata_items")
+    req.app.images.set_properties(image, new)
+    return new
+
+
+def image_metadata_index(req):
+    """GET /images/{image_id}/metadata"""
+    return 200, {"metadata": dict(find_image(req, req.params["image_id"])["properties"])}
+
+
+def image_metadata_create(req):
+    """POST /images/{image_id}/metadata"""
+    items = metadata_body(req)
+    return 200, {"metadata": image_meta_change(req, lambda old: dict(old, **items))}
+
+
+def image_metadata_update_all(req):
+    """PUT /images/{image_id}/metadata"""
+    items = metadata_body(req)
+    return 200, {"metadata": image_meta_change(req, lambda old: dict(items))}
+
+
+def image_metadata_show(req):
+    """GET /images/{image_id}/metadata/{id}"""
+    properties = find_image(req, req.params["image_id"])["properties"]
+    if req.params["id"] not in properties:
+        raise NotFound("Image not found.")
+    return 200, {"meta": {req.params["id"]: properties[req.params["id"]]}}
+
+
+def image_metadata_update(req):
+    """PUT /images/{image_id}/metadata/{id}"""
+    item = metadata_body(req, "meta")
+    key = req.params["id"]
+    if len(item) != 1:
+        raise BadRequest("Request body contains too many items")
+    if key not in item:
+        raise BadRequest("Request body and URI mismatch")
+    image_meta_change(req, lambda old: dict(old, **item))
+    return 200, {"meta": item}
+
+
+def image_metadata_delete(req):
+    """DELETE /images/{image_id}/metadata/{id}"""
+    key = req.params["id"]
+
+    def change(old):
+        if key not in old:
+            raise NotFound("Image not found.")
+        del old[key]
+        return old
+
+    image_meta_change(req, change)
+    return 204, None
+
+
 # § 16 ROUTES and ACTIONS -------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
@@ -2527,16 +5624,16 @@ GET    /flavors/{flavor_id}/os-extra_specs/{id}       -                    2.1  
 PUT    /flavors/{flavor_id}/os-extra_specs/{id}       -                    2.1  2.104 admin   extra_specs_update               os_compute_api:os-flavor-extra-specs:update
 DELETE /flavors/{flavor_id}/os-extra_specs/{id}       -                    2.1  2.104 admin   extra_specs_delete               os_compute_api:os-flavor-extra-specs:delete
 GET    /flavors/{flavor_id}/os-flavor-access          -                    2.1  2.104 admin   flavor_access_index              os_compute_api:os-flavor-access
-GET    /images                                        -                    2.1  2.35  any     -                                -
-GET    /images/detail                                 -                    2.1  2.35  any     -                                -
-GET    /images/{id}                                   -                    2.1  2.35  any     -                                -
-DELETE /images/{id}                                   -                    2.1  2.35  any     -                                -
-GET    /images/{image_id}/metadata                    -                    2.1  2.38  any     -                                -
-POST   /images/{image_id}/metadata                    -                    2.1  2.38  any     -                                -
-PUT    /images/{image_id}/metadata                    -                    2.1  2.38  any     -                                -
-GET    /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     -                                -
-PUT    /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     -                                -
-DELETE /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     -                                -
+GET    /images                                        -                    2.1  2.35  any     images_index                     -
+GET    /images/detail                                 -                    2.1  2.35  any     images_detail                    -
+GET    /images/{id}                                   -                    2.1  2.35  any     images_show                      -
+DELETE /images/{id}                                   -                    2.1  2.35  any     images_delete                    -
+GET    /images/{image_id}/metadata                    -                    2.1  2.38  any     image_metadata_index             -
+POST   /images/{image_id}/metadata                    -                    2.1  2.38  any     image_metadata_create            -
+PUT    /images/{image_id}/metadata                    -                    2.1  2.38  any     image_metadata_update_all        -
+GET    /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     image_metadata_show              -
+PUT    /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     image_metadata_update            -
+DELETE /images/{image_id}/metadata/{id}               -                    2.1  2.38  any     image_metadata_delete            -
 GET    /limits                                        -                    2.1  2.104 any     limits_index                     os_compute_api:limits
 GET    /os-agents                                     -                    -    -     gone    gone                             -
 POST   /os-agents                                     -                    -    -     gone    gone                             -
@@ -2683,78 +5780,78 @@ POST   /os-volumes_boot/{id}/action                   createImage          2.1  
 POST   /os-volumes_boot/{id}/action                   os-start             2.1  2.102 member  -                                os_compute_api:servers:start
 POST   /os-volumes_boot/{id}/action                   os-stop              2.1  2.102 member  -                                os_compute_api:servers:stop
 POST   /os-volumes_boot/{id}/action                   trigger_crash_dump   2.17 2.102 member  -                                os_compute_api:servers:trigger_crash_dump
-GET    /servers                                       -                    2.1  2.104 reader  -                                os_compute_api:servers:index
-POST   /servers                                       -                    2.1  2.104 member  -                                os_compute_api:servers:create
-GET    /servers/detail                                -                    2.1  2.104 reader  -                                os_compute_api:servers:detail
-GET    /servers/{server_id}                           -                    2.1  2.104 reader  -                                os_compute_api:servers:show
-PUT    /servers/{server_id}                           -                    2.1  2.104 member  -                                os_compute_api:servers:update
-DELETE /servers/{server_id}                           -                    2.1  2.104 member  -                                os_compute_api:servers:delete
-POST   /servers/{server_id}/action                    confirmResize        2.1  2.104 member  -                                os_compute_api:servers:confirm_resize
-POST   /servers/{server_id}/action                    revertResize         2.1  2.104 member  -                                os_compute_api:servers:revert_resize
-POST   /servers/{server_id}/action                    reboot               2.1  2.104 member  -                                os_compute_api:servers:reboot
-POST   /servers/{server_id}/action                    resize               2.1  2.104 member  -                                os_compute_api:servers:resize
-POST   /servers/{server_id}/action                    rebuild              2.1  2.104 member  -                                os_compute_api:servers:rebuild
-POST   /servers/{server_id}/action                    createImage          2.1  2.104 member  -                                os_compute_api:servers:create_image
-POST   /servers/{server_id}/action                    os-start             2.1  2.104 member  -                                os_compute_api:servers:start
-POST   /servers/{server_id}/action                    os-stop              2.1  2.104 member  -                                os_compute_api:servers:stop
-POST   /servers/{server_id}/action                    trigger_crash_dump   2.17 2.104 member  -                                os_compute_api:servers:trigger_crash_dump
+GET    /servers                                       -                    2.1  2.104 reader  servers_index                    os_compute_api:servers:index
+POST   /servers                                       -                    2.1  2.104 member  servers_create                   os_compute_api:servers:create
+GET    /servers/detail                                -                    2.1  2.104 reader  servers_detail                   os_compute_api:servers:detail
+GET    /servers/{server_id}                           -                    2.1  2.104 reader  servers_show                     os_compute_api:servers:show
+PUT    /servers/{server_id}                           -                    2.1  2.104 member  servers_update                   os_compute_api:servers:update
+DELETE /servers/{server_id}                           -                    2.1  2.104 member  servers_delete                   os_compute_api:servers:delete
+POST   /servers/{server_id}/action                    confirmResize        2.1  2.104 member  server_action_confirm_resize     os_compute_api:servers:confirm_resize
+POST   /servers/{server_id}/action                    revertResize         2.1  2.104 member  server_action_revert_resize      os_compute_api:servers:revert_resize
+POST   /servers/{server_id}/action                    reboot               2.1  2.104 member  server_action_reboot             os_compute_api:servers:reboot
+POST   /servers/{server_id}/action                    resize               2.1  2.104 member  server_action_resize             os_compute_api:servers:resize
+POST   /servers/{server_id}/action                    rebuild              2.1  2.104 member  server_action_rebuild            os_compute_api:servers:rebuild
+POST   /servers/{server_id}/action                    createImage          2.1  2.104 member  server_action_create_image       os_compute_api:servers:create_image
+POST   /servers/{server_id}/action                    os-start             2.1  2.104 member  server_action_start              os_compute_api:servers:start
+POST   /servers/{server_id}/action                    os-stop              2.1  2.104 member  server_action_stop               os_compute_api:servers:stop
+POST   /servers/{server_id}/action                    trigger_crash_dump   2.17 2.104 member  server_action_trigger_crash_dump os_compute_api:servers:trigger_crash_dump
 POST   /servers/{server_id}/action                    resetNetwork         -    -     gone    gone                             -
-POST   /servers/{server_id}/action                    injectNetworkInfo    2.1  2.104 admin   -                                os_compute_api:os-admin-actions:inject_network_info
-POST   /servers/{server_id}/action                    os-resetState        2.1  2.104 admin   -                                os_compute_api:os-admin-actions:reset_state
-POST   /servers/{server_id}/action                    changePassword       2.1  2.104 member  -                                os_compute_api:os-admin-password
-POST   /servers/{server_id}/action                    os-getConsoleOutput  2.1  2.104 member  -                                os_compute_api:os-console-output
-POST   /servers/{server_id}/action                    createBackup         2.1  2.104 member  -                                os_compute_api:os-create-backup
-POST   /servers/{server_id}/action                    restore              2.1  2.104 member  -                                os_compute_api:os-deferred-delete:restore
-POST   /servers/{server_id}/action                    forceDelete          2.1  2.104 member  -                                os_compute_api:os-deferred-delete:force
+POST   /servers/{server_id}/action                    injectNetworkInfo    2.1  2.104 admin   server_action_inject_network_info os_compute_api:os-admin-actions:inject_network_info
+POST   /servers/{server_id}/action                    os-resetState        2.1  2.104 admin   server_action_reset_state        os_compute_api:os-admin-actions:reset_state
+POST   /servers/{server_id}/action                    changePassword       2.1  2.104 member  server_action_change_password    os_compute_api:os-admin-password
+POST   /servers/{server_id}/action                    os-getConsoleOutput  2.1  2.104 member  server_action_get_console_output os_compute_api:os-console-output
+POST   /servers/{server_id}/action                    createBackup         2.1  2.104 member  server_action_create_backup      os_compute_api:os-create-backup
+POST   /servers/{server_id}/action                    restore              2.1  2.104 member  server_action_restore            os_compute_api:os-deferred-delete:restore
+POST   /servers/{server_id}/action                    forceDelete          2.1  2.104 member  server_action_force_delete       os_compute_api:os-deferred-delete:force
 POST   /servers/{server_id}/action                    evacuate             2.1  2.104 admin   -                                os_compute_api:os-evacuate
 POST   /servers/{server_id}/action                    addFloatingIp        2.1  2.43  member  -                                os_compute_api:os-floating-ips:add
 POST   /servers/{server_id}/action                    removeFloatingIp     2.1  2.43  member  -                                os_compute_api:os-floating-ips:remove
-POST   /servers/{server_id}/action                    lock                 2.1  2.104 member  -                                os_compute_api:os-lock-server:lock
-POST   /servers/{server_id}/action                    unlock               2.1  2.104 member  -                                os_compute_api:os-lock-server:unlock
+POST   /servers/{server_id}/action                    lock                 2.1  2.104 member  server_action_lock               os_compute_api:os-lock-server:lock
+POST   /servers/{server_id}/action                    unlock               2.1  2.104 member  server_action_unlock             os_compute_api:os-lock-server:unlock
 POST   /servers/{server_id}/action                    migrate              2.1  2.104 manager -                                os_compute_api:os-migrate-server:migrate
 POST   /servers/{server_id}/action                    os-migrateLive       2.1  2.104 manager -                                os_compute_api:os-migrate-server:migrate_live
 POST   /servers/{server_id}/action                    addFixedIp           2.1  2.43  member  -                                os_compute_api:os-multinic:add
 POST   /servers/{server_id}/action                    removeFixedIp        2.1  2.43  member  -                                os_compute_api:os-multinic:remove
-POST   /servers/{server_id}/action                    pause                2.1  2.104 member  -                                os_compute_api:os-pause-server:pause
-POST   /servers/{server_id}/action                    unpause              2.1  2.104 member  -                                os_compute_api:os-pause-server:unpause
+POST   /servers/{server_id}/action                    pause                2.1  2.104 member  server_action_pause              os_compute_api:os-pause-server:pause
+POST   /servers/{server_id}/action                    unpause              2.1  2.104 member  server_action_unpause            os_compute_api:os-pause-server:unpause
 POST   /servers/{server_id}/action                    os-getVNCConsole     2.1  2.5   member  -                                os_compute_api:os-remote-consoles
 POST   /servers/{server_id}/action                    os-getSPICEConsole   2.1  2.5   member  -                                os_compute_api:os-remote-consoles
 POST   /servers/{server_id}/action                    os-getRDPConsole     -    -     gone    gone                             -
 POST   /servers/{server_id}/action                    os-getSerialConsole  2.1  2.5   member  -                                os_compute_api:os-remote-consoles
-POST   /servers/{server_id}/action                    rescue               2.1  2.104 member  -                                os_compute_api:os-rescue
-POST   /servers/{server_id}/action                    unrescue             2.1  2.104 member  -                                os_compute_api:os-unrescue
+POST   /servers/{server_id}/action                    rescue               2.1  2.104 member  server_action_rescue             os_compute_api:os-rescue
+POST   /servers/{server_id}/action                    unrescue             2.1  2.104 member  server_action_unrescue           os_compute_api:os-unrescue
 POST   /servers/{server_id}/action                    addSecurityGroup     2.1  2.104 member  -                                os_compute_api:os-security-groups:add
 POST   /servers/{server_id}/action                    removeSecurityGroup  2.1  2.104 member  -                                os_compute_api:os-security-groups:remove
-POST   /servers/{server_id}/action                    shelve               2.1  2.104 member  -                                os_compute_api:os-shelve:shelve
-POST   /servers/{server_id}/action                    shelveOffload        2.1  2.104 admin   -                                os_compute_api:os-shelve:shelve_offload
-POST   /servers/{server_id}/action                    unshelve             2.1  2.104 member  -                                os_compute_api:os-shelve:unshelve
-POST   /servers/{server_id}/action                    suspend              2.1  2.104 member  -                                os_compute_api:os-suspend-server:suspend
-POST   /servers/{server_id}/action                    resume               2.1  2.104 member  -                                os_compute_api:os-suspend-server:resume
+POST   /servers/{server_id}/action                    shelve               2.1  2.104 member  server_action_shelve             os_compute_api:os-shelve:shelve
+POST   /servers/{server_id}/action                    shelveOffload        2.1  2.104 admin   server_action_shelve_offload     os_compute_api:os-shelve:shelve_offload
+POST   /servers/{server_id}/action                    unshelve             2.1  2.104 member  server_action_unshelve           os_compute_api:os-shelve:unshelve
+POST   /servers/{server_id}/action                    suspend              2.1  2.104 member  server_action_suspend            os_compute_api:os-suspend-server:suspend
+POST   /servers/{server_id}/action                    resume               2.1  2.104 member  server_action_resume             os_compute_api:os-suspend-server:resume
 GET    /servers/{server_id}/consoles                  -                    -    -     gone    gone                             -
 POST   /servers/{server_id}/consoles                  -                    -    -     gone    gone                             -
 GET    /servers/{server_id}/consoles/{id}             -                    -    -     gone    gone                             -
 DELETE /servers/{server_id}/consoles/{id}             -                    -    -     gone    gone                             -
-GET    /servers/{server_id}/diagnostics               -                    2.1  2.104 admin   -                                os_compute_api:os-server-diagnostics
-GET    /servers/{server_id}/ips                       -                    2.1  2.104 reader  -                                os_compute_api:ips:index
-GET    /servers/{server_id}/ips/{id}                  -                    2.1  2.104 reader  -                                os_compute_api:ips:show
-GET    /servers/{server_id}/metadata                  -                    2.1  2.104 reader  -                                os_compute_api:server-metadata:index
-POST   /servers/{server_id}/metadata                  -                    2.1  2.104 member  -                                os_compute_api:server-metadata:create
-PUT    /servers/{server_id}/metadata                  -                    2.1  2.104 member  -                                os_compute_api:server-metadata:update_all
-GET    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 reader  -                                os_compute_api:server-metadata:show
-PUT    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  -                                os_compute_api:server-metadata:update
-DELETE /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  -                                os_compute_api:server-metadata:delete
+GET    /servers/{server_id}/diagnostics               -                    2.1  2.104 admin   server_diagnostics_index         os_compute_api:os-server-diagnostics
+GET    /servers/{server_id}/ips                       -                    2.1  2.104 reader  server_ips_index                 os_compute_api:ips:index
+GET    /servers/{server_id}/ips/{id}                  -                    2.1  2.104 reader  server_ips_show                  os_compute_api:ips:show
+GET    /servers/{server_id}/metadata                  -                    2.1  2.104 reader  server_metadata_index            os_compute_api:server-metadata:index
+POST   /servers/{server_id}/metadata                  -                    2.1  2.104 member  server_metadata_create           os_compute_api:server-metadata:create
+PUT    /servers/{server_id}/metadata                  -                    2.1  2.104 member  server_metadata_update_all       os_compute_api:server-metadata:update_all
+GET    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 reader  server_metadata_show             os_compute_api:server-metadata:show
+PUT    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  server_metadata_update           os_compute_api:server-metadata:update
+DELETE /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  server_metadata_delete           os_compute_api:server-metadata:delete
 GET    /servers/{server_id}/migrations                -                    2.23 2.104 manager -                                os_compute_api:servers:migrations:index
 GET    /servers/{server_id}/migrations/{id}           -                    2.23 2.104 admin   -                                os_compute_api:servers:migrations:show
 DELETE /servers/{server_id}/migrations/{id}           -                    2.24 2.104 manager -                                os_compute_api:servers:migrations:delete
 POST   /servers/{server_id}/migrations/{id}/action    force_complete       2.22 2.104 manager -                                os_compute_api:servers:migrations:force_complete
-GET    /servers/{server_id}/os-instance-actions       -                    2.1  2.104 reader  -                                os_compute_api:os-instance-actions:list
-GET    /servers/{server_id}/os-instance-actions/{id}  -                    2.1  2.104 reader  -                                os_compute_api:os-instance-actions:show
+GET    /servers/{server_id}/os-instance-actions       -                    2.1  2.104 reader  instance_actions_index           os_compute_api:os-instance-actions:list
+GET    /servers/{server_id}/os-instance-actions/{id}  -                    2.1  2.104 reader  instance_actions_show            os_compute_api:os-instance-actions:show
 GET    /servers/{server_id}/os-interface              -                    2.1  2.104 reader  -                                os_compute_api:os-attach-interfaces:list
 POST   /servers/{server_id}/os-interface              -                    2.1  2.104 member  -                                os_compute_api:os-attach-interfaces:create
 GET    /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 reader  -                                os_compute_api:os-attach-interfaces:show
 DELETE /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 member  -                                os_compute_api:os-attach-interfaces:delete
-GET    /servers/{server_id}/os-server-password        -                    2.1  2.104 reader  -                                os_compute_api:os-server-password:show
-DELETE /servers/{server_id}/os-server-password        -                    2.1  2.104 member  -                                os_compute_api:os-server-password:clear
+GET    /servers/{server_id}/os-server-password        -                    2.1  2.104 reader  server_password_index            os_compute_api:os-server-password:show
+DELETE /servers/{server_id}/os-server-password        -                    2.1  2.104 member  server_password_clear            os_compute_api:os-server-password:clear
 GET    /servers/{server_id}/os-virtual-interfaces     -                    -    -     gone    gone                             -
 GET    /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 reader  -                                os_compute_api:os-volumes-attachments:index
 POST   /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:create
@@ -2762,18 +5859,18 @@ GET    /servers/{server_id}/os-volume_attachments/{id} -                    2.1 
 PUT    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:update
 DELETE /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:delete
 POST   /servers/{server_id}/remote-consoles           -                    2.6  2.104 member  -                                os_compute_api:os-remote-consoles
-GET    /servers/{server_id}/os-security-groups        -                    2.1  2.104 reader  -                                os_compute_api:os-security-groups:list
+GET    /servers/{server_id}/os-security-groups        -                    2.1  2.104 reader  server_security_groups_index     os_compute_api:os-security-groups:list
 GET    /servers/{server_id}/shares                    -                    2.97 2.104 reader  -                                os_compute_api:os-server-shares:index
 POST   /servers/{server_id}/shares                    -                    2.97 2.104 member  -                                os_compute_api:os-server-shares:create
 GET    /servers/{server_id}/shares/{id}               -                    2.97 2.104 reader  -                                os_compute_api:os-server-shares:show
 DELETE /servers/{server_id}/shares/{id}               -                    2.97 2.104 member  -                                os_compute_api:os-server-shares:delete
-GET    /servers/{server_id}/tags                      -                    2.26 2.104 reader  -                                os_compute_api:os-server-tags:index
-PUT    /servers/{server_id}/tags                      -                    2.26 2.104 member  -                                os_compute_api:os-server-tags:update_all
-DELETE /servers/{server_id}/tags                      -                    2.26 2.104 member  -                                os_compute_api:os-server-tags:delete_all
-GET    /servers/{server_id}/tags/{id}                 -                    2.26 2.104 reader  -                                os_compute_api:os-server-tags:show
-PUT    /servers/{server_id}/tags/{id}                 -                    2.26 2.104 member  -                                os_compute_api:os-server-tags:update
-DELETE /servers/{server_id}/tags/{id}                 -                    2.26 2.104 member  -                                os_compute_api:os-server-tags:delete
-GET    /servers/{server_id}/topology                  -                    2.78 2.104 reader  -                                compute:server:topology:index
+GET    /servers/{server_id}/tags                      -                    2.26 2.104 reader  server_tags_index                os_compute_api:os-server-tags:index
+PUT    /servers/{server_id}/tags                      -                    2.26 2.104 member  server_tags_update_all           os_compute_api:os-server-tags:update_all
+DELETE /servers/{server_id}/tags                      -                    2.26 2.104 member  server_tags_delete_all           os_compute_api:os-server-tags:delete_all
+GET    /servers/{server_id}/tags/{id}                 -                    2.26 2.104 reader  server_tags_show                 os_compute_api:os-server-tags:show
+PUT    /servers/{server_id}/tags/{id}                 -                    2.26 2.104 member  server_tags_update               os_compute_api:os-server-tags:update
+DELETE /servers/{server_id}/tags/{id}                 -                    2.26 2.104 member  server_tags_delete               os_compute_api:os-server-tags:delete
+GET    /servers/{server_id}/topology                  -                    2.78 2.104 reader  server_topology_index            compute:server:topology:index
 """
 
 
@@ -2894,6 +5991,14 @@ class App:
         self.driver = driver
         self.started_at = self.clock.now()
         self.stopping = False
+        self.images = LocalImages(conf["images_dir"], store, self.clock)
+        self.compute = Compute(self)
+
+    def network_name(self, network_id):
+        """The libvirt network with this UUID, or None."""
+        if self.driver is None:
+            return None
+        return self.driver.network_name(network_id)
 
     def compute_available(self):
         return self.driver is not None and self.driver.available
@@ -3276,6 +6381,16 @@ def watchdog_loop(stop, environ=None):
         sd_notify("WATCHDOG=1", environ)
 
 
+def power_sync_loop(app, stop):
+    """Nova's _sync_power_states: the periodic sweep over every guest."""
+    while not stop.wait(app.conf["sync_power_state_interval"]):
+        if app.compute_available():
+            try:
+                app.compute.sync_power_states()
+            except Exception:  # noqa: BLE001 - the sweep must survive anything
+                LOG.exception("power state sweep failed")
+
+
 def reconnect_loop(driver, stop, interval=5.0):
     """Keeps the hypervisor connection open; reads go on while it is down."""
     while not stop.is_set():
@@ -3340,7 +6455,8 @@ def main(argv=None):
     setup_logging(conf["debug"])
     stop = threading.Event()
     try:
-        driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"])
+        driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"], conf["network"],
+                               conf["instances_dir"])
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)
@@ -3356,8 +6472,12 @@ def main(argv=None):
     if conf["auth"] == "noauth":
         LOG.warning("AUTHENTICATION IS OFF (--auth noauth): any caller is admin by default; "
                     "listening on %s only", conf["bind"])
+    if driver.connect():
+        app.compute.reconcile()
     threading.Thread(target=reconnect_loop, args=(driver, stop), daemon=True,
                      name="libvirt-reconnect").start()
+    threading.Thread(target=power_sync_loop, args=(app, stop), daemon=True,
+                     name="power-sync").start()
     threading.Thread(target=watchdog_loop, args=(stop,), daemon=True, name="watchdog").start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -3375,6 +6495,7 @@ def main(argv=None):
     server.shutdown()
     server.server_close()
     server.drain()
+    app.compute.wait_idle(timeout=conf["shutdown_timeout"])
     store.close()
     driver.close()
     LOG.info("stopped; state saved in %s", conf["data_dir"])

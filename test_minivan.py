@@ -119,27 +119,60 @@ def make_headers(pairs):
     return msg
 
 
+TEST_NODE_XML = """<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><nodes>1</nodes>
+    <sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>
+  <memory>8388608</memory>
+  <network><name>default</name><uuid>7f3b2a4c-8d1e-4f6a-9b2c-3d4e5f6a7b8c</uuid>
+    <bridge name='virbr0'/><ip address='192.168.122.1' netmask='255.255.255.0'>
+    <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>
+</node>
+"""
+TEST_NETWORK_ID = "7f3b2a4c-8d1e-4f6a-9b2c-3d4e5f6a7b8c"
+
+
+def have_libvirt():
+    try:
+        minivan.import_libvirt()
+        return True
+    except minivan.ConfigError:
+        return False
+
+
 class AppTestCase(unittest.TestCase):
-    """An App on a temporary data directory, called in-process."""
+    """An App on a temporary data directory, called in-process, on its own simulated
+    libvirt host (libvirt's test driver) when libvirt-python is installed."""
 
     conf = {}
+    with_driver = True
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="minivan-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.clock = FakeClock()
+        self.node_xml = os.path.join(self.tmp, "node.xml")
+        with open(self.node_xml, "w") as f:
+            f.write(TEST_NODE_XML)
         self.start_app()
 
     def start_app(self):
-        conf = minivan.default_config(data_dir=self.tmp, port="8774", **self.conf)
+        conf = minivan.default_config(data_dir=self.tmp, port="8774",
+                                      libvirt_uri="test://" + self.node_xml, **self.conf)
         self.store = minivan.open_store(conf)
-        self.app = minivan.App(conf, self.store, clock=self.clock)
+        driver = None
+        if self.with_driver and have_libvirt():
+            driver = minivan.LibvirtDriver(conf["libvirt_uri"], "qemu", conf["network"],
+                                           conf["instances_dir"])
+            driver.connect()
+        self.app = minivan.App(conf, self.store, driver=driver, clock=self.clock)
 
     def restart_app(self):
+        self.app.compute.wait_idle()
         self.store.close()
         self.start_app()
 
     def tearDown(self):
+        self.app.compute.wait_idle()
         self.store.close()
 
     def call(self, method, path, body=None, token="admin:admin", version=None, headers=None,
