@@ -1673,7 +1673,12 @@ class LocalImages:
                   "min_disk": min_disk, "min_ram": min_ram, "properties": properties,
                   "os_hash_algo": None, "os_hash_value": None, "created_at": now,
                   "updated_at": now}
-        self.store.commit([["set", ["images", image_id], record]])
+
+        def plan(data):
+            record["sequence"] = data["counters"].get("image", 0) + 1
+            return [["set", ["images", image_id], record],
+                    ["set", ["counters", "image"], record["sequence"]]]
+        self.store.transaction(plan)
         return record
 
     def finish_snapshot(self, record, source_disk):
@@ -3629,7 +3634,7 @@ class Compute:
                    if img["properties"].get("image_type") == "backup"
                    and img["properties"].get("instance_uuid") == server["id"]
                    and img["properties"].get("backup_type") == backup_type]
-        backups.sort(key=lambda i: i["created_at"], reverse=True)
+        backups.sort(key=lambda i: (i["created_at"], i.get("sequence", 0)), reverse=True)
         for img in backups[rotation:]:
             self.app.images.delete(img)
 
@@ -5334,7 +5339,9 @@ def instance_actions_index(req):
     if req.since("2.66"):
         allowed.append("changes-before")
     query = validate_query(req, allowed, strict_since="2.58")
-    actions = sorted(instance_actions_for(req), key=lambda a: a["start_time"], reverse=True)
+    actions = [a for _, a in sorted(enumerate(instance_actions_for(req)),
+                                    key=lambda pair: (pair[1]["start_time"], pair[0]),
+                                    reverse=True)]
     if "changes-since" in query:
         since = parse_changes_time("changes-since", query["changes-since"][-1])
         actions = [a for a in actions if parse_isotime(a["updated_at"]) >= since]

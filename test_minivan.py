@@ -2230,3 +2230,594 @@ class PythonVersionTests(unittest.TestCase):
                 names.add(node.module.split(".")[0])
         third_party = {n for n in names if n not in sys.stdlib_module_names}
         self.assertEqual(third_party, {"libvirt"})
+
+
+# -- servers on libvirt's test driver -------------------------------------------------------
+
+def make_image(directory, name="cirros", size="64M", sidecar=None):
+    """A small qcow2 image file in the image directory."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name + ".qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, size], check=True)
+    if sidecar is not None:
+        with open(path + ".json", "w") as f:
+            json.dump(sidecar, f)
+    return path
+
+
+class ServerTestCase(AppTestCase):
+    """Servers on a simulated libvirt host, with one image 'cirros' in the image directory."""
+
+    def setUp(self):
+        if not have_libvirt():
+            skip_or_fail(self, minivan.LIBVIRT_HINT)
+        if not shutil.which("qemu-img"):
+            skip_or_fail(self, "qemu-img not installed (apt install qemu-utils)")
+        super().setUp()
+        make_image(self.app.conf["images_dir"])
+        self.image_id = self.get("/v2.1/images", version="2.35").json()["images"][0]["id"]
+
+    def post_server(self, name="vm", token="admin:admin", version=None, wait=True, **fields):
+        spec = {"name": name, "imageRef": self.image_id, "flavorRef": "1"}
+        if version and minivan.parse_version(version) >= (2, 37) or version == "latest":
+            spec["networks"] = "auto"
+        spec.update(fields)
+        r = self.post("/v2.1/servers", {"server": spec}, token=token, version=version)
+        if wait and r.status == 202:
+            self.app.compute.wait_idle()
+        return r
+
+    def server(self, server_id, token="admin:admin", version=None):
+        r = self.get("/v2.1/servers/" + server_id, token=token, version=version)
+        self.assertEqual(r.status, 200, r.raw)
+        return r.json()["server"]
+
+    def action(self, server_id, body, token="admin:admin", version=None, wait=True):
+        r = self.post(f"/v2.1/servers/{server_id}/action", body, token=token, version=version)
+        if wait:
+            self.app.compute.wait_idle()
+        return r
+
+    def new_server(self, **fields):
+        r = self.post_server(**fields)
+        self.assertEqual(r.status, 202, r.raw)
+        server_id = r.json()["server"]["id"]
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        return server_id
+
+    def domain_state(self, server_id):
+        dom = self.app.driver.conn.lookupByUUIDString(server_id)
+        return dom.state()[0]
+
+
+class ServerLifecycleTests(ServerTestCase):
+    def test_create_boots_a_domain(self):
+        """POST /servers answers 202 with Location and adminPass; the build ends ACTIVE with a
+        running domain carrying minivan's metadata."""
+        r = self.post_server(wait=False)
+        self.assertEqual(r.status, 202)
+        body = r.json()["server"]
+        self.assertEqual(r.header("Location"), body["links"][0]["href"])
+        self.assertEqual(body["security_groups"], [{"name": "default"}])
+        self.assertEqual(len(body["adminPass"]), 12)
+        self.app.compute.wait_idle()
+        server = self.server(body["id"])
+        self.assertEqual((server["status"], server["OS-EXT-STS:power_state"],
+                          server["OS-EXT-STS:task_state"]), ("ACTIVE", 1, None))
+        self.assertTrue(server["OS-EXT-SRV-ATTR:instance_name"].startswith("instance-0000000"))
+        self.assertEqual(self.domain_state(body["id"]), 1)
+        xml = self.app.driver.conn.lookupByUUIDString(body["id"]).XMLDesc(0)
+        self.assertIn(minivan.METADATA_NS, xml)
+        self.assertTrue(os.path.exists(os.path.join(self.app.conf["instances_dir"], body["id"],
+                                                    "disk")))
+        addresses = server["addresses"]["default"]
+        self.assertEqual(addresses[0]["OS-EXT-IPS:type"], "fixed")
+        self.assertTrue(addresses[0]["OS-EXT-IPS-MAC:mac_addr"].startswith("fa:16:3e:"))
+
+    def test_build_passes_through_nova_task_states(self):
+        """The build records scheduling, networking, block_device_mapping and spawning."""
+        seen = []
+        real = self.app.compute.update
+
+        def spy(server_id, **fields):
+            if "task_state" in fields:
+                seen.append(fields["task_state"])
+            real(server_id, **fields)
+        self.app.compute.update = spy
+        self.new_server()
+        self.assertEqual(seen[:4], ["scheduling", "networking", "block_device_mapping",
+                                    "spawning"])
+        self.assertEqual(seen[-1], None)
+
+    def test_show_shapes(self):
+        """Show at 2.1 and at latest carries the fields of each microversion."""
+        server_id = self.new_server()
+        old = self.server(server_id)
+        self.assertEqual(old["flavor"]["id"], "1")
+        self.assertNotIn("locked", old)
+        self.assertEqual(old["image"]["id"], self.image_id)
+        new = self.server(server_id, version="latest")
+        self.assertEqual(new["flavor"]["original_name"], "m1.tiny")
+        for key in ("locked", "description", "tags", "trusted_image_certificates",
+                    "server_groups", "locked_reason", "pinned_availability_zone",
+                    "scheduler_hints", "host_status", "OS-EXT-SRV-ATTR:hostname"):
+            self.assertIn(key, new)
+        self.assertEqual(new["description"], "vm")
+        member = self.get("/v2.1/servers/" + server_id, token="demo:admin").json()["server"]
+        self.assertNotIn("OS-EXT-SRV-ATTR:host", member)
+
+    def test_other_project_is_404(self):
+        """Another project's server is 404, as Nova hides it."""
+        server_id = self.new_server()
+        self.assertFault(self.get("/v2.1/servers/" + server_id, token="demo:demo"), 404,
+                         "itemNotFound", f"Instance {server_id} could not be found.")
+        self.assertFault(self.get("/v2.1/servers/nonexistent-uuid"), 404, "itemNotFound")
+
+    def test_delete_removes_domain_and_disks(self):
+        """DELETE answers 204; then the server is 404 and its domain and disks are gone."""
+        server_id = self.new_server()
+        r = self.delete("/v2.1/servers/" + server_id)
+        self.assertEqual(r.status, 204)
+        self.app.compute.wait_idle()
+        self.assertFault(self.get("/v2.1/servers/" + server_id), 404, "itemNotFound")
+        self.assertFalse(self.app.driver.exists({"id": server_id, "instance_name": "x"}))
+        self.assertFalse(os.path.exists(os.path.join(self.app.conf["instances_dir"],
+                                                     server_id)))
+        listed = self.get("/v2.1/servers/detail?changes-since=2000-01-01T00:00:00Z").json()
+        self.assertEqual(listed["servers"][0]["status"], "DELETED")
+
+    def test_create_validation(self):
+        """Bad creates are 400 with Nova's messages; nothing is created."""
+        cases = [({"flavorRef": "nope"}, "Invalid flavorRef provided."),
+                 ({"imageRef": "c0ffee00-0000-4000-8000-000000000000"}, "could not be found"),
+                 ({"imageRef": "not-a-uuid"}, "is not a 'uuid'"),
+                 ({"key_name": "missing"}, "Invalid key_name provided."),
+                 ({"availability_zone": "elsewhere"}, "availability zone"),
+                 ({"networks": [{"uuid": "c0ffee00-0000-4000-8000-000000000000"}]},
+                  "could not be found"),
+                 ({"user_data": "not base64!"}, "base64"),
+                 ({"accessIPv4": "1.2.3"}, "ipv4"),
+                 ({"bogus": 1}, "Additional properties"),
+                 ({"name": ""}, "too short"),
+                 ({"min_count": 3, "max_count": 2}, "min_count")]
+        for fields, message in cases:
+            r = self.post_server(**fields)
+            self.assertFault(r, 400, "badRequest", message)
+        self.assertFault(self.post("/v2.1/servers", {"server": {"name": "x", "imageRef":
+                                                                self.image_id}}), 400,
+                         "badRequest", "'flavorRef' is a required property")
+        r = self.post_server(version="2.37", networks=None)
+        self.assertEqual(r.status, 400)
+        self.assertEqual(self.get("/v2.1/servers").json()["servers"], [])
+
+    def test_image_min_ram_and_disk(self):
+        """An image needing more RAM or disk than the flavor has is 400."""
+        make_image(self.app.conf["images_dir"], "big", sidecar={"min_ram": 4096,
+                                                                 "min_disk": 100})
+        image = [i for i in self.get("/v2.1/images", version="2.35").json()["images"]
+                 if i["name"] == "big"][0]
+        self.assertFault(self.post_server(imageRef=image["id"]), 400, "badRequest",
+                         "memory is too small")
+        self.assertFault(self.post_server(imageRef=image["id"], flavorRef="4"), 400,
+                         "badRequest", "disk is too small")
+
+    def test_quota_exceeded(self):
+        """Creating past the instances quota is 403 with Nova's message."""
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"instances": 1}})
+        self.new_server()
+        self.assertFault(self.post_server(), 403, "forbidden",
+                         "Quota exceeded for instances: Requested 1, but already used 1 of 1 "
+                         "instances")
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"instances": 10, "cores": 1}})
+        self.assertFault(self.post_server(), 403, "forbidden", "Quota exceeded for cores")
+        limits = self.get("/v2.1/limits").json()["limits"]["absolute"]
+        self.assertEqual((limits["totalInstancesUsed"], limits["totalCoresUsed"],
+                          limits["totalRAMUsed"]), (1, 1, 512))
+
+    def test_multiple_create(self):
+        """min_count/max_count create several servers named name-N; reservation ids."""
+        r = self.post_server(name="many", min_count=2, max_count=3)
+        self.assertEqual(r.status, 202)
+        names = sorted(s["name"] for s in self.get("/v2.1/servers").json()["servers"])
+        self.assertEqual(names, ["many-1", "many-2", "many-3"])
+        r = self.post_server(name="res", return_reservation_id=True)
+        self.assertTrue(r.json()["reservation_id"].startswith("r-"))
+        listed = self.get("/v2.1/servers?reservation_id=" + r.json()["reservation_id"])
+        self.assertEqual([s["name"] for s in listed.json()["servers"]], ["res"])
+
+    def test_update(self):
+        """PUT /servers/{id} changes name, description and access IPs."""
+        server_id = self.new_server()
+        r = self.put("/v2.1/servers/" + server_id, {"server": {
+            "name": "renamed", "description": "d", "accessIPv4": "10.0.0.9"}}, version="2.19")
+        body = r.json()["server"]
+        self.assertEqual((body["name"], body["description"], body["accessIPv4"]),
+                         ("renamed", "d", "10.0.0.9"))
+        self.assertNotIn("OS-EXT-STS:vm_state", body)
+        full = self.put("/v2.1/servers/" + server_id, {"server": {"name": "x"}},
+                        version="2.75").json()["server"]
+        self.assertIn("OS-EXT-STS:vm_state", full)
+        self.assertFault(self.put("/v2.1/servers/" + server_id, {"server": {"bad": 1}}), 400,
+                         "badRequest")
+
+    def test_list_filters_sort_and_pages(self):
+        """Name regex, status, flavor, sort keys, limit/marker and next links."""
+        ids = [self.new_server(name=f"web-{i}") for i in range(3)]
+        self.new_server(name="db", flavorRef="2")
+        names = [s["name"] for s in self.get("/v2.1/servers?name=web").json()["servers"]]
+        self.assertEqual(sorted(names), ["web-0", "web-1", "web-2"])
+        self.assertEqual(len(self.get("/v2.1/servers?flavor=2").json()["servers"]), 1)
+        self.assertEqual(len(self.get("/v2.1/servers?status=ACTIVE").json()["servers"]), 4)
+        self.assertEqual(self.get("/v2.1/servers?status=SHUTOFF").json()["servers"], [])
+        self.assertEqual(self.get("/v2.1/servers?status=bogus").json()["servers"], [])
+        self.assertFault(self.get("/v2.1/servers?status=bogus", version="2.38"), 400,
+                         "badRequest")
+        ordered = [s["name"] for s in self.get(
+            "/v2.1/servers/detail?sort_key=display_name&sort_dir=asc").json()["servers"]]
+        self.assertEqual(ordered, ["db", "web-0", "web-1", "web-2"])
+        page = self.get("/v2.1/servers?limit=2").json()
+        self.assertEqual(len(page["servers"]), 2)
+        self.assertIn("marker=", page["servers_links"][0]["href"])
+        rest = self.get("/v2.1/servers?limit=2&marker=" + page["servers"][-1]["id"]).json()
+        self.assertEqual(len(rest["servers"]), 2)
+        self.assertFault(self.get("/v2.1/servers?marker=nope"), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/servers?sort_key=bogus"), 400, "badRequest")
+        self.assertFault(self.get("/v2.1/servers?metadata=x", token="admin:admin"), 400,
+                         "badRequest")
+        self.assertFault(self.get("/v2.1/servers?foo=1", version="2.75"), 400, "badRequest")
+        self.assertEqual(self.get("/v2.1/servers?foo=1").status, 200)
+        self.assertIn(ids[0], [s["id"] for s in self.get("/v2.1/servers").json()["servers"]])
+
+    def test_all_tenants(self):
+        """all_tenants is admin-only (403 for members); members see their own servers."""
+        mine = self.new_server(token="demo:demo")
+        self.new_server()
+        self.assertEqual([s["id"] for s in self.get("/v2.1/servers", token="demo:demo")
+                          .json()["servers"]], [mine])
+        self.assertFault(self.get("/v2.1/servers?all_tenants=1", token="demo:demo"), 403,
+                         "forbidden")
+        self.assertEqual(len(self.get("/v2.1/servers?all_tenants=1").json()["servers"]), 2)
+        self.assertEqual(len(self.get("/v2.1/servers?all_tenants=1&project_id=demo")
+                             .json()["servers"]), 1)
+
+    def test_tags_filters(self):
+        """tags, tags-any, not-tags and not-tags-any filter from 2.26."""
+        a = self.new_server(name="a", version="2.52", tags=["x", "y"])
+        b = self.new_server(name="b", version="2.52", tags=["y"])
+
+        def names(query):
+            return sorted(s["name"] for s in self.get("/v2.1/servers?" + query,
+                                                      version="2.26").json()["servers"])
+        self.assertEqual(names("tags=x,y"), ["a"])
+        self.assertEqual(names("tags-any=x,y"), ["a", "b"])
+        self.assertEqual(names("not-tags=x,y"), ["b"])
+        self.assertEqual(names("not-tags-any=x"), ["b"])
+        self.assertTrue(a and b)
+
+
+class ServerActionTests(ServerTestCase):
+    def test_stop_start(self):
+        """os-stop → SHUTOFF with the domain shut off; os-start → ACTIVE; wrong states 409."""
+        server_id = self.new_server()
+        self.assertEqual(self.action(server_id, {"os-stop": None}).status, 202)
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["OS-EXT-STS:power_state"]), ("SHUTOFF", 4))
+        self.assertEqual(self.domain_state(server_id), 5)
+        self.assertFault(self.action(server_id, {"os-stop": None}), 409, "conflictingRequest",
+                         f"Cannot 'stop' instance {server_id} while it is in vm_state stopped")
+        self.assertEqual(self.action(server_id, {"os-start": None}).status, 202)
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.assertEqual(self.domain_state(server_id), 1)
+        self.assertFault(self.action(server_id, {"os-start": None}), 409, "conflictingRequest")
+
+    def test_reboot(self):
+        """Soft and hard reboot end ACTIVE; soft reboot of a stopped server is 409."""
+        server_id = self.new_server()
+        self.assertEqual(self.action(server_id, {"reboot": {"type": "SOFT"}}).status, 202)
+        self.assertEqual(self.action(server_id, {"reboot": {"type": "HARD"}}).status, 202)
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.action(server_id, {"os-stop": None})
+        self.assertFault(self.action(server_id, {"reboot": {"type": "SOFT"}}), 409,
+                         "conflictingRequest")
+        self.assertEqual(self.action(server_id, {"reboot": {"type": "HARD"}}).status, 202)
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.assertFault(self.action(server_id, {"reboot": {"type": "GENTLE"}}), 400,
+                         "badRequest")
+
+    def test_pause_suspend(self):
+        """pause/unpause and suspend/resume move the domain and the status together."""
+        server_id = self.new_server()
+        self.action(server_id, {"pause": None})
+        self.assertEqual(self.server(server_id)["status"], "PAUSED")
+        self.assertEqual(self.domain_state(server_id), 3)
+        self.assertFault(self.action(server_id, {"suspend": None}), 409, "conflictingRequest")
+        self.action(server_id, {"unpause": None})
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.action(server_id, {"suspend": None})
+        self.assertEqual(self.server(server_id)["status"], "SUSPENDED")
+        self.action(server_id, {"resume": None})
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_lock(self):
+        """A locked server refuses a member's actions (409); admins may; 2.73 reason."""
+        server_id = self.new_server(token="demo:demo")
+        self.action(server_id, {"lock": {"locked_reason": "maintenance"}}, version="2.73")
+        shown = self.server(server_id, version="2.73")
+        self.assertEqual((shown["locked"], shown["locked_reason"]), (True, "maintenance"))
+        self.assertFault(self.action(server_id, {"os-stop": None}, token="demo:demo"), 409,
+                         "conflictingRequest", "is locked")
+        self.assertFault(self.delete("/v2.1/servers/" + server_id, token="demo:demo"), 409,
+                         "conflictingRequest")
+        self.assertFault(self.action(server_id, {"unlock": None}, token="demo:demo"), 403,
+                         "forbidden")
+        self.action(server_id, {"unlock": None})
+        self.assertEqual(self.action(server_id, {"os-stop": None}, token="demo:demo").status, 202)
+
+    def test_reset_state_is_admin_only(self):
+        """os-resetState sets error/active for admins; members get 403."""
+        server_id = self.new_server(token="demo:demo")
+        self.assertFault(self.action(server_id, {"os-resetState": {"state": "error"}},
+                                     token="demo:demo"), 403, "forbidden")
+        self.action(server_id, {"os-resetState": {"state": "error"}})
+        self.assertEqual(self.server(server_id)["status"], "ERROR")
+        self.action(server_id, {"os-resetState": {"state": "active"}})
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_console_output(self):
+        """os-getConsoleOutput returns the tail of the console log."""
+        server_id = self.new_server()
+        log = os.path.join(self.app.conf["instances_dir"], server_id, "console.log")
+        with open(log, "w") as f:
+            f.write("one\ntwo\nthree\n")
+        r = self.action(server_id, {"os-getConsoleOutput": {"length": 2}})
+        self.assertEqual(r.json(), {"output": "two\nthree\n"})
+        r = self.action(server_id, {"os-getConsoleOutput": {}})
+        self.assertEqual(r.json()["output"], "one\ntwo\nthree\n")
+        self.assertFault(self.action(server_id, {"os-getConsoleOutput": {"length": "x"}}), 400,
+                         "badRequest")
+
+    def test_resize_confirm_and_revert(self):
+        """resize → VERIFY_RESIZE with the new flavor and a bigger disk; confirm → ACTIVE;
+        revert restores the old flavor."""
+        server_id = self.new_server()
+        self.assertEqual(self.action(server_id, {"resize": {"flavorRef": "2"}}).status, 202)
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["flavor"]["id"]), ("VERIFY_RESIZE", "2"))
+        disk = os.path.join(self.app.conf["instances_dir"], server_id, "disk")
+        self.assertEqual(minivan.virtual_size(disk), 20 * 2 ** 30)
+        dom = self.app.driver.conn.lookupByUUIDString(server_id)
+        self.assertEqual(dom.info()[1], 2048 * 1024)
+        self.assertEqual(self.action(server_id, {"confirmResize": None}).status, 204)
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.action(server_id, {"resize": {"flavorRef": "3"}})
+        self.assertEqual(self.action(server_id, {"revertResize": None}).status, 202)
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["flavor"]["id"]), ("ACTIVE", "2"))
+        self.assertFault(self.action(server_id, {"resize": {"flavorRef": "2"}}), 400,
+                         "badRequest", "must change flavor")
+        self.assertFault(self.action(server_id, {"confirmResize": None}), 409,
+                         "conflictingRequest")
+
+    def test_rebuild(self):
+        """rebuild replaces the image and name; the response is the server with adminPass."""
+        make_image(self.app.conf["images_dir"], "other")
+        other = [i["id"] for i in self.get("/v2.1/images", version="2.35").json()["images"]
+                 if i["name"] == "other"][0]
+        server_id = self.new_server()
+        r = self.action(server_id, {"rebuild": {"imageRef": other, "name": "rebuilt",
+                                                "metadata": {"k": "v"}}})
+        self.assertEqual(r.status, 202)
+        self.assertIn("adminPass", r.json()["server"])
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["name"], server["image"]["id"],
+                          server["metadata"]), ("ACTIVE", "rebuilt", other, {"k": "v"}))
+        self.assertFault(self.action(server_id, {"rebuild": {}}), 400, "badRequest")
+
+    def test_create_image_and_backup(self):
+        """createImage writes an image (Location below 2.45, image_id from 2.45);
+        createBackup keeps `rotation` backups."""
+        server_id = self.new_server()
+        r = self.action(server_id, {"createImage": {"name": "snap", "metadata": {"a": "b"}}})
+        self.assertEqual(r.status, 202)
+        image_id = r.header("Location").rsplit("/", 1)[1]
+        image = self.get("/v2.1/images/" + image_id).json()["image"]
+        self.assertEqual((image["name"], image["status"], image["metadata"]["a"]),
+                         ("snap", "ACTIVE", "b"))
+        self.assertEqual(image["metadata"]["instance_uuid"], server_id)
+        r = self.action(server_id, {"createImage": {"name": "snap2"}}, version="2.45")
+        self.assertTrue(minivan.is_uuid_like(r.json()["image_id"]))
+        for i in range(3):
+            self.action(server_id, {"createBackup": {"name": f"b{i}", "backup_type": "daily",
+                                                     "rotation": 2}})
+        backups = [i["name"] for i in self.get("/v2.1/images/detail?type=backup").json()
+                   ["images"]]
+        self.assertEqual(sorted(backups), ["b1", "b2"])
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_shelve_unshelve(self):
+        """shelve → SHELVED_OFFLOADED with no domain; unshelve → ACTIVE again."""
+        server_id = self.new_server()
+        self.action(server_id, {"shelve": None})
+        server = self.server(server_id)
+        self.assertEqual(server["status"], "SHELVED_OFFLOADED")
+        self.assertFalse(self.app.driver.exists({"id": server_id, "instance_name": "x"}))
+        self.action(server_id, {"unshelve": None})
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        self.assertEqual(self.domain_state(server_id), 1)
+        images = [i["name"] for i in self.get("/v2.1/images").json()["images"]]
+        self.assertNotIn("vm-shelved", images)
+
+    def test_rescue_unrescue(self):
+        """rescue boots the rescue disk with the server's disk attached; unrescue undoes it."""
+        server_id = self.new_server()
+        r = self.action(server_id, {"rescue": {"adminPass": "secret"}})
+        self.assertEqual(r.json(), {"adminPass": "secret"})
+        self.assertEqual(self.server(server_id)["status"], "RESCUE")
+        xml = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
+        self.assertIn("disk.rescue", xml)
+        self.action(server_id, {"unrescue": None})
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+        xml = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
+        self.assertNotIn("disk.rescue", xml)
+
+    def test_trigger_crash_dump_and_change_password(self):
+        """trigger_crash_dump (2.17) is 202; changePassword needs a guest agent, else 409."""
+        server_id = self.new_server()
+        self.assertFault(self.action(server_id, {"trigger_crash_dump": None}), 404,
+                         "itemNotFound")
+        self.assertEqual(self.action(server_id, {"trigger_crash_dump": None},
+                                     version="2.17").status, 202)
+        # libvirt's test hypervisor answers for a guest agent; a QEMU guest without one is 409
+        self.assertEqual(self.action(server_id, {"changePassword": {"adminPass": "x"}}).status,
+                         202)
+        self.app.driver.set_admin_password = lambda *a: (_ for _ in ()).throw(
+            minivan.DriverError("no guest agent"))
+        self.assertFault(self.action(server_id, {"changePassword": {"adminPass": "x"}}), 409,
+                         "conflictingRequest")
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_instance_actions(self):
+        """Every operation is an instance action with events."""
+        server_id = self.new_server()
+        self.action(server_id, {"os-stop": None})
+        actions = self.get(f"/v2.1/servers/{server_id}/os-instance-actions").json()
+        self.assertEqual([a["action"] for a in actions["instanceActions"]], ["stop", "create"])
+        rid = actions["instanceActions"][1]["request_id"]
+        shown = self.get(f"/v2.1/servers/{server_id}/os-instance-actions/{rid}").json()
+        events = shown["instanceAction"]["events"]
+        self.assertEqual(events[0]["result"], "Success")
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/os-instance-actions/req-x"), 404,
+                         "itemNotFound")
+
+    def test_hypervisor_unreachable_answers_503(self):
+        """With the hypervisor gone, reads go on and mutations answer 503."""
+        server_id = self.new_server()
+        self.app.driver.close()
+        self.app.driver.uri = "qemu+unix:///system?socket=/nonexistent"
+        self.assertEqual(self.get("/v2.1/servers/" + server_id).status, 200)
+        self.assertFault(self.action(server_id, {"os-stop": None}), 503, "serviceUnavailable")
+        self.assertFault(self.post_server(), 503, "serviceUnavailable")
+
+
+class ServerSubresourceTests(ServerTestCase):
+    def test_metadata(self):
+        """Server metadata: set, merge, replace, item CRUD and the item limit."""
+        server_id = self.new_server(metadata={"a": "1"})
+        base = f"/v2.1/servers/{server_id}/metadata"
+        self.assertEqual(self.get(base).json(), {"metadata": {"a": "1"}})
+        self.assertEqual(self.post(base, {"metadata": {"b": "2"}}).json(),
+                         {"metadata": {"a": "1", "b": "2"}})
+        self.assertEqual(self.put(base, {"metadata": {"c": "3"}}).json(),
+                         {"metadata": {"c": "3"}})
+        self.assertEqual(self.put(base + "/d", {"meta": {"d": "4"}}).json(),
+                         {"meta": {"d": "4"}})
+        self.assertEqual(self.get(base + "/d").json(), {"meta": {"d": "4"}})
+        self.assertFault(self.put(base + "/d", {"meta": {"e": "4"}}), 400, "badRequest")
+        self.assertEqual(self.delete(base + "/d").status, 204)
+        self.assertFault(self.get(base + "/d"), 404, "itemNotFound")
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"metadata_items": 2}})
+        self.assertFault(self.post(base, {"metadata": {"x": "1", "y": "2"}}), 403, "forbidden")
+
+    def test_tags(self):
+        """Server tags API from 2.26."""
+        server_id = self.new_server()
+        base = f"/v2.1/servers/{server_id}/tags"
+        self.assertFault(self.get(base), 404, "itemNotFound")
+        v = "2.26"
+        self.assertEqual(self.put(base, {"tags": ["a", "b"]}, version=v).json(),
+                         {"tags": ["a", "b"]})
+        r = self.put(base + "/c", None, version=v)
+        self.assertEqual(r.status, 201)
+        self.assertTrue(r.header("Location").endswith("/tags/c"))
+        self.assertEqual(self.put(base + "/c", None, version=v).status, 204)
+        self.assertEqual(self.get(base + "/c", version=v).status, 204)
+        self.assertEqual(self.delete(base + "/c", version=v).status, 204)
+        self.assertFault(self.get(base + "/c", version=v), 404, "itemNotFound")
+        self.assertFault(self.put(base, {"tags": ["x" * 61]}, version=v), 400, "badRequest")
+        self.assertFault(self.put(base, {"tags": [str(i) for i in range(51)]}, version=v), 400,
+                         "badRequest")
+        self.assertEqual(self.delete(base, version=v).status, 204)
+        self.assertEqual(self.get(base, version=v).json(), {"tags": []})
+
+    def test_ips(self):
+        """GET ips and ips/{network}."""
+        server_id = self.new_server()
+        ips = self.get(f"/v2.1/servers/{server_id}/ips").json()["addresses"]
+        self.assertEqual(list(ips), ["default"])
+        self.assertEqual(set(ips["default"][0]), {"version", "addr"})
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}/ips/default").json(),
+                         {"default": ips["default"]})
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/ips/other"), 404, "itemNotFound")
+
+    def test_networks_none_and_by_uuid(self):
+        """networks 'none' gives no NICs; a network's UUID selects it."""
+        bare = self.new_server(name="bare", version="2.37", networks="none")
+        self.assertEqual(self.server(bare)["addresses"], {})
+        net = self.new_server(name="net", version="2.37", networks=[{"uuid": TEST_NETWORK_ID}])
+        self.assertIn("default", self.server(net)["addresses"])
+
+    def test_diagnostics_password_topology_security_groups(self):
+        """diagnostics (admin; 2.48 format), os-server-password, topology, security groups."""
+        server_id = self.new_server()
+        old = self.get(f"/v2.1/servers/{server_id}/diagnostics").json()
+        self.assertIn("memory", old)
+        new = self.get(f"/v2.1/servers/{server_id}/diagnostics", version="2.48").json()
+        self.assertEqual((new["state"], new["driver"], new["num_nics"]), ("running", "libvirt", 1))
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/diagnostics", token="u:admin"),
+                         403, "forbidden")
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}/os-server-password").json(),
+                         {"password": ""})
+        self.assertEqual(self.delete(f"/v2.1/servers/{server_id}/os-server-password").status,
+                         204)
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}/topology", version="2.78").json(),
+                         {"nodes": [], "pagesize_kb": None})
+        groups = self.get(f"/v2.1/servers/{server_id}/os-security-groups").json()
+        self.assertEqual(groups["security_groups"][0]["name"], "default")
+
+
+class ServerRestartTests(ServerTestCase):
+    def test_simulated_servers_survive_restart(self):
+        """test:/// domains are re-defined from the state at start-up with their power state."""
+        running = self.new_server(name="running")
+        stopped = self.new_server(name="stopped")
+        self.action(stopped, {"os-stop": None})
+        self.restart_app()
+        self.app.compute.reconcile()
+        self.assertEqual(self.domain_state(running), 1)
+        self.assertEqual(self.domain_state(stopped), 5)
+        self.assertEqual(self.server(running)["status"], "ACTIVE")
+        self.assertEqual(self.server(stopped)["status"], "SHUTOFF")
+        self.assertEqual(self.action(stopped, {"os-start": None}).status, 202)
+
+    def test_interrupted_build_and_delete(self):
+        """A build cut by a crash becomes ERROR with nothing left; a cut delete finishes."""
+        building = self.new_server(name="b")
+        deleting = self.new_server(name="d")
+        self.store.commit([["set", ["servers", building, "vm_state"], "building"],
+                           ["set", ["servers", deleting, "task_state"], "deleting"]])
+        self.restart_app()
+        self.app.compute.reconcile()
+        server = self.server(building)
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn("interrupted", server["fault"]["message"])
+        self.assertFault(self.get("/v2.1/servers/" + deleting), 404, "itemNotFound")
+
+    def test_power_sync_notices_a_guest_that_stopped(self):
+        """A domain that stops behind minivan's back makes the server SHUTOFF."""
+        server_id = self.new_server()
+        self.app.driver.conn.lookupByUUIDString(server_id).destroy()
+        self.app.compute.sync_power_states()
+        self.assertEqual(self.server(server_id)["status"], "SHUTOFF")
+
+    def test_foreign_domains_are_left_alone(self):
+        """A domain minivan did not create is never touched."""
+        conn = self.app.driver.conn
+        xml = ("<domain type='test'><name>foreign</name><memory>1024</memory><vcpu>1</vcpu>"
+               "<os><type>hvm</type></os></domain>")
+        conn.defineXML(xml).create()
+        self.new_server()
+        self.app.compute.reconcile()
+        self.app.compute.sync_power_states()
+        self.assertEqual(conn.lookupByName("foreign").state()[0], 1)
+        self.assertNotIn(conn.lookupByName("foreign").UUIDString(),
+                         self.app.driver.own_domains())

@@ -69,11 +69,12 @@ fetch_deb() {
     [[ -n $file ]] || { echo "make-guest: apt knows no package $pkg" >&2; return 1; }
     if [[ ! -s $CACHE/debs/$file ]]; then
         # (apt-get download names the file after the version, epoch as %3a: take what comes)
-        local dl=$WORK/download-$pkg got
+        local dl=$WORK/download-$pkg debs=()
         mkdir -p "$dl"
         (cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >/dev/null) ||
             { echo "make-guest: apt-get download $pkg failed" >&2; return 1; }
-        got=$(ls "$dl"/*.deb | head -n1)
+        debs=("$dl"/*.deb)
+        local got=${debs[0]}
         [[ -s $got ]] || { echo "make-guest: apt-get download $pkg gave no .deb" >&2; return 1; }
         mv "$got" "$CACHE/debs/$file.part"
         mv "$CACHE/debs/$file.part" "$CACHE/debs/$file"
