@@ -692,7 +692,7 @@ def negotiate_version(headers):
     if text is None:
         return MIN_VERSION, version_text(MIN_VERSION)
     text = text.strip()
-    version = parse_version(text.lower() if text.lower() == "latest" else text)
+    version = parse_version(text)
     if not MIN_VERSION <= version <= MAX_VERSION:
         raise NotAcceptable(f"Version {text} is not supported by the API. Minimum is "
                             f"{version_text(MIN_VERSION)} and maximum is "
@@ -771,7 +771,7 @@ def _check_string(schema, value, path):
         raise SchemaError(path, value, f"{_repr(value)} does not match {_repr(schema['pattern'])}")
     fmt = schema.get("format")
     if fmt == "name" and not NAME_RE.match(value):
-        raise SchemaError(path, value, f"{_repr(value)} is not a 'name'")
+        raise InvalidName()
     if fmt == "uuid" and not is_uuid_like(value):
         raise SchemaError(path, value, f"{_repr(value)} is not a 'uuid'")
 
@@ -824,10 +824,17 @@ def _check_array(schema, value, path, lenient):
             check_schema(schema["items"], item, path + (index,), lenient)
 
 
+class InvalidName(Exception):
+    """A 'name' with control characters or surrounding whitespace."""
+
+
 def validate_body(req, schema):
     """Check req.body against schema; 400 with Nova's message on the first problem."""
     try:
         check_schema(schema, req.body, (), lenient=req.legacy)
+    except InvalidName:
+        raise BadRequest("An invalid 'name' value was provided. The name must be: printable "
+                         "characters. Can not start or end with whitespace.") from None
     except SchemaError as e:
         if e.path:
             raise BadRequest(f"Invalid input for field/attribute {e.path[-1]}. "
@@ -1252,6 +1259,7 @@ class LibvirtDriver:
         """libvirt XML for a server: disks is [(path, target, format)]."""
         flavor = server["flavor"]
         domain_type = "test" if self.simulated else self.virt_type
+        machine = "" if self.simulated else " machine='pc'"
         meta = (f'<minivan:instance xmlns:minivan="{METADATA_NS}">'
                 f'<minivan:name>{xml_escape(server["name"])}</minivan:name>'
                 f'<minivan:owner project="{xml_escape(server["project_id"])}" '
@@ -1270,7 +1278,7 @@ class LibvirtDriver:
         if config_drive:
             devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
                            f"<source file='{xml_escape(config_drive)}'/>"
-                           f"<target dev='sda' bus='sata'/><readonly/></disk>")
+                           f"<target dev='hdd' bus='ide'/><readonly/></disk>")
         for port in server.get("ports", []):
             devices.append(f"<interface type='network'><source network="
                            f"'{xml_escape(port['network'])}'/><mac address='{port['mac']}'/>"
@@ -1287,7 +1295,7 @@ class LibvirtDriver:
                 f"<uuid>{server['id']}</uuid><metadata>{meta}</metadata>"
                 f"<memory unit='KiB'>{flavor['ram'] * 1024}</memory>"
                 f"<vcpu>{flavor['vcpus']}</vcpu>"
-                f"<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>"
+                f"<os><type arch='x86_64'{machine}>hvm</type><boot dev='hd'/></os>"
                 f"<features><acpi/><apic/></features><clock offset='utc'/>"
                 f"<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
                 f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>")
@@ -1725,7 +1733,7 @@ FILE_QUOTAS = ("injected_files", "injected_file_content_bytes", "injected_file_p
 def quota_keys(version, classes=False):
     """The quota resources a response carries at this microversion."""
     keys = list(QUOTA_DEFAULTS)
-    if version >= (2, 36) or (classes and version >= (2, 50)):
+    if version >= ((2, 50) if classes else (2, 36)):
         keys = [k for k in keys if k not in NETWORK_QUOTAS]
     if version >= (2, 57):
         keys = [k for k in keys if k not in FILE_QUOTAS]
@@ -1737,11 +1745,7 @@ def quota_keys(version, classes=False):
 def class_limits(data, name="default"):
     """Limits of a quota class: the defaults overridden by what was set on it."""
     limits = dict(QUOTA_DEFAULTS)
-    if name == "default":
-        limits.update(data["quota_classes"].get("default", {}))
-    else:
-        limits.update(data["quota_classes"].get("default", {}))
-        limits.update(data["quota_classes"].get(name, {}))
+    limits.update(data["quota_classes"].get(name, {}))
     return limits
 
 
@@ -1768,8 +1772,6 @@ def usage(data, project_id, user_id=None):
         if group.get("project_id") == project_id and (
                 user_id is None or group.get("user_id") == user_id):
             used["server_groups"] += 1
-    if user_id is not None:
-        used["key_pairs"] = len(data["keypairs"].get(user_id, {}))
     return used
 
 
@@ -1825,7 +1827,8 @@ class Request:
                 {"rel": "bookmark", "href": self.bookmark_link(*parts)}]
 
     def next_link(self, collection, marker):
-        pairs = [(k, v) for k, v in self.query_pairs if k != "marker"] + [("marker", marker)]
+        pairs = sorted([(k, v) for k, v in self.query_pairs if k != "marker"]
+                       + [("marker", marker)], key=lambda pair: pair[0])
         return [{"rel": "next",
                  "href": self.self_link(collection) + "?" + urllib.parse.urlencode(pairs)}]
 
@@ -1856,6 +1859,8 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
                 break
         else:
             raise BadRequest(marker_message % marker)
+    if req.q("limit") is not None and int(req.q("limit")) == 0:
+        return [], None
     page = items[:limit]
     more = len(page) == limit and limit > 0
     return page, (key(page[-1]) if more and page else None)
@@ -1909,7 +1914,7 @@ def versions_show(req):
     """GET /versions/{id}"""
     which = req.params["id"]
     if which not in ("v2.0", "v2.1"):
-        raise NotFound("Version %s could not be found." % which)
+        raise NotFound()
     return 200, {"version": version_entry(req.base_url, which, True)}
 
 
@@ -2042,7 +2047,7 @@ def extensions_show(req):
     for extension in EXTENSIONS:
         if extension["alias"] == req.params["id"]:
             return 200, {"extension": extension}
-    raise NotFound("Extension %s could not be found." % req.params["id"])
+    raise NotFound()
 
 
 # § 12 API: flavors, extra specs, flavor access -------------------------------
@@ -2160,10 +2165,12 @@ def flavor_list(req, detail):
                 raise BadRequest(f"Invalid {param} filter [{query[param][-1]}]") from None
     sort_key = (query.get("sort_key") or ["flavorid"])[-1]
     sort_dir = (query.get("sort_dir") or ["asc"])[-1]
-    if sort_key not in FLAVOR_SORT_KEYS:
-        raise BadRequest(f"Invalid sort_key: {sort_key}")
-    if sort_dir not in ("asc", "desc"):
-        raise BadRequest(f"Invalid sort_dir: {sort_dir}")
+    keys = [k for k in FLAVOR_SORT_KEYS if not (k == "rxtx_factor" and req.since("2.102"))]
+    for name, value, allowed in (("sort_key", sort_key, keys),
+                                 ("sort_dir", sort_dir, ["asc", "desc"])):
+        if value not in allowed:
+            raise BadRequest(f"Invalid input for query parameters {name}. Value: {value}. "
+                             f"'{value}' is not one of {allowed!r}")
     name = query.get("name", [None])[-1]
     project = req.ident.project_id
     with req.store.reading():
@@ -2175,12 +2182,12 @@ def flavor_list(req, detail):
                 continue
             if any(f[field] < value for field, value in minimum.items()):
                 continue
-            if name is not None and f["name"] != name:
+            if name is not None and not regex_match(name, f["name"]):
                 continue
             flavors.append(f)
     field = FLAVOR_SORT_KEYS[sort_key]
     flavors.sort(key=lambda f: (f[field] is None, f[field] if f[field] is not None else 0,
-                                f["id"]), reverse=sort_dir == "desc")
+                                f["seq"]), reverse=sort_dir == "desc")
     page, marker = paginate(req, flavors, lambda f: f["id"])
     body = {"flavors": [flavor_view(req, f, detail) for f in page]}
     if marker is not None:
@@ -2232,7 +2239,7 @@ def flavors_create(req):
     spec = validate_body(req, flavor_create_schema(req))["flavor"]
     name = spec["name"].strip()
     flavorid = spec.get("id")
-    flavorid = str(uuid.uuid4()) if flavorid is None else str(flavorid).strip()
+    flavorid = str(uuid.uuid4()) if not flavorid else str(flavorid).strip()
     if not re.match(FLAVOR_ID_PATTERN, flavorid):
         raise BadRequest("Invalid input received: id must be 1-255 letters, digits, "
                          "'.', '_', '-' or spaces (not at either end)")
@@ -2456,8 +2463,8 @@ def extra_specs_create(req):
         "type": "object", "additionalProperties": False, "required": ["extra_specs"],
         "properties": {"extra_specs": {"type": "object", "additionalProperties": False,
                                        "patternProperties": {EXTRA_SPEC_KEY: EXTRA_SPEC_VALUE}}}})
-    specs = clean_extra_specs(req, body["extra_specs"])
-    return 200, {"extra_specs": set_extra_specs(req, specs)}
+    set_extra_specs(req, clean_extra_specs(req, body["extra_specs"]))
+    return 200, body
 
 
 def set_extra_specs(req, specs):
@@ -2491,7 +2498,8 @@ def extra_specs_update(req):
         raise BadRequest("Request body and URI mismatch")
     if len(body) > 1:
         raise BadRequest("Request body contains too many items")
-    return 200, set_extra_specs(req, clean_extra_specs(req, body))
+    set_extra_specs(req, clean_extra_specs(req, body))
+    return 200, body
 
 
 def extra_specs_delete(req):
@@ -2570,7 +2578,8 @@ def x509_fingerprint(public_key):
         if len(der) < 4 or der[0] != 0x30 or der_total_length(der) != len(der):
             raise ValueError("not DER")
     except (ValueError, binascii.Error):
-        raise BadRequest("Keypair data is invalid: failed to generate fingerprint") from None
+        raise BadRequest("Keypair data is invalid: failed to generate X509 fingerprint. "
+                         "Error message: not a PEM certificate") from None
     return colon_hex(hashlib.sha1(der, usedforsecurity=False).digest())
 
 
@@ -2687,12 +2696,12 @@ def generate_ssh_keypair():
                 with open(path, encoding="ascii") as f:
                     private = f.read()
                 with open(path + ".pub", encoding="ascii") as f:
-                    return private, f.read().strip() + "\n"
+                    return private, f.read().strip()
             LOG.warning("ssh-keygen failed (%s); generating the key in Python",
                         done.stderr.decode(errors="replace").strip())
     n, e, d, p, q = rsa_generate()
     blob = ssh_string(b"ssh-rsa") + ssh_mpint(e) + ssh_mpint(n)
-    public = "ssh-rsa " + base64.b64encode(blob).decode("ascii") + " Generated-by-Nova\n"
+    public = "ssh-rsa " + base64.b64encode(blob).decode("ascii") + " Generated-by-Nova"
     return rsa_private_pem(n, e, d, p, q), public
 
 
@@ -2752,7 +2761,7 @@ def keypair_query(req, with_paging):
     if with_paging and req.since("2.35"):
         allowed += ["limit", "marker"]
     query = validate_query(req, allowed, strict_since="2.75")
-    return query.get("user_id", [None])[-1]
+    return query.get("user_id", [None])[0]
 
 
 def keypairs_index(req):
@@ -2893,15 +2902,15 @@ def limits_index(req):
     return 200, {"limits": {"rate": [], "absolute": absolute}}
 
 
-def quota_target(req, rule, persona, with_user=True):
+def quota_target(req, rule, persona, with_user=True, verify=True):
     """(project, user or None) of an os-quota-sets call, authorized and verified."""
     allowed = ["user_id"] if with_user else []
-    query = validate_query(req, allowed, strict_since="2.75" if with_user else "2.102")
+    query = validate_query(req, allowed, strict_since="2.75" if with_user else None)
     project_id = req.params["id"]
     authorize(req, rule, persona, project_id)
-    if not req.app.auth.project_exists(project_id):
+    if verify and not req.app.auth.project_exists(project_id):
         raise BadRequest(f"Project ID {project_id} is not a valid project.")
-    return project_id, query.get("user_id", [None])[-1]
+    return project_id, query.get("user_id", [None])[0]
 
 
 def quota_sets_show(req):
@@ -2919,8 +2928,6 @@ def quota_sets_detail(req):
     with req.store.reading():
         limits = project_limits(req.store.data, project_id, user_id)
         used = usage(req.store.data, project_id, user_id)
-        if user_id is None:
-            used["key_pairs"] = len(req.store.data["keypairs"].get(req.ident.user_id, {}))
     body = {"id": project_id}
     body.update({k: {"in_use": used[k], "limit": limits[k], "reserved": 0}
                  for k in quota_keys(req.version)})
@@ -2946,6 +2953,20 @@ def quota_update_schema(root, keys, with_force):
                                   "properties": props}}}
 
 
+def settable_quota(data, project_id, user_id, key):
+    """(minimum, maximum) a quota may be set to, as Nova's get_settable_quotas (-1: none)."""
+    users = data["user_quotas"].get(project_id, {})
+    if user_id is None:
+        explicit = [q[key] for q in users.values() if key in q and q[key] >= 0]
+        return max(sum(explicit), usage(data, project_id)[key]), -1
+    project_limit = project_limits(data, project_id)[key]
+    used = usage(data, project_id, user_id)[key]
+    if project_limit == -1:
+        return used, -1
+    others = sum(q[key] for u, q in users.items() if u != user_id and key in q and q[key] >= 0)
+    return used, max(project_limit - others, 0)
+
+
 def quota_sets_update(req):
     """PUT /os-quota-sets/{id}"""
     project_id, user_id = quota_target(req, "os_compute_api:os-quota-sets:update", "admin")
@@ -2955,16 +2976,16 @@ def quota_sets_update(req):
     values = {k: to_int_field(k, v, -1) for k, v in body.items()}
 
     def plan(data):
-        current = project_limits(data, project_id, user_id)
-        used = usage(data, project_id, user_id)
-        project = project_limits(data, project_id)
         for key, value in values.items():
-            if not force and value != -1 and current[key] != value and used[key] > value:
+            minimum, maximum = settable_quota(data, project_id, user_id, key)
+            if force:
+                continue
+            if minimum != -1 and value != -1 and value < minimum:
                 raise BadRequest(f"Quota limit {value} for {key} must be greater than or "
-                                 f"equal to already used and reserved {used[key]}.")
-            if user_id is not None and project[key] != -1 and (value == -1 or value > project[key]):
+                                 f"equal to already used and reserved {minimum}.")
+            if maximum != -1 and (value == -1 or value > maximum):
                 raise BadRequest(f"Quota limit {value} for {key} must be less than or equal "
-                                 f"to {project[key]}.")
+                                 f"to {maximum}.")
         if user_id is None:
             return [["set", ["quotas", project_id],
                      dict(data["quotas"].get(project_id, {}), **values)]]
@@ -2979,7 +3000,8 @@ def quota_sets_update(req):
 
 def quota_sets_delete(req):
     """DELETE /os-quota-sets/{id}"""
-    project_id, user_id = quota_target(req, "os_compute_api:os-quota-sets:delete", "admin")
+    project_id, user_id = quota_target(req, "os_compute_api:os-quota-sets:delete", "admin",
+                                       verify=False)
 
     def plan(data):
         if user_id is None:
@@ -2990,11 +3012,12 @@ def quota_sets_delete(req):
     return 202, None
 
 
-def quota_class_name(req):
-    validate_query(req, (), strict_since="2.102")
+def quota_class_name(req, update=False):
     name = req.params["id"]
-    if not 1 <= len(name) <= 255:
-        raise BadRequest("quota_class_name has a length of 1 to 255 characters.")
+    if not update:
+        validate_query(req, (), strict_since="2.102")
+    elif len(name) > 255:
+        raise BadRequest(f"quota_class_name has {len(name)} characters, more than 255.")
     return name
 
 
@@ -3009,7 +3032,7 @@ def quota_classes_show(req):
 
 def quota_classes_update(req):
     """PUT /os-quota-class-sets/{id}"""
-    name = quota_class_name(req)
+    name = quota_class_name(req, update=True)
     keys = quota_keys(req.version, classes=True)
     if not req.since("2.50"):
         keys += ["server_groups", "server_group_members"]
@@ -3033,7 +3056,7 @@ def availability_zones_index(req):
     validate_query(req, (), strict_since="2.102")
     zone = req.app.conf["availability_zone"]
     return 200, {"availabilityZoneInfo": [{"zoneName": zone, "zoneState": {
-        "available": req.app.compute_available()}, "hosts": None}]}
+        "available": True}, "hosts": None}]}
 
 
 def availability_zones_detail(req):
@@ -3046,12 +3069,12 @@ def availability_zones_detail(req):
     def service(alive):
         return {"available": alive, "active": True, "updated_at": now}
 
-    return 200, {"availabilityZoneInfo": [
+    return 200, {"availabilityZoneInfo": sorted([
         {"zoneName": "internal", "zoneState": {"available": True},
          "hosts": {host: {"nova-conductor": service(True), "nova-scheduler": service(True)}}},
-        {"zoneName": req.app.conf["availability_zone"], "zoneState": {"available": up},
+        {"zoneName": req.app.conf["availability_zone"], "zoneState": {"available": True},
          "hosts": {host: {"nova-compute": service(up)}}},
-    ]}
+    ], key=lambda zone: zone["zoneName"])}
 
 
 # § servers: states, lookups, views ------------------------------------------------
@@ -6104,8 +6127,6 @@ class App:
         return Response(fault.code, fault.body(), headers)
 
     def route(self, req, method, rest, body):
-        if rest.endswith(".json"):
-            rest = rest[:-5]
         if rest in ("", "/"):
             if method not in ("GET", "HEAD"):
                 raise BadMethod(headers={"Allow": "GET"})

@@ -480,9 +480,9 @@ class RoutingTests(AppTestCase):
                          "Malformed request URL: URL's project_id 'other' doesn't match "
                          "Context's project_id 'admin'")
 
-    def test_json_suffix(self):
-        """A .json suffix selects JSON and changes nothing else."""
-        self.assertEqual(self.get("/v2.1/flavors/1.json").json()["flavor"]["id"], "1")
+    def test_json_suffix_is_part_of_the_id(self):
+        """A .json suffix is not stripped (as Nova's router): it is part of the id."""
+        self.assertFault(self.get("/v2.1/flavors/1.json"), 404, "itemNotFound")
 
     def test_action_dispatch(self):
         """POST .../action: one key dispatches; unknown and several keys are 400."""
@@ -801,7 +801,7 @@ class FlavorTests(AppTestCase):
         """Extra specs: set, list, show, update one, delete; numbers become strings."""
         r = self.post("/v2.1/flavors/1/os-extra_specs",
                       {"extra_specs": {"hw:cpu_policy": "shared", "key1": 5}})
-        self.assertEqual(r.json(), {"extra_specs": {"hw:cpu_policy": "shared", "key1": "5"}})
+        self.assertEqual(r.json(), {"extra_specs": {"hw:cpu_policy": "shared", "key1": 5}})
         self.assertEqual(self.get("/v2.1/flavors/1/os-extra_specs", token="demo:demo").json(),
                          {"extra_specs": {"hw:cpu_policy": "shared", "key1": "5"}})
         self.assertEqual(self.get("/v2.1/flavors/1/os-extra_specs/key1").json(), {"key1": "5"})
@@ -1045,7 +1045,8 @@ class LimitsQuotaTests(AppTestCase):
         self.assertEqual(d["instances"], 10)
         self.post("/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY}})
         detail = self.get("/v2.1/os-quota-sets/admin/detail").json()["quota_set"]
-        self.assertEqual(detail["key_pairs"], {"in_use": 1, "limit": 100, "reserved": 0})
+        # as Nova, key pairs are counted per user, never as project usage
+        self.assertEqual(detail["key_pairs"], {"in_use": 0, "limit": 100, "reserved": 0})
 
     def test_quota_policy(self):
         """Members read their own project's quotas only; only admins update."""
@@ -1077,15 +1078,20 @@ class LimitsQuotaTests(AppTestCase):
         self.assertFault(self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"fixed_ips": 1}},
                                   version="2.36"), 400, "badRequest")
 
-    def test_quota_below_usage_needs_force(self):
-        """A limit below what is in use is 400 unless force is set."""
-        for name in "ab":
-            self.post("/v2.1/os-keypairs", {"keypair": {"name": name, "public_key": SAMPLE_KEY}})
-        body = {"quota_set": {"key_pairs": 1}}
-        self.assertFault(self.put("/v2.1/os-quota-sets/admin?user_id=admin", body), 400,
-                         "badRequest")
-        body["quota_set"]["force"] = True
-        self.assertEqual(self.put("/v2.1/os-quota-sets/admin?user_id=admin", body).status, 200)
+    def test_user_quotas_share_the_project_limit(self):
+        """Users' quotas together may not exceed the project's; force skips the check, and
+        a project limit may not drop below its users' quotas."""
+        self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 30}})
+        self.assertEqual(self.put("/v2.1/os-quota-sets/demo?user_id=bob",
+                                  {"quota_set": {"cores": 25}}).status, 200)
+        self.assertFault(self.put("/v2.1/os-quota-sets/demo?user_id=carl",
+                                  {"quota_set": {"cores": 25}}), 400, "badRequest",
+                         "must be less than or equal to 5.")
+        self.assertEqual(self.put("/v2.1/os-quota-sets/demo?user_id=carl",
+                                  {"quota_set": {"cores": 40, "force": True}}).status, 200)
+        self.assertFault(self.put("/v2.1/os-quota-sets/demo", {"quota_set": {"cores": 10}}),
+                         400, "badRequest", "greater than or equal to already used and "
+                         "reserved 65.")
 
     def test_per_user_quotas(self):
         """user_id scopes quotas to one user and may not exceed the project's."""
@@ -2400,6 +2406,16 @@ class ServerLifecycleTests(ServerTestCase):
                          "memory is too small")
         self.assertFault(self.post_server(imageRef=image["id"], flavorRef="4"), 400,
                          "badRequest", "disk is too small")
+
+    def test_quota_below_usage_needs_force(self):
+        """A limit below what is in use is 400 unless force is set."""
+        self.new_server()
+        self.new_server()
+        body = {"quota_set": {"instances": 1}}
+        self.assertFault(self.put("/v2.1/os-quota-sets/admin", body), 400, "badRequest",
+                         "already used and reserved 2")
+        body["quota_set"]["force"] = True
+        self.assertEqual(self.put("/v2.1/os-quota-sets/admin", body).status, 200)
 
     def test_quota_exceeded(self):
         """Creating past the instances quota is 403 with Nova's message."""

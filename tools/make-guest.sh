@@ -128,7 +128,13 @@ if [[ ! -s $KDIR/modules.load ]]; then
             }
         }' "$X/lib/modules/$KVER/modules.dep" > "$WORK/order"
     while read -r name rel; do
-        cp "$X/lib/modules/$KVER/$rel" "$KDIR.new/modules/$name.ko"
+        src=$X/lib/modules/$KVER/$rel dst=$KDIR.new/modules/$name.ko
+        case $rel in   # busybox insmod wants plain .ko (bookworm's are; newer kernels compress)
+            *.ko.xz) xz -dc "$src" > "$dst" ;;
+            *.ko.zst) zstd -qdc "$src" > "$dst" ;;
+            *.ko.gz) gzip -dc "$src" > "$dst" ;;
+            *) cp "$src" "$dst" ;;
+        esac
         echo "$name" >> "$KDIR.new/modules.load"
     done < "$WORK/order"
     rm -rf "$KDIR" "$X" && mv "$KDIR.new" "$KDIR"
