@@ -1310,6 +1310,21 @@ class LibvirtDriver:
                 dom.create()
             return dom
         self._call("creating the domain", define)
+        if start:
+            self._simulated_console(server, "booted")
+
+    def _simulated_console(self, server, what):
+        """libvirt's test hypervisor has no serial port: its guests' console says what
+        happened to them, so os-getConsoleOutput shows something real about them."""
+        if not self.simulated:
+            return
+        path = self.instance_path(server, "console.log")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{server['instance_name']} (libvirt test hypervisor): {what}\n")
+        except OSError:
+            pass
 
     def redefine(self, server, disks, config_drive=None, rescue=None):
         """Replace the stopped domain's definition (resize, rescue, unrescue)."""
@@ -1351,6 +1366,7 @@ class LibvirtDriver:
         dom = self._domain(server)
         if not self._call("reading the domain state", dom.isActive):
             self._call("starting the domain", dom.create)
+            self._simulated_console(server, "booted")
         elif self._call("reading the domain state", dom.state)[0] == \
                 self.libvirt.VIR_DOMAIN_PAUSED:
             self._call("resuming the domain", dom.resume)
@@ -1379,8 +1395,10 @@ class LibvirtDriver:
             if self._call("reading the domain state", dom.isActive):
                 self._call("stopping the domain", dom.destroy)
             self._call("starting the domain", dom.create)
+            self._simulated_console(server, "booted")
             return
         self._call("rebooting the guest", dom.reboot, 0)
+        self._simulated_console(server, "rebooted")
 
     def pause(self, server):
         self._call("pausing the domain", self._domain(server).suspend)
@@ -1394,6 +1412,7 @@ class LibvirtDriver:
 
     def resume(self, server):
         self._call("resuming the domain", self._domain(server).create)
+        self._simulated_console(server, "resumed")
 
     def trigger_crash_dump(self, server):
         self._call("injecting an NMI", self._domain(server).injectNMI, 0)
@@ -2796,6 +2815,7 @@ def keypairs_create(req):
     kind = body.get("type", "ssh")
     name = body["name"]
     private = None
+    check_keypair_quota(req, user_id)
     if "public_key" in body:
         public = body["public_key"]
         fingerprint = x509_fingerprint(public) if kind == "x509" else ssh_fingerprint(public)
@@ -2823,14 +2843,19 @@ def keypairs_create(req):
     return (201 if req.since("2.2") else 200), {"keypair": view}
 
 
-def check_keypair_room(req, user_id, name):
+def check_keypair_quota(req, user_id):
     data = req.store.data
     owned = data["keypairs"].get(user_id, {})
-    if name in owned:
-        raise Conflict(f"Key pair '{name}' already exists.")
     limit = project_limits(data, req.ident.project_id, user_id)["key_pairs"]
     if limit >= 0 and len(owned) + 1 > limit:
         raise Forbidden("Quota exceeded, too many key pairs.")
+
+
+def check_keypair_room(req, user_id, name):
+    """Quota first, then the name (Nova's order: 403 before 409)."""
+    check_keypair_quota(req, user_id)
+    if name in req.store.data["keypairs"].get(user_id, {}):
+        raise Conflict(f"Key pair '{name}' already exists.")
 
 
 def find_keypair(req, rule):
@@ -3175,7 +3200,7 @@ def server_view(req, server, kind="show"):
     full = kind in ("show", "detail") or req.since("2.75")
     view = {"accessIPv4": server.get("access_ip_v4") or "",
             "accessIPv6": server.get("access_ip_v6") or "",
-            "addresses": server_addresses(server),
+            "addresses": server_addresses(server, with_ext=kind in ("show", "detail")),
             "created": isotime(parse_isotime(server["created_at"])),
             "flavor": server_flavor_view(req, server), "hostId": host_id(server),
             "id": server["id"], "image": server_image_view(req, server),
@@ -3192,7 +3217,9 @@ def server_view(req, server, kind="show"):
         view["adminPass"] = server["admin_pass"]
     if full:
         add_full_server_fields(req, server, view)
-    elif kind == "rebuild":
+        if kind == "rebuild":
+            view.pop("OS-EXT-SRV-ATTR:user_data", None)
+    if kind == "rebuild":
         if req.since("2.54"):
             view["key_name"] = server.get("key_name")
         if req.since("2.57"):
@@ -3902,6 +3929,7 @@ def check_create_formats(spec, req):
     for field, version in (("accessIPv4", 4), ("accessIPv6", 6)):
         if field in spec:
             check_ip(field, spec[field], version)
+            spec[field] = ipaddress.ip_address(spec[field]).compressed
     if "user_data" in spec and spec["user_data"] is not None:
         try:
             base64.b64decode(spec["user_data"], validate=True)
@@ -4447,6 +4475,7 @@ def servers_update(req):
     for field, version in (("accessIPv4", 4), ("accessIPv6", 6)):
         if field in spec:
             check_ip(field, spec[field], version)
+            spec[field] = ipaddress.ip_address(spec[field]).compressed
     fields = {"name": "name", "OS-DCF:diskConfig": "disk_config", "accessIPv4": "access_ip_v4",
               "accessIPv6": "access_ip_v6", "description": "description",
               "hostname": "hostname"}
@@ -5129,6 +5158,44 @@ def server_action_force_delete(req):
     run_action(req, "forceDelete", "deleting", "forceDelete", "compute_terminate_instance",
                compute.delete)
     return 202, None
+
+
+def security_group_action(req, key, change):
+    name = validate_body(req, {"type": "object", "required": [key], "properties": {key: {
+        "type": "object", "additionalProperties": False, "required": ["name"],
+        "properties": {"name": {"type": "string", "minLength": 1}}}}})[key]["name"]
+    server_id = req.params["server_id"]
+
+    def plan(data):
+        server = find_server(req, server_id)
+        if name != "default" and name not in data.get("security_groups", {}):
+            raise NotFound(f"Security group {name} not found.")
+        groups = change(list(server.get("security_groups", [])), name, server_id)
+        return [["set", ["servers", server_id], dict(
+            server, security_groups=groups, updated_at=isotime_us(req.app.clock.now()))]]
+
+    req.store.transaction(plan)
+    return 202, None
+
+
+def server_action_add_security_group(req):
+    """POST /servers/{server_id}/action addSecurityGroup"""
+    def add(groups, name, server_id):
+        if name in groups:
+            raise BadRequest(f"Security group {name} is already associated with the instance "
+                             f"{server_id}")
+        return groups + [name]
+    return security_group_action(req, "addSecurityGroup", add)
+
+
+def server_action_remove_security_group(req):
+    """POST /servers/{server_id}/action removeSecurityGroup"""
+    def remove(groups, name, server_id):
+        if name not in groups:
+            raise BadRequest(f"Security group {name} not associated with the instance "
+                             f"{server_id}")
+        return [g for g in groups if g != name]
+    return security_group_action(req, "removeSecurityGroup", remove)
 
 
 # -- sub-resources ------------------------------------------------------------------
@@ -5850,8 +5917,8 @@ POST   /servers/{server_id}/action                    os-getRDPConsole     -    
 POST   /servers/{server_id}/action                    os-getSerialConsole  2.1  2.5   member  -                                os_compute_api:os-remote-consoles
 POST   /servers/{server_id}/action                    rescue               2.1  2.104 member  server_action_rescue             os_compute_api:os-rescue
 POST   /servers/{server_id}/action                    unrescue             2.1  2.104 member  server_action_unrescue           os_compute_api:os-unrescue
-POST   /servers/{server_id}/action                    addSecurityGroup     2.1  2.104 member  -                                os_compute_api:os-security-groups:add
-POST   /servers/{server_id}/action                    removeSecurityGroup  2.1  2.104 member  -                                os_compute_api:os-security-groups:remove
+POST   /servers/{server_id}/action                    addSecurityGroup     2.1  2.104 member  server_action_add_security_group os_compute_api:os-security-groups:add
+POST   /servers/{server_id}/action                    removeSecurityGroup  2.1  2.104 member  server_action_remove_security_group os_compute_api:os-security-groups:remove
 POST   /servers/{server_id}/action                    shelve               2.1  2.104 member  server_action_shelve             os_compute_api:os-shelve:shelve
 POST   /servers/{server_id}/action                    shelveOffload        2.1  2.104 admin   server_action_shelve_offload     os_compute_api:os-shelve:shelve_offload
 POST   /servers/{server_id}/action                    unshelve             2.1  2.104 member  server_action_unshelve           os_compute_api:os-shelve:unshelve

@@ -105,28 +105,30 @@ min_microversion = 2.1
 max_microversion = latest
 flavor_ref = 1
 flavor_ref_alt = 2
+image_ref = ${TEMPEST_IMAGE_REF:-}
+image_ref_alt = ${TEMPEST_IMAGE_REF_ALT:-${TEMPEST_IMAGE_REF:-}}
 build_timeout = 60
 min_compute_nodes = 1
 
 [compute-feature-enabled]
 # everything that needs a real guest, console, migration or another service
 change_password = False
-console_output = False
-resize = False
-pause = False
+console_output = True
+resize = True
+pause = True
 shelve = False
 shelve_migrate = False
-suspend = False
+suspend = True
 cold_migration = False
 live_migration = False
-rescue = False
+rescue = True
 stable_rescue = False
 snapshot = False
 interface_attach = False
 attach_encrypted_volume = False
 config_drive = False
 metadata_service = False
-enable_instance_password = False
+enable_instance_password = True
 personality = False
 disk_config = False
 swap_volume = False
