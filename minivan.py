@@ -1319,10 +1319,19 @@ class LibvirtDriver:
         if not self.simulated:
             return
         path = self.instance_path(server, "console.log")
+        name = server["instance_name"]
+        lines = [f"{name} (libvirt test hypervisor): powered on"]
+        if what == "booted":
+            flavor = server["flavor"]
+            lines.append(f"{name}: {flavor['vcpus']} vcpu(s), {flavor['ram']} MiB memory, "
+                         f"root disk {flavor['disk']} GiB")
+            lines += [f"{name}: eth{i} {port['mac']} on network {port['network']}"
+                      for i, port in enumerate(server.get("ports", []))]
+        lines.append(f"{name}: {what}")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
-                f.write(f"{server['instance_name']} (libvirt test hypervisor): {what}\n")
+                f.write("".join(line + "\n" for line in lines))
         except OSError:
             pass
 
@@ -3235,8 +3244,8 @@ def add_full_server_fields(req, server, view):
     view["key_name"] = server.get("key_name")
     view["OS-SRV-USG:launched_at"] = server.get("launched_at")
     view["OS-SRV-USG:terminated_at"] = server.get("terminated_at")
-    if server.get("ports"):
-        view["security_groups"] = [{"name": n} for n in server.get("security_groups", [])]
+    if server.get("ports") and server.get("security_groups"):
+        view["security_groups"] = [{"name": n} for n in server["security_groups"]]
     if admin:
         view["OS-EXT-SRV-ATTR:host"] = server.get("host")
         view["OS-EXT-SRV-ATTR:instance_name"] = server["instance_name"]
@@ -4824,9 +4833,8 @@ def server_action_get_console_output(req):
     if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
         raise Conflict(f"Instance {server['id']} is not ready")
     output = req.app.compute.driver.get_console_output(server)
-    if length is not None and length >= 0:
-        lines = output.splitlines(keepends=True)
-        output = "".join(lines[-length:]) if length else ""
+    if length is not None:       # Nova's _tail_log: the last `length` '\n'-separated pieces
+        output = "\n".join(output.split("\n")[-length:]) if length else ""
     return 200, {"output": output}
 
 

@@ -1827,9 +1827,12 @@ class TempestSchemaTests(AppTestCase):
 BIN = os.path.dirname(sys.executable)
 
 
-def start_minivan(test_cls, port, args=(), env_extra=None):
-    """A minivan.py process on 127.0.0.1:port with its own data directory."""
+def start_minivan(test_cls, port, args=(), env_extra=None, images=()):
+    """A minivan.py process on 127.0.0.1:port with its own data directory (and these
+    images in its image directory)."""
     data = tempfile.mkdtemp(prefix="minivan-e2e-")
+    for name in images:
+        make_image(os.path.join(data, "images"), name)
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
                MINIVAN_LIBVIRT_URI="test:///default")
     env.update(env_extra or {})
@@ -2044,7 +2047,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
             "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
             "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1"})
+            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"},
+            images=("cirros", "cirros-alt"))
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.tokens = {}
 
@@ -2200,9 +2204,13 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
                       if line.strip() and not line.startswith("#")]
         work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
                             "tempest")
+        images = {i["name"]: i["id"] for i in self.api(
+            "GET", "/images", self.token("admin", "admin")).json()["images"]}
+        env = dict(os.environ, TEMPEST_IMAGE_REF=images["cirros"],
+                   TEMPEST_IMAGE_REF_ALT=images["cirros-alt"])
         done = subprocess.run([os.path.join(HERE, "tools", "tempest.sh"), work,
                                os.environ["MINIVAN_TEST_KEYSTONE_ENV"], listing],
-                              capture_output=True, text=True, timeout=1800)
+                              capture_output=True, text=True, timeout=2400, env=env)
         output = done.stdout + done.stderr
         tail = "\n".join(output.splitlines()[-40:])
         self.assertEqual(done.returncode, 0, tail)
@@ -2585,7 +2593,7 @@ class ServerActionTests(ServerTestCase):
         log = os.path.join(self.app.conf["instances_dir"], server_id, "console.log")
         with open(log, "w") as f:
             f.write("one\ntwo\nthree\n")
-        r = self.action(server_id, {"os-getConsoleOutput": {"length": 2}})
+        r = self.action(server_id, {"os-getConsoleOutput": {"length": 3}})
         self.assertEqual(r.json(), {"output": "two\nthree\n"})
         r = self.action(server_id, {"os-getConsoleOutput": {}})
         self.assertEqual(r.json()["output"], "one\ntwo\nthree\n")
