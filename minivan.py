@@ -1535,7 +1535,7 @@ def image_format(path):
 
 
 def virtual_size(path):
-    return json.loads(qemu_img("info", "--output=json", path))["virtual-size"]
+    return json.loads(qemu_img("info", "-U", "--output=json", path))["virtual-size"]
 
 
 def create_server_disks(instance_dir, base_path, flavor):
@@ -1685,20 +1685,6 @@ class LocalImages:
                                     digest.hexdigest()]])
             return target
 
-    def create_snapshot(self, name, source_disk, owner, properties, min_disk, min_ram):
-        """Write a server's disk as a new qcow2 image; returns the record."""
-        image_id = str(uuid.uuid4())
-        filename = f"{image_id}.qcow2"
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = os.path.join(self.dir, "." + filename + ".part")
-        qemu_img("convert", "-q", "-O", "qcow2", source_disk, tmp)
-        os.replace(tmp, os.path.join(self.dir, filename))
-        record = self._record_for(filename, os.path.join(self.dir, filename))
-        record.update({"id": image_id, "name": name, "owner": owner, "visibility": "private",
-                       "properties": properties, "min_disk": min_disk, "min_ram": min_ram})
-        self.store.commit([["set", ["images", image_id], record]])
-        return record
-
     def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
         """A 'queued' record for a snapshot still being written (no file yet)."""
         image_id = str(uuid.uuid4())
@@ -1723,7 +1709,7 @@ class LocalImages:
         tmp = os.path.join(self.dir, "." + record["file"] + ".part")
         os.makedirs(self.dir, exist_ok=True)
         if source_disk and os.path.exists(source_disk):
-            qemu_img("convert", "-q", "-O", "qcow2", source_disk, tmp)
+            qemu_img("convert", "-q", "-U", "-O", "qcow2", source_disk, tmp)
         else:
             qemu_img("create", "-q", "-f", "qcow2", tmp, "1G")
         os.replace(tmp, path)

@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2845,3 +2846,212 @@ class ServerRestartTests(ServerTestCase):
         self.assertEqual(conn.lookupByName("foreign").state()[0], 1)
         self.assertNotIn(conn.lookupByName("foreign").UUIDString(),
                          self.app.driver.own_domains())
+
+
+# -- real QEMU guests under libvirtd ---------------------------------------------------------
+
+GUEST_IMAGE = os.environ.get("MINIVAN_TEST_GUEST_IMAGE", "")
+GUEST_NETWORK = os.environ.get("MINIVAN_TEST_LIBVIRT_NETWORK", "minivan-test")
+
+
+def wait_until(predicate, timeout=120, interval=0.5, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RealGuestTests(unittest.TestCase):
+    """A real tiny guest (tools/make-guest.sh) booted by QEMU under libvirtd on an isolated
+    network, driven by openstacksdk, novaclient and openstackclient.  Nothing connects to
+    the guest: its state is read from libvirt (domain state, console log, DHCP leases)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ready = bool(GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
+                         and have_clients())
+        if not cls.ready:
+            return
+        libvirt = minivan.import_libvirt()
+        try:
+            cls.conn = libvirt.open("qemu:///system")
+            cls.conn.networkLookupByName(GUEST_NETWORK)
+        except libvirt.libvirtError:
+            cls.ready = False
+            return
+        cls.port = free_port()
+        cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
+        data_images = tempfile.mkdtemp(prefix="minivan-guest-images-")
+        shutil.copy(GUEST_IMAGE, os.path.join(data_images, "minivan-guest.qcow2"))
+        start_minivan(cls, cls.port, env_extra={
+            "MINIVAN_LIBVIRT_URI": "qemu:///system", "MINIVAN_VIRT_TYPE": "qemu",
+            "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_IMAGES_DIR": data_images,
+            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"})
+        cls.images_dir = data_images
+        import openstack
+        cls.sdk = openstack.connect(auth_type="none", auth={"endpoint": cls.url},
+                                    compute_endpoint_override=cls.url, identity_api_version="3")
+        cls.image_id = cls.sdk.compute.get(
+            "/images", microversion="2.35").json()["images"][0]["id"]
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "ready", False):
+            stop_minivan(cls)
+            shutil.rmtree(cls.images_dir, True)
+            cls.conn.close()
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no real-guest setup (tools/test.sh runs tools/libvirt-up.sh and "
+                               "tools/make-guest.sh; needs MINIVAN_TEST_GUEST_IMAGE)")
+
+    # -- helpers -------------------------------------------------------------------
+    def nova(self, version="2.96"):
+        from keystoneauth1 import noauth, session
+        from novaclient import client
+        sess = session.Session(auth=noauth.NoAuth(endpoint=self.url))
+        return client.Client(version, session=sess, endpoint_override=self.url)
+
+    def osc(self, *args):
+        done = subprocess.run([os.path.join(BIN, "openstack"), "--os-auth-type", "none",
+                               "--os-endpoint", self.url, "--os-identity-api-version", "3",
+                               *args], capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
+        return done.stdout
+
+    def boot(self, name, **extra):
+        """Create through openstacksdk; returns (server, seconds from POST to ACTIVE)."""
+        started = time.monotonic()
+        server = self.sdk.compute.create_server(name=name, image_id=self.image_id,
+                                                flavor_id="1", networks="auto", **extra)
+        server = self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120,
+                                                  interval=0.2)
+        elapsed = time.monotonic() - started
+        self.addCleanup(self.destroy, server.id)
+        return server, elapsed
+
+    def destroy(self, server_id):
+        from openstack import exceptions
+        try:
+            self.sdk.compute.delete_server(server_id)
+            self.sdk.compute.wait_for_delete(self.sdk.compute.get_server(server_id), wait=120)
+        except exceptions.NotFoundException:
+            pass
+
+    def domain(self, server_id):
+        return self.conn.lookupByUUIDString(server_id)
+
+    def console(self, server_id):
+        return self.nova().servers.get_console_output(server_id)
+
+    def wait_status(self, server_id, status):
+        return wait_until(lambda: self.sdk.compute.get_server(server_id).status == status,
+                          what=f"{server_id} {status}")
+
+    def wait_console(self, server_id, text, count=1):
+        return wait_until(lambda: self.console(server_id).count(text) >= count, timeout=180,
+                          what=f"console line {text!r} x{count}")
+
+    def lease_of(self, mac):
+        network = self.conn.networkLookupByName(GUEST_NETWORK)
+        for lease in network.DHCPLeases():
+            if lease["mac"].lower() == mac.lower():
+                return lease["ipaddr"]
+        return None
+
+    # -- the lifecycle -----------------------------------------------------------
+    def test_lifecycle_of_a_real_guest(self):
+        """create → ACTIVE → boot line → DHCP address in `addresses` → stop/start/reboot/
+        pause/suspend/resize/rebuild/createImage/shelve/unshelve/rescue → delete leaves no
+        domain and no disk."""
+        server, _ = self.boot("real-1")
+        sid = server.id
+        self.assertEqual(self.domain(sid).state()[0], 1)
+        self.wait_console(sid, "minivan-guest booted")
+        mac = re.search(r"<mac address='([0-9a-f:]+)'", self.domain(sid).XMLDesc(0)).group(1)
+        lease = wait_until(lambda: self.lease_of(mac), what="a DHCP lease")
+
+        def address_shown():
+            addrs = self.sdk.compute.get_server(sid).addresses.get(GUEST_NETWORK, [])
+            return [(a["addr"], a["OS-EXT-IPS-MAC:mac_addr"]) for a in addrs]
+        self.assertEqual(wait_until(address_shown, what="the address in addresses"),
+                         [(lease, mac)])
+        ips = self.nova().servers.ips(sid)
+        self.assertEqual(ips[GUEST_NETWORK][0]["addr"], lease)
+
+        self.osc("server", "stop", sid)
+        self.wait_status(sid, "SHUTOFF")
+        self.assertEqual(self.domain(sid).state()[0], 5)
+        self.osc("server", "start", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.wait_console(sid, "minivan-guest booted", 2)
+
+        self.osc("server", "reboot", "--hard", sid)
+        self.wait_console(sid, "minivan-guest booted", 3)
+        self.wait_status(sid, "ACTIVE")
+
+        self.osc("server", "pause", sid)
+        self.wait_status(sid, "PAUSED")
+        self.assertEqual(self.domain(sid).state()[0], 3)
+        self.osc("server", "unpause", sid)
+        self.wait_status(sid, "ACTIVE")
+
+        self.osc("server", "suspend", sid)
+        self.wait_status(sid, "SUSPENDED")
+        self.assertTrue(self.domain(sid).hasManagedSaveImage(0))
+        self.osc("server", "resume", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assertEqual(self.domain(sid).state()[0], 1)
+
+        nova = self.nova()
+        nova.servers.resize(sid, "2")
+        self.wait_status(sid, "VERIFY_RESIZE")
+        self.assertEqual(self.domain(sid).info()[1], 2048 * 1024)
+        nova.servers.confirm_resize(sid)
+        self.wait_status(sid, "ACTIVE")
+
+        nova.servers.rebuild(sid, self.image_id, name="real-1-rebuilt")
+        self.wait_status(sid, "ACTIVE")
+        self.wait_console(sid, "minivan-guest booted", 4)
+
+        image_id = nova.servers.create_image(sid, "real-1-snap")
+        snap = wait_until(lambda: self.sdk.compute.get("/images/" + image_id,
+                                                       microversion="2.35").json()["image"]
+                          if self.sdk.compute.get("/images/" + image_id, microversion="2.35")
+                          .json()["image"]["status"] == "ACTIVE" else None, what="snapshot")
+        self.assertGreater(snap["OS-EXT-IMG-SIZE:size"], 0)
+        self.wait_status(sid, "ACTIVE")
+
+        nova.servers.shelve(sid)
+        self.wait_status(sid, "SHELVED_OFFLOADED")
+        self.assertRaises(Exception, self.domain, sid)
+        nova.servers.unshelve(sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assertEqual(self.domain(sid).state()[0], 1)
+
+        nova.servers.rescue(sid)
+        self.wait_status(sid, "RESCUE")
+        self.assertIn("disk.rescue", self.domain(sid).XMLDesc(0))
+        nova.servers.unrescue(sid)
+        self.wait_status(sid, "ACTIVE")
+
+        instance_dir = os.path.join(self.minivan_data, "instances", sid)
+        self.osc("server", "delete", "--wait", sid)
+        self.assertRaises(Exception, self.domain, sid)
+        self.assertFalse(os.path.exists(instance_dir))
+
+    def test_config_drive_reaches_the_guest(self):
+        """A config drive (ISO, label config-2) carries the server's uuid and hostname."""
+        server, _ = self.boot("real-cd", config_drive=True)
+        self.wait_console(server.id, f"minivan-guest uuid {server.id}")
+
+    def test_guest_that_powers_off_becomes_shutoff(self):
+        """A guest shut down behind minivan's back is SHUTOFF after the power sweep."""
+        server, _ = self.boot("real-off")
+        self.wait_console(server.id, "minivan-guest ready")
+        self.domain(server.id).shutdown()
+        self.wait_status(server.id, "SHUTOFF")

@@ -6,8 +6,10 @@
 #
 # 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl), when missing
 # 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone)
-# 3. a real Keystone on 127.0.0.1 (tools/keystone.sh) with minivan's endpoint in its catalog
-# 4. pytest, in .venv
+# 3. libvirtd + QEMU with an isolated test network (tools/libvirt-up.sh; stopped at the end
+#    unless MINIVAN_KEEP_LIBVIRT=1) and a tiny bootable guest image (tools/make-guest.sh)
+# 4. a real Keystone on 127.0.0.1 (tools/keystone.sh) with minivan's endpoint in its catalog
+# 5. pytest, in .venv
 # MINIVAN_REQUIRE_E2E=1 (set by .ci/run) fails every end-to-end test that would skip.
 # MINIVAN_TEMPEST_LIST=FILE picks the Tempest tests (default tools/tempest-pass.txt).
 set -euo pipefail
@@ -18,7 +20,7 @@ VENV=${MINIVAN_VENV:-$REPO/.venv}
 export MINIVAN_VENV=$VENV
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-          qemu-utils systemd openssl openssh-client curl python3-venv gcc)
+          qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -30,6 +32,7 @@ if ((${#missing[@]})); then
 fi
 
 tools/setup-venvs.sh
+tools/libvirt-up.sh up
 
 free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 WORK=$(mktemp -d /tmp/minivan-test.XXXXXX)
@@ -37,10 +40,14 @@ KEYSTONE_PORT=$(free_port)
 COMPUTE_PORT=$(free_port)
 cleanup() {
     tools/keystone.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
+    [[ ${MINIVAN_KEEP_LIBVIRT:-0} == 1 ]] || tools/libvirt-up.sh stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
+tools/make-guest.sh "$WORK/minivan-guest.qcow2"
+export MINIVAN_TEST_GUEST_IMAGE=$WORK/minivan-guest.qcow2
+export MINIVAN_TEST_LIBVIRT_NETWORK=${MINIVAN_TEST_NET:-minivan-test}
 
 export MINIVAN_TEST_KEYSTONE_ENV=$WORK/keystone/env
 export MINIVAN_TEST_WORK=$WORK
