@@ -49,6 +49,7 @@ import hashlib
 import hmac
 import http.server
 import ipaddress
+import queue
 import json
 import logging
 import os
@@ -1168,6 +1169,25 @@ class LibvirtDriver:
         self.conn = None
         self.lock = threading.RLock()
         self.last_error = None
+        self.on_event = None
+
+    def enable_events(self, callback):
+        """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
+        Must run before the first connect()."""
+        self.libvirt.virEventRegisterDefaultImpl()
+        self.on_event = callback
+
+        def loop():
+            while True:
+                try:
+                    self.libvirt.virEventRunDefaultImpl()
+                except self.libvirt.libvirtError:
+                    time.sleep(1)
+        threading.Thread(target=loop, daemon=True, name="libvirt-events").start()
+
+    def _lifecycle(self, conn, dom, event, detail, opaque):
+        if self.on_event is not None:
+            self.on_event(dom.UUIDString())
 
     @property
     def simulated(self):
@@ -1187,6 +1207,9 @@ class LibvirtDriver:
             try:
                 self.conn = self.libvirt.open(self.uri)
                 self.last_error = None
+                if self.on_event is not None:
+                    self.conn.domainEventRegisterAny(
+                        None, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
                 LOG.info("connected to libvirt at %s (%s, guests as %s)", self.uri,
                          self.conn.getType(), self.virt_type)
                 return True
@@ -1264,7 +1287,8 @@ class LibvirtDriver:
                 f'<minivan:name>{xml_escape(server["name"])}</minivan:name>'
                 f'<minivan:owner project="{xml_escape(server["project_id"])}" '
                 f'user="{xml_escape(server["user_id"])}"/>'
-                f'<minivan:flavor name="{xml_escape(flavor["name"])}" id="{xml_escape(flavor["id"])}"'
+                f'<minivan:flavor name="{xml_escape(flavor["name"])}" '
+                f'id="{xml_escape(flavor["id"])}"'
                 f' memory="{flavor["ram"]}" vcpus="{flavor["vcpus"]}" disk="{flavor["disk"]}"/>'
                 f'<minivan:image uuid="{xml_escape(server["image_ref"])}"/>'
                 f'<minivan:created>{server["created_at"]}</minivan:created>'
@@ -1494,6 +1518,35 @@ class LibvirtDriver:
                 return None
         return self._call("looking up the network", lookup)
 
+    def network_id(self, name):
+        """UUID of the libvirt network with this name, or None."""
+        def lookup():
+            try:
+                return self.conn.networkLookupByName(name).UUIDString()
+            except self.libvirt.libvirtError:
+                return None
+        return self._call("looking up the network", lookup)
+
+    def _interface_xml(self, port):
+        return (f"<interface type='network'><source network='{xml_escape(port['network'])}'/>"
+                f"<mac address='{port['mac']}'/><model type='virtio'/></interface>")
+
+    def _device_flags(self, dom):
+        flags = self.libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if dom.isActive():
+            flags |= self.libvirt.VIR_DOMAIN_AFFECT_LIVE
+        return flags
+
+    def attach_interface(self, server, port):
+        dom = self._domain(server)
+        self._call("attaching the interface", lambda: dom.attachDeviceFlags(
+            self._interface_xml(port), self._device_flags(dom)))
+
+    def detach_interface(self, server, port):
+        dom = self._domain(server)
+        self._call("detaching the interface", lambda: dom.detachDeviceFlags(
+            self._interface_xml(port), self._device_flags(dom)))
+
     def own_domains(self):
         """{server id: power state} of every domain minivan created on this host."""
         def scan():
@@ -1623,8 +1676,8 @@ class LocalImages:
                 sidecar = json.load(f)
         except (OSError, ValueError):
             sidecar = {}
-        stamp = isotime_us(datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
-                          .replace(tzinfo=None))
+        mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+        stamp = isotime_us(mtime.replace(tzinfo=None))
         return {
             "id": str(sidecar.get("id") or uuid.uuid5(IMAGE_NAMESPACE, name)),
             "name": str(sidecar.get("name") or name.rsplit(".", 1)[0]), "file": name,
@@ -3538,21 +3591,39 @@ class Compute:
         except (DriverError, Unavailable):
             return
         for server in list(self.store.data["servers"].values()):
-            server_id = server["id"]
-            if server["vm_state"] in ("deleted", "building") or server.get("task_state")                     or server_id not in domains or self.locks[server_id].locked():
-                continue
-            state = domains[server_id]
-            if state != server.get("power_state"):
-                changes = {"power_state": state}
-                if server["vm_state"] == "active" and state in (SHUTDOWN, CRASHED):
-                    LOG.info("server %s stopped by itself: now SHUTOFF", server_id)
-                    changes["vm_state"] = "stopped"
-                self.update(server_id, **changes)
-            if server["vm_state"] == "active" and server.get("ports") and not all(
-                    p.get("ips") for p in server["ports"]):
-                self.refresh_addresses(server_id)
-            if server["vm_state"] == "soft-delete" and server.get("deleted_at") and (
-                    self.app.clock.now() - parse_isotime(server["deleted_at"])).total_seconds()                     >= self.app.conf["reclaim_instance_interval"]:
+            if server["id"] in domains:
+                self.sync_server(server, domains[server["id"]])
+
+    def sync_one(self, server_id):
+        """A lifecycle event arrived for this server's domain."""
+        server = self.store.data["servers"].get(server_id)
+        if server is None or self.app.driver is None:
+            return
+        try:
+            state = self.driver.get_info(server)
+        except (DriverError, Unavailable):
+            return
+        self.sync_server(server, state)
+
+    def sync_server(self, server, state):
+        """Record the domain's power state; learn addresses; reclaim soft-deleted servers."""
+        server_id = server["id"]
+        busy = server["vm_state"] in ("deleted", "building") or server.get("task_state")
+        if busy or self.locks[server_id].locked():
+            return
+        if state != server.get("power_state"):
+            changes = {"power_state": state}
+            if server["vm_state"] == "active" and state in (SHUTDOWN, CRASHED):
+                LOG.info("server %s stopped by itself: now SHUTOFF", server_id)
+                changes["vm_state"] = "stopped"
+            self.update(server_id, **changes)
+        if server["vm_state"] == "active" and server.get("ports") and not all(
+                p.get("ips") for p in server["ports"]):
+            self.refresh_addresses(server_id)
+        deleted_at = server.get("deleted_at")
+        if server["vm_state"] == "soft-delete" and deleted_at:
+            age = (self.app.clock.now() - parse_isotime(deleted_at)).total_seconds()
+            if age >= self.app.conf["reclaim_instance_interval"]:
                 self.run(server_id, None, "reclaim", self.delete)
 
     def delete_failed(self, server_id, exc):
@@ -5379,6 +5450,111 @@ def server_tags_delete(req):
     return 204, None
 
 
+# interfaces (os-interface)
+
+INTERFACE_STATES = ("active", "paused", "stopped")
+
+
+def interface_view(req, server, port):
+    network_id = req.app.driver.network_id(port["network"]) if req.app.driver else None
+    network_id = network_id or str(uuid.uuid5(IMAGE_NAMESPACE, "network:" + port["network"]))
+    view = {"port_state": "ACTIVE", "fixed_ips": [
+        {"subnet_id": str(uuid.uuid5(IMAGE_NAMESPACE, "subnet:" + port["network"])),
+         "ip_address": addr} for addr, _ in port.get("ips", [])],
+        "port_id": port["id"], "net_id": network_id, "mac_addr": port["mac"]}
+    if req.since("2.70"):
+        view["tag"] = port.get("tag")
+    return view
+
+
+def server_interfaces_index(req):
+    """GET /servers/{server_id}/os-interface"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    return 200, {"interfaceAttachments": [interface_view(req, server, p)
+                                          for p in server.get("ports", [])]}
+
+
+def find_port(server, port_id):
+    for port in server.get("ports", []):
+        if port["id"] == port_id:
+            return port
+    raise NotFound(f"Network interface {port_id} could not be found.")
+
+
+def server_interfaces_show(req):
+    """GET /servers/{server_id}/os-interface/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    return 200, {"interfaceAttachment": interface_view(req, server,
+                                                       find_port(server, req.params["id"]))}
+
+
+def interface_schema(req):
+    props = {"net_id": {"type": "string", "format": "uuid"},
+             "port_id": {"type": "string", "format": "uuid"},
+             "fixed_ips": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                 "type": "object", "additionalProperties": False,
+                 "required": ["ip_address"], "properties": {"ip_address": {"type": "string"}}}}}
+    if req.since("2.49"):
+        props["tag"] = TAG_SCHEMA
+    return {"type": "object", "additionalProperties": False, "properties": {
+        "interfaceAttachment": {"type": "object", "additionalProperties": False,
+                                "properties": props}}}
+
+
+def server_interfaces_create(req):
+    """POST /servers/{server_id}/os-interface"""
+    spec = (validate_body(req, interface_schema(req)) or {}).get("interfaceAttachment") or {}
+    if spec.get("port_id"):
+        raise NotFound(f"Port {spec['port_id']} could not be found.")
+    network = req.app.conf["network"]
+    if spec.get("net_id"):
+        network = req.app.network_name(spec["net_id"])
+        if network is None:
+            raise NotFound(f"Network {spec['net_id']} could not be found.")
+    fixed = None
+    for item in spec.get("fixed_ips") or []:
+        check_ip("ip_address", item["ip_address"], None)
+        fixed = item["ip_address"]
+    port = {"id": str(uuid.uuid4()), "mac": new_mac(), "network": network, "fixed_ip": fixed,
+            "ips": [[fixed, 6 if ":" in fixed else 4]] if fixed else [],
+            "tag": spec.get("tag")}
+    server = find_server(req, req.params["server_id"])
+    check_not_locked(req, server)
+    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
+        raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    try:
+        req.app.compute.driver.attach_interface(server, port)
+    except DriverError:
+        raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
+    ports = server.get("ports", []) + [port]
+    groups = server.get("security_groups") or ["default"]
+    req.app.compute.update(server["id"], ports=ports, security_groups=groups)
+    req.app.compute.record_action(req, server["id"], "attach_interface")
+    return 200, {"interfaceAttachment": interface_view(req, server, port)}
+
+
+def server_interfaces_delete(req):
+    """DELETE /servers/{server_id}/os-interface/{id}"""
+    server = find_server(req, req.params["server_id"])
+    check_not_locked(req, server)
+    port = find_port(server, req.params["id"])
+    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
+        raise Conflict(f"Cannot 'detach_interface' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    try:
+        req.app.compute.driver.detach_interface(server, port)
+    except DriverError:
+        raise Conflict(f"Failed to detach network adapter device from {server['id']}") \
+            from None
+    req.app.compute.update(server["id"], ports=[p for p in server["ports"] if p is not port
+                                                and p["id"] != port["id"]])
+    req.app.compute.record_action(req, server["id"], "detach_interface")
+    return 202, None
+
+
 # instance actions
 
 def action_view(req, action, with_events):
@@ -5937,10 +6113,10 @@ DELETE /servers/{server_id}/migrations/{id}           -                    2.24 
 POST   /servers/{server_id}/migrations/{id}/action    force_complete       2.22 2.104 manager -                                os_compute_api:servers:migrations:force_complete
 GET    /servers/{server_id}/os-instance-actions       -                    2.1  2.104 reader  instance_actions_index           os_compute_api:os-instance-actions:list
 GET    /servers/{server_id}/os-instance-actions/{id}  -                    2.1  2.104 reader  instance_actions_show            os_compute_api:os-instance-actions:show
-GET    /servers/{server_id}/os-interface              -                    2.1  2.104 reader  -                                os_compute_api:os-attach-interfaces:list
-POST   /servers/{server_id}/os-interface              -                    2.1  2.104 member  -                                os_compute_api:os-attach-interfaces:create
-GET    /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 reader  -                                os_compute_api:os-attach-interfaces:show
-DELETE /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 member  -                                os_compute_api:os-attach-interfaces:delete
+GET    /servers/{server_id}/os-interface              -                    2.1  2.104 reader  server_interfaces_index          os_compute_api:os-attach-interfaces:list
+POST   /servers/{server_id}/os-interface              -                    2.1  2.104 member  server_interfaces_create         os_compute_api:os-attach-interfaces:create
+GET    /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 reader  server_interfaces_show           os_compute_api:os-attach-interfaces:show
+DELETE /servers/{server_id}/os-interface/{id}         -                    2.1  2.104 member  server_interfaces_delete         os_compute_api:os-attach-interfaces:delete
 GET    /servers/{server_id}/os-server-password        -                    2.1  2.104 reader  server_password_index            os_compute_api:os-server-password:show
 DELETE /servers/{server_id}/os-server-password        -                    2.1  2.104 member  server_password_clear            os_compute_api:os-server-password:clear
 GET    /servers/{server_id}/os-virtual-interfaces     -                    -    -     gone    gone                             -
@@ -6470,14 +6646,24 @@ def watchdog_loop(stop, environ=None):
         sd_notify("WATCHDOG=1", environ)
 
 
-def power_sync_loop(app, stop):
-    """Nova's _sync_power_states: the periodic sweep over every guest."""
-    while not stop.wait(app.conf["sync_power_state_interval"]):
-        if app.compute_available():
-            try:
-                app.compute.sync_power_states()
-            except Exception:  # noqa: BLE001 - the sweep must survive anything
-                LOG.exception("power state sweep failed")
+def power_sync_loop(app, events, stop):
+    """Lifecycle events as they come, plus Nova's periodic sweep over every guest."""
+    interval = app.conf["sync_power_state_interval"]
+    next_sweep = time.monotonic() + interval
+    while not stop.is_set():
+        try:
+            server_id = events.get(timeout=max(0.1, next_sweep - time.monotonic()))
+        except queue.Empty:
+            server_id = None
+        try:
+            if server_id is not None:
+                app.compute.sync_one(server_id)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + interval
+                if app.compute_available():
+                    app.compute.sync_power_states()
+        except Exception:  # noqa: BLE001 - the sweep must survive anything
+            LOG.exception("power state sync failed")
 
 
 def reconnect_loop(driver, stop, interval=5.0):
@@ -6561,11 +6747,13 @@ def main(argv=None):
     if conf["auth"] == "noauth":
         LOG.warning("AUTHENTICATION IS OFF (--auth noauth): any caller is admin by default; "
                     "listening on %s only", conf["bind"])
+    events = queue.Queue()
+    driver.enable_events(events.put)
     if driver.connect():
         app.compute.reconcile()
     threading.Thread(target=reconnect_loop, args=(driver, stop), daemon=True,
                      name="libvirt-reconnect").start()
-    threading.Thread(target=power_sync_loop, args=(app, stop), daemon=True,
+    threading.Thread(target=power_sync_loop, args=(app, events, stop), daemon=True,
                      name="power-sync").start()
     threading.Thread(target=watchdog_loop, args=(stop,), daemon=True, name="watchdog").start()
     for signum in (signal.SIGTERM, signal.SIGINT):

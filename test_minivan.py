@@ -1828,16 +1828,17 @@ class TempestSchemaTests(AppTestCase):
 BIN = os.path.dirname(sys.executable)
 
 
-def start_minivan(test_cls, port, args=(), env_extra=None, images=()):
+def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None):
     """A minivan.py process on 127.0.0.1:port with its own data directory (and these
-    images in its image directory)."""
-    data = tempfile.mkdtemp(prefix="minivan-e2e-")
+    images in its image directory); data= restarts one on an existing directory."""
+    data = data or tempfile.mkdtemp(prefix="minivan-e2e-")
     for name in images:
         make_image(os.path.join(data, "images"), name)
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
                MINIVAN_LIBVIRT_URI="test:///default")
     env.update(env_extra or {})
-    log = open(os.path.join(data, "minivan.log"), "w")
+    test_cls.minivan_start = (port, args, env_extra)
+    log = open(os.path.join(data, "minivan.log"), "a")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py"), *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
@@ -2781,6 +2782,26 @@ class ServerSubresourceTests(ServerTestCase):
         net = self.new_server(name="net", version="2.37", networks=[{"uuid": TEST_NETWORK_ID}])
         self.assertIn("default", self.server(net)["addresses"])
 
+    def test_interfaces(self):
+        """os-interface lists and shows the server's ports; the test hypervisor cannot
+        hot-plug, so an attach there is 409 and nothing changes."""
+        server_id = self.new_server()
+        items = self.get(f"/v2.1/servers/{server_id}/os-interface", version="2.70").json()
+        port = items["interfaceAttachments"][0]
+        self.assertEqual((port["net_id"], port["port_state"], port["tag"]),
+                         (TEST_NETWORK_ID, "ACTIVE", None))
+        shown = self.get(f"/v2.1/servers/{server_id}/os-interface/{port['port_id']}").json()
+        self.assertEqual(shown["interfaceAttachment"]["mac_addr"], port["mac_addr"])
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/os-interface/nope"), 404,
+                         "itemNotFound")
+        self.assertFault(self.post(f"/v2.1/servers/{server_id}/os-interface",
+                                   {"interfaceAttachment": {"net_id": TEST_NETWORK_ID}}), 409,
+                         "conflictingRequest")
+        self.assertFault(self.post(f"/v2.1/servers/{server_id}/os-interface",
+                                   {"interfaceAttachment": {"bogus": 1}}), 400, "badRequest")
+        self.assertEqual(len(self.get(f"/v2.1/servers/{server_id}/os-interface").json()
+                             ["interfaceAttachments"]), 1)
+
     def test_diagnostics_password_topology_security_groups(self):
         """diagnostics (admin; 2.48 format), os-server-password, topology, security groups."""
         server_id = self.new_server()
@@ -3055,3 +3076,66 @@ class RealGuestTests(unittest.TestCase):
         self.wait_console(server.id, "minivan-guest ready")
         self.domain(server.id).shutdown()
         self.wait_status(server.id, "SHUTOFF")
+
+
+    def restart(self, kill=False, while_down=None):
+        """Stop minivan (SIGKILL when kill), run while_down(), start it again on the same
+        data directory."""
+        if kill:
+            self.minivan_proc.kill()
+        else:
+            self.minivan_proc.send_signal(signal.SIGTERM)
+        self.minivan_proc.wait(60)
+        self.minivan_log.close()
+        if while_down:
+            while_down()
+        port, args, env = self.minivan_start
+        start_minivan(type(self), port, args, env, data=self.minivan_data)
+
+    def test_interface_attach_detach(self):
+        """A NIC attached to a running guest appears in its domain; detaching removes it."""
+        server, _ = self.boot("real-nic")
+        self.wait_console(server.id, "minivan-guest ready")
+        nova = self.nova("2.70")
+        attached = nova.servers.interface_attach(server.id, None, None, None)
+        self.assertIn(attached.mac_addr, self.domain(server.id).XMLDesc(0))
+        self.assertEqual(len(nova.servers.interface_list(server.id)), 2)
+        nova.servers.interface_detach(server.id, attached.port_id)
+        wait_until(lambda: attached.mac_addr not in self.domain(server.id).XMLDesc(0),
+                   what="the NIC to leave the domain")
+        self.assertEqual(len(nova.servers.interface_list(server.id)), 1)
+
+    def test_restarts_keep_servers_and_domains_in_step(self):
+        """Host reboot: a running guest whose domain went down is started again. A build or
+        a delete cut by SIGKILL ends with the server and its domain agreeing."""
+        running, _ = self.boot("real-restart")
+        self.restart(while_down=lambda: self.domain(running.id).destroy())
+        wait_until(lambda: self.domain(running.id).state()[0] == 1, what="the guest to run")
+        self.wait_status(running.id, "ACTIVE")
+
+        spec = {"server": {"name": "cut-build", "imageRef": self.image_id, "flavorRef": "1"}}
+        created = self.sdk.compute.post("/servers", json=spec).json()["server"]["id"]
+        self.restart(kill=True)
+        status = wait_until(lambda: self.sdk.compute.get_server(created).status
+                            if self.sdk.compute.get_server(created).status in ("ACTIVE", "ERROR")
+                            else None, what="the cut build to settle")
+        try:
+            self.domain(created)
+            has_domain = True
+        except Exception:  # noqa: BLE001 - libvirtError: no such domain
+            has_domain = False
+        self.assertEqual(status == "ACTIVE", has_domain)
+        self.addCleanup(self.destroy, created)
+
+        self.sdk.compute.delete(f"/servers/{running.id}")
+        self.restart(kill=True)
+        from openstack import exceptions
+        wait_until(lambda: self._gone(running.id, exceptions), what="the cut delete to finish")
+        self.assertRaises(Exception, self.domain, running.id)
+
+    def _gone(self, server_id, exceptions):
+        try:
+            self.sdk.compute.get_server(server_id)
+            return False
+        except exceptions.NotFoundException:
+            return True

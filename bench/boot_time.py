@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""How long POST /servers takes to reach ACTIVE, per hypervisor: the median of N boots.
+
+    python3 bench/boot_time.py --image GUEST.qcow2 [-n 5] [--qemu-network minivan-test]
+
+Starts its own minivan (noauth, loopback, a temporary data directory) once on libvirt's
+test hypervisor and, when libvirtd answers at qemu:///system, once on real QEMU (TCG),
+boots N servers one after the other and prints the median, minimum and maximum of the
+time from the POST to the first GET that shows ACTIVE (polled every 50 ms).
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MINIVAN = os.path.join(HERE, "..", "minivan.py")
+TOKEN = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(port, method, path, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, "/v2.1" + path, json.dumps(body) if body else None, TOKEN)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, (json.loads(data) if data else None)
+
+
+def run(uri, image, count, network, extra_env):
+    data = tempfile.mkdtemp(prefix="minivan-bench-")
+    os.makedirs(os.path.join(data, "images"))
+    shutil.copy(image, os.path.join(data, "images", "guest.qcow2"))
+    port = free_port()
+    env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
+               MINIVAN_LIBVIRT_URI=uri, MINIVAN_NETWORK=network, **extra_env)
+    proc = subprocess.Popen([sys.executable, MINIVAN], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                if call(port, "GET", "/")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        image_id = call(port, "GET", "/images")[1]["images"][0]["id"]
+        times = []
+        for i in range(count):
+            started = time.monotonic()
+            status, body = call(port, "POST", "/servers", {"server": {
+                "name": f"bench-{i}", "imageRef": image_id, "flavorRef": "1"}})
+            if status != 202:
+                raise SystemExit(f"create failed: {status} {body}")
+            server_id = body["server"]["id"]
+            while True:
+                server = call(port, "GET", "/servers/" + server_id)[1]["server"]
+                if server["status"] == "ACTIVE":
+                    break
+                if server["status"] == "ERROR":
+                    raise SystemExit(f"build failed: {server.get('fault')}")
+                time.sleep(0.05)
+            times.append(time.monotonic() - started)
+            call(port, "DELETE", "/servers/" + server_id)
+        return times
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image", required=True, help="a bootable qcow2 (tools/make-guest.sh)")
+    parser.add_argument("-n", type=int, default=5, help="boots per hypervisor")
+    parser.add_argument("--qemu-network", default="minivan-test",
+                        help="isolated libvirt network for the QEMU guests")
+    args = parser.parse_args()
+    runs = [("libvirt test hypervisor", "test:///default", "default", {})]
+    try:
+        import libvirt
+        libvirt.open("qemu:///system").close()
+        runs.append(("QEMU (TCG) under libvirtd", "qemu:///system", args.qemu_network,
+                     {"MINIVAN_VIRT_TYPE": "qemu"}))
+    except Exception as e:  # noqa: BLE001 - report and go on with what exists
+        print(f"qemu:///system not measured: {e}")
+    for label, uri, network, extra in runs:
+        times = run(uri, args.image, args.n, network, extra)
+        print(f"create->ACTIVE, {label}: median {statistics.median(times):.3f} s "
+              f"(min {min(times):.3f} s, max {max(times):.3f} s, n={len(times)})")
+
+
+if __name__ == "__main__":
+    main()
