@@ -129,6 +129,7 @@ OPTIONS = [
     ("resume-guests-state-on-host-boot", "true", "start the servers that were running when "
      "the host went down"),
     ("sync-power-state-interval", "10", "seconds between checks of the guests' power states"),
+    ("resize-confirm-window", "0", "seconds after which a resize confirms itself (0: never)"),
     ("availability-zone", "nova", "availability zone of this host"),
     ("host", "", "compute host name (default: this machine's host name)"),
     ("max-body-size", "114688", "largest request body accepted, in bytes"),
@@ -204,7 +205,7 @@ def finish_config(conf):
     """Types, derived defaults and cross-checks."""
     for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
-                "sync_power_state_interval"):
+                "sync_power_state_interval", "resize_confirm_window"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -1546,6 +1547,27 @@ class LibvirtDriver:
         dom = self._domain(server)
         self._call("detaching the interface", lambda: dom.detachDeviceFlags(
             self._interface_xml(port), self._device_flags(dom)))
+
+    def _dhcp_host(self, port, command):
+        """Add or delete the DHCP reservation that pins a port's fixed IP to its MAC."""
+        def update():
+            network = self.conn.networkLookupByName(port["network"])
+            flags = self.libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+            if network.isActive():
+                flags |= self.libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+            network.update(command, self.libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, -1,
+                           f"<host mac='{port['mac']}' ip='{xml_escape(port['fixed_ip'])}'/>",
+                           flags)
+        self._call(f"reserving {port['fixed_ip']} on network {port['network']}", update)
+
+    def reserve_address(self, port):
+        self._dhcp_host(port, self.libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST)
+
+    def release_address(self, port):
+        try:
+            self._dhcp_host(port, self.libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE)
+        except DriverError as e:
+            LOG.warning("releasing %s: %s", port["fixed_ip"], e)
 
     def own_domains(self):
         """{server id: power state} of every domain minivan created on this host."""
@@ -3460,8 +3482,11 @@ class Compute:
     def build(self, server, admin_pass):
         """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE."""
         server_id = server["id"]
-        for task in ("scheduling", "networking"):
-            self.update(server_id, task_state=task)
+        self.update(server_id, task_state="scheduling")
+        self.update(server_id, task_state="networking")
+        for port in server.get("ports", []):
+            if port.get("fixed_ip"):
+                self.driver.reserve_address(port)
         self.update(server_id, task_state="block_device_mapping", host=self.app.conf["host"],
                     node=self.app.conf["host"])
         disks = self.prepare_disks(server)
@@ -3499,6 +3524,9 @@ class Compute:
         try:
             if self.app.driver is not None:
                 self.app.driver.destroy(server)
+                for port in server.get("ports", []):
+                    if port.get("fixed_ip"):
+                        self.app.driver.release_address(port)
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
         shutil.rmtree(self.instance_dir(server), ignore_errors=True)
@@ -3620,6 +3648,12 @@ class Compute:
         if server["vm_state"] == "active" and server.get("ports") and not all(
                 p.get("ips") for p in server["ports"]):
             self.refresh_addresses(server_id)
+        window = self.app.conf["resize_confirm_window"]
+        if server["vm_state"] == "resized" and window > 0 and (
+                self.app.clock.now() - parse_isotime(server["updated_at"])).total_seconds() \
+                >= window:
+            LOG.info("server %s: confirming its resize after %d seconds", server_id, window)
+            self.confirm_resize(server)
         deleted_at = server.get("deleted_at")
         if server["vm_state"] == "soft-delete" and deleted_at:
             age = (self.app.clock.now() - parse_isotime(deleted_at)).total_seconds()

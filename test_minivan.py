@@ -2624,6 +2624,17 @@ class ServerActionTests(ServerTestCase):
         self.assertFault(self.action(server_id, {"confirmResize": None}), 409,
                          "conflictingRequest")
 
+    def test_resize_confirms_itself_after_the_window(self):
+        """With --resize-confirm-window, a resize left unconfirmed confirms itself."""
+        self.app.conf["resize_confirm_window"] = 60
+        server_id = self.new_server()
+        self.action(server_id, {"resize": {"flavorRef": "2"}})
+        self.app.compute.sync_power_states()
+        self.assertEqual(self.server(server_id)["status"], "VERIFY_RESIZE")
+        self.clock.t += datetime.timedelta(seconds=61)
+        self.app.compute.sync_power_states()
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
     def test_rebuild(self):
         """rebuild replaces the image and name; the response is the server with adminPass."""
         make_image(self.app.conf["images_dir"], "other")
@@ -2774,6 +2785,21 @@ class ServerSubresourceTests(ServerTestCase):
         self.assertEqual(self.get(f"/v2.1/servers/{server_id}/ips/default").json(),
                          {"default": ips["default"]})
         self.assertFault(self.get(f"/v2.1/servers/{server_id}/ips/other"), 404, "itemNotFound")
+
+    def test_fixed_ip_is_reserved_in_the_network(self):
+        """A requested fixed_ip becomes a DHCP reservation for the port's MAC, removed again
+        when the server is deleted."""
+        server_id = self.new_server(version="2.37", networks=[
+            {"uuid": TEST_NETWORK_ID, "fixed_ip": "192.168.122.77"}])
+        addr = self.server(server_id)["addresses"]["default"][0]
+        self.assertEqual(addr["addr"], "192.168.122.77")
+        xml = self.app.driver.conn.networkLookupByName("default").XMLDesc(0)
+        self.assertIn(f"<host mac='{addr['OS-EXT-IPS-MAC:mac_addr']}' ip='192.168.122.77'/>",
+                      xml)
+        self.delete("/v2.1/servers/" + server_id)
+        self.app.compute.wait_idle()
+        self.assertNotIn("192.168.122.77",
+                         self.app.driver.conn.networkLookupByName("default").XMLDesc(0))
 
     def test_networks_none_and_by_uuid(self):
         """networks 'none' gives no NICs; a network's UUID selects it."""

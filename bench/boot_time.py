@@ -48,8 +48,8 @@ def run(uri, image, count, network, extra_env):
     port = free_port()
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
                MINIVAN_LIBVIRT_URI=uri, MINIVAN_NETWORK=network, **extra_env)
-    proc = subprocess.Popen([sys.executable, MINIVAN], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(os.path.join(tempfile.gettempdir(), "minivan-bench.log"), "w")
+    proc = subprocess.Popen([sys.executable, MINIVAN], env=env, stdout=log, stderr=log)
     try:
         for _ in range(200):
             try:
@@ -78,8 +78,14 @@ def run(uri, image, count, network, extra_env):
         return times
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        shutil.rmtree(data, ignore_errors=True)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            log.close()
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def main():
