@@ -3902,11 +3902,13 @@ def config_drive_files(app, server, admin_pass):
 
 
 def write_config_drive(path, files):
-    """An ISO 9660 image labelled config-2 (genisoimage, mkisofs or xorriso)."""
+    """An ISO 9660 image labelled config-2: genisoimage, mkisofs or xorriso where present,
+    else minivan's own ISO writer."""
     tool = shutil.which("genisoimage") or shutil.which("mkisofs") or shutil.which("xorrisofs")
     if not tool:
-        raise DriverError("a config drive needs genisoimage or xorriso "
-                          "(Debian/Ubuntu: apt install genisoimage)")
+        write_iso(path, files, "config-2")
+        os.chmod(path, 0o644)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             target = os.path.join(tmp, name)
@@ -3919,6 +3921,152 @@ def write_config_drive(path, files):
     if done.returncode != 0:
         raise DriverError("building the config drive failed: " + done.stderr.strip()[-300:])
     os.chmod(path, 0o644)
+
+
+# A small ISO 9660 writer with Joliet names, for hosts without genisoimage/xorriso.
+# Enough for a config drive: a few directories of a few files, one sector each.
+
+SECTOR = 2048
+
+
+def iso_both16(n):
+    return n.to_bytes(2, "little") + n.to_bytes(2, "big")
+
+
+def iso_both32(n):
+    return n.to_bytes(4, "little") + n.to_bytes(4, "big")
+
+
+def iso_dir_date(dt):
+    return bytes([dt.year - 1900, dt.month, dt.day, dt.hour, dt.minute, dt.second, 0])
+
+
+def iso_vd_date(dt):
+    return dt.strftime("%Y%m%d%H%M%S00").encode("ascii") + b"\x00"
+
+
+def iso_record(ident, lba, size, is_dir, dt):
+    pad = b"\x00" if len(ident) % 2 == 0 else b""
+    length = 33 + len(ident) + len(pad)
+    return (bytes([length, 0]) + iso_both32(lba) + iso_both32(size) + iso_dir_date(dt)
+            + bytes([2 if is_dir else 0, 0, 0]) + iso_both16(1) + bytes([len(ident)])
+            + ident + pad)
+
+
+def iso_names(files):
+    """Directories (tuples of path parts, root first, breadth-first) and their children."""
+    dirs = {(): set()}
+    for path in files:
+        parts = tuple(path.strip("/").split("/"))
+        for depth in range(1, len(parts)):
+            dirs.setdefault(parts[:depth], set())
+            dirs[parts[:depth - 1]].add(parts[:depth])
+        dirs[parts[:-1]].add(parts)
+    order = sorted(dirs, key=lambda d: (len(d), d))
+    return order, dirs
+
+
+def primary_name(name, is_dir, taken):
+    """An ISO 9660 level-1 name (8.3, upper case) for the primary hierarchy."""
+    stem, _, ext = name.upper().rpartition(".") if "." in name and not is_dir else (
+        name.upper(), "", "")
+    clean = lambda text, n: re.sub(r"[^A-Z0-9_]", "_", text)[:n] or "_"  # noqa: E731
+    stem, ext = clean(stem, 8), clean(ext, 3) if ext else ""
+    candidate = stem if is_dir else f"{stem}.{ext}" if ext else stem + "."
+    counter = 0
+    while candidate in taken:
+        counter += 1
+        tag = str(counter)
+        base = stem[:8 - len(tag)] + tag
+        candidate = base if is_dir else f"{base}.{ext}" if ext else base + "."
+    taken.add(candidate)
+    return candidate.encode("ascii") + (b"" if is_dir else b";1")
+
+
+def write_iso(path, files, label, now=None):
+    """Write files ({'dir/name': bytes}) as an ISO 9660 image with Joliet names."""
+    now = now or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    order, children = iso_names(files)
+    first_dir = 23                     # 16 system area, 3 descriptors, 4 path tables
+    lba = {("p", d): first_dir + i for i, d in enumerate(order)}
+    lba.update({("j", d): first_dir + len(order) + i for i, d in enumerate(order)})
+    next_lba = first_dir + 2 * len(order)
+    for name in sorted(files):
+        lba[("f", tuple(name.strip("/").split("/")))] = next_lba
+        next_lba += max(1, -(-len(files[name]) // SECTOR))
+    total = next_lba
+    idents = {}
+    for tree in ("p", "j"):
+        for d in order:
+            taken = set()
+            for child in sorted(children[d]):
+                is_dir = child in children
+                idents[(tree, child)] = primary_name(child[-1], is_dir, taken) if tree == "p" \
+                    else child[-1][:64].encode("utf-16-be")
+
+    def directory(tree, d):
+        parent = d[:-1] if d else ()
+        data = iso_record(b"\x00", lba[(tree, d)], SECTOR, True, now)
+        data += iso_record(b"\x01", lba[(tree, parent)], SECTOR, True, now)
+        for child in sorted(children[d], key=lambda c: idents[(tree, c)]):
+            if child in children:
+                data += iso_record(idents[(tree, child)], lba[(tree, child)], SECTOR, True, now)
+            else:
+                size = len(files["/".join(child)] if "/".join(child) in files
+                           else files["/" + "/".join(child)])
+                data += iso_record(idents[(tree, child)], lba[("f", child)], size, False, now)
+        if len(data) > SECTOR:
+            raise DriverError("config drive directory too large for the built-in ISO writer")
+        return data.ljust(SECTOR, b"\x00")
+
+    def path_table(tree, big):
+        endian = "big" if big else "little"
+        table, numbers = b"", {}
+        for number, d in enumerate(order, 1):
+            numbers[d] = number
+            ident = b"\x00" if not d else idents[(tree, d)]
+            parent = numbers[d[:-1]] if d else 1
+            entry = bytes([len(ident), 0]) + lba[(tree, d)].to_bytes(4, endian) + \
+                parent.to_bytes(2, endian) + ident
+            table += entry + (b"\x00" if len(ident) % 2 else b"")
+        return table
+
+    tables = {(t, big): path_table(t, big) for t in ("p", "j") for big in (False, True)}
+
+    def descriptor(kind, tree):
+        joliet = tree == "j"
+        text = (lambda s, n: s.encode("utf-16-be").ljust(n, b"\x00")[:n]) if joliet else \
+            (lambda s, n: s.encode("ascii").ljust(n, b" ")[:n])
+        blank = (lambda n: ("\u0020" * (n // 2)).encode("utf-16-be")) if joliet else \
+            (lambda n: b" " * n)
+        root = iso_record(b"\x00", lba[(tree, ())], SECTOR, True, now)
+        table_size = len(tables[(tree, False)])
+        base = 19 if tree == "p" else 21
+        escape = b"%/E".ljust(32, b"\x00") if joliet else b"\x00" * 32
+        vd = (bytes([kind]) + b"CD001\x01\x00" + text("LINUX", 32) + text(label, 32)
+              + b"\x00" * 8 + iso_both32(total) + escape + iso_both16(1) + iso_both16(1)
+              + iso_both16(SECTOR) + iso_both32(table_size) + base.to_bytes(4, "little")
+              + b"\x00" * 4 + (base + 1).to_bytes(4, "big") + b"\x00" * 4 + root
+              + blank(128) + blank(128) + blank(128) + text("MINIVAN", 128) + blank(37)
+              + blank(37) + blank(37) + iso_vd_date(now) + iso_vd_date(now)
+              + b"0" * 16 + b"\x00" + iso_vd_date(now) + b"\x01\x00")
+        return vd.ljust(SECTOR, b"\x00")
+
+    with open(path, "wb") as f:
+        f.write(b"\x00" * SECTOR * 16)
+        f.write(descriptor(1, "p"))
+        f.write(descriptor(2, "j"))
+        f.write((b"\xffCD001\x01").ljust(SECTOR, b"\x00"))
+        for key in (("p", False), ("p", True), ("j", False), ("j", True)):
+            if len(tables[key]) > SECTOR:
+                raise DriverError("config drive too large for the built-in ISO writer")
+            f.write(tables[key].ljust(SECTOR, b"\x00"))
+        for tree in ("p", "j"):
+            for d in order:
+                f.write(directory(tree, d))
+        for name in sorted(files):
+            data = files[name]
+            f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
 
 
 # § API: servers -----------------------------------------------------------------------

@@ -2808,6 +2808,25 @@ class ServerSubresourceTests(ServerTestCase):
         net = self.new_server(name="net", version="2.37", networks=[{"uuid": TEST_NETWORK_ID}])
         self.assertIn("default", self.server(net)["addresses"])
 
+    def test_builtin_iso_writer(self):
+        """minivan's own ISO 9660 writer: label config-2 and Joliet names (read by isoinfo)."""
+        if not shutil.which("isoinfo"):
+            skip_or_fail(self, "isoinfo not installed (apt install genisoimage)")
+        files = {"openstack/latest/meta_data.json": b'{"uuid": "u"}',
+                 "openstack/latest/user_data": b"#!/bin/sh\n", "ec2/latest/meta-data.json": b"{}"}
+        path = os.path.join(self.tmp, "cd.iso")
+        minivan.write_iso(path, files, "config-2")
+        info = subprocess.run(["isoinfo", "-d", "-i", path], capture_output=True, text=True)
+        self.assertIn("Volume id: config-2", info.stdout)
+        self.assertIn("Joliet", info.stdout)
+        listing = subprocess.run(["isoinfo", "-J", "-f", "-i", path], capture_output=True,
+                                 text=True).stdout.split()
+        self.assertIn("/openstack/latest/meta_data.json", listing)
+        for name, data in files.items():
+            got = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/" + name],
+                                 capture_output=True).stdout
+            self.assertEqual(got, data)
+
     def test_interfaces(self):
         """os-interface lists and shows the server's ports; the test hypervisor cannot
         hot-plug, so an attach there is 409 and nothing changes."""
@@ -3095,6 +3114,43 @@ class RealGuestTests(unittest.TestCase):
         """A config drive (ISO, label config-2) carries the server's uuid and hostname."""
         server, _ = self.boot("real-cd", config_drive=True)
         self.wait_console(server.id, f"minivan-guest uuid {server.id}")
+
+    def test_config_drive_from_the_builtin_iso_writer(self):
+        """Without genisoimage on PATH, minivan writes the config-2 ISO itself and the guest
+        reads it."""
+        tools = tempfile.mkdtemp(prefix="minivan-path-")
+        self.addCleanup(shutil.rmtree, tools, True)
+        os.symlink(shutil.which("qemu-img"), os.path.join(tools, "qemu-img"))
+
+        class Other:
+            pass
+        port = free_port()
+        images = tempfile.mkdtemp(prefix="minivan-guest-images-")
+        self.addCleanup(shutil.rmtree, images, True)
+        shutil.copy(GUEST_IMAGE, os.path.join(images, "minivan-guest.qcow2"))
+        start_minivan(Other, port, env_extra={
+            "PATH": tools, "MINIVAN_LIBVIRT_URI": "qemu:///system", "MINIVAN_VIRT_TYPE": "qemu",
+            "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_IMAGES_DIR": images,
+            "MINIVAN_SHUTDOWN_TIMEOUT": "20"})
+        self.addCleanup(stop_minivan, Other)
+        url = f"http://127.0.0.1:{port}/v2.1"
+        import openstack
+        sdk = openstack.connect(auth_type="none", auth={"endpoint": url},
+                                compute_endpoint_override=url, identity_api_version="3")
+        image_id = sdk.compute.get("/images", microversion="2.35").json()["images"][0]["id"]
+        server = sdk.compute.create_server(name="real-iso", image_id=image_id, flavor_id="1",
+                                           networks="auto", config_drive=True)
+        server = sdk.compute.wait_for_server(server, status="ACTIVE", wait=120)
+        def console():
+            return sdk.compute.post(f"/servers/{server.id}/action",
+                                    json={"os-getConsoleOutput": {}}).json()["output"]
+        try:
+            wait_until(lambda: f"minivan-guest uuid {server.id}" in console(), timeout=180,
+                       what="the guest to read the config drive")
+        finally:
+            sdk.compute.delete_server(server.id)
+            wait_until(lambda: not any(s.id == server.id for s in sdk.compute.servers()),
+                       what="the server to go")
 
     def test_guest_that_powers_off_becomes_shutoff(self):
         """A guest shut down behind minivan's back is SHUTOFF after the power sweep."""
