@@ -3881,6 +3881,12 @@ def config_drive_files(app, server, admin_pass):
         networks.append({"id": f"network{i}", "type": "ipv4_dhcp", "link": links[-1]["id"],
                          "network_id": port.get("network_id", port["network"])})
     files = {}
+    if server.get("personality"):
+        meta["files"] = []
+        for i, item in enumerate(server["personality"]):
+            content = "/content/%04d" % i
+            files["openstack" + content] = base64.b64decode(item.get("contents", ""))
+            meta["files"].append({"path": item.get("path"), "content_path": content})
     for root in ("openstack/latest", "openstack/2012-08-10"):
         files[f"{root}/meta_data.json"] = json_bytes(meta)
         files[f"{root}/network_data.json"] = json_bytes({"links": links, "networks": networks,

@@ -2827,6 +2827,24 @@ class ServerSubresourceTests(ServerTestCase):
                                  capture_output=True).stdout
             self.assertEqual(got, data)
 
+    def test_config_drive_contents(self):
+        """The config drive carries meta_data (keys, uuid), user_data and personality files."""
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY}})
+        server_id = self.new_server(config_drive=True, key_name="k",
+                                    user_data=base64.b64encode(b"#cloud-config\n").decode(),
+                                    personality=[{"path": "/etc/motd",
+                                                  "contents": base64.b64encode(b"hi").decode()}])
+        server = self.store.data["servers"][server_id]
+        files = minivan.config_drive_files(self.app, server, "pw")
+        meta = json.loads(files["openstack/latest/meta_data.json"])
+        self.assertEqual((meta["uuid"], meta["public_keys"]["k"], meta["admin_pass"]),
+                         (server_id, SAMPLE_KEY, "pw"))
+        self.assertEqual(files["openstack/latest/user_data"], b"#cloud-config\n")
+        self.assertEqual(files["openstack" + meta["files"][0]["content_path"]], b"hi")
+        self.assertEqual(self.server(server_id)["config_drive"], "True")
+        self.assertTrue(os.path.exists(os.path.join(self.app.conf["instances_dir"], server_id,
+                                                    "disk.config")))
+
     def test_interfaces(self):
         """os-interface lists and shows the server's ports; the test hypervisor cannot
         hot-plug, so an attach there is 409 and nothing changes."""
