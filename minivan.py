@@ -1675,7 +1675,8 @@ class LocalImages:
         except FileNotFoundError:
             names = []
         with self.lock:
-            known = {img["file"]: img for img in self.store.data["images"].values()}
+            known = {img["file"]: img for img in self.store.data["images"].values()
+                     if img.get("file")}
             ops = []
             for name in names:
                 path = os.path.join(self.dir, name)
@@ -1686,7 +1687,7 @@ class LocalImages:
                 ops.append(["set", ["images", record["id"]], record])
             present = set(names)
             for image_id, img in self.store.data["images"].items():
-                if img["file"] not in present and img.get("status") == "active":
+                if img.get("file") not in present and img.get("status") == "active":
                     ops.append(["del", ["images", image_id]])
             if ops:
                 self.store.commit(ops)
@@ -1726,7 +1727,7 @@ class LocalImages:
         return image
 
     def visible(self, image, ident):
-        return image["visibility"] in ("public", "community", "shared") or ident.is_admin \
+        return image["visibility"] in ("public", "community") or ident.is_admin \
             or image.get("owner") == ident.project_id
 
     def path(self, image):
@@ -1792,18 +1793,307 @@ class LocalImages:
             record, status="active", size=os.path.getsize(path),
             updated_at=isotime_us(self.clock.now()))]])
 
-    def delete(self, image):
+    def reserve_image(self, image_id, name, owner, properties, min_disk, min_ram,
+                      visibility="shared", disk_format=None, container_format=None, tags=(),
+                      protected=False):
+        """A queued image record (Glance's POST /v2/images); data comes with store_upload."""
+        now = isotime_us(self.clock.now())
+        record = {"id": image_id, "name": name, "file": None, "disk_format": disk_format,
+                  "container_format": container_format, "size": 0, "status": "queued",
+                  "visibility": visibility, "owner": owner, "min_disk": min_disk,
+                  "min_ram": min_ram, "properties": properties, "tags": list(tags),
+                  "protected": protected, "checksum": None, "os_hash_algo": None,
+                  "os_hash_value": None, "created_at": now, "updated_at": now}
+        self.store.commit([["set", ["images", image_id], record]])
+        return record
+
+    def update_image(self, image, changes, properties):
+        record = dict(image, properties=properties, updated_at=isotime_us(self.clock.now()),
+                      **changes)
+        self.store.commit([["set", ["images", image["id"]], record]])
+        return record
+
+    def store_upload(self, image, stream):
+        """Write uploaded image data into the directory, with its checksums; then active."""
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = os.path.join(self.dir, f".{image['id']}.part")
+        md5, sha512, size = hashlib.md5(usedforsecurity=False), hashlib.sha512(), 0
+        self.store.commit([["set", ["images", image["id"], "status"], "saving"]])
         try:
-            os.unlink(self.path(image))
-        except FileNotFoundError:
-            pass
-        for extra in (self.path(image) + ".json",):
-            if os.path.exists(extra):
-                os.unlink(extra)
+            with open(tmp, "wb") as f:
+                for chunk in stream:
+                    md5.update(chunk)
+                    sha512.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+            detected = image_format(tmp)
+            filename = image["id"] + (".qcow2" if detected == "qcow2" else ".img")
+            os.replace(tmp, os.path.join(self.dir, filename))
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            self.store.commit([["set", ["images", image["id"], "status"], "queued"]])
+            raise Unavailable(f"cannot store the image data: {e}") from None
+        record = dict(image, file=filename, status="active", size=size,
+                      disk_format=image.get("disk_format") or detected,
+                      container_format=image.get("container_format") or "bare",
+                      checksum=md5.hexdigest(), os_hash_algo="sha512",
+                      os_hash_value=sha512.hexdigest(), updated_at=isotime_us(self.clock.now()))
+        self.store.commit([["set", ["images", image["id"]], record]])
+        return record
+
+    def delete(self, image):
+        if image.get("file"):
+            for path in (self.path(image), self.path(image) + ".json"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         self.store.commit([["del", ["images", image["id"]]]])
 
     def set_properties(self, image, properties):
         self.store.commit([["set", ["images", image["id"], "properties"], properties]])
+
+
+# § image service (standalone) ------------------------------------------------------------
+#
+# Without a Glance anywhere, minivan serves the part of the Glance v2 API the clients use
+# over its local image directory, under /image on its own port: versions, the image
+# schemas, list (filters, sort, paging), show, create, upload, download, update (JSON
+# patch) and delete.
+
+GLANCE_CORE = ("id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
+               "os_hash_algo", "os_hash_value", "min_ram", "min_disk", "size", "virtual_size",
+               "disk_format", "container_format", "owner", "created_at", "updated_at", "tags",
+               "self", "file", "schema")
+GLANCE_WRITABLE = {"name", "visibility", "protected", "os_hidden", "min_ram", "min_disk",
+                   "disk_format", "container_format", "tags", "id"}
+DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso",
+                "ploop")
+CONTAINER_FORMATS = ("ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed")
+
+
+class GlanceError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def glance_time(text):
+    return isotime(parse_isotime(text)) if text else None
+
+
+def glance_image_view(image):
+    view = {"id": image["id"], "name": image["name"],
+            "status": "active" if image["status"] == "active" else image["status"],
+            "visibility": image["visibility"], "protected": image.get("protected", False),
+            "os_hidden": image.get("os_hidden", False), "checksum": image.get("checksum"),
+            "os_hash_algo": image.get("os_hash_algo"), "os_hash_value": image.get("os_hash_value"),
+            "min_ram": image["min_ram"], "min_disk": image["min_disk"],
+            "size": image["size"] if image["status"] == "active" else None,
+            "virtual_size": None, "disk_format": image["disk_format"],
+            "container_format": image["container_format"], "owner": image.get("owner"),
+            "created_at": glance_time(image["created_at"]),
+            "updated_at": glance_time(image["updated_at"]), "tags": list(image.get("tags", [])),
+            "self": f"/v2/images/{image['id']}", "file": f"/v2/images/{image['id']}/file",
+            "schema": "/v2/schemas/image"}
+    for key, value in image["properties"].items():
+        view.setdefault(key, value)
+    return view
+
+
+def glance_schema():
+    props = {"id": {"type": "string"}, "name": {"type": ["null", "string"], "maxLength": 255},
+             "status": {"type": "string", "enum": ["queued", "saving", "active", "killed",
+                                                   "deleted", "uploading", "importing",
+                                                   "pending_delete", "deactivated"]},
+             "visibility": {"type": "string", "enum": ["community", "public", "private",
+                                                       "shared"]},
+             "protected": {"type": "boolean"}, "os_hidden": {"type": "boolean"},
+             "checksum": {"type": ["null", "string"]}, "owner": {"type": ["null", "string"]},
+             "os_hash_algo": {"type": ["null", "string"]},
+             "os_hash_value": {"type": ["null", "string"]},
+             "size": {"type": ["null", "integer"]}, "virtual_size": {"type": ["null", "integer"]},
+             "container_format": {"type": ["null", "string"],
+                                  "enum": [None] + list(CONTAINER_FORMATS)},
+             "disk_format": {"type": ["null", "string"], "enum": [None] + list(DISK_FORMATS)},
+             "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+             "tags": {"type": "array", "items": {"type": "string", "maxLength": 255}},
+             "min_ram": {"type": "integer"}, "min_disk": {"type": "integer"},
+             "self": {"type": "string"}, "file": {"type": "string"},
+             "schema": {"type": "string"}}
+    return {"name": "image", "properties": props,
+            "additionalProperties": {"type": "string"},
+            "links": [{"rel": "self", "href": "{self}"}, {"rel": "enclosure", "href": "{file}"},
+                      {"rel": "describedby", "href": "{schema}"}]}
+
+
+class ImageService:
+    """The Glance v2 subset, over App.images (LocalImages)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def handle(self, method, rest, query, headers, body, stream):
+        """Returns a Response; errors become Glance-style JSON bodies."""
+        base = self.app.base_url(headers, False)
+        try:
+            if rest in ("", "/"):
+                return Response(300, self.versions(base))
+            if rest == "/versions":
+                return Response(200, self.versions(base))
+            ident = self.app.auth.identify(headers.get("X-Auth-Token"))
+            parts = [urllib.parse.unquote(p) for p in rest.split("/") if p]
+            if parts[:1] != ["v2"]:
+                raise GlanceError(404, "The resource could not be found.")
+            return self.route(method, parts[1:], query, headers, body, stream, ident)
+        except GlanceError as e:
+            title = STATUS_TEXT.get(e.code, "Error")
+            return Response(e.code, {"code": f"{e.code} {title}", "title": title,
+                                     "message": e.message})
+        except Fault as fault:
+            return Response(fault.code, fault.body())
+
+    def versions(self, base):
+        return {"versions": [{"id": "v2.16", "status": "CURRENT", "links": [
+            {"rel": "self", "href": base + "/image/v2/"}]}]}
+
+    def route(self, method, parts, query, headers, body, stream, ident):
+        images = self.app.images
+        if parts in (["schemas", "image"], ["schemas", "images"]):
+            schema = glance_schema()
+            if parts[1] == "images":
+                schema = {"name": "images", "properties": {"images": {
+                    "type": "array", "items": schema}}, "links": []}
+            return Response(200, schema)
+        if parts == ["images"] and method == "GET":
+            return Response(200, self.list(ident, query))
+        if parts == ["images"] and method == "POST":
+            return Response(201, glance_image_view(self.create(ident, body)))
+        if len(parts) >= 2 and parts[0] == "images":
+            image = images.get(parts[1])
+            if image is None or not images.visible(image, ident):
+                raise GlanceError(404, f"No image found with ID {parts[1]}")
+            if len(parts) == 2 and method in ("GET", "HEAD"):
+                return Response(200, glance_image_view(image))
+            if len(parts) == 2 and method == "DELETE":
+                self.check_owner(image, ident)
+                if image.get("protected"):
+                    raise GlanceError(403, f"Image {image['id']} is protected and cannot be "
+                                           "deleted.")
+                images.delete(image)
+                return Response(204, None)
+            if len(parts) == 2 and method == "PATCH":
+                self.check_owner(image, ident)
+                return Response(200, glance_image_view(self.patch(image, body)))
+            if parts[2:] == ["file"] and method == "PUT":
+                self.check_owner(image, ident)
+                return Response(204, None) if self.upload(image, headers, stream) else None
+            if parts[2:] == ["file"] and method == "GET":
+                if image["status"] != "active":
+                    return Response(204, None)
+                with open(images.path(image), "rb") as f:
+                    return Response(200, f.read(), content_type="application/octet-stream")
+        raise GlanceError(404, "The resource could not be found.")
+
+    def check_owner(self, image, ident):
+        if not ident.is_admin and image.get("owner") not in (None, ident.project_id):
+            raise GlanceError(403, "You are not permitted to modify this image.")
+        if image.get("owner") is None and not ident.is_admin:
+            raise GlanceError(403, "You are not permitted to modify this image.")
+
+    def list(self, ident, query):
+        items = [i for i in self.app.images.list() if self.app.images.visible(i, ident)]
+        filters = {k: v[-1] for k, v in query.items()}
+        for key in ("name", "status", "visibility", "disk_format", "container_format", "owner"):
+            if key in filters:
+                wanted = filters[key]
+                if key == "name" and wanted.startswith("in:"):
+                    names = wanted[3:].split(",")
+                    items = [i for i in items if i["name"] in names]
+                else:
+                    items = [i for i in items if str(glance_image_view(i).get(key)) == wanted]
+        if "tag" in filters:
+            items = [i for i in items if filters["tag"] in i.get("tags", [])]
+        key = filters.get("sort_key", "created_at")
+        reverse = filters.get("sort_dir", "desc") == "desc"
+        items.sort(key=lambda i: (str(glance_image_view(i).get(key)), i["id"]), reverse=reverse)
+        if "marker" in filters:
+            ids = [i["id"] for i in items]
+            if filters["marker"] not in ids:
+                raise GlanceError(400, f"marker {filters['marker']} not found")
+            items = items[ids.index(filters["marker"]) + 1:]
+        try:
+            limit = int(filters.get("limit", 25))
+        except ValueError:
+            raise GlanceError(400, "limit param must be an integer") from None
+        page = items[:limit]
+        body = {"images": [glance_image_view(i) for i in page], "schema": "/v2/schemas/images",
+                "first": "/v2/images"}
+        if len(items) > limit and page:
+            body["next"] = "/v2/images?" + urllib.parse.urlencode(
+                dict([(k, v) for k, v in filters.items() if k != "marker"],
+                     marker=page[-1]["id"]))
+        return body
+
+    def create(self, ident, body):
+        if not isinstance(body, dict):
+            raise GlanceError(400, "Body must be a JSON object.")
+        for key in ("disk_format", "container_format"):
+            allowed = DISK_FORMATS if key == "disk_format" else CONTAINER_FORMATS
+            if body.get(key) is not None and body[key] not in allowed:
+                raise GlanceError(400, f"Invalid value '{body[key]}' for {key}")
+        if body.get("visibility", "shared") not in ("public", "private", "shared", "community"):
+            raise GlanceError(400, "Invalid visibility value")
+        if body.get("visibility") == "public" and not ident.is_admin:
+            raise GlanceError(403, "Only admins may publicize images.")
+        image_id = str(body.get("id") or uuid.uuid4())
+        if not is_uuid_like(image_id):
+            raise GlanceError(400, "id must be a UUID")
+        if self.app.images.get(image_id) is not None:
+            raise GlanceError(409, f"Image with identifier {image_id} already exists!")
+        props = {k: str(v) for k, v in body.items() if k not in GLANCE_WRITABLE
+                 and k not in GLANCE_CORE}
+        try:
+            min_disk, min_ram = int(body.get("min_disk", 0)), int(body.get("min_ram", 0))
+        except (TypeError, ValueError):
+            raise GlanceError(400, "min_disk and min_ram must be integers") from None
+        return self.app.images.reserve_image(
+            image_id, body.get("name"), ident.project_id, props, min_disk, min_ram,
+            visibility=body.get("visibility", "shared"),
+            disk_format=body.get("disk_format"), container_format=body.get("container_format"),
+            tags=[str(t) for t in body.get("tags", [])], protected=bool(body.get("protected")))
+
+    def patch(self, image, body):
+        if not isinstance(body, list):
+            raise GlanceError(400, "A JSON patch (a list of operations) is required.")
+        changes, props = {}, dict(image["properties"])
+        for op in body:
+            if not isinstance(op, dict) or op.get("op") not in ("add", "replace", "remove") \
+                    or not str(op.get("path", "")).startswith("/"):
+                raise GlanceError(400, "Invalid JSON patch operation.")
+            key = op["path"][1:]
+            if key in ("name", "visibility", "protected", "os_hidden", "min_ram", "min_disk",
+                       "tags", "disk_format", "container_format"):
+                if op["op"] == "remove":
+                    raise GlanceError(403, f"Attribute '{key}' is read-only.")
+                changes[key] = op["value"]
+            elif key in GLANCE_CORE:
+                raise GlanceError(403, f"Attribute '{key}' is read-only.")
+            elif op["op"] == "remove":
+                if key not in props:
+                    raise GlanceError(409, f"Property {key} does not exist.")
+                props.pop(key)
+            else:
+                props[key] = str(op.get("value"))
+        return self.app.images.update_image(image, changes, props)
+
+    def upload(self, image, headers, stream):
+        if image["status"] != "queued":
+            raise GlanceError(409, f"Image status transition from {image['status']} to saving "
+                                   "is not allowed")
+        self.app.images.store_upload(image, stream)
+        return True
 
 
 # § 9 quotas ----------------------------------------------------------------
@@ -6448,6 +6738,7 @@ class App:
         self.stopping = False
         self.images = LocalImages(conf["images_dir"], store, self.clock)
         self.compute = Compute(self)
+        self.image_service = ImageService(self)
 
     def network_name(self, network_id):
         """The libvirt network with this UUID, or None."""
@@ -6459,15 +6750,19 @@ class App:
         return self.driver is not None and self.driver.available
 
     # -- entry point -------------------------------------------------------------
-    def handle(self, method, target, headers, body=b"", secure=False):
+    def handle(self, method, target, headers, body=b"", secure=False, stream=None):
         """One HTTP request in, one Response out; never raises.
 
-        body is None when the client sent more than --max-body-size (413)."""
+        body is None when the client sent more than --max-body-size (413); stream is an
+        iterator of chunks for image uploads, which have no size limit."""
         split = urllib.parse.urlsplit(target)
         path = split.path or "/"
         base = self.base_url(headers, secure)
         if path == "/healthcheck":
             return Response(200, b"OK", content_type="text/plain")
+        if path == "/image" or path.startswith("/image/"):
+            return self.handle_image(method, path[len("/image"):], split.query, headers, body,
+                                     stream)
         if body is None and not path.startswith("/v2"):
             return Response(413, TooLarge().body())
         if path in ("", "/"):
@@ -6477,6 +6772,38 @@ class App:
                 return self.handle_api(method, path[len(root):], split.query, headers, body,
                                        base, legacy)
         return Response(300, versions_choices(base, path))
+
+    def handle_image(self, method, rest, query, headers, body, stream):
+        """The standalone image service (a Glance v2 subset), with request ids."""
+        request_id = new_request_id()
+        token = CURRENT_REQUEST.set(request_id)
+        try:
+            if body is None:
+                resp = Response(413, {"code": "413 Request Entity Too Large",
+                                      "title": "Request Entity Too Large",
+                                      "message": "Request is too large."})
+            else:
+                doc = None
+                if body and stream is None:
+                    try:
+                        doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+                    except (ValueError, UnicodeDecodeError, RecursionError):
+                        doc = GlanceError
+                if doc is GlanceError:
+                    resp = Response(400, {"code": "400 Bad Request", "title": "Bad Request",
+                                          "message": "Malformed JSON in request body."})
+                else:
+                    pairs = urllib.parse.parse_qs(query, keep_blank_values=True)
+                    resp = self.image_service.handle(method, rest, pairs, headers, doc, stream)
+        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
+            LOG.exception("unexpected error in %s /image%s", method, rest)
+            resp = Response(500, {"code": "500 Internal Server Error", "title": "Error",
+                                  "message": unexpected_error_message(exc)})
+        resp.headers.append(("x-openstack-request-id", request_id))
+        LOG.info("\"%s /image%s\" status: %s len: %s", method, rest, resp.status,
+                 len(resp.payload))
+        CURRENT_REQUEST.reset(token)
+        return resp
 
     def base_url(self, headers, secure):
         if self.conf["public_url"]:
@@ -6650,11 +6977,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         self.server.begin_request()
         try:
-            body = self.read_body()
+            stream = None
+            if self.command == "PUT" and re.match(r"^/image/v2/images/[^/?]+/file(\?|$)",
+                                                  self.path):
+                body, stream = b"", self.body_chunks()
+            else:
+                body = self.read_body()
             if body is False:
                 return
             resp = app.handle(self.command, self.path, self.headers, body,
-                              secure=isinstance(self.connection, ssl.SSLSocket))
+                              secure=isinstance(self.connection, ssl.SSLSocket), stream=stream)
+            if stream is not None:
+                for _ in stream:        # drain what the handler did not read
+                    pass
             if app.stopping:
                 self.close_connection = True
             self.cors(resp)
@@ -6678,6 +7013,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         return self.rfile.read(length)
+
+    def body_chunks(self):
+        """The request body as an iterator of chunks, however large (image uploads)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    self.close_connection = True
+                    return
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline(1024)
+        try:
+            left = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            left = 0
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                self.close_connection = True
+                return
+            left -= len(chunk)
+            yield chunk
 
     def read_chunked(self, limit):
         chunks, total = [], 0

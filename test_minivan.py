@@ -12,6 +12,7 @@ an end-to-end test (a client or Keystone missing) into a failure.
 import base64
 import datetime
 import email.message
+import functools
 import hashlib
 import http.client
 import json
@@ -1953,6 +1954,29 @@ class CLIMixin:
         self.assertIn("nova", [z["Zone Name"] for z in zones])
 
 
+def write_clouds_yaml(directory, port):
+    """The README's clouds.yaml: minivan alone, no authentication."""
+    path = os.path.join(directory, "clouds.yaml")
+    with open(path, "w") as f:
+        f.write(f"""clouds:
+  minivan:
+    auth_type: none
+    auth:
+      endpoint: http://127.0.0.1:{port}/v2.1
+    compute_endpoint_override: http://127.0.0.1:{port}/v2.1
+    image_endpoint_override: http://127.0.0.1:{port}/image
+    identity_api_version: '3'
+""")
+    return path
+
+
+def run_osc_cloud(test, env, *args):
+    done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, **env))
+    test.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
+    return done.stdout
+
+
 class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
     """openstackclient, openstacksdk and novaclient against minivan in noauth mode."""
 
@@ -1973,6 +1997,32 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
     def setUp(self):
         if not have_clients():
             skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
+
+    def test_standalone_clouds_yaml(self):
+        """With only minivan and a clouds.yaml of auth_type none, the README's commands work:
+        image create --file, server create --image NAME --wait, list, show, console log,
+        server image create, delete --wait."""
+        config = write_clouds_yaml(self.minivan_data, self.port)
+        env = {"OS_CLIENT_CONFIG_FILE": config, "OS_CLOUD": "minivan"}
+        run = functools.partial(run_osc_cloud, self, env)
+        image_file = make_image(os.path.join(self.minivan_data, "upload"), "upload")
+        made = json.loads(run("image", "create", "--file", image_file, "--disk-format", "qcow2",
+                              "--container-format", "bare", "e2e-image", "-f", "json"))
+        self.assertEqual(made["status"], "active")
+        self.assertIn("e2e-image", run("image", "list"))
+        server = json.loads(run("server", "create", "--image", "e2e-image", "--flavor",
+                                "m1.tiny", "--wait", "e2e-vm", "-f", "json"))
+        self.assertEqual(server["status"], "ACTIVE")
+        self.assertIn("e2e-vm", run("server", "list"))
+        shown = json.loads(run("server", "show", "e2e-vm", "-f", "json"))
+        self.assertEqual(shown["image"].split(" ")[0], "e2e-image")
+        self.assertIn("booted", run("console", "log", "show", "e2e-vm"))
+        run("server", "image", "create", "--name", "e2e-snap", "--wait", "e2e-vm")
+        snap = json.loads(run("image", "show", "e2e-snap", "-f", "json"))
+        self.assertEqual((snap["status"], snap["properties"]["instance_uuid"]),
+                         ("active", server["id"]))
+        run("server", "delete", "--wait", "e2e-vm")
+        self.assertNotIn("e2e-vm", run("server", "list"))
 
     def test_sdk(self):
         """openstacksdk negotiates 2.104 and manages flavors and keypairs."""
@@ -3128,6 +3178,18 @@ class RealGuestTests(unittest.TestCase):
         self.assertRaises(Exception, self.domain, sid)
         self.assertFalse(os.path.exists(instance_dir))
 
+    def test_standalone_boot_of_the_real_guest(self):
+        """The README's standalone clouds.yaml: upload the guest, boot it by name, it boots."""
+        config = write_clouds_yaml(self.minivan_data, self.port)
+        env = {"OS_CLIENT_CONFIG_FILE": config, "OS_CLOUD": "minivan"}
+        run = functools.partial(run_osc_cloud, self, env)
+        run("image", "create", "--file", GUEST_IMAGE, "--disk-format", "qcow2",
+            "--container-format", "bare", "uploaded-guest")
+        server = json.loads(run("server", "create", "--image", "uploaded-guest", "--flavor",
+                                "m1.tiny", "--wait", "real-standalone", "-f", "json"))
+        self.addCleanup(self.destroy, server["id"])
+        self.wait_console(server["id"], "minivan-guest booted")
+
     def test_config_drive_reaches_the_guest(self):
         """A config drive (ISO, label config-2) carries the server's uuid and hostname."""
         server, _ = self.boot("real-cd", config_drive=True)
@@ -3239,3 +3301,84 @@ class RealGuestTests(unittest.TestCase):
             return False
         except exceptions.NotFoundException:
             return True
+
+
+# -- the standalone image service (a Glance v2 subset under /image) -----------------------
+
+class ImageServiceTests(SocketTestCase):
+    """/image/v2 over the local image directory, through the real HTTP server."""
+
+    def image_call(self, method, path, body=None, raw=None, headers=None):
+        conn = self.connect()
+        hdrs = {"X-Auth-Token": "admin:admin"}
+        hdrs.update(headers or {})
+        payload = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        if body is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, "/image" + path, payload, hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        self.assertEqual(int(resp.getheader("Content-Length")), len(data))
+        conn.close()
+        return resp.status, (json.loads(data) if data and resp.getheader(
+            "Content-Type", "").startswith("application/json") else data)
+
+    def test_versions_and_schema(self):
+        """GET /image lists v2 (300, as Glance); the image schema is served."""
+        status, body = self.image_call("GET", "")
+        self.assertEqual(status, 300)
+        self.assertTrue(body["versions"][0]["links"][0]["href"].endswith("/image/v2/"))
+        status, body = self.image_call("GET", "/v2/schemas/image")
+        self.assertEqual((status, body["name"]), (200, "image"))
+
+    def test_create_upload_show_download_delete(self):
+        """POST + PUT file makes an active image with checksums; it boots; DELETE removes it."""
+        status, image = self.image_call("POST", "/v2/images", {
+            "name": "up", "disk_format": "qcow2", "container_format": "bare", "color": "blue"})
+        self.assertEqual((status, image["status"], image["color"]), (201, "queued", "blue"))
+        data = open(make_image(os.path.join(self.tmp, "src"), "src"), "rb").read()
+        status, _ = self.image_call("PUT", f"/v2/images/{image['id']}/file", raw=data,
+                                    headers={"Content-Type": "application/octet-stream"})
+        self.assertEqual(status, 204)
+        self.assertGreater(len(data), self.app.conf["max_body_size"])
+        status, shown = self.image_call("GET", f"/v2/images/{image['id']}")
+        self.assertEqual((shown["status"], shown["size"], shown["checksum"]),
+                         ("active", len(data), hashlib.md5(data).hexdigest()))
+        self.assertEqual(shown["os_hash_value"], hashlib.sha512(data).hexdigest())
+        status, got = self.image_call("GET", f"/v2/images/{image['id']}/file")
+        self.assertEqual((status, got), (200, data))
+        status, listed = self.image_call("GET", "/v2/images?name=up")
+        self.assertEqual([i["id"] for i in listed["images"]], [image["id"]])
+        status, patched = self.image_call("PATCH", f"/v2/images/{image['id']}", [
+            {"op": "replace", "path": "/name", "value": "renamed"},
+            {"op": "add", "path": "/os_distro", "value": "busybox"},
+            {"op": "remove", "path": "/color"}],
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+        self.assertEqual((patched["name"], patched["os_distro"]), ("renamed", "busybox"))
+        self.assertNotIn("color", patched)
+        self.assertEqual(self.image_call("PUT", f"/v2/images/{image['id']}/file",
+                                         raw=b"x")[0], 409)
+        self.assertEqual(self.image_call("DELETE", f"/v2/images/{image['id']}")[0], 204)
+        self.assertEqual(self.image_call("GET", f"/v2/images/{image['id']}")[0], 404)
+
+    def test_errors(self):
+        """Bad bodies and unknown images are Glance-style 4xx answers."""
+        self.assertEqual(self.image_call("POST", "/v2/images", raw=b"{nope",
+                                         headers={"Content-Type": "application/json"})[0], 400)
+        self.assertEqual(self.image_call("POST", "/v2/images", {"disk_format": "floppy"})[0],
+                         400)
+        self.assertEqual(self.image_call("GET", "/v2/images/nope")[0], 404)
+        self.assertEqual(self.image_call("GET", "/v2/images?limit=x")[0], 400)
+        conn = self.connect()
+        conn.request("GET", "/image/v2/images")
+        self.assertEqual(conn.getresponse().status, 401)
+
+    def test_private_images_belong_to_their_project(self):
+        """An image is private to its owner's project unless public."""
+        status, image = self.image_call("POST", "/v2/images", {"name": "mine"},
+                                        headers={"X-Auth-Token": "alice:p1"})
+        status, _ = self.image_call("GET", f"/v2/images/{image['id']}",
+                                    headers={"X-Auth-Token": "bob:p2"})
+        self.assertEqual(status, 404)
+        self.assertEqual(self.image_call("POST", "/v2/images", {"visibility": "public"},
+                                         headers={"X-Auth-Token": "bob:p2"})[0], 403)
