@@ -1171,6 +1171,7 @@ class LibvirtDriver:
         self.lock = threading.RLock()
         self.last_error = None
         self.on_event = None
+        self.event_id = None
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1209,7 +1210,7 @@ class LibvirtDriver:
                 self.conn = self.libvirt.open(self.uri)
                 self.last_error = None
                 if self.on_event is not None:
-                    self.conn.domainEventRegisterAny(
+                    self.event_id = self.conn.domainEventRegisterAny(
                         None, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
                 LOG.info("connected to libvirt at %s (%s, guests as %s)", self.uri,
                          self.conn.getType(), self.virt_type)
@@ -1228,6 +1229,9 @@ class LibvirtDriver:
         with self.lock:
             if self.conn is not None:
                 try:
+                    if self.event_id is not None:
+                        self.conn.domainEventDeregisterAny(self.event_id)
+                        self.event_id = None
                     self.conn.close()
                 except self.libvirt.libvirtError:
                     pass
@@ -1235,17 +1239,24 @@ class LibvirtDriver:
 
     # -- helpers -------------------------------------------------------------
     def _call(self, what, fn, *args):
-        """Run a libvirt call; a lost connection is 503, anything else a DriverError."""
-        with self.lock:
-            if self.conn is None and not self.connect():
-                raise Unavailable("The hypervisor is unreachable.")
-            try:
-                return fn(*args)
-            except self.libvirt.libvirtError as e:
-                if self.conn is not None and not self._alive():
+        """Run a libvirt call; a lost connection is 503, anything else a DriverError.
+
+        libvirt connections are thread-safe: calls run concurrently, only (re)connecting
+        takes the lock."""
+        if self.conn is None and not self.connect():
+            raise Unavailable("The hypervisor is unreachable.")
+        try:
+            return fn(*args)
+        except self.libvirt.libvirtError as e:
+            if self.conn is not None and not self._alive():
+                with self.lock:
                     self.conn = None
-                    raise Unavailable("The hypervisor is unreachable.") from None
-                raise DriverError(f"{what} failed: {e.get_error_message()}") from None
+                raise Unavailable("The hypervisor is unreachable.") from None
+            raise DriverError(f"{what} failed: {e.get_error_message()}") from None
+        except AttributeError:
+            if self.conn is None:       # the connection was dropped meanwhile
+                raise Unavailable("The hypervisor is unreachable.") from None
+            raise
 
     def _alive(self):
         try:
@@ -7316,7 +7327,8 @@ def main(argv=None):
              version_text(MIN_VERSION), version_text(MAX_VERSION), scheme, conf["bind"],
              server.server_port, conf["auth"], conf["data_dir"])
     sd_notify("READY=1\nSTATUS=serving the compute API")
-    stop.wait()
+    while not stop.wait(0.5):   # wake up now and then: a signal may reach another thread
+        pass
     sd_notify("STOPPING=1")
     LOG.info("stopping: no new connections, finishing requests in flight")
     app.stopping = True

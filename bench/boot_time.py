@@ -49,7 +49,8 @@ def run(uri, image, count, network, extra_env):
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
                MINIVAN_LIBVIRT_URI=uri, MINIVAN_NETWORK=network, **extra_env)
     log = open(os.path.join(tempfile.gettempdir(), "minivan-bench.log"), "w")
-    proc = subprocess.Popen([sys.executable, MINIVAN], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", MINIVAN], env=env,
+                            stdout=log, stderr=log)
     try:
         for _ in range(200):
             try:
@@ -81,7 +82,9 @@ def run(uri, image, count, network, extra_env):
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            proc.send_signal(signal.SIGABRT)       # faulthandler: every thread's stack
+            proc.wait(10)
+            print(f"minivan did not stop; its log (with thread stacks): {log.name}")
             raise
         finally:
             log.close()
