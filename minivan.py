@@ -1624,10 +1624,34 @@ def virtual_size(path):
     return json.loads(qemu_img("info", "-U", "--output=json", path))["virtual-size"]
 
 
-def create_server_disks(instance_dir, base_path, flavor):
+def disk_layout(server):
+    """[(file name, target, size for qemu-img)] of a server's disks, root first.
+
+    Blank local block device mappings (server['local_disks'], GB) replace the flavor's
+    ephemeral disk; a swap mapping (server['swap_mb']) replaces the flavor's swap."""
+    flavor = server["flavor"]
+    layout = [("disk", None)]
+    local = server.get("local_disks") or []
+    if local:
+        layout += [(f"disk.eph{i}", "%dG" % size) for i, size in enumerate(local)]
+    elif flavor.get("ephemeral"):
+        layout.append(("disk.eph0", "%dG" % flavor["ephemeral"]))
+    swap = server.get("swap_mb", flavor.get("swap"))
+    if swap:
+        layout.append(("disk.swap", "%dM" % swap))
+    return [(name, "vd" + chr(ord("a") + i), size) for i, (name, size) in enumerate(layout)]
+
+
+def server_disks(instance_dir, server):
+    """The (path, target, format) list of the server's disks."""
+    return [(os.path.join(instance_dir, name), target, "qcow2")
+            for name, target, _ in disk_layout(server)]
+
+
+def create_server_disks(instance_dir, base_path, server):
     """The root overlay on the cached base image, plus ephemeral and swap disks."""
     os.makedirs(instance_dir, mode=0o755, exist_ok=True)
-    disks = []
+    flavor = server["flavor"]
     root = os.path.join(instance_dir, "disk")
     if base_path:
         fmt = image_format(base_path)
@@ -1636,27 +1660,16 @@ def create_server_disks(instance_dir, base_path, flavor):
             qemu_img("resize", "-q", root, "%dG" % flavor["disk"])
     else:
         qemu_img("create", "-q", "-f", "qcow2", root, "%dG" % max(flavor["disk"], 1))
-    disks.append((root, "vda", "qcow2"))
-    if flavor.get("ephemeral"):
-        path = os.path.join(instance_dir, "disk.eph0")
-        qemu_img("create", "-q", "-f", "qcow2", path, "%dG" % flavor["ephemeral"])
-        disks.append((path, "vdb", "qcow2"))
-    if flavor.get("swap"):
-        path = os.path.join(instance_dir, "disk.swap")
-        qemu_img("create", "-q", "-f", "qcow2", path, "%dM" % flavor["swap"])
-        disks.append((path, "vdc" if flavor.get("ephemeral") else "vdb", "qcow2"))
-    return disks
+    create_missing_disks(instance_dir, server)
+    return server_disks(instance_dir, server)
 
 
-def server_disks(instance_dir, flavor):
-    """The (path, target, format) list of disks create_server_disks made."""
-    disks = [(os.path.join(instance_dir, "disk"), "vda", "qcow2")]
-    if flavor.get("ephemeral"):
-        disks.append((os.path.join(instance_dir, "disk.eph0"), "vdb", "qcow2"))
-    if flavor.get("swap"):
-        disks.append((os.path.join(instance_dir, "disk.swap"),
-                      "vdc" if flavor.get("ephemeral") else "vdb", "qcow2"))
-    return disks
+def create_missing_disks(instance_dir, server):
+    """Blank qcow2 files for the server's ephemeral and swap disks not there yet."""
+    for name, _, size in disk_layout(server)[1:]:
+        path = os.path.join(instance_dir, name)
+        if not os.path.exists(path):
+            qemu_img("create", "-q", "-f", "qcow2", path, size)
 
 
 # § images ---------------------------------------------------------------------
@@ -3806,7 +3819,7 @@ class Compute:
             raise DriverError(f"Image {server['image_ref']} could not be found.")
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base")) \
             if image else None
-        return create_server_disks(directory, base, server["flavor"])
+        return create_server_disks(directory, base, server)
 
     def make_config_drive(self, server, admin_pass):
         path = os.path.join(self.instance_dir(server), "disk.config")
@@ -3904,7 +3917,7 @@ class Compute:
 
     def redefine_simulated(self, server):
         """libvirt's test driver forgets domains with the process: define them again."""
-        disks = server_disks(self.instance_dir(server), server["flavor"])
+        disks = server_disks(self.instance_dir(server), server)
         power = server.get("power_state")
         self.driver.spawn(server, disks, self.config_drive_path(server),
                           start=power in (RUNNING, PAUSED))
@@ -4005,13 +4018,8 @@ class Compute:
     def extra_disks(self, server):
         """Root disk plus ephemeral and swap disks sized for the server's flavor."""
         directory = self.instance_dir(server)
-        disks = server_disks(directory, server["flavor"])
-        for path, _, _ in disks[1:]:
-            if not os.path.exists(path):
-                size = ("%dG" % server["flavor"]["ephemeral"]) if path.endswith("eph0") \
-                    else ("%dM" % server["flavor"]["swap"])
-                qemu_img("create", "-q", "-f", "qcow2", path, size)
-        return disks
+        create_missing_disks(directory, server)
+        return server_disks(directory, server)
 
     def config_drive_path(self, server):
         path = os.path.join(self.instance_dir(server), "disk.config")
@@ -4124,7 +4132,7 @@ class Compute:
                         node=self.app.conf["host"])
             base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
                                                              "_base"))
-            disks = create_server_disks(self.instance_dir(server), base, server["flavor"])
+            disks = create_server_disks(self.instance_dir(server), base, server)
             server = self.store.data["servers"][server_id]
             drive = self.make_config_drive(server, None) if server.get("config_drive") else None
             self.driver.spawn(server, disks, drive)
@@ -4563,9 +4571,30 @@ def server_create_plan(req, spec, hints):
         raise Forbidden("Quota exceeded for metadata_items: Requested %d, but already used 0 "
                         "of %d metadata_items" % (len(metadata), limits["metadata_items"]))
     check_personality_quota(spec.get("personality") or [], limits)
+    local_disks, swap_mb = blank_local_disks(spec, flavor)
     return {"flavor": flavor, "image": image, "key_name": key_name, "key_data": key_data,
             "networks": networks, "security_groups": groups, "metadata": metadata,
-            "hints": hints}
+            "hints": hints, "local_disks": local_disks, "swap_mb": swap_mb}
+
+
+def blank_local_disks(spec, flavor):
+    """Sizes of blank local disks (GB) and of a swap disk (MB) asked for by block device
+    mappings; they must fit in the flavor's ephemeral and swap sizes, as in Nova."""
+    local, swap = [], None
+    for bdm in spec.get("block_device_mapping_v2") or []:
+        if bdm.get("source_type") != "blank" or bdm.get("destination_type", "local") != "local":
+            continue
+        if bdm.get("guest_format") == "swap":
+            swap = int(bdm.get("volume_size") or flavor["swap"])
+            if swap > flavor["swap"]:
+                raise BadRequest("Swap drive requested is larger than instance type allows.")
+            continue
+        local.append(int(bdm.get("volume_size") or flavor["ephemeral"]))
+    if sum(local) > flavor["ephemeral"] or (local and not all(local)):
+        raise BadRequest("Ephemeral disks requested are larger than the instance type allows. "
+                         "If no size is given in one block device mapping, flavor ephemeral "
+                         "size will be used.")
+    return local, swap
 
 
 def check_personality_quota(files, limits):
@@ -4661,6 +4690,14 @@ def check_server_quota(req, data, plan, min_count, max_count):
 
 
 def new_server_record(req, spec, plan, index, count, reservation_id, instance_number):
+    record = server_record_fields(req, spec, plan, index, count, reservation_id,
+                                  instance_number)
+    if plan["swap_mb"] is not None:
+        record["swap_mb"] = plan["swap_mb"]
+    return record
+
+
+def server_record_fields(req, spec, plan, index, count, reservation_id, instance_number):
     now = isotime_us(req.app.clock.now())
     name = spec["name"]
     if count > 1:
@@ -4699,6 +4736,7 @@ def new_server_record(req, spec, plan, index, count, reservation_id, instance_nu
         "trusted_image_certificates": spec.get("trusted_image_certificates"),
         "root_device_name": "/dev/vda", "server_groups": [], "volumes": [],
         "personality": [dict(p) for p in spec.get("personality") or []],
+        "local_disks": list(plan["local_disks"]),
     }
 
 

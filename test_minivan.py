@@ -2836,6 +2836,30 @@ class ServerSubresourceTests(ServerTestCase):
                          {"default": ips["default"]})
         self.assertFault(self.get(f"/v2.1/servers/{server_id}/ips/other"), 404, "itemNotFound")
 
+    def test_blank_local_disks_from_block_device_mappings(self):
+        """Blank local mappings become extra disks within the flavor's ephemeral size."""
+        self.post("/v2.1/flavors", {"flavor": {"name": "eph", "id": "eph", "ram": 512,
+                                               "vcpus": 1, "disk": 1,
+                                               "OS-FLV-EXT-DATA:ephemeral": 3, "swap": 256}})
+        bdm = [{"source_type": "image", "destination_type": "local", "boot_index": 0,
+                "uuid": self.image_id},
+               {"source_type": "blank", "destination_type": "local", "volume_size": 1},
+               {"source_type": "blank", "destination_type": "local", "volume_size": 2},
+               {"source_type": "blank", "destination_type": "local", "guest_format": "swap",
+                "volume_size": 128}]
+        server_id = self.new_server(flavorRef="eph", block_device_mapping_v2=bdm)
+        directory = os.path.join(self.app.conf["instances_dir"], server_id)
+        self.assertEqual(minivan.virtual_size(os.path.join(directory, "disk.eph1")), 2 * 2 ** 30)
+        self.assertEqual(minivan.virtual_size(os.path.join(directory, "disk.swap")),
+                         128 * 2 ** 20)
+        xml = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
+        self.assertIn("disk.eph0", xml)
+        self.assertIn("<target dev='vdd' bus='virtio'/>", xml)
+        too_big = bdm[:1] + [{"source_type": "blank", "destination_type": "local",
+                              "volume_size": 4}]
+        self.assertFault(self.post_server(flavorRef="eph", block_device_mapping_v2=too_big),
+                         400, "badRequest", "larger than the instance type allows")
+
     def test_fixed_ip_is_reserved_in_the_network(self):
         """A requested fixed_ip becomes a DHCP reservation for the port's MAC, removed again
         when the server is deleted."""
