@@ -6559,21 +6559,21 @@ POST   /os-volumes                                    -                    2.1  
 GET    /os-volumes/detail                             -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:detail
 GET    /os-volumes/{id}                               -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:show
 DELETE /os-volumes/{id}                               -                    2.1  2.35  member  -                                os_compute_api:os-volumes:delete
-GET    /os-volumes_boot                               -                    2.1  2.102 reader  -                                os_compute_api:servers:index
-POST   /os-volumes_boot                               -                    2.1  2.102 member  -                                os_compute_api:servers:create
-GET    /os-volumes_boot/detail                        -                    2.1  2.102 reader  -                                os_compute_api:servers:detail
-GET    /os-volumes_boot/{id}                          -                    2.1  2.102 reader  -                                os_compute_api:servers:show
-PUT    /os-volumes_boot/{id}                          -                    2.1  2.102 member  -                                os_compute_api:servers:update
-DELETE /os-volumes_boot/{id}                          -                    2.1  2.102 member  -                                os_compute_api:servers:delete
-POST   /os-volumes_boot/{id}/action                   confirmResize        2.1  2.102 member  -                                os_compute_api:servers:confirm_resize
-POST   /os-volumes_boot/{id}/action                   revertResize         2.1  2.102 member  -                                os_compute_api:servers:revert_resize
-POST   /os-volumes_boot/{id}/action                   reboot               2.1  2.102 member  -                                os_compute_api:servers:reboot
-POST   /os-volumes_boot/{id}/action                   resize               2.1  2.102 member  -                                os_compute_api:servers:resize
-POST   /os-volumes_boot/{id}/action                   rebuild              2.1  2.102 member  -                                os_compute_api:servers:rebuild
-POST   /os-volumes_boot/{id}/action                   createImage          2.1  2.102 member  -                                os_compute_api:servers:create_image
-POST   /os-volumes_boot/{id}/action                   os-start             2.1  2.102 member  -                                os_compute_api:servers:start
-POST   /os-volumes_boot/{id}/action                   os-stop              2.1  2.102 member  -                                os_compute_api:servers:stop
-POST   /os-volumes_boot/{id}/action                   trigger_crash_dump   2.17 2.102 member  -                                os_compute_api:servers:trigger_crash_dump
+GET    /os-volumes_boot                               -                    2.1  2.102 reader  servers_index                    os_compute_api:servers:index
+POST   /os-volumes_boot                               -                    2.1  2.102 member  servers_create                   os_compute_api:servers:create
+GET    /os-volumes_boot/detail                        -                    2.1  2.102 reader  servers_detail                   os_compute_api:servers:detail
+GET    /os-volumes_boot/{id}                          -                    2.1  2.102 reader  servers_show                     os_compute_api:servers:show
+PUT    /os-volumes_boot/{id}                          -                    2.1  2.102 member  servers_update                   os_compute_api:servers:update
+DELETE /os-volumes_boot/{id}                          -                    2.1  2.102 member  servers_delete                   os_compute_api:servers:delete
+POST   /os-volumes_boot/{id}/action                   confirmResize        2.1  2.102 member  server_action_confirm_resize     os_compute_api:servers:confirm_resize
+POST   /os-volumes_boot/{id}/action                   revertResize         2.1  2.102 member  server_action_revert_resize      os_compute_api:servers:revert_resize
+POST   /os-volumes_boot/{id}/action                   reboot               2.1  2.102 member  server_action_reboot             os_compute_api:servers:reboot
+POST   /os-volumes_boot/{id}/action                   resize               2.1  2.102 member  server_action_resize             os_compute_api:servers:resize
+POST   /os-volumes_boot/{id}/action                   rebuild              2.1  2.102 member  server_action_rebuild            os_compute_api:servers:rebuild
+POST   /os-volumes_boot/{id}/action                   createImage          2.1  2.102 member  server_action_create_image       os_compute_api:servers:create_image
+POST   /os-volumes_boot/{id}/action                   os-start             2.1  2.102 member  server_action_start              os_compute_api:servers:start
+POST   /os-volumes_boot/{id}/action                   os-stop              2.1  2.102 member  server_action_stop               os_compute_api:servers:stop
+POST   /os-volumes_boot/{id}/action                   trigger_crash_dump   2.17 2.102 member  server_action_trigger_crash_dump os_compute_api:servers:trigger_crash_dump
 GET    /servers                                       -                    2.1  2.104 reader  servers_index                    os_compute_api:servers:index
 POST   /servers                                       -                    2.1  2.104 member  servers_create                   os_compute_api:servers:create
 GET    /servers/detail                                -                    2.1  2.104 reader  servers_detail                   os_compute_api:servers:detail
@@ -6950,6 +6950,8 @@ class App:
             allow = sorted({r.method for r in routes} | ({"HEAD"} if any(
                 r.method == "GET" for r in routes) else set()))
             raise BadMethod(headers={"Allow": ", ".join(allow)})
+        if segments[:1] == ["os-volumes_boot"] and "id" in params:
+            params["server_id"] = params["id"]     # the old alias of /servers
         req.params = params
         if method in ("POST", "PUT"):
             req.body = self.parse_body(req, body)

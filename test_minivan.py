@@ -2501,6 +2501,20 @@ class ServerLifecycleTests(ServerTestCase):
         listed = self.get("/v2.1/servers?reservation_id=" + r.json()["reservation_id"])
         self.assertEqual([s["name"] for s in listed.json()["servers"]], ["res"])
 
+    def test_os_volumes_boot_is_an_alias_of_servers(self):
+        """/os-volumes_boot serves the servers API up to 2.102, 404 from 2.103."""
+        r = self.post("/v2.1/os-volumes_boot", {"server": {
+            "name": "vb", "imageRef": self.image_id, "flavorRef": "1"}})
+        self.assertEqual(r.status, 202)
+        self.app.compute.wait_idle()
+        server_id = r.json()["server"]["id"]
+        self.assertEqual(self.get("/v2.1/os-volumes_boot/" + server_id).json()["server"]["name"],
+                         "vb")
+        self.assertEqual(self.post(f"/v2.1/os-volumes_boot/{server_id}/action",
+                                   {"os-stop": None}).status, 202)
+        self.assertFault(self.get("/v2.1/os-volumes_boot", version="2.103"), 404,
+                         "itemNotFound")
+
     def test_update(self):
         """PUT /servers/{id} changes name, description and access IPs."""
         server_id = self.new_server()
