@@ -110,6 +110,9 @@ OPTIONS = [
     ("keystone-user-domain", "Default", "service user's domain name"),
     ("keystone-project-domain", "Default", "service project's domain name"),
     ("keystone-cafile", "", "CA bundle for an HTTPS Keystone"),
+    ("region", "", "region of the catalog endpoints minivan uses (default: any)"),
+    ("glance-url", "", "Glance endpoint (default: the image service of the Keystone catalog; "
+     "without Keystone, minivan's own image service)"),
     ("token-cache-size", "10000", "validated tokens kept in memory"),
     ("flavors", "", "JSON file of flavors loaded on first start "
      "(default: flavors.json beside minivan.py, else the built-in set)"),
@@ -997,6 +1000,23 @@ class KeystoneAuth:
             self.service_expires = parse_keystone_time(doc["token"]["expires_at"])
             return self.service_token
 
+    def service_token_value(self, force=False):
+        return self._get_service_token(force=force)
+
+    def find_endpoint(self, service_type, interface="public", region=""):
+        """URL of a service in the Keystone catalog (None when the catalog has none)."""
+        status, doc = self._service_call("GET", "/auth/catalog")
+        if status != 200 or not isinstance(doc, dict):
+            raise Unavailable("minivan cannot read the service catalog.")
+        for service in doc.get("catalog", []):
+            if service.get("type") != service_type:
+                continue
+            for endpoint in service.get("endpoints", []):
+                if endpoint.get("interface") == interface and (
+                        not region or endpoint.get("region_id") == region):
+                    return endpoint["url"]
+        return None
+
     def _service_call(self, method, path, extra=None):
         """A Keystone call with the service token, re-acquired once if rejected."""
         for attempt in (0, 1):
@@ -1877,6 +1897,166 @@ class LocalImages:
 
     def set_properties(self, image, properties):
         self.store.commit([["set", ["images", image["id"], "properties"], properties]])
+
+
+class GlanceImages:
+    """Images kept in a real Glance (v2), found in the Keystone catalog or --glance-url.
+
+    Calls use minivan's service token (an admin of the service project), so background
+    work (downloads, snapshot uploads) never depends on a caller's token; minivan itself
+    applies Glance's visibility rules to the caller."""
+
+    CORE = ("id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
+            "os_hash_algo", "os_hash_value", "min_ram", "min_disk", "size", "virtual_size",
+            "disk_format", "container_format", "owner", "created_at", "updated_at", "tags",
+            "self", "file", "schema", "direct_url", "locations", "stores")
+
+    def __init__(self, url, auth, clock):
+        self.url = url.rstrip("/")
+        self.auth = auth
+        self.clock = clock
+        self.cache_locks = collections.defaultdict(threading.Lock)
+
+    # -- HTTP -------------------------------------------------------------------
+    def _request(self, method, path, body=None, headers=None, data=None, stream_to=None):
+        """(status, parsed JSON or None); stream_to=callable(chunk) receives a download."""
+        for attempt in (0, 1):
+            hdrs = {"X-Auth-Token": self.auth.service_token_value(force=attempt == 1),
+                    "Accept": "application/json"}
+            hdrs.update(headers or {})
+            payload = data
+            if body is not None:
+                payload = json_bytes(body)
+                hdrs.setdefault("Content-Type", "application/json")
+            request = urllib.request.Request(self.url + path, data=payload, method=method,
+                                             headers=hdrs)
+            try:
+                with urllib.request.urlopen(request, timeout=600) as resp:
+                    if stream_to is not None:
+                        for chunk in iter(lambda: resp.read(1 << 20), b""):
+                            stream_to(chunk)
+                        return resp.status, None
+                    raw = resp.read()
+                    return resp.status, json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                e.read()
+                if e.code == 401 and attempt == 0:
+                    continue
+                return e.code, None
+            except (OSError, ValueError) as e:
+                LOG.error("Glance at %s is unreachable: %s", self.url, e)
+                raise Unavailable("The image service is unreachable.") from None
+        return 401, None
+
+    def record(self, doc):
+        """Glance's image JSON in the form minivan keeps image records."""
+        def stamp(text):
+            parsed = parse_keystone_time(text)
+            return isotime_us(parsed) if parsed else isotime_us(self.clock.now())
+        return {"id": doc["id"], "name": doc.get("name"), "file": None,
+                "disk_format": doc.get("disk_format"),
+                "container_format": doc.get("container_format"), "size": doc.get("size") or 0,
+                "status": doc.get("status"), "visibility": doc.get("visibility", "shared"),
+                "owner": doc.get("owner"), "min_disk": doc.get("min_disk") or 0,
+                "min_ram": doc.get("min_ram") or 0, "checksum": doc.get("checksum"),
+                "os_hash_algo": doc.get("os_hash_algo"),
+                "os_hash_value": doc.get("os_hash_value"), "tags": doc.get("tags", []),
+                "protected": doc.get("protected", False),
+                "created_at": stamp(doc.get("created_at")),
+                "updated_at": stamp(doc.get("updated_at")),
+                "properties": {k: "" if v is None else str(v) for k, v in doc.items()
+                               if k not in self.CORE}}
+
+    # -- the image source seam ----------------------------------------------------
+    def scan(self):
+        return None
+
+    def list(self):
+        images, path = [], "/v2/images?limit=1000"
+        while path:
+            status, doc = self._request("GET", path)
+            if status != 200:
+                raise Unavailable(f"The image service answered {status} to a list.")
+            images += [self.record(i) for i in doc.get("images", [])]
+            path = doc.get("next")
+        return images
+
+    def get(self, image_id):
+        if not re.match(r"^[0-9a-fA-F-]{32,36}$", image_id or ""):
+            return None
+        status, doc = self._request("GET", "/v2/images/" + image_id)
+        if status == 404:
+            return None
+        if status != 200:
+            raise Unavailable(f"The image service answered {status}.")
+        return self.record(doc)
+
+    def visible(self, image, ident):
+        return image["visibility"] in ("public", "community") or ident.is_admin \
+            or image.get("owner") == ident.project_id
+
+    def path(self, image):
+        raise NotFound("Image data lives in the image service.")
+
+    def fetch(self, image, cache_dir):
+        """Download once into the base-image cache, checking Glance's hash."""
+        os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+        target = os.path.join(cache_dir, image["id"])
+        with self.cache_locks[image["id"]]:
+            if os.path.exists(target):
+                return target
+            algo = image.get("os_hash_algo") or "md5"
+            expected = image.get("os_hash_value") or image.get("checksum")
+            digest = hashlib.new(algo if image.get("os_hash_value") else "md5")
+            tmp = target + ".part"
+            with open(tmp, "wb") as f:
+                def write(chunk):
+                    digest.update(chunk)
+                    f.write(chunk)
+                status, _ = self._request("GET", f"/v2/images/{image['id']}/file",
+                                          stream_to=write)
+            if status != 200 or (expected and digest.hexdigest() != expected):
+                os.unlink(tmp)
+                raise DriverError(f"downloading image {image['id']} failed "
+                                  f"({'HTTP %s' % status if status != 200 else 'bad checksum'})")
+            os.replace(tmp, target)
+            os.chmod(target, 0o644)
+            return target
+
+    def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
+        body = dict(properties, name=name, disk_format="qcow2", container_format="bare",
+                    visibility="private", owner=owner, min_disk=min_disk, min_ram=min_ram)
+        status, doc = self._request("POST", "/v2/images", body)
+        if status != 201:
+            raise Unavailable(f"The image service refused the snapshot record ({status}).")
+        return self.record(doc)
+
+    def finish_snapshot(self, record, source_disk):
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(source_disk) or None) as tmp:
+            path = os.path.join(tmp, "snapshot.qcow2")
+            qemu_img("convert", "-q", "-U", "-O", "qcow2", source_disk, path)
+            with open(path, "rb") as data:
+                status, _ = self._request(
+                    "PUT", f"/v2/images/{record['id']}/file", data=data,
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Length": str(os.path.getsize(path))})
+        if status not in (200, 204):
+            raise DriverError(f"uploading the snapshot to the image service failed ({status})")
+
+    def delete(self, image):
+        status, _ = self._request("DELETE", "/v2/images/" + image["id"])
+        if status not in (204, 404):
+            raise Unavailable(f"The image service answered {status} to a delete.")
+
+    def set_properties(self, image, properties):
+        ops = [{"op": "remove", "path": "/" + k} for k in image["properties"]
+               if k not in properties]
+        ops += [{"op": "add", "path": "/" + k, "value": v} for k, v in properties.items()]
+        status, _ = self._request(
+            "PATCH", "/v2/images/" + image["id"], data=json_bytes(ops),
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"})
+        if status != 200:
+            raise BadRequest(f"The image service refused the change ({status}).")
 
 
 # § image service (standalone) ------------------------------------------------------------
@@ -6785,9 +6965,32 @@ class App:
         self.driver = driver
         self.started_at = self.clock.now()
         self.stopping = False
-        self.images = LocalImages(conf["images_dir"], store, self.clock)
+        self._images = None
+        self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.image_service = ImageService(self)
+
+    @property
+    def images(self):
+        """The image source: Glance when configured or in the catalog, else the local
+        image directory.  Found on first use (503 while Keystone cannot say)."""
+        if self._images is None:
+            with self.images_lock:
+                if self._images is None:
+                    self._images = self.find_image_source()
+        return self._images
+
+    def find_image_source(self):
+        url = self.conf["glance_url"]
+        if not url and isinstance(self.auth, KeystoneAuth):
+            url = self.auth.find_endpoint("image", region=self.conf["region"])
+        if url and isinstance(self.auth, KeystoneAuth):
+            LOG.info("images come from Glance at %s", url)
+            return GlanceImages(url, self.auth, self.clock)
+        if url:
+            LOG.warning("--glance-url needs --auth keystone (Glance needs tokens): using the "
+                        "local image directory")
+        return LocalImages(self.conf["images_dir"], self.store, self.clock)
 
     def network_name(self, network_id):
         """The libvirt network with this UUID, or None."""
@@ -6827,7 +7030,11 @@ class App:
         request_id = new_request_id()
         token = CURRENT_REQUEST.set(request_id)
         try:
-            if body is None:
+            if not isinstance(self.images, LocalImages):
+                resp = Response(404, {"code": "404 Not Found", "title": "Not Found",
+                                      "message": "This cloud's images are in Glance: minivan's "
+                                                 "own image service is off."})
+            elif body is None:
                 resp = Response(413, {"code": "413 Request Entity Too Large",
                                       "title": "Request Entity Too Large",
                                       "message": "Request is too large."})
@@ -6844,6 +7051,8 @@ class App:
                 else:
                     pairs = urllib.parse.parse_qs(query, keep_blank_values=True)
                     resp = self.image_service.handle(method, rest, pairs, headers, doc, stream)
+        except Fault as fault:
+            resp = Response(fault.code, fault.body())
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
             LOG.exception("unexpected error in %s /image%s", method, rest)
             resp = Response(500, {"code": "500 Internal Server Error", "title": "Error",
