@@ -413,7 +413,7 @@ def unexpected_error_message(exc):
 EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
-    "images": {}, "instance_actions": {},
+    "images": {}, "instance_actions": {}, "security_groups": {},
     "counters": {"keypair": 0, "flavor": 0, "instance": 0},
 }
 
@@ -1549,6 +1549,30 @@ class LibvirtDriver:
             except self.libvirt.libvirtError:
                 return None
         return self._call("looking up the network", lookup)
+
+    def list_networks(self):
+        """The host's libvirt networks with their IPv4 addressing."""
+        def read():
+            nets = []
+            for net in self.conn.listAllNetworks():
+                xml = net.XMLDesc(0)
+                ip = re.search(r"<ip address='([^']+)' (?:netmask='([^']+)'|prefix='(\d+)')", xml)
+                bridge = re.search(r"<bridge name='([^']+)'", xml)
+                dhcp = re.search(r"<range start='([^']+)' end='([^']+)'", xml)
+                record = {"id": net.UUIDString(), "label": net.name(),
+                          "bridge": bridge.group(1) if bridge else None,
+                          "forward": "<forward" in xml, "cidr": None, "netmask": None,
+                          "gateway": None, "broadcast": None, "dhcp_server": None,
+                          "dhcp_start": dhcp.group(1) if dhcp else None}
+                if ip:
+                    mask = ip.group(2) or ip.group(3)
+                    network = ipaddress.ip_network(f"{ip.group(1)}/{mask}", strict=False)
+                    record.update({"cidr": str(network), "netmask": str(network.netmask),
+                                   "gateway": ip.group(1), "dhcp_server": ip.group(1),
+                                   "broadcast": str(network.broadcast_address)})
+                nets.append(record)
+            return sorted(nets, key=lambda n: n["label"])
+        return self._call("listing networks", read)
 
     def network_id(self, name):
         """UUID of the libvirt network with this name, or None."""
@@ -4742,8 +4766,10 @@ def server_create_plan(req, spec, hints):
     networks = resolve_networks(req, spec.get("networks"))
     groups = [g.get("name", "default") for g in spec.get("security_groups") or
               [{"name": "default"}]]
+    known = {g["name"] for g in security_groups_of(req.store.data, req.ident.project_id)
+             .values()}
     for group in groups:
-        if group != "default" and group not in req.store.data.get("security_groups", {}):
+        if group not in known:
             raise BadRequest(f"Security group {group} not found.")
     metadata = spec.get("metadata") or {}
     limits = project_limits(req.store.data, req.ident.project_id, req.ident.user_id)
@@ -5940,7 +5966,8 @@ def security_group_action(req, key, change):
 
     def plan(data):
         server = find_server(req, server_id)
-        if name != "default" and name not in data.get("security_groups", {}):
+        if name not in {g["name"] for g in security_groups_of(data, server["project_id"])
+                        .values()}:
             raise NotFound(f"Security group {name} not found.")
         groups = change(list(server.get("security_groups", [])), name, server_id)
         return [["set", ["servers", server_id], dict(
@@ -6411,13 +6438,11 @@ def server_security_groups_index(req):
     """GET /servers/{server_id}/os-security-groups"""
     validate_query(req, (), strict_since="2.102")
     server = find_server(req, req.params["server_id"])
-    groups = []
-    for name in server.get("security_groups", []):
-        groups.append({"id": str(uuid.uuid5(IMAGE_NAMESPACE, server["project_id"] + ":" + name)),
-                       "name": name, "description": "Default security group"
-                       if name == "default" else "", "tenant_id": server["project_id"],
-                       "rules": []})
-    return 200, {"security_groups": groups}
+    data = req.store.data
+    by_name = {g["name"]: g for g in security_groups_of(data, server["project_id"]).values()}
+    return 200, {"security_groups": [security_group_view(by_name[name], data)
+                                     for name in server.get("security_groups", [])
+                                     if name in by_name]}
 
 
 # § API: images (the image proxy, up to 2.35; metadata up to 2.38) ---------------------
@@ -6569,6 +6594,275 @@ def image_metadata_delete(req):
     return 204, None
 
 
+
+# § API: networks and security groups (the proxy APIs, up to 2.35) ----------------------
+#
+# Without Neutron, networks are the host's libvirt networks and security groups are
+# minivan's own records (every project has its 'default').
+
+def network_records(req):
+    """The libvirt networks, as [{id, label, bridge, cidr, netmask, gateway, ...}]."""
+    if req.app.driver is None:
+        return []
+    return req.app.driver.list_networks()
+
+
+def network_view(net, full):
+    if not full:
+        return {"id": net["id"], "label": net["label"], "cidr": net["cidr"]}
+    keys = ("bridge", "bridge_interface", "broadcast", "cidr", "cidr_v6", "created_at",
+            "deleted", "deleted_at", "dhcp_server", "dhcp_start", "dns1", "dns2",
+            "enable_dhcp", "gateway", "gateway_v6", "host", "id", "injected", "label",
+            "multi_host", "netmask", "netmask_v6", "priority", "project_id", "rxtx_base",
+            "share_address", "updated_at", "vlan", "vpn_private_address",
+            "vpn_public_address", "vpn_public_port", "mtu")
+    view = {k: None for k in keys}
+    view.update({k: v for k, v in net.items() if k in keys})
+    view["deleted"] = "False"
+    view["injected"] = "False"
+    view["multi_host"] = "False"
+    view["enable_dhcp"] = "True" if net.get("dhcp_start") else "False"
+    view["share_address"] = "False"
+    return view
+
+
+def find_network(req, network_id):
+    for net in network_records(req):
+        if net["id"] == network_id:
+            return net
+    raise NotFound(f"Network {network_id} could not be found.")
+
+
+def networks_index(req):
+    """GET /os-networks"""
+    return 200, {"networks": [network_view(n, True) for n in network_records(req)]}
+
+
+def networks_show(req):
+    """GET /os-networks/{id}"""
+    return 200, {"network": network_view(find_network(req, req.params["id"]), True)}
+
+
+def tenant_networks_index(req):
+    """GET /os-tenant-networks"""
+    return 200, {"networks": [network_view(n, False) for n in network_records(req)]}
+
+
+def tenant_networks_show(req):
+    """GET /os-tenant-networks/{id}"""
+    return 200, {"network": network_view(find_network(req, req.params["id"]), False)}
+
+
+def floating_ip_pools_index(req):
+    """GET /os-floating-ip-pools"""
+    validate_query(req, (), strict_since="2.102")
+    pools = [n for n in network_records(req) if n.get("forward")]
+    return 200, {"floating_ip_pools": [{"name": n["label"]} for n in pools]}
+
+
+def security_groups_of(data, project_id):
+    """The project's groups, with its 'default' group even before it was ever stored."""
+    groups = {g["id"]: g for g in data.get("security_groups", {}).values()
+              if g["tenant_id"] == project_id}
+    if not any(g["name"] == "default" for g in groups.values()):
+        default = default_security_group(project_id)
+        groups[default["id"]] = default
+    return groups
+
+
+def default_security_group(project_id):
+    return {"id": str(uuid.uuid5(IMAGE_NAMESPACE, "security-group:" + project_id)),
+            "name": "default", "description": "Default security group",
+            "tenant_id": project_id, "rules": []}
+
+
+def security_group_view(group, data):
+    rules = []
+    for rule in group["rules"]:
+        source = data.get("security_groups", {}).get(rule.get("group_id") or "")
+        rules.append({"from_port": rule["from_port"], "to_port": rule["to_port"],
+                      "ip_protocol": rule["ip_protocol"], "id": rule["id"],
+                      "parent_group_id": group["id"],
+                      "ip_range": {"cidr": rule["cidr"]} if rule.get("cidr") else {},
+                      "group": {"name": source["name"], "tenant_id": source["tenant_id"]}
+                      if source else {}})
+    return {"id": group["id"], "name": group["name"], "description": group["description"],
+            "tenant_id": group["tenant_id"], "rules": rules}
+
+
+def find_security_group(req, data, group_id):
+    groups = security_groups_of(data, req.ident.project_id)
+    if group_id not in groups:
+        if req.ident.is_admin and group_id in data.get("security_groups", {}):
+            return data["security_groups"][group_id]
+        raise NotFound(f"Security group {group_id} not found.")
+    return groups[group_id]
+
+
+def security_groups_index(req):
+    """GET /os-security-groups"""
+    query = validate_query(req, ["limit", "offset", "all_tenants"])
+    data = req.store.data
+    if "all_tenants" in query and req.ident.is_admin:
+        groups = list(data.get("security_groups", {}).values())
+    else:
+        groups = list(security_groups_of(data, req.ident.project_id).values())
+    groups.sort(key=lambda g: (g["name"] != "default", g["name"], g["id"]))
+    offset = int(query.get("offset", ["0"])[-1] or 0) if str(
+        query.get("offset", ["0"])[-1]).isdigit() else 0
+    limit = query.get("limit", [None])[-1]
+    groups = groups[offset:offset + int(limit)] if limit and str(limit).isdigit() else \
+        groups[offset:]
+    return 200, {"security_groups": [security_group_view(g, data) for g in groups]}
+
+
+def security_group_body(req):
+    spec = validate_body(req, {"type": "object", "required": ["security_group"], "properties": {
+        "security_group": {"type": "object", "required": ["name", "description"],
+                           "properties": {"name": {"type": "string", "maxLength": 255},
+                                          "description": {"type": "string",
+                                                          "maxLength": 255}}}}})
+    spec = spec["security_group"]
+    if not spec["name"].strip():
+        raise BadRequest("Security group name is a required field.")
+    return spec
+
+
+def security_groups_create(req):
+    """POST /os-security-groups"""
+    spec = security_group_body(req)
+
+    def plan(data):
+        groups = security_groups_of(data, req.ident.project_id)
+        if any(g["name"] == spec["name"] for g in groups.values()):
+            raise BadRequest(f"Security group {spec['name']} already exists")
+        limit = project_limits(data, req.ident.project_id)["security_groups"]
+        if 0 <= limit <= len(groups):
+            raise Forbidden("Quota exceeded, too many security groups.")
+        group = {"id": str(uuid.uuid4()), "name": spec["name"],
+                 "description": spec["description"], "tenant_id": req.ident.project_id,
+                 "rules": []}
+        created.append(group)
+        return [["set", ["security_groups", group["id"]], group]]
+
+    created = []
+    req.store.transaction(plan)
+    return 200, {"security_group": security_group_view(created[0], req.store.data)}
+
+
+def security_groups_show(req):
+    """GET /os-security-groups/{id}"""
+    group = find_security_group(req, req.store.data, req.params["id"])
+    return 200, {"security_group": security_group_view(group, req.store.data)}
+
+
+def security_groups_update(req):
+    """PUT /os-security-groups/{id}"""
+    spec = security_group_body(req)
+
+    def plan(data):
+        group = find_security_group(req, data, req.params["id"])
+        if group["name"] == "default" and spec["name"] != "default":
+            raise BadRequest("Unable to update the default security group.")
+        updated.append(dict(group, name=spec["name"], description=spec["description"]))
+        return [["set", ["security_groups", group["id"]], updated[0]]]
+
+    updated = []
+    req.store.transaction(plan)
+    return 200, {"security_group": security_group_view(updated[0], req.store.data)}
+
+
+def security_groups_delete(req):
+    """DELETE /os-security-groups/{id}"""
+    def plan(data):
+        group = find_security_group(req, data, req.params["id"])
+        if group["name"] == "default":
+            raise BadRequest("Removing default security group not allowed.")
+        in_use = [s for s in data["servers"].values() if s["project_id"] == group["tenant_id"]
+                  and s["vm_state"] != "deleted" and group["name"] in s.get("security_groups",
+                                                                             [])]
+        if in_use:
+            raise BadRequest(f"Security group is still in use by server {in_use[0]['id']}")
+        return [["del", ["security_groups", group["id"]]]]
+
+    req.store.transaction(plan)
+    return 202, None
+
+
+def parse_rule_port(value, name):
+    if value is None or value == "":
+        return None
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"Invalid port range {name}: {value}.") from None
+    if not -1 <= port <= 65535:
+        raise BadRequest(f"Invalid port range {name}: {value}.")
+    return port
+
+
+def security_group_rules_create(req):
+    """POST /os-security-group-rules"""
+    spec = validate_body(req, {"type": "object", "required": ["security_group_rule"],
+                               "properties": {"security_group_rule": {
+                                   "type": "object", "required": ["parent_group_id"],
+                                   "properties": {"parent_group_id": {"type": "string"},
+                                                  "group_id": {"type": ["string", "null"]}}}}})
+    spec = spec["security_group_rule"]
+    protocol = spec.get("ip_protocol")
+    protocol = str(protocol).lower() if protocol not in (None, "") else None
+    if protocol not in (None, "tcp", "udp", "icmp"):
+        raise BadRequest(f"Invalid IP protocol {spec.get('ip_protocol')}.")
+    low, high = parse_rule_port(spec.get("from_port"), "from_port"), parse_rule_port(
+        spec.get("to_port"), "to_port")
+    if protocol in ("tcp", "udp") and (low is None or high is None or low > high or low < 1):
+        raise BadRequest("Invalid port range: from_port must be <= to_port, both 1-65535.")
+    cidr = spec.get("cidr")
+    if cidr:
+        try:
+            cidr = str(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise BadRequest(f"Invalid cidr {cidr}.") from None
+    elif not spec.get("group_id"):
+        cidr = "0.0.0.0/0"
+
+    def plan(data):
+        group = find_security_group(req, data, spec["parent_group_id"])
+        if spec.get("group_id"):
+            find_security_group(req, data, spec["group_id"])
+        rule = {"id": str(uuid.uuid4()), "ip_protocol": protocol, "from_port": low,
+                "to_port": high, "cidr": cidr, "group_id": spec.get("group_id")}
+        for other in group["rules"]:
+            if {k: other[k] for k in rule if k != "id"} == {k: rule[k] for k in rule
+                                                            if k != "id"}:
+                raise BadRequest("This rule already exists in group "
+                                 f"{spec['parent_group_id']}")
+        created.append((rule, group))
+        return [["set", ["security_groups", group["id"]], dict(group,
+                                                               rules=group["rules"] + [rule])]]
+
+    created = []
+    req.store.transaction(plan)
+    rule, group = created[0]
+    view = [r for r in security_group_view(dict(group, rules=[rule]), req.store.data)["rules"]]
+    return 200, {"security_group_rule": view[0]}
+
+
+def security_group_rules_delete(req):
+    """DELETE /os-security-group-rules/{id}"""
+    rule_id = req.params["id"]
+
+    def plan(data):
+        for group in security_groups_of(data, req.ident.project_id).values():
+            if any(r["id"] == rule_id for r in group["rules"]):
+                return [["set", ["security_groups", group["id"]], dict(
+                    group, rules=[r for r in group["rules"] if r["id"] != rule_id])]]
+        raise NotFound(f"Security group rule {rule_id} not found.")
+
+    req.store.transaction(plan)
+    return 202, None
+
+
 # § 16 ROUTES and ACTIONS -------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
@@ -6657,7 +6951,7 @@ DELETE /os-floating-ip-dns/{id}                       -                    -    
 GET    /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    -     gone    gone                             -
 PUT    /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    -     gone    gone                             -
 DELETE /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    -     gone    gone                             -
-GET    /os-floating-ip-pools                          -                    2.1  2.35  any     -                                os_compute_api:os-floating-ip-pools
+GET    /os-floating-ip-pools                          -                    2.1  2.35  any     floating_ip_pools_index          os_compute_api:os-floating-ip-pools
 GET    /os-floating-ips                               -                    2.1  2.35  reader  -                                os_compute_api:os-floating-ips:list
 POST   /os-floating-ips                               -                    2.1  2.35  member  -                                os_compute_api:os-floating-ips:create
 GET    /os-floating-ips/{id}                          -                    2.1  2.35  reader  -                                os_compute_api:os-floating-ips:show
@@ -6688,10 +6982,10 @@ POST   /os-keypairs                                   -                    2.1  
 GET    /os-keypairs/{id}                              -                    2.1  2.104 owner   keypairs_show                    os_compute_api:os-keypairs:show
 DELETE /os-keypairs/{id}                              -                    2.1  2.104 owner   keypairs_delete                  os_compute_api:os-keypairs:delete
 GET    /os-migrations                                 -                    2.1  2.104 manager -                                os_compute_api:os-migrations:index
-GET    /os-networks                                   -                    2.1  2.35  reader  -                                os_compute_api:os-networks:list
+GET    /os-networks                                   -                    2.1  2.35  reader  networks_index                   os_compute_api:os-networks:list
 POST   /os-networks                                   -                    -    -     gone    gone                             -
 POST   /os-networks/add                               -                    -    -     gone    gone                             -
-GET    /os-networks/{id}                              -                    2.1  2.35  reader  -                                os_compute_api:os-networks:show
+GET    /os-networks/{id}                              -                    2.1  2.35  reader  networks_show                    os_compute_api:os-networks:show
 DELETE /os-networks/{id}                              -                    -    -     gone    gone                             -
 POST   /os-networks/{id}/action                       disassociate         -    -     gone    gone                             -
 POST   /os-networks/{id}/action                       disassociate_host    -    -     gone    gone                             -
@@ -6708,13 +7002,13 @@ GET    /os-security-group-default-rules               -                    -    
 POST   /os-security-group-default-rules               -                    -    -     gone    gone                             -
 GET    /os-security-group-default-rules/{id}          -                    -    -     gone    gone                             -
 DELETE /os-security-group-default-rules/{id}          -                    -    -     gone    gone                             -
-POST   /os-security-group-rules                       -                    2.1  2.35  member  -                                os_compute_api:os-security-groups:rule:create
-DELETE /os-security-group-rules/{id}                  -                    2.1  2.35  member  -                                os_compute_api:os-security-groups:rule:delete
-GET    /os-security-groups                            -                    2.1  2.35  reader  -                                os_compute_api:os-security-groups:get
-POST   /os-security-groups                            -                    2.1  2.35  member  -                                os_compute_api:os-security-groups:create
-GET    /os-security-groups/{id}                       -                    2.1  2.35  reader  -                                os_compute_api:os-security-groups:show
-PUT    /os-security-groups/{id}                       -                    2.1  2.35  member  -                                os_compute_api:os-security-groups:update
-DELETE /os-security-groups/{id}                       -                    2.1  2.35  member  -                                os_compute_api:os-security-groups:delete
+POST   /os-security-group-rules                       -                    2.1  2.35  member  security_group_rules_create      os_compute_api:os-security-groups:rule:create
+DELETE /os-security-group-rules/{id}                  -                    2.1  2.35  member  security_group_rules_delete      os_compute_api:os-security-groups:rule:delete
+GET    /os-security-groups                            -                    2.1  2.35  reader  security_groups_index            os_compute_api:os-security-groups:get
+POST   /os-security-groups                            -                    2.1  2.35  member  security_groups_create           os_compute_api:os-security-groups:create
+GET    /os-security-groups/{id}                       -                    2.1  2.35  reader  security_groups_show             os_compute_api:os-security-groups:show
+PUT    /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_update           os_compute_api:os-security-groups:update
+DELETE /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_delete           os_compute_api:os-security-groups:delete
 POST   /os-server-external-events                     -                    2.1  2.104 service -                                os_compute_api:os-server-external-events:create
 GET    /os-server-groups                              -                    2.1  2.104 reader  -                                os_compute_api:os-server-groups:index
 POST   /os-server-groups                              -                    2.1  2.104 member  -                                os_compute_api:os-server-groups:create
@@ -6730,9 +7024,9 @@ POST   /os-snapshots                                  -                    2.1  
 GET    /os-snapshots/detail                           -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:detail
 GET    /os-snapshots/{id}                             -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:show
 DELETE /os-snapshots/{id}                             -                    2.1  2.35  member  -                                os_compute_api:os-volumes:snapshots:delete
-GET    /os-tenant-networks                            -                    2.1  2.35  reader  -                                os_compute_api:os-tenant-networks:list
+GET    /os-tenant-networks                            -                    2.1  2.35  reader  tenant_networks_index            os_compute_api:os-tenant-networks:list
 POST   /os-tenant-networks                            -                    -    -     gone    gone                             -
-GET    /os-tenant-networks/{id}                       -                    2.1  2.35  reader  -                                os_compute_api:os-tenant-networks:show
+GET    /os-tenant-networks/{id}                       -                    2.1  2.35  reader  tenant_networks_show             os_compute_api:os-tenant-networks:show
 DELETE /os-tenant-networks/{id}                       -                    -    -     gone    gone                             -
 GET    /os-volumes                                    -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:list
 POST   /os-volumes                                    -                    2.1  2.35  member  -                                os_compute_api:os-volumes:create

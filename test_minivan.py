@@ -3420,3 +3420,82 @@ class ImageServiceTests(SocketTestCase):
         self.assertEqual(status, 404)
         self.assertEqual(self.image_call("POST", "/v2/images", {"visibility": "public"},
                                          headers={"X-Auth-Token": "bob:p2"})[0], 403)
+
+
+class NetworkProxyTests(ServerTestCase):
+    """os-networks, os-tenant-networks, os-floating-ip-pools and security groups (up to
+    2.35, 404 above), from libvirt networks and minivan's own records."""
+
+    def test_networks(self):
+        """The libvirt networks appear as os-networks and os-tenant-networks."""
+        nets = self.get("/v2.1/os-networks").json()["networks"]
+        self.assertEqual([(n["id"], n["label"], n["cidr"], n["gateway"]) for n in nets],
+                         [(TEST_NETWORK_ID, "default", "192.168.122.0/24", "192.168.122.1")])
+        shown = self.get("/v2.1/os-tenant-networks/" + TEST_NETWORK_ID).json()["network"]
+        self.assertEqual(shown, {"id": TEST_NETWORK_ID, "label": "default",
+                                 "cidr": "192.168.122.0/24"})
+        self.assertFault(self.get("/v2.1/os-networks/nope"), 404, "itemNotFound")
+        self.assertFault(self.get("/v2.1/os-networks", version="2.36"), 404, "itemNotFound")
+        self.assertFault(self.post("/v2.1/os-networks", {"network": {}}), 410, "computeFault")
+        self.assertEqual(self.get("/v2.1/os-floating-ip-pools").json(),
+                         {"floating_ip_pools": []})
+
+    def test_security_groups_and_rules(self):
+        """Groups: default per project, create/show/update/delete, rules, and servers."""
+        groups = self.get("/v2.1/os-security-groups", token="u:demo").json()["security_groups"]
+        self.assertEqual([g["name"] for g in groups], ["default"])
+        made = self.post("/v2.1/os-security-groups", {"security_group": {
+            "name": "web", "description": "http"}}, token="u:demo").json()["security_group"]
+        self.assertFault(self.post("/v2.1/os-security-groups", {"security_group": {
+            "name": "web", "description": "again"}}, token="u:demo"), 400, "badRequest")
+        rule = self.post("/v2.1/os-security-group-rules", {"security_group_rule": {
+            "parent_group_id": made["id"], "ip_protocol": "tcp", "from_port": 80,
+            "to_port": 80, "cidr": "10.0.0.0/8"}}, token="u:demo").json()["security_group_rule"]
+        self.assertEqual((rule["ip_range"], rule["from_port"]), ({"cidr": "10.0.0.0/8"}, 80))
+        self.assertFault(self.post("/v2.1/os-security-group-rules", {"security_group_rule": {
+            "parent_group_id": made["id"], "ip_protocol": "tcp", "from_port": 90,
+            "to_port": 80}}, token="u:demo"), 400, "badRequest")
+        shown = self.get("/v2.1/os-security-groups/" + made["id"],
+                         token="u:demo").json()["security_group"]
+        self.assertEqual(len(shown["rules"]), 1)
+        self.assertFault(self.get("/v2.1/os-security-groups/" + made["id"], token="v:other"),
+                         404, "itemNotFound")
+        server_id = self.new_server(token="u:demo", security_groups=[{"name": "web"}])
+        names = [g["name"] for g in self.get(f"/v2.1/servers/{server_id}/os-security-groups",
+                                             token="u:demo").json()["security_groups"]]
+        self.assertEqual(names, ["web"])
+        self.assertFault(self.delete("/v2.1/os-security-groups/" + made["id"], token="u:demo"),
+                         400, "badRequest")
+        self.assertEqual(self.delete("/v2.1/os-security-group-rules/" + rule["id"],
+                                     token="u:demo").status, 202)
+        self.delete("/v2.1/servers/" + server_id, token="u:demo")
+        self.app.compute.wait_idle()
+        self.assertEqual(self.delete("/v2.1/os-security-groups/" + made["id"],
+                                     token="u:demo").status, 202)
+        self.assertFault(self.get("/v2.1/os-security-groups", version="2.36"), 404,
+                         "itemNotFound")
+
+    def test_tempest_schemas(self):
+        """Security groups and tenant networks match Tempest's schemas."""
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        made = self.post("/v2.1/os-security-groups", {"security_group": {
+            "name": "s", "description": "d"}}).json()["security_group"]
+        rule = self.post("/v2.1/os-security-group-rules", {"security_group_rule": {
+            "parent_group_id": made["id"], "ip_protocol": "icmp", "from_port": -1,
+            "to_port": -1}})
+        for reply, module, name in (
+                (self.get("/v2.1/os-security-groups"), "security_groups", "list_security_groups"),
+                (self.get("/v2.1/os-security-groups/" + made["id"]), "security_groups",
+                 "get_security_group"),
+                (rule, "security_groups", "create_security_group_rule"),
+                (self.get("/v2.1/os-tenant-networks"), "tenant_networks", "list_tenant_networks"),
+                (self.get("/v2.1/os-tenant-networks/" + TEST_NETWORK_ID), "tenant_networks",
+                 "get_tenant_network")):
+            schema = tempest_schema("v2_1", module, name)
+            self.assertIn(reply.status, schema["status_code"])
+            jsonschema.validate(reply.json(), schema["response_body"],
+                                cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)

@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# glance.sh - run a real Glance image API (PyPI "glance", v2 only, sqlite,
+# "file" store) under gunicorn on 127.0.0.1 for minivan's tests, with
+# keystonemiddleware auth against a Keystone started by tools/keystone.sh.
+#
+#   tools/glance.sh start DIR PORT KEYSTONE_ENV_FILE
+#       KEYSTONE_ENV_FILE is keystone.sh's DIR/env (admin OS_* variables).
+#       Everything lives in DIR: glance-api.conf, glance-api-paste.ini,
+#       glance.db, images/ (the file store), glance_wsgi.py, glance.log,
+#       glance.pid.  Creates (idempotently, through keystone's REST API as
+#       admin) user "glance"/secret with roles admin+service in project
+#       "service", and an "image" service "glance" with public/internal/admin
+#       endpoints http://127.0.0.1:PORT in RegionOne.  Returns once glance
+#       answers.  Appends to DIR/env (sourceable; created if missing, earlier
+#       GLANCE_* lines replaced): GLANCE_URL, GLANCE_IMAGES_DIR.
+#   tools/glance.sh stop DIR
+#       Stops the gunicorn master in DIR/glance.pid and its workers.
+# Re-running start on a stopped DIR keeps its database and images.
+# DIR may be keystone.sh's DIR: file names do not clash, env is appended to.
+#
+# Image import (glance-direct/web-download/copy-image), tasks, caching,
+# property protections and notifications (no rabbit) are off.  Uploaded data
+# must match disk_format ([image_format] require_image_format_match, the
+# default): a "qcow2" image must really be qcow2, else the upload gets 400.
+#
+# Uses ${MINIVAN_GLANCE_VENV:-REPO/.venv-glance} (tools/setup-venvs.sh);
+# ${MINIVAN_GLANCE_WORKERS:-2} sync gunicorn workers.
+set -euo pipefail
+shopt -s inherit_errexit
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GL_VENV=${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}
+WORKERS=${MINIVAN_GLANCE_WORKERS:-2}
+PASSWORD=secret
+
+usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
+
+# Succeeds while the process in DIR/glance.pid exists.
+running() { [[ -f $1/glance.pid ]] && kill -0 "$(cat "$1/glance.pid")" 2>/dev/null; }
+
+write_config() {  # write_config DIR
+    local dir=$1
+    cat > "$dir/glance-api.conf" <<EOF
+[DEFAULT]
+debug = false
+# no interoperable image import: only POST /v2/images + PUT .../file
+enabled_import_methods = []
+show_image_direct_url = false
+show_multiple_locations = false
+[database]
+connection = sqlite:///$dir/glance.db
+[glance_store]
+stores = file
+default_store = file
+filesystem_store_datadir = $dir/images/
+[paste_deploy]
+flavor = keystone
+config_file = $dir/glance-api-paste.ini
+[keystone_authtoken]
+www_authenticate_uri = $OS_AUTH_URL
+auth_url = $OS_AUTH_URL
+auth_type = password
+username = glance
+password = $PASSWORD
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+region_name = RegionOne
+# tokens are validated against keystone once, then cached in-process 5 min
+token_cache_time = 300
+[oslo_messaging_notifications]
+driver = noop
+[oslo_policy]
+# glance's own defaults (new RBAC, project scope): member may create/upload,
+# reader may only read, admin sees everything
+enforce_new_defaults = true
+enforce_scope = true
+EOF
+    # Our own minimal paste pipeline: no osprofiler, cache or healthcheck.
+    cat > "$dir/glance-api-paste.ini" <<'EOF'
+[composite:glance-api-keystone]
+paste.composite_factory = glance.api:root_app_factory
+/: api
+
+[pipeline:api]
+pipeline = http_proxy_to_wsgi versionnegotiation authtoken context rootapp
+
+[composite:rootapp]
+paste.composite_factory = glance.api:root_app_factory
+/: apiversions
+/v2: apiv2app
+
+[app:apiversions]
+paste.app_factory = glance.api.versions:create_resource
+
+[app:apiv2app]
+paste.app_factory = glance.api.v2.router:API.factory
+
+[filter:http_proxy_to_wsgi]
+paste.filter_factory = oslo_middleware:HTTPProxyToWSGI.factory
+
+[filter:versionnegotiation]
+paste.filter_factory = glance.api.middleware.version_negotiation:VersionNegotiationFilter.factory
+
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+delay_auth_decision = true
+
+[filter:context]
+paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
+EOF
+    # glance's wsgi_app.init_app() reads OS_GLANCE_CONFIG_DIR/glance-api.conf
+    # (and ignores sys.argv, which under gunicorn holds gunicorn's options).
+    cat > "$dir/glance_wsgi.py" <<EOF
+import os
+import sys
+sys.argv = sys.argv[:1]
+os.environ['OS_GLANCE_CONFIG_DIR'] = '$dir'
+from glance.common import wsgi_app
+application = wsgi_app.init_app()
+EOF
+}
+
+# --- keystone REST API via curl, as admin (OS_* from the keystone env) ---
+# api METHOD PATH [JSON]: prints the response body, fails on HTTP errors.
+api() {
+    curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
+        -H 'Content-Type: application/json' ${3:+-d "$3"} "$OS_AUTH_URL$2"
+}
+# jget KEY...: walks JSON from stdin by keys/indexes; prints "" if absent.
+jget() {
+    "$GL_VENV/bin/python" -c 'import json, sys
+d = json.load(sys.stdin)
+try:
+    for k in sys.argv[1:]: d = d[int(k) if k.isdigit() else k]
+except (KeyError, IndexError): d = ""
+print(d)' "$@"
+}
+# ensure COLLECTION QUERY JSON: id of the first match of GET ?QUERY, else POSTs JSON.
+ensure() {
+    local id
+    id=$(api GET "/$1?$2" | jget "$1" 0 id)
+    [[ -n $id ]] || id=$(api POST "/$1" "$3" | jget "${1%s}" id)
+    echo "$id"
+}
+
+# Creates the glance service user and the image catalog entry (idempotently).
+register() {
+    local url=$1 auth project user r svc iface ep body
+    auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
+        {"name": "'$OS_USERNAME'", "domain": {"name": "'$OS_USER_DOMAIN_NAME'"},
+         "password": "'$OS_PASSWORD'"}}},
+        "scope": {"project": {"name": "'$OS_PROJECT_NAME'",
+                  "domain": {"name": "'$OS_PROJECT_DOMAIN_NAME'"}}}}}'
+    TOKEN=$(curl -sS --fail-with-body -o /dev/null -D - -H 'Content-Type: application/json' \
+        -d "$auth" "$OS_AUTH_URL/auth/tokens" | tr -d '\r' | sed -n 's/^x-subject-token: //ip')
+    [[ -n $TOKEN ]] || { echo "glance: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
+    project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
+    user=$(ensure users "name=glance" \
+        '{"user": {"name": "glance", "domain_id": "default", "password": "'$PASSWORD'"}}')
+    for r in admin service; do
+        r=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
+        api PUT "/projects/$project/users/$user/roles/$r" >/dev/null
+    done
+    svc=$(ensure services "type=image&name=glance" '{"service": {"name": "glance", "type": "image"}}')
+    for iface in public internal admin; do
+        body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
+               "region_id": "RegionOne", "url": "'$url'"}}'
+        ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
+        if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
+        else api POST /endpoints "$body" >/dev/null; fi
+    done
+}
+
+start() {
+    local dir port=$2 ks_env=$3 t0=$SECONDS
+    mkdir -p "$1"; dir=$(cd "$1" && pwd)
+    local url=http://127.0.0.1:$port
+    [[ -x $GL_VENV/bin/gunicorn ]] ||
+        { echo "glance: no $GL_VENV/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
+    [[ -f $ks_env ]] || { echo "glance: no keystone env file $ks_env" >&2; exit 1; }
+    running "$dir" && { echo "glance: already running in $dir" >&2; exit 1; }
+    if curl -s -o /dev/null --max-time 2 "$url/"; then
+        echo "glance: something already listens on 127.0.0.1:$port" >&2; exit 1
+    fi
+    # shellcheck source=/dev/null
+    source "$ks_env"
+    : "${OS_AUTH_URL:?not set by $ks_env}"
+
+    register "$url"
+    echo "glance: keystone user and catalog ready after $((SECONDS - t0))s"
+
+    mkdir -p "$dir/images"
+    write_config "$dir"
+    "$GL_VENV/bin/glance-manage" --config-file "$dir/glance-api.conf" db_sync \
+        >>"$dir/glance-manage.log" 2>&1 ||
+        { echo "glance: glance-manage db_sync failed, see $dir/glance-manage.log" >&2; exit 1; }
+    echo "glance: database ready after $((SECONDS - t0))s"
+
+    # Sync workers: an upload or download occupies one for its whole length.
+    # setsid: own process group, so nothing here waits on it or signals it.
+    # PYTHONWARNINGS: hide eventlet's DeprecationWarning (glance imports it).
+    PYTHONWARNINGS=ignore::DeprecationWarning \
+    setsid "$GL_VENV/bin/gunicorn" --workers "$WORKERS" --bind "127.0.0.1:$port" \
+        --chdir "$dir" --pid "$dir/glance.pid" --timeout 300 \
+        --access-logfile - --error-logfile - \
+        glance_wsgi:application >>"$dir/glance.log" 2>&1 </dev/null &
+    local i
+    for i in $(seq 120); do
+        # GET / answers 300 Multiple Choices (the version list), no auth needed
+        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url/") == 300 ]] && break
+        if ! kill -0 $! 2>/dev/null; then
+            echo "glance: gunicorn died; tail of $dir/glance.log:" >&2
+            tail -n 30 "$dir/glance.log" >&2; exit 1
+        fi
+        [[ $i == 120 ]] && { echo "glance: no answer on $url after 60s" >&2; exit 1; }
+        sleep 0.5
+    done
+    echo "glance: serving $url (pid $(cat "$dir/glance.pid")) after $((SECONDS - t0))s"
+
+    touch "$dir/env"
+    sed -i '/^export GLANCE_\(URL\|IMAGES_DIR\)=/d' "$dir/env"
+    cat >> "$dir/env" <<EOF
+export GLANCE_URL=$url
+export GLANCE_IMAGES_DIR=$dir/images
+EOF
+    echo "glance: GLANCE_URL=$url appended to $dir/env"
+}
+
+stop() {
+    local dir pid kids i
+    dir=$(cd "$1" && pwd)
+    [[ -f $dir/glance.pid ]] || { echo "glance: no $dir/glance.pid" >&2; return 0; }
+    pid=$(cat "$dir/glance.pid")
+    # only signal it if it still is our gunicorn (a stale pid may be reused)
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pid $dir/glance.pid"; then
+        kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
+        kill -TERM "$pid"
+        for i in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        # shellcheck disable=SC2086
+        kill -0 "$pid" $kids 2>/dev/null && kill -KILL "$pid" $kids 2>/dev/null
+        echo "glance: stopped (pid $pid)"
+    else
+        echo "glance: pid $pid from $dir/glance.pid is not running"
+    fi
+    rm -f "$dir/glance.pid"
+}
+
+case ${1:-} in
+    start) [[ $# == 4 ]] || usage; start "$2" "$3" "$4" ;;
+    stop)  [[ $# == 2 ]] || usage; stop "$2" ;;
+    *)     usage ;;
+esac
