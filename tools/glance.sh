@@ -111,11 +111,35 @@ paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
 EOF
     # glance's wsgi_app.init_app() reads OS_GLANCE_CONFIG_DIR/glance-api.conf
     # (and ignores sys.argv, which under gunicorn holds gunicorn's options).
+    # sqlite + several workers: oslo.db opens every transaction with a plain
+    # (deferred) BEGIN, so two that read and then write deadlock and one
+    # fails at once with "database is locked" (HTTP 500).  BEGIN IMMEDIATE
+    # takes the write lock up front, so they queue (busy_timeout) instead.
+    # Our listener is class-level, so it runs before oslo.db's per-engine one,
+    # which then sees "in_transaction" and emits no second BEGIN.
     cat > "$dir/glance_wsgi.py" <<EOF
 import os
 import sys
 sys.argv = sys.argv[:1]
 os.environ['OS_GLANCE_CONFIG_DIR'] = '$dir'
+
+import sqlalchemy
+from sqlalchemy.engine import Engine
+
+
+@sqlalchemy.event.listens_for(Engine, 'connect')
+def _sqlite_busy_timeout(dbapi_con, con_record):
+    if type(dbapi_con).__module__.startswith('sqlite3'):
+        dbapi_con.execute('PRAGMA busy_timeout = 60000')
+
+
+@sqlalchemy.event.listens_for(Engine, 'begin')
+def _sqlite_begin_immediate(conn):
+    if conn.dialect.name == 'sqlite' and 'in_transaction' not in conn.info:
+        conn.exec_driver_sql('BEGIN IMMEDIATE')
+        conn.info['in_transaction'] = True
+
+
 from glance.common import wsgi_app
 application = wsgi_app.init_app()
 EOF
@@ -216,6 +240,12 @@ start() {
         [[ $i == 120 ]] && { echo "glance: no answer on $url after 60s" >&2; exit 1; }
         sleep 0.5
     done
+    # one authenticated request: proves keystonemiddleware and the database
+    if ! curl -sS --fail-with-body -o /dev/null -H "X-Auth-Token: $TOKEN" \
+            "$url/v2/images?limit=1"; then
+        echo "glance: GET /v2/images failed; tail of $dir/glance.log:" >&2
+        tail -n 30 "$dir/glance.log" >&2; exit 1
+    fi
     echo "glance: serving $url (pid $(cat "$dir/glance.pid")) after $((SECONDS - t0))s"
 
     touch "$dir/env"
@@ -232,8 +262,11 @@ stop() {
     dir=$(cd "$1" && pwd)
     [[ -f $dir/glance.pid ]] || { echo "glance: no $dir/glance.pid" >&2; return 0; }
     pid=$(cat "$dir/glance.pid")
-    # only signal it if it still is our gunicorn (a stale pid may be reused)
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pid $dir/glance.pid"; then
+    # only signal it if it still is our gunicorn (a stale pid may be reused):
+    # ours runs in DIR (--chdir).  Its cmdline is no help: gunicorn renames
+    # itself "gunicorn: master [...]" (setproctitle is in this venv).
+    if [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$dir" ]] &&
+       grep -q '^gunicorn' "/proc/$pid/cmdline" 2>/dev/null; then
         kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
         kill -TERM "$pid"
         for i in $(seq 50); do
