@@ -7437,14 +7437,20 @@ class App:
             return Response(200, {"version": version_entry(req.base_url,
                                                            "v2.0" if req.legacy else "v2.1", True)})
         req.ident = self.auth.identify(req.headers.get("X-Auth-Token"))
-        segments = [urllib.parse.unquote(s) for s in rest.split("/") if s]
+        # a trailing slash leaves an empty last segment ('/images/' is an image with an
+        # empty id: 404), as Nova's router does
+        segments = [urllib.parse.unquote(s) for s in rest.split("/")[1:]]
         if segments and segments[0] not in KNOWN_ROOTS:
             project = segments.pop(0)
             if project != req.ident.project_id:
                 raise BadRequest(f"Malformed request URL: URL's project_id '{project}' doesn't "
                                  f"match Context's project_id '{req.ident.project_id}'")
             req.project_in_url = project
+        if segments == [""]:
+            segments = []
         routes, params = find_routes(segments)
+        if not routes and segments and segments[-1] == "" and len(segments) > 1:
+            routes, params = find_routes(segments[:-1])    # e.g. GET /servers/
         if not routes:
             raise NotFound()
         want = "GET" if method == "HEAD" else method
@@ -7492,6 +7498,8 @@ class App:
         if route.persona in ("admin", "any", "reader", "member", "manager", "service"):
             authorize(req, route.rule, route.persona, req.ident.project_id)
         if route.handler is None:
+            if "server_id" in req.params:
+                find_server(req, req.params["server_id"])
             raise NotImplementedFault(f"{route.method} {route.path}"
                                       f"{' ' + route.action if route.action else ''} is not "
                                       "implemented by minivan yet.")

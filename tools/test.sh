@@ -8,7 +8,8 @@
 # 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone)
 # 3. libvirtd + QEMU with an isolated test network (tools/libvirt-up.sh; stopped at the end
 #    unless MINIVAN_KEEP_LIBVIRT=1) and a tiny bootable guest image (tools/make-guest.sh)
-# 4. a real Keystone on 127.0.0.1 (tools/keystone.sh) with minivan's endpoint in its catalog
+# 4. a real Keystone and a real Glance on 127.0.0.1 (tools/keystone.sh, tools/glance.sh),
+#    with minivan's endpoint in the catalog
 # 5. pytest, in .venv
 # MINIVAN_REQUIRE_E2E=1 (set by .ci/run) fails every end-to-end test that would skip.
 # MINIVAN_TEMPEST_LIST=FILE picks the Tempest tests (default tools/tempest-pass.txt).
@@ -38,13 +39,16 @@ free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("
 WORK=$(mktemp -d /tmp/minivan-test.XXXXXX)
 KEYSTONE_PORT=$(free_port)
 COMPUTE_PORT=$(free_port)
+GLANCE_PORT=$(free_port)
 cleanup() {
+    tools/glance.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
     tools/keystone.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
     [[ ${MINIVAN_KEEP_LIBVIRT:-0} == 1 ]] || tools/libvirt-up.sh stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
+tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
 tools/make-guest.sh "$WORK/minivan-guest.qcow2"
 export MINIVAN_TEST_GUEST_IMAGE=$WORK/minivan-guest.qcow2
 export MINIVAN_TEST_LIBVIRT_NETWORK=${MINIVAN_TEST_NET:-minivan-test}
