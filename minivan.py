@@ -4005,6 +4005,7 @@ class Compute:
         for port in server.get("ports", []):
             if port.get("fixed_ip"):
                 self.driver.reserve_address(port)
+        check_group_placement(self.store.data, server, self.app.conf["host"])
         self.update(server_id, task_state="block_device_mapping", host=self.app.conf["host"],
                     node=self.app.conf["host"])
         disks = self.prepare_disks(server)
@@ -4073,6 +4074,15 @@ class Compute:
         now = self.now()
         self.update(server["id"], vm_state="deleted", task_state=None, power_state=NOSTATE,
                     terminated_at=now, deleted_at=now)
+        self.leave_groups(server["id"])
+
+    def leave_groups(self, server_id):
+        def plan(data):
+            return [["set", ["server_groups", gid, "members"],
+                     [m for m in group["members"] if m != server_id]]
+                    for gid, group in data["server_groups"].items()
+                    if server_id in group["members"]]
+        self.store.transaction(plan)
 
     # -- start-up and the power-state sweep ------------------------------------------
     def reconcile(self):
@@ -4971,11 +4981,18 @@ def servers_create(req):
         count = check_server_quota(req, data, plan, min_count, max_count)
         number = data["counters"]["instance"]
         ops = []
+        group_id = hints.get("group")
+        group_id = (group_id[0] if group_id else None) if isinstance(group_id, list) \
+            else group_id
         for index in range(count):
             number += 1
             record = new_server_record(req, spec, plan, index, count, reservation_id, number)
+            if group_id:
+                record["server_groups"] = [group_id]
             created.append(record)
             ops.append(["set", ["servers", record["id"]], record])
+        if group_id:
+            ops += join_server_group(req, data, group_id, [r["id"] for r in created])
         ops.append(["set", ["counters", "instance"], number])
         return ops
 
@@ -6863,6 +6880,140 @@ def security_group_rules_delete(req):
     return 202, None
 
 
+
+# § API: server groups -------------------------------------------------------------------
+#
+# One compute host: affinity is always met; hard anti-affinity allows one member (or
+# max_server_per_host) on the host, so a further member's build fails as Nova's
+# scheduler fails it ("No valid host was found").
+
+GROUP_POLICIES = ("anti-affinity", "affinity", "soft-anti-affinity", "soft-affinity")
+
+
+def server_group_view(req, group):
+    view = {"id": group["id"], "name": group["name"], "members": list(group["members"])}
+    if req.since("2.64"):
+        view["policy"] = group["policy"]
+        view["rules"] = dict(group.get("rules") or {})
+    else:
+        view["policies"] = [group["policy"]]
+        view["metadata"] = {}
+    if req.since("2.13"):
+        view["project_id"] = group["project_id"]
+        view["user_id"] = group["user_id"]
+    return view
+
+
+def find_server_group(req, group_id):
+    group = req.store.data["server_groups"].get(group_id)
+    if group is None or (group["project_id"] != req.ident.project_id and not req.ident.is_admin):
+        raise NotFound(f"Server group {group_id} could not be found.")
+    return group
+
+
+def server_groups_index(req):
+    """GET /os-server-groups"""
+    query = validate_query(req, ["all_projects", "limit", "offset"], strict_since="2.75")
+    groups = [g for g in req.store.data["server_groups"].values()
+              if g["project_id"] == req.ident.project_id or (
+                  "all_projects" in query and req.ident.is_admin)]
+    groups.sort(key=lambda g: (g.get("created_at", ""), g["id"]))
+    try:
+        offset = int(query.get("offset", ["0"])[-1])
+        limit = int(query["limit"][-1]) if "limit" in query else None
+    except ValueError:
+        raise BadRequest("limit and offset must be integers") from None
+    if offset < 0 or (limit is not None and limit < 0):
+        raise BadRequest("limit and offset must be >= 0")
+    groups = groups[offset:] if limit is None else groups[offset:offset + limit]
+    return 200, {"server_groups": [server_group_view(req, g) for g in groups]}
+
+
+def server_groups_show(req):
+    """GET /os-server-groups/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    return 200, {"server_group": server_group_view(req, find_server_group(req, req.params["id"]))}
+
+
+def server_groups_create(req):
+    """POST /os-server-groups"""
+    if req.since("2.64"):
+        props = {"name": name_schema(), "policy": {"type": "string", "enum": list(
+            GROUP_POLICIES)}, "rules": {"type": "object", "additionalProperties": False,
+                                        "properties": {"max_server_per_host": {
+                                            "type": ["integer", "string"], "minimum": 1,
+                                            "pattern": r"^[0-9]+$"}}}}
+        required = ["name", "policy"]
+    else:
+        allowed = list(GROUP_POLICIES) if req.since("2.15") else ["anti-affinity", "affinity"]
+        props = {"name": name_schema(), "policies": {
+            "type": "array", "minItems": 1, "maxItems": 1, "uniqueItems": True,
+            "items": {"type": "string", "enum": allowed}}}
+        required = ["name", "policies"]
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["server_group"], "properties": {"server_group": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": required, "properties": props}}})["server_group"]
+    policy = spec.get("policy") or spec["policies"][0]
+    rules = {}
+    if spec.get("rules"):
+        if policy != "anti-affinity":
+            raise BadRequest("Only anti-affinity policy supports rules.")
+        rules["max_server_per_host"] = int(spec["rules"]["max_server_per_host"])
+        if rules["max_server_per_host"] < 1:
+            raise BadRequest("max_server_per_host must be >= 1")
+    group = {"id": str(uuid.uuid4()), "name": spec["name"], "policy": policy, "rules": rules,
+             "members": [], "project_id": req.ident.project_id, "user_id": req.ident.user_id,
+             "created_at": isotime_us(req.app.clock.now())}
+
+    def plan(data):
+        limits = project_limits(data, req.ident.project_id, req.ident.user_id)
+        used = usage(data, req.ident.project_id)["server_groups"]
+        if 0 <= limits["server_groups"] <= used:
+            raise Forbidden("Quota exceeded, too many server groups.")
+        return [["set", ["server_groups", group["id"]], group]]
+
+    req.store.transaction(plan)
+    return 200, {"server_group": server_group_view(req, group)}
+
+
+def server_groups_delete(req):
+    """DELETE /os-server-groups/{id}"""
+    group_id = req.params["id"]
+
+    def plan(data):
+        find_server_group(req, group_id)
+        return [["del", ["server_groups", group_id]]]
+
+    req.store.transaction(plan)
+    return 204, None
+
+
+def join_server_group(req, data, group_id, server_ids):
+    """Ops adding new servers to a group named in the scheduler hints (400/403 as Nova)."""
+    group = data["server_groups"].get(group_id)
+    if group is None or group["project_id"] != req.ident.project_id and not req.ident.is_admin:
+        raise BadRequest(f"Invalid server group {group_id}")
+    limit = project_limits(data, req.ident.project_id)["server_group_members"]
+    if 0 <= limit < len(group["members"]) + len(server_ids):
+        raise Forbidden("Quota exceeded, too many servers in group")
+    return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
+
+
+def check_group_placement(data, server, host):
+    """Hard anti-affinity on one host: at most max_server_per_host members here."""
+    for group_id in server.get("server_groups", []):
+        group = data["server_groups"].get(group_id)
+        if not group or group["policy"] != "anti-affinity":
+            continue
+        allowed = (group.get("rules") or {}).get("max_server_per_host", 1)
+        here = [m for m in group["members"] if m != server["id"]
+                and data["servers"].get(m, {}).get("host") == host
+                and data["servers"][m]["vm_state"] not in ("deleted", "error")]
+        if len(here) >= allowed:
+            raise DriverError("No valid host was found. There are not enough hosts available.")
+
+
 # § 16 ROUTES and ACTIONS -------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
@@ -7010,10 +7161,10 @@ GET    /os-security-groups/{id}                       -                    2.1  
 PUT    /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_update           os_compute_api:os-security-groups:update
 DELETE /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_delete           os_compute_api:os-security-groups:delete
 POST   /os-server-external-events                     -                    2.1  2.104 service -                                os_compute_api:os-server-external-events:create
-GET    /os-server-groups                              -                    2.1  2.104 reader  -                                os_compute_api:os-server-groups:index
-POST   /os-server-groups                              -                    2.1  2.104 member  -                                os_compute_api:os-server-groups:create
-GET    /os-server-groups/{id}                         -                    2.1  2.104 reader  -                                os_compute_api:os-server-groups:show
-DELETE /os-server-groups/{id}                         -                    2.1  2.104 member  -                                os_compute_api:os-server-groups:delete
+GET    /os-server-groups                              -                    2.1  2.104 reader  server_groups_index              os_compute_api:os-server-groups:index
+POST   /os-server-groups                              -                    2.1  2.104 member  server_groups_create             os_compute_api:os-server-groups:create
+GET    /os-server-groups/{id}                         -                    2.1  2.104 reader  server_groups_show               os_compute_api:os-server-groups:show
+DELETE /os-server-groups/{id}                         -                    2.1  2.104 member  server_groups_delete             os_compute_api:os-server-groups:delete
 GET    /os-services                                   -                    2.1  2.104 admin   -                                os_compute_api:os-services:list
 PUT    /os-services/{id}                              -                    2.1  2.104 admin   -                                os_compute_api:os-services:update
 DELETE /os-services/{id}                              -                    2.1  2.104 admin   -                                os_compute_api:os-services:delete

@@ -3562,3 +3562,56 @@ class NetworkProxyTests(ServerTestCase):
             self.assertIn(reply.status, schema["status_code"])
             jsonschema.validate(reply.json(), schema["response_body"],
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
+
+
+class ServerGroupTests(ServerTestCase):
+    def test_crud_and_shapes(self):
+        """Server groups: policies below 2.64, policy and rules from 2.64, 404 for others."""
+        old = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "g1", "policies": ["affinity"]}}).json()["server_group"]
+        self.assertEqual((old["policies"], old["metadata"], old["members"]),
+                         (["affinity"], {}, []))
+        self.assertFault(self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "g", "policies": ["soft-affinity"]}}), 400, "badRequest")
+        new = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "g2", "policy": "anti-affinity", "rules": {"max_server_per_host": 2}}},
+            version="2.64").json()["server_group"]
+        self.assertEqual((new["policy"], new["rules"]), ("anti-affinity",
+                                                         {"max_server_per_host": 2}))
+        self.assertFault(self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "g3", "policy": "affinity", "rules": {"max_server_per_host": 2}}},
+            version="2.64"), 400, "badRequest")
+        self.assertEqual(len(self.get("/v2.1/os-server-groups").json()["server_groups"]), 2)
+        self.assertFault(self.get("/v2.1/os-server-groups/" + new["id"], token="u:other"), 404,
+                         "itemNotFound")
+        self.assertEqual(self.delete("/v2.1/os-server-groups/" + old["id"]).status, 204)
+        self.assertFault(self.get("/v2.1/os-server-groups/" + old["id"]), 404, "itemNotFound")
+
+    def test_members_and_anti_affinity_on_one_host(self):
+        """Members join through the group hint; hard anti-affinity lets one member build on
+        this single host, the next one fails with No valid host; deleting leaves the group."""
+        group = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "aa", "policies": ["anti-affinity"]}}).json()["server_group"]
+        first = self.post("/v2.1/servers", {"server": {
+            "name": "a1", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": {"group": group["id"]}}).json()["server"]["id"]
+        self.app.compute.wait_idle()
+        second = self.post("/v2.1/servers", {"server": {
+            "name": "a2", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": {"group": group["id"]}}).json()["server"]["id"]
+        self.app.compute.wait_idle()
+        self.assertEqual(self.server(first)["status"], "ACTIVE")
+        failed = self.server(second)
+        self.assertEqual(failed["status"], "ERROR")
+        self.assertIn("No valid host was found", failed["fault"]["message"])
+        members = self.get("/v2.1/os-server-groups/" + group["id"]).json()["server_group"]
+        self.assertEqual(sorted(members["members"]), sorted([first, second]))
+        self.assertEqual(self.server(first, version="2.71")["server_groups"], [group["id"]])
+        self.delete("/v2.1/servers/" + second)
+        self.app.compute.wait_idle()
+        members = self.get("/v2.1/os-server-groups/" + group["id"]).json()["server_group"]
+        self.assertEqual(members["members"], [first])
+        self.assertFault(self.post("/v2.1/servers", {"server": {
+            "name": "x", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": {"group": "c0ffee00-0000-4000-8000-000000000000"}}),
+            400, "badRequest")
