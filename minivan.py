@@ -413,7 +413,7 @@ def unexpected_error_message(exc):
 EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
-    "images": {}, "instance_actions": {}, "security_groups": {},
+    "images": {}, "instance_actions": {}, "security_groups": {}, "services": {},
     "counters": {"keypair": 0, "flavor": 0, "instance": 0},
 }
 
@@ -7001,7 +7001,11 @@ def join_server_group(req, data, group_id, server_ids):
 
 
 def check_group_placement(data, server, host):
-    """Hard anti-affinity on one host: at most max_server_per_host members here."""
+    """The scheduler's checks on this one host: its compute service is enabled and up, and
+    hard anti-affinity allows at most max_server_per_host members here."""
+    compute = data.get("services", {}).get("nova-compute", {})
+    if compute.get("disabled") or compute.get("forced_down") or compute.get("deleted"):
+        raise DriverError("No valid host was found. There are not enough hosts available.")
     for group_id in server.get("server_groups", []):
         group = data["server_groups"].get(group_id)
         if not group or group["policy"] != "anti-affinity":
@@ -7012,6 +7016,311 @@ def check_group_placement(data, server, host):
                 and data["servers"][m]["vm_state"] not in ("deleted", "error")]
         if len(here) >= allowed:
             raise DriverError("No valid host was found. There are not enough hosts available.")
+
+
+
+# § API: services and hypervisors ------------------------------------------------------------
+#
+# One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
+# records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
+# compute service is up while the hypervisor answers.
+
+SERVICE_BINARIES = ("nova-conductor", "nova-scheduler", "nova-compute")
+
+
+def service_records(app):
+    """This host's three services with their stored status, in id order."""
+    host = app.conf["host"]
+    stored = app.store.data.get("services", {})
+    records = []
+    for number, binary in enumerate(SERVICE_BINARIES, 1):
+        state = stored.get(binary, {})
+        if state.get("deleted"):
+            continue
+        records.append({"number": number, "binary": binary, "host": host,
+                        "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, f"service:{host}:{binary}")),
+                        "zone": app.conf["availability_zone"] if binary == "nova-compute"
+                        else "internal",
+                        "disabled": state.get("disabled", False),
+                        "disabled_reason": state.get("disabled_reason"),
+                        "forced_down": state.get("forced_down", False),
+                        "up": (app.compute_available() if binary == "nova-compute" else True)
+                        and not state.get("forced_down", False)})
+    return records
+
+
+def service_view(req, record):
+    view = {"id": record["uuid"] if req.since("2.53") else record["number"],
+            "binary": record["binary"], "disabled_reason": record["disabled_reason"],
+            "host": record["host"], "state": "up" if record["up"] else "down",
+            "status": "disabled" if record["disabled"] else "enabled",
+            "updated_at": isotime_us(req.app.clock.now()), "zone": record["zone"]}
+    if req.since("2.11"):
+        view["forced_down"] = record["forced_down"]
+    return view
+
+
+def services_index(req):
+    """GET /os-services"""
+    query = validate_query(req, ["host", "binary"], strict_since="2.75")
+    records = [r for r in service_records(req.app)
+               if r["host"] == query.get("host", [r["host"]])[-1]
+               and r["binary"] == query.get("binary", [r["binary"]])[-1]]
+    return 200, {"services": [service_view(req, r) for r in records]}
+
+
+def set_service(req, binary, **changes):
+    def plan(data):
+        current = dict(data.get("services", {}).get(binary, {}))
+        current.update(changes)
+        return [["set", ["services", binary], current]]
+    req.store.transaction(plan)
+
+
+def find_service_record(req, host, binary):
+    for record in service_records(req.app):
+        if record["host"] == host and record["binary"] == binary:
+            return record
+    raise NotFound(f"Service {binary} on host {host} could not be found.")
+
+
+def services_update(req):
+    """PUT /os-services/{id}"""
+    if req.since("2.53"):
+        return services_update_by_uuid(req)
+    action = req.params["id"]
+    props = {"host": {"type": "string", "minLength": 1, "maxLength": 255},
+             "binary": {"type": "string", "minLength": 1, "maxLength": 255}}
+    if action == "disable-log-reason":
+        props["disabled_reason"] = {"type": "string", "minLength": 1, "maxLength": 255}
+    if action == "force-down" and req.since("2.11"):
+        props["forced_down"] = BOOL_LIKE
+    if action not in ("enable", "disable", "disable-log-reason") and not (
+            action == "force-down" and req.since("2.11")):
+        raise NotFound("Unknown action")
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["host", "binary"] + (
+                                   ["forced_down"] if action == "force-down" else []),
+                               "properties": props})
+    record = find_service_record(req, body["host"], body["binary"])
+    view = {"host": record["host"], "binary": record["binary"]}
+    if action == "force-down":
+        forced = bool_from_string(body["forced_down"])
+        set_service(req, record["binary"], forced_down=forced)
+        view["forced_down"] = forced
+    else:
+        disabled = action != "enable"
+        reason = body.get("disabled_reason") if disabled else None
+        set_service(req, record["binary"], disabled=disabled, disabled_reason=reason)
+        view["status"] = "disabled" if disabled else "enabled"
+        if action == "disable-log-reason":
+            view["disabled_reason"] = reason
+    return 200, {"service": view}
+
+
+def services_update_by_uuid(req):
+    body = validate_body(req, {"type": "object", "additionalProperties": False, "properties": {
+        "status": {"type": "string", "enum": ["enabled", "disabled"]},
+        "disabled_reason": {"type": "string", "minLength": 1, "maxLength": 255},
+        "forced_down": BOOL_LIKE}})
+    records = {r["uuid"]: r for r in service_records(req.app)}
+    if not is_uuid_like(req.params["id"]):
+        raise BadRequest(f"Invalid uuid {req.params['id']}")
+    record = records.get(req.params["id"])
+    if record is None:
+        raise NotFound(f"Service {req.params['id']} could not be found.")
+    if not body:
+        raise BadRequest("At least one of status or forced_down must be specified.")
+    if "disabled_reason" in body and body.get("status") != "disabled":
+        raise BadRequest("Specifying 'disabled_reason' with status 'enabled' is invalid.")
+    if record["binary"] != "nova-compute" and "forced_down" in body:
+        raise BadRequest("Updating a non nova-compute service is not supported.")
+    changes = {}
+    if "status" in body:
+        changes["disabled"] = body["status"] == "disabled"
+        changes["disabled_reason"] = body.get("disabled_reason") if changes["disabled"] else None
+    if "forced_down" in body:
+        changes["forced_down"] = bool_from_string(body["forced_down"])
+    set_service(req, record["binary"], **changes)
+    return 200, {"service": service_view(req, find_service_record(req, record["host"],
+                                                                   record["binary"]))}
+
+
+def services_delete(req):
+    """DELETE /os-services/{id}"""
+    key = req.params["id"]
+    for record in service_records(req.app):
+        if key in (record["uuid"], str(record["number"])) and (
+                req.since("2.53") == is_uuid_like(key)):
+            hosting = [s for s in req.store.data["servers"].values()
+                       if s.get("host") == record["host"] and s["vm_state"] != "deleted"]
+            if record["binary"] == "nova-compute" and hosting:
+                raise Conflict("Unable to delete compute service that is hosting instances. "
+                               "Migrate or delete the instances first.")
+            set_service(req, record["binary"], deleted=True)
+            return 204, None
+    if req.since("2.53") and not is_uuid_like(key):
+        raise BadRequest(f"Invalid uuid {key}")
+    raise NotFound(f"Service {key} could not be found.")
+
+
+def hypervisor_record(req):
+    """This host as Nova's hypervisor (compute node), from libvirt and the servers on it."""
+    app = req.app
+    try:
+        res = app.driver.get_available_resource() if app.driver else None
+    except (DriverError, Unavailable):
+        res = None
+    res = res or {"vcpus": 0, "memory_mb": 0, "local_gb": 0, "free_disk_gb": 0,
+                  "hypervisor_type": "QEMU", "hypervisor_version": 0, "cpu_model": ""}
+    servers = [s for s in app.store.data["servers"].values()
+               if s.get("host") == app.conf["host"] and s["vm_state"] != "deleted"]
+    compute = [r for r in service_records(app) if r["binary"] == "nova-compute"]
+    service = compute[0] if compute else None
+    used_ram = 512 + sum(s["flavor"]["ram"] for s in servers)
+    used_disk = sum(s["flavor"]["disk"] + s["flavor"]["ephemeral"] for s in servers)
+    return {"host": app.conf["host"], "res": res, "servers": servers, "service": service,
+            "vcpus_used": sum(s["flavor"]["vcpus"] for s in servers),
+            "memory_mb_used": used_ram, "local_gb_used": used_disk,
+            "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, "hypervisor:" + app.conf["host"]))}
+
+
+def hypervisor_view(req, hyp, detail, with_servers=False):
+    service = hyp["service"] or {"number": 0, "uuid": str(uuid.uuid4()), "disabled": True,
+                                 "disabled_reason": "deleted", "up": False}
+    view = {"id": hyp["uuid"] if req.since("2.53") else 1,
+            "hypervisor_hostname": hyp["host"],
+            "state": "up" if service["up"] else "down",
+            "status": "disabled" if service["disabled"] else "enabled"}
+    if detail:
+        res = hyp["res"]
+        view.update({"hypervisor_type": res["hypervisor_type"],
+                     "hypervisor_version": res["hypervisor_version"],
+                     "host_ip": req.app.conf["bind"] if req.app.conf["bind"] not in (
+                         "::", "0.0.0.0") else "127.0.0.1",
+                     "service": {"id": service["uuid"] if req.since("2.53") else
+                                 service["number"], "host": hyp["host"],
+                                 "disabled_reason": service["disabled_reason"]}})
+        if req.since("2.88"):
+            view["uptime"] = host_uptime()
+        else:
+            cpu = {"arch": "x86_64", "model": res.get("cpu_model", ""), "vendor": "",
+                   "topology": {"cells": 1, "sockets": 1, "cores": res["vcpus"], "threads": 1},
+                   "features": []}
+            view.update({"vcpus": res["vcpus"], "vcpus_used": hyp["vcpus_used"],
+                         "memory_mb": res["memory_mb"], "memory_mb_used": hyp["memory_mb_used"],
+                         "local_gb": res["local_gb"], "local_gb_used": hyp["local_gb_used"],
+                         "free_ram_mb": res["memory_mb"] - hyp["memory_mb_used"],
+                         "free_disk_gb": res["local_gb"] - hyp["local_gb_used"],
+                         "disk_available_least": res["free_disk_gb"],
+                         "current_workload": sum(1 for s in hyp["servers"]
+                                                 if s.get("task_state")),
+                         "running_vms": len(hyp["servers"]),
+                         "cpu_info": cpu if req.since("2.28") else json.dumps(cpu)})
+    if with_servers:
+        view["servers"] = [{"name": s["instance_name"], "uuid": s["id"]} for s in hyp["servers"]]
+    return view
+
+
+def host_uptime():
+    """The host's uptime line, as `uptime` prints it."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.rstrip("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hypervisor_list(req, detail):
+    allowed = []
+    if req.since("2.33"):
+        allowed += ["limit", "marker"]
+    if req.since("2.53"):
+        allowed += ["hypervisor_hostname_pattern", "with_servers"]
+    query = validate_query(req, allowed, strict_since="2.33")
+    hyp = hypervisor_record(req)
+    hyps = [hyp]
+    pattern = query.get("hypervisor_hostname_pattern", [None])[-1]
+    if pattern is not None:
+        hyps = [h for h in hyps if pattern in h["host"]]
+        if not hyps:
+            raise NotFound(f"No hypervisor matching '{pattern}' could be found.")
+    with_servers = bool_from_string(query.get("with_servers", ["false"])[-1])
+    marker = None
+    if req.since("2.33"):
+        hyps, marker = paginate(req, hyps, lambda h: h["uuid"] if req.since("2.53") else "1",
+                                "marker [%s] not found")
+    body = {"hypervisors": [hypervisor_view(req, h, detail, with_servers) for h in hyps]}
+    if marker is not None:
+        body["hypervisors_links"] = req.next_link(
+            "os-hypervisors/detail" if detail else "os-hypervisors", marker)
+    return 200, body
+
+
+def hypervisors_index(req):
+    """GET /os-hypervisors"""
+    return hypervisor_list(req, detail=False)
+
+
+def hypervisors_detail(req):
+    """GET /os-hypervisors/detail"""
+    return hypervisor_list(req, detail=True)
+
+
+def find_hypervisor(req, hypervisor_id):
+    hyp = hypervisor_record(req)
+    if hypervisor_id != (hyp["uuid"] if req.since("2.53") else "1"):
+        if req.since("2.53") and not is_uuid_like(hypervisor_id):
+            raise BadRequest(f"Invalid uuid {hypervisor_id}")
+        raise NotFound(f"Hypervisor with ID '{hypervisor_id}' could not be found.")
+    return hyp
+
+
+def hypervisors_show(req):
+    """GET /os-hypervisors/{id}"""
+    query = validate_query(req, ["with_servers"] if req.since("2.53") else [],
+                           strict_since="2.53")
+    hyp = find_hypervisor(req, req.params["id"])
+    with_servers = bool_from_string(query.get("with_servers", ["false"])[-1])
+    return 200, {"hypervisor": hypervisor_view(req, hyp, True, with_servers)}
+
+
+def hypervisors_uptime(req):
+    """GET /os-hypervisors/{id}/uptime"""
+    hyp = find_hypervisor(req, req.params["id"])
+    view = hypervisor_view(req, hyp, False)
+    view["uptime"] = host_uptime()
+    return 200, {"hypervisor": view}
+
+
+def hypervisors_statistics(req):
+    """GET /os-hypervisors/statistics"""
+    view = hypervisor_view(req, hypervisor_record(req), True)
+    keys = ("vcpus", "vcpus_used", "memory_mb", "memory_mb_used", "local_gb", "local_gb_used",
+            "free_ram_mb", "free_disk_gb", "current_workload", "running_vms",
+            "disk_available_least")
+    stats = {"count": 1}
+    stats.update({k: view[k] for k in keys})
+    return 200, {"hypervisor_statistics": stats}
+
+
+def hypervisors_search(req):
+    """GET /os-hypervisors/{id}/search"""
+    hyp = hypervisor_record(req)
+    if req.params["id"] not in hyp["host"]:
+        raise NotFound(f"No hypervisor matching '{req.params['id']}' could be found.")
+    return 200, {"hypervisors": [hypervisor_view(req, hyp, False)]}
+
+
+def hypervisors_servers(req):
+    """GET /os-hypervisors/{id}/servers"""
+    hyp = hypervisor_record(req)
+    if req.params["id"] not in hyp["host"]:
+        raise NotFound(f"No hypervisor matching '{req.params['id']}' could be found.")
+    view = hypervisor_view(req, hyp, False, with_servers=True)
+    if not view["servers"]:
+        view.pop("servers")
+    return 200, {"hypervisors": [view]}
 
 
 # § 16 ROUTES and ACTIONS -------------------------------------------------------
@@ -7119,13 +7428,13 @@ PUT    /os-hosts/{id}                                 -                    2.1  
 GET    /os-hosts/{id}/reboot                          -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:reboot
 GET    /os-hosts/{id}/shutdown                        -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:shutdown
 GET    /os-hosts/{id}/startup                         -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:start
-GET    /os-hypervisors                                -                    2.1  2.104 admin   -                                os_compute_api:os-hypervisors:list
-GET    /os-hypervisors/detail                         -                    2.1  2.104 admin   -                                os_compute_api:os-hypervisors:list-detail
-GET    /os-hypervisors/statistics                     -                    2.1  2.87  admin   -                                os_compute_api:os-hypervisors:statistics
-GET    /os-hypervisors/{id}                           -                    2.1  2.104 admin   -                                os_compute_api:os-hypervisors:show
-GET    /os-hypervisors/{id}/search                    -                    2.1  2.52  admin   -                                os_compute_api:os-hypervisors:search
-GET    /os-hypervisors/{id}/servers                   -                    2.1  2.52  admin   -                                os_compute_api:os-hypervisors:servers
-GET    /os-hypervisors/{id}/uptime                    -                    2.1  2.87  admin   -                                os_compute_api:os-hypervisors:uptime
+GET    /os-hypervisors                                -                    2.1  2.104 admin   hypervisors_index                os_compute_api:os-hypervisors:list
+GET    /os-hypervisors/detail                         -                    2.1  2.104 admin   hypervisors_detail               os_compute_api:os-hypervisors:list-detail
+GET    /os-hypervisors/statistics                     -                    2.1  2.87  admin   hypervisors_statistics           os_compute_api:os-hypervisors:statistics
+GET    /os-hypervisors/{id}                           -                    2.1  2.104 admin   hypervisors_show                 os_compute_api:os-hypervisors:show
+GET    /os-hypervisors/{id}/search                    -                    2.1  2.52  admin   hypervisors_search               os_compute_api:os-hypervisors:search
+GET    /os-hypervisors/{id}/servers                   -                    2.1  2.52  admin   hypervisors_servers              os_compute_api:os-hypervisors:servers
+GET    /os-hypervisors/{id}/uptime                    -                    2.1  2.87  admin   hypervisors_uptime               os_compute_api:os-hypervisors:uptime
 GET    /os-instance_usage_audit_log                   -                    2.1  2.104 admin   -                                os_compute_api:os-instance-usage-audit-log:list
 GET    /os-instance_usage_audit_log/{id}              -                    2.1  2.104 admin   -                                os_compute_api:os-instance-usage-audit-log:show
 GET    /os-keypairs                                   -                    2.1  2.104 owner   keypairs_index                   os_compute_api:os-keypairs:index
@@ -7165,9 +7474,9 @@ GET    /os-server-groups                              -                    2.1  
 POST   /os-server-groups                              -                    2.1  2.104 member  server_groups_create             os_compute_api:os-server-groups:create
 GET    /os-server-groups/{id}                         -                    2.1  2.104 reader  server_groups_show               os_compute_api:os-server-groups:show
 DELETE /os-server-groups/{id}                         -                    2.1  2.104 member  server_groups_delete             os_compute_api:os-server-groups:delete
-GET    /os-services                                   -                    2.1  2.104 admin   -                                os_compute_api:os-services:list
-PUT    /os-services/{id}                              -                    2.1  2.104 admin   -                                os_compute_api:os-services:update
-DELETE /os-services/{id}                              -                    2.1  2.104 admin   -                                os_compute_api:os-services:delete
+GET    /os-services                                   -                    2.1  2.104 admin   services_index                   os_compute_api:os-services:list
+PUT    /os-services/{id}                              -                    2.1  2.104 admin   services_update                  os_compute_api:os-services:update
+DELETE /os-services/{id}                              -                    2.1  2.104 admin   services_delete                  os_compute_api:os-services:delete
 GET    /os-simple-tenant-usage                        -                    2.1  2.104 admin   -                                os_compute_api:os-simple-tenant-usage:list
 GET    /os-simple-tenant-usage/{id}                   -                    2.1  2.104 reader  -                                os_compute_api:os-simple-tenant-usage:show
 GET    /os-snapshots                                  -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:list
@@ -8000,6 +8309,9 @@ def main(argv=None):
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)
         return 2
+    for binary, state in list(store.data.get("services", {}).items()):
+        if state.get("deleted"):            # a deleted service registers again at start
+            store.commit([["del", ["services", binary, "deleted"]]])
     auth = KeystoneAuth(conf, Clock()) if conf["auth"] == "keystone" else None
     app = App(conf, store, auth=auth, driver=driver)
     try:

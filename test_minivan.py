@@ -445,7 +445,7 @@ class RoutingTests(AppTestCase):
 
     def test_unbuilt_route_is_501(self):
         """A route not built yet answers 501 notImplemented."""
-        self.assertFault(self.get("/v2.1/os-hypervisors"), 501, "notImplemented")
+        self.assertFault(self.get("/v2.1/os-aggregates"), 501, "notImplemented")
 
     def test_removed_api_is_410(self):
         """Removed APIs answer 410 at every microversion."""
@@ -3615,3 +3615,81 @@ class ServerGroupTests(ServerTestCase):
             "name": "x", "imageRef": self.image_id, "flavorRef": "1"},
             "os:scheduler_hints": {"group": "c0ffee00-0000-4000-8000-000000000000"}}),
             400, "badRequest")
+
+
+class AdminServicesHypervisorsTests(ServerTestCase):
+    def validate(self, reply, vdir, module, name):
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        schema = tempest_schema(vdir, module, name)
+        self.assertIn(reply.status, schema["status_code"], reply.raw[:300])
+        jsonschema.validate(reply.json(), schema["response_body"], cls=v.JSONSCHEMA_VALIDATOR,
+                            format_checker=v.FORMAT_CHECKER)
+
+    def test_services(self):
+        """os-services lists conductor, scheduler and compute; disabling the compute makes
+        new servers fail to schedule; 2.53 uses UUIDs."""
+        services = self.get("/v2.1/os-services").json()["services"]
+        self.assertEqual([s["binary"] for s in services],
+                         ["nova-conductor", "nova-scheduler", "nova-compute"])
+        self.validate(self.get("/v2.1/os-services"), "v2_1", "services", "list_services")
+        self.validate(self.get("/v2.1/os-services", version="2.11"), "v2_11", "services",
+                      "list_services")
+        host = self.app.conf["host"]
+        r = self.put("/v2.1/os-services/disable-log-reason", {
+            "host": host, "binary": "nova-compute", "disabled_reason": "maintenance"})
+        self.assertEqual(r.json()["service"]["status"], "disabled")
+        failed = self.post_server()
+        self.assertIn("No valid host", self.server(failed.json()["server"]["id"])["fault"]
+                      ["message"])
+        self.put("/v2.1/os-services/enable", {"host": host, "binary": "nova-compute"})
+        self.new_server()
+        self.assertFault(self.put("/v2.1/os-services/enable", {"host": "nope",
+                                                               "binary": "nova-compute"}),
+                         404, "itemNotFound")
+        listed = self.get("/v2.1/os-services?binary=nova-compute", version="2.53").json()
+        uid = listed["services"][0]["id"]
+        self.assertTrue(minivan.is_uuid_like(uid))
+        r = self.put("/v2.1/os-services/" + uid, {"forced_down": True}, version="2.53")
+        self.assertEqual((r.json()["service"]["forced_down"], r.json()["service"]["state"]),
+                         (True, "down"))
+        self.validate(r, "v2_53", "services", "update_service")
+        self.put("/v2.1/os-services/" + uid, {"forced_down": False}, version="2.53")
+        self.assertFault(self.delete("/v2.1/os-services/" + uid, version="2.53"), 409,
+                         "conflictingRequest")
+        self.assertFault(self.get("/v2.1/os-services", token="u:p"), 403, "forbidden")
+
+    def test_hypervisors(self):
+        """os-hypervisors: list, detail, show, statistics, uptime, search and servers, in the
+        shapes of each microversion."""
+        server_id = self.new_server()
+        for version, vdir in (("2.1", "v2_1"), ("2.28", "v2_28"), ("2.33", "v2_33"),
+                              ("2.53", "v2_53"), ("2.87", "v2_53")):
+            self.validate(self.get("/v2.1/os-hypervisors", version=version), vdir,
+                          "hypervisors", "list_search_hypervisors")
+            self.validate(self.get("/v2.1/os-hypervisors/detail", version=version), vdir,
+                          "hypervisors", "list_hypervisors_detail")
+        detail = self.get("/v2.1/os-hypervisors/detail").json()["hypervisors"][0]
+        self.assertEqual((detail["running_vms"], detail["vcpus_used"], detail["vcpus"]),
+                         (1, 1, 4))
+        self.validate(self.get("/v2.1/os-hypervisors/1"), "v2_1", "hypervisors", "get_hypervisor")
+        self.validate(self.get("/v2.1/os-hypervisors/statistics"), "v2_1", "hypervisors",
+                      "get_hypervisor_statistics")
+        self.validate(self.get("/v2.1/os-hypervisors/1/uptime"), "v2_1", "hypervisors",
+                      "get_hypervisor_uptime")
+        host = self.app.conf["host"]
+        found = self.get(f"/v2.1/os-hypervisors/{host}/servers").json()["hypervisors"][0]
+        self.assertEqual(found["servers"][0]["uuid"], server_id)
+        self.assertFault(self.get("/v2.1/os-hypervisors/nomatch/search"), 404, "itemNotFound")
+        latest = self.get("/v2.1/os-hypervisors?with_servers=true", version="2.53").json()
+        hyp = latest["hypervisors"][0]
+        self.assertEqual(hyp["servers"][0]["uuid"], server_id)
+        shown = self.get("/v2.1/os-hypervisors/" + hyp["id"], version="2.88").json()
+        self.assertIn("uptime", shown["hypervisor"])
+        self.assertNotIn("vcpus", shown["hypervisor"])
+        self.assertFault(self.get("/v2.1/os-hypervisors/statistics", version="2.88"), 404,
+                         "itemNotFound")
+        self.assertFault(self.get("/v2.1/os-hypervisors", token="u:p"), 403, "forbidden")
