@@ -7323,6 +7323,97 @@ def hypervisors_servers(req):
     return 200, {"hypervisors": [view]}
 
 
+
+# § API: simple tenant usage ------------------------------------------------------------------
+
+def usage_period(req, query):
+    """(start, end) of a usage query: ISO times, default the last day up to now."""
+    now = req.app.clock.now()
+    def parse(name, default):
+        if name not in query:
+            return default
+        text = query[name][-1]
+        try:
+            value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest(f"Invalid {name} time: {text}") from None
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value
+    start, end = parse("start", now - datetime.timedelta(days=1)), parse("end", now)
+    if start > end:
+        raise BadRequest("Invalid start time. The start time cannot occur after the end time.")
+    return start, end
+
+
+def server_usage(server, start, end, now):
+    """One server's usage in [start, end], or None when it did not exist then."""
+    launched = parse_isotime(server["launched_at"] or server["created_at"])
+    ended = parse_isotime(server["terminated_at"]) if server.get("terminated_at") else None
+    if launched > end or (ended and ended < start):
+        return None
+    begin, finish = max(launched, start), min(ended or end, end)
+    hours = max((finish - begin).total_seconds(), 0) / 3600.0
+    flavor = server["flavor"]
+    state = server["vm_state"] if server["vm_state"] != "deleted" else "terminated"
+    return {"instance_id": server["id"], "name": server["name"], "hours": hours,
+            "memory_mb": flavor["ram"], "local_gb": flavor["disk"] + flavor["ephemeral"],
+            "vcpus": flavor["vcpus"], "tenant_id": server["project_id"], "flavor": flavor["name"],
+            "started_at": isotime_us(launched), "ended_at": isotime_us(ended) if ended else None,
+            "state": state, "uptime": int((min(ended or now, now) - launched).total_seconds())}
+
+
+def tenant_usage(req, project_id, servers, start, end, detailed):
+    now = req.app.clock.now()
+    usages = [u for u in (server_usage(s, start, end, now) for s in servers) if u]
+    body = {"tenant_id": project_id, "start": isotime_us(start), "stop": isotime_us(end),
+            "total_hours": sum(u["hours"] for u in usages),
+            "total_vcpus_usage": sum(u["hours"] * u["vcpus"] for u in usages),
+            "total_memory_mb_usage": sum(u["hours"] * u["memory_mb"] for u in usages),
+            "total_local_gb_usage": sum(u["hours"] * u["local_gb"] for u in usages)}
+    if detailed:
+        body["server_usages"] = usages
+    return body, usages
+
+
+def simple_tenant_usage_index(req):
+    """GET /os-simple-tenant-usage"""
+    allowed = ["start", "end", "detailed"] + (["limit", "marker"] if req.since("2.40") else [])
+    query = validate_query(req, allowed, strict_since="2.75")
+    start, end = usage_period(req, query)
+    detailed = bool_from_string(query.get("detailed", ["0"])[-1])
+    projects = {}
+    for server in sorted(req.store.data["servers"].values(), key=lambda s: s["created_at"]):
+        projects.setdefault(server["project_id"], []).append(server)
+    usages = []
+    for project_id, servers in sorted(projects.items()):
+        body, items = tenant_usage(req, project_id, servers, start, end, detailed)
+        if items:
+            usages.append(body)
+    links = None
+    if req.since("2.40"):
+        usages, links = paginate(req, usages, lambda u: u["tenant_id"])
+    result = {"tenant_usages": usages}
+    if links is not None:
+        result["tenant_usages_links"] = req.next_link("os-simple-tenant-usage", links)
+    return 200, result
+
+
+def simple_tenant_usage_show(req):
+    """GET /os-simple-tenant-usage/{id}"""
+    allowed = ["start", "end"] + (["limit", "marker"] if req.since("2.40") else [])
+    query = validate_query(req, allowed, strict_since="2.75")
+    project_id = req.params["id"]
+    authorize(req, "os_compute_api:os-simple-tenant-usage:show", "reader", project_id)
+    start, end = usage_period(req, query)
+    servers = sorted([s for s in req.store.data["servers"].values()
+                      if s["project_id"] == project_id], key=lambda s: s["created_at"])
+    body, items = tenant_usage(req, project_id, servers, start, end, True)
+    if not items:
+        return 200, {"tenant_usage": {}}
+    return 200, {"tenant_usage": body}
+
+
 # § 16 ROUTES and ACTIONS -------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
@@ -7477,8 +7568,8 @@ DELETE /os-server-groups/{id}                         -                    2.1  
 GET    /os-services                                   -                    2.1  2.104 admin   services_index                   os_compute_api:os-services:list
 PUT    /os-services/{id}                              -                    2.1  2.104 admin   services_update                  os_compute_api:os-services:update
 DELETE /os-services/{id}                              -                    2.1  2.104 admin   services_delete                  os_compute_api:os-services:delete
-GET    /os-simple-tenant-usage                        -                    2.1  2.104 admin   -                                os_compute_api:os-simple-tenant-usage:list
-GET    /os-simple-tenant-usage/{id}                   -                    2.1  2.104 reader  -                                os_compute_api:os-simple-tenant-usage:show
+GET    /os-simple-tenant-usage                        -                    2.1  2.104 admin   simple_tenant_usage_index        os_compute_api:os-simple-tenant-usage:list
+GET    /os-simple-tenant-usage/{id}                   -                    2.1  2.104 reader  simple_tenant_usage_show         os_compute_api:os-simple-tenant-usage:show
 GET    /os-snapshots                                  -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:list
 POST   /os-snapshots                                  -                    2.1  2.35  member  -                                os_compute_api:os-volumes:snapshots:create
 GET    /os-snapshots/detail                           -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:detail

@@ -3693,3 +3693,43 @@ class AdminServicesHypervisorsTests(ServerTestCase):
         self.assertFault(self.get("/v2.1/os-hypervisors/statistics", version="2.88"), 404,
                          "itemNotFound")
         self.assertFault(self.get("/v2.1/os-hypervisors", token="u:p"), 403, "forbidden")
+
+
+class TenantUsageTests(ServerTestCase):
+    def test_usage(self):
+        """os-simple-tenant-usage totals hours × resources per project (admin for all)."""
+        self.new_server(token="u:demo")
+        self.clock.t += datetime.timedelta(hours=2)
+        start = (self.clock.t - datetime.timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M:%S")
+        end = self.clock.t.strftime("%Y-%m-%dT%H:%M:%S")
+        listed = self.get(f"/v2.1/os-simple-tenant-usage?start={start}&end={end}&detailed=1"
+                          ).json()["tenant_usages"]
+        self.assertEqual(len(listed), 1)
+        usage = listed[0]
+        self.assertEqual(usage["tenant_id"], "demo")
+        self.assertAlmostEqual(usage["total_hours"], 2.0, places=2)
+        self.assertAlmostEqual(usage["total_memory_mb_usage"], 1024.0, places=0)
+        self.assertEqual(usage["server_usages"][0]["state"], "active")
+        mine = self.get(f"/v2.1/os-simple-tenant-usage/demo?start={start}&end={end}",
+                        token="u:demo").json()["tenant_usage"]
+        self.assertAlmostEqual(mine["total_vcpus_usage"], 2.0, places=2)
+        self.assertFault(self.get("/v2.1/os-simple-tenant-usage", token="u:demo"), 403,
+                         "forbidden")
+        self.assertFault(self.get("/v2.1/os-simple-tenant-usage/admin", token="u:demo"), 403,
+                         "forbidden")
+        self.assertEqual(self.get("/v2.1/os-simple-tenant-usage/nobody").json(),
+                         {"tenant_usage": {}})
+        self.assertFault(self.get(f"/v2.1/os-simple-tenant-usage?start={end}&end={start}"), 400,
+                         "badRequest")
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        for reply, name in ((self.get(f"/v2.1/os-simple-tenant-usage?start={start}&end={end}"
+                                      "&detailed=1"), "list_tenant_usage"),
+                            (self.get(f"/v2.1/os-simple-tenant-usage/demo?start={start}"
+                                      f"&end={end}"), "get_tenant_usage")):
+            schema = tempest_schema("v2_1", "tenant_usages", name)
+            jsonschema.validate(reply.json(), schema["response_body"],
+                                cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
