@@ -8000,10 +8000,8 @@ class App:
         if segments == [""]:
             segments = []
         routes, params = find_routes(segments)
-        if not routes and segments and segments[-1] == "" and len(segments) > 1:
-            routes, params = find_routes(segments[:-1])    # e.g. GET /servers/
-        if not routes:
-            raise NotFound()
+        if not routes or "" in params.values():
+            raise NotFound()                # an empty id ('/images/') matches nothing
         want = "GET" if method == "HEAD" else method
         candidates = [r for r in routes if r.method == want]
         if not candidates:
