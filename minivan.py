@@ -15,25 +15,36 @@ Files (under the data directory, ``--data-dir``):
     images/ _base/ instances/<uuid>/   image directory, image cache, per-server files
 
 Map of this file (``grep -n '^# §' minivan.py``):
-    §1  configuration         options, defaults, environment, INI file
-    §2  utilities             clock, ids, JSON, time formats
-    §3  faults                the exceptions handlers raise; fault bodies
-    §4  state store           snapshot + journal with group commit
-    §5  microversions         negotiation and comparison
-    §6  request validation    a small JSON-schema subset with Nova's messages
-    §7  identity and policy   noauth, Keystone tokens, default policy personas
-    §8  hypervisor driver     libvirt, imported lazily
-    §9  quotas                defaults, classes, per-project and per-user limits, usage
-    §10 views                 links and pagination
-    §11 API: versions, extensions
-    §12 API: flavors, extra specs, flavor access
-    §13 API: keypairs
-    §14 API: limits, quota sets, quota classes
-    §15 API: availability zones
-    §16 ROUTES and ACTIONS    the dispatch table, one row per Nova route
-    §17 HTTP front end        server, handler, dispatcher, TLS, CORS
-    §18 systemd and signals
-    §19 main
+    §1  configuration                       options, defaults, environment, INI file
+    §2  utilities                           clock, ids, JSON, time formats, request-id logging
+    §3  faults                              the exceptions handlers raise; fault bodies
+    §4  state store                         snapshot + journal with group commit
+    §5  microversions                       negotiation and comparison
+    §6  request validation                  a small JSON-schema subset with Nova's messages
+    §7  identity and policy                 noauth, Keystone tokens and catalog, policy personas
+    §8  hypervisor driver                   libvirt (imported lazily), disks
+    §9  images                              the image source seam: local directory or Glance
+    §10 image service                       a Glance v2 subset under /image
+    §11 quotas                              defaults, classes, per-project/per-user limits
+    §12 views                               the request object, links and pagination
+    §13 API: versions and extensions
+    §14 API: flavors, extra specs, flavor access
+    §15 API: keypairs
+    §16 API: limits, quota sets, quota classes
+    §17 API: availability zones
+    §18 servers: states, lookups, views
+    §19 servers: the compute engine         background operations, reconciliation, power sync
+    §20 config drive                        its files, and an ISO 9660 writer
+    §21 API: servers                        create, list, show, update, delete, actions...
+    §22 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §23 API: networks and security groups   the proxy APIs, up to 2.35
+    §24 API: server groups
+    §25 API: services and hypervisors
+    §26 API: simple tenant usage
+    §27 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §28 HTTP front end                      app, server, handler, TLS, CORS
+    §29 systemd and signals                 sd_notify, watchdog, background loops
+    §30 main
 """
 
 import argparse
@@ -77,7 +88,7 @@ MAX_VERSION = (2, 104)
 SCHEMA_VERSION = 1
 
 
-# § 1 configuration ---------------------------------------------------------
+# § 1 configuration --------------------------------------------------------------------
 
 def default_data_dir():
     """systemd's StateDirectory, else /var/lib/minivan as root, else ./minivan-data."""
@@ -255,7 +266,7 @@ def default_config(**overrides):
     return finish_config(conf)
 
 
-# § 2 utilities -------------------------------------------------------------
+# § 2 utilities ------------------------------------------------------------------------
 
 class Clock:
     """Wall-clock time, replaceable in tests."""
@@ -319,7 +330,7 @@ def bool_from_string(value, strict=False):
     return False
 
 
-# § 3 faults ----------------------------------------------------------------
+# § 3 faults ---------------------------------------------------------------------------
 
 FAULT_NAMES = {
     400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound",
@@ -400,7 +411,7 @@ def unexpected_error_message(exc):
             "and attach the Nova API log if possible.\n" + repr(type(exc)))
 
 
-# § 4 state store -----------------------------------------------------------
+# § 4 state store ----------------------------------------------------------------------
 #
 # Every record lives in one JSON tree (Store.data).  A change is a list of
 # operations, each ["set", path, value] or ["del", path], where path is a list
@@ -653,7 +664,7 @@ def migrate_state(data, version):
     return data
 
 
-# § 5 microversions ---------------------------------------------------------
+# § 5 microversions --------------------------------------------------------------------
 
 VERSION_RE = re.compile(r"^([1-9]\d*)\.([1-9]\d*|0)$")
 
@@ -714,7 +725,7 @@ def pick(version, table):
     return best
 
 
-# § 6 request validation ----------------------------------------------------
+# § 6 request validation ---------------------------------------------------------------
 #
 # A small subset of JSON Schema (draft 4) written as dicts, with the messages
 # Nova's validator gives.  Query strings are dicts of lists, as in Nova.
@@ -889,7 +900,7 @@ def to_int_field(name, value, minimum, maximum=2147483647):
     return number
 
 
-# § 7 identity and policy ---------------------------------------------------
+# § 7 identity and policy --------------------------------------------------------------
 
 IMPLIED_ROLES = {"admin": ("manager", "member", "reader"), "manager": ("member", "reader"),
                  "member": ("reader",)}
@@ -1125,7 +1136,7 @@ def authorize(req, rule, persona, project_id=None, user_id=None):
         raise Forbidden(f"Policy doesn't allow {rule} to be performed.")
 
 
-# § 8 hypervisor driver -----------------------------------------------------
+# § 8 hypervisor driver ----------------------------------------------------------------
 #
 # libvirt is imported here and nowhere else, so the API runs (and its tests
 # run) where libvirt-python is missing; the driver says how to install it.
@@ -1716,7 +1727,7 @@ def create_missing_disks(instance_dir, server):
             qemu_img("create", "-q", "-f", "qcow2", path, size)
 
 
-# § images ---------------------------------------------------------------------
+# § 9 images ---------------------------------------------------------------------------
 #
 # The image source seam.  LocalImages serves the images directory: every
 # qcow2/raw file there is an image with a stable UUID; a sidecar FILE.json may
@@ -2083,7 +2094,7 @@ class GlanceImages:
             raise BadRequest(f"The image service refused the change ({status}).")
 
 
-# § image service (standalone) ------------------------------------------------------------
+# § 10 image service -------------------------------------------------------------------
 #
 # Without a Glance anywhere, minivan serves the part of the Glance v2 API the clients use
 # over its local image directory, under /image on its own port: versions, the image
@@ -2324,7 +2335,7 @@ class ImageService:
         return True
 
 
-# § 9 quotas ----------------------------------------------------------------
+# § 11 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -2382,7 +2393,7 @@ def usage(data, project_id, user_id=None):
     return used
 
 
-# § 10 views ----------------------------------------------------------------
+# § 12 views ---------------------------------------------------------------------------
 
 class Request:
     """One API call as handlers see it: caller, microversion, body, query, links."""
@@ -2473,7 +2484,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 11 API: versions and extensions --------------------------------------------
+# § 13 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -2657,7 +2668,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 12 API: flavors, extra specs, flavor access -------------------------------
+# § 14 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -2935,7 +2946,8 @@ def tenant_access_schema(action):
 
 def flavor_action_add_tenant_access(req):
     """POST /flavors/{id}/action addTenantAccess"""
-    tenant = validate_body(req, tenant_access_schema("addTenantAccess"))["addTenantAccess"]["tenant"]
+    body = validate_body(req, tenant_access_schema("addTenantAccess"))
+    tenant = body["addTenantAccess"]["tenant"]
     flavor_id = req.params["id"]
     find_flavor(req, flavor_id)
     if not req.app.auth.project_exists(tenant):
@@ -3123,7 +3135,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 13 API: keypairs --------------------------------------------------------
+# § 15 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -3477,7 +3489,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 14 API: limits, quota sets, quota classes ---------------------------------
+# § 16 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -3662,7 +3674,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 15 API: availability zones -------------------------------------------------
+# § 17 API: availability zones ---------------------------------------------------------
 
 def availability_zones_index(req):
     """GET /os-availability-zone"""
@@ -3690,7 +3702,7 @@ def availability_zones_detail(req):
     ], key=lambda zone: zone["zoneName"])}
 
 
-# § servers: states, lookups, views ------------------------------------------------
+# § 18 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -3707,7 +3719,8 @@ STATUS_BY_TASK = {
                    + [("updating_password", "PASSWORD"), ("migrating", "MIGRATING")]
                    + [(t, "REBUILD") for t in REBUILD_TASKS]
                    + [(t, "RESIZE") for t in RESIZE_TASKS]),
-    "stopped": dict([(t, "RESIZE") for t in RESIZE_TASKS] + [(t, "REBUILD") for t in REBUILD_TASKS]),
+    "stopped": dict([(t, "RESIZE") for t in RESIZE_TASKS]
+                    + [(t, "REBUILD") for t in REBUILD_TASKS]),
     "resized": {"resize_reverting": "REVERT_RESIZE"},
     "paused": {"migrating": "MIGRATING"},
     "error": {t: "REBUILD" for t in REBUILD_TASKS},
@@ -3870,7 +3883,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § servers: the compute engine ------------------------------------------------------
+# § 19 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -4110,7 +4123,7 @@ class Compute:
             self.fail(server_id, DriverError("the build was interrupted by a restart of minivan"))
             self.update(server_id, power_state=NOSTATE)
             return
-        needs_domain = vm not in ("shelved_offloaded", "error") or server.get("launched_at")             and vm != "shelved_offloaded"
+        needs_domain = vm != "shelved_offloaded" and (vm != "error" or server.get("launched_at"))
         if server_id not in domains:
             if not needs_domain or (vm == "error" and not server.get("host")):
                 return
@@ -4383,7 +4396,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § config drive --------------------------------------------------------------------
+# § 20 config drive --------------------------------------------------------------------
 
 def config_drive_files(app, server, admin_pass):
     """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
@@ -4598,7 +4611,7 @@ def write_iso(path, files, label, now=None):
             f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
 
 
-# § API: servers -----------------------------------------------------------------------
+# § 21 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -6462,7 +6475,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § API: images (the image proxy, up to 2.35; metadata up to 2.38) ---------------------
+# § 22 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -6612,7 +6625,7 @@ def image_metadata_delete(req):
 
 
 
-# § API: networks and security groups (the proxy APIs, up to 2.35) ----------------------
+# § 23 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default').
@@ -6881,7 +6894,7 @@ def security_group_rules_delete(req):
 
 
 
-# § API: server groups -------------------------------------------------------------------
+# § 24 API: server groups --------------------------------------------------------------
 #
 # One compute host: affinity is always met; hard anti-affinity allows one member (or
 # max_server_per_host) on the host, so a further member's build fails as Nova's
@@ -7019,7 +7032,7 @@ def check_group_placement(data, server, host):
 
 
 
-# § API: services and hypervisors ------------------------------------------------------------
+# § 25 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -7324,7 +7337,7 @@ def hypervisors_servers(req):
 
 
 
-# § API: simple tenant usage ------------------------------------------------------------------
+# § 26 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -7414,7 +7427,7 @@ def simple_tenant_usage_show(req):
     return 200, {"tenant_usage": body}
 
 
-# § 16 ROUTES and ACTIONS -------------------------------------------------------
+# § 27 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -7750,9 +7763,10 @@ def find_routes(segments):
     return best, params
 
 
-# § 17 HTTP front end ----------------------------------------------------------
+# § 28 HTTP front end ------------------------------------------------------------------
 
-JSON_TYPES_ALLOWED = ("", "text/plain", "application/json", "application/vnd.openstack.compute+json")
+JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
+                      "application/vnd.openstack.compute+json")
 SECRET_FIELDS = re.compile(r'("(?:private_key|adminPass|password|auth_token|token)"\s*:\s*)'
                            r'"(?:[^"\\]|\\.)*"')
 CORS_EXPOSE = ("x-openstack-request-id, x-compute-request-id, OpenStack-API-Version, "
@@ -8191,7 +8205,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 resp.headers.append(("Vary", "Origin"))
 
     def write(self, resp, head=False):
-        lines = ["%s %d %s" % (self.protocol_version, resp.status, STATUS_TEXT.get(resp.status, ""))]
+        lines = ["%s %d %s" % (self.protocol_version, resp.status,
+                               STATUS_TEXT.get(resp.status, ""))]
         if resp.status != 204 or resp.payload:
             ctype = resp.content_type
             if resp.status >= 400 and ctype == "application/json":
@@ -8277,7 +8292,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 18 systemd and signals -----------------------------------------------------
+# § 29 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -8335,7 +8350,7 @@ def reconnect_loop(driver, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 19 main ----------------------------------------------------------------------
+# § 30 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
