@@ -41,10 +41,11 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §24 API: server groups
     §25 API: services and hypervisors
     §26 API: simple tenant usage
-    §27 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §28 HTTP front end                      app, server, handler, TLS, CORS
-    §29 systemd and signals                 sd_notify, watchdog, background loops
-    §30 main
+    §27 API: aggregates                     host aggregates; their zones become the host's
+    §28 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §29 HTTP front end                      app, server, handler, TLS, CORS
+    §30 systemd and signals                 sd_notify, watchdog, background loops
+    §31 main
 """
 
 import argparse
@@ -425,7 +426,8 @@ EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
     "images": {}, "instance_actions": {}, "security_groups": {}, "services": {},
-    "counters": {"keypair": 0, "flavor": 0, "instance": 0},
+    "aggregates": {},
+    "counters": {"keypair": 0, "flavor": 0, "instance": 0, "aggregate": 0},
 }
 
 
@@ -3679,7 +3681,7 @@ def quota_classes_update(req):
 def availability_zones_index(req):
     """GET /os-availability-zone"""
     validate_query(req, (), strict_since="2.102")
-    zone = req.app.conf["availability_zone"]
+    zone = host_zone(req.app)
     return 200, {"availabilityZoneInfo": [{"zoneName": zone, "zoneState": {
         "available": True}, "hosts": None}]}
 
@@ -3697,7 +3699,7 @@ def availability_zones_detail(req):
     return 200, {"availabilityZoneInfo": sorted([
         {"zoneName": "internal", "zoneState": {"available": True},
          "hosts": {host: {"nova-conductor": service(True), "nova-scheduler": service(True)}}},
-        {"zoneName": req.app.conf["availability_zone"], "zoneState": {"available": True},
+        {"zoneName": host_zone(req.app), "zoneState": {"available": True},
          "hosts": {host: {"nova-compute": service(up)}}},
     ], key=lambda zone: zone["zoneName"])}
 
@@ -4779,7 +4781,7 @@ def server_create_plan(req, spec, hints):
             raise BadRequest("Invalid key_name provided.")
         key_data = kp["public_key"]
     zone = spec.get("availability_zone")
-    if zone is not None and zone.split(":")[0] not in ("", req.app.conf["availability_zone"]):
+    if zone is not None and zone.split(":")[0] not in ("", host_zone(req.app)):
         raise BadRequest(f"The requested availability zone is not available")
     for host_field in ("host", "hypervisor_hostname"):
         if host_field in spec:
@@ -4953,7 +4955,7 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         "disk_config": spec.get("OS-DCF:diskConfig", "MANUAL"),
         "config_drive": bool_from_string(spec.get("config_drive", False))
         or req.app.conf["force_config_drive"],
-        "availability_zone": req.app.conf["availability_zone"],
+        "availability_zone": host_zone(req.app),
         "pinned_availability_zone": (spec.get("availability_zone") or "").split(":")[0] or None,
         "host": None, "node": None, "instance_name": "instance-%08x" % instance_number,
         "reservation_id": reservation_id, "launch_index": index, "locked": False,
@@ -7427,7 +7429,224 @@ def simple_tenant_usage_show(req):
     return 200, {"tenant_usage": body}
 
 
-# § 27 ROUTES and ACTIONS --------------------------------------------------------------
+
+# § 27 API: aggregates -----------------------------------------------------------------
+#
+# Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
+# zone of its hosts, as in Nova.
+
+def aggregate_view(req, agg):
+    view = {"availability_zone": agg["metadata"].get("availability_zone"),
+            "created_at": agg["created_at"], "deleted": False, "deleted_at": None,
+            "hosts": list(agg["hosts"]), "id": agg["id"], "metadata": dict(agg["metadata"]),
+            "name": agg["name"], "updated_at": agg.get("updated_at")}
+    if req.since("2.41"):
+        view["uuid"] = agg["uuid"]
+    return view
+
+
+def host_zone(app, host=None):
+    """A host's availability zone: its aggregates' availability_zone, else the default."""
+    host = host or app.conf["host"]
+    for agg in sorted(app.store.data.get("aggregates", {}).values(), key=lambda a: a["id"]):
+        if host in agg["hosts"] and agg["metadata"].get("availability_zone"):
+            return agg["metadata"]["availability_zone"]
+    return app.conf["availability_zone"]
+
+
+def find_aggregate(req, data, aggregate_id):
+    agg = data.get("aggregates", {}).get(str(aggregate_id))
+    if agg is None:
+        raise NotFound(f"Aggregate {aggregate_id} could not be found.")
+    return agg
+
+
+def aggregate_zone_schema(req):
+    return {"type": ["string", "null"], "minLength": 1, "maxLength": 255}
+
+
+def check_zone_name(zone):
+    if zone is not None and (":" in zone or zone != zone.strip()):
+        raise BadRequest("Invalid input received: Availability zone name must not contain ':' "
+                         "or start or end with spaces.")
+
+
+def aggregates_index(req):
+    """GET /os-aggregates"""
+    validate_query(req, (), strict_since="2.102")
+    aggs = sorted(req.store.data.get("aggregates", {}).values(), key=lambda a: a["id"])
+    return 200, {"aggregates": [aggregate_view(req, a) for a in aggs]}
+
+
+def aggregates_show(req):
+    """GET /os-aggregates/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    return 200, {"aggregate": aggregate_view(req, find_aggregate(req, req.store.data,
+                                                                  req.params["id"]))}
+
+
+def aggregates_create(req):
+    """POST /os-aggregates"""
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["aggregate"], "properties": {"aggregate": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["name"], "properties": {
+                                       "name": server_name_schema(req),
+                                       "availability_zone": aggregate_zone_schema(req)}}}})
+    spec = spec["aggregate"]
+    check_zone_name(spec.get("availability_zone"))
+    created = []
+
+    def plan(data):
+        aggs = data.get("aggregates", {})
+        if any(a["name"] == spec["name"] for a in aggs.values()):
+            raise Conflict(f"Aggregate {spec['name']} already exists.")
+        number = data["counters"].get("aggregate", 0) + 1
+        metadata = {"availability_zone": spec["availability_zone"]} \
+            if spec.get("availability_zone") else {}
+        agg = {"id": number, "uuid": str(uuid.uuid4()), "name": spec["name"], "hosts": [],
+               "metadata": metadata, "created_at": isotime_us(req.app.clock.now()),
+               "updated_at": None}
+        created.append(agg)
+        return [["set", ["aggregates", str(number)], agg],
+                ["set", ["counters", "aggregate"], number]]
+
+    req.store.transaction(plan)
+    view = aggregate_view(req, created[0])
+    for key in ("hosts", "metadata"):
+        view.pop(key)
+    return 200, {"aggregate": view}
+
+
+def aggregate_change(req, change):
+    """Apply change(aggregate, data) -> new aggregate; answer the aggregate."""
+    def plan(data):
+        agg = find_aggregate(req, data, req.params["id"])
+        new = change(dict(agg), data)
+        new["updated_at"] = isotime_us(req.app.clock.now())
+        changed.append(new)
+        return [["set", ["aggregates", str(agg["id"])], new]]
+    changed = []
+    req.store.transaction(plan)
+    return 200, {"aggregate": aggregate_view(req, changed[0])}
+
+
+def aggregates_update(req):
+    """PUT /os-aggregates/{id}"""
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["aggregate"], "properties": {"aggregate": {
+                                   "type": "object", "additionalProperties": False,
+                                   "minProperties": 1, "properties": {
+                                       "name": {"type": "string", "minLength": 1,
+                                                "maxLength": 255},
+                                       "availability_zone": aggregate_zone_schema(req)}}}})
+    spec = spec["aggregate"]
+    if not spec:
+        raise BadRequest("The request body must name 'name' or 'availability_zone'.")
+    check_zone_name(spec.get("availability_zone"))
+
+    def change(agg, data):
+        if "name" in spec and any(a["name"] == spec["name"] and a["id"] != agg["id"]
+                                  for a in data.get("aggregates", {}).values()):
+            raise Conflict(f"Aggregate {spec['name']} already exists.")
+        if "name" in spec:
+            agg["name"] = spec["name"]
+        if "availability_zone" in spec:
+            metadata = dict(agg["metadata"])
+            if spec["availability_zone"]:
+                metadata["availability_zone"] = spec["availability_zone"]
+            else:
+                metadata.pop("availability_zone", None)
+            agg["metadata"] = metadata
+        return agg
+
+    return aggregate_change(req, change)
+
+
+def aggregates_delete(req):
+    """DELETE /os-aggregates/{id}"""
+    def plan(data):
+        agg = find_aggregate(req, data, req.params["id"])
+        if agg["hosts"]:
+            raise BadRequest(f"Cannot remove aggregate {agg['id']}: it still has hosts.")
+        return [["del", ["aggregates", str(agg["id"])]]]
+    req.store.transaction(plan)
+    return 200, None
+
+
+def aggregate_host_body(req, key):
+    return validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": [key], "properties": {key: {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["host"], "properties": {"host": {
+                                       "type": "string", "minLength": 1, "maxLength": 255,
+                                       "pattern": r"^[a-zA-Z0-9-._]*$"}}}}})[key]["host"]
+
+
+def aggregate_action_add_host(req):
+    """POST /os-aggregates/{id}/action add_host"""
+    host = aggregate_host_body(req, "add_host")
+    if host != req.app.conf["host"]:
+        raise NotFound(f"Compute host {host} could not be found.")
+
+    def change(agg, data):
+        if host in agg["hosts"]:
+            raise Conflict(f"Aggregate {agg['id']} already has host {host}.")
+        zone = agg["metadata"].get("availability_zone")
+        current = host_zone(req.app, host)
+        if zone and current != zone and current != req.app.conf["availability_zone"]:
+            raise Conflict(f"Cannot add host to aggregate {agg['id']}. Reason: One or more "
+                           "hosts already in availability zone(s) " + current + ".")
+        agg["hosts"] = agg["hosts"] + [host]
+        return agg
+
+    return aggregate_change(req, change)
+
+
+def aggregate_action_remove_host(req):
+    """POST /os-aggregates/{id}/action remove_host"""
+    host = aggregate_host_body(req, "remove_host")
+
+    def change(agg, data):
+        if host not in agg["hosts"]:
+            raise NotFound(f"Cannot remove host {host} in aggregate {agg['id']}: not found.")
+        agg["hosts"] = [h for h in agg["hosts"] if h != host]
+        return agg
+
+    return aggregate_change(req, change)
+
+
+def aggregate_action_set_metadata(req):
+    """POST /os-aggregates/{id}/action set_metadata"""
+    metadata = validate_body(req, {"type": "object", "additionalProperties": False,
+                                   "required": ["set_metadata"], "properties": {
+                                       "set_metadata": {
+                                           "type": "object", "additionalProperties": False,
+                                           "required": ["metadata"], "properties": {
+                                               "metadata": {
+                                                   "type": "object",
+                                                   "additionalProperties": False,
+                                                   "patternProperties": {
+                                                       r"^[a-zA-Z0-9-_:. ]{1,255}$": {
+                                                           "type": ["string", "null"],
+                                                           "maxLength": 255}}}}}}})
+    items = metadata["set_metadata"]["metadata"]
+    check_zone_name(items.get("availability_zone"))
+
+    def change(agg, data):
+        new = dict(agg["metadata"])
+        for key, value in items.items():
+            if value is None:
+                new.pop(key, None)
+            else:
+                new[key] = value
+        agg["metadata"] = new
+        return agg
+
+    return aggregate_change(req, change)
+
+
+# § 28 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -7471,14 +7690,14 @@ GET    /os-agents                                     -                    -    
 POST   /os-agents                                     -                    -    -     gone    gone                             -
 PUT    /os-agents/{id}                                -                    -    -     gone    gone                             -
 DELETE /os-agents/{id}                                -                    -    -     gone    gone                             -
-GET    /os-aggregates                                 -                    2.1  2.104 admin   -                                os_compute_api:os-aggregates:index
-POST   /os-aggregates                                 -                    2.1  2.104 admin   -                                os_compute_api:os-aggregates:create
-GET    /os-aggregates/{id}                            -                    2.1  2.104 admin   -                                os_compute_api:os-aggregates:show
-PUT    /os-aggregates/{id}                            -                    2.1  2.104 admin   -                                os_compute_api:os-aggregates:update
-DELETE /os-aggregates/{id}                            -                    2.1  2.104 admin   -                                os_compute_api:os-aggregates:delete
-POST   /os-aggregates/{id}/action                     add_host             2.1  2.104 admin   -                                os_compute_api:os-aggregates:add_host
-POST   /os-aggregates/{id}/action                     remove_host          2.1  2.104 admin   -                                os_compute_api:os-aggregates:remove_host
-POST   /os-aggregates/{id}/action                     set_metadata         2.1  2.104 admin   -                                os_compute_api:os-aggregates:set_metadata
+GET    /os-aggregates                                 -                    2.1  2.104 admin   aggregates_index                 os_compute_api:os-aggregates:index
+POST   /os-aggregates                                 -                    2.1  2.104 admin   aggregates_create                os_compute_api:os-aggregates:create
+GET    /os-aggregates/{id}                            -                    2.1  2.104 admin   aggregates_show                  os_compute_api:os-aggregates:show
+PUT    /os-aggregates/{id}                            -                    2.1  2.104 admin   aggregates_update                os_compute_api:os-aggregates:update
+DELETE /os-aggregates/{id}                            -                    2.1  2.104 admin   aggregates_delete                os_compute_api:os-aggregates:delete
+POST   /os-aggregates/{id}/action                     add_host             2.1  2.104 admin   aggregate_action_add_host        os_compute_api:os-aggregates:add_host
+POST   /os-aggregates/{id}/action                     remove_host          2.1  2.104 admin   aggregate_action_remove_host     os_compute_api:os-aggregates:remove_host
+POST   /os-aggregates/{id}/action                     set_metadata         2.1  2.104 admin   aggregate_action_set_metadata    os_compute_api:os-aggregates:set_metadata
 POST   /os-aggregates/{id}/images                     -                    2.81 2.104 admin   -                                compute:aggregates:images
 POST   /os-assisted-volume-snapshots                  -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:create
 DELETE /os-assisted-volume-snapshots/{id}             -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:delete
@@ -7763,7 +7982,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 28 HTTP front end ------------------------------------------------------------------
+# § 29 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -8292,7 +8511,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 29 systemd and signals -------------------------------------------------------------
+# § 30 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -8350,7 +8569,7 @@ def reconnect_loop(driver, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 30 main ----------------------------------------------------------------------------
+# § 31 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
