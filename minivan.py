@@ -42,10 +42,11 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §25 API: services and hypervisors
     §26 API: simple tenant usage
     §27 API: aggregates                     host aggregates; their zones become the host's
-    §28 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §29 HTTP front end                      app, server, handler, TLS, CORS
-    §30 systemd and signals                 sd_notify, watchdog, background loops
-    §31 main
+    §28 API: migrations                     resizes as migrations; no live migration on one host
+    §29 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §30 HTTP front end                      app, server, handler, TLS, CORS
+    §31 systemd and signals                 sd_notify, watchdog, background loops
+    §32 main
 """
 
 import argparse
@@ -426,7 +427,7 @@ EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
     "images": {}, "instance_actions": {}, "security_groups": {}, "services": {},
-    "aggregates": {},
+    "aggregates": {}, "migrations": {},
     "counters": {"keypair": 0, "flavor": 0, "instance": 0, "aggregate": 0},
 }
 
@@ -4226,6 +4227,7 @@ class Compute:
     def resize(self, server, new_flavor, was_active):
         """Resize on this host: stop, grow the disks, redefine, start again."""
         server_id = server["id"]
+        record_migration(self.store, server, new_flavor, self.app.clock)
         directory = self.instance_dir(server)
         self.update(server_id, task_state="resize_migrating")
         self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
@@ -4240,6 +4242,7 @@ class Compute:
         self.update(server_id, task_state="resize_finish")
         self.driver.redefine(grown, disks, self.config_drive_path(server))
         state = self.restart_if(grown, was_active)
+        set_migration_status(self.store, server_id, "finished", self.app.clock)
         self.update(server_id, vm_state="resized", task_state=None, flavor=new_flavor,
                     old_flavor=server["flavor"], old_vm_state="active" if was_active
                     else "stopped", **state)
@@ -4255,6 +4258,7 @@ class Compute:
         return path if os.path.exists(path) else None
 
     def confirm_resize(self, server):
+        set_migration_status(self.store, server["id"], "confirmed", self.app.clock)
         backup = os.path.join(self.instance_dir(server), "disk.resize")
         if os.path.exists(backup):
             os.unlink(backup)
@@ -4263,6 +4267,7 @@ class Compute:
 
     def revert_resize(self, server):
         server_id = server["id"]
+        set_migration_status(self.store, server_id, "reverted", self.app.clock)
         was_active = server.get("old_vm_state", "active") == "active"
         self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
         root = os.path.join(self.instance_dir(server), "disk")
@@ -7646,7 +7651,125 @@ def aggregate_action_set_metadata(req):
     return aggregate_change(req, change)
 
 
-# § 28 ROUTES and ACTIONS --------------------------------------------------------------
+
+# § 28 API: migrations -----------------------------------------------------------------
+#
+# Resizes are migrations (migration_type 'resize') on this one host; live migrations need a
+# second host, so the server migrations lists are always empty.
+
+def record_migration(store, server, new_flavor, clock):
+    """A resize's migration record (status 'migrating' until confirmed or reverted)."""
+    def plan(data):
+        number = data["counters"].get("migration", 0) + 1
+        now = isotime_us(clock.now())
+        host = server.get("host")
+        record = {"id": number, "uuid": str(uuid.uuid4()), "instance_uuid": server["id"],
+                  "source_compute": host, "dest_compute": host, "source_node": host,
+                  "dest_node": host, "dest_host": "127.0.0.1", "status": "migrating",
+                  "old_instance_type_id": server["flavor"].get("seq") or flavor_seq(
+                      data, server["flavor"]["id"]),
+                  "new_instance_type_id": new_flavor.get("seq") or flavor_seq(
+                      data, new_flavor["id"]),
+                  "migration_type": "resize", "created_at": now, "updated_at": now,
+                  "user_id": server["user_id"], "project_id": server["project_id"]}
+        return [["set", ["migrations", str(number)], record],
+                ["set", ["counters", "migration"], number]]
+    store.transaction(plan)
+
+
+def flavor_seq(data, flavor_id):
+    flavor = data["flavors"].get(flavor_id)
+    return flavor["seq"] if flavor else None
+
+
+def set_migration_status(store, server_id, status, clock, only=("migrating", "finished")):
+    """Move the server's open resize migration to status."""
+    def plan(data):
+        ops = []
+        for key, mig in data.get("migrations", {}).items():
+            if mig["instance_uuid"] == server_id and mig["status"] in only:
+                ops.append(["set", ["migrations", key], dict(
+                    mig, status=status, updated_at=isotime_us(clock.now()))])
+        return ops
+    store.transaction(plan)
+
+
+def migration_view(req, mig):
+    view = {k: mig[k] for k in ("created_at", "dest_compute", "dest_host", "dest_node", "id",
+                                "instance_uuid", "new_instance_type_id",
+                                "old_instance_type_id", "source_compute", "source_node",
+                                "status", "updated_at")}
+    if req.since("2.23"):
+        view["migration_type"] = mig["migration_type"]
+    if req.since("2.59"):
+        view["uuid"] = mig["uuid"]
+    if req.since("2.80"):
+        view["user_id"], view["project_id"] = mig["user_id"], mig["project_id"]
+    return view
+
+
+def migrations_index(req):
+    """GET /os-migrations"""
+    allowed = ["hidden", "host", "instance_uuid", "source_compute", "status", "migration_type"]
+    if req.since("2.59"):
+        allowed += ["limit", "marker", "changes-since"]
+    if req.since("2.66"):
+        allowed.append("changes-before")
+    if req.since("2.80"):
+        allowed += ["user_id", "project_id"]
+    query = {k: v[-1] for k, v in validate_query(req, allowed, strict_since="2.59").items()}
+    migs = sorted(req.store.data.get("migrations", {}).values(),
+                  key=lambda m: (m["created_at"], m["id"]), reverse=True)
+    for key in ("instance_uuid", "status", "migration_type", "source_compute", "user_id",
+                "project_id"):
+        if key in query:
+            migs = [m for m in migs if str(m.get(key)) == query[key]]
+    if "host" in query:
+        migs = [m for m in migs if query["host"] in (m["source_compute"], m["dest_compute"])]
+    for key, keep in (("changes-since", lambda m, t: parse_isotime(m["updated_at"]) >= t),
+                      ("changes-before", lambda m, t: parse_isotime(m["updated_at"]) <= t)):
+        if key in query:
+            moment = parse_changes_time(key, query[key])
+            migs = [m for m in migs if keep(m, moment)]
+    body = {}
+    if req.since("2.59"):
+        migs, marker = paginate(req, migs, lambda m: m["uuid"],
+                                "Marker %s could not be found.")
+        if marker is not None:
+            body["migrations_links"] = req.next_link("os-migrations", marker)
+    return 200, dict({"migrations": [migration_view(req, m) for m in migs]}, **body)
+
+
+def server_migrations_index(req):
+    """GET /servers/{server_id}/migrations"""
+    validate_query(req, (), strict_since="2.102")
+    find_server(req, req.params["server_id"])
+    return 200, {"migrations": []}
+
+
+def server_migrations_show(req):
+    """GET /servers/{server_id}/migrations/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    find_server(req, req.params["server_id"])
+    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
+                   "could not be found: there are no live migrations on one host.")
+
+
+def server_migrations_delete(req):
+    """DELETE /servers/{server_id}/migrations/{id}"""
+    find_server(req, req.params["server_id"])
+    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
+                   "could not be found.")
+
+
+def server_migration_action_force_complete(req):
+    """POST /servers/{server_id}/migrations/{id}/action force_complete"""
+    find_server(req, req.params["server_id"])
+    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
+                   "could not be found.")
+
+
+# § 29 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -7764,7 +7887,7 @@ GET    /os-keypairs                                   -                    2.1  
 POST   /os-keypairs                                   -                    2.1  2.104 owner   keypairs_create                  os_compute_api:os-keypairs:create
 GET    /os-keypairs/{id}                              -                    2.1  2.104 owner   keypairs_show                    os_compute_api:os-keypairs:show
 DELETE /os-keypairs/{id}                              -                    2.1  2.104 owner   keypairs_delete                  os_compute_api:os-keypairs:delete
-GET    /os-migrations                                 -                    2.1  2.104 manager -                                os_compute_api:os-migrations:index
+GET    /os-migrations                                 -                    2.1  2.104 manager migrations_index                       os_compute_api:os-migrations:index
 GET    /os-networks                                   -                    2.1  2.35  reader  networks_index                   os_compute_api:os-networks:list
 POST   /os-networks                                   -                    -    -     gone    gone                             -
 POST   /os-networks/add                               -                    -    -     gone    gone                             -
@@ -7891,10 +8014,10 @@ PUT    /servers/{server_id}/metadata                  -                    2.1  
 GET    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 reader  server_metadata_show             os_compute_api:server-metadata:show
 PUT    /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  server_metadata_update           os_compute_api:server-metadata:update
 DELETE /servers/{server_id}/metadata/{id}             -                    2.1  2.104 member  server_metadata_delete           os_compute_api:server-metadata:delete
-GET    /servers/{server_id}/migrations                -                    2.23 2.104 manager -                                os_compute_api:servers:migrations:index
-GET    /servers/{server_id}/migrations/{id}           -                    2.23 2.104 admin   -                                os_compute_api:servers:migrations:show
-DELETE /servers/{server_id}/migrations/{id}           -                    2.24 2.104 manager -                                os_compute_api:servers:migrations:delete
-POST   /servers/{server_id}/migrations/{id}/action    force_complete       2.22 2.104 manager -                                os_compute_api:servers:migrations:force_complete
+GET    /servers/{server_id}/migrations                -                    2.23 2.104 manager server_migrations_index                os_compute_api:servers:migrations:index
+GET    /servers/{server_id}/migrations/{id}           -                    2.23 2.104 admin   server_migrations_show                 os_compute_api:servers:migrations:show
+DELETE /servers/{server_id}/migrations/{id}           -                    2.24 2.104 manager server_migrations_delete               os_compute_api:servers:migrations:delete
+POST   /servers/{server_id}/migrations/{id}/action    force_complete       2.22 2.104 manager server_migration_action_force_complete os_compute_api:servers:migrations:force_complete
 GET    /servers/{server_id}/os-instance-actions       -                    2.1  2.104 reader  instance_actions_index           os_compute_api:os-instance-actions:list
 GET    /servers/{server_id}/os-instance-actions/{id}  -                    2.1  2.104 reader  instance_actions_show            os_compute_api:os-instance-actions:show
 GET    /servers/{server_id}/os-interface              -                    2.1  2.104 reader  server_interfaces_index          os_compute_api:os-attach-interfaces:list
@@ -7982,7 +8105,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 29 HTTP front end ------------------------------------------------------------------
+# § 30 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -8511,7 +8634,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 30 systemd and signals -------------------------------------------------------------
+# § 31 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -8569,7 +8692,7 @@ def reconnect_loop(driver, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 31 main ----------------------------------------------------------------------------
+# § 32 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])

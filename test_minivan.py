@@ -445,7 +445,7 @@ class RoutingTests(AppTestCase):
 
     def test_unbuilt_route_is_501(self):
         """A route not built yet answers 501 notImplemented."""
-        self.assertFault(self.get("/v2.1/os-migrations"), 501, "notImplemented")
+        self.assertFault(self.get("/v2.1/os-hosts"), 501, "notImplemented")
 
     def test_removed_api_is_410(self):
         """Removed APIs answer 410 at every microversion."""
@@ -3779,5 +3779,41 @@ class AggregateTests(ServerTestCase):
                                   (self.get("/v2.1/os-aggregates"), "v2_1", "list_aggregates")):
             schema = tempest_schema(vdir, "aggregates", name)
             self.assertIn(reply.status, schema["status_code"])
+            jsonschema.validate(reply.json(), schema["response_body"],
+                                cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
+
+
+class MigrationTests(ServerTestCase):
+    def test_resizes_are_migrations(self):
+        """A resize is a 'resize' migration: finished, then confirmed or reverted."""
+        server_id = self.new_server()
+        self.action(server_id, {"resize": {"flavorRef": "2"}})
+        migs = self.get("/v2.1/os-migrations", version="2.80").json()["migrations"]
+        self.assertEqual([(m["instance_uuid"], m["status"], m["migration_type"])
+                          for m in migs], [(server_id, "finished", "resize")])
+        self.assertEqual((migs[0]["project_id"], migs[0]["old_instance_type_id"],
+                          migs[0]["new_instance_type_id"]), ("admin", 1, 2))
+        self.action(server_id, {"confirmResize": None})
+        self.action(server_id, {"resize": {"flavorRef": "3"}})
+        self.action(server_id, {"revertResize": None})
+        statuses = [m["status"] for m in self.get(
+            "/v2.1/os-migrations?instance_uuid=" + server_id).json()["migrations"]]
+        self.assertEqual(sorted(statuses), ["confirmed", "reverted"])
+        page = self.get("/v2.1/os-migrations?limit=1", version="2.59").json()
+        self.assertIn("migrations_links", page)
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}/migrations",
+                                  version="2.23").json(), {"migrations": []})
+        self.assertFault(self.get("/v2.1/os-migrations", token="u:p"), 403, "forbidden")
+        self.assertFault(self.get("/v2.1/os-migrations?bogus=1", version="2.59"), 400,
+                         "badRequest")
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        for version, vdir in (("2.1", "v2_1"), ("2.23", "v2_23"), ("2.59", "v2_59"),
+                              ("2.80", "v2_80")):
+            reply = self.get("/v2.1/os-migrations", version=version)
+            schema = tempest_schema(vdir, "migrations", "list_migrations")
             jsonschema.validate(reply.json(), schema["response_body"],
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
