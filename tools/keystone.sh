@@ -8,7 +8,8 @@
 #       OS_* for admin, *_PROJECT_ID, MINIVAN_* service user).  Bootstraps
 #       admin/secret in project admin, region RegionOne, then creates:
 #         service  project: minivan (admin, service)   - the compute service user
-#         demo     project: demo (member, reader), demo_reader (reader only)
+#         demo     project: demo (member, reader), demo_reader (reader only),
+#                  demo_manager (manager, member, reader)
 #         alt_demo project: alt_demo (member)
 #       and a "compute" service "nova" with public/internal/admin endpoints =
 #       COMPUTE_URL.  Returns once keystone answers.  All passwords: "secret".
@@ -166,11 +167,11 @@ populate() {
     for p in admin service demo alt_demo; do
         project[$p]=$(ensure projects "name=$p" '{"project": {"name": "'$p'", "domain_id": "default"}}')
     done
-    for u in minivan demo alt_demo demo_reader; do
+    for u in minivan demo alt_demo demo_reader demo_manager; do
         user[$u]=$(ensure users "name=$u" \
             '{"user": {"name": "'$u'", "domain_id": "default", "password": "'$PASSWORD'"}}')
     done
-    for r in admin member reader service; do
+    for r in admin manager member reader service; do
         role[$r]=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
     done
     grant() { api PUT "/projects/${project[$1]}/users/${user[$2]}/roles/${role[$3]}" >/dev/null; }
@@ -180,6 +181,9 @@ populate() {
     grant demo demo reader
     grant alt_demo alt_demo member
     grant demo demo_reader reader
+    grant demo demo_manager manager
+    grant demo demo_manager member
+    grant demo demo_manager reader
     local svc iface ep body
     svc=$(ensure services "name=nova" '{"service": {"name": "nova", "type": "compute"}}')
     for iface in public internal admin; do

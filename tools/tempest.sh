@@ -45,6 +45,8 @@ cat > "$DIR/etc/accounts.yaml" <<EOF
    user_domain_name: Default, project_domain_name: Default, roles: [member]}
 - {username: demo_reader, project_name: demo, password: $OS_PASSWORD,
    user_domain_name: Default, project_domain_name: Default, roles: [reader]}
+- {username: demo_manager, project_name: demo, password: $OS_PASSWORD,
+   user_domain_name: Default, project_domain_name: Default, roles: [manager, member, reader]}
 EOF
 
 cat > "$DIR/etc/tempest.conf" <<EOF
