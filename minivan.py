@@ -7652,6 +7652,34 @@ def aggregate_action_set_metadata(req):
 
 
 
+def aggregate_images_create(req):
+    """POST /os-aggregates/{id}/images"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["cache"], "properties": {"cache": {
+                                   "type": "array", "minItems": 1, "items": {
+                                       "type": "object", "additionalProperties": False,
+                                       "required": ["id"], "properties": {
+                                           "id": {"type": "string", "format": "uuid"}}}}}})
+    agg = find_aggregate(req, req.store.data, req.params["id"])
+    images = []
+    for item in body["cache"]:
+        image = req.app.images.get(item["id"])
+        if image is None:
+            raise BadRequest(f"Image {item['id']} could not be found.")
+        images.append(image)
+    if req.app.conf["host"] in agg["hosts"]:
+        cache_dir = os.path.join(req.app.conf["data_dir"], "_base")
+
+        def precache():
+            for image in images:
+                try:
+                    req.app.images.fetch(image, cache_dir)
+                except (DriverError, Unavailable, OSError) as e:
+                    LOG.warning("pre-caching image %s failed: %s", image["id"], e)
+        threading.Thread(target=precache, daemon=True, name="image-precache").start()
+    return 202, None
+
+
 # § 28 API: migrations -----------------------------------------------------------------
 #
 # Resizes are migrations (migration_type 'resize') on this one host; live migrations need a
@@ -7821,7 +7849,7 @@ DELETE /os-aggregates/{id}                            -                    2.1  
 POST   /os-aggregates/{id}/action                     add_host             2.1  2.104 admin   aggregate_action_add_host        os_compute_api:os-aggregates:add_host
 POST   /os-aggregates/{id}/action                     remove_host          2.1  2.104 admin   aggregate_action_remove_host     os_compute_api:os-aggregates:remove_host
 POST   /os-aggregates/{id}/action                     set_metadata         2.1  2.104 admin   aggregate_action_set_metadata    os_compute_api:os-aggregates:set_metadata
-POST   /os-aggregates/{id}/images                     -                    2.81 2.104 admin   -                                compute:aggregates:images
+POST   /os-aggregates/{id}/images                     -                    2.81 2.104 admin   aggregate_images_create          compute:aggregates:images
 POST   /os-assisted-volume-snapshots                  -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:create
 DELETE /os-assisted-volume-snapshots/{id}             -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:delete
 GET    /os-availability-zone                          -                    2.1  2.104 any     availability_zones_index         os_compute_api:os-availability-zone:list

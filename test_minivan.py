@@ -3764,6 +3764,17 @@ class AggregateTests(ServerTestCase):
         self.post(base + "/action", {"remove_host": {"host": host}})
         self.assertFault(self.post(base + "/action", {"remove_host": {"host": host}}), 404,
                          "itemNotFound")
+        self.assertFault(self.post(base + "/images", {"cache": [{"id": self.image_id}]}), 404,
+                         "itemNotFound")
+        self.post(base + "/action", {"add_host": {"host": host}})
+        r = self.post(base + "/images", {"cache": [{"id": self.image_id}]}, version="2.81")
+        self.assertEqual(r.status, 202)
+        cached = os.path.join(self.app.conf["data_dir"], "_base", self.image_id)
+        wait_until(lambda: os.path.exists(cached), timeout=10, what="the image in the cache")
+        self.assertFault(self.post(base + "/images", {"cache": [
+            {"id": "c0ffee00-0000-4000-8000-000000000000"}]}, version="2.81"), 400,
+            "badRequest")
+        self.post(base + "/action", {"remove_host": {"host": host}})
         self.assertEqual(self.delete(base).status, 200)
         self.assertFault(self.get(base), 404, "itemNotFound")
         self.assertFault(self.get("/v2.1/os-aggregates", token="u:p"), 403, "forbidden")
