@@ -6110,31 +6110,36 @@ def server_metadata_show(req):
     return 200, {"meta": {key: metadata[key]}}
 
 
-def server_metadata_update(req):
-    """PUT /servers/{server_id}/metadata/{id}"""
-    item = validate_body(req, {"type": "object", "additionalProperties": False,
-                               "required": ["meta"], "properties": {"meta": dict(
-                                   METADATA_SCHEMA, minProperties=1, maxProperties=1)}})["meta"]
-    key = req.params["id"]
+def single_meta_item(req):
+    """The {"meta": {key: value}} body of PUT .../metadata/{id}: one item, the URL's key."""
+    item = metadata_body(req, "meta")
     if len(item) != 1:
         raise BadRequest("Request body contains too many items")
-    if key not in item:
+    if req.params["id"] not in item:
         raise BadRequest("Request body and URI mismatch")
+    return item
+
+
+def without_key(key, missing):
+    """A metadata change removing key (404 with this message when it is not there)."""
+    def change(old):
+        if key not in old:
+            raise NotFound(missing)
+        del old[key]
+        return old
+    return change
+
+
+def server_metadata_update(req):
+    """PUT /servers/{server_id}/metadata/{id}"""
+    item = single_meta_item(req)
     metadata_change(req, lambda old: dict(old, **item))
     return 200, {"meta": item}
 
 
 def server_metadata_delete(req):
     """DELETE /servers/{server_id}/metadata/{id}"""
-    key = req.params["id"]
-
-    def change(old):
-        if key not in old:
-            raise NotFound("Metadata item was not found")
-        del old[key]
-        return old
-
-    metadata_change(req, change)
+    metadata_change(req, without_key(req.params["id"], "Metadata item was not found"))
     return 204, None
 
 
@@ -6607,27 +6612,14 @@ def image_metadata_show(req):
 
 def image_metadata_update(req):
     """PUT /images/{image_id}/metadata/{id}"""
-    item = metadata_body(req, "meta")
-    key = req.params["id"]
-    if len(item) != 1:
-        raise BadRequest("Request body contains too many items")
-    if key not in item:
-        raise BadRequest("Request body and URI mismatch")
+    item = single_meta_item(req)
     image_meta_change(req, lambda old: dict(old, **item))
     return 200, {"meta": item}
 
 
 def image_metadata_delete(req):
     """DELETE /images/{image_id}/metadata/{id}"""
-    key = req.params["id"]
-
-    def change(old):
-        if key not in old:
-            raise NotFound("Image not found.")
-        del old[key]
-        return old
-
-    image_meta_change(req, change)
+    image_meta_change(req, without_key(req.params["id"], "Image not found."))
     return 204, None
 
 
