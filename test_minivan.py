@@ -1553,6 +1553,22 @@ class TLSTests(SocketTestCase):
 
 # -- the daemon process: systemd notify, SIGTERM, restart ----------------------------
 
+def wait_healthy(port, proc, timeout):
+    """True once minivan on port answers /healthcheck; False if it exits or times out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthcheck")
+            if conn.getresponse().status == 200:
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 class DaemonTests(unittest.TestCase):
     def start(self, tmp, port, extra_env=None, args=()):
         env = dict(os.environ, MINIVAN_DATA_DIR=os.path.join(tmp, "data"),
@@ -1564,18 +1580,9 @@ class DaemonTests(unittest.TestCase):
         return proc
 
     def wait_up(self, port, proc):
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                self.fail("minivan exited: " + proc.stderr.read())
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/healthcheck")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.fail("minivan did not come up")
+        if not wait_healthy(port, proc, 20):
+            self.fail("minivan did not come up: " + (proc.stderr.read() if proc.poll()
+                                                     is not None else "no answer"))
 
     def setUp(self):
         try:
@@ -1842,17 +1849,8 @@ def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None)
     log = open(os.path.join(data, "minivan.log"), "a")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py"), *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("minivan exited: " + open(log.name).read())
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthcheck")
-            if conn.getresponse().status == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
+    if not wait_healthy(port, proc, 30) and proc.poll() is not None:
+        raise RuntimeError("minivan exited: " + open(log.name).read())
     test_cls.minivan_proc, test_cls.minivan_data, test_cls.minivan_log = proc, data, log
     return proc
 
