@@ -59,7 +59,6 @@ import datetime
 import errno
 import fcntl
 import hashlib
-import hmac
 import http.server
 import ipaddress
 import queue
@@ -78,7 +77,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -4787,7 +4785,7 @@ def server_create_plan(req, spec, hints):
         key_data = kp["public_key"]
     zone = spec.get("availability_zone")
     if zone is not None and zone.split(":")[0] not in ("", host_zone(req.app)):
-        raise BadRequest(f"The requested availability zone is not available")
+        raise BadRequest("The requested availability zone is not available")
     for host_field in ("host", "hypervisor_hostname"):
         if host_field in spec:
             authorize(req, "compute:servers:create:requested_destination", "admin")
@@ -5247,7 +5245,7 @@ def server_list(req, detail):
         wanted = query["status"].upper()
         if wanted not in ALL_STATUSES:
             if req.since("2.38"):
-                raise BadRequest(f"Invalid status value")
+                raise BadRequest("Invalid status value")
             return 200, {"servers": []}
         statuses = {wanted}
     since = parse_changes_time("changes-since", query["changes-since"]) \
@@ -5933,7 +5931,7 @@ def server_action_unshelve(req):
     spec = body["unshelve"] or {}
     zone = spec.get("availability_zone")
     if zone and zone != req.app.conf["availability_zone"]:
-        raise BadRequest(f"The requested availability zone is not available")
+        raise BadRequest("The requested availability zone is not available")
     if spec.get("host") and spec["host"] != req.app.conf["host"]:
         raise BadRequest(f"Compute host {spec['host']} could not be found.")
     compute = req.app.compute
