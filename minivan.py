@@ -4073,14 +4073,32 @@ class Compute:
             found = self.app.driver.interface_addresses(server)
         except (DriverError, Unavailable):
             return
-        ports = []
-        for port in server["ports"]:
-            ips = found.get(port["mac"].lower())
-            if port.get("fixed_ip"):
-                ips = [(port["fixed_ip"], 6 if ":" in port["fixed_ip"] else 4)]
-            ports.append(dict(port, ips=[list(x) for x in ips]) if ips else port)
-        if ports != server["ports"]:
-            self.update(server_id, ports=ports)
+
+        def with_addresses(ports):
+            """The server's current ports (read under the lock) with what libvirt knows."""
+            result = []
+            for port in ports:
+                ips = found.get(port["mac"].lower())
+                if port.get("fixed_ip"):
+                    ips = [(port["fixed_ip"], 6 if ":" in port["fixed_ip"] else 4)]
+                result.append(dict(port, ips=[list(x) for x in ips]) if ips else port)
+            return result
+
+        self.change_ports(server_id, with_addresses)
+
+    def change_ports(self, server_id, change):
+        """Replace the server's ports with change(current ports), atomically: NIC attach,
+        detach and address learning never overwrite each other."""
+        def plan(data):
+            server = data["servers"].get(server_id)
+            if server is None:
+                return []
+            ports = change(list(server.get("ports", [])))
+            if ports == server.get("ports", []):
+                return []
+            return [["set", ["servers", server_id], dict(server, ports=ports,
+                                                         updated_at=self.now())]]
+        self.store.transaction(plan)
 
     def delete(self, server):
         """Remove the domain and disks; the record stays, as DELETED."""
@@ -6303,9 +6321,9 @@ def server_interfaces_create(req):
         req.app.compute.driver.attach_interface(server, port)
     except DriverError:
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
-    ports = server.get("ports", []) + [port]
-    groups = server.get("security_groups") or ["default"]
-    req.app.compute.update(server["id"], ports=ports, security_groups=groups)
+    req.app.compute.change_ports(server["id"], lambda ports: ports + [port])
+    if not server.get("security_groups"):
+        req.app.compute.update(server["id"], security_groups=["default"])
     req.app.compute.record_action(req, server["id"], "attach_interface")
     return 200, {"interfaceAttachment": interface_view(req, server, port)}
 
@@ -6323,8 +6341,8 @@ def server_interfaces_delete(req):
     except DriverError:
         raise Conflict(f"Failed to detach network adapter device from {server['id']}") \
             from None
-    req.app.compute.update(server["id"], ports=[p for p in server["ports"] if p is not port
-                                                and p["id"] != port["id"]])
+    req.app.compute.change_ports(server["id"], lambda ports: [p for p in ports
+                                                               if p["id"] != port["id"]])
     req.app.compute.record_action(req, server["id"], "detach_interface")
     return 202, None
 
