@@ -43,10 +43,11 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §26 API: simple tenant usage
     §27 API: aggregates                     host aggregates; their zones become the host's
     §28 API: migrations                     resizes as migrations; no live migration on one host
-    §29 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §30 HTTP front end                      app, server, handler, TLS, CORS
-    §31 systemd and signals                 sd_notify, watchdog, background loops
-    §32 main
+    §29 metadata service                    OpenStack and EC2 metadata for guests, by address
+    §30 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §31 HTTP front end                      app, server, handler, TLS, CORS
+    §32 systemd and signals                 sd_notify, watchdog, background loops
+    §33 main
 """
 
 import argparse
@@ -145,6 +146,8 @@ OPTIONS = [
     ("sync-power-state-interval", "10", "seconds between checks of the guests' power states"),
     ("resize-confirm-window", "0", "seconds after which a resize confirms itself (0: never)"),
     ("availability-zone", "nova", "availability zone of this host"),
+    ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
+     "192.168.122.1:8775 (default: off; guests then use config drives)"),
     ("host", "", "compute host name (default: this machine's host name)"),
     ("max-body-size", "114688", "largest request body accepted, in bytes"),
     ("max-limit", "1000", "largest page a list returns"),
@@ -7805,7 +7808,130 @@ def server_migration_action_force_complete(req):
                    "could not be found.")
 
 
-# § 29 ROUTES and ACTIONS --------------------------------------------------------------
+
+# § 29 metadata service ----------------------------------------------------------------
+#
+# The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
+# listener (--metadata-listen).  A guest is known by its source address: the address of
+# one of its ports on a libvirt network.
+
+EC2_VERSIONS = ("1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
+                "2008-02-01", "2008-09-01", "2009-04-04", "latest")
+OPENSTACK_VERSIONS = ("2012-08-10", "latest")
+
+
+class MetadataApp:
+    """Answers metadata requests for the server whose port has the caller's address."""
+
+    def __init__(self, app):
+        self.app = app
+        self.conf = app.conf
+
+    @property
+    def stopping(self):
+        return self.app.stopping
+
+    def server_at(self, address):
+        for server in self.app.store.data["servers"].values():
+            if server["vm_state"] == "deleted":
+                continue
+            for port in server.get("ports", []):
+                if any(ip == address for ip, _ in port.get("ips", [])):
+                    return server
+        return None
+
+    def handle(self, method, target, headers, body=b"", secure=False, stream=None,
+               client=None):
+        path = urllib.parse.urlsplit(target).path
+        if method not in ("GET", "HEAD"):
+            return Response(405, b"Method not allowed\n", content_type="text/plain")
+        server = self.server_at(client)
+        if server is None:
+            LOG.info("metadata request from %s, which is no server's address", client)
+            return Response(404, b"No server has this address\n", content_type="text/plain")
+        answer = self.lookup(server, path.rstrip("/") if path != "/" else "/", client)
+        if answer is None:
+            return Response(404, b"Not found\n", content_type="text/plain")
+        data, ctype = answer
+        return Response(200, data, content_type=ctype)
+
+    def lookup(self, server, path, client):
+        files = config_drive_files(self.app, server, None)
+        if path == "/":
+            return "\n".join(EC2_VERSIONS + ("openstack",)).encode(), "text/plain"
+        if path == "/openstack":
+            return "\n".join(OPENSTACK_VERSIONS).encode(), "text/plain"
+        parts = path.strip("/").split("/")
+        if parts[0] == "openstack" and len(parts) >= 2:
+            version = "latest" if parts[1] not in OPENSTACK_VERSIONS else parts[1]
+            root = f"openstack/{'latest' if version == 'latest' else '2012-08-10'}"
+            if len(parts) == 2:
+                names = sorted(p.rsplit("/", 1)[1] for p in files if p.startswith(root + "/"))
+                return "\n".join(names).encode(), "text/plain"
+            name = "/".join(parts[2:])
+            data = files.get(f"{root}/{name}")
+            if data is None:
+                return None
+            return data, "application/json" if name.endswith(".json") else "text/plain"
+        if parts[0] in EC2_VERSIONS:
+            return self.ec2(server, parts[1:], files, client)
+        return None
+
+    def ec2(self, server, parts, files, client):
+        """The EC2 tree: /<version>/meta-data/... and /<version>/user-data."""
+        if parts == ["user-data"]:
+            data = files.get("ec2/latest/user-data")
+            return (data, "text/plain") if data is not None else None
+        if not parts:
+            names = ["meta-data"] + (["user-data"] if "ec2/latest/user-data" in files else [])
+            return "\n".join(names).encode(), "text/plain"
+        if parts[0] != "meta-data":
+            return None
+        if parts[1:2] == ["public-keys"]:
+            return self.ec2_public_keys(server, parts[2:])
+        tree = {"ami-id": server["image_ref"],
+                "ami-launch-index": str(server.get("launch_index", 0)),
+                "hostname": server["hostname"], "instance-id": server["instance_name"],
+                "instance-type": server["flavor"]["name"], "local-hostname": server["hostname"],
+                "local-ipv4": client,
+                "placement": {"availability-zone": server["availability_zone"]},
+                "reservation-id": server["reservation_id"],
+                "security-groups": "\n".join(server.get("security_groups", []))}
+        node = tree
+        for part in parts[1:]:
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        if isinstance(node, dict):
+            names = [k + ("/" if isinstance(v, dict) else "") for k, v in sorted(node.items())]
+            if parts[1:] == [] and server.get("key_data"):
+                names = sorted(names + ["public-keys/"])
+            return "\n".join(names).encode(), "text/plain"
+        return str(node).encode(), "text/plain"
+
+    def ec2_public_keys(self, server, rest):
+        if not server.get("key_data"):
+            return None
+        answers = {(): f"0={server['key_name']}", ("0",): "openssh-key",
+                   ("0", "openssh-key"): server["key_data"]}
+        answer = answers.get(tuple(rest))
+        return (answer.encode(), "text/plain") if answer is not None else None
+
+
+def metadata_listener(app, conf):
+    """The metadata Server on --metadata-listen (host:port), or None when it is off."""
+    spec = conf["metadata_listen"]
+    if not spec:
+        return None
+    host, _, port = spec.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"--metadata-listen must be HOST:PORT, not {spec!r}") from None
+    return Server(MetadataApp(app), host.strip("[]") or "0.0.0.0", port)
+
+
+# § 30 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -8141,7 +8267,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 30 HTTP front end ------------------------------------------------------------------
+# § 31 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -8239,7 +8365,8 @@ class App:
         return self.driver is not None and self.driver.available
 
     # -- entry point -------------------------------------------------------------
-    def handle(self, method, target, headers, body=b"", secure=False, stream=None):
+    def handle(self, method, target, headers, body=b"", secure=False, stream=None,
+               client=None):
         """One HTTP request in, one Response out; never raises.
 
         body is None when the client sent more than --max-body-size (413); stream is an
@@ -8489,7 +8616,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if body is False:
                 return
             resp = app.handle(self.command, self.path, self.headers, body,
-                              secure=isinstance(self.connection, ssl.SSLSocket), stream=stream)
+                              secure=isinstance(self.connection, ssl.SSLSocket), stream=stream,
+                              client=self.client_address[0])
             if stream is not None:
                 for _ in stream:        # drain what the handler did not read
                     pass
@@ -8670,7 +8798,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 31 systemd and signals -------------------------------------------------------------
+# § 32 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -8728,7 +8856,7 @@ def reconnect_loop(driver, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 32 main ----------------------------------------------------------------------------
+# § 33 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
@@ -8818,6 +8946,15 @@ def main(argv=None):
         signal.signal(signum, lambda *_: stop.set())
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
+    try:
+        metadata = metadata_listener(app, conf)
+    except (OSError, ConfigError) as e:
+        print(f"minivan: cannot serve metadata on {conf['metadata_listen']}: {e}",
+              file=sys.stderr)
+        return 2
+    if metadata is not None:
+        threading.Thread(target=metadata.serve_forever, name="metadata", daemon=True).start()
+        LOG.info("metadata service for guests on %s", conf["metadata_listen"])
     scheme = "https" if conf["tls_cert"] else "http"
     LOG.info("minivan serving the compute API %s-%s on %s://[%s]:%d/v2.1 (auth %s, data %s)",
              version_text(MIN_VERSION), version_text(MAX_VERSION), scheme, conf["bind"],
@@ -8828,6 +8965,8 @@ def main(argv=None):
     sd_notify("STOPPING=1")
     LOG.info("stopping: no new connections, finishing requests in flight")
     app.stopping = True
+    if metadata is not None:
+        metadata.shutdown()
     server.shutdown()
     server.server_close()
     server.drain()

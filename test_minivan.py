@@ -3826,3 +3826,52 @@ class MigrationTests(ServerTestCase):
             schema = tempest_schema(vdir, "migrations", "list_migrations")
             jsonschema.validate(reply.json(), schema["response_body"],
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
+
+
+class MetadataServiceTests(ServerTestCase):
+    """The guests' metadata service, through a real socket: a caller is known by its
+    address, which here is the address recorded for the server's port (127.0.0.1)."""
+
+    def setUp(self):
+        super().setUp()
+        self.meta = minivan.Server(minivan.MetadataApp(self.app), "127.0.0.1", 0)
+        self.meta_port = self.meta.server_address[1]
+        threading.Thread(target=self.meta.serve_forever, daemon=True).start()
+        self.addCleanup(self.meta.server_close)
+        self.addCleanup(self.meta.shutdown)
+
+    def fetch(self, path):
+        conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        data = resp.read()
+        self.assertEqual(int(resp.getheader("Content-Length")), len(data))
+        return resp.status, data
+
+    def test_metadata_for_the_calling_server(self):
+        """OpenStack and EC2 metadata of the server at the caller's address; others 404."""
+        self.assertEqual(self.fetch("/openstack/latest/meta_data.json")[0], 404)
+        self.post("/v2.1/os-keypairs", {"keypair": {"name": "k", "public_key": SAMPLE_KEY}})
+        server_id = self.new_server(key_name="k", user_data=base64.b64encode(b"#!/bin/sh\n")
+                                    .decode(), metadata={"role": "web"})
+        ports = self.store.data["servers"][server_id]["ports"]
+        self.store.commit([["set", ["servers", server_id, "ports"],
+                            [dict(ports[0], ips=[["127.0.0.1", 4]])]]])
+        status, data = self.fetch("/openstack/latest/meta_data.json")
+        meta = json.loads(data)
+        self.assertEqual((status, meta["uuid"], meta["meta"], meta["public_keys"]["k"]),
+                         (200, server_id, {"role": "web"}, SAMPLE_KEY))
+        self.assertNotIn("admin_pass", meta)
+        self.assertEqual(self.fetch("/openstack/latest/user_data"), (200, b"#!/bin/sh\n"))
+        self.assertIn(b"meta_data.json", self.fetch("/openstack/latest")[1])
+        self.assertEqual(self.fetch("/latest/user-data")[1], b"#!/bin/sh\n")
+        status, data = self.fetch("/latest/meta-data/instance-id")
+        self.assertEqual(data.decode(), self.server(server_id)["OS-EXT-SRV-ATTR:instance_name"])
+        self.assertEqual(self.fetch("/latest/meta-data/public-keys/0/openssh-key")[1].decode(),
+                         SAMPLE_KEY)
+        self.assertEqual(self.fetch("/latest/meta-data/local-ipv4")[1], b"127.0.0.1")
+        self.assertIn(b"public-keys/", self.fetch("/latest/meta-data/")[1])
+        self.assertEqual(self.fetch("/latest/meta-data/nope")[0], 404)
+        conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
+        conn.request("POST", "/openstack/latest/meta_data.json", "{}")
+        self.assertEqual(conn.getresponse().status, 405)
