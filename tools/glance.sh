@@ -32,6 +32,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GL_VENV=${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}
 WORKERS=${MINIVAN_GLANCE_WORKERS:-2}
 PASSWORD=secret
+# shellcheck source=tools/keystone-api.sh
+source "$REPO/tools/keystone-api.sh"
 
 usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
 
@@ -145,29 +147,6 @@ application = wsgi_app.init_app()
 EOF
 }
 
-# --- keystone REST API via curl, as admin (OS_* from the keystone env) ---
-# api METHOD PATH [JSON]: prints the response body, fails on HTTP errors.
-api() {
-    curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
-        -H 'Content-Type: application/json' ${3:+-d "$3"} "$OS_AUTH_URL$2"
-}
-# jget KEY...: walks JSON from stdin by keys/indexes; prints "" if absent.
-jget() {
-    "$GL_VENV/bin/python" -c 'import json, sys
-d = json.load(sys.stdin)
-try:
-    for k in sys.argv[1:]: d = d[int(k) if k.isdigit() else k]
-except (KeyError, IndexError): d = ""
-print(d)' "$@"
-}
-# ensure COLLECTION QUERY JSON: id of the first match of GET ?QUERY, else POSTs JSON.
-ensure() {
-    local id
-    id=$(api GET "/$1?$2" | jget "$1" 0 id)
-    [[ -n $id ]] || id=$(api POST "/$1" "$3" | jget "${1%s}" id)
-    echo "$id"
-}
-
 # Creates the glance service user and the image catalog entry (idempotently).
 register() {
     local url=$1 auth project user r svc iface ep body
@@ -176,8 +155,7 @@ register() {
          "password": "'$OS_PASSWORD'"}}},
         "scope": {"project": {"name": "'$OS_PROJECT_NAME'",
                   "domain": {"name": "'$OS_PROJECT_DOMAIN_NAME'"}}}}}'
-    TOKEN=$(curl -sS --fail-with-body -o /dev/null -D - -H 'Content-Type: application/json' \
-        -d "$auth" "$OS_AUTH_URL/auth/tokens" | tr -d '\r' | sed -n 's/^x-subject-token: //ip')
+    token "$auth"
     [[ -n $TOKEN ]] || { echo "glance: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
     project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
     user=$(ensure users "name=glance" \

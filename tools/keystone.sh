@@ -25,6 +25,8 @@ shopt -s inherit_errexit
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KS_VENV=${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}
 PASSWORD=secret
+# shellcheck source=tools/keystone-api.sh
+source "$REPO/tools/keystone-api.sh"
 
 usage() { echo "usage: $0 start DIR PORT COMPUTE_URL | stop DIR" >&2; exit 2; }
 
@@ -130,29 +132,6 @@ EOF
     echo "keystone: users, projects and catalog ready after $((SECONDS - t0))s; env in $dir/env"
 }
 
-# --- populate: keystone REST API via curl, as admin (fast: ~1 request each) ---
-# api METHOD PATH [JSON]: prints the response body, fails on HTTP errors.
-api() {
-    curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
-        -H 'Content-Type: application/json' ${3:+-d "$3"} "$OS_AUTH_URL$2"
-}
-# jget KEY...: walks JSON from stdin by keys/indexes; prints "" if absent.
-jget() {
-    "$KS_VENV/bin/python" -c 'import json, sys
-d = json.load(sys.stdin)
-try:
-    for k in sys.argv[1:]: d = d[int(k) if k.isdigit() else k]
-except (KeyError, IndexError): d = ""
-print(d)' "$@"
-}
-# ensure COLLECTION QUERY JSON: id of the first match of GET ?QUERY, else POSTs JSON.
-ensure() {
-    local id
-    id=$(api GET "/$1?$2" | jget "$1" 0 id)
-    [[ -n $id ]] || id=$(api POST "/$1" "$3" | jget "${1%s}" id)
-    echo "$id"
-}
-
 # Creates projects/users/roles/catalog (idempotently) as admin; prints the
 # project-id export lines for the env file.
 populate() {
@@ -160,8 +139,7 @@ populate() {
     auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
         {"name": "admin", "domain": {"id": "default"}, "password": "'$PASSWORD'"}}},
         "scope": {"project": {"name": "admin", "domain": {"id": "default"}}}}}'
-    TOKEN=$(curl -sS --fail-with-body -o /dev/null -D - -H 'Content-Type: application/json' \
-        -d "$auth" "$OS_AUTH_URL/auth/tokens" | tr -d '\r' | sed -n 's/^x-subject-token: //ip')
+    token "$auth"
     declare -A project user role
     local p u r
     for p in admin service demo alt_demo; do
