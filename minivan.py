@@ -25,29 +25,31 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §8  hypervisor driver                   libvirt (imported lazily), disks
     §9  images                              the image source seam: local directory or Glance
     §10 image service                       a Glance v2 subset under /image
-    §11 quotas                              defaults, classes, per-project/per-user limits
-    §12 views                               the request object, links and pagination
-    §13 API: versions and extensions
-    §14 API: flavors, extra specs, flavor access
-    §15 API: keypairs
-    §16 API: limits, quota sets, quota classes
-    §17 API: availability zones
-    §18 servers: states, lookups, views
-    §19 servers: the compute engine         background operations, reconciliation, power sync
-    §20 config drive                        its files, and an ISO 9660 writer
-    §21 API: servers                        create, list, show, update, delete, actions...
-    §22 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §23 API: networks and security groups   the proxy APIs, up to 2.35
-    §24 API: server groups
-    §25 API: services and hypervisors
-    §26 API: simple tenant usage
-    §27 API: aggregates                     host aggregates; their zones become the host's
-    §28 API: migrations                     resizes as migrations; no live migration on one host
-    §29 metadata service                    OpenStack and EC2 metadata for guests, by address
-    §30 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §31 HTTP front end                      app, server, handler, TLS, CORS
-    §32 systemd and signals                 sd_notify, watchdog, background loops
-    §33 main
+    §11 volumes                             the block storage client: Cinder v3, volume disks
+    §12 quotas                              defaults, classes, per-project/per-user limits
+    §13 views                               the request object, links and pagination
+    §14 API: versions and extensions
+    §15 API: flavors, extra specs, flavor access
+    §16 API: keypairs
+    §17 API: limits, quota sets, quota classes
+    §18 API: availability zones
+    §19 servers: states, lookups, views
+    §20 servers: the compute engine         background operations, reconciliation, power sync
+    §21 config drive                        its files, and an ISO 9660 writer
+    §22 API: servers                        create, list, show, update, delete, actions...
+    §23 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §24 API: networks and security groups   the proxy APIs, up to 2.35
+    §25 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §26 API: server groups
+    §27 API: services and hypervisors
+    §28 API: simple tenant usage
+    §29 API: aggregates                     host aggregates; their zones become the host's
+    §30 API: migrations                     resizes as migrations; no live migration on one host
+    §31 metadata service                    OpenStack and EC2 metadata for guests, by address
+    §32 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §33 HTTP front end                      app, server, handler, TLS, CORS
+    §34 systemd and signals                 sd_notify, watchdog, background loops
+    §35 main
 """
 
 import argparse
@@ -73,6 +75,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -125,6 +128,14 @@ OPTIONS = [
     ("region", "", "region of the catalog endpoints minivan uses (default: any)"),
     ("glance-url", "", "Glance endpoint (default: the image service of the Keystone catalog; "
      "without Keystone, minivan's own image service)"),
+    ("cinder-url", "", "Cinder v3 endpoint, e.g. http://controller/volume/v3, where a "
+     "project id template is filled in for each caller (default: the volumev3 or "
+     "block-storage service of the Keystone catalog; without Keystone there are no volumes)"),
+    ("volume-mount-base", "", "where NFS volume shares are mounted, one directory per share "
+     "named by the md5 of its export (default: DATA_DIR/mnt); a share already mounted there "
+     "is used as it is"),
+    ("my-ip", "", "this host's address in the connector volumes are exported to "
+     "(default: the address of the interface of the default route)"),
     ("token-cache-size", "10000", "validated tokens kept in memory"),
     ("flavors", "", "JSON file of flavors loaded on first start "
      "(default: flavors.json beside minivan.py, else the built-in set)"),
@@ -255,11 +266,25 @@ def finish_config(conf):
                                          os.path.join(conf["data_dir"], "images"))
     conf["instances_dir"] = os.path.abspath(conf["instances_dir"] or
                                             os.path.join(conf["data_dir"], "instances"))
+    conf["volume_mount_base"] = os.path.abspath(conf["volume_mount_base"] or
+                                                os.path.join(conf["data_dir"], "mnt"))
+    conf["my_ip"] = conf["my_ip"] or default_ip()
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["public_url"] = conf["public_url"].rstrip("/")
     conf["cors_allowed_origins"] = [o.strip() for o in conf["cors_allowed_origins"].split(",")
                                     if o.strip()]
     return conf
+
+
+def default_ip():
+    """The address of the interface the default route leaves by (a UDP socket's connect
+    sends nothing); 127.0.0.1 on a host without one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
 
 
 def default_config(**overrides):
@@ -966,6 +991,7 @@ class KeystoneAuth:
         self.lock = threading.Lock()
         self.service_token = None
         self.service_expires = None
+        self.service_project_id = None
         self.context = None
         if conf.get("keystone_cafile"):
             self.context = ssl.create_default_context(cafile=conf["keystone_cafile"])
@@ -1013,6 +1039,7 @@ class KeystoneAuth:
                 raise Unavailable("minivan cannot authenticate to the identity service.")
             self.service_token = headers["X-Subject-Token"]
             self.service_expires = parse_keystone_time(doc["token"]["expires_at"])
+            self.service_project_id = (doc["token"].get("project") or {}).get("id")
             return self.service_token
 
     def service_token_value(self, force=False):
@@ -1196,8 +1223,10 @@ class LibvirtDriver:
     Every domain minivan creates carries <minivan:instance> metadata naming its
     server; minivan never touches a domain without it."""
 
-    def __init__(self, uri, virt_type="", network="default", instances_dir=None):
+    def __init__(self, uri, virt_type="", network="default", instances_dir=None,
+                 volume_mount_base=None):
         self.uri = uri
+        self.volume_mount_base = volume_mount_base
         self.virt_type = virt_type or detect_virt_type()
         self.network = network
         self.instances_dir = instances_dir
@@ -1346,6 +1375,9 @@ class LibvirtDriver:
             devices.append(f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' "
                            f"cache='none'/><source file='{xml_escape(path)}'/>"
                            f"<target dev='{target}' bus='virtio'/></disk>")
+        for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
+            if vol.get("connection_info") and vol.get("target"):
+                devices.append(volume_disk_xml(vol, self.volume_mount_base))
         if config_drive:
             devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
                            f"<source file='{xml_escape(config_drive)}'/>"
@@ -1618,6 +1650,80 @@ class LibvirtDriver:
         self._call("detaching the interface", lambda: dom.detachDeviceFlags(
             self._interface_xml(port), self._device_flags(dom)))
 
+    def attach_volume(self, server, vol):
+        """Plug a volume's disk into the domain: live and in its definition; the test
+        hypervisor, which has no hot-plug, gets it in its definition."""
+        dom = self._domain(server)
+        xml = volume_disk_xml(vol, self.volume_mount_base)
+        if self.simulated:
+            self.redefine_config(server)
+            return
+        self._call("attaching the volume", lambda: dom.attachDeviceFlags(
+            xml, self._device_flags(dom)))
+
+    def detach_volume(self, server, vol):
+        """Unplug a volume's disk (a guest that ignores the unplug request is detached
+        from the definition and left to let go of it at its next shutdown)."""
+        dom = self._domain(server, missing_ok=True)
+        if dom is None:
+            return
+        if self.simulated:
+            self.redefine_config(server)
+            return
+        xml = (f"<disk type='file' device='disk'><target dev='{vol['target']}' "
+               f"bus='virtio'/></disk>")
+        self._call("detaching the volume", lambda: dom.detachDeviceFlags(
+            xml, self._device_flags(dom)))
+
+    def swap_volume(self, server, old, new):
+        """Copy a volume's data to another volume under the guest and switch to it: a
+        live block copy and pivot on a running guest, an offline copy otherwise."""
+        dom = self._domain(server)
+        swapped = dict(server, volumes=[new if v["bdm_uuid"] == old["bdm_uuid"] else v
+                                        for v in server.get("volumes", [])])
+        if not self.simulated and self._call("reading the domain state", dom.isActive):
+            target = old["target"]
+
+            def copy():
+                dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base), None,
+                              self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+                while True:
+                    info = dom.blockJobInfo(target, 0)
+                    if info and info.get("end") and info["cur"] == info["end"]:
+                        break
+                    time.sleep(0.2)
+                dom.blockJobAbort(target, self.libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            self._call("copying the volume", copy)
+        elif not self.simulated:
+            paths = []
+            for vol in (old, new):
+                kind, fmt, source = volume_source(vol["connection_info"],
+                                                  self.volume_mount_base)
+                if kind != "file":
+                    raise DriverError("an offline volume swap needs file-backed volumes")
+                paths.append((re.search(r"file='([^']*)'", source).group(1), fmt))
+            qemu_img("convert", "-n", "-f", paths[0][1], "-O", paths[1][1], paths[0][0],
+                     paths[1][0])
+        self.redefine_config(swapped)
+
+    def resize_volume(self, server, vol, size):
+        """Tell a running guest that a volume's disk is now size bytes."""
+        dom = self._domain(server, missing_ok=True)
+        if dom is None or self.simulated:
+            return
+
+        def grow():
+            if dom.isActive():
+                dom.blockResize(vol["target"], size, self.libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        self._call("resizing the volume", grow)
+
+    def redefine_config(self, server):
+        """Re-write the domain's definition from the server record."""
+        instance = self.instance_path(server)
+        drive = os.path.join(instance, "disk.config")
+        self.redefine(server, server_disks(instance, server),
+                      drive if os.path.exists(drive) else None)
+
     def _dhcp_host(self, port, command):
         """Add or delete the DHCP reservation that pins a port's fixed IP to its MAC."""
         def update():
@@ -1689,7 +1795,7 @@ def disk_layout(server):
     Blank local block device mappings (server['local_disks'], GB) replace the flavor's
     ephemeral disk; a swap mapping (server['swap_mb']) replaces the flavor's swap."""
     flavor = server["flavor"]
-    layout = [("disk", None)]
+    layout = [(None, None) if server.get("volume_backed") else ("disk", None)]
     local = server.get("local_disks") or []
     if local:
         layout += [(f"disk.eph{i}", "%dG" % size) for i, size in enumerate(local)]
@@ -1698,7 +1804,8 @@ def disk_layout(server):
     swap = server.get("swap_mb", flavor.get("swap"))
     if swap:
         layout.append(("disk.swap", "%dM" % swap))
-    return [(name, "vd" + chr(ord("a") + i), size) for i, (name, size) in enumerate(layout)]
+    return [(name, "vd" + chr(ord("a") + i), size) for i, (name, size) in enumerate(layout)
+            if name is not None]
 
 
 def server_disks(instance_dir, server):
@@ -1708,11 +1815,14 @@ def server_disks(instance_dir, server):
 
 
 def create_server_disks(instance_dir, base_path, server):
-    """The root overlay on the cached base image, plus ephemeral and swap disks."""
+    """The root overlay on the cached base image (none for a volume-backed server), plus
+    ephemeral and swap disks."""
     os.makedirs(instance_dir, mode=0o755, exist_ok=True)
     flavor = server["flavor"]
     root = os.path.join(instance_dir, "disk")
-    if base_path:
+    if server.get("volume_backed"):
+        pass
+    elif base_path:
         fmt = image_format(base_path)
         qemu_img("create", "-q", "-f", "qcow2", "-b", base_path, "-F", fmt, root)
         if flavor["disk"] and flavor["disk"] * 2 ** 30 > virtual_size(root):
@@ -2339,7 +2449,310 @@ class ImageService:
         return True
 
 
-# § 11 quotas --------------------------------------------------------------------------
+# § 11 volumes -------------------------------------------------------------------------
+#
+# Cinder v3, found in the Keystone catalog (volumev3 / block-storage) or --cinder-url.
+# Calls a request makes carry the caller's token, so Cinder applies its own policy and the
+# volumes it creates belong to the caller's project; work that outlives the request
+# (completing an attachment, deleting a volume with its server) uses minivan's service
+# token.  Attachments follow Nova's 3.44 flow: reserve (attachment without connector) at
+# the API, connect (attachment update with the host connector) and complete on the
+# compute side, delete on detach.
+
+CINDER_VERSION = "volume 3.44"
+VOLUME_TARGETS = "vd" + "".join(chr(c) for c in range(ord("a"), ord("z") + 1))
+
+
+class VolumeError(Exception):
+    """Cinder refused a call: status and Cinder's own message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Cinder:
+    """The block storage service: volumes, snapshots and attachments over Cinder's v3 API."""
+
+    def __init__(self, url, auth, clock):
+        self.url = url.rstrip("/")
+        self.auth = auth
+        self.clock = clock
+
+    def project_url(self, project_id):
+        """The endpoint for a project: templates and the service project's URL are
+        rewritten for it; a URL without a project id is used as it is."""
+        url = self.url.replace("%(project_id)s", project_id) \
+            .replace("$(project_id)s", project_id).replace("%(tenant_id)s", project_id)
+        own = self.auth.service_project_id
+        if own and url.endswith("/" + own):
+            url = url[:-len(own)] + project_id
+        return url
+
+    def call(self, ident, method, path, body=None, ok=(200, 202, 204)):
+        """One Cinder call as the caller (ident) or, with ident None, as minivan."""
+        for attempt in (0, 1):
+            service = self.auth.service_token_value(force=attempt == 1)
+            if ident is None:
+                project, token = self.auth.service_project_id, service
+            else:
+                project, token = ident.project_id, ident.token
+            headers = {"X-Auth-Token": token, "X-Service-Token": service,
+                       "Accept": "application/json", "OpenStack-API-Version": CINDER_VERSION}
+            data = None
+            if body is not None:
+                data = json_bytes(body)
+                headers["Content-Type"] = "application/json"
+            request = urllib.request.Request(self.project_url(project) + path, data=data,
+                                             method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    raw = resp.read()
+                    return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                raw = e.read()
+                if e.code == 401 and attempt == 0 and ident is None:
+                    continue
+                raise VolumeError(e.code, cinder_message(raw, e.code)) from None
+            except (OSError, ValueError) as e:
+                LOG.error("Cinder at %s is unreachable: %s", self.url, e)
+                raise Unavailable("The block storage service is unreachable.") from None
+        raise VolumeError(401, "minivan's service token was refused by Cinder")
+
+    # -- volumes --------------------------------------------------------------------
+    def get(self, ident, volume_id):
+        """The volume, or None when Cinder does not know it (for this caller)."""
+        if not re.match(r"^[0-9a-fA-F-]{32,36}$", volume_id or ""):
+            return None
+        try:
+            return self.call(ident, "GET", "/volumes/" + volume_id)["volume"]
+        except VolumeError as e:
+            if e.status in (400, 403, 404):
+                return None
+            raise Unavailable(f"The block storage service answered {e.status}.") from None
+
+    def list(self, ident):
+        volumes, path = [], "/volumes/detail?limit=1000"
+        while path:
+            doc = self.call(ident, "GET", path)
+            volumes += doc.get("volumes", [])
+            nxt = [link["href"] for link in doc.get("volumes_links", [])
+                   if link.get("rel") == "next"]
+            path = "/volumes/detail?" + urllib.parse.urlsplit(nxt[0]).query if nxt else None
+        return volumes
+
+    def create(self, ident, size, name=None, description=None, snapshot_id=None,
+               image_id=None, volume_type=None, metadata=None, zone=None):
+        spec = {"size": size, "name": name, "description": description,
+                "snapshot_id": snapshot_id, "imageRef": image_id, "volume_type": volume_type,
+                "metadata": metadata or {}, "availability_zone": zone}
+        body = {"volume": {k: v for k, v in spec.items() if v is not None}}
+        return self.call(ident, "POST", "/volumes", body)["volume"]
+
+    def delete(self, ident, volume_id):
+        self.call(ident, "DELETE", "/volumes/" + volume_id)
+
+    def wait(self, ident, volume_id, want=("available",), timeout=600):
+        """Poll until the volume reaches a wanted status; error states raise."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            volume = self.get(ident, volume_id)
+            if volume is None:
+                raise DriverError(f"volume {volume_id} disappeared")
+            if volume["status"] in want:
+                return volume
+            if volume["status"].startswith("error") or time.monotonic() > deadline:
+                raise DriverError(f"volume {volume_id} is {volume['status']}, not "
+                                  f"{' or '.join(want)}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def action(self, ident, volume_id, name, args=None):
+        self.call(ident, "POST", f"/volumes/{volume_id}/action", {name: args})
+
+    # -- snapshots ------------------------------------------------------------------
+    def get_snapshot(self, ident, snapshot_id):
+        if not re.match(r"^[0-9a-fA-F-]{32,36}$", snapshot_id or ""):
+            return None
+        try:
+            return self.call(ident, "GET", "/snapshots/" + snapshot_id)["snapshot"]
+        except VolumeError as e:
+            if e.status in (400, 403, 404):
+                return None
+            raise Unavailable(f"The block storage service answered {e.status}.") from None
+
+    def list_snapshots(self, ident):
+        return self.call(ident, "GET", "/snapshots/detail?limit=1000").get("snapshots", [])
+
+    def create_snapshot(self, ident, volume_id, force=False, name=None, description=None):
+        body = {"snapshot": {"volume_id": volume_id, "force": force, "name": name,
+                             "description": description}}
+        return self.call(ident, "POST", "/snapshots", body)["snapshot"]
+
+    def delete_snapshot(self, ident, snapshot_id):
+        self.call(ident, "DELETE", "/snapshots/" + snapshot_id)
+
+    # -- attachments (3.44) -----------------------------------------------------------
+    def attachment_create(self, ident, volume_id, server_id, connector=None):
+        body = {"attachment": {"volume_uuid": volume_id, "instance_uuid": server_id}}
+        if connector is not None:
+            body["attachment"]["connector"] = connector
+        return self.call(ident, "POST", "/attachments", body)["attachment"]
+
+    def attachment_update(self, ident, attachment_id, connector):
+        return self.call(ident, "PUT", "/attachments/" + attachment_id,
+                         {"attachment": {"connector": connector}})["attachment"]
+
+    def attachment_complete(self, ident, attachment_id):
+        self.call(ident, "POST", f"/attachments/{attachment_id}/action", {"os-complete": None})
+
+    def attachment_delete(self, ident, attachment_id):
+        try:
+            self.call(ident, "DELETE", "/attachments/" + attachment_id)
+        except VolumeError as e:
+            if e.status != 404:
+                raise
+
+
+def cinder_message(raw, status):
+    """The message of a Cinder fault body ({"badRequest": {"message": ...}})."""
+    try:
+        doc = json.loads(raw)
+        inner = next(iter(doc.values())) if isinstance(doc, dict) and doc else {}
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    except (ValueError, TypeError, StopIteration):
+        pass
+    return f"Cinder answered {status}"
+
+
+def host_connector(conf):
+    """What Cinder needs to export a volume to this host (os-brick's connector shape)."""
+    initiator = None
+    try:
+        with open("/etc/iscsi/initiatorname.iscsi", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("InitiatorName="):
+                    initiator = line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    connector = {"host": conf["host"], "ip": conf["my_ip"], "platform": "x86_64",
+                 "os_type": "linux", "multipath": False, "do_local_attach": False}
+    if initiator:
+        connector["initiator"] = initiator
+    return connector
+
+
+def nfs_mount_point(mount_base, export):
+    """Where an NFS share is mounted: os-brick names the directory by the share's md5."""
+    return os.path.join(mount_base, hashlib.md5(export.encode("utf-8"),
+                                                usedforsecurity=False).hexdigest())
+
+
+def ensure_nfs_mounted(mount_base, export, options=None):
+    """Mount the share unless something is mounted there already (a share that another
+    service, or the administrator, mounted at the same place is used as it is)."""
+    point = nfs_mount_point(mount_base, export)
+    if os.path.ismount(point):
+        return point
+    os.makedirs(point, exist_ok=True)
+    command = ["mount", "-t", "nfs"] + (["-o", options] if options else []) + [export, point]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DriverError(f"mounting NFS share {export} failed: {e}") from None
+    if done.returncode != 0:
+        raise DriverError(f"mounting NFS share {export} at {point} failed: "
+                          f"{done.stderr.strip()[-200:]}")
+    return point
+
+
+def volume_source(connection_info, mount_base):
+    """(disk type, format, <source> XML) for a Cinder connection_info."""
+    kind = (connection_info.get("driver_volume_type") or "").lower()
+    data = connection_info.get("data") or {}
+    fmt = data.get("format") or "raw"
+    if fmt not in ("raw", "qcow2"):
+        raise DriverError(f"volume format {fmt} is not supported")
+    if kind in ("nfs", "remotefs", "glusterfs", "quobyte", "vzstorage"):
+        export = data.get("export")
+        if not export or not data.get("name"):
+            raise DriverError(f"{kind} connection info lacks export or name")
+        point = ensure_nfs_mounted(mount_base, export, data.get("options"))
+        path = os.path.join(point, os.path.basename(data["name"]))
+        return "file", fmt, f"<source file='{xml_escape(path)}'/>"
+    if kind in ("local", "file"):
+        path = data.get("device_path") or data.get("path")
+        if not path:
+            raise DriverError("local connection info lacks device_path")
+        if os.path.exists(path) and stat_is_block(path):
+            return "block", fmt, f"<source dev='{xml_escape(path)}'/>"
+        return "file", fmt, f"<source file='{xml_escape(path)}'/>"
+    if kind == "iscsi":
+        iqn, portal = data.get("target_iqn"), data.get("target_portal") or ""
+        if not iqn or not portal or data.get("auth_method"):
+            raise DriverError("iSCSI volumes need target_iqn and target_portal, without CHAP")
+        host, _, port = portal.rpartition(":")
+        host = host.strip("[]") or portal
+        return "network", fmt, (f"<source protocol='iscsi' name='{xml_escape(iqn)}/"
+                                f"{int(data.get('target_lun') or 0)}'><host "
+                                f"name='{xml_escape(host)}' port='{xml_escape(port or '3260')}'"
+                                f"/></source>")
+    if kind == "rbd":
+        name = data.get("name")
+        if not name:
+            raise DriverError("rbd connection info lacks name")
+        hosts = "".join(f"<host name='{xml_escape(h)}' port='{xml_escape(str(p))}'/>"
+                        for h, p in zip(data.get("hosts") or [], data.get("ports") or []))
+        auth = ""
+        if data.get("auth_enabled"):
+            if not data.get("secret_uuid"):
+                raise DriverError("rbd volumes with cephx need a libvirt secret_uuid")
+            auth = (f"<auth username='{xml_escape(data.get('auth_username') or '')}'>"
+                    f"<secret type='ceph' uuid='{xml_escape(data['secret_uuid'])}'/></auth>")
+        return "network", fmt, (f"<source protocol='rbd' name='{xml_escape(name)}'>{hosts}"
+                                f"</source>{auth}")
+    raise DriverError(f"volumes of type {kind or '(none)'} cannot be attached by minivan")
+
+
+def stat_is_block(path):
+    return stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def volume_disk_xml(vol, mount_base):
+    """The <disk> element of an attached volume (its serial is the volume id)."""
+    kind, fmt, source = volume_source(vol["connection_info"], mount_base)
+    read_only = "<readonly/>" if (vol["connection_info"].get("data") or {}) \
+        .get("access_mode") == "ro" else ""
+    return (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}' "
+            f"cache='none'/>{source}<target dev='{vol['target']}' bus='virtio'/>"
+            f"<serial>{xml_escape(vol['id'])}</serial>{read_only}</disk>")
+
+
+def used_targets(server):
+    """Disk targets the server's local disks and volumes take."""
+    taken = {target for _, target, _ in disk_layout(server)}
+    taken.update(v["target"] for v in server.get("volumes", []) if v.get("target"))
+    return taken
+
+
+def next_target(server, wanted=None):
+    """A free vdX target: the wanted one (/dev/vdc, vdc) if free, else the first free."""
+    taken = used_targets(server)
+    if wanted:
+        name = wanted.rsplit("/", 1)[-1]
+        if name.startswith("vd") and name not in taken and re.match(r"^vd[a-z]$", name):
+            return name
+    for letter in VOLUME_TARGETS[2:]:
+        if "vd" + letter not in taken:
+            return "vd" + letter
+    raise Forbidden("The maximum allowed number of disk devices (26) to attach to a single "
+                    "instance has been exceeded.")
+
+
+# § 12 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -2397,7 +2810,7 @@ def usage(data, project_id, user_id=None):
     return used
 
 
-# § 12 views ---------------------------------------------------------------------------
+# § 13 views ---------------------------------------------------------------------------
 
 class Request:
     """One API call as handlers see it: caller, microversion, body, query, links."""
@@ -2488,7 +2901,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 13 API: versions and extensions ----------------------------------------------------
+# § 14 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -2672,7 +3085,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 14 API: flavors, extra specs, flavor access ----------------------------------------
+# § 15 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -3139,7 +3552,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 15 API: keypairs -------------------------------------------------------------------
+# § 16 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -3493,7 +3906,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 16 API: limits, quota sets, quota classes ------------------------------------------
+# § 17 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -3678,7 +4091,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 17 API: availability zones ---------------------------------------------------------
+# § 18 API: availability zones ---------------------------------------------------------
 
 def availability_zones_index(req):
     """GET /os-availability-zone"""
@@ -3706,7 +4119,7 @@ def availability_zones_detail(req):
     ], key=lambda zone: zone["zoneName"])}
 
 
-# § 18 servers: states, lookups, views -------------------------------------------------
+# § 19 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -3859,9 +4272,10 @@ def add_full_server_fields(req, server, view):
     view["OS-EXT-STS:task_state"] = server.get("task_state")
     view["OS-EXT-STS:vm_state"] = server["vm_state"]
     view["OS-EXT-STS:power_state"] = server.get("power_state", NOSTATE)
-    volumes = [{"id": v["id"]} for v in server.get("volumes", [])]
+    attached = [v for v in server.get("volumes", []) if v.get("id")]
+    volumes = [{"id": v["id"]} for v in attached]
     if req.since("2.3"):
-        for item, vol in zip(volumes, server.get("volumes", [])):
+        for item, vol in zip(volumes, attached):
             item["delete_on_termination"] = vol.get("delete_on_termination", False)
     view["os-extended-volumes:volumes_attached"] = volumes
     if req.since("2.16") and admin:
@@ -3887,7 +4301,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 19 servers: the compute engine -----------------------------------------------------
+# § 20 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -4014,8 +4428,10 @@ class Compute:
     def instance_dir(self, server):
         return os.path.join(self.app.conf["instances_dir"], server["id"])
 
-    def build(self, server, admin_pass):
-        """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE."""
+    def build(self, server, admin_pass, ident=None):
+        """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE.
+
+        ident is the caller: volumes made for the server are made with its token."""
         server_id = server["id"]
         self.update(server_id, task_state="scheduling")
         self.update(server_id, task_state="networking")
@@ -4026,10 +4442,14 @@ class Compute:
         self.update(server_id, task_state="block_device_mapping", host=self.app.conf["host"],
                     node=self.app.conf["host"])
         disks = self.prepare_disks(server)
+        if server.get("volumes"):
+            self.prepare_volumes(server_id, ident)
         self.update(server_id, task_state="spawning")
         server = self.store.data["servers"][server_id]
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
         self.driver.spawn(server, disks, drive)
+        for vol in server.get("volumes", []):
+            self.app.volumes.attachment_complete(ident, vol["attachment_id"])
         self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
                     launched_at=self.now(), progress=0)
         self.refresh_addresses(server_id)
@@ -4065,7 +4485,146 @@ class Compute:
                         self.app.driver.release_address(port)
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
+        self.release_volumes(server)
         shutil.rmtree(self.instance_dir(server), ignore_errors=True)
+
+    # -- volumes ----------------------------------------------------------------------
+    def set_volume(self, server_id, vol):
+        """Add or replace (by bdm_uuid) one volume mapping of the server record."""
+        def plan(data):
+            server = data["servers"].get(server_id)
+            if server is None:
+                return []
+            vols = [v for v in server.get("volumes", []) if v["bdm_uuid"] != vol["bdm_uuid"]]
+            vols.append(vol)
+            vols.sort(key=lambda v: (v.get("boot_index") != 0, v.get("target") or ""))
+            return [["set", ["servers", server_id, "volumes"], vols]]
+        self.store.transaction(plan)
+
+    def drop_volume(self, server_id, bdm_uuid):
+        def plan(data):
+            server = data["servers"].get(server_id)
+            if server is None:
+                return []
+            return [["set", ["servers", server_id, "volumes"],
+                     [v for v in server.get("volumes", []) if v["bdm_uuid"] != bdm_uuid]]]
+        self.store.transaction(plan)
+
+    def prepare_volumes(self, server_id, ident):
+        """Make the volumes the server's mappings ask for, reserve and connect each one
+        (Cinder's attachment update with this host's connector gives the connection)."""
+        cinder = self.app.volumes
+        if cinder is None:
+            raise DriverError("the block storage service is gone from the catalog")
+        connector = host_connector(self.app.conf)
+        server = self.store.data["servers"][server_id]
+        for vol in list(server.get("volumes", [])):
+            vol = dict(vol)
+            src = vol.get("source") or {}
+            if not vol.get("id"):
+                made = cinder.create(ident, src["size"], name=f"{server['name']}-blank-vol"
+                                     if src["type"] == "blank" else None,
+                                     snapshot_id=src.get("snapshot_id"),
+                                     image_id=src.get("image_id"),
+                                     volume_type=src.get("volume_type"))
+                vol["id"], vol["created"] = made["id"], True
+                self.set_volume(server_id, vol)
+                cinder.wait(ident, vol["id"])
+            if not vol.get("attachment_id"):
+                vol["attachment_id"] = cinder.attachment_create(ident, vol["id"],
+                                                                server_id)["id"]
+                self.set_volume(server_id, vol)
+            attachment = cinder.attachment_update(ident, vol["attachment_id"],
+                                                  dict(connector, mountpoint=vol["device"]))
+            vol["connection_info"] = attachment.get("connection_info") or {}
+            volume_source(vol["connection_info"], self.app.conf["volume_mount_base"])
+            self.set_volume(server_id, vol)
+
+    def release_volumes(self, server):
+        """Delete the server's attachments; delete the volumes marked
+        delete_on_termination once Cinder has let go of them."""
+        cinder = self.app.volumes if server.get("volumes") else None
+        if cinder is None:
+            return
+        for vol in server.get("volumes", []):
+            try:
+                if vol.get("attachment_id"):
+                    cinder.attachment_delete(None, vol["attachment_id"])
+                if vol.get("id") and vol.get("delete_on_termination"):
+                    cinder.wait(None, vol["id"], want=("available", "error"), timeout=120)
+                    cinder.delete(None, vol["id"])
+            except (VolumeError, DriverError, Unavailable) as e:
+                LOG.warning("server %s: releasing volume %s failed: %s", server["id"],
+                            vol.get("id"), e)
+
+    def attach_volume(self, server, vol, ident):
+        """Connect a reserved volume and plug it into the guest."""
+        cinder = self.app.volumes
+        try:
+            if server["vm_state"] != "shelved_offloaded":
+                attachment = cinder.attachment_update(ident, vol["attachment_id"], dict(
+                    host_connector(self.app.conf), mountpoint=vol["device"]))
+                vol = dict(vol, connection_info=attachment.get("connection_info") or {})
+                self.set_volume(server["id"], vol)
+                current = self.store.data["servers"][server["id"]]
+                self.driver.attach_volume(current, vol)
+            cinder.attachment_complete(ident, vol["attachment_id"])
+        except (DriverError, Unavailable, VolumeError) as e:
+            self.drop_volume(server["id"], vol["bdm_uuid"])
+            try:
+                cinder.attachment_delete(None, vol["attachment_id"])
+            except (VolumeError, Unavailable):
+                pass
+            raise DriverError(f"attaching volume {vol['id']} failed: {e}") from None
+
+    def detach_volume(self, server, vol):
+        """Unplug the volume, then end its attachment in Cinder."""
+        cinder = self.app.volumes
+        self.drop_volume(server["id"], vol["bdm_uuid"])
+        current = self.store.data["servers"][server["id"]]
+        try:
+            if vol.get("connection_info") and self.driver.exists(current):
+                self.driver.detach_volume(current, vol)
+        except (DriverError, Unavailable) as e:
+            self.set_volume(server["id"], vol)
+            try:
+                cinder.action(None, vol["id"], "os-roll_detaching")
+            except (VolumeError, Unavailable):
+                pass
+            raise DriverError(f"detaching volume {vol['id']} failed: {e}") from None
+        cinder.attachment_delete(None, vol["attachment_id"])
+
+    def swap_volume(self, server, old, new_id, attachment_id):
+        """Move the guest from a migrating volume to its new one, then tell Cinder."""
+        cinder = self.app.volumes
+        new = dict(old, id=new_id, attachment_id=attachment_id)
+        try:
+            attachment = cinder.attachment_update(None, attachment_id, dict(
+                host_connector(self.app.conf), mountpoint=old["device"]))
+            new["connection_info"] = attachment.get("connection_info") or {}
+            self.driver.swap_volume(server, old, new)
+            cinder.attachment_complete(None, attachment_id)
+        except (DriverError, Unavailable, VolumeError) as e:
+            for undo in (lambda: cinder.attachment_delete(None, attachment_id),
+                         lambda: cinder.action(None, old["id"], "os-roll_detaching")):
+                try:
+                    undo()
+                except (VolumeError, Unavailable):
+                    pass
+            raise DriverError(f"swapping volume {old['id']} failed: {e}") from None
+        done = cinder.call(None, "POST", f"/volumes/{old['id']}/action", {
+            "os-migrate_volume_completion": {"new_volume": new_id, "error": False}})
+        self.set_volume(server["id"], dict(new, id=(done or {}).get("save_volume_id", new_id)))
+        cinder.attachment_delete(None, old["attachment_id"])
+
+    def extend_volume(self, server, volume_id):
+        """A volume-extended event: tell the guest its disk grew."""
+        vol = next((v for v in server.get("volumes", []) if v.get("id") == volume_id), None)
+        if vol is None or self.app.volumes is None:
+            return
+        volume = self.app.volumes.get(None, volume_id)
+        if volume is not None and vol.get("connection_info"):
+            self.driver.resize_volume(server, vol, int(volume["size"]) * 2 ** 30)
 
     def refresh_addresses(self, server_id):
         """Learn each port's address from libvirt (DHCP leases) and record it."""
@@ -4422,7 +4981,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 20 config drive --------------------------------------------------------------------
+# § 21 config drive --------------------------------------------------------------------
 
 def config_drive_files(app, server, admin_pass):
     """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
@@ -4637,7 +5196,7 @@ def write_iso(path, files, label, now=None):
             f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
 
 
-# § 21 API: servers --------------------------------------------------------------------
+# § 22 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -4784,13 +5343,14 @@ def ref_id(ref):
     return str(ref).rstrip("/").rsplit("/", 1)[-1]
 
 
-def server_create_plan(req, spec, hints):
-    """Everything a create needs resolved before any record is written."""
+def server_create_plan(req, spec, hints, volumes=()):
+    """Everything a create needs resolved before any record is written (volumes: the
+    entries plan_volumes made, which asks Cinder and so runs outside the transaction)."""
     flavor_id = ref_id(spec["flavorRef"])
     flavor = req.store.data["flavors"].get(flavor_id)
     if flavor is None or not flavor_visible(req, flavor):
         raise BadRequest("Invalid flavorRef provided.")
-    image = resolve_boot_image(req, spec)
+    image = resolve_boot_image(req, spec, volumes)
     if image is not None:
         if flavor["ram"] < image.get("min_ram", 0):
             raise BadRequest("Flavor's memory is too small for requested image.")
@@ -4829,7 +5389,8 @@ def server_create_plan(req, spec, hints):
     local_disks, swap_mb = blank_local_disks(spec, flavor)
     return {"flavor": flavor, "image": image, "key_name": key_name, "key_data": key_data,
             "networks": networks, "security_groups": groups, "metadata": metadata,
-            "hints": hints, "local_disks": local_disks, "swap_mb": swap_mb}
+            "hints": hints, "local_disks": local_disks, "swap_mb": swap_mb,
+            "volumes": list(volumes)}
 
 
 def blank_local_disks(spec, flavor):
@@ -4864,29 +5425,141 @@ def check_personality_quota(files, limits):
             raise Forbidden("Quota exceeded for injected_file_content_bytes.")
 
 
-def resolve_boot_image(req, spec):
-    """The image a server boots from: imageRef, or a boot_index 0 image mapping."""
+def resolve_boot_image(req, spec, volumes=()):
+    """The image a server boots from: imageRef, or a boot_index 0 image mapping; None
+    for a server that boots from a volume."""
+    if any(v["boot_index"] == 0 for v in volumes):
+        return None
     image_ref = spec.get("imageRef") or ""
     for bdm in spec.get("block_device_mapping_v2") or []:
-        if bdm.get("destination_type") == "volume" or bdm.get("source_type") in (
-                "volume", "snapshot"):
-            raise BadRequest("Block Device Mapping is Invalid: volumes need the block storage "
-                             "service, which this cloud does not have.")
         if str(bdm.get("boot_index")) == "0" and bdm.get("source_type") == "image":
             image_ref = bdm.get("uuid") or bdm.get("image_id") or image_ref
-    if spec.get("block_device_mapping"):
-        raise BadRequest("Block Device Mapping is Invalid: volumes need the block storage "
-                         "service, which this cloud does not have.")
     if not image_ref:
         raise BadRequest("Block Device Mapping is Invalid: Boot sequence for the instance and "
                          "image/block device mapping combination is not valid.")
-    image_id = ref_id(image_ref)
+    return find_active_image(req, ref_id(image_ref))
+
+
+def find_active_image(req, image_id):
     image = req.app.images.get(image_id)
     if image is None or not req.app.images.visible(image, req.ident):
         raise BadRequest(f"Image {image_id} could not be found.")
     if image["status"] != "active":
         raise BadRequest(f"Image {image_id} is not active.")
     return image
+
+
+def volume_mappings(spec):
+    """The create's block device mappings that are volumes, legacy ones converted."""
+    wanted = [dict(b) for b in spec.get("block_device_mapping_v2") or []
+              if b.get("destination_type") == "volume"
+              or b.get("source_type") in ("volume", "snapshot")]
+    for legacy in spec.get("block_device_mapping") or []:
+        if legacy.get("no_device") or not (legacy.get("volume_id") or legacy.get("snapshot_id")):
+            continue
+        root = (legacy.get("device_name") or "").rsplit("/", 1)[-1] in ("vda", "sda", "xvda",
+                                                                         "hda")
+        wanted.append({"source_type": "volume" if legacy.get("volume_id") else "snapshot",
+                       "destination_type": "volume",
+                       "uuid": legacy.get("volume_id") or legacy.get("snapshot_id"),
+                       "volume_size": legacy.get("volume_size"),
+                       "device_name": legacy.get("device_name"),
+                       "delete_on_termination": legacy.get("delete_on_termination", False),
+                       "boot_index": 0 if root else None})
+    return wanted
+
+
+def boot_index_of(bdm):
+    value = bdm.get("boot_index")
+    if value is None:
+        return None
+    value = int(value)
+    return value if value >= 0 else None
+
+
+def plan_volumes(req, spec, count):
+    """Check the volume mappings against Cinder; the volume entries of a new server."""
+    wanted = volume_mappings(spec)
+    if not wanted:
+        return []
+    cinder = req.app.volumes
+    if cinder is None:
+        raise BadRequest("Block Device Mapping is Invalid: volumes need the block storage "
+                         "service, which this cloud does not have.")
+    entries = []
+    for bdm in wanted:
+        source = bdm.get("source_type") or "volume"
+        size = int(bdm["volume_size"]) if bdm.get("volume_size") not in (None, "") else None
+        entry = {"id": None, "source": {"type": source, "size": size,
+                                        "volume_type": bdm.get("volume_type")},
+                 "boot_index": boot_index_of(bdm), "tag": bdm.get("tag"),
+                 "requested_device": bdm.get("device_name"),
+                 "delete_on_termination": bool_from_string(
+                     bdm.get("delete_on_termination", False)),
+                 "attachment_id": None, "connection_info": None}
+        ref = bdm.get("uuid") or bdm.get("volume_id") or bdm.get("snapshot_id") or \
+            bdm.get("image_id")
+        if source != "blank" and not ref:
+            raise BadRequest("Block Device Mapping is Invalid: Missing device UUID.")
+        if source == "volume":
+            entry["id"] = check_boot_volume(req, cinder, ref, count)
+        elif source == "snapshot":
+            snap = cinder.get_snapshot(req.ident, ref)
+            if snap is None:
+                raise BadRequest(f"Block Device Mapping is Invalid: failed to get snapshot "
+                                 f"{ref}.")
+            if snap["status"] != "available":
+                raise BadRequest(f"Invalid snapshot: snapshot {ref} status must be "
+                                 f"available, not {snap['status']}")
+            entry["source"].update(snapshot_id=ref, size=size or snap["size"])
+        elif source == "image":
+            image = find_active_image(req, ref)
+            if not size:
+                raise BadRequest("Block Device Mapping is Invalid: Images with "
+                                 "destination_type 'volume' need to have a non-zero size "
+                                 "specified")
+            if size < (image.get("min_disk") or 0):
+                raise BadRequest("Volume is smaller than the minimum size specified in image "
+                                 f"metadata. Volume size is {size * 2 ** 30} bytes, minimum "
+                                 f"size is {image['min_disk'] * 2 ** 30} bytes.")
+            entry["source"]["image_id"] = image["id"]
+        elif not size:
+            raise BadRequest("Block Device Mapping is Invalid: Blank volumes (source: "
+                             "'blank', dest: 'volume') need to have non-zero size")
+        entries.append(entry)
+    if sum(1 for e in entries if e["boot_index"] == 0) > 1:
+        raise BadRequest("Block Device Mapping is Invalid: Boot sequence for the instance and "
+                         "image/block device mapping combination is not valid.")
+    return entries
+
+
+def check_boot_volume(req, cinder, volume_id, count):
+    """An existing volume given to a create: it must exist and be free."""
+    volume = cinder.get(req.ident, volume_id)
+    if volume is None:
+        raise BadRequest(f"Block Device Mapping is Invalid: failed to get volume {volume_id}.")
+    if count > 1:
+        raise BadRequest("Cannot attach one or more volumes to multiple instances")
+    if volume["status"] != "available" and not (volume.get("multiattach")
+                                                and volume["status"] == "in-use"):
+        raise BadRequest(f"Invalid volume: volume {volume_id} status must be available, "
+                         f"not {volume['status']}")
+    return volume["id"]
+
+
+def assign_volume_targets(record, entries):
+    """Give each volume entry its bdm_uuid and disk target (a boot volume is vda)."""
+    record["volume_backed"] = any(e["boot_index"] == 0 for e in entries)
+    record["volumes"] = []
+    for entry in sorted(entries, key=lambda e: e["boot_index"] != 0):
+        vol = {k: v for k, v in entry.items() if k != "requested_device"}
+        vol["bdm_uuid"] = str(uuid.uuid4())
+        vol["source"] = dict(entry["source"])
+        vol["target"] = "vda" if entry["boot_index"] == 0 else \
+            next_target(record, entry.get("requested_device"))
+        vol["device"] = "/dev/" + vol["target"]
+        record["volumes"].append(vol)
+    return record
 
 
 def resolve_networks(req, requested):
@@ -4963,7 +5636,7 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
     hostname = spec.get("hostname") or sanitize_hostname(name)
     if spec.get("hostname") and count > 1:
         hostname = f"{spec['hostname']}-{index + 1}"
-    return {
+    return assign_volume_targets({
         "id": str(uuid.uuid4()), "name": name, "project_id": req.ident.project_id,
         "user_id": req.ident.user_id, "created_at": now, "updated_at": now,
         "launched_at": None, "terminated_at": None, "deleted_at": None,
@@ -4992,7 +5665,7 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         "root_device_name": "/dev/vda", "server_groups": [], "volumes": [],
         "personality": [dict(p) for p in spec.get("personality") or []],
         "local_disks": list(plan["local_disks"]),
-    }
+    }, plan["volumes"])
 
 
 def servers_create(req):
@@ -5014,9 +5687,10 @@ def servers_create(req):
     reservation_id = "r-" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
                                     for _ in range(8))
     created = []
+    volumes = plan_volumes(req, spec, max_count)
 
     def plan_fn(data):
-        plan = server_create_plan(req, spec, hints)
+        plan = server_create_plan(req, spec, hints, volumes)
         count = check_server_quota(req, data, plan, min_count, max_count)
         number = data["counters"]["instance"]
         ops = []
@@ -5040,7 +5714,7 @@ def servers_create(req):
     for record in created:
         rid = compute.record_action(req, record["id"], "create")
         compute.run(record["id"], rid, "compute__do_build_and_run_instance",
-                    lambda server, pw=admin_pass: compute.build(server, pw),
+                    lambda server, pw=admin_pass: compute.build(server, pw, req.ident),
                     on_error=compute.build_failed)
     if bool_from_string(spec.get("return_reservation_id", False)):
         return 202, {"reservation_id": reservation_id}
@@ -6350,6 +7024,257 @@ def server_interfaces_delete(req):
     return 202, None
 
 
+# volume attachments
+
+ATTACH_STATES = ("active", "paused", "stopped", "resized", "soft-delete", "shelved",
+                 "shelved_offloaded")
+SWAP_STATES = ("active", "paused", "resized")
+
+
+def limited(req, items):
+    """Nova's offset/limit paging of a list (common.limited)."""
+    values = {}
+    for name in ("offset", "limit"):
+        text = req.q(name)
+        if text is None:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise BadRequest(f"{name} param must be an integer") from None
+        if values[name] < 0:
+            raise BadRequest(f"{name} param must be positive")
+    offset = values.get("offset", 0)
+    limit = min(values.get("limit") or req.app.conf["max_limit"], req.app.conf["max_limit"])
+    return items[offset:offset + limit]
+
+
+def volume_attachment_view(req, server, vol, listing=True):
+    view = {} if req.since("2.89") and listing else {"id": vol["id"]}
+    view.update(volumeId=vol["id"], serverId=server["id"])
+    if vol.get("device"):
+        view["device"] = vol["device"]
+    if req.since("2.70"):
+        view["tag"] = vol.get("tag")
+    if req.since("2.79"):
+        view["delete_on_termination"] = bool(vol.get("delete_on_termination"))
+    if req.since("2.89") and listing:
+        view["attachment_id"] = vol.get("attachment_id")
+        view["bdm_uuid"] = vol["bdm_uuid"]
+    return view
+
+
+def attached_volume(server, volume_id):
+    vol = next((v for v in server.get("volumes", []) if v.get("id") == volume_id), None)
+    if vol is None:
+        raise NotFound(f"Instance {server['id']} is not attached to volume {volume_id}")
+    return vol
+
+
+def server_volume_attachments_index(req):
+    """GET /servers/{server_id}/os-volume_attachments"""
+    validate_query(req, ["limit", "offset"], strict_since="2.75")
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-volumes-attachments:index", "reader",
+              server["project_id"])
+    vols = [v for v in server.get("volumes", []) if v.get("id")]
+    if req.since("2.89"):
+        vols = [v for v in vols if v.get("attachment_id")]
+    return 200, {"volumeAttachments": [volume_attachment_view(req, server, v)
+                                       for v in limited(req, vols)]}
+
+
+def server_volume_attachments_show(req):
+    """GET /servers/{server_id}/os-volume_attachments/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-volumes-attachments:show", "reader",
+              server["project_id"])
+    vol = attached_volume(server, req.params["id"])
+    return 200, {"volumeAttachment": volume_attachment_view(req, server, vol)}
+
+
+def volume_attachment_schema(req):
+    props = {"volumeId": {"type": "string", "format": "uuid"},
+             "device": {"type": ["string", "null"], "pattern": DEVICE_PATTERN}}
+    if req.since("2.49"):
+        props["tag"] = TAG_SCHEMA
+    if req.since("2.79"):
+        props["delete_on_termination"] = BOOL_LIKE
+    return {"type": "object", "additionalProperties": False, "required": ["volumeAttachment"],
+            "properties": {"volumeAttachment": {
+                "type": "object", "additionalProperties": False, "required": ["volumeId"],
+                "properties": props}}}
+
+
+DEVICE_PATTERN = r"(^/dev/x{0,1}[a-z]{0,1}d{0,1})([a-z]+)[0-9]*$"
+
+
+def volume_state_check(req, server, method, states=ATTACH_STATES):
+    check_not_locked(req, server)
+    if server["vm_state"] not in states or server.get("task_state"):
+        what = "task_state" if server["vm_state"] in states else "vm_state"
+        value = server.get("task_state") if what == "task_state" else server["vm_state"]
+        raise Conflict(f"Cannot '{method}' instance {server['id']} while it is in "
+                       f"{what} {value}")
+    if server["vm_state"] in ("shelved", "shelved_offloaded") and not req.since("2.20"):
+        raise Conflict(f"Cannot '{method}' instance {server['id']} while it is in vm_state "
+                       f"{server['vm_state']}")
+
+
+def the_volume(req, volume_id, fault=NotFound):
+    """The caller's volume from Cinder (404, or fault, when it has none)."""
+    cinder = req.app.volumes
+    volume = cinder.get(req.ident, volume_id) if cinder is not None else None
+    if volume is None:
+        raise fault(f"Volume {volume_id} could not be found.")
+    return cinder, volume
+
+
+def check_not_attached(req, server, volume):
+    """Nova's duplicate-attachment checks, against every server minivan holds."""
+    holders = [s["id"] for s in req.store.data["servers"].values()
+               if s["vm_state"] != "deleted" and any(
+                   v.get("id") == volume["id"] for v in s.get("volumes", []))]
+    if holders and not volume.get("multiattach"):
+        raise BadRequest(f"Invalid volume: volume {volume['id']} is already attached to "
+                         f"instances: {' '.join(holders)}")
+    if server["id"] in holders:
+        raise BadRequest(f"Invalid volume: volume {volume['id']} already attached")
+
+
+def server_volume_attachments_create(req):
+    """POST /servers/{server_id}/os-volume_attachments"""
+    spec = validate_body(req, volume_attachment_schema(req))["volumeAttachment"]
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-volumes-attachments:create", "member",
+              server["project_id"])
+    volume_state_check(req, server, "attach_volume")
+    cinder, volume = the_volume(req, spec["volumeId"])
+    check_not_attached(req, server, volume)
+    if server["vm_state"] == "shelved_offloaded" and spec.get("tag"):
+        raise BadRequest("Tagged volume attachment is not supported for shelved-offloaded "
+                         "instances.")
+    vol = {"id": volume["id"], "bdm_uuid": str(uuid.uuid4()), "boot_index": None,
+           "tag": spec.get("tag"), "source": {"type": "volume"},
+           "delete_on_termination": bool_from_string(spec.get("delete_on_termination", False)),
+           "target": next_target(server, spec.get("device")), "connection_info": None}
+    vol["device"] = "/dev/" + vol["target"]
+    try:
+        vol["attachment_id"] = cinder.attachment_create(req.ident, volume["id"],
+                                                        server["id"])["id"]
+    except VolumeError as e:
+        raise BadRequest(f"Invalid volume: {e.message}") from None
+    compute = req.app.compute
+    compute.set_volume(server["id"], vol)
+    rid = compute.record_action(req, server["id"], "attach_volume")
+    compute.run(server["id"], rid, "compute_attach_volume",
+                lambda s, ident=req.ident: compute.attach_volume(s, vol, ident),
+                on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+    if req.since("2.101"):
+        return 202, None
+    view = {"id": vol["id"], "serverId": server["id"], "volumeId": vol["id"],
+            "device": vol["device"]}
+    if req.since("2.70"):
+        view["tag"] = vol["tag"]
+    if req.since("2.79"):
+        view["delete_on_termination"] = vol["delete_on_termination"]
+    return 200, {"volumeAttachment": view}
+
+
+def server_volume_attachments_update(req):
+    """PUT /servers/{server_id}/os-volume_attachments/{id}"""
+    schema = volume_attachment_schema(req)
+    inner = schema["properties"]["volumeAttachment"]["properties"]
+    if req.since("2.85"):
+        inner.update(serverId={"type": "string", "format": "uuid"},
+                     id={"type": "string", "format": "uuid"}, tag=TAG_SCHEMA,
+                     delete_on_termination=BOOL_LIKE)
+    else:
+        for key in ("device", "tag", "delete_on_termination"):
+            inner.pop(key, None)
+    spec = validate_body(req, schema)["volumeAttachment"]
+    server = find_server(req, req.params["server_id"])
+    old_id = req.params["id"]
+    swap = not req.since("2.85") or spec["volumeId"] != old_id
+    if swap:
+        authorize(req, "os_compute_api:os-volumes-attachments:swap", "service")
+    else:
+        authorize(req, "os_compute_api:os-volumes-attachments:update", "member",
+                  server["project_id"])
+    if req.since("2.85"):
+        update_attachment_fields(req, server, old_id, spec)
+    if swap:
+        swap_volume(req, server, old_id, spec["volumeId"])
+    return 202, None
+
+
+def update_attachment_fields(req, server, volume_id, spec):
+    vol = attached_volume(server, volume_id)
+    for key, current in (("id", volume_id), ("serverId", server["id"]),
+                         ("device", vol.get("device")), ("tag", vol.get("tag"))):
+        if key in spec and spec[key] != current:
+            raise BadRequest(f"The {key} property is not mutable")
+    if "delete_on_termination" in spec:
+        req.app.compute.set_volume(server["id"], dict(vol, delete_on_termination=bool_from_string(
+            spec["delete_on_termination"], strict=True)))
+
+
+def swap_volume(req, server, old_id, new_id):
+    """Cinder's volume migration asks for the guest to move to the new volume."""
+    cinder, old = the_volume(req, old_id)
+    if not old.get("migration_status"):
+        raise Conflict(f"volume {old_id} is not migrating; this API should only be called "
+                       f"by Cinder")
+    _, new = the_volume(req, new_id, fault=BadRequest)
+    vol = attached_volume(server, old_id)
+    volume_state_check(req, server, "swap_volume", SWAP_STATES)
+    if new.get("attach_status") == "attached" or new["status"] == "in-use":
+        raise BadRequest("Invalid volume: New volume must be detached in order to swap.")
+    if int(new["size"]) < int(old["size"]):
+        raise BadRequest("Invalid volume: New volume must be the same size or larger.")
+    try:
+        cinder.action(req.ident, old_id, "os-begin_detaching")
+        attachment = cinder.attachment_create(req.ident, new_id, server["id"])
+    except VolumeError as e:
+        raise BadRequest(f"Invalid volume: {e.message}") from None
+    compute = req.app.compute
+    rid = compute.record_action(req, server["id"], "swap_volume")
+    compute.run(server["id"], rid, "compute_swap_volume",
+                lambda s: compute.swap_volume(s, vol, new_id, attachment["id"]),
+                on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+
+
+def server_volume_attachments_delete(req):
+    """DELETE /servers/{server_id}/os-volume_attachments/{id}"""
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-volumes-attachments:delete", "member",
+              server["project_id"])
+    volume_id = req.params["id"]
+    if server["vm_state"] in ("shelved", "shelved_offloaded") and not req.since("2.20"):
+        raise Conflict(f"Cannot 'detach_volume' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    cinder, volume = the_volume(req, volume_id)
+    vol = attached_volume(server, volume_id)
+    if vol.get("boot_index") == 0:
+        raise BadRequest("Cannot detach a root device volume")
+    volume_state_check(req, server, "detach_volume")
+    if vol.get("connection_info") is None and server["vm_state"] != "shelved_offloaded" \
+            and volume["status"] != "in-use":
+        raise BadRequest(f"Invalid volume: Unable to detach volume {volume_id}: it is still "
+                         f"being attached")
+    try:
+        cinder.action(req.ident, volume_id, "os-begin_detaching")
+    except VolumeError as e:
+        raise BadRequest(f"Invalid volume: {e.message}") from None
+    compute = req.app.compute
+    rid = compute.record_action(req, server["id"], "detach_volume")
+    compute.run(server["id"], rid, "compute_detach_volume",
+                lambda s: compute.detach_volume(s, vol),
+                on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+    return 202, None
+
+
 # instance actions
 
 def action_view(req, action, with_events):
@@ -6506,7 +7431,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 22 API: images ---------------------------------------------------------------------
+# § 23 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -6643,7 +7568,7 @@ def image_metadata_delete(req):
 
 
 
-# § 23 API: networks and security groups -----------------------------------------------
+# § 24 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default').
@@ -6912,7 +7837,305 @@ def security_group_rules_delete(req):
 
 
 
-# § 24 API: server groups --------------------------------------------------------------
+# § 25 API: volumes and events ---------------------------------------------------------
+#
+# Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
+# (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
+# volume snapshots.
+
+def proxy_volume_view(volume):
+    """Cinder's volume in the shape of Nova's os-volumes (camelCase)."""
+    attachments = [{}]
+    if volume.get("attachments"):
+        first = volume["attachments"][0]
+        attachments = [{"id": volume["id"], "volumeId": volume["id"],
+                        "serverId": first.get("server_id")}]
+        if first.get("device"):
+            attachments[0]["device"] = first["device"]
+    return {"id": volume["id"], "status": volume["status"], "size": volume["size"],
+            "availabilityZone": volume.get("availability_zone"),
+            "createdAt": volume.get("created_at"), "attachments": attachments,
+            "displayName": volume.get("name"), "displayDescription": volume.get("description"),
+            "volumeType": volume.get("volume_type"), "snapshotId": volume.get("snapshot_id"),
+            "metadata": volume.get("metadata") or {}}
+
+
+def proxy_snapshot_view(snap):
+    return {"id": snap["id"], "volumeId": snap["volume_id"], "status": snap["status"],
+            "size": snap["size"], "createdAt": snap.get("created_at"),
+            "displayName": snap.get("name"), "displayDescription": snap.get("description")}
+
+
+def volume_service(req):
+    """Cinder, or 404 for calls that need one in a cloud that has none."""
+    if req.app.volumes is None:
+        raise NotFound("This cloud has no block storage service.")
+    return req.app.volumes
+
+
+def cinder_fault(e, not_found=NotFound):
+    """Cinder's refusal as Nova's proxy passes it on."""
+    if e.status == 404:
+        return not_found(e.message)
+    if e.status == 403 or e.status == 413:
+        return Forbidden(e.message)
+    if e.status in (400, 409):
+        return BadRequest(e.message)
+    return Unavailable(f"The block storage service answered {e.status}.")
+
+
+def volume_list(req, rule):
+    authorize(req, rule, "reader", req.ident.project_id)
+    validate_query(req, ["limit", "offset"], strict_since="2.75")
+    volumes = req.app.volumes.list(req.ident) if req.app.volumes is not None else []
+    return 200, {"volumes": [proxy_volume_view(v) for v in limited(req, volumes)]}
+
+
+def volumes_index(req):
+    """GET /os-volumes"""
+    return volume_list(req, "os_compute_api:os-volumes:list")
+
+
+def volumes_detail(req):
+    """GET /os-volumes/detail"""
+    return volume_list(req, "os_compute_api:os-volumes:detail")
+
+
+def volumes_show(req):
+    """GET /os-volumes/{id}"""
+    authorize(req, "os_compute_api:os-volumes:show", "reader", req.ident.project_id)
+    _, volume = the_volume(req, req.params["id"])
+    return 200, {"volume": proxy_volume_view(volume)}
+
+
+VOLUME_CREATE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["volume"],
+    "properties": {"volume": {
+        "type": "object", "additionalProperties": False, "required": ["size"],
+        "properties": {
+            "volume_type": {"type": "string"}, "metadata": {"type": "object"},
+            "snapshot_id": {"type": "string"},
+            "size": {"type": ["integer", "string"], "minimum": 1, "pattern": r"^[0-9]+$"},
+            "availability_zone": {"type": "string"}, "display_name": {"type": "string"},
+            "display_description": {"type": "string"}}}}}
+
+
+def volumes_create(req):
+    """POST /os-volumes"""
+    authorize(req, "os_compute_api:os-volumes:create", "member", req.ident.project_id)
+    spec = validate_body(req, VOLUME_CREATE_SCHEMA)["volume"]
+    cinder = volume_service(req)
+    size = int(spec["size"])
+    if size < 1:
+        raise BadRequest("Invalid input for field/attribute size. Value: 0. 0 is less than "
+                         "the minimum of 1")
+    if spec.get("snapshot_id") and cinder.get_snapshot(req.ident, spec["snapshot_id"]) is None:
+        raise NotFound(f"Snapshot {spec['snapshot_id']} could not be found.")
+    try:
+        volume = cinder.create(req.ident, size, spec.get("display_name"),
+                               spec.get("display_description"), spec.get("snapshot_id"),
+                               volume_type=spec.get("volume_type"),
+                               metadata=spec.get("metadata"),
+                               zone=spec.get("availability_zone"))
+    except VolumeError as e:
+        raise cinder_fault(e, not_found=BadRequest) from None
+    return 200, {"volume": proxy_volume_view(volume)}, {
+        "Location": req.self_link("os-volumes", volume["id"])}
+
+
+def volumes_delete(req):
+    """DELETE /os-volumes/{id}"""
+    authorize(req, "os_compute_api:os-volumes:delete", "member", req.ident.project_id)
+    cinder, volume = the_volume(req, req.params["id"])
+    try:
+        cinder.delete(req.ident, volume["id"])
+    except VolumeError as e:
+        raise cinder_fault(e) from None
+    return 202, None
+
+
+def snapshot_list(req, rule):
+    authorize(req, rule, "reader", req.ident.project_id)
+    snaps = req.app.volumes.list_snapshots(req.ident) if req.app.volumes is not None else []
+    return 200, {"snapshots": [proxy_snapshot_view(s) for s in limited(req, snaps)]}
+
+
+def snapshots_index(req):
+    """GET /os-snapshots"""
+    return snapshot_list(req, "os_compute_api:os-volumes:snapshots:list")
+
+
+def snapshots_detail(req):
+    """GET /os-snapshots/detail"""
+    return snapshot_list(req, "os_compute_api:os-volumes:snapshots:detail")
+
+
+def the_snapshot(req, snapshot_id):
+    cinder = req.app.volumes
+    snap = cinder.get_snapshot(req.ident, snapshot_id) if cinder is not None else None
+    if snap is None:
+        raise NotFound(f"Snapshot {snapshot_id} could not be found.")
+    return cinder, snap
+
+
+def snapshots_show(req):
+    """GET /os-snapshots/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    authorize(req, "os_compute_api:os-volumes:snapshots:show", "reader", req.ident.project_id)
+    return 200, {"snapshot": proxy_snapshot_view(the_snapshot(req, req.params["id"])[1])}
+
+
+SNAPSHOT_CREATE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["snapshot"],
+    "properties": {"snapshot": {
+        "type": "object", "additionalProperties": False, "required": ["volume_id"],
+        "properties": {"volume_id": {"type": "string"}, "force": BOOL_LIKE,
+                       "display_name": {"type": "string"},
+                       "display_description": {"type": "string"}}}}}
+
+
+def snapshots_create(req):
+    """POST /os-snapshots"""
+    authorize(req, "os_compute_api:os-volumes:snapshots:create", "member",
+              req.ident.project_id)
+    spec = validate_body(req, SNAPSHOT_CREATE_SCHEMA)["snapshot"]
+    cinder, volume = the_volume(req, spec["volume_id"])
+    try:
+        snap = cinder.create_snapshot(req.ident, volume["id"],
+                                      bool_from_string(spec.get("force", False), strict=True),
+                                      spec.get("display_name"),
+                                      spec.get("display_description"))
+    except VolumeError as e:
+        raise cinder_fault(e) from None
+    return 200, {"snapshot": proxy_snapshot_view(snap)}
+
+
+def snapshots_delete(req):
+    """DELETE /os-snapshots/{id}"""
+    authorize(req, "os_compute_api:os-volumes:snapshots:delete", "member",
+              req.ident.project_id)
+    cinder, snap = the_snapshot(req, req.params["id"])
+    try:
+        cinder.delete_snapshot(req.ident, snap["id"])
+    except VolumeError as e:
+        raise cinder_fault(e) from None
+    return 202, None
+
+
+# server external events
+
+EVENT_NAMES = [((2, 1), ("network-changed", "network-vif-plugged", "network-vif-unplugged",
+                         "network-vif-deleted")),
+               ((2, 51), ("volume-extended",)), ((2, 76), ("power-update",)),
+               ((2, 82), ("accelerator-request-bound",)), ((2, 93), ("volume-reimaged",))]
+
+
+def event_schema(req):
+    names = [n for since, group in EVENT_NAMES if req.version >= since for n in group]
+    return {"type": "object", "additionalProperties": False, "required": ["events"],
+            "properties": {"events": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["name", "server_uuid"], "properties": {
+                    "name": {"type": "string", "enum": names},
+                    "server_uuid": {"type": "string", "format": "uuid"},
+                    "status": {"type": "string", "enum": ["failed", "completed",
+                                                          "in-progress"]},
+                    "tag": {"type": "string", "maxLength": 255}}}}}}
+
+
+def server_external_events_create(req):
+    """POST /os-server-external-events"""
+    authorize(req, "os_compute_api:os-server-external-events:create", "service")
+    events = validate_body(req, event_schema(req))["events"]
+    results, accepted = [], 0
+    for event in events:
+        result = dict(event, status=event.get("status", "completed"))
+        result["code"] = accept_event(req, result)
+        accepted += result["code"] == 200
+        results.append(result)
+    return (200 if accepted == len(results) else 207), {"events": results}
+
+
+def accept_event(req, event):
+    """The per-event code: 200 taken, 404 unknown server, 422 a server with no host,
+    400 an event that does not fit the server."""
+    server = req.store.data["servers"].get(event["server_uuid"])
+    if server is None or server["vm_state"] == "deleted":
+        return 404
+    if not server.get("host") or server["vm_state"] == "shelved_offloaded":
+        return 422
+    name, compute = event["name"], req.app.compute
+    if name in ("volume-extended", "volume-reimaged"):
+        if not any(v.get("id") == event.get("tag") for v in server.get("volumes", [])):
+            return 400
+        if name == "volume-extended":
+            rid = compute.record_action(req, server["id"], "extend_volume")
+            compute.run(server["id"], rid, "compute_extend_volume",
+                        lambda s, vid=event["tag"]: compute.extend_volume(s, vid),
+                        on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+    elif name == "power-update":
+        if event.get("tag") not in ("POWER_ON", "POWER_OFF"):
+            return 400
+        action = "start" if event["tag"] == "POWER_ON" else "stop"
+        state = "active" if action == "start" else "stopped"
+        rid = compute.record_action(req, server["id"], action)
+        compute.run(server["id"], rid, "compute_power_update",
+                    lambda s: compute.update(s["id"], vm_state=state, power_state=RUNNING
+                                             if state == "active" else SHUTDOWN))
+    elif name == "network-vif-deleted":
+        compute.change_ports(server["id"], lambda ports: [
+            p for p in ports if p["id"] != event.get("tag")])
+    LOG.info("server %s: event %s (%s) %s", server["id"], name, event.get("tag"),
+             event["status"])
+    return 200
+
+
+# assisted volume snapshots
+
+def assisted_volume_snapshots_create(req):
+    """POST /os-assisted-volume-snapshots"""
+    authorize(req, "os_compute_api:os-assisted-volume-snapshots:create", "service")
+    spec = validate_body(req, {
+        "type": "object", "additionalProperties": False, "required": ["snapshot"],
+        "properties": {"snapshot": {
+            "type": "object", "additionalProperties": False,
+            "required": ["volume_id", "create_info"], "properties": {
+                "volume_id": {"type": "string", "minLength": 1},
+                "create_info": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["snapshot_id", "type", "new_file"], "properties": {
+                        "snapshot_id": {"type": "string", "minLength": 1},
+                        "type": {"type": "string", "enum": ["qcow2"]},
+                        "new_file": {"type": "string", "minLength": 1},
+                        "id": {"type": "string", "minLength": 1}}}}}}})["snapshot"]
+    volume_holder(req, spec["volume_id"])
+    raise BadRequest("Invalid volume: minivan's volume drivers take no assisted snapshots; "
+                     "set nfs_snapshot_support = False in Cinder's NFS backend")
+
+
+def assisted_volume_snapshots_delete(req):
+    """DELETE /os-assisted-volume-snapshots/{id}"""
+    authorize(req, "os_compute_api:os-assisted-volume-snapshots:delete", "service")
+    validate_query(req, ["delete_info"], strict_since="2.75")
+    try:
+        info = json.loads(req.q("delete_info") or "")
+        volume_id = info["volume_id"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadRequest(f"delete_info is not valid: {e}") from None
+    volume_holder(req, volume_id)
+    raise BadRequest("Invalid volume: minivan's volume drivers take no assisted snapshots")
+
+
+def volume_holder(req, volume_id):
+    """The server a volume is attached to (400 as Nova when there is none)."""
+    for server in req.store.data["servers"].values():
+        if server["vm_state"] != "deleted" and any(
+                v.get("id") == volume_id for v in server.get("volumes", [])):
+            return server
+    raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
+
+
+# § 26 API: server groups --------------------------------------------------------------
 #
 # One compute host: affinity is always met; hard anti-affinity allows one member (or
 # max_server_per_host) on the host, so a further member's build fails as Nova's
@@ -7050,7 +8273,7 @@ def check_group_placement(data, server, host):
 
 
 
-# § 25 API: services and hypervisors ---------------------------------------------------
+# § 27 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -7355,7 +8578,7 @@ def hypervisors_servers(req):
 
 
 
-# § 26 API: simple tenant usage --------------------------------------------------------
+# § 28 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -7446,7 +8669,7 @@ def simple_tenant_usage_show(req):
 
 
 
-# § 27 API: aggregates -----------------------------------------------------------------
+# § 29 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -7691,7 +8914,7 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 28 API: migrations -----------------------------------------------------------------
+# § 30 API: migrations -----------------------------------------------------------------
 #
 # Resizes are migrations (migration_type 'resize') on this one host; live migrations need a
 # second host, so the server migrations lists are always empty.
@@ -7809,7 +9032,7 @@ def server_migration_action_force_complete(req):
 
 
 
-# § 29 metadata service ----------------------------------------------------------------
+# § 31 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -7931,7 +9154,7 @@ def metadata_listener(app, conf):
     return Server(MetadataApp(app), host.strip("[]") or "0.0.0.0", port)
 
 
-# § 30 ROUTES and ACTIONS --------------------------------------------------------------
+# § 32 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -7984,8 +9207,8 @@ POST   /os-aggregates/{id}/action                     add_host             2.1  
 POST   /os-aggregates/{id}/action                     remove_host          2.1  2.104 admin   aggregate_action_remove_host     os_compute_api:os-aggregates:remove_host
 POST   /os-aggregates/{id}/action                     set_metadata         2.1  2.104 admin   aggregate_action_set_metadata    os_compute_api:os-aggregates:set_metadata
 POST   /os-aggregates/{id}/images                     -                    2.81 2.104 admin   aggregate_images_create          compute:aggregates:images
-POST   /os-assisted-volume-snapshots                  -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:create
-DELETE /os-assisted-volume-snapshots/{id}             -                    2.1  2.104 service -                                os_compute_api:os-assisted-volume-snapshots:delete
+POST   /os-assisted-volume-snapshots                  -                    2.1  2.104 service assisted_volume_snapshots_create os_compute_api:os-assisted-volume-snapshots:create
+DELETE /os-assisted-volume-snapshots/{id}             -                    2.1  2.104 service assisted_volume_snapshots_delete os_compute_api:os-assisted-volume-snapshots:delete
 GET    /os-availability-zone                          -                    2.1  2.104 any     availability_zones_index         os_compute_api:os-availability-zone:list
 GET    /os-availability-zone/detail                   -                    2.1  2.104 admin   availability_zones_detail        os_compute_api:os-availability-zone:detail
 GET    /os-baremetal-nodes                            -                    2.1  2.35  admin   -                                os_compute_api:os-baremetal-nodes:list
@@ -8077,7 +9300,7 @@ POST   /os-security-groups                            -                    2.1  
 GET    /os-security-groups/{id}                       -                    2.1  2.35  reader  security_groups_show             os_compute_api:os-security-groups:show
 PUT    /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_update           os_compute_api:os-security-groups:update
 DELETE /os-security-groups/{id}                       -                    2.1  2.35  member  security_groups_delete           os_compute_api:os-security-groups:delete
-POST   /os-server-external-events                     -                    2.1  2.104 service -                                os_compute_api:os-server-external-events:create
+POST   /os-server-external-events                     -                    2.1  2.104 service server_external_events_create    os_compute_api:os-server-external-events:create
 GET    /os-server-groups                              -                    2.1  2.104 reader  server_groups_index              os_compute_api:os-server-groups:index
 POST   /os-server-groups                              -                    2.1  2.104 member  server_groups_create             os_compute_api:os-server-groups:create
 GET    /os-server-groups/{id}                         -                    2.1  2.104 reader  server_groups_show               os_compute_api:os-server-groups:show
@@ -8087,20 +9310,20 @@ PUT    /os-services/{id}                              -                    2.1  
 DELETE /os-services/{id}                              -                    2.1  2.104 admin   services_delete                  os_compute_api:os-services:delete
 GET    /os-simple-tenant-usage                        -                    2.1  2.104 admin   simple_tenant_usage_index        os_compute_api:os-simple-tenant-usage:list
 GET    /os-simple-tenant-usage/{id}                   -                    2.1  2.104 reader  simple_tenant_usage_show         os_compute_api:os-simple-tenant-usage:show
-GET    /os-snapshots                                  -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:list
-POST   /os-snapshots                                  -                    2.1  2.35  member  -                                os_compute_api:os-volumes:snapshots:create
-GET    /os-snapshots/detail                           -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:detail
-GET    /os-snapshots/{id}                             -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:snapshots:show
-DELETE /os-snapshots/{id}                             -                    2.1  2.35  member  -                                os_compute_api:os-volumes:snapshots:delete
+GET    /os-snapshots                                  -                    2.1  2.35  reader  snapshots_index                  os_compute_api:os-volumes:snapshots:list
+POST   /os-snapshots                                  -                    2.1  2.35  member  snapshots_create                 os_compute_api:os-volumes:snapshots:create
+GET    /os-snapshots/detail                           -                    2.1  2.35  reader  snapshots_detail                 os_compute_api:os-volumes:snapshots:detail
+GET    /os-snapshots/{id}                             -                    2.1  2.35  reader  snapshots_show                   os_compute_api:os-volumes:snapshots:show
+DELETE /os-snapshots/{id}                             -                    2.1  2.35  member  snapshots_delete                 os_compute_api:os-volumes:snapshots:delete
 GET    /os-tenant-networks                            -                    2.1  2.35  reader  tenant_networks_index            os_compute_api:os-tenant-networks:list
 POST   /os-tenant-networks                            -                    -    -     gone    gone                             -
 GET    /os-tenant-networks/{id}                       -                    2.1  2.35  reader  tenant_networks_show             os_compute_api:os-tenant-networks:show
 DELETE /os-tenant-networks/{id}                       -                    -    -     gone    gone                             -
-GET    /os-volumes                                    -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:list
-POST   /os-volumes                                    -                    2.1  2.35  member  -                                os_compute_api:os-volumes:create
-GET    /os-volumes/detail                             -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:detail
-GET    /os-volumes/{id}                               -                    2.1  2.35  reader  -                                os_compute_api:os-volumes:show
-DELETE /os-volumes/{id}                               -                    2.1  2.35  member  -                                os_compute_api:os-volumes:delete
+GET    /os-volumes                                    -                    2.1  2.35  reader  volumes_index                    os_compute_api:os-volumes:list
+POST   /os-volumes                                    -                    2.1  2.35  member  volumes_create                   os_compute_api:os-volumes:create
+GET    /os-volumes/detail                             -                    2.1  2.35  reader  volumes_detail                   os_compute_api:os-volumes:detail
+GET    /os-volumes/{id}                               -                    2.1  2.35  reader  volumes_show                     os_compute_api:os-volumes:show
+DELETE /os-volumes/{id}                               -                    2.1  2.35  member  volumes_delete                   os_compute_api:os-volumes:delete
 GET    /os-volumes_boot                               -                    2.1  2.102 reader  servers_index                    os_compute_api:servers:index
 POST   /os-volumes_boot                               -                    2.1  2.102 member  servers_create                   os_compute_api:servers:create
 GET    /os-volumes_boot/detail                        -                    2.1  2.102 reader  servers_detail                   os_compute_api:servers:detail
@@ -8189,11 +9412,11 @@ DELETE /servers/{server_id}/os-interface/{id}         -                    2.1  
 GET    /servers/{server_id}/os-server-password        -                    2.1  2.104 reader  server_password_index            os_compute_api:os-server-password:show
 DELETE /servers/{server_id}/os-server-password        -                    2.1  2.104 member  server_password_clear            os_compute_api:os-server-password:clear
 GET    /servers/{server_id}/os-virtual-interfaces     -                    -    -     gone    gone                             -
-GET    /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 reader  -                                os_compute_api:os-volumes-attachments:index
-POST   /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:create
-GET    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 reader  -                                os_compute_api:os-volumes-attachments:show
-PUT    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:update
-DELETE /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  -                                os_compute_api:os-volumes-attachments:delete
+GET    /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 reader  server_volume_attachments_index  os_compute_api:os-volumes-attachments:index
+POST   /servers/{server_id}/os-volume_attachments     -                    2.1  2.104 member  server_volume_attachments_create os_compute_api:os-volumes-attachments:create
+GET    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 reader  server_volume_attachments_show   os_compute_api:os-volumes-attachments:show
+PUT    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  server_volume_attachments_update os_compute_api:os-volumes-attachments:update
+DELETE /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  server_volume_attachments_delete os_compute_api:os-volumes-attachments:delete
 POST   /servers/{server_id}/remote-consoles           -                    2.6  2.104 member  -                                os_compute_api:os-remote-consoles
 GET    /servers/{server_id}/os-security-groups        -                    2.1  2.104 reader  server_security_groups_index     os_compute_api:os-security-groups:list
 GET    /servers/{server_id}/shares                    -                    2.97 2.104 reader  -                                os_compute_api:os-server-shares:index
@@ -8267,7 +9490,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 31 HTTP front end ------------------------------------------------------------------
+# § 33 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -8329,6 +9552,7 @@ class App:
         self.started_at = self.clock.now()
         self.stopping = False
         self._images = None
+        self._volumes = None
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.image_service = ImageService(self)
@@ -8354,6 +9578,28 @@ class App:
             LOG.warning("--glance-url needs --auth keystone (Glance needs tokens): using the "
                         "local image directory")
         return LocalImages(self.conf["images_dir"], self.store, self.clock)
+
+    @property
+    def volumes(self):
+        """The block storage service (Cinder), or None when this cloud has none.
+        Found on first use; a catalog without one is asked again after a minute."""
+        cached = self._volumes
+        if cached is not None and (cached[0] is not None
+                                   or time.monotonic() - cached[1] < 60):
+            return cached[0]
+        url = self.conf["cinder_url"]
+        if not url and isinstance(self.auth, KeystoneAuth):
+            url = self.auth.find_endpoint("volumev3", region=self.conf["region"]) or \
+                self.auth.find_endpoint("block-storage", region=self.conf["region"])
+        service = None
+        if url and isinstance(self.auth, KeystoneAuth):
+            LOG.info("volumes come from Cinder at %s", url)
+            service = Cinder(url, self.auth, self.clock)
+        elif url:
+            LOG.warning("--cinder-url needs --auth keystone (Cinder needs tokens): "
+                        "servers get no volumes")
+        self._volumes = (service, time.monotonic())
+        return service
 
     def network_name(self, network_id):
         """The libvirt network with this UUID, or None."""
@@ -8798,7 +10044,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 32 systemd and signals -------------------------------------------------------------
+# § 34 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -8856,7 +10102,7 @@ def reconnect_loop(driver, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 33 main ----------------------------------------------------------------------------
+# § 35 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
@@ -8914,7 +10160,7 @@ def main(argv=None):
     stop = threading.Event()
     try:
         driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"], conf["network"],
-                               conf["instances_dir"])
+                               conf["instances_dir"], conf["volume_mount_base"])
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)

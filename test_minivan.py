@@ -164,7 +164,7 @@ class AppTestCase(unittest.TestCase):
         driver = None
         if self.with_driver and have_libvirt():
             driver = minivan.LibvirtDriver(conf["libvirt_uri"], "qemu", conf["network"],
-                                           conf["instances_dir"])
+                                           conf["instances_dir"], conf["volume_mount_base"])
             driver.connect()
         self.app = minivan.App(conf, self.store, driver=driver, clock=self.clock)
 
