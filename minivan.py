@@ -8076,12 +8076,17 @@ def accept_event(req, event):
     elif name == "power-update":
         if event.get("tag") not in ("POWER_ON", "POWER_OFF"):
             return 400
-        action = "start" if event["tag"] == "POWER_ON" else "stop"
-        state = "active" if action == "start" else "stopped"
-        rid = compute.record_action(req, server["id"], action)
-        compute.run(server["id"], rid, "compute_power_update",
-                    lambda s: compute.update(s["id"], vm_state=state, power_state=RUNNING
-                                             if state == "active" else SHUTDOWN))
+        power_on = event["tag"] == "POWER_ON"
+        rid = compute.record_action(req, server["id"], "start" if power_on else "stop")
+
+        def work(s):
+            if power_on:
+                compute.driver.power_on(s)
+                settle(compute, s["id"], vm_state="active", power_state=RUNNING)
+            else:
+                compute.driver.power_off(s, timeout=req.app.conf["shutdown_timeout"])
+                settle(compute, s["id"], vm_state="stopped", power_state=SHUTDOWN)
+        compute.run(server["id"], rid, "compute_power_update", work)
     elif name == "network-vif-deleted":
         compute.change_ports(server["id"], lambda ports: [
             p for p in ports if p["id"] != event.get("tag")])

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 
 import minivan
 
@@ -3826,6 +3827,163 @@ class MigrationTests(ServerTestCase):
             schema = tempest_schema(vdir, "migrations", "list_migrations")
             jsonschema.validate(reply.json(), schema["response_body"],
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
+
+
+class VolumeWithoutCinderTests(ServerTestCase):
+    """A cloud with no block storage service answers the volume APIs as having no volumes."""
+
+    def test_volume_proxies_without_cinder(self):
+        """os-volumes/os-snapshots list nothing, shows 404 and refuse creates; 404 above 2.35."""
+        vid = "9a4f3e8c-1111-4c55-9b1e-0123456789ab"
+        self.assertEqual(self.get("/v2.1/os-volumes", version="2.35").json(), {"volumes": []})
+        self.assertEqual(self.get("/v2.1/os-snapshots/detail").json(), {"snapshots": []})
+        self.assertFault(self.get("/v2.1/os-volumes/" + vid), 404, "itemNotFound", vid)
+        self.assertFault(self.get("/v2.1/os-snapshots/" + vid), 404, "itemNotFound")
+        self.assertFault(self.post("/v2.1/os-volumes", {"volume": {"size": 1}}), 404,
+                         "itemNotFound", "no block storage")
+        self.assertFault(self.post("/v2.1/os-volumes", {"volume": {"size": "x"}}), 400,
+                         "badRequest")
+        self.assertFault(self.post("/v2.1/os-volumes", {"volume": {"size": 1, "bogus": 1}}),
+                         400, "badRequest")
+        self.assertFault(self.get("/v2.1/os-volumes", version="2.36"), 404, "itemNotFound")
+        self.assertFault(self.delete("/v2.1/os-volumes/" + vid, token="u:p"), 404,
+                         "itemNotFound")
+
+    def test_volume_attachments_without_cinder(self):
+        """A server lists no attachments; attaching or detaching an unknown volume is 404;
+        boot from volume is 400."""
+        server_id = self.new_server()
+        vid = "9a4f3e8c-1111-4c55-9b1e-0123456789ab"
+        base = f"/v2.1/servers/{server_id}/os-volume_attachments"
+        self.assertEqual(self.get(base).json(), {"volumeAttachments": []})
+        self.assertFault(self.post(base, {"volumeAttachment": {"volumeId": vid}}), 404,
+                         "itemNotFound", vid)
+        self.assertFault(self.post(base, {"volumeAttachment": {"volumeId": "nope"}}), 400,
+                         "badRequest")
+        self.assertFault(self.post(base, {"volumeAttachment": {"volumeId": vid,
+                                                               "device": "bad dev"}}),
+                         400, "badRequest")
+        self.assertFault(self.get(f"{base}/{vid}"), 404, "itemNotFound",
+                         f"Instance {server_id} is not attached to volume {vid}")
+        self.assertFault(self.delete(f"{base}/{vid}"), 404, "itemNotFound")
+        self.assertFault(self.get(f"{base}?limit=x"), 400, "badRequest")
+        self.assertFault(self.get(f"{base}?bogus=1", version="2.75"), 400, "badRequest")
+        r = self.post_server(block_device_mapping_v2=[{
+            "boot_index": 0, "uuid": vid, "source_type": "volume",
+            "destination_type": "volume"}], imageRef="")
+        self.assertFault(r, 400, "badRequest", "block storage")
+        view = self.server(server_id, version="2.3")
+        self.assertEqual(view["os-extended-volumes:volumes_attached"], [])
+
+    def test_server_external_events(self):
+        """Events: 200 when all are taken, 207 with per-event codes otherwise, admin only."""
+        server_id = self.new_server()
+        missing = "0b0b0b0b-1111-4c55-9b1e-0123456789ab"
+        r = self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "network-changed", "server_uuid": server_id}]})
+        self.assertEqual(r.status, 200, r.raw)
+        self.assertEqual(r.json()["events"], [{"name": "network-changed", "server_uuid":
+                                               server_id, "status": "completed",
+                                               "code": 200}])
+        r = self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "network-vif-plugged", "server_uuid": server_id, "tag": "p1",
+             "status": "failed"},
+            {"name": "network-changed", "server_uuid": missing}]})
+        self.assertEqual(r.status, 207, r.raw)
+        self.assertEqual([e["code"] for e in r.json()["events"]], [200, 404])
+        r = self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "volume-extended", "server_uuid": server_id, "tag": missing}]},
+            version="2.51")
+        self.assertEqual((r.status, r.json()["events"][0]["code"]), (207, 400))
+        self.assertFault(self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "volume-extended", "server_uuid": server_id}]}), 400, "badRequest")
+        self.assertFault(self.post("/v2.1/os-server-external-events", {"events": []}), 400,
+                         "badRequest")
+        self.assertFault(self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "network-changed", "server_uuid": server_id}]}, token="u:p"), 403,
+            "forbidden")
+        r = self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "power-update", "server_uuid": server_id, "tag": "POWER_OFF"}]},
+            version="2.76")
+        self.assertEqual(r.status, 200, r.raw)
+        self.app.compute.wait_idle()
+        self.assertEqual(self.server(server_id)["OS-EXT-STS:vm_state"], "stopped")
+        self.assertEqual(self.domain_state(server_id), 5)     # VIR_DOMAIN_SHUTOFF
+
+    def test_assisted_volume_snapshots_need_an_attached_volume(self):
+        """Assisted snapshots of a volume no server holds are 400, as in Nova; admin only."""
+        vid = "9a4f3e8c-1111-4c55-9b1e-0123456789ab"
+        body = {"snapshot": {"volume_id": vid, "create_info": {
+            "snapshot_id": "s1", "type": "qcow2", "new_file": "f.qcow2"}}}
+        self.assertFault(self.post("/v2.1/os-assisted-volume-snapshots", body), 400,
+                         "badRequest", f"No volume Block Device Mapping with id {vid}")
+        self.assertFault(self.post("/v2.1/os-assisted-volume-snapshots", body, token="u:p"),
+                         403, "forbidden")
+        self.assertFault(self.delete("/v2.1/os-assisted-volume-snapshots/s1?delete_info=x"),
+                         400, "badRequest")
+        info = urllib.parse.quote(json.dumps({"volume_id": vid}))
+        self.assertFault(self.delete("/v2.1/os-assisted-volume-snapshots/s1?delete_info="
+                                     + info), 400, "badRequest")
+
+
+class VolumeConnectionTests(unittest.TestCase):
+    """Cinder connection_info becomes the right libvirt <disk>."""
+
+    def test_nfs_local_iscsi_rbd(self):
+        """NFS shares resolve under the mount base by md5 of the export; others map to
+        block, network iscsi and rbd sources; unknown types are refused."""
+        tmp = tempfile.mkdtemp(prefix="minivan-vol-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        export = "127.0.0.1:/srv/cinder"
+        point = os.path.join(tmp, hashlib.md5(export.encode()).hexdigest())
+        os.makedirs(point)
+        vol = {"id": "v1", "target": "vdb", "connection_info": {
+            "driver_volume_type": "nfs", "data": {"export": export, "name": "volume-v1",
+                                                  "format": "raw"}}}
+        real_ismount = os.path.ismount
+        os.path.ismount = lambda p: p == point or real_ismount(p)
+        try:
+            xml = minivan.volume_disk_xml(vol, tmp)
+        finally:
+            os.path.ismount = real_ismount
+        self.assertIn(f"<source file='{point}/volume-v1'/>", xml)
+        self.assertIn("<target dev='vdb' bus='virtio'/><serial>v1</serial>", xml)
+        local = dict(vol, connection_info={"driver_volume_type": "local",
+                                           "data": {"device_path": "/dev/null"}})
+        self.assertIn("<source file='/dev/null'/>", minivan.volume_disk_xml(local, tmp))
+        iscsi = dict(vol, connection_info={"driver_volume_type": "iscsi", "data": {
+            "target_iqn": "iqn.2010-10.org.openstack:volume-v1", "target_lun": 1,
+            "target_portal": "192.0.2.5:3260"}})
+        self.assertIn("<source protocol='iscsi' name='iqn.2010-10.org.openstack:volume-v1/1'>"
+                      "<host name='192.0.2.5' port='3260'/></source>",
+                      minivan.volume_disk_xml(iscsi, tmp))
+        rbd = dict(vol, connection_info={"driver_volume_type": "rbd", "data": {
+            "name": "volumes/volume-v1", "hosts": ["192.0.2.6"], "ports": ["6789"],
+            "auth_enabled": True, "auth_username": "cinder", "secret_uuid": "abc"}})
+        xml = minivan.volume_disk_xml(rbd, tmp)
+        self.assertIn("<source protocol='rbd' name='volumes/volume-v1'><host name='192.0.2.6' "
+                      "port='6789'/></source><auth username='cinder'><secret type='ceph' "
+                      "uuid='abc'/></auth>", xml)
+        for bad in ({"driver_volume_type": "fibre_channel", "data": {}},
+                    {"driver_volume_type": "nfs", "data": {"export": export}},
+                    {"driver_volume_type": "nfs", "data": {"export": export, "name": "x",
+                                                           "format": "vmdk"}}):
+            with self.assertRaises(minivan.DriverError):
+                minivan.volume_disk_xml(dict(vol, connection_info=bad), tmp)
+
+    def test_targets(self):
+        """Volumes take the first free vdX after the local disks; a boot volume is vda."""
+        server = {"flavor": {"ephemeral": 1, "swap": 0}, "volumes": []}
+        self.assertEqual(minivan.next_target(server), "vdc")
+        self.assertEqual(minivan.next_target(server, "/dev/vdf"), "vdf")
+        self.assertEqual(minivan.next_target(server, "/dev/vda"), "vdc")
+        record = minivan.assign_volume_targets(
+            {"flavor": {"ephemeral": 0, "swap": 0}, "local_disks": []},
+            [{"boot_index": None, "source": {}, "requested_device": None},
+             {"boot_index": 0, "source": {}, "requested_device": None}])
+        self.assertTrue(record["volume_backed"])
+        self.assertEqual([v["device"] for v in record["volumes"]], ["/dev/vda", "/dev/vdb"])
+        self.assertEqual(minivan.disk_layout(record), [])
 
 
 class MetadataServiceTests(ServerTestCase):
