@@ -3405,6 +3405,276 @@ class RealGuestTests(unittest.TestCase):
 
 # -- the standalone image service (a Glance v2 subset under /image) -----------------------
 
+class CinderEndToEndTests(unittest.TestCase):
+    """Volumes from a real Cinder (its NFS driver, tools/cinder.sh) behind the real Keystone
+    and Glance, on real QEMU guests: attach and detach as hot-plug, boot from volume, the
+    os-volumes proxy, through openstackclient, novaclient and the API."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(cls.env and cls.env.get("CINDER_URL") and cls.env.get("GLANCE_URL")
+                         and GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
+                         and have_clients())
+        if not cls.ready:
+            return
+        libvirt = minivan.import_libvirt()
+        try:
+            cls.conn = libvirt.open("qemu:///system")
+            cls.conn.networkLookupByName(GUEST_NETWORK)
+        except libvirt.libvirtError:
+            cls.ready = False
+            return
+        cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        start_minivan(cls, cls.port, env_extra={
+            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_LIBVIRT_URI": "qemu:///system",
+            "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_NETWORK": GUEST_NETWORK,
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env["CINDER_MOUNT_BASE"],
+            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"})
+        cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
+        cls.image_id = glance_upload(cls.env, "minivan-guest-vol", GUEST_IMAGE)
+        cls.admin = keystone_token(cls.env, "admin", "admin")
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "ready", False):
+            stop_minivan(cls)
+            cls.conn.close()
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no Cinder, Glance or real-guest setup in the test cloud "
+                               "(tools/test.sh starts them)")
+
+    # -- helpers -----------------------------------------------------------------
+    def openstack(self, *args, expect_ok=True):
+        done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
+                              text=True, timeout=180, env=dict(os.environ, **self.os_env))
+        if expect_ok:
+            self.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
+            if "json" in args:
+                return json.loads(done.stdout or "null")
+        return done
+
+    def api(self, method, path, body=None, version=None, token=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"X-Auth-Token": token or self.admin}
+        if version:
+            headers["OpenStack-API-Version"] = "compute " + version
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
+                     headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        check_response(self, "v2.1", resp.status, resp.getheaders(), data, content_length=True)
+        conn.close()
+        return Reply(resp.status, resp.getheaders(), data)
+
+    def assertFault(self, reply, status, name, message=None):
+        self.assertEqual(reply.status, status, reply.raw)
+        body = reply.json()
+        self.assertEqual(list(body), [name], body)
+        if message is not None:
+            self.assertIn(message, body[name]["message"])
+
+    def volume(self, name_or_id):
+        return self.openstack("volume", "show", name_or_id, "-f", "json")
+
+    def new_volume(self, name, *args):
+        made = self.openstack("volume", "create", "--size", "1", *args, name, "-f", "json")
+        self.addCleanup(self.openstack, "volume", "delete", "--force", made["id"],
+                        expect_ok=False)
+        return self.wait_volume(made["id"], "available")
+
+    def wait_volume(self, volume_id, status):
+        wait_until(lambda: self.volume(volume_id)["status"] == status, timeout=180,
+                   what=f"volume {volume_id} {status}")
+        return self.volume(volume_id)
+
+    def boot(self, name, *args):
+        server = self.openstack("server", "create", "--flavor", "m1.tiny", *args, "--wait",
+                                name, "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server["id"],
+                        expect_ok=False)
+        self.assertEqual(server["status"], "ACTIVE")
+        wait_until(lambda: "minivan-guest booted" in self.openstack(
+            "console", "log", "show", server["id"]).stdout, timeout=180,
+            what=f"{name} boot line")
+        return server
+
+    def disks(self, server_id, inactive=False):
+        """{target: source file} of the domain, live or as defined."""
+        libvirt = minivan.import_libvirt()
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        xml = self.conn.lookupByUUIDString(server_id).XMLDesc(flags)
+        found = {}
+        for disk in re.findall(r"<disk type='file' device='disk'>.*?</disk>", xml, re.S):
+            source = re.search(r"<source file='([^']*)'", disk)
+            target = re.search(r"<target dev='([^']*)'", disk)
+            found[target.group(1)] = source.group(1) if source else None
+        return found
+
+    def volume_file(self, volume_id):
+        return os.path.join(self.env["CINDER_MOUNT_POINT"], "volume-" + volume_id)
+
+    # -- tests -------------------------------------------------------------------------
+    def test_attach_and_detach_on_a_running_guest(self):
+        """server add volume hot-plugs the NFS volume file into the running QEMU guest;
+        the attachment shows in every view; server remove volume unplugs it."""
+        vol = self.new_volume("data-vol")
+        server = self.boot("vol-vm", "--image", "minivan-guest-vol")
+        self.openstack("server", "add", "volume", "--device", "/dev/vdb", server["id"],
+                       vol["id"])
+        vol = self.wait_volume(vol["id"], "in-use")
+        self.assertEqual(vol["attachments"][0]["server_id"], server["id"])
+        self.assertEqual(self.disks(server["id"]).get("vdb"), self.volume_file(vol["id"]))
+        self.assertEqual(self.disks(server["id"], inactive=True).get("vdb"),
+                         self.volume_file(vol["id"]))
+        listed = self.openstack("server", "volume", "list", server["id"], "-f", "json")
+        self.assertEqual([(v["Volume ID"], v["Device"]) for v in listed],
+                         [(vol["id"], "/dev/vdb")])
+        att = self.api("GET", f"/servers/{server['id']}/os-volume_attachments",
+                       version="2.89").json()["volumeAttachments"]
+        self.assertEqual((att[0]["volumeId"], att[0]["attachment_id"], att[0]["tag"],
+                          att[0]["delete_on_termination"]),
+                         (vol["id"], vol["attachments"][0]["attachment_id"], None, False))
+        shown = self.api("GET", "/servers/" + server["id"], version="2.3").json()["server"]
+        self.assertEqual(shown["os-extended-volumes:volumes_attached"],
+                         [{"id": vol["id"], "delete_on_termination": False}])
+        proxy = self.api("GET", "/os-volumes/" + vol["id"], version="2.35").json()["volume"]
+        self.assertEqual((proxy["status"], proxy["attachments"][0]["serverId"],
+                          proxy["displayName"]), ("in-use", server["id"], "data-vol"))
+        from keystoneauth1 import session
+        from keystoneauth1.identity import v3
+        from novaclient import client
+        sess = session.Session(auth=v3.Password(
+            auth_url=self.env["OS_AUTH_URL"], username="admin",
+            password=self.env["OS_PASSWORD"], project_name="admin",
+            user_domain_name="Default", project_domain_name="Default"))
+        nova = client.Client("2.79", session=sess)
+        self.assertEqual([v.volumeId for v in nova.volumes.get_server_volumes(server["id"])],
+                         [vol["id"]])
+        self.assertFault(self.api("DELETE", f"/servers/{server['id']}/os-volume_attachments/"
+                                  + self.image_id), 404, "itemNotFound")
+        self.openstack("server", "remove", "volume", server["id"], vol["id"])
+        self.wait_volume(vol["id"], "available")
+        self.assertNotIn("vdb", self.disks(server["id"], inactive=True))
+        self.assertEqual(self.openstack("server", "volume", "list", server["id"], "-f",
+                                        "json"), [])
+
+    def test_boot_from_volume(self):
+        """A guest boots from a volume Cinder made from the image (delete_on_termination:
+        deleted with the server), and from an existing bootable volume, which stays."""
+        server = self.boot("bfv-vm", "--block-device",
+                           f"uuid={self.image_id},source_type=image,destination_type=volume,"
+                           "volume_size=1,boot_index=0,delete_on_termination=true")
+        shown = self.api("GET", "/servers/" + server["id"], version="2.3").json()["server"]
+        self.assertEqual(shown["image"], "")
+        [root] = shown["os-extended-volumes:volumes_attached"]
+        self.assertTrue(root["delete_on_termination"])
+        self.assertEqual(self.disks(server["id"])["vda"], self.volume_file(root["id"]))
+        self.assertEqual(self.volume(root["id"])["status"], "in-use")
+        self.assertFault(self.api("DELETE", f"/servers/{server['id']}/os-volume_attachments/"
+                                  + root["id"]), 400, "badRequest",
+                         "Cannot detach a root device volume")
+        self.openstack("server", "delete", "--wait", server["id"])
+        wait_until(lambda: self.openstack("volume", "show", root["id"],
+                                          expect_ok=False).returncode != 0,
+                   timeout=120, what="the root volume deleted")
+        bootable = self.new_volume("bootable-vol", "--image", "minivan-guest-vol")
+        again = self.boot("bfv-vm2", "--volume", bootable["id"])
+        self.assertEqual(self.disks(again["id"])["vda"], self.volume_file(bootable["id"]))
+        self.openstack("server", "delete", "--wait", again["id"])
+        self.wait_volume(bootable["id"], "available")
+
+    def test_volume_errors_and_proxies(self):
+        """Bad attachments and boots answer as Nova; os-volumes and os-snapshots proxy
+        Cinder up to 2.35; another project sees none of admin's volumes."""
+        vol = self.new_volume("err-vol")
+        server = self.boot("err-vm", "--image", "minivan-guest-vol")
+        base = f"/servers/{server['id']}/os-volume_attachments"
+        missing = "5f0c2ad5-0000-4000-8000-000000000000"
+        self.assertFault(self.api("POST", base, {"volumeAttachment": {"volumeId": missing}}),
+                         404, "itemNotFound", missing)
+        r = self.api("POST", base, {"volumeAttachment": {"volumeId": vol["id"]}}, "2.79")
+        self.assertEqual(r.status, 200, r.raw)
+        self.assertEqual(r.json()["volumeAttachment"]["device"], "/dev/vdb")
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        schema = tempest_schema("v2_79", "servers", "attach_volume")
+        jsonschema.validate(r.json(), schema["response_body"], cls=v.JSONSCHEMA_VALIDATOR,
+                            format_checker=v.FORMAT_CHECKER)
+        self.wait_volume(vol["id"], "in-use")
+        self.assertFault(self.api("POST", base, {"volumeAttachment": {"volumeId": vol["id"]}}),
+                         400, "badRequest", "already attached")
+        for version, vdir in (("2.1", "v2_1"), ("2.70", "v2_70"), ("2.79", "v2_79")):
+            listed = self.api("GET", base, version=version)
+            jsonschema.validate(listed.json(), tempest_schema(vdir, "servers",
+                                                              "list_volume_attachments")
+                                ["response_body"], cls=v.JSONSCHEMA_VALIDATOR,
+                                format_checker=v.FORMAT_CHECKER)
+        other = self.new_volume("other-vol")
+        self.assertFault(self.api("PUT", f"{base}/{vol['id']}",
+                                  {"volumeAttachment": {"volumeId": other["id"]}}), 409,
+                         "conflictingRequest", "is not migrating")
+        r = self.api("PUT", f"{base}/{vol['id']}", {"volumeAttachment": {
+            "volumeId": vol["id"], "delete_on_termination": True}}, "2.85")
+        self.assertEqual(r.status, 202, r.raw)
+        att = self.api("GET", f"{base}/{vol['id']}", version="2.89").json()
+        self.assertTrue(att["volumeAttachment"]["delete_on_termination"])
+        r = self.api("DELETE", f"{base}/{vol['id']}")
+        self.assertEqual(r.status, 202, r.raw)
+        self.wait_volume(vol["id"], "available")
+        r = self.api("POST", "/servers", {"server": {
+            "name": "bad-bfv", "flavorRef": "1", "networks": "none",
+            "block_device_mapping_v2": [{"boot_index": 0, "uuid": missing,
+                                         "source_type": "volume",
+                                         "destination_type": "volume"}]}}, "2.37")
+        self.assertFault(r, 400, "badRequest", f"failed to get volume {missing}")
+        r = self.api("POST", "/servers", {"server": {
+            "name": "bad-bfv", "flavorRef": "1", "networks": "none",
+            "block_device_mapping_v2": [{"boot_index": 0, "uuid": self.image_id,
+                                         "source_type": "image",
+                                         "destination_type": "volume"}]}}, "2.37")
+        self.assertFault(r, 400, "badRequest", "non-zero size")
+        made = self.api("POST", "/os-volumes", {"volume": {
+            "size": 1, "display_name": "proxy-vol", "display_description": "via nova"}},
+            "2.35")
+        self.assertEqual(made.status, 200, made.raw)
+        proxy = made.json()["volume"]
+        self.addCleanup(self.openstack, "volume", "delete", "--force", proxy["id"],
+                        expect_ok=False)
+        self.assertEqual((proxy["displayName"], proxy["size"], proxy["attachments"]),
+                         ("proxy-vol", 1, [{}]))
+        self.wait_volume(proxy["id"], "available")
+        listed = self.api("GET", "/os-volumes/detail").json()["volumes"]
+        self.assertIn(proxy["id"], [x["id"] for x in listed])
+        self.assertFault(self.api("GET", "/os-volumes", version="2.36"), 404, "itemNotFound")
+        snap = self.api("POST", "/os-snapshots", {"snapshot": {
+            "volume_id": proxy["id"], "display_name": "proxy-snap"}})
+        self.assertEqual(snap.status, 200, snap.raw)
+        snap_id = snap.json()["snapshot"]["id"]
+        wait_until(lambda: self.api("GET", "/os-snapshots/" + snap_id).json()["snapshot"]
+                   ["status"] == "available", timeout=120, what="snapshot available")
+        self.assertEqual(self.api("DELETE", "/os-snapshots/" + snap_id).status, 202)
+        wait_until(lambda: self.api("GET", "/os-snapshots/" + snap_id).status == 404,
+                   timeout=120, what="snapshot deleted")
+        demo = keystone_token(self.env, "demo", "demo")
+        self.assertFault(self.api("GET", "/os-volumes/" + proxy["id"], token=demo), 404,
+                         "itemNotFound")
+        self.assertNotIn(proxy["id"], [x["id"] for x in self.api(
+            "GET", "/os-volumes", token=demo).json()["volumes"]])
+        self.assertEqual(self.api("DELETE", "/os-volumes/" + proxy["id"]).status, 202)
+
+
 class ImageServiceTests(SocketTestCase):
     """/image/v2 over the local image directory, through the real HTTP server."""
 
