@@ -1736,6 +1736,20 @@ class LibvirtDriver:
                            flags)
         self._call(f"reserving {port['fixed_ip']} on network {port['network']}", update)
 
+    def lease_mac(self, network, address):
+        """The MAC that holds a DHCP lease of this address on a network, or None."""
+        if self.simulated:
+            return None
+
+        def read():
+            try:
+                leases = self.conn.networkLookupByName(network).DHCPLeases()
+            except self.libvirt.libvirtError:
+                return None
+            return next((lease["mac"].lower() for lease in leases
+                         if lease.get("ipaddr") == address), None)
+        return self._call("reading DHCP leases", read)
+
     def reserve_address(self, port):
         self._dhcp_host(port, self.libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST)
 
@@ -2602,8 +2616,15 @@ class Cinder:
         return self.call(ident, "POST", "/attachments", body)["attachment"]
 
     def attachment_update(self, ident, attachment_id, connector):
-        return self.call(ident, "PUT", "/attachments/" + attachment_id,
-                         {"attachment": {"connector": connector}})["attachment"]
+        """The attachment, its connection_info in the nested shape libvirt code reads
+        ({"driver_volume_type": ..., "data": {...}}): the 3.44 API returns it flat."""
+        attachment = self.call(ident, "PUT", "/attachments/" + attachment_id,
+                               {"attachment": {"connector": connector}})["attachment"]
+        info = attachment.get("connection_info") or {}
+        if info and "data" not in info:
+            info = {"driver_volume_type": info.get("driver_volume_type"),
+                    "data": {k: v for k, v in info.items() if k != "driver_volume_type"}}
+        return dict(attachment, connection_info=info)
 
     def attachment_complete(self, ident, attachment_id):
         self.call(ident, "POST", f"/attachments/{attachment_id}/action", {"os-complete": None})
@@ -9060,12 +9081,25 @@ class MetadataApp:
         return self.app.stopping
 
     def server_at(self, address):
-        for server in self.app.store.data["servers"].values():
-            if server["vm_state"] == "deleted":
-                continue
+        """The server with a port at this address; a guest that asks before minivan saw
+        its DHCP lease is found by the lease's MAC."""
+        servers = [s for s in self.app.store.data["servers"].values()
+                   if s["vm_state"] != "deleted"]
+        for server in servers:
             for port in server.get("ports", []):
                 if any(ip == address for ip, _ in port.get("ips", [])):
                     return server
+        if self.app.driver is None:
+            return None
+        networks = {p["network"] for s in servers for p in s.get("ports", [])}
+        try:
+            macs = {self.app.driver.lease_mac(net, address) for net in networks} - {None}
+        except (DriverError, Unavailable):
+            return None
+        for server in servers:
+            if any(p["mac"].lower() in macs for p in server.get("ports", [])):
+                self.app.compute.refresh_addresses(server["id"])
+                return server
         return None
 
     def handle(self, method, target, headers, body=b"", secure=False, stream=None,

@@ -2058,16 +2058,20 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
 
 
 def keystone_env():
-    """The variables tools/keystone.sh wrote for the running test Keystone, or None."""
+    """The variables tools/keystone.sh (and glance.sh) wrote for the running test Keystone,
+    with tools/cinder.sh's CINDER_* ones when a Cinder runs; None without a Keystone."""
     path = os.environ.get("MINIVAN_TEST_KEYSTONE_ENV")
     if not path or not os.path.exists(path):
         return None
     env = {}
-    with open(path) as f:
-        for line in f:
-            if line.startswith("export ") and "=" in line:
-                key, value = line[7:].strip().split("=", 1)
-                env[key] = value
+    for name in (path, os.environ.get("MINIVAN_TEST_CINDER_ENV", "")):
+        if not name or not os.path.exists(name):
+            continue
+        with open(name) as f:
+            for line in f:
+                if line.startswith("export ") and "=" in line:
+                    key, value = line[7:].strip().split("=", 1)
+                    env[key] = value
     return env
 
 
@@ -3120,10 +3124,15 @@ class RealGuestTests(unittest.TestCase):
         cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
         data_images = tempfile.mkdtemp(prefix="minivan-guest-images-")
         shutil.copy(GUEST_IMAGE, os.path.join(data_images, "minivan-guest.qcow2"))
+        bridge = cls.conn.networkLookupByName(GUEST_NETWORK).bridgeName()
+        shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", bridge],
+                               capture_output=True, text=True)
+        cls.metadata = " 169.254.169.254/" in shown.stdout
         start_minivan(cls, cls.port, env_extra={
             "MINIVAN_LIBVIRT_URI": "qemu:///system", "MINIVAN_VIRT_TYPE": "qemu",
             "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_IMAGES_DIR": data_images,
-            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"})
+            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
+            "MINIVAN_METADATA_LISTEN": "169.254.169.254:80" if cls.metadata else ""})
         cls.images_dir = data_images
         import openstack
         cls.sdk = openstack.connect(auth_type="none", auth={"endpoint": cls.url},
@@ -3294,6 +3303,17 @@ class RealGuestTests(unittest.TestCase):
         """A config drive (ISO, label config-2) carries the server's uuid and hostname."""
         server, _ = self.boot("real-cd", config_drive=True)
         self.wait_console(server.id, f"minivan-guest uuid {server.id}")
+
+    def test_metadata_service_reaches_the_guest(self):
+        """A guest with no config drive asks http://169.254.169.254 at boot (on the isolated
+        bridge) and learns its uuid and EC2 instance-id from minivan's metadata service."""
+        if not self.metadata:
+            skip_or_fail(self, "the test bridge lacks 169.254.169.254 (tools/libvirt-up.sh)")
+        server, _ = self.boot("real-md")
+        name = self.sdk.compute.get(f"/servers/{server.id}", microversion="2.3").json()[
+            "server"]["OS-EXT-SRV-ATTR:instance_name"]
+        self.wait_console(server.id, f"minivan-guest metadata uuid {server.id} "
+                                     f"instance-id {name}")
 
     def test_config_drive_from_the_builtin_iso_writer(self):
         """Without genisoimage on PATH, minivan writes the config-2 ISO itself and the guest

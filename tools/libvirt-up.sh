@@ -13,6 +13,8 @@
 #   MINIVAN_TEST_NET     name     (default minivan-test)
 #   MINIVAN_TEST_BRIDGE  bridge   (default mvtest0)
 #   MINIVAN_TEST_PREFIX  /24      (default 192.168.199 -> host 192.168.199.1, DHCP .10-.250)
+# The bridge also holds 169.254.169.254/32, where a minivan with --metadata-listen
+# 169.254.169.254:80 answers the guests' metadata requests.
 # PIDs of the daemons it starts are kept in /run/minivan-libvirt/{virtlogd,libvirtd}.pid.
 # Debian's NAT network 'default' is never started: its autostart link is removed.
 set -euo pipefail
@@ -31,7 +33,7 @@ LOGDIR=/var/log/libvirt
 # libvirt-daemon-config-network (Debian's NAT 'default' network).
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base iptables
           qemu-system-x86 qemu-utils libvirt-dev pkg-config genisoimage
-          busybox-static syslinux syslinux-common mtools dosfstools fdisk cpio kmod)
+          busybox-static syslinux syslinux-common mtools dosfstools fdisk cpio kmod iproute2)
 
 T0=$(date +%s.%N)
 now() { date +%s.%N; }
@@ -202,8 +204,15 @@ network() {
             virsh_ net-start "$NET" >/dev/null
         say "network $NET started in $(took "$t")"
     fi
+    # The metadata service's link-local address, on the bridge, for minivan's
+    # --metadata-listen 169.254.169.254:80 (guests reach it on-link, nothing is routed).
+    local bridge
+    bridge=$(virsh_ net-info "$NET" | awk '/^Bridge:/ {print $2}')
+    ip -4 addr show dev "$bridge" | grep -q ' 169.254.169.254/' ||
+        ip addr add 169.254.169.254/32 dev "$bridge"
     say "network $NET: bridge $(virsh_ net-info "$NET" | awk '/^Bridge:/ {print $2}')," \
-        "$PREFIX.0/24, host $PREFIX.1, DHCP $PREFIX.10-$PREFIX.250, no forwarding"
+        "$PREFIX.0/24, host $PREFIX.1 and 169.254.169.254, DHCP $PREFIX.10-$PREFIX.250," \
+        "no forwarding"
 }
 
 status() {

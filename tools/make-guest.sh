@@ -12,6 +12,8 @@
 #   minivan-guest hostname <name>              or VFAT, cdrom or disk) holds meta_data.json
 #   minivan-guest ip <iface> <addr>/<prefix>   per NIC that got a DHCP lease (busybox udhcpc)
 #   minivan-guest ready <addr> ...             after DHCP (addresses, or 'none')
+#   minivan-guest metadata uuid <uuid> instance-id <id>   from http://169.254.169.254 (the
+#                                              metadata service; 'metadata none' if silent)
 #   minivan-guest acpi power button, powering off    on ACPI shutdown (virDomainShutdown)
 # then a root shell stays on the console (virsh console).
 #
@@ -234,6 +236,26 @@ done
 wait
 addrs=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); printf " %s", $4 }')
 log "ready${addrs:- none}"
+
+# Metadata service at 169.254.169.254 (on-link, as the host's bridge holds that address):
+# what it says of this guest, or 'none' when nothing answers.
+if [ -n "$addrs" ]; then
+    nic=$(ip -4 -o addr show scope global | awk '{print $2; exit}')
+    ip route add 169.254.169.254/32 dev "$nic" 2>/dev/null
+    # (busybox nc: the static busybox's wget crashes resolving even a literal address)
+    md_get() {
+        printf 'GET %s HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n' "$1" |
+            nc -w 3 169.254.169.254 80 2>/dev/null | sed '1,/^\r*$/d'
+    }
+    md=$(md_get /openstack/latest/meta_data.json)
+    uuid=$(echo "$md" | tr ',{}' '\n\n\n' | sed -n 's/^ *"uuid": *"\([^"]*\)".*/\1/p' | head -n1)
+    iid=$(md_get /latest/meta-data/instance-id)
+    if [ -n "$uuid" ]; then
+        log "metadata uuid $uuid instance-id ${iid:-?}"
+    else
+        log "metadata none"
+    fi
+fi
 
 # A root shell on the console, forever (PID 1 must not exit).
 while :; do

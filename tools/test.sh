@@ -4,12 +4,15 @@
 #
 #   tools/test.sh [pytest args...]        e.g. tools/test.sh -k Flavor -x
 #
-# 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl), when missing
-# 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone)
+# 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl, rabbitmq-server,
+#    nfs-common), when missing
+# 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone,
+#    .venv-glance, .venv-cinder)
 # 3. libvirtd + QEMU with an isolated test network (tools/libvirt-up.sh; stopped at the end
 #    unless MINIVAN_KEEP_LIBVIRT=1) and a tiny bootable guest image (tools/make-guest.sh)
-# 4. a real Keystone and a real Glance on 127.0.0.1 (tools/keystone.sh, tools/glance.sh),
-#    with minivan's endpoint in the catalog
+# 4. a real Keystone, Glance and Cinder on 127.0.0.1 (tools/keystone.sh, tools/glance.sh,
+#    tools/cinder.sh: NFS driver on a bind-mounted share, RabbitMQ), with minivan's endpoint
+#    in the catalog; MINIVAN_TEST_CINDER_ENV names cinder.sh's env file (CINDER_*)
 # 5. pytest, in .venv
 # MINIVAN_REQUIRE_E2E=1 (set by .ci/run) fails every end-to-end test that would skip.
 # MINIVAN_TEMPEST_LIST=FILE picks the Tempest tests (default tools/tempest-pass.txt).
@@ -21,7 +24,8 @@ VENV=${MINIVAN_VENV:-$REPO/.venv}
 export MINIVAN_VENV=$VENV
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-          qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage)
+          qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage
+          rabbitmq-server nfs-common)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,7 +44,9 @@ WORK=$(mktemp -d /tmp/minivan-test.XXXXXX)
 KEYSTONE_PORT=$(free_port)
 COMPUTE_PORT=$(free_port)
 GLANCE_PORT=$(free_port)
+CINDER_PORT=$(free_port)
 cleanup() {
+    tools/cinder.sh stop "$WORK/cinder" >/dev/null 2>&1 || true
     tools/glance.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
     tools/keystone.sh stop "$WORK/keystone" >/dev/null 2>&1 || true
     [[ ${MINIVAN_KEEP_LIBVIRT:-0} == 1 ]] || tools/libvirt-up.sh stop >/dev/null 2>&1 || true
@@ -49,11 +55,13 @@ cleanup() {
 trap cleanup EXIT
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
+tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
 tools/make-guest.sh "$WORK/minivan-guest.qcow2"
 export MINIVAN_TEST_GUEST_IMAGE=$WORK/minivan-guest.qcow2
 export MINIVAN_TEST_LIBVIRT_NETWORK=${MINIVAN_TEST_NET:-minivan-test}
 
 export MINIVAN_TEST_KEYSTONE_ENV=$WORK/keystone/env
+export MINIVAN_TEST_CINDER_ENV=$WORK/cinder/env
 export MINIVAN_TEST_WORK=$WORK
 export MINIVAN_TEMPEST_LIST=${MINIVAN_TEMPEST_LIST:-$REPO/tools/tempest-pass.txt}
 set +e

@@ -1,0 +1,486 @@
+#!/usr/bin/env bash
+# cinder.sh - run a real Cinder block storage service (PyPI "cinder", v3 API,
+# sqlite, RabbitMQ, the NFS volume driver) on 127.0.0.1 for minivan's tests,
+# with keystonemiddleware auth against a Keystone started by tools/keystone.sh.
+#
+#   tools/cinder.sh start DIR PORT KEYSTONE_ENV_FILE
+#       KEYSTONE_ENV_FILE is keystone.sh's DIR/env (admin OS_* variables).
+#       Creates (idempotently, through keystone's REST API as admin) user
+#       "cinder"/secret with roles admin+service in project "service", a
+#       "volumev3" service "cinderv3" and a "block-storage" service "cinder",
+#       both with public/internal/admin endpoints
+#       http://127.0.0.1:PORT/v3/%(project_id)s in RegionOne.  Then starts, as
+#       background processes of their own with pid files in DIR:
+#         rabbitmq.pid      epmd + RabbitMQ (Debian's rabbitmq-server) on
+#                           127.0.0.1, free ports, node/mnesia/logs in DIR/rabbitmq
+#         cinder-api.pid    gunicorn serving cinder's WSGI app on 127.0.0.1:PORT
+#         cinder-scheduler.pid, cinder-volume.pid
+#       and returns once the API answers, the volume service reports "up" in
+#       os-services and the scheduler knows its pool (a volume can be created).
+#       Appends to DIR/env (sourceable; created if missing, earlier CINDER_*
+#       lines replaced): CINDER_URL, CINDER_NFS_SHARE, CINDER_MOUNT_BASE,
+#       CINDER_MOUNT_POINT, CINDER_EXPORT_DIR.
+#   tools/cinder.sh stop DIR
+#       Stops cinder-volume, cinder-scheduler, cinder-api, RabbitMQ and epmd
+#       (each by the process group of the pid in its pid file) and unmounts
+#       the share.
+# Re-running start on a stopped DIR keeps its database and volume files (the
+# broker's state is thrown away: RPC messages do not outlive a run).
+#
+# Backend: cinder's real NFS driver (cinder.volume.drivers.nfs.NfsDriver) with
+# the share CINDER_NFS_SHARE=127.0.0.1:DIR/nfs-export.  This machine has no
+# NFS in its kernel, so cinder.sh mounts DIR/nfs-export itself, as a bind
+# mount, on the directory os-brick would mount the share on:
+#   CINDER_MOUNT_POINT = CINDER_MOUNT_BASE/md5(CINDER_NFS_SHARE)
+# (CINDER_MOUNT_BASE = DIR/mnt = the driver's nfs_mount_point_base); os-brick
+# finds it in /proc/mounts and mounts nothing.  A volume is then the sparse
+# raw file CINDER_MOUNT_POINT/volume-<volume id> (snapshots add
+# volume-<id>.<snapshot id> qcow2 overlays and a volume-<id>.info file; "name"
+# is then the newest overlay).  The attachments API (v3.44: POST /attachments
+# with a connector) returns connection_info flat:
+#   {"driver_volume_type": "nfs", "export": CINDER_NFS_SHARE,
+#    "name": "volume-<id>", "format": "raw" (or "qcow2"), "options": null,
+#    "mount_point_base": CINDER_MOUNT_BASE, "access_mode": "rw", ...}
+# (os-initialize_connection nests export/name/format/options under "data"),
+# so the file is mount_point_base/md5(export)/name.  mount.nfs must exist
+# (Debian's nfs-common) although it is never run for a mount: the driver
+# refuses to start without it.  Cinder runs as root, so no sudo, rootwrap or
+# privsep-helper via sudo is needed (privsep's helper_command is set).
+#
+# Uses ${MINIVAN_CINDER_VENV:-REPO/.venv-cinder} (tools/setup-venvs.sh);
+# ${MINIVAN_CINDER_WORKERS:-2} sync gunicorn workers for the API.
+set -euo pipefail
+shopt -s inherit_errexit
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CI_VENV=${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}
+WORKERS=${MINIVAN_CINDER_WORKERS:-2}
+PASSWORD=secret
+RABBIT_BIN=/usr/lib/rabbitmq/bin/rabbitmq-server
+# stop order: clients of the broker first
+SERVICES=(cinder-volume cinder-scheduler cinder-api rabbitmq epmd)
+# shellcheck source=tools/keystone-api.sh
+source "$REPO/tools/keystone-api.sh"
+
+usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
+
+# ours DIR NAME: prints the pid in DIR/NAME.pid if that process is still one we
+# started: every process here runs with DIR as its working directory (a stale
+# pid may have been reused; cmdlines are rewritten by setproctitle).
+ours() {
+    local pid
+    [[ -f $1/$2.pid ]] || return 1
+    pid=$(cat "$1/$2.pid")
+    [[ $pid =~ ^[0-9]+$ && $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$1" ]] || return 1
+    echo "$pid"
+}
+
+# free_ports N: N distinct free TCP ports on 127.0.0.1.
+free_ports() {
+    python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
+
+# spawn DIR NAME CMD...: runs CMD in the background, in DIR, in a session (and
+# process group) of its own, output to DIR/NAME.log; its pid to DIR/NAME.pid.
+spawn() {
+    local dir=$1 name=$2; shift 2
+    (cd "$dir" && exec setsid "$@" >>"$dir/$name.log" 2>&1 </dev/null) &
+    echo $! > "$dir/$name.pid"
+}
+
+# alive DIR NAME: fails, with the tail of its log, if NAME has died.
+alive() {
+    ours "$1" "$2" >/dev/null && return 0
+    echo "cinder: $2 died; tail of $1/$2.log:" >&2
+    tail -n 30 "$1/$2.log" >&2
+    return 1
+}
+
+write_config() {  # write_config DIR PORT AMQP_PORT
+    local dir=$1 port=$2 amqp=$3
+    local privsep="$CI_VENV/bin/privsep-helper --config-file $dir/cinder.conf"
+    cat > "$dir/cinder.conf" <<EOF
+[DEFAULT]
+debug = false
+host = minivan
+my_ip = 127.0.0.1
+state_path = $dir/cinder-state
+transport_url = rabbit://cinder:$PASSWORD@127.0.0.1:$amqp/
+auth_strategy = keystone
+api_paste_config = $dir/cinder-api-paste.ini
+osapi_volume_listen = 127.0.0.1
+osapi_volume_listen_port = $port
+enabled_backends = nfs
+# which GET query filters non-admins may use (the file ships in the venv)
+resource_query_filters_file = $CI_VENV/etc/cinder/resource_filters.json
+# images come from the "image" endpoint in the user's service catalog
+# (glance_catalog_info = image:glance:publicURL, the default)
+[database]
+connection = sqlite:///$dir/cinder.db
+[oslo_concurrency]
+lock_path = $dir/cinder-state/lock
+[oslo_messaging_notifications]
+driver = noop
+[oslo_messaging_rabbit]
+# no AMQP heartbeats: the API's sync gunicorn workers would miss them while idle
+heartbeat_timeout_threshold = 0
+[coordination]
+backend_url = file://$dir/cinder-state
+[keystone_authtoken]
+www_authenticate_uri = $OS_AUTH_URL
+auth_url = $OS_AUTH_URL
+auth_type = password
+username = cinder
+password = $PASSWORD
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+region_name = RegionOne
+service_token_roles_required = true
+# tokens are validated against keystone once, then cached in-process 5 min
+token_cache_time = 300
+[nova]
+# cinder -> nova calls (volume-extended events, assisted snapshots)
+auth_type = password
+auth_url = $OS_AUTH_URL
+username = cinder
+password = $PASSWORD
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+region_name = RegionOne
+interface = public
+# we run as root: privsep daemons start without sudo/rootwrap
+[cinder_sys_admin]
+helper_command = $privsep
+[privsep_osbrick]
+helper_command = $privsep
+[privsep]
+helper_command = $privsep
+[nfs]
+volume_driver = cinder.volume.drivers.nfs.NfsDriver
+volume_backend_name = nfs
+nfs_shares_config = $dir/nfs-shares
+nfs_mount_point_base = $dir/mnt
+nfs_sparsed_volumes = true
+nfs_qcow2_volumes = false
+nfs_snapshot_support = true
+# root owns the share: "auto" would pick "true" on a new install, and secure
+# file operations rule out snapshots.  Files are mode 666 (qemu may be a user).
+nas_secure_file_operations = false
+nas_secure_file_permissions = false
+EOF
+    echo "127.0.0.1:$dir/nfs-export" > "$dir/nfs-shares"
+    # Our own minimal paste pipeline: v3 API only, no osprofiler, no CORS.
+    cat > "$dir/cinder-api-paste.ini" <<'EOF'
+[composite:osapi_volume]
+use = call:cinder.api:root_app_factory
+/: versions
+/v3: v3
+
+[pipeline:versions]
+pipeline = request_id http_proxy_to_wsgi faultwrap versionsapp
+
+[pipeline:v3]
+pipeline = request_id http_proxy_to_wsgi faultwrap sizelimit authtoken keystonecontext v3app
+
+[app:versionsapp]
+paste.app_factory = cinder.api.versions:Versions.factory
+
+[app:v3app]
+paste.app_factory = cinder.api.v3.router:APIRouter.factory
+
+[filter:request_id]
+paste.filter_factory = cinder.api.middleware.request_id:RequestId.factory
+
+[filter:http_proxy_to_wsgi]
+paste.filter_factory = oslo_middleware.http_proxy_to_wsgi:HTTPProxyToWSGI.factory
+
+[filter:faultwrap]
+paste.filter_factory = cinder.api.middleware.fault:FaultWrapper.factory
+
+[filter:sizelimit]
+paste.filter_factory = oslo_middleware.sizelimit:RequestBodySizeLimiter.factory
+
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+
+[filter:keystonecontext]
+paste.filter_factory = cinder.api.middleware.auth:CinderKeystoneContext.factory
+EOF
+    # sqlite shared by three processes (and two API workers): oslo.db opens
+    # every transaction with a plain (deferred) BEGIN, so two that read and
+    # then write deadlock and one fails at once with "database is locked".
+    # BEGIN IMMEDIATE takes the write lock up front, so they queue
+    # (busy_timeout) instead.  The listener is class-level, so it runs before
+    # oslo.db's per-engine one, which then sees "in_transaction".
+    cat > "$dir/cinder_sqlite.py" <<'EOF'
+import sqlalchemy
+from sqlalchemy.engine import Engine
+
+
+@sqlalchemy.event.listens_for(Engine, 'connect')
+def _sqlite_busy_timeout(dbapi_con, con_record):
+    if type(dbapi_con).__module__.startswith('sqlite3'):
+        dbapi_con.execute('PRAGMA busy_timeout = 60000')
+
+
+@sqlalchemy.event.listens_for(Engine, 'begin')
+def _sqlite_begin_immediate(conn):
+    if conn.dialect.name == 'sqlite' and 'in_transaction' not in conn.info:
+        conn.exec_driver_sql('BEGIN IMMEDIATE')
+        conn.info['in_transaction'] = True
+EOF
+    # The API under gunicorn: cinder's config machinery parses sys.argv,
+    # which there holds gunicorn's own options.
+    cat > "$dir/cinder_wsgi.py" <<EOF
+import sys
+sys.argv = [sys.argv[0], '--config-file', '$dir/cinder.conf']
+sys.path.insert(0, '$dir')
+
+import cinder_sqlite  # noqa: F401
+from cinder.wsgi import wsgi
+import warnings
+# cinder.wsgi.wsgi shows each DeprecationWarning once: they flood the log
+warnings.simplefilter('ignore', DeprecationWarning)
+application = wsgi.initialize_application()
+EOF
+    # cinder-scheduler / cinder-volume with the same sqlite fix; eventlet
+    # monkey patching first, as cinder's own entry points do.
+    cat > "$dir/cinder_service.py" <<'EOF'
+import importlib
+import os
+import sys
+
+from cinder import monkey_patch
+monkey_patch.patch()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cinder_sqlite  # noqa: E402,F401
+
+cmd = importlib.import_module('cinder.cmd.' + sys.argv.pop(1))
+sys.exit(cmd.main())
+EOF
+}
+
+write_rabbit_config() {  # write_rabbit_config DIR AMQP_PORT
+    local rdir=$1/rabbitmq
+    mkdir -p "$rdir/log"
+    rm -rf "$rdir/mnesia"            # a fresh broker each start
+    cat > "$rdir/rabbitmq.conf" <<EOF
+listeners.tcp.1 = 127.0.0.1:$2
+default_user = cinder
+default_pass = $PASSWORD
+default_vhost = /
+log.file.level = warning
+EOF
+    echo '[].' > "$rdir/enabled_plugins"
+    : > "$rdir/rabbitmq-env.conf"
+}
+
+# Creates the cinder service user and the block storage catalog entries.
+register() {
+    local url=$1 auth project user r svc type name iface ep body
+    auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
+        {"name": "'$OS_USERNAME'", "domain": {"name": "'$OS_USER_DOMAIN_NAME'"},
+         "password": "'$OS_PASSWORD'"}}},
+        "scope": {"project": {"name": "'$OS_PROJECT_NAME'",
+                  "domain": {"name": "'$OS_PROJECT_DOMAIN_NAME'"}}}}}'
+    token "$auth"
+    [[ -n $TOKEN ]] || { echo "cinder: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
+    project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
+    user=$(ensure users "name=cinder" \
+        '{"user": {"name": "cinder", "domain_id": "default", "password": "'$PASSWORD'"}}')
+    for r in admin service; do
+        r=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
+        api PUT "/projects/$project/users/$user/roles/$r" >/dev/null
+    done
+    for svc in volumev3:cinderv3 block-storage:cinder; do
+        type=${svc%%:*} name=${svc#*:}
+        svc=$(ensure services "type=$type&name=$name" \
+            '{"service": {"name": "'"$name"'", "type": "'"$type"'"}}')
+        for iface in public internal admin; do
+            body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
+                   "region_id": "RegionOne", "url": "'$url'/v3/%(project_id)s"}}'
+            ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
+            if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
+            else api POST /endpoints "$body" >/dev/null; fi
+        done
+    done
+}
+
+start_rabbit() {  # start_rabbit DIR AMQP_PORT DIST_PORT EPMD_PORT
+    local dir=$1 rdir=$1/rabbitmq
+    write_rabbit_config "$dir" "$2"
+    # our own epmd, loopback only, on its own port: no clash with another run
+    spawn "$dir" epmd epmd -port "$4" -address 127.0.0.1
+    # the real start script (not Debian's wrapper, which su's to "rabbitmq")
+    spawn "$dir" rabbitmq env HOME="$rdir" \
+        ERL_EPMD_PORT="$4" ERL_EPMD_ADDRESS=127.0.0.1 ERL_CRASH_DUMP="$rdir/erl_crash.dump" \
+        RABBITMQ_NODENAME=cinder@localhost \
+        RABBITMQ_CONF_ENV_FILE="$rdir/rabbitmq-env.conf" \
+        RABBITMQ_CONFIG_FILE="$rdir/rabbitmq.conf" \
+        RABBITMQ_ADVANCED_CONFIG_FILE="$rdir/advanced.config" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$rdir/enabled_plugins" \
+        RABBITMQ_MNESIA_BASE="$rdir/mnesia" \
+        RABBITMQ_LOG_BASE="$rdir/log" \
+        RABBITMQ_PID_FILE="$rdir/rabbit.pid" \
+        RABBITMQ_DIST_PORT="$3" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+        "$RABBIT_BIN"
+}
+
+wait_rabbit() {  # wait_rabbit DIR AMQP_PORT
+    local i
+    for i in $(seq 120); do
+        # the AMQP listener opens last, once the broker has booted
+        (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return 0
+        alive "$1" rabbitmq || exit 1
+        alive "$1" epmd || exit 1
+        sleep 0.5
+    done
+    echo "cinder: RabbitMQ not listening on 127.0.0.1:$2 after 60s; see $1/rabbitmq.log" >&2
+    exit 1
+}
+
+# mount_share DIR: bind-mounts DIR/nfs-export on the share's mount point.
+mount_share() {
+    local dir=$1 mp
+    mp=$(mount_point "$dir")
+    mkdir -p "$dir/nfs-export" "$mp"
+    mounted "$mp" || mount --bind "$dir/nfs-export" "$mp"
+}
+mount_point() { echo "$1/mnt/$(printf '%s' "127.0.0.1:$1/nfs-export" | md5sum | cut -d' ' -f1)"; }
+# mounted PATH: PATH is a mount point in /proc/mounts (os-brick's test too).
+mounted() { awk -v p="$1" '$2 == p {f = 1} END {exit !f}' /proc/mounts; }
+
+start() {
+    local dir port=$2 ks_env=$3 t0=$SECONDS
+    mkdir -p "$1"; dir=$(cd "$1" && pwd -P)
+    local url=http://127.0.0.1:$port svc
+    [[ -x $CI_VENV/bin/gunicorn ]] ||
+        { echo "cinder: no $CI_VENV/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
+    [[ -x $RABBIT_BIN ]] || { echo "cinder: no $RABBIT_BIN; apt-get install rabbitmq-server" >&2; exit 1; }
+    [[ -x /sbin/mount.nfs ]] || { echo "cinder: no /sbin/mount.nfs; apt-get install nfs-common" >&2; exit 1; }
+    command -v qemu-img >/dev/null || { echo "cinder: no qemu-img; apt-get install qemu-utils" >&2; exit 1; }
+    [[ -f $ks_env ]] || { echo "cinder: no keystone env file $ks_env" >&2; exit 1; }
+    for svc in "${SERVICES[@]}"; do
+        ours "$dir" "$svc" >/dev/null && { echo "cinder: $svc already running in $dir" >&2; exit 1; }
+    done
+    if curl -s -o /dev/null --max-time 2 "$url/"; then
+        echo "cinder: something already listens on 127.0.0.1:$port" >&2; exit 1
+    fi
+    # shellcheck source=/dev/null
+    source "$ks_env"
+    : "${OS_AUTH_URL:?not set by $ks_env}" "${ADMIN_PROJECT_ID:?not set by $ks_env}"
+
+    local amqp_port dist_port epmd_port
+    read -r amqp_port dist_port epmd_port < <(free_ports 3)
+    start_rabbit "$dir" "$amqp_port" "$dist_port" "$epmd_port"   # boots meanwhile
+
+    register "$url"
+    echo "cinder: keystone user and catalog ready after $((SECONDS - t0))s"
+
+    mkdir -p "$dir/cinder-state/lock"
+    write_config "$dir" "$port" "$amqp_port"
+    mount_share "$dir"
+    "$CI_VENV/bin/cinder-manage" --config-file "$dir/cinder.conf" db sync \
+        >>"$dir/cinder-manage.log" 2>&1 ||
+        { echo "cinder: cinder-manage db sync failed, see $dir/cinder-manage.log" >&2; exit 1; }
+    echo "cinder: database ready after $((SECONDS - t0))s"
+    wait_rabbit "$dir" "$amqp_port"
+    echo "cinder: RabbitMQ on 127.0.0.1:$amqp_port after $((SECONDS - t0))s"
+
+    # PYTHONWARNINGS: hide eventlet's and others' DeprecationWarnings.
+    export PYTHONWARNINGS=ignore::DeprecationWarning
+    spawn "$dir" cinder-api "$CI_VENV/bin/gunicorn" --workers "$WORKERS" \
+        --bind "127.0.0.1:$port" --timeout 300 \
+        --access-logfile - --error-logfile - cinder_wsgi:application
+    spawn "$dir" cinder-scheduler "$CI_VENV/bin/python" "$dir/cinder_service.py" scheduler \
+        --config-file "$dir/cinder.conf"
+    spawn "$dir" cinder-volume "$CI_VENV/bin/python" "$dir/cinder_service.py" volume \
+        --config-file "$dir/cinder.conf"
+
+    local i services pools
+    for i in $(seq 240); do
+        for svc in cinder-api cinder-scheduler cinder-volume rabbitmq; do alive "$dir" "$svc" || exit 1; done
+        # GET / answers 300 Multiple Choices (the version list), no auth needed
+        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url/") == 300 ]] && break
+        [[ $i == 240 ]] && { echo "cinder: no answer on $url after 120s" >&2; exit 1; }
+        sleep 0.5
+    done
+    echo "cinder: API answers on $url after $((SECONDS - t0))s"
+    # ready = the volume service is up and the scheduler has its pool
+    for i in $(seq 240); do
+        for svc in cinder-api cinder-scheduler cinder-volume rabbitmq; do alive "$dir" "$svc" || exit 1; done
+        services=$(curl -sS -H "X-Auth-Token: $TOKEN" \
+            "$url/v3/$ADMIN_PROJECT_ID/os-services?binary=cinder-volume" || true)
+        pools=$(curl -sS -H "X-Auth-Token: $TOKEN" \
+            "$url/v3/$ADMIN_PROJECT_ID/scheduler-stats/get_pools" || true)
+        if [[ $services == *'"state": "up"'* && $pools == *'"name": "'* ]]; then break; fi
+        if [[ $i == 240 ]]; then
+            echo "cinder: volume service not ready after 120s: $services $pools;" \
+                "see $dir/cinder-volume.log, $dir/cinder-scheduler.log" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    echo "cinder: serving $url, volume service up after $((SECONDS - t0))s"
+
+    touch "$dir/env"
+    sed -i '/^export CINDER_[A-Z_]*=/d' "$dir/env"
+    cat >> "$dir/env" <<EOF
+export CINDER_URL=$url
+export CINDER_NFS_SHARE=127.0.0.1:$dir/nfs-export
+export CINDER_MOUNT_BASE=$dir/mnt
+export CINDER_MOUNT_POINT=$(mount_point "$dir")
+export CINDER_EXPORT_DIR=$dir/nfs-export
+EOF
+    echo "cinder: CINDER_URL=$url appended to $dir/env"
+}
+
+# group_alive PGID: some process of group PGID is still running (orphans are
+# reaped by pid 1 only now and then: zombies do not count).
+group_alive() {
+    local pids
+    pids=$(pgrep -g "$1" | paste -sd, -) || return 1
+    ps -o stat= -p "$pids" | grep -qv '^Z'
+}
+
+# stop_one DIR NAME: TERM to the process group of DIR/NAME.pid (the service,
+# its workers or children, privsep daemons), then KILL after 20s.
+stop_one() {
+    local dir=$1 name=$2 pid i
+    if pid=$(ours "$dir" "$name"); then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+        for i in $(seq 200); do
+            group_alive "$pid" || break
+            sleep 0.1
+        done
+        if group_alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+        echo "cinder: stopped $name (pid $pid)"
+    elif [[ -f $dir/$name.pid ]]; then
+        echo "cinder: $name (pid $(cat "$dir/$name.pid")) is not running"
+    fi
+    rm -f "$dir/$name.pid"
+}
+
+stop() {
+    local dir svc mp
+    dir=$(cd "$1" && pwd -P)
+    for svc in "${SERVICES[@]}"; do stop_one "$dir" "$svc"; done
+    mp=$(mount_point "$dir")
+    if mounted "$mp"; then
+        # lazily if busy (a guest may still hold a volume file open)
+        umount "$mp" 2>/dev/null || umount -l "$mp"
+        echo "cinder: unmounted $mp"
+    fi
+}
+
+case ${1:-} in
+    start) [[ $# == 4 ]] || usage; start "$2" "$3" "$4" ;;
+    stop)  [[ $# == 2 ]] || usage; stop "$2" ;;
+    *)     usage ;;
+esac
