@@ -2676,7 +2676,7 @@ def ensure_nfs_mounted(mount_base, export, options=None):
     """Mount the share unless something is mounted there already (a share that another
     service, or the administrator, mounted at the same place is used as it is)."""
     point = nfs_mount_point(mount_base, export)
-    if os.path.ismount(point):
+    if is_mount_point(point):
         return point
     os.makedirs(point, exist_ok=True)
     command = ["mount", "-t", "nfs"] + (["-o", options] if options else []) + [export, point]
@@ -2688,6 +2688,22 @@ def ensure_nfs_mounted(mount_base, export, options=None):
         raise DriverError(f"mounting NFS share {export} at {point} failed: "
                           f"{done.stderr.strip()[-200:]}")
     return point
+
+
+def is_mount_point(path):
+    """True when something is mounted on path; /proc/self/mounts also sees bind mounts
+    within one filesystem, which os.path.ismount cannot tell from a directory."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(
+                        m.group(1), 8)), fields[1]) == path:
+                    return True
+    except OSError:
+        pass
+    return os.path.ismount(path)
 
 
 def volume_source(connection_info, mount_base):

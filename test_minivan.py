@@ -3464,6 +3464,8 @@ class CinderEndToEndTests(unittest.TestCase):
         if getattr(cls, "ready", False):
             stop_minivan(cls)
             cls.conn.close()
+            subprocess.run([os.path.join(BIN, "openstack"), "image", "delete", cls.image_id],
+                           capture_output=True, env=dict(os.environ, **cls.os_env))
 
     def setUp(self):
         if not self.ready:
@@ -3547,7 +3549,7 @@ class CinderEndToEndTests(unittest.TestCase):
         """server add volume hot-plugs the NFS volume file into the running QEMU guest;
         the attachment shows in every view; server remove volume unplugs it."""
         vol = self.new_volume("data-vol")
-        server = self.boot("vol-vm", "--image", "minivan-guest-vol")
+        server = self.boot("vol-vm", "--image", self.image_id)
         self.openstack("server", "add", "volume", "--device", "/dev/vdb", server["id"],
                        vol["id"])
         vol = self.wait_volume(vol["id"], "in-use")
@@ -3606,7 +3608,7 @@ class CinderEndToEndTests(unittest.TestCase):
         wait_until(lambda: self.openstack("volume", "show", root["id"],
                                           expect_ok=False).returncode != 0,
                    timeout=120, what="the root volume deleted")
-        bootable = self.new_volume("bootable-vol", "--image", "minivan-guest-vol")
+        bootable = self.new_volume("bootable-vol", "--image", self.image_id)
         again = self.boot("bfv-vm2", "--volume", bootable["id"])
         self.assertEqual(self.disks(again["id"])["vda"], self.volume_file(bootable["id"]))
         self.openstack("server", "delete", "--wait", again["id"])
@@ -3616,7 +3618,7 @@ class CinderEndToEndTests(unittest.TestCase):
         """Bad attachments and boots answer as Nova; os-volumes and os-snapshots proxy
         Cinder up to 2.35; another project sees none of admin's volumes."""
         vol = self.new_volume("err-vol")
-        server = self.boot("err-vm", "--image", "minivan-guest-vol")
+        server = self.boot("err-vm", "--image", self.image_id)
         base = f"/servers/{server['id']}/os-volume_attachments"
         missing = "5f0c2ad5-0000-4000-8000-000000000000"
         self.assertFault(self.api("POST", base, {"volumeAttachment": {"volumeId": missing}}),
@@ -4230,12 +4232,14 @@ class VolumeConnectionTests(unittest.TestCase):
         vol = {"id": "v1", "target": "vdb", "connection_info": {
             "driver_volume_type": "nfs", "data": {"export": export, "name": "volume-v1",
                                                   "format": "raw"}}}
-        real_ismount = os.path.ismount
-        os.path.ismount = lambda p: p == point or real_ismount(p)
+        real = minivan.is_mount_point
+        minivan.is_mount_point = lambda p: p == point or real(p)
         try:
             xml = minivan.volume_disk_xml(vol, tmp)
         finally:
-            os.path.ismount = real_ismount
+            minivan.is_mount_point = real
+        self.assertTrue(minivan.is_mount_point("/proc"))
+        self.assertFalse(minivan.is_mount_point(tmp))
         self.assertIn(f"<source file='{point}/volume-v1'/>", xml)
         self.assertIn("<target dev='vdb' bus='virtio'/><serial>v1</serial>", xml)
         local = dict(vol, connection_info={"driver_volume_type": "local",
