@@ -5001,7 +5001,8 @@ class Compute:
         qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base),
                  rescue_disk)
         disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
-        self.driver.redefine(server, disks, self.config_drive_path(server),
+        # as Nova's (non-stable) rescue: the rescue disk, the server's own disks, no volumes
+        self.driver.redefine(dict(server, volumes=[]), disks, self.config_drive_path(server),
                              rescue=[(rescue_disk, "vda", "qcow2")])
         self.driver.power_on(server)
         self.update(server["id"], vm_state="rescued", task_state=None, power_state=RUNNING,
@@ -6682,7 +6683,7 @@ def server_action_rescue(req):
     spec = body["rescue"] or {}
     server = find_server(req, req.params["server_id"])
     image_ref = spec.get("rescue_image_ref") or server["image_ref"]
-    if not image_ref:
+    if not image_ref or server.get("volume_backed"):
         raise BadRequest("Cannot rescue a volume-backed instance")
     image = resolve_boot_image(req, {"imageRef": image_ref})
     admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]

@@ -2124,7 +2124,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
             "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
             "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"})
+            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", "")})
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.tokens = {}
         cls.images = {}
@@ -2325,7 +2326,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         if not self.images:
             skip_or_fail(self, "no Glance in the test cloud (tools/test.sh starts one)")
         env = dict(os.environ, TEMPEST_IMAGE_REF=self.images["cirros"],
-                   TEMPEST_IMAGE_REF_ALT=self.images["cirros-alt"])
+                   TEMPEST_IMAGE_REF_ALT=self.images["cirros-alt"],
+                   CINDER_URL=self.env.get("CINDER_URL", ""))
         done = subprocess.run([os.path.join(HERE, "tools", "tempest.sh"), work,
                                os.environ["MINIVAN_TEST_KEYSTONE_ENV"], listing],
                               capture_output=True, text=True, timeout=2400, env=env)

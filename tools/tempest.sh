@@ -11,6 +11,7 @@
 #   tools/tempest.sh DIR KEYSTONE_ENV_FILE - --list-tests --regex REGEX
 #       only lists the test ids REGEX selects (needs no running service).
 #
+# CINDER_URL in the environment (tools/cinder.sh's env file) turns Cinder on.
 # Env knobs: TEMPEST_CONCURRENCY=N (N>1: parallel; the 4 pre-provisioned
 # accounts only suffice for one worker, so pair it with
 # TEMPEST_DYNAMIC_CREDENTIALS=True, which makes tempest create its own
@@ -87,7 +88,8 @@ neutron = False
 # compute admin test class dies in setUpClass (AttributeError).  Tests that
 # really use images then fail instead of skipping: keep them out of the list.
 glance = True
-cinder = False
+# Cinder when tools/cinder.sh runs one (CINDER_URL set, e.g. from its env file)
+cinder = $([[ -n ${CINDER_URL:-} ]] && echo True || echo False)
 swift = False
 horizon = False
 # not a core tempest option (ignored), kept for plugins/readers
@@ -111,6 +113,16 @@ image_ref = ${TEMPEST_IMAGE_REF:-}
 image_ref_alt = ${TEMPEST_IMAGE_REF_ALT:-${TEMPEST_IMAGE_REF:-}}
 build_timeout = 60
 min_compute_nodes = 1
+
+[volume]
+catalog_type = volumev3
+region = ${OS_REGION_NAME:-RegionOne}
+build_timeout = 120
+
+[volume-feature-enabled]
+# Cinder's NFS driver: snapshots of detached volumes only, no backups
+backup = False
+extend_attached_volume = False
 
 [compute-feature-enabled]
 # everything that needs a real guest, console, migration or another service
