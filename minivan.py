@@ -4741,6 +4741,7 @@ class Compute:
             self.fail(server_id, DriverError("the build was interrupted by a restart of minivan"))
             self.update(server_id, power_state=NOSTATE)
             return
+        self.drop_unfinished_attachments(server)
         needs_domain = vm != "shelved_offloaded" and (vm != "error" or server.get("launched_at"))
         if server_id not in domains:
             if not needs_domain or (vm == "error" and not server.get("host")):
@@ -4759,6 +4760,23 @@ class Compute:
             self.driver.power_on(server)
             state = RUNNING
         self.update(server_id, power_state=state)
+
+    def drop_unfinished_attachments(self, server):
+        """Volume attachments a restart interrupted (reserved, never connected) are
+        given back to Cinder and forgotten, as a failed attach would be."""
+        if server["vm_state"] == "shelved_offloaded":
+            return
+        for vol in server.get("volumes", []):
+            if vol.get("connection_info") or vol.get("boot_index") == 0:
+                continue
+            LOG.warning("server %s: the attachment of volume %s was interrupted",
+                        server["id"], vol.get("id"))
+            self.drop_volume(server["id"], vol["bdm_uuid"])
+            try:
+                if vol.get("attachment_id") and self.app.volumes is not None:
+                    self.app.volumes.attachment_delete(None, vol["attachment_id"])
+            except (VolumeError, Unavailable) as e:
+                LOG.warning("server %s: releasing that attachment failed: %s", server["id"], e)
 
     def redefine_simulated(self, server):
         """libvirt's test driver forgets domains with the process: define them again."""

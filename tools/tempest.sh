@@ -161,6 +161,9 @@ else
 fi
 # account locks left by a killed run would make tempest think every
 # pre-provisioned account is taken ("Insufficient number of users")
+# (tempest keeps them as files named by an md5 in its lock_path)
 rm -rf "$DIR/tempest_lock/test_accounts"
+find "$DIR/tempest_lock" -maxdepth 1 -type f -regextype posix-extended \
+    -regex '.*/[0-9a-f]{32}' -delete 2>/dev/null || true
 cd "$DIR"
 exec "$VENV/bin/tempest" run "${args[@]}" "$@"
