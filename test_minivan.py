@@ -4169,6 +4169,23 @@ class VolumeWithoutCinderTests(ServerTestCase):
         view = self.server(server_id, version="2.3")
         self.assertEqual(view["os-extended-volumes:volumes_attached"], [])
 
+    def test_restart_forgets_interrupted_attachments(self):
+        """A volume mapping that was reserved but never connected when minivan stopped is
+        dropped at start, as a failed attach would be; connected ones stay."""
+        server_id = self.new_server()
+        vols = [{"id": "a" * 8 + "-1111-4c55-9b1e-0123456789ab", "bdm_uuid": "b1",
+                 "attachment_id": None, "connection_info": None, "target": "vdb",
+                 "device": "/dev/vdb", "boot_index": None},
+                {"id": "c" * 8 + "-1111-4c55-9b1e-0123456789ab", "bdm_uuid": "b2",
+                 "attachment_id": "x", "target": "vdc", "device": "/dev/vdc",
+                 "boot_index": None, "connection_info": {
+                     "driver_volume_type": "local", "data": {"device_path": "/dev/null"}}}]
+        self.store.commit([["set", ["servers", server_id, "volumes"], vols]])
+        self.restart_app()
+        self.app.compute.reconcile()
+        left = self.store.data["servers"][server_id]["volumes"]
+        self.assertEqual([v["bdm_uuid"] for v in left], ["b2"])
+
     def test_server_external_events(self):
         """Events: 200 when all are taken, 207 with per-event codes otherwise, admin only."""
         server_id = self.new_server()
