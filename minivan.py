@@ -157,6 +157,8 @@ OPTIONS = [
     ("sync-power-state-interval", "10", "seconds between checks of the guests' power states"),
     ("resize-confirm-window", "0", "seconds after which a resize confirms itself (0: never)"),
     ("availability-zone", "nova", "availability zone of this host"),
+    ("instance-usage-audit", "false", "audit the servers' usage per month "
+     "(os-instance_usage_audit_log reports it; off, as in Nova, reports no host done)"),
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
      "192.168.122.1:8775 (default: off; guests then use config drives)"),
     ("host", "", "compute host name (default: this machine's host name)"),
@@ -240,7 +242,7 @@ def finish_config(conf):
             raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
                               f"not {conf[key]!r}") from None
     for key in ("debug", "force_config_drive", "enable_instance_password",
-                "resume_guests_state_on_host_boot"):
+                "resume_guests_state_on_host_boot", "instance_usage_audit"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
@@ -831,6 +833,8 @@ def _check_number(schema, value, path):
 
 
 def _check_object(schema, value, path, lenient):
+    if len(value) < schema.get("minProperties", 0):
+        raise SchemaError(path, value, f"{_repr(value)} does not have enough properties")
     for key in schema.get("required", ()):
         if key not in value:
             raise SchemaError(path, value, f"{_repr(key)} is a required property")
@@ -1705,6 +1709,82 @@ class LibvirtDriver:
             qemu_img("convert", "-n", "-f", paths[0][1], "-O", paths[1][1], paths[0][0],
                      paths[1][0])
         self.redefine_config(swapped)
+
+    def volume_path(self, vol):
+        kind, _, source = volume_source(vol["connection_info"], self.volume_mount_base)
+        if kind != "file":
+            raise DriverError("assisted snapshots need file-backed (NFS) volumes")
+        return re.search(r"file='([^']*)'", source).group(1).replace("&apos;", "'")
+
+    def snapshot_volume(self, server, vol, new_file):
+        """Move the volume's disk onto new_file, a qcow2 overlay that already exists next
+        to it (an external disk-only snapshot that reuses the file)."""
+        new_path = os.path.join(os.path.dirname(self.volume_path(vol)),
+                                os.path.basename(new_file))
+        if not os.path.exists(new_path):
+            raise DriverError(f"{new_file} does not exist on the volume's share")
+        dom = self._domain(server)
+        moved = dict(vol, connection_info=dict(vol["connection_info"], data=dict(
+            vol["connection_info"]["data"], name=os.path.basename(new_file), format="qcow2")))
+        if self.simulated:
+            self.redefine_config(dict(server, volumes=[
+                moved if v["bdm_uuid"] == vol["bdm_uuid"] else v
+                for v in server.get("volumes", [])]))
+            return
+        others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in re.findall(
+            r"<target dev='([^']+)'", self._call("reading the domain", dom.XMLDesc, 0))
+            if t != vol["target"])
+        xml = (f"<domainsnapshot><disks><disk name='{vol['target']}' snapshot='external' "
+               f"type='file'><driver type='qcow2'/><source file='{xml_escape(new_path)}'/>"
+               f"</disk>{others}</disks></domainsnapshot>")
+        flags = (self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                 | self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                 | self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        self._call("snapshotting the volume", dom.snapshotCreateXML, xml, flags)
+
+    def merge_volume_snapshot(self, server, vol, file_to_merge, merge_target):
+        """Take a snapshot's file out of the volume's backing chain: pull it into the
+        active file (rebase onto file_to_merge, which may be None: no backing file), or
+        commit file_to_merge down into merge_target."""
+        active = self.volume_path(vol)
+        where = os.path.dirname(active)
+        dom = self._domain(server)
+        running = not self.simulated and self._call("reading the domain state",
+                                                    dom.isActive)
+        target = vol["target"]
+
+        def wait_job():
+            deadline = time.monotonic() + 3600
+            while dom.blockJobInfo(target, 0):      # a pull or commit ends by itself
+                if time.monotonic() > deadline:
+                    raise DriverError("the block job did not end within an hour")
+                time.sleep(0.2)
+
+        if merge_target is None:
+            base = os.path.join(where, os.path.basename(file_to_merge)) if file_to_merge \
+                else None
+            if running:
+                flags = self.libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0
+
+                def rebase():
+                    dom.blockRebase(target, base, 0, flags)
+                    wait_job()
+                self._call("merging the snapshot", rebase)
+            else:
+                fmt = ["-F", image_format(base)] if base else []
+                qemu_img("rebase", "-q", "-b", os.path.basename(base) if base else "", *fmt,
+                         active)
+            return
+        if not running:
+            raise DriverError("committing a volume snapshot needs a running guest")
+        base = os.path.join(where, os.path.basename(merge_target))
+        top = os.path.join(where, os.path.basename(file_to_merge))
+
+        def commit():
+            dom.blockCommit(target, base, top, 0,
+                            self.libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
+            wait_job()
+        self._call("merging the snapshot", commit)
 
     def resize_volume(self, server, vol, size):
         """Tell a running guest that a volume's disk is now size bytes."""
@@ -2620,11 +2700,32 @@ class Cinder:
         ({"driver_volume_type": ..., "data": {...}}): the 3.44 API returns it flat."""
         attachment = self.call(ident, "PUT", "/attachments/" + attachment_id,
                                {"attachment": {"connector": connector}})["attachment"]
-        info = attachment.get("connection_info") or {}
-        if info and "data" not in info:
-            info = {"driver_volume_type": info.get("driver_volume_type"),
-                    "data": {k: v for k, v in info.items() if k != "driver_volume_type"}}
-        return dict(attachment, connection_info=info)
+        return dict(attachment, connection_info=nested_connection_info(
+            attachment.get("connection_info") or {}))
+
+    def attachment_get(self, attachment_id):
+        attachment = self.call(None, "GET", "/attachments/" + attachment_id)["attachment"]
+        return dict(attachment, connection_info=nested_connection_info(
+            attachment.get("connection_info") or {}))
+
+    def snapshot_status(self, snapshot_id, status):
+        """Tell Cinder how an assisted snapshot went (progress 90%: the compute side is
+        done), as Nova's libvirt driver does; failures are only logged."""
+        try:
+            self.call(None, "POST", f"/snapshots/{snapshot_id}/action", {
+                "os-update_snapshot_status": {"status": status, "progress": "90%"}})
+        except (VolumeError, Unavailable) as e:
+            LOG.error("telling Cinder snapshot %s is %s failed: %s", snapshot_id, status, e)
+
+    def wait_snapshot_settled(self, snapshot_id, status, timeout=600):
+        """Wait until Cinder moves the snapshot out of status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snap = self.get_snapshot(None, snapshot_id)
+            if snap is None or snap["status"] != status:
+                return
+            time.sleep(0.5)
+        raise DriverError(f"snapshot {snapshot_id} stayed {status}")
 
     def attachment_complete(self, ident, attachment_id):
         self.call(ident, "POST", f"/attachments/{attachment_id}/action", {"os-complete": None})
@@ -2635,6 +2736,14 @@ class Cinder:
         except VolumeError as e:
             if e.status != 404:
                 raise
+
+
+def nested_connection_info(info):
+    """{"driver_volume_type": ..., "data": {...}}, from the flat form of the 3.44 API."""
+    if info and "data" not in info:
+        return {"driver_volume_type": info.get("driver_volume_type"),
+                "data": {k: v for k, v in info.items() if k != "driver_volume_type"}}
+    return info
 
 
 def cinder_message(raw, status):
@@ -4653,6 +4762,44 @@ class Compute:
             "os-migrate_volume_completion": {"new_volume": new_id, "error": False}})
         self.set_volume(server["id"], dict(new, id=(done or {}).get("save_volume_id", new_id)))
         cinder.attachment_delete(None, old["attachment_id"])
+
+    def volume_snapshot_create(self, server, volume_id, info):
+        """Cinder's NFS snapshot of an attached volume: the guest's disk moves onto the
+        qcow2 overlay Cinder made (new_file); Cinder hears 'creating' at 90%."""
+        cinder = self.app.volumes
+        vol = next(v for v in server.get("volumes", []) if v.get("id") == volume_id)
+        try:
+            self.driver.snapshot_volume(server, vol, info["new_file"])
+        except (DriverError, Unavailable) as e:
+            cinder.snapshot_status(info["snapshot_id"], "error")
+            raise DriverError(f"snapshot of volume {volume_id} failed: {e}") from None
+        cinder.snapshot_status(info["snapshot_id"], "creating")
+        cinder.wait_snapshot_settled(info["snapshot_id"], "creating")
+        self.refresh_connection(server["id"], volume_id)
+
+    def volume_snapshot_delete(self, server, volume_id, snapshot_id, info):
+        """Merge a deleted snapshot's file out of the guest's backing chain."""
+        cinder = self.app.volumes
+        vol = next(v for v in server.get("volumes", []) if v.get("id") == volume_id)
+        try:
+            self.driver.merge_volume_snapshot(server, vol, info.get("file_to_merge"),
+                                              info.get("merge_target_file"))
+        except (DriverError, Unavailable) as e:
+            cinder.snapshot_status(snapshot_id, "error_deleting")
+            raise DriverError(f"deleting a snapshot of volume {volume_id} failed: {e}") \
+                from None
+        cinder.snapshot_status(snapshot_id, "deleting")
+        self.refresh_connection(server["id"], volume_id)
+
+    def refresh_connection(self, server_id, volume_id):
+        """Read the volume's connection info again from its Cinder attachment."""
+        server = self.store.data["servers"].get(server_id) or {}
+        vol = next((v for v in server.get("volumes", []) if v.get("id") == volume_id), None)
+        if vol is None or not vol.get("attachment_id"):
+            return
+        attachment = self.app.volumes.attachment_get(vol["attachment_id"])
+        if attachment.get("connection_info"):
+            self.set_volume(server_id, dict(vol, connection_info=attachment["connection_info"]))
 
     def extend_volume(self, server, volume_id):
         """A volume-extended event: tell the guest its disk grew."""
@@ -8169,9 +8316,14 @@ def assisted_volume_snapshots_create(req):
                         "type": {"type": "string", "enum": ["qcow2"]},
                         "new_file": {"type": "string", "minLength": 1},
                         "id": {"type": "string", "minLength": 1}}}}}}})["snapshot"]
-    volume_holder(req, spec["volume_id"])
-    raise BadRequest("Invalid volume: minivan's volume drivers take no assisted snapshots; "
-                     "set nfs_snapshot_support = False in Cinder's NFS backend")
+    server = volume_holder(req, spec["volume_id"])
+    check_snapshot_ready(server, "volume_snapshot_create")
+    info = spec["create_info"]
+    compute = req.app.compute
+    compute.run(server["id"], None, "compute_volume_snapshot_create",
+                lambda s: compute.volume_snapshot_create(s, spec["volume_id"], info),
+                on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+    return 200, {"snapshot": {"id": info.get("id"), "volumeId": spec["volume_id"]}}
 
 
 def assisted_volume_snapshots_delete(req):
@@ -8183,8 +8335,27 @@ def assisted_volume_snapshots_delete(req):
         volume_id = info["volume_id"]
     except (ValueError, TypeError, KeyError) as e:
         raise BadRequest(f"delete_info is not valid: {e}") from None
-    volume_holder(req, volume_id)
-    raise BadRequest("Invalid volume: minivan's volume drivers take no assisted snapshots")
+    if not isinstance(volume_id, str) or info.get("type", "qcow2") != "qcow2":
+        raise BadRequest("delete_info is not valid: a qcow2 volume_id is needed")
+    server = volume_holder(req, volume_id)
+    check_snapshot_ready(server, "volume_snapshot_delete")
+    if info.get("merge_target_file") is not None and server["vm_state"] != "active":
+        raise BadRequest(f"Instance {server['id']} in vm_state {server['vm_state']} cannot "
+                         f"perform volume_snapshot_delete while the instance is in this state.")
+    compute, snapshot_id = req.app.compute, req.params["id"]
+    compute.run(server["id"], None, "compute_volume_snapshot_delete",
+                lambda s: compute.volume_snapshot_delete(s, volume_id, snapshot_id, info),
+                on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
+    return 204, None
+
+
+def check_snapshot_ready(server, method):
+    """Nova's checks: the server has a host and no task (400, as its API answers)."""
+    if not server.get("host"):
+        raise BadRequest(f"Instance {server['id']} is not ready")
+    if server.get("task_state"):
+        raise BadRequest(f"Instance {server['id']} in task_state {server['task_state']} "
+                         f"cannot perform {method} while the instance is in this state.")
 
 
 def volume_holder(req, volume_id):
@@ -8637,6 +8808,131 @@ def hypervisors_servers(req):
         view.pop("servers")
     return 200, {"hypervisors": [view]}
 
+
+
+# os-hosts (up to 2.42): this host's services, its resources; no host power control
+
+def host_services(req):
+    return [r for r in service_records(req.app) if not r["disabled"]]
+
+
+def hosts_index(req):
+    """GET /os-hosts"""
+    zone = req.q("zone")
+    hosts = [{"host_name": r["host"], "service": r["binary"].split("-", 1)[1],
+              "zone": r["zone"]} for r in host_services(req)
+             if not zone or r["zone"] == zone]
+    return 200, {"hosts": hosts}
+
+
+def known_host(req, name, message="Host {} could not be found."):
+    if name != req.app.conf["host"]:
+        raise NotFound(message.format(name))
+    return name
+
+
+def hosts_show(req):
+    """GET /os-hosts/{id}"""
+    host = known_host(req, req.params["id"], "Compute host {} could not be found.")
+    hyp = hypervisor_record(req)
+
+    def resource(project, cpu, memory_mb, disk_gb):
+        return {"resource": {"host": host, "project": project, "cpu": cpu,
+                             "memory_mb": memory_mb, "disk_gb": disk_gb}}
+    servers = hyp["servers"]
+    resources = [resource("(total)", hyp["res"]["vcpus"], hyp["res"]["memory_mb"],
+                          hyp["res"]["local_gb"]),
+                 resource("(used_now)", hyp["vcpus_used"], hyp["memory_mb_used"],
+                          hyp["local_gb_used"]),
+                 resource("(used_max)", *usage_of(servers))]
+    for project in sorted({s["project_id"] for s in servers}):
+        resources.append(resource(project, *usage_of(
+            [s for s in servers if s["project_id"] == project])))
+    return 200, {"host": resources}
+
+
+def usage_of(servers):
+    """(vcpus, memory MB, disk GB) the servers' flavors add up to."""
+    return (sum(s["flavor"]["vcpus"] for s in servers),
+            sum(s["flavor"]["ram"] for s in servers),
+            sum(s["flavor"]["disk"] + s["flavor"]["ephemeral"] for s in servers))
+
+
+HOST_MODE = {"type": "string", "enum": ["enable", "disable", "Enable", "Disable", "ENABLE",
+                                        "DISABLE"]}
+
+
+def hosts_update(req):
+    """PUT /os-hosts/{id}"""
+    validate_body(req, {"type": "object", "additionalProperties": False,
+                        "minProperties": 1,
+                        "properties": {"status": HOST_MODE, "maintenance_mode": HOST_MODE}})
+    known_host(req, req.params["id"])
+    raise NotImplementedFault("The requested functionality is not supported.")
+
+
+def host_power_action(req):
+    """GET /os-hosts/{id}/reboot, /shutdown, /startup"""
+    known_host(req, req.params["id"])
+    raise NotImplementedFault("The requested functionality is not supported.")
+
+
+hosts_reboot = hosts_shutdown = hosts_startup = host_power_action
+
+
+# os-instance_usage_audit_log: the usage audit of the last completed month
+
+def audit_period(before):
+    """(begin, end) of the last month that ended before this time, as Nova's
+    last_completed_audit_period with its default period, month."""
+    end = before.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    begin = (end - datetime.timedelta(days=1)).replace(day=1)
+    return begin, end
+
+
+def audit_log(req, before):
+    """The audit of the period: with --instance-usage-audit, this host audited the
+    servers that lived in it; without, no host ran it (as Nova with the audit off)."""
+    begin, end = audit_period(before)
+    host = req.app.conf["host"]
+    log = {}
+    if req.app.conf["instance_usage_audit"]:
+        count = 0
+        for server in req.store.data["servers"].values():
+            launched = parse_isotime(server["launched_at"]) if server.get("launched_at") \
+                else None
+            ended = parse_isotime(server["terminated_at"]) if server.get("terminated_at") \
+                else None
+            if launched and launched < end and (ended is None or ended >= begin):
+                count += 1
+        log[host] = {"state": "DONE", "instances": count, "errors": 0,
+                     "message": f"Instance usage audit ran for host {host}, {count} "
+                                f"instances."}
+    done = len(log)
+    return {"period_beginning": str(begin), "period_ending": str(end), "num_hosts": 1,
+            "num_hosts_done": done, "num_hosts_running": 0, "num_hosts_not_run": 1 - done,
+            "hosts_not_run": [] if done else [host],
+            "total_instances": sum(h["instances"] for h in log.values()), "total_errors": 0,
+            "overall_status": f"{'ALL' if done else '0 of 1'} hosts done. 0 errors.",
+            "log": log}
+
+
+def instance_usage_audit_log_index(req):
+    """GET /os-instance_usage_audit_log"""
+    validate_query(req, (), strict_since="2.102")
+    return 200, {"instance_usage_audit_logs": audit_log(req, req.app.clock.now())}
+
+
+def instance_usage_audit_log_show(req):
+    """GET /os-instance_usage_audit_log/{id}"""
+    validate_query(req, (), strict_since="2.102")
+    text = req.params["id"]
+    try:
+        before = datetime.datetime.strptime(
+            text, "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        raise BadRequest(f"Invalid timestamp for date {text}") from None
+    return 200, {"instance_usage_audit_log": audit_log(req, before)}
 
 
 # § 28 API: simple tenant usage --------------------------------------------------------
@@ -9327,12 +9623,12 @@ GET    /os-floating-ips-bulk/{id}                     -                    -    
 PUT    /os-floating-ips-bulk/{id}                     -                    -    -     gone    gone                             -
 GET    /os-fping                                      -                    -    -     gone    gone                             -
 GET    /os-fping/{id}                                 -                    -    -     gone    gone                             -
-GET    /os-hosts                                      -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:list
-GET    /os-hosts/{id}                                 -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:show
-PUT    /os-hosts/{id}                                 -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:update
-GET    /os-hosts/{id}/reboot                          -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:reboot
-GET    /os-hosts/{id}/shutdown                        -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:shutdown
-GET    /os-hosts/{id}/startup                         -                    2.1  2.42  admin   -                                os_compute_api:os-hosts:start
+GET    /os-hosts                                      -                    2.1  2.42  admin   hosts_index                      os_compute_api:os-hosts:list
+GET    /os-hosts/{id}                                 -                    2.1  2.42  admin   hosts_show                       os_compute_api:os-hosts:show
+PUT    /os-hosts/{id}                                 -                    2.1  2.42  admin   hosts_update                     os_compute_api:os-hosts:update
+GET    /os-hosts/{id}/reboot                          -                    2.1  2.42  admin   hosts_reboot                     os_compute_api:os-hosts:reboot
+GET    /os-hosts/{id}/shutdown                        -                    2.1  2.42  admin   hosts_shutdown                   os_compute_api:os-hosts:shutdown
+GET    /os-hosts/{id}/startup                         -                    2.1  2.42  admin   hosts_startup                    os_compute_api:os-hosts:start
 GET    /os-hypervisors                                -                    2.1  2.104 admin   hypervisors_index                os_compute_api:os-hypervisors:list
 GET    /os-hypervisors/detail                         -                    2.1  2.104 admin   hypervisors_detail               os_compute_api:os-hypervisors:list-detail
 GET    /os-hypervisors/statistics                     -                    2.1  2.87  admin   hypervisors_statistics           os_compute_api:os-hypervisors:statistics
@@ -9340,8 +9636,8 @@ GET    /os-hypervisors/{id}                           -                    2.1  
 GET    /os-hypervisors/{id}/search                    -                    2.1  2.52  admin   hypervisors_search               os_compute_api:os-hypervisors:search
 GET    /os-hypervisors/{id}/servers                   -                    2.1  2.52  admin   hypervisors_servers              os_compute_api:os-hypervisors:servers
 GET    /os-hypervisors/{id}/uptime                    -                    2.1  2.87  admin   hypervisors_uptime               os_compute_api:os-hypervisors:uptime
-GET    /os-instance_usage_audit_log                   -                    2.1  2.104 admin   -                                os_compute_api:os-instance-usage-audit-log:list
-GET    /os-instance_usage_audit_log/{id}              -                    2.1  2.104 admin   -                                os_compute_api:os-instance-usage-audit-log:show
+GET    /os-instance_usage_audit_log                   -                    2.1  2.104 admin   instance_usage_audit_log_index   os_compute_api:os-instance-usage-audit-log:list
+GET    /os-instance_usage_audit_log/{id}              -                    2.1  2.104 admin   instance_usage_audit_log_show    os_compute_api:os-instance-usage-audit-log:show
 GET    /os-keypairs                                   -                    2.1  2.104 owner   keypairs_index                   os_compute_api:os-keypairs:index
 POST   /os-keypairs                                   -                    2.1  2.104 owner   keypairs_create                  os_compute_api:os-keypairs:create
 GET    /os-keypairs/{id}                              -                    2.1  2.104 owner   keypairs_show                    os_compute_api:os-keypairs:show

@@ -446,7 +446,7 @@ class RoutingTests(AppTestCase):
 
     def test_unbuilt_route_is_501(self):
         """A route not built yet answers 501 notImplemented."""
-        self.assertFault(self.get("/v2.1/os-hosts"), 501, "notImplemented")
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/abc"), 501, "notImplemented")
 
     def test_removed_api_is_410(self):
         """Removed APIs answer 410 at every microversion."""
@@ -3591,6 +3591,37 @@ class CinderEndToEndTests(unittest.TestCase):
         self.assertEqual(self.openstack("server", "volume", "list", server["id"], "-f",
                                         "json"), [])
 
+    def test_snapshots_of_an_attached_volume(self):
+        """Cinder's NFS snapshots of an in-use volume go through the assisted-snapshot API:
+        the running guest's disk moves onto each new overlay, and deleting the snapshots
+        merges them back (a commit, then a pull) while the guest runs."""
+        vol = self.new_volume("snap-vol")
+        server = self.boot("snap-vm", "--image", self.image_id)
+        self.openstack("server", "add", "volume", server["id"], vol["id"])
+        self.wait_volume(vol["id"], "in-use")
+        snaps = []
+        for name in ("snap-a", "snap-b"):
+            snap = self.openstack("volume", "snapshot", "create", "--force", "--volume",
+                                  vol["id"], name, "-f", "json")
+            wait_until(lambda: self.openstack("volume", "snapshot", "show", snap["id"], "-f",
+                                              "json")["status"] == "available",
+                       timeout=120, what=f"{name} available")
+            self.assertEqual(self.disks(server["id"])["vdb"],
+                             self.volume_file(vol["id"]) + "." + snap["id"])
+            snaps.append(snap["id"])
+        for snap_id in snaps:
+            self.openstack("volume", "snapshot", "delete", snap_id)
+            wait_until(lambda: self.openstack("volume", "snapshot", "show", snap_id,
+                                              expect_ok=False).returncode != 0,
+                       timeout=120, what=f"snapshot {snap_id} deleted")
+        self.assertEqual(self.domain_state(server["id"]), 1)     # still running
+        self.assertTrue(os.path.exists(self.disks(server["id"])["vdb"]))
+        self.openstack("server", "remove", "volume", server["id"], vol["id"])
+        self.wait_volume(vol["id"], "available")
+
+    def domain_state(self, server_id):
+        return self.conn.lookupByUUIDString(server_id).state()[0]
+
     def test_boot_from_volume(self):
         """A guest boots from a volume Cinder made from the image (delete_on_termination:
         deleted with the server), and from an existing bootable volume, which stays."""
@@ -4297,6 +4328,63 @@ class VolumeConnectionTests(unittest.TestCase):
         self.assertTrue(record["volume_backed"])
         self.assertEqual([v["device"] for v in record["volumes"]], ["/dev/vda", "/dev/vdb"])
         self.assertEqual(minivan.disk_layout(record), [])
+
+
+class HostsAndAuditTests(ServerTestCase):
+    """os-hosts (up to 2.42) and os-instance_usage_audit_log, admin only."""
+
+    def test_hosts(self):
+        """The host's services and resources; power and maintenance are 501 as Nova's libvirt
+        driver answers; unknown hosts 404; gone above 2.42."""
+        server_id = self.new_server()
+        host = self.app.conf["host"]
+        hosts = self.get("/v2.1/os-hosts").json()["hosts"]
+        self.assertIn({"host_name": host, "service": "compute", "zone": "nova"}, hosts)
+        self.assertEqual({h["service"] for h in hosts}, {"compute", "scheduler", "conductor"})
+        self.assertEqual([h["service"] for h in self.get("/v2.1/os-hosts?zone=nova")
+                          .json()["hosts"]], ["compute"])
+        shown = self.get("/v2.1/os-hosts/" + host).json()["host"]
+        projects = [r["resource"]["project"] for r in shown]
+        self.assertEqual(projects, ["(total)", "(used_now)", "(used_max)", "admin"])
+        self.assertEqual(shown[3]["resource"]["memory_mb"],
+                         self.server(server_id, version="2.47")["flavor"]["ram"])
+        self.assertFault(self.get("/v2.1/os-hosts/nohost"), 404, "itemNotFound",
+                         "Compute host nohost could not be found.")
+        self.assertFault(self.put("/v2.1/os-hosts/" + host, {"status": "disable"}), 501,
+                         "notImplemented")
+        self.assertFault(self.put("/v2.1/os-hosts/" + host, {"status": "off"}), 400,
+                         "badRequest")
+        self.assertFault(self.put("/v2.1/os-hosts/" + host, {}), 400, "badRequest")
+        self.assertFault(self.put("/v2.1/os-hosts/nohost", {"status": "enable"}), 404,
+                         "itemNotFound")
+        for action in ("reboot", "shutdown", "startup"):
+            self.assertFault(self.get(f"/v2.1/os-hosts/{host}/{action}"), 501,
+                             "notImplemented")
+        self.assertFault(self.get("/v2.1/os-hosts", token="u:p"), 403, "forbidden")
+        self.assertFault(self.get("/v2.1/os-hosts", version="2.43"), 404, "itemNotFound")
+
+    def test_instance_usage_audit_log(self):
+        """With the audit off no host ran it; with --instance-usage-audit the host counts
+        the servers that lived in the last completed month; bad dates are 400."""
+        self.clock.t = datetime.datetime(2026, 10, 15, 12, 0, 0)
+        self.new_server()
+        logs = self.get("/v2.1/os-instance_usage_audit_log").json()["instance_usage_audit_logs"]
+        self.assertEqual((logs["period_beginning"], logs["period_ending"], logs["num_hosts"],
+                          logs["hosts_not_run"], logs["overall_status"]),
+                         ("2026-09-01 00:00:00", "2026-10-01 00:00:00", 1,
+                          [self.app.conf["host"]], "0 of 1 hosts done. 0 errors."))
+        self.app.conf["instance_usage_audit"] = True
+        shown = self.get("/v2.1/os-instance_usage_audit_log/2026-11-02%2010:00:00").json()[
+            "instance_usage_audit_log"]
+        self.assertEqual((shown["period_beginning"], shown["total_instances"],
+                          shown["num_hosts_done"], shown["overall_status"]),
+                         ("2026-10-01 00:00:00", 1, 1, "ALL hosts done. 0 errors."))
+        earlier = self.get("/v2.1/os-instance_usage_audit_log/2026-10-02%2010:00:00.5").json()
+        self.assertEqual(earlier["instance_usage_audit_log"]["total_instances"], 0)
+        self.assertFault(self.get("/v2.1/os-instance_usage_audit_log/yesterday"), 400,
+                         "badRequest", "Invalid timestamp for date yesterday")
+        self.assertFault(self.get("/v2.1/os-instance_usage_audit_log", token="u:p"), 403,
+                         "forbidden")
 
 
 class MetadataServiceTests(ServerTestCase):
