@@ -142,6 +142,8 @@ OPTIONS = [
     ("libvirt-uri", "qemu:///system", "libvirt connection URI (test:///default for a trial)"),
     ("virt-type", "", "kvm or qemu (default: kvm where the CPU and /dev/kvm allow it)"),
     ("network", "default", "libvirt network that servers' NICs join"),
+    ("firewall", "nwfilter", "nwfilter: enforce security group rules on servers' NICs with "
+     "libvirt's network filters (where libvirt has them); none: no filtering"),
     ("images-dir", "", "local image directory (default: DATA_DIR/images)"),
     ("instances-dir", "", "where servers' disks and console logs live "
      "(default: DATA_DIR/instances)"),
@@ -255,6 +257,8 @@ def finish_config(conf):
         if not conf["keystone_password"]:
             raise ConfigError("--auth keystone needs the service user's password in "
                               "MINIVAN_KEYSTONE_PASSWORD or keystone-password in --config")
+    if conf["firewall"] not in ("nwfilter", "none"):
+        raise ConfigError(f"--firewall must be nwfilter or none, not {conf['firewall']!r}")
     if conf["virt_type"] not in ("", "kvm", "qemu"):
         raise ConfigError(f"--virt-type must be kvm or qemu, not {conf['virt_type']!r}")
     if conf["bind"] is None:
@@ -1221,6 +1225,72 @@ def xml_escape(text):
             .replace('"', "&quot;").replace("'", "&apos;"))
 
 
+def filter_name(server):
+    return "minivan-" + server["id"]
+
+
+def filter_rule(action, direction, priority, match):
+    return (f"<rule action='{action}' direction='{direction}' priority='{priority}'>"
+            f"{match}</rule>")
+
+
+def security_group_match(rule, source):
+    """The nwfilter match element of one ingress rule from one source network."""
+    net = ipaddress.ip_network(source, strict=False)
+    v6 = "-ipv6" if net.version == 6 else ""
+    proto = rule.get("ip_protocol") or ""
+    attrs = f" srcipaddr='{net.network_address}' srcipmask='{net.prefixlen}'"
+    low, high = rule.get("from_port"), rule.get("to_port")
+    if proto in ("tcp", "udp"):
+        if low not in (None, -1):
+            attrs += f" dstportstart='{low}' dstportend='{high if high not in (None, -1) else low}'"
+        return f"<{proto}{v6}{attrs}/>"
+    if proto == "icmp":
+        if low not in (None, -1):
+            attrs += f" type='{low}'"
+        if high not in (None, -1):
+            attrs += f" code='{high}'"
+        return f"<{'icmpv6' if v6 else 'icmp'}{attrs}/>"
+    return f"<all{v6}{attrs}/>"
+
+
+def server_filter_xml(server, data):
+    """The libvirt network filter of a server's NICs: the ingress rules of its security
+    groups (a group source stands for its members' addresses), replies and DHCP in,
+    everything out, and the rest of the inbound traffic dropped."""
+    groups = {g["name"]: g for g in security_groups_of(data, server["project_id"]).values()}
+    rules = [filter_rule("accept", "out", 100, "<all/>"),
+             filter_rule("accept", "out", 100, "<all-ipv6/>"),
+             filter_rule("accept", "in", 100, "<all state='ESTABLISHED,RELATED'/>"),
+             filter_rule("accept", "in", 100, "<all-ipv6 state='ESTABLISHED,RELATED'/>"),
+             filter_rule("accept", "in", 110, "<udp srcportstart='67' dstportstart='68'/>")]
+    for name in server.get("security_groups", []):
+        for rule in groups.get(name, {}).get("rules", []):
+            sources = [rule["cidr"]] if rule.get("cidr") else \
+                group_member_addresses(data, server["project_id"], rule.get("group_id"))
+            rules += [filter_rule("accept", "in", 300, security_group_match(rule, src))
+                      for src in sources]
+    rules += [filter_rule("drop", "in", 1000, "<all/>"),
+              filter_rule("drop", "in", 1000, "<all-ipv6/>")]
+    return f"<filter name='{filter_name(server)}' chain='root'>{''.join(rules)}</filter>"
+
+
+def group_member_addresses(data, project_id, group_id):
+    """The addresses of the project's servers in a security group, as /32 and /128."""
+    group = data.get("security_groups", {}).get(group_id or "") or \
+        security_groups_of(data, project_id).get(group_id or "")
+    if group is None:
+        return []
+    found = []
+    for server in data["servers"].values():
+        if server["project_id"] != project_id or server["vm_state"] == "deleted" or \
+                group["name"] not in server.get("security_groups", []):
+            continue
+        for port in server.get("ports", []):
+            found += [f"{ip}/{128 if ':' in ip else 32}" for ip, _ in port.get("ips", [])]
+    return sorted(set(found))
+
+
 class LibvirtDriver:
     """Nova's ComputeDriver vocabulary over one libvirt connection.
 
@@ -1228,8 +1298,9 @@ class LibvirtDriver:
     server; minivan never touches a domain without it."""
 
     def __init__(self, uri, virt_type="", network="default", instances_dir=None,
-                 volume_mount_base=None):
+                 volume_mount_base=None, firewall="nwfilter"):
         self.uri = uri
+        self.firewall = firewall == "nwfilter" and not uri.startswith("test:")
         self.volume_mount_base = volume_mount_base
         self.virt_type = virt_type or detect_virt_type()
         self.network = network
@@ -1387,9 +1458,7 @@ class LibvirtDriver:
                            f"<source file='{xml_escape(config_drive)}'/>"
                            f"<target dev='hdd' bus='ide'/><readonly/></disk>")
         for port in server.get("ports", []):
-            devices.append(f"<interface type='network'><source network="
-                           f"'{xml_escape(port['network'])}'/><mac address='{port['mac']}'/>"
-                           f"<model type='virtio'/></interface>")
+            devices.append(self._interface_xml(port, server))
         console = xml_escape(self.instance_path(server, "console.log"))
         devices.append(f"<serial type='pty'><log file='{console}' append='on'/>"
                        f"<target port='0'/></serial>"
@@ -1634,9 +1703,42 @@ class LibvirtDriver:
                 return None
         return self._call("looking up the network", lookup)
 
-    def _interface_xml(self, port):
+    def _interface_xml(self, port, server=None):
+        """A NIC on the port's libvirt network, behind the server's network filter."""
+        ref = f"<filterref filter='{filter_name(server)}'/>" if self.firewall and server \
+            else ""
         return (f"<interface type='network'><source network='{xml_escape(port['network'])}'/>"
-                f"<mac address='{port['mac']}'/><model type='virtio'/></interface>")
+                f"<mac address='{port['mac']}'/><model type='virtio'/>{ref}</interface>")
+
+    def define_filter(self, server, xml):
+        """Create or replace the server's network filter (libvirt applies a change to the
+        running NICs at once).  A libvirt without network filters turns filtering off."""
+        if not self.firewall:
+            return
+
+        def define():
+            try:
+                self.conn.nwfilterDefineXML(xml)
+            except self.libvirt.libvirtError as e:
+                if e.get_error_code() in (self.libvirt.VIR_ERR_NO_SUPPORT,
+                                          self.libvirt.VIR_ERR_NO_CONNECT):
+                    LOG.warning("libvirt at %s has no network filters: security group rules "
+                                "are not enforced (%s)", self.uri, e.get_error_message())
+                    self.firewall = False
+                    return
+                raise
+        self._call("defining the network filter", define)
+
+    def undefine_filter(self, server):
+        if not self.firewall:
+            return
+
+        def undefine():
+            try:
+                self.conn.nwfilterLookupByName(filter_name(server)).undefine()
+            except self.libvirt.libvirtError:
+                pass
+        self._call("removing the network filter", undefine)
 
     def _device_flags(self, dom):
         flags = self.libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -1647,12 +1749,12 @@ class LibvirtDriver:
     def attach_interface(self, server, port):
         dom = self._domain(server)
         self._call("attaching the interface", lambda: dom.attachDeviceFlags(
-            self._interface_xml(port), self._device_flags(dom)))
+            self._interface_xml(port, server), self._device_flags(dom)))
 
     def detach_interface(self, server, port):
         dom = self._domain(server)
         self._call("detaching the interface", lambda: dom.detachDeviceFlags(
-            self._interface_xml(port), self._device_flags(dom)))
+            self._interface_xml(port, server), self._device_flags(dom)))
 
     def attach_volume(self, server, vol):
         """Plug a volume's disk into the domain: live and in its definition; the test
@@ -4592,6 +4694,8 @@ class Compute:
             self.prepare_volumes(server_id, ident)
         self.update(server_id, task_state="spawning")
         server = self.store.data["servers"][server_id]
+        if server.get("ports"):
+            self.driver.define_filter(server, server_filter_xml(server, self.store.data))
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
         self.driver.spawn(server, disks, drive)
         for vol in server.get("volumes", []):
@@ -4622,17 +4726,40 @@ class Compute:
         self.fail(server_id, exc)
         self.update(server_id, power_state=NOSTATE)
 
-    def cleanup(self, server):
+    def cleanup(self, server, keep_volumes=False):
+        """Remove the domain, its filter and files; the volumes' attachments end (and
+        delete_on_termination volumes go) unless keep_volumes (shelve offload)."""
         try:
             if self.app.driver is not None:
                 self.app.driver.destroy(server)
                 for port in server.get("ports", []):
                     if port.get("fixed_ip"):
                         self.app.driver.release_address(port)
+                self.app.driver.undefine_filter(server)
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
-        self.release_volumes(server)
+        if keep_volumes:
+            self.disconnect_volumes(server)
+        else:
+            self.release_volumes(server)
         shutil.rmtree(self.instance_dir(server), ignore_errors=True)
+
+    def refresh_filters(self, project_id):
+        """Re-write the network filters of a project's servers after its security groups,
+        their rules or its servers' addresses changed."""
+        driver = self.app.driver
+        if driver is None or not driver.firewall:
+            return
+        data = self.store.data
+        for server in list(data["servers"].values()):
+            if server["project_id"] != project_id or not server.get("ports") or \
+                    server["vm_state"] in ("deleted", "building", "shelved_offloaded"):
+                continue
+            try:
+                driver.define_filter(server, server_filter_xml(server, data))
+            except (DriverError, Unavailable) as e:
+                LOG.warning("server %s: updating its network filter failed: %s",
+                            server["id"], e)
 
     # -- volumes ----------------------------------------------------------------------
     def set_volume(self, server_id, vol):
@@ -4685,6 +4812,20 @@ class Compute:
             vol["connection_info"] = attachment.get("connection_info") or {}
             volume_source(vol["connection_info"], self.app.conf["volume_mount_base"])
             self.set_volume(server_id, vol)
+
+    def disconnect_volumes(self, server):
+        """Shelve offload, as Nova: each volume stays the server's (a new attachment with
+        no host connector holds it) while its connection to this host ends."""
+        cinder = self.app.volumes if server.get("volumes") else None
+        if cinder is None:
+            return
+        for vol in server.get("volumes", []):
+            if not vol.get("id") or not vol.get("attachment_id"):
+                continue
+            held = cinder.attachment_create(None, vol["id"], server["id"])
+            cinder.attachment_delete(None, vol["attachment_id"])
+            self.set_volume(server["id"], dict(vol, attachment_id=held["id"],
+                                               connection_info=None))
 
     def release_volumes(self, server):
         """Delete the server's attachments; delete the volumes marked
@@ -4820,6 +4961,8 @@ class Compute:
         except (DriverError, Unavailable):
             return
 
+        before = {p["id"]: p.get("ips") for p in server.get("ports", [])}
+
         def with_addresses(ports):
             """The server's current ports (read under the lock) with what libvirt knows."""
             result = []
@@ -4831,6 +4974,9 @@ class Compute:
             return result
 
         self.change_ports(server_id, with_addresses)
+        now = self.store.data["servers"].get(server_id) or {}
+        if {p["id"]: p.get("ips") for p in now.get("ports", [])} != before:
+            self.refresh_filters(server["project_id"])
 
     def change_ports(self, server_id, change):
         """Replace the server's ports with change(current ports), atomically: NIC attach,
@@ -4870,6 +5016,8 @@ class Compute:
         except (DriverError, Unavailable) as e:
             LOG.error("cannot reconcile servers with the hypervisor: %s", e)
             return
+        for project_id in {s["project_id"] for s in self.store.data["servers"].values()}:
+            self.refresh_filters(project_id)
         for server in list(self.store.data["servers"].values()):
             try:
                 self.reconcile_one(server, domains)
@@ -5114,22 +5262,26 @@ class Compute:
     def shelve(self, server):
         """Snapshot to an image, stop, and (offload time 0) free the host."""
         server_id = server["id"]
-        self.update(server_id, task_state="shelving_image_pending_upload")
-        image = self.app.images.reserve_snapshot(
-            server["name"] + "-shelved", server["project_id"],
-            snapshot_properties(server, {"image_type": "snapshot"}), server["flavor"]["disk"],
-            0)
+        image = None
+        if not server.get("volume_backed"):          # a boot volume keeps the root disk
+            self.update(server_id, task_state="shelving_image_pending_upload")
+            image = self.app.images.reserve_snapshot(
+                server["name"] + "-shelved", server["project_id"],
+                snapshot_properties(server, {"image_type": "snapshot"}),
+                server["flavor"]["disk"], 0)
         self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
-        self.update(server_id, task_state="shelving_image_uploading")
-        self.app.images.finish_snapshot(image, os.path.join(self.instance_dir(server), "disk"))
+        if image is not None:
+            self.update(server_id, task_state="shelving_image_uploading")
+            self.app.images.finish_snapshot(image, os.path.join(self.instance_dir(server),
+                                                                "disk"))
         self.update(server_id, vm_state="shelved", task_state=None, power_state=SHUTDOWN,
-                    shelved_image_id=image["id"], shelved_at=self.now())
+                    shelved_image_id=image["id"] if image else None, shelved_at=self.now())
         if self.app.conf["shelved_offload_time"] == 0:
             self.shelve_offload(self.store.data["servers"][server_id])
 
     def shelve_offload(self, server):
         self.update(server["id"], task_state="shelving_offloading")
-        self.cleanup(server)
+        self.cleanup(server, keep_volumes=True)
         self.update(server["id"], vm_state="shelved_offloaded", task_state=None,
                     power_state=SHUTDOWN, host=None, node=None)
 
@@ -5140,16 +5292,22 @@ class Compute:
             self.driver.power_on(server)
         else:
             image = self.app.images.get(image_id) if image_id else None
-            if image is None:
+            if image is None and not server.get("volume_backed"):
                 raise DriverError("the shelved image of this server is gone")
             self.update(server_id, task_state="spawning", host=self.app.conf["host"],
                         node=self.app.conf["host"])
             base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
-                                                             "_base"))
+                                                             "_base")) if image else None
             disks = create_server_disks(self.instance_dir(server), base, server)
+            if server.get("volumes"):
+                self.prepare_volumes(server_id, None)
             server = self.store.data["servers"][server_id]
+            if server.get("ports"):
+                self.driver.define_filter(server, server_filter_xml(server, self.store.data))
             drive = self.make_config_drive(server, None) if server.get("config_drive") else None
             self.driver.spawn(server, disks, drive)
+            for vol in server.get("volumes", []):
+                self.app.volumes.attachment_complete(None, vol["attachment_id"])
         self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
                     shelved_image_id=None, shelved_at=None)
         image = self.app.images.get(image_id) if image_id else None
@@ -6907,6 +7065,7 @@ def security_group_action(req, key, change):
             server, security_groups=groups, updated_at=isotime_us(req.app.clock.now()))]]
 
     req.store.transaction(plan)
+    req.app.compute.refresh_filters(req.store.data["servers"][server_id]["project_id"])
     return 202, None
 
 
@@ -8020,6 +8179,7 @@ def security_group_rules_create(req):
     created = []
     req.store.transaction(plan)
     rule, group = created[0]
+    req.app.compute.refresh_filters(group["tenant_id"])
     view = [r for r in security_group_view(dict(group, rules=[rule]), req.store.data)["rules"]]
     return 200, {"security_group_rule": view[0]}
 
@@ -8036,6 +8196,7 @@ def security_group_rules_delete(req):
         raise NotFound(f"Security group rule {rule_id} not found.")
 
     req.store.transaction(plan)
+    req.app.compute.refresh_filters(req.ident.project_id)
     return 202, None
 
 
@@ -10530,7 +10691,8 @@ def main(argv=None):
     stop = threading.Event()
     try:
         driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"], conf["network"],
-                               conf["instances_dir"], conf["volume_mount_base"])
+                               conf["instances_dir"], conf["volume_mount_base"],
+                               conf["firewall"])
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)

@@ -3317,6 +3317,35 @@ class RealGuestTests(unittest.TestCase):
         self.wait_console(server.id, f"minivan-guest metadata uuid {server.id} "
                                      f"instance-id {name}")
 
+    def test_security_group_rules_become_a_network_filter(self):
+        """The guest's NIC is behind its own libvirt network filter, which libvirt turns
+        into iptables rules for the tap device; a new rule reaches them at once; the filter
+        goes with the server."""
+        libvirt = minivan.import_libvirt()
+        server, _ = self.boot("real-fw")
+        xml = self.domain(server.id).XMLDesc(0)
+        self.assertIn(f"<filterref filter='minivan-{server.id}'", xml)
+        tap = re.search(r"<target dev='([^']+)'", xml.split("<interface", 1)[1]).group(1)
+        group = next(g for g in self.sdk.compute.get(
+            "/os-security-groups", microversion="2.35").json()["security_groups"]
+            if g["name"] == "default")
+        made = self.sdk.compute.post("/os-security-group-rules", json={
+            "security_group_rule": {"parent_group_id": group["id"], "ip_protocol": "tcp",
+                                    "from_port": 2222, "to_port": 2222,
+                                    "cidr": "192.0.2.0/24"}}, microversion="2.35")
+        self.assertEqual(made.status_code, 200, made.text)
+        self.addCleanup(self.sdk.compute.delete, "/os-security-group-rules/" +
+                        made.json()["security_group_rule"]["id"], microversion="2.35")
+        nwfilter = self.conn.nwfilterLookupByName("minivan-" + server.id).XMLDesc(0)
+        self.assertIn("dstportstart='2222'", nwfilter)
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        self.assertTrue([line for line in rules.splitlines()
+                         if tap in line or "2222" in line], rules[-2000:])
+        self.assertIn("--dport 2222", rules)
+        self.destroy(server.id)
+        with self.assertRaises(libvirt.libvirtError):
+            self.conn.nwfilterLookupByName("minivan-" + server.id)
+
     def test_config_drive_from_the_builtin_iso_writer(self):
         """Without genisoimage on PATH, minivan writes the config-2 ISO itself and the guest
         reads it."""
@@ -3644,8 +3673,34 @@ class CinderEndToEndTests(unittest.TestCase):
         bootable = self.new_volume("bootable-vol", "--image", self.image_id)
         again = self.boot("bfv-vm2", "--volume", bootable["id"])
         self.assertEqual(self.disks(again["id"])["vda"], self.volume_file(bootable["id"]))
+        data = self.new_volume("kept-vol")
+        r = self.api("POST", f"/servers/{again['id']}/os-volume_attachments", {
+            "volumeAttachment": {"volumeId": data["id"], "delete_on_termination": True}},
+            "2.79")
+        self.assertEqual(r.status, 200, r.raw)
+        self.wait_volume(data["id"], "in-use")
+        # shelve offload keeps both volumes (no image for a volume-backed server)...
+        self.openstack("server", "shelve", "--wait", again["id"])
+        shown = self.api("GET", "/servers/" + again["id"], version="2.3").json()["server"]
+        self.assertEqual(shown["status"], "SHELVED_OFFLOADED")
+        self.assertEqual({v["id"] for v in shown["os-extended-volumes:volumes_attached"]},
+                         {bootable["id"], data["id"]})
+        self.assertNotEqual(self.volume(data["id"])["status"], "available")
+        self.assertEqual(self.openstack("image", "list", "--name", "bfv-vm2-shelved", "-f",
+                                        "json"), [])
+        # ...and unshelve plugs them in again and boots from the volume
+        self.openstack("server", "unshelve", "--wait", again["id"])
+        wait_until(lambda: self.openstack("console", "log", "show", again["id"]).stdout
+                   .count("minivan-guest booted") >= 2, timeout=180, what="second boot")
+        disks = self.disks(again["id"])
+        self.assertEqual((disks["vda"], disks["vdb"]), (self.volume_file(bootable["id"]),
+                                                        self.volume_file(data["id"])))
+        self.wait_volume(data["id"], "in-use")
         self.openstack("server", "delete", "--wait", again["id"])
         self.wait_volume(bootable["id"], "available")
+        wait_until(lambda: self.openstack("volume", "show", data["id"],
+                                          expect_ok=False).returncode != 0,
+                   timeout=120, what="the delete_on_termination volume deleted")
 
     def test_volume_errors_and_proxies(self):
         """Bad attachments and boots answer as Nova; os-volumes and os-snapshots proxy
@@ -4385,6 +4440,40 @@ class HostsAndAuditTests(ServerTestCase):
                          "badRequest", "Invalid timestamp for date yesterday")
         self.assertFault(self.get("/v2.1/os-instance_usage_audit_log", token="u:p"), 403,
                          "forbidden")
+
+
+class FirewallFilterTests(unittest.TestCase):
+    """Security groups become a libvirt network filter per server."""
+
+    def test_filter_from_rules(self):
+        """CIDR rules, port ranges, ICMP type/code and group sources (the members'
+        addresses) become accept rules before the final inbound drop."""
+        group = {"id": "g1", "name": "web", "tenant_id": "p", "description": "", "rules": [
+            {"id": "r1", "ip_protocol": "tcp", "from_port": 22, "to_port": 22,
+             "cidr": "10.0.0.0/8", "group_id": None},
+            {"id": "r2", "ip_protocol": "icmp", "from_port": 8, "to_port": -1,
+             "cidr": "0.0.0.0/0", "group_id": None},
+            {"id": "r3", "ip_protocol": "udp", "from_port": 1000, "to_port": 2000,
+             "cidr": "2001:db8::/32", "group_id": None},
+            {"id": "r4", "ip_protocol": "tcp", "from_port": 80, "to_port": 81, "cidr": None,
+             "group_id": "g1"}]}
+        member = {"id": "s2", "project_id": "p", "vm_state": "active",
+                  "security_groups": ["web"], "ports": [{"ips": [["192.0.2.7", 4]]}]}
+        server = dict(member, id="s1", ports=[{"ips": []}])
+        data = {"security_groups": {"g1": group}, "servers": {"s1": server, "s2": member}}
+        xml = minivan.server_filter_xml(server, data)
+        self.assertTrue(xml.startswith("<filter name='minivan-s1' chain='root'>"))
+        for part in ("<tcp srcipaddr='10.0.0.0' srcipmask='8' dstportstart='22' "
+                     "dstportend='22'/>",
+                     "<icmp srcipaddr='0.0.0.0' srcipmask='0' type='8'/>",
+                     "<udp-ipv6 srcipaddr='2001:db8::' srcipmask='32' dstportstart='1000' "
+                     "dstportend='2000'/>",
+                     "<tcp srcipaddr='192.0.2.7' srcipmask='32' dstportstart='80' "
+                     "dstportend='81'/>"):
+            self.assertIn(part, xml)
+        self.assertLess(xml.index("dstportstart='22'"), xml.index("action='drop'"))
+        other = dict(server, security_groups=["default"])
+        self.assertNotIn("dstportstart='22'", minivan.server_filter_xml(other, data))
 
 
 class MetadataServiceTests(ServerTestCase):
