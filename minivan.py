@@ -2168,6 +2168,20 @@ class LocalImages:
         self.store.transaction(plan)
         return record
 
+    def create_empty(self, name, owner, properties):
+        """An active image with no data (raw, size 0), as Nova makes for volume-backed
+        snapshots: its block_device_mapping property is what boots."""
+        body = dict(properties, name=name, disk_format="raw", container_format="bare",
+                    visibility="private", owner=owner)
+        status, doc = self._request("POST", "/v2/images", body)
+        if status != 201:
+            raise Unavailable(f"The image service refused the snapshot record ({status}).")
+        status, _ = self._request("PUT", f"/v2/images/{doc['id']}/file", data=b"", headers={
+            "Content-Type": "application/octet-stream", "Content-Length": "0"})
+        if status not in (200, 204):
+            raise Unavailable(f"The image service refused the empty image ({status}).")
+        return self.record(dict(doc, status="active"))
+
     def finish_snapshot(self, record, source_disk):
         """Write the disk into the reserved image's file and mark it active."""
         path = os.path.join(self.dir, record["file"])
@@ -5810,11 +5824,33 @@ def find_active_image(req, image_id):
     return image
 
 
-def volume_mappings(spec):
+def image_volume_mappings(req, spec):
+    """The volume mappings an image made from a volume-backed server carries (Nova's
+    bdm_v2 block_device_mapping property), when the create boots from that image."""
+    ref = spec.get("imageRef")
+    if not ref or any(str(b.get("boot_index")) == "0"
+                      for b in spec.get("block_device_mapping_v2") or []):
+        return []
+    image = req.app.images.get(ref_id(ref))
+    props = (image or {}).get("properties") or {}
+    if image is None or not props.get("block_device_mapping") or \
+            not req.app.images.visible(image, req.ident):
+        return []
+    try:
+        mapping = json.loads(props["block_device_mapping"])
+    except ValueError:
+        raise BadRequest(f"Image {image['id']} has a block_device_mapping that is not "
+                         "JSON.") from None
+    return [{k: v for k, v in m.items() if v is not None} for m in mapping
+            if isinstance(m, dict) and m.get("destination_type") == "volume"]
+
+
+def volume_mappings(spec, from_image=()):
     """The create's block device mappings that are volumes, legacy ones converted."""
-    wanted = [dict(b) for b in spec.get("block_device_mapping_v2") or []
-              if b.get("destination_type") == "volume"
-              or b.get("source_type") in ("volume", "snapshot")]
+    wanted = list(from_image) + [
+        dict(b) for b in spec.get("block_device_mapping_v2") or []
+        if b.get("destination_type") == "volume"
+        or b.get("source_type") in ("volume", "snapshot")]
     for legacy in spec.get("block_device_mapping") or []:
         if legacy.get("no_device") or not (legacy.get("volume_id") or legacy.get("snapshot_id")):
             continue
@@ -5840,7 +5876,7 @@ def boot_index_of(bdm):
 
 def plan_volumes(req, spec, count):
     """Check the volume mappings against Cinder; the volume entries of a new server."""
-    wanted = volume_mappings(spec)
+    wanted = volume_mappings(spec, image_volume_mappings(req, spec))
     if not wanted:
         return []
     cinder = req.app.volumes
@@ -6897,9 +6933,44 @@ def server_action_create_image(req):
                                        "metadata": METADATA_SCHEMA}}}})["createImage"]
     server = find_server(req, req.params["server_id"])
     check_image_meta_quota(req, body.get("metadata") or {})
-    image = start_snapshot(req, server, body["name"], snapshot_properties(
-        server, body.get("metadata") or {}), "createImage", "image_snapshot")
+    properties = snapshot_properties(server, body.get("metadata") or {})
+    if server.get("volume_backed"):
+        return snapshot_response(req, snapshot_volume_backed(req, server, body["name"],
+                                                             properties))
+    image = start_snapshot(req, server, body["name"], properties, "createImage",
+                           "image_snapshot")
     return snapshot_response(req, image)
+
+
+def snapshot_volume_backed(req, server, name, properties):
+    """Nova's snapshot of a volume-backed server: a Cinder snapshot of each volume, and an
+    empty image whose block_device_mapping boots new servers from those snapshots."""
+    begin_action(req, "createImage", None, "createImage")
+    cinder = req.app.volumes
+    if cinder is None:
+        raise Conflict("The block storage service is gone from the catalog.")
+    mapping = []
+    for vol in server.get("volumes", []):
+        if not vol.get("id"):
+            continue
+        try:
+            snap = cinder.create_snapshot(req.ident, vol["id"], force=True,
+                                          name=f"snapshot for {name}")
+        except VolumeError as e:
+            raise cinder_fault(e) from None
+        mapping.append({"source_type": "snapshot", "destination_type": "volume",
+                        "snapshot_id": snap["id"], "volume_size": snap["size"],
+                        "boot_index": vol.get("boot_index"), "device_name": vol.get("device"),
+                        "delete_on_termination": bool(vol.get("delete_on_termination")),
+                        "tag": vol.get("tag"), "volume_id": None, "image_id": None,
+                        "no_device": None, "guest_format": None, "disk_bus": None,
+                        "device_type": None, "volume_type": None})
+    properties = dict(properties, root_device_name=server.get("root_device_name")
+                      or "/dev/vda", bdm_v2="True", block_device_mapping=json.dumps(mapping))
+    properties.pop("base_image_ref", None)
+    image = req.app.images.create_empty(name, server["project_id"], properties)
+    req.app.compute.update(server["id"], task_state=None)
+    return image
 
 
 def check_image_meta_quota(req, metadata):

@@ -3666,6 +3666,27 @@ class CinderEndToEndTests(unittest.TestCase):
         self.assertFault(self.api("DELETE", f"/servers/{server['id']}/os-volume_attachments/"
                                   + root["id"]), 400, "badRequest",
                          "Cannot detach a root device volume")
+        # a snapshot of a volume-backed server: Cinder snapshots + an image that boots them
+        self.openstack("server", "image", "create", "--name", "bfv-snap", "--wait",
+                       server["id"])
+        image = self.openstack("image", "show", "bfv-snap", "-f", "json")
+        self.addCleanup(self.openstack, "image", "delete", image["id"], expect_ok=False)
+        [mapping] = json.loads(image["properties"]["block_device_mapping"])
+        self.assertEqual((image["status"], mapping["source_type"], mapping["boot_index"]),
+                         ("active", "snapshot", 0))
+        wait_until(lambda: self.openstack("volume", "snapshot", "show", mapping["snapshot_id"],
+                                          "-f", "json")["status"] == "available",
+                   timeout=120, what="the server snapshot's volume snapshot")
+        clone = self.boot("bfv-clone", "--image", image["id"])
+        clone_root = self.api("GET", "/servers/" + clone["id"], version="2.3").json()[
+            "server"]["os-extended-volumes:volumes_attached"][0]
+        self.assertEqual(self.volume(clone_root["id"])["snapshot_id"],
+                         mapping["snapshot_id"])
+        self.openstack("server", "delete", "--wait", clone["id"])
+        self.openstack("volume", "snapshot", "delete", mapping["snapshot_id"])
+        wait_until(lambda: self.openstack("volume", "snapshot", "show", mapping["snapshot_id"],
+                                          expect_ok=False).returncode != 0,
+                   timeout=120, what="the server snapshot's volume snapshot deleted")
         self.openstack("server", "delete", "--wait", server["id"])
         wait_until(lambda: self.openstack("volume", "show", root["id"],
                                           expect_ok=False).returncode != 0,
