@@ -1272,7 +1272,10 @@ def server_filter_xml(server, data):
                       for src in sources]
     rules += [filter_rule("drop", "in", 1000, "<all/>"),
               filter_rule("drop", "in", 1000, "<all-ipv6/>")]
-    return f"<filter name='{filter_name(server)}' chain='root'>{''.join(rules)}</filter>"
+    # a fixed uuid: libvirt replaces a filter only when the new definition carries its uuid
+    ident = uuid.uuid5(IMAGE_NAMESPACE, "nwfilter:" + server["id"])
+    return (f"<filter name='{filter_name(server)}' chain='root'><uuid>{ident}</uuid>"
+            f"{''.join(rules)}</filter>")
 
 
 def group_member_addresses(data, project_id, group_id):
@@ -1833,9 +1836,11 @@ class LibvirtDriver:
                 moved if v["bdm_uuid"] == vol["bdm_uuid"] else v
                 for v in server.get("volumes", [])]))
             return
-        others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in re.findall(
-            r"<target dev='([^']+)'", self._call("reading the domain", dom.XMLDesc, 0))
-            if t != vol["target"])
+        desc = self._call("reading the domain", dom.XMLDesc, 0)
+        targets = [re.search(r"<target dev='([^']+)'", disk).group(1) for disk in
+                   re.findall(r"<disk .*?</disk>", desc, re.S) if "<target dev=" in disk]
+        others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in targets
+                         if t != vol["target"])
         xml = (f"<domainsnapshot><disks><disk name='{vol['target']}' snapshot='external' "
                f"type='file'><driver type='qcow2'/><source file='{xml_escape(new_path)}'/>"
                f"</disk>{others}</disks></domainsnapshot>")
@@ -2168,20 +2173,6 @@ class LocalImages:
         self.store.transaction(plan)
         return record
 
-    def create_empty(self, name, owner, properties):
-        """An active image with no data (raw, size 0), as Nova makes for volume-backed
-        snapshots: its block_device_mapping property is what boots."""
-        body = dict(properties, name=name, disk_format="raw", container_format="bare",
-                    visibility="private", owner=owner)
-        status, doc = self._request("POST", "/v2/images", body)
-        if status != 201:
-            raise Unavailable(f"The image service refused the snapshot record ({status}).")
-        status, _ = self._request("PUT", f"/v2/images/{doc['id']}/file", data=b"", headers={
-            "Content-Type": "application/octet-stream", "Content-Length": "0"})
-        if status not in (200, 204):
-            raise Unavailable(f"The image service refused the empty image ({status}).")
-        return self.record(dict(doc, status="active"))
-
     def finish_snapshot(self, record, source_disk):
         """Write the disk into the reserved image's file and mark it active."""
         path = os.path.join(self.dir, record["file"])
@@ -2195,6 +2186,13 @@ class LocalImages:
         self.store.commit([["set", ["images", record["id"]], dict(
             record, status="active", size=os.path.getsize(path),
             updated_at=isotime_us(self.clock.now()))]])
+
+    def create_empty(self, name, owner, properties):
+        """An active image with no data, for a volume-backed server's snapshot."""
+        record = self.reserve_image(str(uuid.uuid4()), name, owner, properties, 0, 0,
+                                    visibility="private", disk_format="raw",
+                                    container_format="bare")
+        return self.store_upload(record, iter(()))
 
     def reserve_image(self, image_id, name, owner, properties, min_disk, min_ram,
                       visibility="shared", disk_format=None, container_format=None, tags=(),
@@ -2389,6 +2387,20 @@ class GlanceImages:
         if status != 201:
             raise Unavailable(f"The image service refused the snapshot record ({status}).")
         return self.record(doc)
+
+    def create_empty(self, name, owner, properties):
+        """An active image with no data (raw, size 0), as Nova makes for volume-backed
+        snapshots: its block_device_mapping property is what boots."""
+        body = dict(properties, name=name, disk_format="raw", container_format="bare",
+                    visibility="private", owner=owner)
+        status, doc = self._request("POST", "/v2/images", body)
+        if status != 201:
+            raise Unavailable(f"The image service refused the snapshot record ({status}).")
+        status, _ = self._request("PUT", f"/v2/images/{doc['id']}/file", data=b"", headers={
+            "Content-Type": "application/octet-stream", "Content-Length": "0"})
+        if status not in (200, 204):
+            raise Unavailable(f"The image service refused the empty image ({status}).")
+        return self.record(dict(doc, status="active"))
 
     def finish_snapshot(self, record, source_disk):
         with tempfile.TemporaryDirectory(dir=os.path.dirname(source_disk) or None) as tmp:
@@ -5828,8 +5840,11 @@ def image_volume_mappings(req, spec):
     """The volume mappings an image made from a volume-backed server carries (Nova's
     bdm_v2 block_device_mapping property), when the create boots from that image."""
     ref = spec.get("imageRef")
-    if not ref or any(str(b.get("boot_index")) == "0"
-                      for b in spec.get("block_device_mapping_v2") or []):
+    # (a boot_index 0 mapping of the image itself, as openstackclient sends, is the image)
+    if not ref or any(str(b.get("boot_index")) == "0" and not (
+            b.get("source_type") == "image" and b.get("destination_type", "local") == "local"
+            and ref_id(b.get("uuid") or "") == ref_id(ref))
+            for b in spec.get("block_device_mapping_v2") or []):
         return []
     image = req.app.images.get(ref_id(ref))
     props = (image or {}).get("properties") or {}
