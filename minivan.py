@@ -5901,10 +5901,20 @@ def plan_volumes(req, spec, count):
     entries = []
     for bdm in wanted:
         source = bdm.get("source_type") or "volume"
-        size = int(bdm["volume_size"]) if bdm.get("volume_size") not in (None, "") else None
+        try:
+            size = int(bdm["volume_size"]) if bdm.get("volume_size") not in (None, "") \
+                else None
+            boot_index = boot_index_of(bdm)
+        except (TypeError, ValueError):
+            raise BadRequest("Block Device Mapping is Invalid: volume_size and boot_index "
+                             "must be integers.") from None
+        if source not in ("volume", "snapshot", "image", "blank") or (size is not None
+                                                                      and size < 1):
+            raise BadRequest("Block Device Mapping is Invalid: "
+                             f"source_type {source!r} with volume_size {size!r}.")
         entry = {"id": None, "source": {"type": source, "size": size,
                                         "volume_type": bdm.get("volume_type")},
-                 "boot_index": boot_index_of(bdm), "tag": bdm.get("tag"),
+                 "boot_index": boot_index, "tag": bdm.get("tag"),
                  "requested_device": bdm.get("device_name"),
                  "delete_on_termination": bool_from_string(
                      bdm.get("delete_on_termination", False)),
