@@ -45,7 +45,7 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §28 API: simple tenant usage
     §29 API: aggregates                     host aggregates; their zones become the host's
     §30 API: migrations                     resizes as migrations; no live migration on one host
-    §31 metadata service                    OpenStack and EC2 metadata for guests, by address
+    §31 metadata service                    OpenStack and EC2 metadata for guests; console proxy
     §32 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
     §33 HTTP front end                      app, server, handler, TLS, CORS
     §34 systemd and signals                 sd_notify, watchdog, background loops
@@ -161,6 +161,11 @@ OPTIONS = [
     ("availability-zone", "nova", "availability zone of this host"),
     ("instance-usage-audit", "false", "audit the servers' usage per month "
      "(os-instance_usage_audit_log reports it; off, as in Nova, reports no host done)"),
+    ("serial-console-listen", "", "HOST:PORT of the serial console proxy, e.g. "
+     "0.0.0.0:6083 (default: off; the console APIs then answer 'Unavailable console "
+     "type')"),
+    ("serial-console-url", "", "base URL of that proxy as clients reach it "
+     "(default: ws://HOST:PORT/ of --serial-console-listen)"),
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
      "192.168.122.1:8775 (default: off; guests then use config drives)"),
     ("host", "", "compute host name (default: this machine's host name)"),
@@ -1922,6 +1927,20 @@ class LibvirtDriver:
                            f"<host mac='{port['mac']}' ip='{xml_escape(port['fixed_ip'])}'/>",
                            flags)
         self._call(f"reserving {port['fixed_ip']} on network {port['network']}", update)
+
+    def open_serial_console(self, server):
+        """A libvirt stream on the running guest's serial console (its pty)."""
+        if self.simulated:
+            raise DriverError("libvirt's test hypervisor has no consoles")
+        dom = self._domain(server)
+
+        def open_console():
+            if not dom.isActive():
+                raise DriverError(f"{server['instance_name']} is not running")
+            stream = self.conn.newStream(0)
+            dom.openConsole(None, stream, self.libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            return stream
+        return self._call("opening the serial console", open_console)
 
     def lease_mac(self, network, address):
         """The MAC that holds a DHCP lease of this address on a network, or None."""
@@ -7733,6 +7752,115 @@ def server_volume_attachments_delete(req):
     return 202, None
 
 
+# remote consoles: serial consoles through minivan's own proxy; VNC and SPICE are off,
+# as in a Nova whose [vnc] and [spice] consoles are disabled
+
+CONSOLE_TOKEN_TTL = 600
+
+
+class ConsoleTokens:
+    """Console tokens: each opens one console session within CONSOLE_TOKEN_TTL seconds."""
+
+    def __init__(self):
+        self.tokens = {}
+        self.lock = threading.Lock()
+
+    def issue(self, server, console_type):
+        token = str(uuid.uuid4())
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = {k: v for k, v in self.tokens.items() if v["expires"] > now}
+            self.tokens[token] = {"server_id": server["id"], "type": console_type,
+                                  "host": server.get("host"), "expires": now + CONSOLE_TOKEN_TTL}
+        return token
+
+    def peek(self, token):
+        with self.lock:
+            record = self.tokens.get(token)
+            return record if record and record["expires"] > time.monotonic() else None
+
+    def take(self, token):
+        with self.lock:
+            record = self.tokens.pop(token, None)
+            return record if record and record["expires"] > time.monotonic() else None
+
+
+def console_url(req, server, protocol, console_type):
+    """A one-time URL of the server's console on minivan's proxy."""
+    if protocol != "serial" or console_type != "serial" or \
+            not req.app.conf["serial_console_listen"]:
+        raise BadRequest(f"Unavailable console type {console_type}.")
+    if not server.get("host"):
+        raise Conflict(f"Instance {server['id']} is not ready")
+    base = req.app.conf["serial_console_url"] or \
+        "ws://%s/" % req.app.conf["serial_console_listen"]
+    return f"{base}?token={req.app.console_tokens.issue(server, console_type)}"
+
+
+def console_action(req, key, types):
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": [key], "properties": {key: {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["type"], "properties": {"type": {
+                                       "type": "string", "enum": types}}}}})[key]
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-remote-consoles", "member", server["project_id"])
+    protocol = {"novnc": "vnc", "xvpvnc": "vnc", "spice-html5": "spice"}.get(spec["type"],
+                                                                            "serial")
+    return 200, {"console": {"type": spec["type"],
+                             "url": console_url(req, server, protocol, spec["type"])}}
+
+
+def server_action_get_vnc_console(req):
+    """POST /servers/{server_id}/action os-getVNCConsole"""
+    return console_action(req, "os-getVNCConsole", ["novnc", "xvpvnc"])
+
+
+def server_action_get_spice_console(req):
+    """POST /servers/{server_id}/action os-getSPICEConsole"""
+    return console_action(req, "os-getSPICEConsole", ["spice-html5"])
+
+
+def server_action_get_serial_console(req):
+    """POST /servers/{server_id}/action os-getSerialConsole"""
+    return console_action(req, "os-getSerialConsole", ["serial"])
+
+
+def server_remote_consoles_create(req):
+    """POST /servers/{server_id}/remote-consoles"""
+    protocols = ["vnc", "spice", "serial", "rdp"] + (["mks"] if req.since("2.8") else [])
+    types = ["novnc", "xvpvnc", "spice-html5", "serial", "rdp-html5"] + \
+        (["webmks"] if req.since("2.8") else []) + (["spice-direct"] if req.since("2.99")
+                                                    else [])
+    spec = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["remote_console"], "properties": {
+                                   "remote_console": {
+                                       "type": "object", "additionalProperties": False,
+                                       "required": ["protocol", "type"], "properties": {
+                                           "protocol": {"type": "string", "enum": protocols},
+                                           "type": {"type": "string", "enum": types}}}}})
+    spec = spec["remote_console"]
+    server = find_server(req, req.params["server_id"])
+    authorize(req, "os_compute_api:os-remote-consoles", "member", server["project_id"])
+    if spec["protocol"] == "rdp":
+        raise BadRequest("Unavailable console type rdp.")
+    url = console_url(req, server, spec["protocol"], spec["type"])
+    return 200, {"remote_console": {"protocol": spec["protocol"], "type": spec["type"],
+                                    "url": url}}
+
+
+def console_auth_tokens_show(req):
+    """GET /os-console-auth-tokens/{id}"""
+    validate_query(req, (), strict_since="2.99")
+    if not req.since("2.31"):
+        raise BadRequest("The requested console type details are not accessible")
+    record = req.app.console_tokens.peek(req.params["id"])
+    if record is None:
+        raise NotFound("Token not found")
+    return 200, {"console": {"instance_uuid": record["server_id"], "host": record["host"],
+                             "port": 0, "internal_access_path": None}}
+
+
 # instance actions
 
 def action_view(req, action, with_events):
@@ -9781,6 +9909,160 @@ def metadata_listener(app, conf):
     return Server(MetadataApp(app), host.strip("[]") or "0.0.0.0", port)
 
 
+# the serial console proxy: a WebSocket per console token, bridged to the guest's serial
+# console through a libvirt stream (what websockify and nova-serialproxy do for Nova)
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
+    """GET /?token=T with a WebSocket upgrade opens that token's console, once."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "minivan"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):
+        LOG.info("console proxy %s: %s", self.client_address[0], fmt % args)
+
+    def refuse(self, status, message):
+        data = (message + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        app = self.server.app
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        key = self.headers.get("Sec-WebSocket-Key")
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            return self.refuse(400, "This is a WebSocket console proxy.")
+        record = app.console_tokens.take((query.get("token") or [""])[0])
+        if record is None:
+            return self.refuse(401, "The console token is not valid (or was used).")
+        server = app.store.data["servers"].get(record["server_id"])
+        if server is None or server["vm_state"] == "deleted" or app.driver is None:
+            return self.refuse(404, "The server is gone.")
+        try:
+            stream = app.driver.open_serial_console(server)
+        except (DriverError, Unavailable) as e:
+            return self.refuse(409, f"The console cannot be opened: {e}")
+        accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode(),
+                                               usedforsecurity=False).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        wanted = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if "binary" in wanted:
+            self.send_header("Sec-WebSocket-Protocol", "binary")
+        self.end_headers()
+        LOG.info("console of server %s opened from %s", server["id"], self.client_address[0])
+        self.close_connection = True
+        self.bridge(stream)
+
+    def bridge(self, stream):
+        """Guest output to WebSocket frames in one thread, frames to the guest here."""
+        sock = self.connection
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def guest_to_client():
+            try:
+                while not done.is_set():
+                    data = stream.recv(4096)
+                    if not isinstance(data, bytes) or not data:
+                        break
+                    with lock:
+                        sock.sendall(websocket_frame(2, data))
+            except Exception:  # noqa: BLE001 - the console or the socket went away
+                pass
+            done.set()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        threading.Thread(target=guest_to_client, daemon=True, name="console-out").start()
+        try:
+            while not done.is_set():
+                frame = read_websocket_frame(self.rfile)
+                if frame is None or frame[0] == 8:
+                    break
+                opcode, payload = frame
+                if opcode == 9:
+                    with lock:
+                        sock.sendall(websocket_frame(10, payload))
+                elif opcode in (0, 1, 2) and payload:
+                    stream.send(payload)
+        except Exception:  # noqa: BLE001 - the client went away
+            pass
+        done.set()
+        try:
+            stream.abort()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+
+def websocket_frame(opcode, payload):
+    """One unmasked server frame."""
+    head = bytes([0x80 | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([size])
+    elif size < 65536:
+        head += bytes([126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([127]) + size.to_bytes(8, "big")
+    return head + payload
+
+
+def read_websocket_frame(rfile, limit=1 << 20):
+    """(opcode, unmasked payload) of the next client frame; None at the end."""
+    head = rfile.read(2)
+    if len(head) < 2:
+        return None
+    opcode, size = head[0] & 0x0F, head[1] & 0x7F
+    if size == 126:
+        size = int.from_bytes(rfile.read(2), "big")
+    elif size == 127:
+        size = int.from_bytes(rfile.read(8), "big")
+    if size > limit:
+        return None
+    mask = rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+    data = rfile.read(size)
+    if len(data) < size:
+        return None
+    return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+class ConsoleProxy(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, app, bind, port):
+        self.app = app
+        self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        super().__init__((bind, port), ConsoleProxyHandler)
+
+
+def console_proxy_listener(app, conf):
+    """The serial console proxy on --serial-console-listen, or None when it is off."""
+    spec = conf["serial_console_listen"]
+    if not spec:
+        return None
+    host, _, port = spec.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"--serial-console-listen must be HOST:PORT, not {spec!r}") \
+            from None
+    return ConsoleProxy(app, host.strip("[]") or "0.0.0.0", port)
+
+
 # § 32 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
@@ -9859,7 +10141,7 @@ GET    /os-certificates/{id}                          -                    -    
 GET    /os-cloudpipe                                  -                    -    -     gone    gone                             -
 POST   /os-cloudpipe                                  -                    -    -     gone    gone                             -
 PUT    /os-cloudpipe/{id}                             -                    -    -     gone    gone                             -
-GET    /os-console-auth-tokens/{id}                   -                    2.1  2.104 admin   -                                os_compute_api:os-console-auth-tokens
+GET    /os-console-auth-tokens/{id}                   -                    2.1  2.104 admin   console_auth_tokens_show         os_compute_api:os-console-auth-tokens
 GET    /os-fixed-ips/{id}                             -                    -    -     gone    gone                             -
 POST   /os-fixed-ips/{id}/action                      reserve              -    -     gone    gone                             -
 POST   /os-fixed-ips/{id}/action                      unreserve            -    -     gone    gone                             -
@@ -10000,10 +10282,10 @@ POST   /servers/{server_id}/action                    addFixedIp           2.1  
 POST   /servers/{server_id}/action                    removeFixedIp        2.1  2.43  member  -                                os_compute_api:os-multinic:remove
 POST   /servers/{server_id}/action                    pause                2.1  2.104 member  server_action_pause              os_compute_api:os-pause-server:pause
 POST   /servers/{server_id}/action                    unpause              2.1  2.104 member  server_action_unpause            os_compute_api:os-pause-server:unpause
-POST   /servers/{server_id}/action                    os-getVNCConsole     2.1  2.5   member  -                                os_compute_api:os-remote-consoles
-POST   /servers/{server_id}/action                    os-getSPICEConsole   2.1  2.5   member  -                                os_compute_api:os-remote-consoles
+POST   /servers/{server_id}/action                    os-getVNCConsole     2.1  2.5   member  server_action_get_vnc_console    os_compute_api:os-remote-consoles
+POST   /servers/{server_id}/action                    os-getSPICEConsole   2.1  2.5   member  server_action_get_spice_console  os_compute_api:os-remote-consoles
 POST   /servers/{server_id}/action                    os-getRDPConsole     -    -     gone    gone                             -
-POST   /servers/{server_id}/action                    os-getSerialConsole  2.1  2.5   member  -                                os_compute_api:os-remote-consoles
+POST   /servers/{server_id}/action                    os-getSerialConsole  2.1  2.5   member  server_action_get_serial_console os_compute_api:os-remote-consoles
 POST   /servers/{server_id}/action                    rescue               2.1  2.104 member  server_action_rescue             os_compute_api:os-rescue
 POST   /servers/{server_id}/action                    unrescue             2.1  2.104 member  server_action_unrescue           os_compute_api:os-unrescue
 POST   /servers/{server_id}/action                    addSecurityGroup     2.1  2.104 member  server_action_add_security_group os_compute_api:os-security-groups:add
@@ -10044,7 +10326,7 @@ POST   /servers/{server_id}/os-volume_attachments     -                    2.1  
 GET    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 reader  server_volume_attachments_show   os_compute_api:os-volumes-attachments:show
 PUT    /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  server_volume_attachments_update os_compute_api:os-volumes-attachments:update
 DELETE /servers/{server_id}/os-volume_attachments/{id} -                    2.1  2.104 member  server_volume_attachments_delete os_compute_api:os-volumes-attachments:delete
-POST   /servers/{server_id}/remote-consoles           -                    2.6  2.104 member  -                                os_compute_api:os-remote-consoles
+POST   /servers/{server_id}/remote-consoles           -                    2.6  2.104 member  server_remote_consoles_create    os_compute_api:os-remote-consoles
 GET    /servers/{server_id}/os-security-groups        -                    2.1  2.104 reader  server_security_groups_index     os_compute_api:os-security-groups:list
 GET    /servers/{server_id}/shares                    -                    2.97 2.104 reader  -                                os_compute_api:os-server-shares:index
 POST   /servers/{server_id}/shares                    -                    2.97 2.104 member  -                                os_compute_api:os-server-shares:create
@@ -10183,6 +10465,7 @@ class App:
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.image_service = ImageService(self)
+        self.console_tokens = ConsoleTokens()
 
     @property
     def images(self):
@@ -10829,6 +11112,15 @@ def main(argv=None):
     if metadata is not None:
         threading.Thread(target=metadata.serve_forever, name="metadata", daemon=True).start()
         LOG.info("metadata service for guests on %s", conf["metadata_listen"])
+    try:
+        consoles = console_proxy_listener(app, conf)
+    except (OSError, ConfigError) as e:
+        print(f"minivan: cannot serve consoles on {conf['serial_console_listen']}: {e}",
+              file=sys.stderr)
+        return 2
+    if consoles is not None:
+        threading.Thread(target=consoles.serve_forever, name="consoles", daemon=True).start()
+        LOG.info("serial console proxy on %s", conf["serial_console_listen"])
     scheme = "https" if conf["tls_cert"] else "http"
     LOG.info("minivan serving the compute API %s-%s on %s://[%s]:%d/v2.1 (auth %s, data %s)",
              version_text(MIN_VERSION), version_text(MAX_VERSION), scheme, conf["bind"],
@@ -10841,6 +11133,8 @@ def main(argv=None):
     app.stopping = True
     if metadata is not None:
         metadata.shutdown()
+    if consoles is not None:
+        consoles.shutdown()
     server.shutdown()
     server.server_close()
     server.drain()

@@ -446,7 +446,7 @@ class RoutingTests(AppTestCase):
 
     def test_unbuilt_route_is_501(self):
         """A route not built yet answers 501 notImplemented."""
-        self.assertFault(self.get("/v2.1/os-console-auth-tokens/abc"), 501, "notImplemented")
+        self.assertFault(self.get("/v2.1/os-floating-ips"), 501, "notImplemented")
 
     def test_removed_api_is_410(self):
         """Removed APIs answer 410 at every microversion."""
@@ -3094,6 +3094,56 @@ GUEST_IMAGE = os.environ.get("MINIVAN_TEST_GUEST_IMAGE", "")
 GUEST_NETWORK = os.environ.get("MINIVAN_TEST_LIBVIRT_NETWORK", "minivan-test")
 
 
+def websocket_connect(url, timeout=30):
+    """(socket, HTTP status, bytes read past the headers) of a WebSocket handshake."""
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n")
+                 .encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    return sock, status, rest
+
+
+def websocket_send(sock, payload):
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes([0x82, 0x80 | size]) if size < 126 else \
+        bytes([0x82, 0x80 | 126]) + size.to_bytes(2, "big")
+    sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def websocket_read_until(sock, wanted, data=b"", timeout=30):
+    """The payloads of server frames until wanted appears in them."""
+    deadline = time.time() + timeout
+    text = b""
+    while wanted not in text and time.time() < deadline:
+        while len(data) >= 2:
+            size, start = data[1] & 0x7F, 2
+            if size == 126:
+                size, start = int.from_bytes(data[2:4], "big"), 4
+            if len(data) < start + size:
+                break
+            text += data[start:start + size]
+            data = data[start + size:]
+        if wanted in text:
+            break
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return text
+
+
 def wait_until(predicate, timeout=120, interval=0.5, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -3134,7 +3184,8 @@ class RealGuestTests(unittest.TestCase):
             "MINIVAN_LIBVIRT_URI": "qemu:///system", "MINIVAN_VIRT_TYPE": "qemu",
             "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_IMAGES_DIR": data_images,
             "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
-            "MINIVAN_METADATA_LISTEN": "169.254.169.254:80" if cls.metadata else ""})
+            "MINIVAN_METADATA_LISTEN": "169.254.169.254:80" if cls.metadata else "",
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"})
         cls.images_dir = data_images
         import openstack
         cls.sdk = openstack.connect(auth_type="none", auth={"endpoint": cls.url},
@@ -3305,6 +3356,27 @@ class RealGuestTests(unittest.TestCase):
         """A config drive (ISO, label config-2) carries the server's uuid and hostname."""
         server, _ = self.boot("real-cd", config_drive=True)
         self.wait_console(server.id, f"minivan-guest uuid {server.id}")
+
+    def test_serial_console_through_the_proxy(self):
+        """os-getSerialConsole gives a one-time ws:// URL; over it the guest's console
+        shell runs a command and its output comes back; the token then is spent."""
+        server, _ = self.boot("real-console")
+        self.wait_console(server.id, "minivan-guest ready")
+        url = self.nova().servers.get_serial_console(server.id, "serial")["console"]["url"]
+        token = url.split("token=", 1)[1]
+        shown = self.sdk.compute.get("/os-console-auth-tokens/" + token,
+                                     microversion="2.31").json()["console"]
+        self.assertEqual(shown["instance_uuid"], server.id)
+        sock, status, rest = websocket_connect(url)
+        try:
+            self.assertEqual(status, 101)
+            websocket_send(sock, b"\recho minivan-$((6*7))\r")
+            self.assertIn(b"minivan-42", websocket_read_until(sock, b"minivan-42", rest))
+        finally:
+            sock.close()
+        again, status, _ = websocket_connect(url)
+        again.close()
+        self.assertEqual(status, 401)
 
     def test_metadata_service_reaches_the_guest(self):
         """A guest with no config drive asks http://169.254.169.254 at boot (on the isolated
@@ -4496,6 +4568,59 @@ class FirewallFilterTests(unittest.TestCase):
         self.assertLess(xml.index("dstportstart='22'"), xml.index("action='drop'"))
         other = dict(server, security_groups=["default"])
         self.assertNotIn("dstportstart='22'", minivan.server_filter_xml(other, data))
+
+
+class ConsoleTests(ServerTestCase):
+    """Remote consoles: serial consoles through minivan's proxy, VNC and SPICE off."""
+
+    def test_consoles_off_and_on(self):
+        """Without a proxy every console type is unavailable (400); with one, serial
+        consoles get one-time ws:// URLs whose tokens admins can look up from 2.31."""
+        server_id = self.new_server()
+        act = f"/v2.1/servers/{server_id}/action"
+        self.assertFault(self.post(act, {"os-getSerialConsole": {"type": "serial"}}), 400,
+                         "badRequest", "Unavailable console type serial.")
+        self.assertFault(self.post(act, {"os-getVNCConsole": {"type": "novnc"}}), 400,
+                         "badRequest", "Unavailable console type novnc.")
+        self.assertFault(self.post(act, {"os-getVNCConsole": {"type": "bogus"}}), 400,
+                         "badRequest")
+        rc = f"/v2.1/servers/{server_id}/remote-consoles"
+        self.assertFault(self.post(rc, {"remote_console": {"protocol": "serial",
+                                                           "type": "serial"}},
+                                   version="2.5"), 404, "itemNotFound")
+        self.assertFault(self.post(rc, {"remote_console": {"protocol": "rdp",
+                                                           "type": "rdp-html5"}},
+                                   version="2.6"), 400, "badRequest")
+        self.app.conf["serial_console_listen"] = "127.0.0.1:6083"
+        r = self.post(act, {"os-getSerialConsole": {"type": "serial"}})
+        self.assertEqual(r.status, 200, r.raw)
+        url = r.json()["console"]["url"]
+        self.assertTrue(url.startswith("ws://127.0.0.1:6083/?token="), url)
+        r = self.post(rc, {"remote_console": {"protocol": "serial", "type": "serial"}},
+                      version="2.8")
+        self.assertEqual(r.json()["remote_console"]["protocol"], "serial")
+        token = url.split("token=")[1]
+        shown = self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31").json()
+        self.assertEqual((shown["console"]["instance_uuid"], shown["console"]["host"]),
+                         (server_id, self.app.conf["host"]))
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token), 400,
+                         "badRequest")
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/nope", version="2.31"), 404,
+                         "itemNotFound", "Token not found")
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31",
+                                  token="u:p"), 403, "forbidden")
+        self.assertFault(self.post(act, {"os-getVNCConsole": {"type": "novnc"}}), 400,
+                         "badRequest", "Unavailable console type novnc.")
+        self.assertFault(self.post(act, {"os-getSerialConsole": {"type": "serial"}},
+                                   token="other:other"), 404, "itemNotFound")
+        try:
+            from tempest.lib.common import jsonschema_validator as v
+            import jsonschema
+        except ImportError:
+            skip_or_fail(self, "tempest is not installed (pip install tempest==47.0.0)")
+        jsonschema.validate(r.json(), tempest_schema("v2_8", "servers", "get_remote_consoles")
+                            ["response_body"], cls=v.JSONSCHEMA_VALIDATOR,
+                            format_checker=v.FORMAT_CHECKER)
 
 
 class MetadataServiceTests(ServerTestCase):
