@@ -3362,7 +3362,8 @@ class RealGuestTests(unittest.TestCase):
         shell runs a command and its output comes back; the token then is spent."""
         server, _ = self.boot("real-console")
         self.wait_console(server.id, "minivan-guest ready")
-        url = self.nova().servers.get_serial_console(server.id, "serial")["console"]["url"]
+        url = self.nova().servers.get_serial_console(server.id, "serial")[
+            "remote_console"]["url"]
         token = url.split("token=", 1)[1]
         shown = self.sdk.compute.get("/os-console-auth-tokens/" + token,
                                      microversion="2.31").json()["console"]
