@@ -9265,6 +9265,43 @@ def host_power_action(req):
 hosts_reboot = hosts_shutdown = hosts_startup = host_power_action
 
 
+# os-baremetal-nodes (up to 2.35): Nova's proxy to Ironic; a libvirt cloud has no bare
+# metal nodes, and Nova itself refuses every change through this API
+
+def baremetal_nodes_index(req):
+    """GET /os-baremetal-nodes"""
+    return 200, {"nodes": []}
+
+
+def baremetal_nodes_show(req):
+    """GET /os-baremetal-nodes/{id}"""
+    raise NotFound(f"Node {req.params['id']} could not be found.")
+
+
+def no_ironic_proxy(command):
+    raise BadRequest(f"Command not supported. Please use Ironic command {command} to "
+                     "perform this action.")
+
+
+def baremetal_nodes_create(req):
+    """POST /os-baremetal-nodes"""
+    no_ironic_proxy("node-create")
+
+
+def baremetal_nodes_delete(req):
+    """DELETE /os-baremetal-nodes/{id}"""
+    no_ironic_proxy("node-delete")
+
+
+def baremetal_node_action_add_interface(req):
+    """POST /os-baremetal-nodes/{id}/action add_interface"""
+    no_ironic_proxy("port-create")
+
+
+def baremetal_node_action_remove_interface(req):
+    """POST /os-baremetal-nodes/{id}/action remove_interface"""
+    no_ironic_proxy("port-delete")
+
 # os-instance_usage_audit_log: the usage audit of the last completed month
 
 def audit_period(before):
@@ -10120,12 +10157,12 @@ POST   /os-assisted-volume-snapshots                  -                    2.1  
 DELETE /os-assisted-volume-snapshots/{id}             -                    2.1  2.104 service assisted_volume_snapshots_delete os_compute_api:os-assisted-volume-snapshots:delete
 GET    /os-availability-zone                          -                    2.1  2.104 any     availability_zones_index         os_compute_api:os-availability-zone:list
 GET    /os-availability-zone/detail                   -                    2.1  2.104 admin   availability_zones_detail        os_compute_api:os-availability-zone:detail
-GET    /os-baremetal-nodes                            -                    2.1  2.35  admin   -                                os_compute_api:os-baremetal-nodes:list
-POST   /os-baremetal-nodes                            -                    2.1  2.35  any     -                                -
-GET    /os-baremetal-nodes/{id}                       -                    2.1  2.35  admin   -                                os_compute_api:os-baremetal-nodes:show
-DELETE /os-baremetal-nodes/{id}                       -                    2.1  2.35  any     -                                -
-POST   /os-baremetal-nodes/{id}/action                add_interface        2.1  2.35  any     -                                -
-POST   /os-baremetal-nodes/{id}/action                remove_interface     2.1  2.35  any     -                                -
+GET    /os-baremetal-nodes                            -                    2.1  2.35  admin   baremetal_nodes_index            os_compute_api:os-baremetal-nodes:list
+POST   /os-baremetal-nodes                            -                    2.1  2.35  any     baremetal_nodes_create           -
+GET    /os-baremetal-nodes/{id}                       -                    2.1  2.35  admin   baremetal_nodes_show             os_compute_api:os-baremetal-nodes:show
+DELETE /os-baremetal-nodes/{id}                       -                    2.1  2.35  any     baremetal_nodes_delete           -
+POST   /os-baremetal-nodes/{id}/action                add_interface        2.1  2.35  any     baremetal_node_action_add_interface -
+POST   /os-baremetal-nodes/{id}/action                remove_interface     2.1  2.35  any     baremetal_node_action_remove_interface -
 POST   /os-cells                                      -                    -    -     gone    gone                             -
 GET    /os-cells                                      -                    -    -     gone    gone                             -
 GET    /os-cells/capacities                           -                    -    -     gone    gone                             -

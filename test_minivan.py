@@ -4513,6 +4513,21 @@ class HostsAndAuditTests(ServerTestCase):
         self.assertFault(self.get("/v2.1/os-hosts", token="u:p"), 403, "forbidden")
         self.assertFault(self.get("/v2.1/os-hosts", version="2.43"), 404, "itemNotFound")
 
+    def test_baremetal_nodes(self):
+        """No bare metal nodes in a libvirt cloud; changes are refused as Nova refuses
+        them (use Ironic); gone above 2.35."""
+        self.assertEqual(self.get("/v2.1/os-baremetal-nodes").json(), {"nodes": []})
+        self.assertFault(self.get("/v2.1/os-baremetal-nodes/n1"), 404, "itemNotFound",
+                         "Node n1 could not be found.")
+        self.assertFault(self.post("/v2.1/os-baremetal-nodes", {"node": {}}), 400,
+                         "badRequest", "Ironic command node-create")
+        self.assertFault(self.post("/v2.1/os-baremetal-nodes/n1/action",
+                                   {"add_interface": {"address": "aa:bb:cc:dd:ee:ff"}}), 400,
+                         "badRequest", "port-create")
+        self.assertFault(self.get("/v2.1/os-baremetal-nodes", token="u:p"), 403, "forbidden")
+        self.assertFault(self.get("/v2.1/os-baremetal-nodes", version="2.36"), 404,
+                         "itemNotFound")
+
     def test_instance_usage_audit_log(self):
         """With the audit off no host ran it; with --instance-usage-audit the host counts
         the servers that lived in the last completed month; bad dates are 400."""
