@@ -311,6 +311,13 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(minivan.ConfigError):
             minivan.load_config(["--virt-type", "xen"], environ={})
 
+    def test_readme_documents_every_option(self):
+        """README's option table names every option of the OPTIONS table."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        self.assertEqual([name for name, _, _ in minivan.OPTIONS
+                          if f"`--{name}" not in readme], [])
+
     def test_help_documents_every_option(self):
         """--help lists every option of the OPTIONS table."""
         done = subprocess.run([sys.executable, os.path.join(HERE, "minivan.py"), "--help"],
