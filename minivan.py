@@ -1230,6 +1230,9 @@ def xml_escape(text):
             .replace('"', "&quot;").replace("'", "&apos;"))
 
 
+DETACH_TIMEOUT = 60
+
+
 def filter_name(server):
     return "minivan-" + server["id"]
 
@@ -1786,8 +1789,20 @@ class LibvirtDriver:
             return
         xml = (f"<disk type='file' device='disk'><target dev='{vol['target']}' "
                f"bus='virtio'/></disk>")
+        live = self._call("reading the domain state", dom.isActive)
         self._call("detaching the volume", lambda: dom.detachDeviceFlags(
             xml, self._device_flags(dom)))
+        # a live unplug only asks the guest: the volume is free once the disk is gone
+        deadline = time.monotonic() + DETACH_TIMEOUT
+        while live and f"<target dev='{vol['target']}'" in self._call(
+                "reading the domain", dom.XMLDesc, 0):
+            if time.monotonic() > deadline or not self._call("reading the domain state",
+                                                             dom.isActive):
+                if self._call("reading the domain state", dom.isActive):
+                    raise DriverError(f"the guest did not release {vol['target']} within "
+                                      f"{DETACH_TIMEOUT} seconds")
+                break
+            time.sleep(0.5)
 
     def swap_volume(self, server, old, new):
         """Copy a volume's data to another volume under the guest and switch to it: a
@@ -1801,10 +1816,16 @@ class LibvirtDriver:
             def copy():
                 dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base), None,
                               self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+                deadline = time.monotonic() + 3600
                 while True:
                     info = dom.blockJobInfo(target, 0)
-                    if info and info.get("end") and info["cur"] == info["end"]:
+                    if not info:
+                        raise DriverError("the block copy ended before it was complete")
+                    if info.get("end") and info["cur"] == info["end"]:
                         break
+                    if time.monotonic() > deadline:
+                        dom.blockJobAbort(target, 0)
+                        raise DriverError("the block copy did not finish within an hour")
                     time.sleep(0.2)
                 dom.blockJobAbort(target, self.libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
             self._call("copying the volume", copy)
@@ -2934,8 +2955,11 @@ def ensure_nfs_mounted(mount_base, export, options=None):
     point = nfs_mount_point(mount_base, export)
     if is_mount_point(point):
         return point
+    if not re.match(r"^[A-Za-z0-9.:\[\]_-]+:/", export) or (options or "").startswith("-"):
+        raise DriverError(f"NFS share {export!r} is not of the form host:/path")
     os.makedirs(point, exist_ok=True)
-    command = ["mount", "-t", "nfs"] + (["-o", options] if options else []) + [export, point]
+    command = ["mount", "-t", "nfs"] + (["-o", options] if options else []) + ["--", export,
+                                                                               point]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -4944,10 +4968,16 @@ class Compute:
                 except (VolumeError, Unavailable):
                     pass
             raise DriverError(f"swapping volume {old['id']} failed: {e}") from None
-        done = cinder.call(None, "POST", f"/volumes/{old['id']}/action", {
-            "os-migrate_volume_completion": {"new_volume": new_id, "error": False}})
-        self.set_volume(server["id"], dict(new, id=(done or {}).get("save_volume_id", new_id)))
-        cinder.attachment_delete(None, old["attachment_id"])
+        self.set_volume(server["id"], new)
+        try:
+            done = cinder.call(None, "POST", f"/volumes/{old['id']}/action", {
+                "os-migrate_volume_completion": {"new_volume": new_id, "error": False}})
+            self.set_volume(server["id"], dict(new, id=(done or {}).get("save_volume_id",
+                                                                         new_id)))
+            cinder.attachment_delete(None, old["attachment_id"])
+        except (VolumeError, Unavailable) as e:
+            LOG.error("server %s: finishing the swap of volume %s in Cinder failed: %s",
+                      server["id"], old["id"], e)
 
     def volume_snapshot_create(self, server, volume_id, info):
         """Cinder's NFS snapshot of an attached volume: the guest's disk moves onto the
@@ -5044,6 +5074,7 @@ class Compute:
         self.update(server["id"], vm_state="deleted", task_state=None, power_state=NOSTATE,
                     terminated_at=now, deleted_at=now)
         self.leave_groups(server["id"])
+        self.refresh_filters(server["project_id"])     # its addresses leave group rules
 
     def leave_groups(self, server_id):
         def plan(data):
@@ -5872,11 +5903,17 @@ def image_volume_mappings(req, spec):
         return []
     try:
         mapping = json.loads(props["block_device_mapping"])
-    except ValueError:
+        if not isinstance(mapping, list):
+            raise ValueError("not a list")
+        wanted = [{k: v for k, v in m.items() if v is not None} for m in mapping
+                  if isinstance(m, dict) and m.get("destination_type") == "volume"]
+        for m in wanted:
+            check_schema(create_server_schema(req)["properties"]["block_device_mapping_v2"]
+                         ["items"], m, lenient=True)
+    except (ValueError, SchemaError) as e:
         raise BadRequest(f"Image {image['id']} has a block_device_mapping that is not "
-                         "JSON.") from None
-    return [{k: v for k, v in m.items() if v is not None} for m in mapping
-            if isinstance(m, dict) and m.get("destination_type") == "volume"]
+                         f"valid: {e}") from None
+    return wanted
 
 
 def volume_mappings(spec, from_image=()):
@@ -6918,6 +6955,9 @@ def server_action_rebuild(req):
     check_create_formats(spec, req)
     server = find_server(req, req.params["server_id"])
     image = resolve_boot_image(req, {"imageRef": spec["imageRef"]})
+    if server.get("volume_backed"):
+        raise BadRequest("Unable to rebuild with a different image for a volume-backed "
+                         "server.")
     if server["flavor"]["ram"] < image.get("min_ram", 0):
         raise BadRequest("Flavor's memory is too small for requested image.")
     if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
@@ -7062,6 +7102,8 @@ def server_action_create_backup(req):
                                                   "rotation": int_or_digits(0),
                                                   "metadata": METADATA_SCHEMA}}}})["createBackup"]
     server = find_server(req, req.params["server_id"])
+    if server.get("volume_backed"):
+        raise BadRequest("Backup is not supported for volume-backed instances.")
     check_image_meta_quota(req, body.get("metadata") or {})
     props = snapshot_properties(server, dict(body.get("metadata") or {}, image_type="backup",
                                              backup_type=body["backup_type"]))
@@ -7472,6 +7514,7 @@ def server_interfaces_create(req):
         raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
     try:
+        req.app.compute.driver.define_filter(server, server_filter_xml(server, req.store.data))
         req.app.compute.driver.attach_interface(server, port)
     except DriverError:
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
@@ -7693,8 +7736,14 @@ def update_attachment_fields(req, server, volume_id, spec):
         if key in spec and spec[key] != current:
             raise BadRequest(f"The {key} property is not mutable")
     if "delete_on_termination" in spec:
-        req.app.compute.set_volume(server["id"], dict(vol, delete_on_termination=bool_from_string(
-            spec["delete_on_termination"], strict=True)))
+        wanted = bool_from_string(spec["delete_on_termination"], strict=True)
+
+        def plan(data):
+            current = data["servers"][server["id"]].get("volumes", [])
+            return [["set", ["servers", server["id"], "volumes"],
+                     [dict(v, delete_on_termination=wanted) if v["bdm_uuid"] == vol["bdm_uuid"]
+                      else v for v in current]]]
+        req.store.transaction(plan)
 
 
 def swap_volume(req, server, old_id, new_id):
@@ -7712,8 +7761,12 @@ def swap_volume(req, server, old_id, new_id):
         raise BadRequest("Invalid volume: New volume must be the same size or larger.")
     try:
         cinder.action(req.ident, old_id, "os-begin_detaching")
+    except VolumeError as e:
+        raise BadRequest(f"Invalid volume: {e.message}") from None
+    try:
         attachment = cinder.attachment_create(req.ident, new_id, server["id"])
     except VolumeError as e:
+        cinder.action(req.ident, old_id, "os-roll_detaching")
         raise BadRequest(f"Invalid volume: {e.message}") from None
     compute = req.app.compute
     rid = compute.record_action(req, server["id"], "swap_volume")
@@ -8376,6 +8429,9 @@ def security_group_rules_create(req):
         spec.get("to_port"), "to_port")
     if protocol in ("tcp", "udp") and (low is None or high is None or low > high or low < 1):
         raise BadRequest("Invalid port range: from_port must be <= to_port, both 1-65535.")
+    if protocol == "icmp" and any(v is not None and v > 255 for v in (low, high)):
+        raise BadRequest("Type and Code must be integers for ICMP protocol type, from -1 to "
+                         "255.")
     cidr = spec.get("cidr")
     if cidr:
         try:
@@ -8475,7 +8531,10 @@ def cinder_fault(e, not_found=NotFound):
 def volume_list(req, rule):
     authorize(req, rule, "reader", req.ident.project_id)
     validate_query(req, ["limit", "offset"], strict_since="2.75")
-    volumes = req.app.volumes.list(req.ident) if req.app.volumes is not None else []
+    try:
+        volumes = req.app.volumes.list(req.ident) if req.app.volumes is not None else []
+    except VolumeError as e:
+        raise cinder_fault(e) from None
     return 200, {"volumes": [proxy_volume_view(v) for v in limited(req, volumes)]}
 
 
@@ -8544,7 +8603,11 @@ def volumes_delete(req):
 
 def snapshot_list(req, rule):
     authorize(req, rule, "reader", req.ident.project_id)
-    snaps = req.app.volumes.list_snapshots(req.ident) if req.app.volumes is not None else []
+    try:
+        snaps = req.app.volumes.list_snapshots(req.ident) if req.app.volumes is not None \
+            else []
+    except VolumeError as e:
+        raise cinder_fault(e) from None
     return 200, {"snapshots": [proxy_snapshot_view(s) for s in limited(req, snaps)]}
 
 
@@ -8639,8 +8702,13 @@ def server_external_events_create(req):
     for event in events:
         result = dict(event, status=event.get("status", "completed"))
         result["code"] = accept_event(req, result)
-        accepted += result["code"] == 200
+        if result["code"] == 200:
+            accepted += 1
+        else:
+            result["status"] = "failed"
         results.append(result)
+    if not accepted:
+        raise NotFound("No instances found for any event")
     return (200 if accepted == len(results) else 207), {"events": results}
 
 
@@ -9352,9 +9420,9 @@ def instance_usage_audit_log_show(req):
     try:
         before = datetime.datetime.strptime(
             text, "%Y-%m-%d %H:%M:%S.%f" if "." in text else "%Y-%m-%d %H:%M:%S")
-    except ValueError:
+        return 200, {"instance_usage_audit_log": audit_log(req, before)}
+    except (ValueError, OverflowError):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
-    return 200, {"instance_usage_audit_log": audit_log(req, before)}
 
 
 # § 28 API: simple tenant usage --------------------------------------------------------
@@ -9958,6 +10026,7 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "minivan"
     sys_version = ""
+    timeout = 30                 # for the handshake; a session then lives on TCP keepalive
 
     def log_message(self, fmt, *args):
         LOG.info("console proxy %s: %s", self.client_address[0], fmt % args)
@@ -10004,6 +10073,8 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
     def bridge(self, stream):
         """Guest output to WebSocket frames in one thread, frames to the guest here."""
         sock = self.connection
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         lock = threading.Lock()
         done = threading.Event()
 

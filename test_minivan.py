@@ -4390,10 +4390,15 @@ class VolumeWithoutCinderTests(ServerTestCase):
             {"name": "network-changed", "server_uuid": missing}]})
         self.assertEqual(r.status, 207, r.raw)
         self.assertEqual([e["code"] for e in r.json()["events"]], [200, 404])
+        self.assertFault(self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "volume-extended", "server_uuid": server_id, "tag": missing}]},
+            version="2.51"), 404, "itemNotFound", "No instances found for any event")
         r = self.post("/v2.1/os-server-external-events", {"events": [
+            {"name": "network-changed", "server_uuid": server_id},
             {"name": "volume-extended", "server_uuid": server_id, "tag": missing}]},
             version="2.51")
-        self.assertEqual((r.status, r.json()["events"][0]["code"]), (207, 400))
+        self.assertEqual((r.status, [(e["code"], e["status"]) for e in r.json()["events"]]),
+                         (207, [(200, "completed"), (400, "failed")]))
         self.assertFault(self.post("/v2.1/os-server-external-events", {"events": [
             {"name": "volume-extended", "server_uuid": server_id}]}), 400, "badRequest")
         self.assertFault(self.post("/v2.1/os-server-external-events", {"events": []}), 400,
