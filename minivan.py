@@ -5908,8 +5908,8 @@ def image_volume_mappings(req, spec):
         wanted = [{k: v for k, v in m.items() if v is not None} for m in mapping
                   if isinstance(m, dict) and m.get("destination_type") == "volume"]
         for m in wanted:
-            check_schema(create_server_schema(req)["properties"]["block_device_mapping_v2"]
-                         ["items"], m, lenient=True)
+            check_schema(create_server_schema(req)["properties"]["server"]["properties"]
+                         ["block_device_mapping_v2"]["items"], m, lenient=True)
     except (ValueError, SchemaError) as e:
         raise BadRequest(f"Image {image['id']} has a block_device_mapping that is not "
                          f"valid: {e}") from None

@@ -4357,6 +4357,15 @@ class VolumeWithoutCinderTests(ServerTestCase):
         view = self.server(server_id, version="2.3")
         self.assertEqual(view["os-extended-volumes:volumes_attached"], [])
 
+    def test_image_with_a_bad_block_device_mapping_is_400(self):
+        """An image whose block_device_mapping property is not a list of mappings (image
+        owners set it freely) makes a create 400, never 500."""
+        for bad in ("5", "null", "[{\"destination_type\": \"volume\", \"uuid\": 123}]",
+                    "[{\"destination_type\": \"volume\", \"device_name\": 5}]", "{"):
+            self.store.commit([["set", ["images", self.image_id, "properties"],
+                                {"block_device_mapping": bad, "bdm_v2": "True"}]])
+            self.assertFault(self.post_server(), 400, "badRequest", "block_device_mapping")
+
     def test_restart_forgets_interrupted_attachments(self):
         """A volume mapping that was reserved but never connected when minivan stopped is
         dropped at start, as a failed attach would be; connected ones stay."""
