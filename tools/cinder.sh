@@ -282,32 +282,14 @@ EOF
 
 # Creates the cinder service user and the block storage catalog entries.
 register() {
-    local url=$1 auth project user r svc type name iface ep body
-    auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
-        {"name": "'$OS_USERNAME'", "domain": {"name": "'$OS_USER_DOMAIN_NAME'"},
-         "password": "'$OS_PASSWORD'"}}},
-        "scope": {"project": {"name": "'$OS_PROJECT_NAME'",
-                  "domain": {"name": "'$OS_PROJECT_DOMAIN_NAME'"}}}}}'
-    token "$auth"
-    [[ -n $TOKEN ]] || { echo "cinder: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
-    project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
-    user=$(ensure users "name=cinder" \
-        '{"user": {"name": "cinder", "domain_id": "default", "password": "'$PASSWORD'"}}')
-    for r in admin service; do
-        r=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
-        api PUT "/projects/$project/users/$user/roles/$r" >/dev/null
-    done
+    local svc type name
+    admin_token cinder
+    service_user cinder "$PASSWORD"
     for svc in volumev3:cinderv3 block-storage:cinder; do
         type=${svc%%:*} name=${svc#*:}
         svc=$(ensure services "type=$type&name=$name" \
             '{"service": {"name": "'"$name"'", "type": "'"$type"'"}}')
-        for iface in public internal admin; do
-            body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
-                   "region_id": "RegionOne", "url": "'$url'/v3/%(project_id)s"}}'
-            ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
-            if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
-            else api POST /endpoints "$body" >/dev/null; fi
-        done
+        endpoints "$svc" "$1/v3/%(project_id)s"
     done
 }
 

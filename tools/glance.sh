@@ -149,29 +149,11 @@ EOF
 
 # Creates the glance service user and the image catalog entry (idempotently).
 register() {
-    local url=$1 auth project user r svc iface ep body
-    auth='{"auth": {"identity": {"methods": ["password"], "password": {"user":
-        {"name": "'$OS_USERNAME'", "domain": {"name": "'$OS_USER_DOMAIN_NAME'"},
-         "password": "'$OS_PASSWORD'"}}},
-        "scope": {"project": {"name": "'$OS_PROJECT_NAME'",
-                  "domain": {"name": "'$OS_PROJECT_DOMAIN_NAME'"}}}}}'
-    token "$auth"
-    [[ -n $TOKEN ]] || { echo "glance: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
-    project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
-    user=$(ensure users "name=glance" \
-        '{"user": {"name": "glance", "domain_id": "default", "password": "'$PASSWORD'"}}')
-    for r in admin service; do
-        r=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
-        api PUT "/projects/$project/users/$user/roles/$r" >/dev/null
-    done
+    local svc
+    admin_token glance
+    service_user glance "$PASSWORD"
     svc=$(ensure services "type=image&name=glance" '{"service": {"name": "glance", "type": "image"}}')
-    for iface in public internal admin; do
-        body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
-               "region_id": "RegionOne", "url": "'$url'"}}'
-        ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
-        if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
-        else api POST /endpoints "$body" >/dev/null; fi
-    done
+    endpoints "$svc" "$1"
 }
 
 start() {

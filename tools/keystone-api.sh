@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Keystone REST helpers shared by tools/keystone.sh and tools/glance.sh
+# Keystone REST helpers shared by tools/keystone.sh, tools/glance.sh and tools/cinder.sh
 # (sourced, not run).  Needs OS_AUTH_URL; `token` sets TOKEN for `api`.
 
 # token AUTH_JSON: sets TOKEN to a token issued for the POST /auth/tokens body.
@@ -27,4 +27,35 @@ ensure() {
     id=$(api GET "/$1?$2" | jget "$1" 0 id)
     [[ -n $id ]] || id=$(api POST "/$1" "$3" | jget "${1%s}" id)
     echo "$id"
+}
+# admin_token CALLER: TOKEN for the admin of KEYSTONE_ENV_FILE's OS_* variables.
+admin_token() {
+    token '{"auth": {"identity": {"methods": ["password"], "password": {"user":
+        {"name": "'"$OS_USERNAME"'", "domain": {"name": "'"$OS_USER_DOMAIN_NAME"'"},
+         "password": "'"$OS_PASSWORD"'"}}},
+        "scope": {"project": {"name": "'"$OS_PROJECT_NAME"'",
+                  "domain": {"name": "'"$OS_PROJECT_DOMAIN_NAME"'"}}}}}'
+    [[ -n $TOKEN ]] || { echo "$1: cannot get an admin token from $OS_AUTH_URL" >&2; exit 1; }
+}
+# service_user NAME PASSWORD: user NAME with roles admin and service in project "service".
+service_user() {
+    local project user r
+    project=$(ensure projects "name=service" '{"project": {"name": "service", "domain_id": "default"}}')
+    user=$(ensure users "name=$1" \
+        '{"user": {"name": "'"$1"'", "domain_id": "default", "password": "'"$2"'"}}')
+    for r in admin service; do
+        r=$(ensure roles "name=$r" '{"role": {"name": "'$r'"}}')
+        api PUT "/projects/$project/users/$user/roles/$r" >/dev/null
+    done
+}
+# endpoints SERVICE_ID URL: its public, internal and admin endpoints in RegionOne are URL.
+endpoints() {
+    local iface ep body
+    for iface in public internal admin; do
+        body='{"endpoint": {"service_id": "'"$1"'", "interface": "'"$iface"'",
+               "region_id": "RegionOne", "url": "'"$2"'"}}'
+        ep=$(api GET "/endpoints?service_id=$1&interface=$iface" | jget endpoints 0 id)
+        if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
+        else api POST /endpoints "$body" >/dev/null; fi
+    done
 }

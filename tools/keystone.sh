@@ -162,15 +162,9 @@ populate() {
     grant demo demo_manager manager
     grant demo demo_manager member
     grant demo demo_manager reader
-    local svc iface ep body
+    local svc
     svc=$(ensure services "name=nova" '{"service": {"name": "nova", "type": "compute"}}')
-    for iface in public internal admin; do
-        body='{"endpoint": {"service_id": "'$svc'", "interface": "'$iface'",
-               "region_id": "RegionOne", "url": "'$compute_url'"}}'
-        ep=$(api GET "/endpoints?service_id=$svc&interface=$iface" | jget endpoints 0 id)
-        if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
-        else api POST /endpoints "$body" >/dev/null; fi
-    done
+    endpoints "$svc" "$compute_url"
     echo "export ADMIN_PROJECT_ID=${project[admin]}"
     echo "export DEMO_PROJECT_ID=${project[demo]}"
     echo "export ALT_PROJECT_ID=${project[alt_demo]}"
