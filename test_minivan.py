@@ -142,6 +142,34 @@ def have_libvirt():
         return False
 
 
+def assert_fault(test, reply, status, name, message=None):
+    """The reply is Nova's fault body {name: {code, message}} with this status."""
+    test.assertEqual(reply.status, status, reply.raw)
+    body = reply.json()
+    test.assertEqual(list(body), [name], body)
+    test.assertEqual(body[name]["code"], status)
+    if message is not None:
+        test.assertIn(message, body[name]["message"])
+    return body[name]["message"]
+
+
+def compute_request(test, port, method, path, token, body=None, version=None, timeout=30):
+    """One compute API call to a minivan on 127.0.0.1:port over a real socket."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"X-Auth-Token": token} if token else {}
+    if version:
+        headers["OpenStack-API-Version"] = "compute " + version
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
+                 headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    check_response(test, "v2.1", resp.status, resp.getheaders(), data, content_length=True)
+    conn.close()
+    return Reply(resp.status, resp.getheaders(), data)
+
+
 class AppTestCase(unittest.TestCase):
     """An App on a temporary data directory, called in-process, on its own simulated
     libvirt host (libvirt's test driver) when libvirt-python is installed."""
@@ -209,13 +237,7 @@ class AppTestCase(unittest.TestCase):
         return self.call("DELETE", path, **kw)
 
     def assertFault(self, reply, status, name, message=None):
-        self.assertEqual(reply.status, status, reply.raw)
-        body = reply.json()
-        self.assertEqual(list(body), [name], body)
-        self.assertEqual(body[name]["code"], status)
-        if message is not None:
-            self.assertIn(message, body[name]["message"])
-        return body[name]["message"]
+        return assert_fault(self, reply, status, name, message)
 
 
 # -- configuration --------------------------------------------------------------
@@ -2160,19 +2182,7 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         return self.tokens[(user, project)]
 
     def api(self, method, path, token, body=None, version=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {"X-Auth-Token": token} if token else {}
-        if version:
-            headers["OpenStack-API-Version"] = "compute " + version
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
-                     headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        check_response(self, "v2.1", resp.status, resp.getheaders(), data, content_length=True)
-        conn.close()
-        return Reply(resp.status, resp.getheaders(), data)
+        return compute_request(self, self.port, method, path, token, body, version)
 
     def test_cli_versions_show(self):
         """openstack versions show finds minivan through the catalog at 2.1-2.104."""
@@ -3594,26 +3604,11 @@ class CinderEndToEndTests(unittest.TestCase):
         return done
 
     def api(self, method, path, body=None, version=None, token=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        headers = {"X-Auth-Token": token or self.admin}
-        if version:
-            headers["OpenStack-API-Version"] = "compute " + version
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
-                     headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        check_response(self, "v2.1", resp.status, resp.getheaders(), data, content_length=True)
-        conn.close()
-        return Reply(resp.status, resp.getheaders(), data)
+        return compute_request(self, self.port, method, path, token or self.admin, body,
+                               version, timeout=60)
 
     def assertFault(self, reply, status, name, message=None):
-        self.assertEqual(reply.status, status, reply.raw)
-        body = reply.json()
-        self.assertEqual(list(body), [name], body)
-        if message is not None:
-            self.assertIn(message, body[name]["message"])
+        return assert_fault(self, reply, status, name, message)
 
     def volume(self, name_or_id):
         return self.openstack("volume", "show", name_or_id, "-f", "json")
