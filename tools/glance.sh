@@ -218,28 +218,13 @@ EOF
 }
 
 stop() {
-    local dir pid kids i
+    local dir
     dir=$(cd "$1" && pwd)
-    [[ -f $dir/glance.pid ]] || { echo "glance: no $dir/glance.pid" >&2; return 0; }
-    pid=$(cat "$dir/glance.pid")
-    # only signal it if it still is our gunicorn (a stale pid may be reused):
-    # ours runs in DIR (--chdir).  Its cmdline is no help: gunicorn renames
-    # itself "gunicorn: master [...]" (setproctitle is in this venv).
-    if [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$dir" ]] &&
-       grep -q '^gunicorn' "/proc/$pid/cmdline" 2>/dev/null; then
-        kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
-        kill -TERM "$pid"
-        for i in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        # shellcheck disable=SC2086
-        kill -0 "$pid" $kids 2>/dev/null && kill -KILL "$pid" $kids 2>/dev/null
-        echo "glance: stopped (pid $pid)"
-    else
-        echo "glance: pid $pid from $dir/glance.pid is not running"
-    fi
-    rm -f "$dir/glance.pid"
+    # ours runs in DIR (--chdir).  Its cmdline is no help: gunicorn renames itself
+    # "gunicorn: master [...]" (setproctitle is in this venv).
+    is_ours() { [[ $(readlink "/proc/$1/cwd" 2>/dev/null) == "$dir" ]] &&
+                grep -q '^gunicorn' "/proc/$1/cmdline" 2>/dev/null; }
+    stop_gunicorn glance "$dir/glance.pid" is_ours
 }
 
 case ${1:-} in

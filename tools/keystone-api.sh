@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Keystone REST helpers shared by tools/keystone.sh, tools/glance.sh and tools/cinder.sh
+# Keystone REST helpers and a gunicorn stopper shared by tools/keystone.sh, tools/glance.sh and
+# tools/cinder.sh
 # (sourced, not run).  Needs OS_AUTH_URL; `token` sets TOKEN for `api`.
 
 # token AUTH_JSON: sets TOKEN to a token issued for the POST /auth/tokens body.
@@ -58,4 +59,26 @@ endpoints() {
         if [[ -n $ep ]]; then api PATCH "/endpoints/$ep" "$body" >/dev/null
         else api POST /endpoints "$body" >/dev/null; fi
     done
+}
+# stop_gunicorn NAME PIDFILE IS_OURS: TERM the gunicorn master in PIDFILE when the command
+# IS_OURS PID says it is still ours (a stale pid may be reused), KILL it and its workers
+# if it is not gone after 10 s.
+stop_gunicorn() {
+    local name=$1 pidfile=$2 is_ours=$3 pid kids
+    [[ -f $pidfile ]] || { echo "$name: no $pidfile" >&2; return 0; }
+    pid=$(cat "$pidfile")
+    if "$is_ours" "$pid"; then
+        kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
+        kill -TERM "$pid"
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        # shellcheck disable=SC2086
+        kill -0 "$pid" $kids 2>/dev/null && kill -KILL "$pid" $kids 2>/dev/null
+        echo "$name: stopped (pid $pid)"
+    else
+        echo "$name: pid $pid from $pidfile is not running"
+    fi
+    rm -f "$pidfile"
 }

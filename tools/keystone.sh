@@ -172,25 +172,11 @@ populate() {
 }
 
 stop() {
-    local dir pid kids i
+    local dir
     dir=$(cd "$1" && pwd)
-    [[ -f $dir/keystone.pid ]] || { echo "keystone: no $dir/keystone.pid" >&2; return 0; }
-    pid=$(cat "$dir/keystone.pid")
-    # only signal it if it still is our gunicorn (a stale pid may be reused)
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pid $dir/keystone.pid"; then
-        kids=$(pgrep -P "$pid" || true)     # gunicorn workers, by parent pid
-        kill -TERM "$pid"
-        for i in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        # shellcheck disable=SC2086
-        kill -0 "$pid" $kids 2>/dev/null && kill -KILL "$pid" $kids 2>/dev/null
-        echo "keystone: stopped (pid $pid)"
-    else
-        echo "keystone: pid $pid from $dir/keystone.pid is not running"
-    fi
-    rm -f "$dir/keystone.pid"
+    # ours: started with --pid DIR/keystone.pid
+    is_ours() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "--pid $dir/keystone.pid"; }
+    stop_gunicorn keystone "$dir/keystone.pid" is_ours
 }
 
 case ${1:-} in
