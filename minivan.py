@@ -9116,11 +9116,9 @@ def hypervisor_record(req):
                if s.get("host") == app.conf["host"] and s["vm_state"] != "deleted"]
     compute = [r for r in service_records(app) if r["binary"] == "nova-compute"]
     service = compute[0] if compute else None
-    used_ram = 512 + sum(s["flavor"]["ram"] for s in servers)
-    used_disk = sum(s["flavor"]["disk"] + s["flavor"]["ephemeral"] for s in servers)
+    vcpus, ram, disk = usage_of(servers)
     return {"host": app.conf["host"], "res": res, "servers": servers, "service": service,
-            "vcpus_used": sum(s["flavor"]["vcpus"] for s in servers),
-            "memory_mb_used": used_ram, "local_gb_used": used_disk,
+            "vcpus_used": vcpus, "memory_mb_used": 512 + ram, "local_gb_used": disk,
             "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, "hypervisor:" + app.conf["host"]))}
 
 
