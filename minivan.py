@@ -140,6 +140,16 @@ OPTIONS = [
     ("flavors", "", "JSON file of flavors loaded on first start "
      "(default: flavors.json beside minivan.py, else the built-in set)"),
     ("libvirt-uri", "qemu:///system", "libvirt connection URI (test:///default for a trial)"),
+    ("compute-hosts", "", "compute hosts as comma-separated NAME=LIBVIRT_URI pairs, e.g. "
+     "a=qemu:///system,b=qemu+ssh://root@b/system (default: one host, --host on "
+     "--libvirt-uri); hosts other than this one need --instances-dir on storage they share"),
+    ("cpu-allocation-ratio", "4.0", "virtual CPUs the scheduler places per physical CPU"),
+    ("ram-allocation-ratio", "1.0", "memory the scheduler places per MB of host memory"),
+    ("disk-allocation-ratio", "1.0", "disk the scheduler places per GB of host disk"),
+    ("reserved-host-memory-mb", "512", "host memory kept from servers, in MB"),
+    ("reserved-host-disk-mb", "0", "host disk kept from servers, in MB"),
+    ("ram-weight-multiplier", "1.0", "the scheduler's weight of free memory: positive "
+     "spreads servers over the hosts, negative stacks them"),
     ("virt-type", "", "kvm or qemu (default: kvm where the CPU and /dev/kvm allow it)"),
     ("network", "default", "libvirt network that servers' NICs join"),
     ("firewall", "nwfilter", "nwfilter: enforce security group rules on servers' NICs with "
@@ -248,6 +258,15 @@ def finish_config(conf):
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
                               f"not {conf[key]!r}") from None
+    for key in ("cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio",
+                "reserved_host_memory_mb", "reserved_host_disk_mb", "ram_weight_multiplier"):
+        try:
+            conf[key] = float(conf[key])
+        except ValueError:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
+                              f"not {conf[key]!r}") from None
+        if key != "ram_weight_multiplier" and conf[key] < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     for key in ("debug", "force_config_drive", "enable_instance_password",
                 "resume_guests_state_on_host_boot", "instance_usage_audit"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
@@ -281,10 +300,29 @@ def finish_config(conf):
                                                 os.path.join(conf["data_dir"], "mnt"))
     conf["my_ip"] = conf["my_ip"] or default_ip()
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
+    conf["compute_hosts"] = parse_compute_hosts(conf["compute_hosts"], conf["host"],
+                                                conf["libvirt_uri"])
     conf["public_url"] = conf["public_url"].rstrip("/")
     conf["cors_allowed_origins"] = [o.strip() for o in conf["cors_allowed_origins"].split(",")
                                     if o.strip()]
     return conf
+
+
+def parse_compute_hosts(text, host, libvirt_uri):
+    """[(name, libvirt URI)] of --compute-hosts; one host, this one, when it is empty."""
+    if isinstance(text, list):
+        return text
+    if not text.strip():
+        return [(host, libvirt_uri)]
+    hosts = []
+    for item in text.split(","):
+        name, sep, uri = item.strip().partition("=")
+        if not sep or not uri.strip() or not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", name):
+            raise ConfigError(f"--compute-hosts wants NAME=LIBVIRT_URI pairs, not {item!r}")
+        if name in dict(hosts):
+            raise ConfigError(f"--compute-hosts names host {name} twice")
+        hosts.append((name, uri.strip()))
+    return hosts
 
 
 def default_ip():
@@ -1997,8 +2035,8 @@ class LibvirtDriver:
         """Host capacity: vcpus, memory_mb, local_gb, hypervisor type and version."""
         def read():
             model, memory_mb, cpus, *_ = self.conn.getInfo()
-            disk = shutil.disk_usage(self.instances_dir) if self.instances_dir and \
-                os.path.isdir(self.instances_dir) else None
+            disk = shutil.disk_usage(existing_parent(self.instances_dir)) \
+                if self.instances_dir else None
             return {"vcpus": cpus, "memory_mb": memory_mb, "cpu_model": model,
                     "local_gb": disk.total // 2 ** 30 if disk else 0,
                     "free_disk_gb": disk.free // 2 ** 30 if disk else 0,
@@ -2009,6 +2047,14 @@ class LibvirtDriver:
 
 
 # -- disks ---------------------------------------------------------------------
+
+def existing_parent(path):
+    """The path, or its nearest ancestor that exists (the file system it will be on)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
 
 def qemu_img(*args):
     tool = shutil.which("qemu-img")
@@ -4410,30 +4456,36 @@ def quota_classes_update(req):
 
 # § 18 API: availability zones ---------------------------------------------------------
 
+def compute_zones(app):
+    """The availability zones of the compute hosts."""
+    return {host_zone(app, host) for host in app.compute_host_names()} or \
+        {app.conf["availability_zone"]}
+
+
 def availability_zones_index(req):
-    """GET /os-availability-zone"""
+    """GET /os-availability-zone: a zone is available while one of its compute services
+    is enabled."""
     validate_query(req, (), strict_since="2.102")
-    zone = host_zone(req.app)
-    return 200, {"availabilityZoneInfo": [{"zoneName": zone, "zoneState": {
-        "available": True}, "hosts": None}]}
+    enabled = {r["zone"] for r in service_records(req.app)
+               if r["binary"] == "nova-compute" and not r["disabled"]}
+    return 200, {"availabilityZoneInfo": [
+        {"zoneName": zone, "zoneState": {"available": zone in enabled}, "hosts": None}
+        for zone in sorted(compute_zones(req.app))]}
 
 
 def availability_zones_detail(req):
     """GET /os-availability-zone/detail"""
     validate_query(req, (), strict_since="2.102")
-    host = req.app.conf["host"]
-    up = req.app.compute_available()
     now = isotime_us(req.app.clock.now())
-
-    def service(alive):
-        return {"available": alive, "active": True, "updated_at": now}
-
-    return 200, {"availabilityZoneInfo": sorted([
-        {"zoneName": "internal", "zoneState": {"available": True},
-         "hosts": {host: {"nova-conductor": service(True), "nova-scheduler": service(True)}}},
-        {"zoneName": host_zone(req.app), "zoneState": {"available": True},
-         "hosts": {host: {"nova-compute": service(up)}}},
-    ], key=lambda zone: zone["zoneName"])}
+    zones = {}
+    for record in service_records(req.app):
+        hosts = zones.setdefault(record["zone"], {})
+        hosts.setdefault(record["host"], {})[record["binary"]] = {
+            "available": record["up"], "active": not record["disabled"], "updated_at": now}
+    return 200, {"availabilityZoneInfo": [
+        {"zoneName": zone, "zoneState": {"available": zone == "internal" or any(
+            s["active"] for services in hosts.values() for s in services.values())},
+         "hosts": hosts} for zone, hosts in sorted(zones.items())]}
 
 
 # § 19 servers: states, lookups, views -------------------------------------------------
@@ -4596,7 +4648,7 @@ def add_full_server_fields(req, server, view):
             item["delete_on_termination"] = vol.get("delete_on_termination", False)
     view["os-extended-volumes:volumes_attached"] = volumes
     if req.since("2.16") and admin:
-        view["host_status"] = "UP" if req.app.compute_available() else "UNKNOWN"
+        view["host_status"] = host_status(req.app, server)
 
 
 def add_versioned_server_fields(req, server, view, kind):
@@ -4634,11 +4686,9 @@ class Compute:
         self.threads = set()
         self.threads_lock = threading.Lock()
 
-    @property
-    def driver(self):
-        if self.app.driver is None:
-            raise Unavailable("minivan runs without a hypervisor.")
-        return self.app.driver
+    def driver_of(self, server):
+        """The driver of the host the server is on (the first host's before it has one)."""
+        return self.app.host_driver(server.get("host"))
 
     def now(self):
         return isotime_us(self.app.clock.now())
@@ -4685,7 +4735,8 @@ class Compute:
                     action["events"] = action["events"] + [{
                         "event": event, "start_time": started, "finish_time": self.now(),
                         "result": "Error" if error else "Success",
-                        "traceback": error, "host": self.app.conf["host"],
+                        "traceback": error, "host": self.store.data["servers"].get(
+                            server_id, {}).get("host") or self.app.conf["host"],
                         "details": error}]
                     action["finish_time"] = self.now()
                     action["updated_at"] = self.now()
@@ -4751,27 +4802,39 @@ class Compute:
         ident is the caller: volumes made for the server are made with its token."""
         server_id = server["id"]
         self.update(server_id, task_state="scheduling")
+        self.place(server_id, server.get("requested_host"))
         self.update(server_id, task_state="networking")
+        server = self.store.data["servers"][server_id]
         for port in server.get("ports", []):
             if port.get("fixed_ip"):
-                self.driver.reserve_address(port)
-        check_group_placement(self.store.data, server, self.app.conf["host"])
-        self.update(server_id, task_state="block_device_mapping", host=self.app.conf["host"],
-                    node=self.app.conf["host"])
+                self.driver_of(server).reserve_address(port)
+        self.update(server_id, task_state="block_device_mapping")
         disks = self.prepare_disks(server)
         if server.get("volumes"):
             self.prepare_volumes(server_id, ident)
         self.update(server_id, task_state="spawning")
         server = self.store.data["servers"][server_id]
         if server.get("ports"):
-            self.driver.define_filter(server, server_filter_xml(server, self.store.data))
+            self.driver_of(server).define_filter(server, server_filter_xml(server, self.store.data))
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
-        self.driver.spawn(server, disks, drive)
+        self.driver_of(server).spawn(server, disks, drive)
         for vol in server.get("volumes", []):
             self.app.volumes.attachment_complete(ident, vol["attachment_id"])
         self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
                     launched_at=self.now(), progress=0)
         self.refresh_addresses(server_id)
+
+    def place(self, server_id, requested=None, exclude=(), flavor=None):
+        """Choose a host with the scheduler and record the server there (its claim);
+        returns the host.  No host fits -> DriverError, Nova's 'No valid host'."""
+        with self.app.scheduler_lock:
+            server = self.store.data["servers"][server_id]
+            host = schedule(self.app, server, flavor or server["flavor"], requested=requested,
+                            exclude=exclude)
+            if flavor is None:
+                self.update(server_id, host=host, node=host,
+                            availability_zone=host_zone(self.app, host))
+        return host
 
     def prepare_disks(self, server):
         directory = self.instance_dir(server)
@@ -4799,12 +4862,13 @@ class Compute:
         """Remove the domain, its filter and files; the volumes' attachments end (and
         delete_on_termination volumes go) unless keep_volumes (shelve offload)."""
         try:
-            if self.app.driver is not None:
-                self.app.driver.destroy(server)
+            if self.app.drivers and (server.get("host") or not server.get("launched_at")):
+                driver = self.driver_of(server)
+                driver.destroy(server)
                 for port in server.get("ports", []):
                     if port.get("fixed_ip"):
-                        self.app.driver.release_address(port)
-                self.app.driver.undefine_filter(server)
+                        driver.release_address(port)
+                driver.undefine_filter(server)
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
         if keep_volumes:
@@ -4816,13 +4880,13 @@ class Compute:
     def refresh_filters(self, project_id):
         """Re-write the network filters of a project's servers after its security groups,
         their rules or its servers' addresses changed."""
-        driver = self.app.driver
-        if driver is None or not driver.firewall:
-            return
         data = self.store.data
         for server in list(data["servers"].values()):
             if server["project_id"] != project_id or not server.get("ports") or \
                     server["vm_state"] in ("deleted", "building", "shelved_offloaded"):
+                continue
+            driver = self.app.drivers.get(server.get("host"))
+            if driver is None or not driver.firewall:
                 continue
             try:
                 driver.define_filter(server, server_filter_xml(server, data))
@@ -4923,7 +4987,7 @@ class Compute:
                 vol = dict(vol, connection_info=attachment.get("connection_info") or {})
                 self.set_volume(server["id"], vol)
                 current = self.store.data["servers"][server["id"]]
-                self.driver.attach_volume(current, vol)
+                self.driver_of(current).attach_volume(current, vol)
             cinder.attachment_complete(ident, vol["attachment_id"])
         except (DriverError, Unavailable, VolumeError) as e:
             self.drop_volume(server["id"], vol["bdm_uuid"])
@@ -4939,8 +5003,8 @@ class Compute:
         self.drop_volume(server["id"], vol["bdm_uuid"])
         current = self.store.data["servers"][server["id"]]
         try:
-            if vol.get("connection_info") and self.driver.exists(current):
-                self.driver.detach_volume(current, vol)
+            if vol.get("connection_info") and self.driver_of(current).exists(current):
+                self.driver_of(current).detach_volume(current, vol)
         except (DriverError, Unavailable) as e:
             self.set_volume(server["id"], vol)
             try:
@@ -4958,7 +5022,7 @@ class Compute:
             attachment = cinder.attachment_update(None, attachment_id, dict(
                 host_connector(self.app.conf), mountpoint=old["device"]))
             new["connection_info"] = attachment.get("connection_info") or {}
-            self.driver.swap_volume(server, old, new)
+            self.driver_of(server).swap_volume(server, old, new)
             cinder.attachment_complete(None, attachment_id)
         except (DriverError, Unavailable, VolumeError) as e:
             for undo in (lambda: cinder.attachment_delete(None, attachment_id),
@@ -4985,7 +5049,7 @@ class Compute:
         cinder = self.app.volumes
         vol = next(v for v in server.get("volumes", []) if v.get("id") == volume_id)
         try:
-            self.driver.snapshot_volume(server, vol, info["new_file"])
+            self.driver_of(server).snapshot_volume(server, vol, info["new_file"])
         except (DriverError, Unavailable) as e:
             cinder.snapshot_status(info["snapshot_id"], "error")
             raise DriverError(f"snapshot of volume {volume_id} failed: {e}") from None
@@ -4998,7 +5062,7 @@ class Compute:
         cinder = self.app.volumes
         vol = next(v for v in server.get("volumes", []) if v.get("id") == volume_id)
         try:
-            self.driver.merge_volume_snapshot(server, vol, info.get("file_to_merge"),
+            self.driver_of(server).merge_volume_snapshot(server, vol, info.get("file_to_merge"),
                                               info.get("merge_target_file"))
         except (DriverError, Unavailable) as e:
             cinder.snapshot_status(snapshot_id, "error_deleting")
@@ -5024,7 +5088,7 @@ class Compute:
             return
         volume = self.app.volumes.get(None, volume_id)
         if volume is not None and vol.get("connection_info"):
-            self.driver.resize_volume(server, vol, int(volume["size"]) * 2 ** 30)
+            self.driver_of(server).resize_volume(server, vol, int(volume["size"]) * 2 ** 30)
 
     def refresh_addresses(self, server_id):
         """Learn each port's address from libvirt (DHCP leases) and record it."""
@@ -5032,7 +5096,7 @@ class Compute:
         if server is None or not server.get("ports") or self.app.driver is None:
             return
         try:
-            found = self.app.driver.interface_addresses(server)
+            found = self.driver_of(server).interface_addresses(server)
         except (DriverError, Unavailable):
             return
 
@@ -5085,20 +5149,29 @@ class Compute:
         self.store.transaction(plan)
 
     # -- start-up and the power-state sweep ------------------------------------------
-    def reconcile(self):
-        """Make stored servers and libvirt domains agree after a (re)start."""
-        try:
-            domains = self.driver.own_domains()
-        except (DriverError, Unavailable) as e:
-            LOG.error("cannot reconcile servers with the hypervisor: %s", e)
-            return
+    def servers_on(self, host):
+        """The stored servers of a compute host; those with no host count as the first's."""
+        first = next(iter(self.app.drivers), None)
+        return [s for s in list(self.store.data["servers"].values())
+                if (s.get("host") or first) == host]
+
+    def reconcile(self, hosts=None):
+        """Make stored servers and libvirt domains agree after a (re)start of minivan, or
+        of the connection to a host (hosts: those hosts only)."""
         for project_id in {s["project_id"] for s in self.store.data["servers"].values()}:
             self.refresh_filters(project_id)
-        for server in list(self.store.data["servers"].values()):
+        for host in hosts or self.app.compute_host_names():
             try:
-                self.reconcile_one(server, domains)
-            except (DriverError, Unavailable, OSError) as e:
-                self.fail(server["id"], e)
+                domains = self.app.drivers[host].own_domains()
+            except (DriverError, Unavailable) as e:
+                LOG.error("cannot reconcile the servers of host %s: %s", host, e)
+                continue
+            for server in self.servers_on(host):
+                try:
+                    with self.locks[server["id"]]:
+                        self.reconcile_one(self.store.data["servers"][server["id"]], domains)
+                except (DriverError, Unavailable, OSError) as e:
+                    self.fail(server["id"], e)
 
     def reconcile_one(self, server, domains):
         server_id, vm, task = server["id"], server["vm_state"], server.get("task_state")
@@ -5117,7 +5190,7 @@ class Compute:
         if server_id not in domains:
             if not needs_domain or (vm == "error" and not server.get("host")):
                 return
-            if self.driver.simulated:
+            if self.driver_of(server).simulated:
                 self.redefine_simulated(server)
                 return
             self.fail(server_id, DriverError(f"domain {server['instance_name']} is missing"))
@@ -5128,7 +5201,7 @@ class Compute:
         if self.app.conf["resume_guests_state_on_host_boot"] and server.get(
                 "power_state") == RUNNING and state == SHUTDOWN and vm == "active":
             LOG.info("server %s was running before the host went down: starting it", server_id)
-            self.driver.power_on(server)
+            self.driver_of(server).power_on(server)
             state = RUNNING
         self.update(server_id, power_state=state)
 
@@ -5153,30 +5226,33 @@ class Compute:
         """libvirt's test driver forgets domains with the process: define them again."""
         disks = server_disks(self.instance_dir(server), server)
         power = server.get("power_state")
-        self.driver.spawn(server, disks, self.config_drive_path(server),
-                          start=power in (RUNNING, PAUSED))
+        self.driver_of(server).spawn(server, disks, self.config_drive_path(server),
+                                     start=power in (RUNNING, PAUSED))
         if power == PAUSED:
-            self.driver.pause(server)
+            self.driver_of(server).pause(server)
         if server.get("task_state") is not None:
             self.update(server["id"], task_state=None)
 
     def sync_power_states(self):
         """Nova's periodic sync: a guest that stopped by itself becomes SHUTOFF."""
-        try:
-            domains = self.driver.own_domains()
-        except (DriverError, Unavailable):
-            return
-        for server in list(self.store.data["servers"].values()):
-            if server["id"] in domains:
-                self.sync_server(server, domains[server["id"]])
+        for host, driver in list(self.app.drivers.items()):
+            if not driver.available:
+                continue
+            try:
+                domains = driver.own_domains()
+            except (DriverError, Unavailable):
+                continue
+            for server in self.servers_on(host):
+                if server["id"] in domains:
+                    self.sync_server(server, domains[server["id"]])
 
     def sync_one(self, server_id):
         """A lifecycle event arrived for this server's domain."""
         server = self.store.data["servers"].get(server_id)
-        if server is None or self.app.driver is None:
+        if server is None or not server.get("host") or self.app.driver is None:
             return
         try:
-            state = self.driver.get_info(server)
+            state = self.driver_of(server).get_info(server)
         except (DriverError, Unavailable):
             return
         self.sync_server(server, state)
@@ -5213,19 +5289,19 @@ class Compute:
 
     def soft_delete(self, server):
         """Power off and keep the server (SOFT_DELETED) until reclaimed or restored."""
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         self.update(server["id"], task_state=None, power_state=SHUTDOWN,
                     deleted_at=self.now())
 
     def restore(self, server):
-        self.driver.power_on(server)
+        self.driver_of(server).power_on(server)
         self.update(server["id"], vm_state="active", task_state=None, power_state=RUNNING,
                     deleted_at=None)
 
     def restart_if(self, server, was_active):
         """Start the domain again when the server was running before the operation."""
         if was_active:
-            self.driver.power_on(server)
+            self.driver_of(server).power_on(server)
         return {"power_state": RUNNING if was_active else SHUTDOWN}
 
     def resize(self, server, new_flavor, was_active):
@@ -5234,7 +5310,7 @@ class Compute:
         record_migration(self.store, server, new_flavor, self.app.clock)
         directory = self.instance_dir(server)
         self.update(server_id, task_state="resize_migrating")
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         root = os.path.join(directory, "disk")
         if os.path.exists(root):
             shutil.copyfile(root, root + ".resize")
@@ -5244,7 +5320,7 @@ class Compute:
         grown = dict(server, flavor=new_flavor)
         disks = self.extra_disks(grown)
         self.update(server_id, task_state="resize_finish")
-        self.driver.redefine(grown, disks, self.config_drive_path(server))
+        self.driver_of(grown).redefine(grown, disks, self.config_drive_path(server))
         state = self.restart_if(grown, was_active)
         set_migration_status(self.store, server_id, "finished", self.app.clock)
         self.update(server_id, vm_state="resized", task_state=None, flavor=new_flavor,
@@ -5273,12 +5349,12 @@ class Compute:
         server_id = server["id"]
         set_migration_status(self.store, server_id, "reverted", self.app.clock)
         was_active = server.get("old_vm_state", "active") == "active"
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         root = os.path.join(self.instance_dir(server), "disk")
         if os.path.exists(root + ".resize"):
             os.replace(root + ".resize", root)
         old = dict(server, flavor=server.get("old_flavor") or server["flavor"])
-        self.driver.redefine(old, self.extra_disks(old), self.config_drive_path(server))
+        self.driver_of(old).redefine(old, self.extra_disks(old), self.config_drive_path(server))
         state = self.restart_if(old, was_active)
         self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
                     flavor=old["flavor"], old_flavor=None, old_vm_state=None, **state)
@@ -5286,9 +5362,9 @@ class Compute:
     def rebuild(self, server, was_active, admin_pass):
         """New root disk from the (new) image, same domain identity."""
         server_id = server["id"]
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         self.update(server_id, task_state="rebuild_block_device_mapping")
-        self.driver.destroy(server)
+        self.driver_of(server).destroy(server)
         directory = self.instance_dir(server)
         for name in ("disk", "disk.config"):
             path = os.path.join(directory, name)
@@ -5306,7 +5382,7 @@ class Compute:
         server = self.store.data["servers"][server_id]
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
             else None
-        self.driver.spawn(server, self.extra_disks(server), drive, start=was_active)
+        self.driver_of(server).spawn(server, self.extra_disks(server), drive, start=was_active)
         self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
                     power_state=RUNNING if was_active else SHUTDOWN, launched_at=self.now())
 
@@ -5315,15 +5391,15 @@ class Compute:
         self.update(server["id"], task_state="image_pending_upload")
         root = os.path.join(self.instance_dir(server), "disk")
         paused = False
-        if self.driver.get_info(server) == RUNNING:
-            self.driver.pause(server)
+        if self.driver_of(server).get_info(server) == RUNNING:
+            self.driver_of(server).pause(server)
             paused = True
         try:
             self.update(server["id"], task_state="image_uploading")
             self.app.images.finish_snapshot(image, root)
         finally:
             if paused:
-                self.driver.unpause(server)
+                self.driver_of(server).unpause(server)
 
     def rotate_backups(self, server, backup_type, rotation):
         """Keep only the newest `rotation` backups of this server and type."""
@@ -5345,7 +5421,7 @@ class Compute:
                 server["name"] + "-shelved", server["project_id"],
                 snapshot_properties(server, {"image_type": "snapshot"}),
                 server["flavor"]["disk"], 0)
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         if image is not None:
             self.update(server_id, task_state="shelving_image_uploading")
             self.app.images.finish_snapshot(image, os.path.join(self.instance_dir(server),
@@ -5361,17 +5437,19 @@ class Compute:
         self.update(server["id"], vm_state="shelved_offloaded", task_state=None,
                     power_state=SHUTDOWN, host=None, node=None)
 
-    def unshelve(self, server):
+    def unshelve(self, server, requested=None):
         server_id = server["id"]
         image_id = server.get("shelved_image_id")
         if server["vm_state"] == "shelved":
-            self.driver.power_on(server)
+            self.driver_of(server).power_on(server)
         else:
             image = self.app.images.get(image_id) if image_id else None
             if image is None and not server.get("volume_backed"):
                 raise DriverError("the shelved image of this server is gone")
-            self.update(server_id, task_state="spawning", host=self.app.conf["host"],
-                        node=self.app.conf["host"])
+            self.update(server_id, task_state="scheduling")
+            self.place(server_id, requested)
+            self.update(server_id, task_state="spawning")
+            server = self.store.data["servers"][server_id]
             base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
                                                              "_base")) if image else None
             disks = create_server_disks(self.instance_dir(server), base, server)
@@ -5379,9 +5457,10 @@ class Compute:
                 self.prepare_volumes(server_id, None)
             server = self.store.data["servers"][server_id]
             if server.get("ports"):
-                self.driver.define_filter(server, server_filter_xml(server, self.store.data))
+                self.driver_of(server).define_filter(server,
+                                                     server_filter_xml(server, self.store.data))
             drive = self.make_config_drive(server, None) if server.get("config_drive") else None
-            self.driver.spawn(server, disks, drive)
+            self.driver_of(server).spawn(server, disks, drive)
             for vol in server.get("volumes", []):
                 self.app.volumes.attachment_complete(None, vol["attachment_id"])
         self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
@@ -5393,7 +5472,7 @@ class Compute:
 
     def rescue(self, server, image, was):
         """Boot the rescue image with the server's own disk attached second."""
-        self.driver.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         directory = self.instance_dir(server)
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
         rescue_disk = os.path.join(directory, "disk.rescue")
@@ -5401,19 +5480,20 @@ class Compute:
                  rescue_disk)
         disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
         # as Nova's (non-stable) rescue: the rescue disk, the server's own disks, no volumes
-        self.driver.redefine(dict(server, volumes=[]), disks, self.config_drive_path(server),
-                             rescue=[(rescue_disk, "vda", "qcow2")])
-        self.driver.power_on(server)
+        self.driver_of(server).redefine(dict(server, volumes=[]), disks,
+                                        self.config_drive_path(server),
+                                        rescue=[(rescue_disk, "vda", "qcow2")])
+        self.driver_of(server).power_on(server)
         self.update(server["id"], vm_state="rescued", task_state=None, power_state=RUNNING,
                     rescued_from=was)
 
     def unrescue(self, server):
-        self.driver.power_off(server, timeout=0, clean=False)
+        self.driver_of(server).power_off(server, timeout=0, clean=False)
         rescue_disk = os.path.join(self.instance_dir(server), "disk.rescue")
-        self.driver.redefine(server, self.extra_disks(server), self.config_drive_path(server))
+        self.driver_of(server).redefine(server, self.extra_disks(server), self.config_drive_path(server))
         if os.path.exists(rescue_disk):
             os.unlink(rescue_disk)
-        self.driver.power_on(server)
+        self.driver_of(server).power_on(server)
         self.update(server["id"], vm_state="active", task_state=None, power_state=RUNNING,
                     rescued_from=None)
 
@@ -5802,13 +5882,24 @@ def server_create_plan(req, spec, hints, volumes=()):
             raise BadRequest("Invalid key_name provided.")
         key_data = kp["public_key"]
     zone = spec.get("availability_zone")
-    if zone is not None and zone.split(":")[0] not in ("", host_zone(req.app)):
-        raise BadRequest("The requested availability zone is not available")
+    requested = None
+    if zone is not None:
+        name, _, forced = zone.partition(":")
+        if name and name not in compute_zones(req.app):
+            raise BadRequest("The requested availability zone is not available")
+        forced = forced.split(":")
+        if any(forced):
+            authorize(req, "os_compute_api:servers:create:forced_host", "admin")
+            requested = forced[0] or forced[-1]
+            if requested not in req.app.drivers:
+                raise BadRequest(f"No valid host was found. Compute host {requested} "
+                                 "could not be found.")
     for host_field in ("host", "hypervisor_hostname"):
         if host_field in spec:
             authorize(req, "compute:servers:create:requested_destination", "admin")
-            if spec[host_field] != req.app.conf["host"]:
+            if spec[host_field] not in req.app.drivers:
                 raise BadRequest(f"Compute host {spec[host_field]} could not be found.")
+            requested = spec[host_field]
     networks = resolve_networks(req, spec.get("networks"))
     groups = [g.get("name", "default") for g in spec.get("security_groups") or
               [{"name": "default"}]]
@@ -5827,7 +5918,7 @@ def server_create_plan(req, spec, hints, volumes=()):
     return {"flavor": flavor, "image": image, "key_name": key_name, "key_data": key_data,
             "networks": networks, "security_groups": groups, "metadata": metadata,
             "hints": hints, "local_disks": local_disks, "swap_mb": swap_mb,
-            "volumes": list(volumes)}
+            "volumes": list(volumes), "requested_host": requested}
 
 
 def blank_local_disks(spec, flavor):
@@ -6130,8 +6221,10 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         "disk_config": spec.get("OS-DCF:diskConfig", "MANUAL"),
         "config_drive": bool_from_string(spec.get("config_drive", False))
         or req.app.conf["force_config_drive"],
-        "availability_zone": host_zone(req.app),
+        "availability_zone": (spec.get("availability_zone") or "").split(":")[0]
+        or req.app.conf["availability_zone"],
         "pinned_availability_zone": (spec.get("availability_zone") or "").split(":")[0] or None,
+        "requested_host": plan.get("requested_host"),
         "host": None, "node": None, "instance_name": "instance-%08x" % instance_number,
         "reservation_id": reservation_id, "launch_index": index, "locked": False,
         "locked_by": None, "locked_reason": None, "fault": None, "progress": 0,
@@ -6625,7 +6718,7 @@ def run_action(req, rule, task_state, action_name, event, work, extra=None):
 
     def failed(server_id, exc):
         compute.fail(server_id, exc, vm_state=before["vm_state"] if isinstance(
-            exc, Unavailable) else "error")
+            exc, (Unavailable, NoValidHost)) else "error")
 
     compute.run(server["id"], rid, event, work, on_error=failed)
     return server
@@ -6651,7 +6744,7 @@ def server_action_reboot(req):
     def work(server):
         compute.update(server["id"], task_state="reboot_started_hard" if hard
                        else "reboot_started")
-        compute.driver.reboot(server, hard=hard)
+        compute.driver_of(server).reboot(server, hard=hard)
         settle(compute, server["id"], vm_state="active", power_state=RUNNING)
         compute.refresh_addresses(server["id"])
 
@@ -6666,7 +6759,7 @@ def simple_action(req, rule, task, action, event, operation, final):
     compute = req.app.compute
 
     def work(server):
-        getattr(compute.driver, operation)(server)
+        getattr(compute.driver_of(server), operation)(server)
         settle(compute, server["id"], **final)
 
     run_action(req, rule, task, action, event, work)
@@ -6691,7 +6784,7 @@ def server_action_stop(req):
     compute = req.app.compute
 
     def work(server):
-        compute.driver.power_off(server, timeout=req.app.conf["shutdown_timeout"])
+        compute.driver_of(server).power_off(server, timeout=req.app.conf["shutdown_timeout"])
         settle(compute, server["id"], vm_state="stopped", power_state=SHUTDOWN)
 
     run_action(req, "stop", "powering-off", "stop", "compute_stop_instance", work)
@@ -6734,7 +6827,7 @@ def server_action_trigger_crash_dump(req):
     server, rid = begin_action(req, "trigger_crash_dump", None, "trigger_crash_dump")
     compute = req.app.compute
     compute.run(server["id"], rid, "compute_trigger_crash_dump",
-                compute.driver.trigger_crash_dump)
+                lambda server: compute.driver_of(server).trigger_crash_dump(server))
     return 202, None
 
 
@@ -6830,7 +6923,7 @@ def server_action_get_console_output(req):
     server = find_server(req, req.params["server_id"])
     if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
         raise Conflict(f"Instance {server['id']} is not ready")
-    output = req.app.compute.driver.get_console_output(server)
+    output = req.app.compute.driver_of(server).get_console_output(server)
     if length is not None:       # Nova's _tail_log: the last `length` '\n'-separated pieces
         output = "\n".join(output.split("\n")[-length:]) if length else ""
     return 200, {"output": output}
@@ -6848,7 +6941,7 @@ def server_action_change_password(req):
     server, rid = begin_action(req, "changePassword", "updating_password", "changePassword")
     compute = req.app.compute
     try:
-        compute.driver.set_admin_password(server, body["changePassword"]["adminPass"])
+        compute.driver_of(server).set_admin_password(server, body["changePassword"]["adminPass"])
     except (DriverError, Unavailable) as e:
         settle(compute, server["id"])
         compute.finish_event(server["id"], rid, "compute_set_admin_password",
@@ -7142,14 +7235,27 @@ def server_action_unshelve(req):
                                    "type": ["object", "null"], "additionalProperties": False,
                                    "properties": props}}})
     spec = body["unshelve"] or {}
+    server = find_server(req, req.params["server_id"])
     zone = spec.get("availability_zone")
-    if zone and zone != req.app.conf["availability_zone"]:
+    if zone and zone not in compute_zones(req.app):
         raise BadRequest("The requested availability zone is not available")
-    if spec.get("host") and spec["host"] != req.app.conf["host"]:
-        raise BadRequest(f"Compute host {spec['host']} could not be found.")
+    if spec.get("host"):
+        authorize(req, "os_compute_api:os-shelve:unshelve_to_host", "admin")
+        if spec["host"] not in req.app.drivers:
+            raise BadRequest(f"Compute host {spec['host']} could not be found.")
+    if ("availability_zone" in spec or "host" in spec) and \
+            server["vm_state"] != "shelved_offloaded":
+        raise Conflict(f"The server {server['id']} is not in SHELVED_OFFLOADED state: an "
+                       "availability zone or host can only be given for such a server.")
+    if spec.get("host") and zone and host_zone(req.app, spec["host"]) != zone:
+        raise BadRequest(f"Host {spec['host']} is not in availability zone {zone}.")
     compute = req.app.compute
-    run_action(req, "unshelve", "unshelving", "unshelve", "compute_unshelve_instance",
-               compute.unshelve)
+
+    def work(current):
+        if "availability_zone" in spec:
+            compute.update(current["id"], pinned_availability_zone=zone)
+        compute.unshelve(compute.store.data["servers"][current["id"]], spec.get("host"))
+    run_action(req, "unshelve", "unshelving", "unshelve", "compute_unshelve_instance", work)
     return 202, None
 
 
@@ -7514,8 +7620,8 @@ def server_interfaces_create(req):
         raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
     try:
-        req.app.compute.driver.define_filter(server, server_filter_xml(server, req.store.data))
-        req.app.compute.driver.attach_interface(server, port)
+        req.app.compute.driver_of(server).define_filter(server, server_filter_xml(server, req.store.data))
+        req.app.compute.driver_of(server).attach_interface(server, port)
     except DriverError:
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     req.app.compute.change_ports(server["id"], lambda ports: ports + [port])
@@ -7534,7 +7640,7 @@ def server_interfaces_delete(req):
         raise Conflict(f"Cannot 'detach_interface' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
     try:
-        req.app.compute.driver.detach_interface(server, port)
+        req.app.compute.driver_of(server).detach_interface(server, port)
     except DriverError:
         raise Conflict(f"Failed to detach network adapter device from {server['id']}") \
             from None
@@ -7997,7 +8103,7 @@ def server_diagnostics_index(req):
     if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
         raise Conflict(f"Cannot 'get_diagnostics' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
-    stats = req.app.compute.driver.get_diagnostics(server)
+    stats = req.app.compute.driver_of(server).get_diagnostics(server)
     if not req.since("2.48"):
         old = {"cpu%d_time" % c["id"]: c["time"] for c in stats["cpu_details"]}
         old["memory"] = stats["memory_kb"]
@@ -8012,8 +8118,9 @@ def server_diagnostics_index(req):
              SUSPENDED: "suspended"}.get(LIBVIRT_POWER_STATE.get(stats["state"], 0), "pending")
     launched = parse_isotime(server["launched_at"]) if server.get("launched_at") else None
     uptime = int((req.app.clock.now() - launched).total_seconds()) if launched else 0
-    return 200, {"state": state, "driver": "libvirt", "hypervisor": req.app.driver.virt_type
-                 if not req.app.driver.simulated else "test", "hypervisor_os": "linux",
+    driver = req.app.compute.driver_of(server)
+    return 200, {"state": state, "driver": "libvirt", "hypervisor": driver.virt_type
+                 if not driver.simulated else "test", "hypervisor_os": "linux",
                  "uptime": uptime, "config_drive": bool(server.get("config_drive")),
                  "num_cpus": len(stats["cpu_details"]) or server["flavor"]["vcpus"],
                  "num_nics": len(server.get("ports", [])), "num_disks": len(stats["disks"]),
@@ -8737,10 +8844,10 @@ def accept_event(req, event):
 
         def work(s):
             if power_on:
-                compute.driver.power_on(s)
+                compute.driver_of(s).power_on(s)
                 settle(compute, s["id"], vm_state="active", power_state=RUNNING)
             else:
-                compute.driver.power_off(s, timeout=req.app.conf["shutdown_timeout"])
+                compute.driver_of(s).power_off(s, timeout=req.app.conf["shutdown_timeout"])
                 settle(compute, s["id"], vm_state="stopped", power_state=SHUTDOWN)
         compute.run(server["id"], rid, "compute_power_update", work)
     elif name == "network-vif-deleted":
@@ -8822,9 +8929,9 @@ def volume_holder(req, volume_id):
 
 # § 26 API: server groups --------------------------------------------------------------
 #
-# One compute host: affinity is always met; hard anti-affinity allows one member (or
-# max_server_per_host) on the host, so a further member's build fails as Nova's
-# scheduler fails it ("No valid host was found").
+# The scheduler (§27) keeps affinity groups' members on one host and anti-affinity
+# groups' apart (max_server_per_host each); a member that cannot be placed so fails its
+# build as in Nova ("No valid host was found"); the soft policies only weigh.
 
 GROUP_POLICIES = ("anti-affinity", "affinity", "soft-anti-affinity", "soft-affinity")
 
@@ -8939,25 +9046,6 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-def check_group_placement(data, server, host):
-    """The scheduler's checks on this one host: its compute service is enabled and up, and
-    hard anti-affinity allows at most max_server_per_host members here."""
-    compute = data.get("services", {}).get("nova-compute", {})
-    if compute.get("disabled") or compute.get("forced_down") or compute.get("deleted"):
-        raise DriverError("No valid host was found. There are not enough hosts available.")
-    for group_id in server.get("server_groups", []):
-        group = data["server_groups"].get(group_id)
-        if not group or group["policy"] != "anti-affinity":
-            continue
-        allowed = (group.get("rules") or {}).get("max_server_per_host", 1)
-        here = [m for m in group["members"] if m != server["id"]
-                and data["servers"].get(m, {}).get("host") == host
-                and data["servers"][m]["vm_state"] not in ("deleted", "error")]
-        if len(here) >= allowed:
-            raise DriverError("No valid host was found. There are not enough hosts available.")
-
-
-
 # § 27 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
@@ -8967,25 +9055,58 @@ def check_group_placement(data, server, host):
 SERVICE_BINARIES = ("nova-conductor", "nova-scheduler", "nova-compute")
 
 
+def service_key(app, host, binary):
+    """Where a service's status is stored: by binary for this host's services, by
+    binary@host for the other compute hosts."""
+    return binary if host == app.conf["host"] else f"{binary}@{host}"
+
+
 def service_records(app):
-    """This host's three services with their stored status, in id order."""
-    host = app.conf["host"]
+    """The services with their stored status, in id order: this host's conductor and
+    scheduler, then a nova-compute per compute host."""
     stored = app.store.data.get("services", {})
+    here = app.conf["host"]
+    placed = [(here, "nova-conductor"), (here, "nova-scheduler")] + [
+        (host, "nova-compute") for host in app.compute_host_names()]
     records = []
-    for number, binary in enumerate(SERVICE_BINARIES, 1):
-        state = stored.get(binary, {})
+    for number, (host, binary) in enumerate(placed, 1):
+        key = service_key(app, host, binary)
+        state = stored.get(key, {})
         if state.get("deleted"):
             continue
-        records.append({"number": number, "binary": binary, "host": host,
+        records.append({"number": number, "binary": binary, "host": host, "key": key,
                         "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, f"service:{host}:{binary}")),
-                        "zone": app.conf["availability_zone"] if binary == "nova-compute"
+                        "zone": host_zone(app, host) if binary == "nova-compute"
                         else "internal",
                         "disabled": state.get("disabled", False),
                         "disabled_reason": state.get("disabled_reason"),
                         "forced_down": state.get("forced_down", False),
-                        "up": (app.compute_available() if binary == "nova-compute" else True)
-                        and not state.get("forced_down", False)})
+                        "up": (app.compute_available(host) if binary == "nova-compute"
+                               else True) and not state.get("forced_down", False)})
     return records
+
+
+def compute_service(app, host):
+    """The nova-compute record of a host, or None (not configured, or deleted)."""
+    for record in service_records(app):
+        if record["binary"] == "nova-compute" and record["host"] == host:
+            return record
+    return None
+
+
+def host_status(app, server):
+    """A server's host_status (2.16): UP, DOWN (forced down), MAINTENANCE (disabled),
+    UNKNOWN (not answering), or '' without a host."""
+    if not server.get("host"):
+        return ""
+    service = compute_service(app, server["host"])
+    if service is None:
+        return "UNKNOWN"
+    if service["forced_down"]:
+        return "DOWN"
+    if not service["up"]:
+        return "UNKNOWN"
+    return "MAINTENANCE" if service["disabled"] else "UP"
 
 
 def service_view(req, record):
@@ -9008,11 +9129,11 @@ def services_index(req):
     return 200, {"services": [service_view(req, r) for r in records]}
 
 
-def set_service(req, binary, **changes):
+def set_service(req, record, **changes):
     def plan(data):
-        current = dict(data.get("services", {}).get(binary, {}))
+        current = dict(data.get("services", {}).get(record["key"], {}))
         current.update(changes)
-        return [["set", ["services", binary], current]]
+        return [["set", ["services", record["key"]], current]]
     req.store.transaction(plan)
 
 
@@ -9045,12 +9166,12 @@ def services_update(req):
     view = {"host": record["host"], "binary": record["binary"]}
     if action == "force-down":
         forced = bool_from_string(body["forced_down"])
-        set_service(req, record["binary"], forced_down=forced)
+        set_service(req, record, forced_down=forced)
         view["forced_down"] = forced
     else:
         disabled = action != "enable"
         reason = body.get("disabled_reason") if disabled else None
-        set_service(req, record["binary"], disabled=disabled, disabled_reason=reason)
+        set_service(req, record, disabled=disabled, disabled_reason=reason)
         view["status"] = "disabled" if disabled else "enabled"
         if action == "disable-log-reason":
             view["disabled_reason"] = reason
@@ -9080,7 +9201,7 @@ def services_update_by_uuid(req):
         changes["disabled_reason"] = body.get("disabled_reason") if changes["disabled"] else None
     if "forced_down" in body:
         changes["forced_down"] = bool_from_string(body["forced_down"])
-    set_service(req, record["binary"], **changes)
+    set_service(req, record, **changes)
     return 200, {"service": service_view(req, find_service_record(req, record["host"],
                                                                    record["binary"]))}
 
@@ -9096,36 +9217,204 @@ def services_delete(req):
             if record["binary"] == "nova-compute" and hosting:
                 raise Conflict("Unable to delete compute service that is hosting instances. "
                                "Migrate or delete the instances first.")
-            set_service(req, record["binary"], deleted=True)
+            set_service(req, record, deleted=True)
             return 204, None
     if req.since("2.53") and not is_uuid_like(key):
         raise BadRequest(f"Invalid uuid {key}")
     raise NotFound(f"Service {key} could not be found.")
 
 
-def hypervisor_record(req):
-    """This host as Nova's hypervisor (compute node), from libvirt and the servers on it."""
-    app = req.app
+def host_resources(app, host):
+    """What libvirt says a compute host has; zeros while it does not answer."""
+    driver = app.drivers.get(host)
     try:
-        res = app.driver.get_available_resource() if app.driver else None
+        res = driver.get_available_resource() if driver is not None and driver.available \
+            else None
     except (DriverError, Unavailable):
         res = None
-    res = res or {"vcpus": 0, "memory_mb": 0, "local_gb": 0, "free_disk_gb": 0,
-                  "hypervisor_type": "QEMU", "hypervisor_version": 0, "cpu_model": ""}
-    servers = [s for s in app.store.data["servers"].values()
-               if s.get("host") == app.conf["host"] and s["vm_state"] != "deleted"]
-    compute = [r for r in service_records(app) if r["binary"] == "nova-compute"]
-    service = compute[0] if compute else None
-    vcpus, ram, disk = usage_of(servers)
-    return {"host": app.conf["host"], "res": res, "servers": servers, "service": service,
-            "vcpus_used": vcpus, "memory_mb_used": 512 + ram, "local_gb_used": disk,
-            "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, "hypervisor:" + app.conf["host"]))}
+    return res or {"vcpus": 0, "memory_mb": 0, "local_gb": 0, "free_disk_gb": 0,
+                   "hypervisor_type": "QEMU", "hypervisor_version": 0, "cpu_model": ""}
+
+
+def hypervisor_records(app, hosts=None):
+    """Each compute host as Nova's hypervisor (compute node), from libvirt and the servers
+    on it, in id order."""
+    services = {r["host"]: r for r in service_records(app) if r["binary"] == "nova-compute"}
+    live = collections.defaultdict(list)
+    for server in app.store.data["servers"].values():
+        if server.get("host") and server["vm_state"] != "deleted":
+            live[server["host"]].append(server)
+    records = []
+    for number, host in enumerate(app.compute_host_names(), 1):
+        if hosts is not None and host not in hosts:
+            continue
+        servers = live[host]
+        vcpus, ram, disk = usage_of(servers)
+        records.append({"host": host, "number": number, "res": host_resources(app, host),
+                        "servers": servers, "service": services.get(host),
+                        "vcpus_used": vcpus,
+                        "memory_mb_used": int(app.conf["reserved_host_memory_mb"]) + ram,
+                        "local_gb_used": disk,
+                        "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, "hypervisor:" + host))})
+    return records
+
+
+# The scheduler: Nova's filters, then its weighers, over the compute hosts.  A server
+# counts against the host in its record from the moment it is placed (its claim); a
+# server resized to another host also holds its old flavor on its source until confirmed.
+
+NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
+
+
+class NoValidHost(DriverError):
+    """The scheduler found no host for a request."""
+
+
+def host_claims(data, skip=None):
+    """{host: [flavor]} of what the live servers hold on each host."""
+    claims = collections.defaultdict(list)
+    for server in data["servers"].values():
+        if server["id"] == skip or server["vm_state"] == "deleted":
+            continue
+        if server.get("host"):
+            claims[server["host"]].append(placed_flavor(server))
+        source = server.get("migration_source")
+        if source and source != server.get("host"):
+            claims[source].append(placed_flavor(dict(
+                server, flavor=server.get("old_flavor") or server["flavor"])))
+    return claims
+
+
+def placed_flavor(server):
+    """What a server takes from its host: a volume-backed root disk takes no local disk."""
+    flavor = server["flavor"]
+    disk = 0 if server.get("volume_backed") else flavor["disk"]
+    return {"vcpus": flavor["vcpus"], "ram": flavor["ram"],
+            "disk": disk + flavor["ephemeral"] + -(-int(flavor.get("swap") or 0) // 1024)}
+
+
+def host_capacity(app, host, claims):
+    """(free vcpus, free MB, free GB) of a host after allocation ratios and reservations."""
+    conf = app.conf
+    res = host_resources(app, host)
+    used = claims.get(host, [])
+    return (res["vcpus"] * conf["cpu_allocation_ratio"] - sum(f["vcpus"] for f in used),
+            res["memory_mb"] * conf["ram_allocation_ratio"] - conf["reserved_host_memory_mb"]
+            - sum(f["ram"] for f in used),
+            res["local_gb"] * conf["disk_allocation_ratio"]
+            - conf["reserved_host_disk_mb"] / 1024 - sum(f["disk"] for f in used))
+
+
+def group_members_on(data, group, server_id):
+    """{host: count} of a server group's other live members."""
+    counts = collections.Counter()
+    for member in group["members"]:
+        other = data["servers"].get(member)
+        if member != server_id and other and other.get("host") and \
+                other["vm_state"] not in ("deleted", "error"):
+            counts[other["host"]] += 1
+    return counts
+
+
+def schedule(app, server, flavor, requested=None, exclude=(), force=False):
+    """The host for a server (with this flavor) by Nova's default filters and weighers;
+    NoValidHost when none passes.  requested narrows the choice to one host; force
+    (Nova's forced host) skips the filters."""
+    data = app.store.data
+    hosts = [h for h in app.compute_host_names() if h not in exclude]
+    if requested is not None:
+        hosts = [h for h in hosts if h == requested]
+    if force:
+        if not hosts:
+            raise NoValidHost(NO_VALID_HOST)
+        return hosts[0]
+    claims = host_claims(data, skip=server["id"])
+    need = placed_flavor(dict(server, flavor=flavor))
+    services = {r["host"]: r for r in service_records(app) if r["binary"] == "nova-compute"}
+    hints = server.get("scheduler_hints") or {}
+    groups = [data["server_groups"][g] for g in server.get("server_groups", [])
+              if g in data["server_groups"]]
+    image = server.get("image_properties") or {}
+    wanted_type = (image.get("img_hv_type") or image.get("hypervisor_type") or "").lower()
+    wanted_arch = (image.get("hw_architecture") or image.get("architecture") or "").lower()
+
+    def host_of(server_ids):
+        if isinstance(server_ids, str):
+            server_ids = [server_ids]
+        return {data["servers"].get(i, {}).get("host") for i in server_ids} - {None}
+
+    def passes(host):
+        service = services.get(host)
+        if service is None or service["disabled"] or not service["up"]:
+            return "its compute service is disabled or down"
+        zone = server.get("pinned_availability_zone")
+        if zone and host_zone(app, host) != zone:
+            return f"it is not in availability zone {zone}"
+        res = host_resources(app, host)
+        hv_type = res["hypervisor_type"].lower()
+        if wanted_type and wanted_type != hv_type and not (
+                wanted_type in ("qemu", "kvm") and hv_type == "qemu"):
+            return f"the image wants hypervisor type {wanted_type}"
+        if wanted_arch and wanted_arch not in ("x86_64", "amd64", "x86-64"):
+            return f"the image wants architecture {wanted_arch}"
+        vcpus, ram, disk = capacity[host] = host_capacity(app, host, claims)
+        if need["vcpus"] > vcpus or need["ram"] > ram or need["disk"] > disk:
+            return "it has not enough vCPUs, memory or disk left"
+        for group in groups:
+            members = group_members_on(data, group, server["id"])
+            if group["policy"] == "affinity" and members and host not in members:
+                return f"server group {group['id']} keeps its members together"
+            if group["policy"] == "anti-affinity" and members[host] >= (
+                    group.get("rules") or {}).get("max_server_per_host", 1):
+                return f"server group {group['id']} keeps its members apart"
+        if hints.get("same_host") and host_of(hints["same_host"]) - {host}:
+            return "the same_host hint names servers elsewhere"
+        if hints.get("different_host") and host in host_of(hints["different_host"]):
+            return "the different_host hint names servers here"
+        return None
+
+    fit, capacity = [], {}
+    for host in hosts:
+        reason = passes(host)
+        if reason:
+            LOG.info("scheduling server %s: host %s is filtered out: %s", server["id"], host,
+                     reason)
+        else:
+            fit.append(host)
+    if not fit:
+        raise NoValidHost(NO_VALID_HOST)
+    return max(fit, key=lambda h: host_weight(app, h, fit, capacity, groups, server["id"]))
+
+
+def host_weight(app, host, fit, capacity, groups, server_id):
+    """Nova's weighers, each normalised over the hosts that passed: free RAM (times
+    --ram-weight-multiplier), and members of soft-(anti-)affinity groups; ties go to the
+    host listed first."""
+    def normalised(values, value):
+        low, high = min(values), max(values)
+        return 0.0 if high == low else (value - low) / (high - low)
+    free = {h: capacity[h][1] for h in fit}
+    weight = app.conf["ram_weight_multiplier"] * normalised(list(free.values()), free[host])
+    for group in groups:
+        if group["policy"] in ("soft-affinity", "soft-anti-affinity"):
+            members = group_members_on(app.store.data, group, server_id)
+            counts = [members[h] for h in fit]
+            sign = 1 if group["policy"] == "soft-affinity" else -1
+            weight += sign * normalised(counts, members[host])
+    return weight - fit.index(host) * 1e-9
+
+
+def host_ip(app, host):
+    """A compute host's address: the one in its remote libvirt URI, else this host's."""
+    uri = dict(app.conf["compute_hosts"]).get(host, "")
+    remote = urllib.parse.urlsplit(uri).hostname if "+" in uri.split(":", 1)[0] else None
+    return remote or app.conf["my_ip"]
 
 
 def hypervisor_view(req, hyp, detail, with_servers=False):
     service = hyp["service"] or {"number": 0, "uuid": str(uuid.uuid4()), "disabled": True,
                                  "disabled_reason": "deleted", "up": False}
-    view = {"id": hyp["uuid"] if req.since("2.53") else 1,
+    view = {"id": hyp["uuid"] if req.since("2.53") else hyp["number"],
             "hypervisor_hostname": hyp["host"],
             "state": "up" if service["up"] else "down",
             "status": "disabled" if service["disabled"] else "enabled"}
@@ -9133,8 +9422,7 @@ def hypervisor_view(req, hyp, detail, with_servers=False):
         res = hyp["res"]
         view.update({"hypervisor_type": res["hypervisor_type"],
                      "hypervisor_version": res["hypervisor_version"],
-                     "host_ip": req.app.conf["bind"] if req.app.conf["bind"] not in (
-                         "::", "0.0.0.0") else "127.0.0.1",
+                     "host_ip": host_ip(req.app, hyp["host"]),
                      "service": {"id": service["uuid"] if req.since("2.53") else
                                  service["number"], "host": hyp["host"],
                                  "disabled_reason": service["disabled_reason"]}})
@@ -9175,8 +9463,7 @@ def hypervisor_list(req, detail):
     if req.since("2.53"):
         allowed += ["hypervisor_hostname_pattern", "with_servers"]
     query = validate_query(req, allowed, strict_since="2.33")
-    hyp = hypervisor_record(req)
-    hyps = [hyp]
+    hyps = hypervisor_records(req.app)
     pattern = query.get("hypervisor_hostname_pattern", [None])[-1]
     if pattern is not None:
         hyps = [h for h in hyps if pattern in h["host"]]
@@ -9185,8 +9472,8 @@ def hypervisor_list(req, detail):
     with_servers = bool_from_string(query.get("with_servers", ["false"])[-1])
     marker = None
     if req.since("2.33"):
-        hyps, marker = paginate(req, hyps, lambda h: h["uuid"] if req.since("2.53") else "1",
-                                "marker [%s] not found")
+        hyps, marker = paginate(req, hyps, lambda h: h["uuid"] if req.since("2.53")
+                                else str(h["number"]), "marker [%s] not found")
     body = {"hypervisors": [hypervisor_view(req, h, detail, with_servers) for h in hyps]}
     if marker is not None:
         body["hypervisors_links"] = req.next_link(
@@ -9205,12 +9492,12 @@ def hypervisors_detail(req):
 
 
 def find_hypervisor(req, hypervisor_id):
-    hyp = hypervisor_record(req)
-    if hypervisor_id != (hyp["uuid"] if req.since("2.53") else "1"):
-        if req.since("2.53") and not is_uuid_like(hypervisor_id):
-            raise BadRequest(f"Invalid uuid {hypervisor_id}")
-        raise NotFound(f"Hypervisor with ID '{hypervisor_id}' could not be found.")
-    return hyp
+    for hyp in hypervisor_records(req.app):
+        if hypervisor_id == (hyp["uuid"] if req.since("2.53") else str(hyp["number"])):
+            return hyp
+    if req.since("2.53") and not is_uuid_like(hypervisor_id):
+        raise BadRequest(f"Invalid uuid {hypervisor_id}")
+    raise NotFound(f"Hypervisor with ID '{hypervisor_id}' could not be found.")
 
 
 def hypervisors_show(req):
@@ -9232,32 +9519,37 @@ def hypervisors_uptime(req):
 
 def hypervisors_statistics(req):
     """GET /os-hypervisors/statistics"""
-    view = hypervisor_view(req, hypervisor_record(req), True)
     keys = ("vcpus", "vcpus_used", "memory_mb", "memory_mb_used", "local_gb", "local_gb_used",
             "free_ram_mb", "free_disk_gb", "current_workload", "running_vms",
             "disk_available_least")
-    stats = {"count": 1}
-    stats.update({k: view[k] for k in keys})
+    views = [hypervisor_view(req, h, True) for h in hypervisor_records(req.app)]
+    stats = {"count": len(views)}
+    stats.update({k: sum(v[k] for v in views) for k in keys})
     return 200, {"hypervisor_statistics": stats}
+
+
+def matching_hypervisors(req):
+    hyps = [h for h in hypervisor_records(req.app) if req.params["id"] in h["host"]]
+    if not hyps:
+        raise NotFound(f"No hypervisor matching '{req.params['id']}' could be found.")
+    return hyps
 
 
 def hypervisors_search(req):
     """GET /os-hypervisors/{id}/search"""
-    hyp = hypervisor_record(req)
-    if req.params["id"] not in hyp["host"]:
-        raise NotFound(f"No hypervisor matching '{req.params['id']}' could be found.")
-    return 200, {"hypervisors": [hypervisor_view(req, hyp, False)]}
+    return 200, {"hypervisors": [hypervisor_view(req, h, False)
+                                 for h in matching_hypervisors(req)]}
 
 
 def hypervisors_servers(req):
     """GET /os-hypervisors/{id}/servers"""
-    hyp = hypervisor_record(req)
-    if req.params["id"] not in hyp["host"]:
-        raise NotFound(f"No hypervisor matching '{req.params['id']}' could be found.")
-    view = hypervisor_view(req, hyp, False, with_servers=True)
-    if not view["servers"]:
-        view.pop("servers")
-    return 200, {"hypervisors": [view]}
+    views = []
+    for hyp in matching_hypervisors(req):
+        view = hypervisor_view(req, hyp, False, with_servers=True)
+        if not view["servers"]:
+            view.pop("servers")
+        views.append(view)
+    return 200, {"hypervisors": views}
 
 
 
@@ -9277,15 +9569,18 @@ def hosts_index(req):
 
 
 def known_host(req, name, message="Host {} could not be found."):
-    if name != req.app.conf["host"]:
+    if name != req.app.conf["host"] and name not in req.app.drivers:
         raise NotFound(message.format(name))
     return name
 
 
 def hosts_show(req):
     """GET /os-hosts/{id}"""
-    host = known_host(req, req.params["id"], "Compute host {} could not be found.")
-    hyp = hypervisor_record(req)
+    host = req.params["id"]
+    found = hypervisor_records(req.app, hosts=[host])
+    if not found:
+        raise NotFound(f"Compute host {host} could not be found.")
+    hyp = found[0]
 
     def resource(project, cpu, memory_mb, disk_gb):
         return {"resource": {"host": host, "project": project, "cpu": cpu,
@@ -9670,7 +9965,7 @@ def aggregate_host_body(req, key):
 def aggregate_action_add_host(req):
     """POST /os-aggregates/{id}/action add_host"""
     host = aggregate_host_body(req, "add_host")
-    if host != req.app.conf["host"]:
+    if host not in req.app.drivers:
         raise NotFound(f"Compute host {host} could not be found.")
 
     def change(agg, data):
@@ -9746,7 +10041,7 @@ def aggregate_images_create(req):
         if image is None:
             raise BadRequest(f"Image {item['id']} could not be found.")
         images.append(image)
-    if req.app.conf["host"] in agg["hosts"]:
+    if set(agg["hosts"]) & set(req.app.drivers):
         cache_dir = os.path.join(req.app.conf["data_dir"], "_base")
 
         def precache():
@@ -9908,13 +10203,13 @@ class MetadataApp:
             for port in server.get("ports", []):
                 if any(ip == address for ip, _ in port.get("ips", [])):
                     return server
-        if self.app.driver is None:
-            return None
         networks = {p["network"] for s in servers for p in s.get("ports", [])}
-        try:
-            macs = {self.app.driver.lease_mac(net, address) for net in networks} - {None}
-        except (DriverError, Unavailable):
-            return None
+        macs = set()
+        for driver in list(self.app.drivers.values()):
+            try:
+                macs |= {driver.lease_mac(net, address) for net in networks} - {None}
+            except (DriverError, Unavailable):
+                continue
         for server in servers:
             if any(p["mac"].lower() in macs for p in server.get("ports", [])):
                 self.app.compute.refresh_addresses(server["id"])
@@ -10048,10 +10343,11 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
         if record is None:
             return self.refuse(401, "The console token is not valid (or was used).")
         server = app.store.data["servers"].get(record["server_id"])
-        if server is None or server["vm_state"] == "deleted" or app.driver is None:
+        if server is None or server["vm_state"] == "deleted" or not server.get("host") \
+                or app.driver is None:
             return self.refuse(404, "The server is gone.")
         try:
-            stream = app.driver.open_serial_console(server)
+            stream = app.compute.driver_of(server).open_serial_console(server)
         except (DriverError, Unavailable) as e:
             return self.refuse(409, f"The console cannot be opened: {e}")
         accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode(),
@@ -10558,12 +10854,16 @@ class Response:
 class App:
     """Everything a request needs: configuration, state, identity, hypervisor."""
 
-    def __init__(self, conf, store, auth=None, driver=None, clock=None):
+    def __init__(self, conf, store, auth=None, driver=None, clock=None, drivers=None):
         self.conf = conf
         self.store = store
         self.clock = clock or Clock()
         self.auth = auth or NoAuth(conf["noauth_identity"])
-        self.driver = driver
+        if drivers is None:
+            drivers = {conf["compute_hosts"][0][0]: driver} if driver is not None else {}
+        self.drivers = dict(drivers)            # compute host name -> its LibvirtDriver
+        self.driver = next(iter(self.drivers.values()), None)   # the first host's
+        self.scheduler_lock = threading.Lock()
         self.started_at = self.clock.now()
         self.stopping = False
         self._images = None
@@ -10623,8 +10923,22 @@ class App:
             return None
         return self.driver.network_name(network_id)
 
-    def compute_available(self):
-        return self.driver is not None and self.driver.available
+    def compute_available(self, host=None):
+        """Whether a compute host (default: the first) is reachable."""
+        driver = self.drivers.get(host) if host else self.driver
+        return driver is not None and driver.available
+
+    def host_driver(self, host):
+        """The driver of a compute host; None (no host) means the first host's."""
+        driver = self.drivers.get(host) if host else self.driver
+        if driver is None:
+            if not self.drivers:
+                raise Unavailable("minivan runs without a hypervisor.")
+            raise Unavailable(f"Compute host {host} is not configured.")
+        return driver
+
+    def compute_host_names(self):
+        return list(self.drivers)
 
     # -- entry point -------------------------------------------------------------
     def handle(self, method, target, headers, body=b"", secure=False, stream=None,
