@@ -1340,6 +1340,10 @@ def group_member_addresses(data, project_id, group_id):
     return sorted(set(found))
 
 
+EVENT_LOOP = []                    # the thread running libvirt's event loop, once started
+EVENT_LOOP_LOCK = threading.Lock()
+
+
 class LibvirtDriver:
     """Nova's ComputeDriver vocabulary over one libvirt connection.
 
@@ -1363,17 +1367,23 @@ class LibvirtDriver:
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
-        Must run before the first connect()."""
-        self.libvirt.virEventRegisterDefaultImpl()
+        Must run before the first connect().  One event loop serves every host."""
         self.on_event = callback
+        with EVENT_LOOP_LOCK:
+            if EVENT_LOOP:
+                return
+            self.libvirt.virEventRegisterDefaultImpl()
+            libvirt = self.libvirt
 
-        def loop():
-            while True:
-                try:
-                    self.libvirt.virEventRunDefaultImpl()
-                except self.libvirt.libvirtError:
-                    time.sleep(1)
-        threading.Thread(target=loop, daemon=True, name="libvirt-events").start()
+            def loop():
+                while True:
+                    try:
+                        libvirt.virEventRunDefaultImpl()
+                    except libvirt.libvirtError:
+                        time.sleep(1)
+            EVENT_LOOP.append(threading.Thread(target=loop, daemon=True,
+                                               name="libvirt-events"))
+            EVENT_LOOP[0].start()
 
     def _lifecycle(self, conn, dom, event, detail, opaque):
         if self.on_event is not None:
@@ -1581,6 +1591,32 @@ class LibvirtDriver:
             except self.libvirt.libvirtError:
                 dom.undefine()
         self._call("deleting the domain", remove)
+
+    def live_migrate(self, server, dest, disks, config_drive=None, block=False):
+        """Move the running domain to dest's libvirt (a live migration minivan drives over
+        both connections; block copies the disks too).  On libvirt's test hypervisor,
+        which cannot migrate, the domain is defined and started there instead."""
+        if self.simulated or dest.simulated:
+            state = self.get_info(server)
+            dest.spawn(server, disks, config_drive, start=state in (RUNNING, PAUSED))
+            if state == PAUSED:
+                dest.pause(server)
+            self.destroy(server)
+            return
+        lv = self.libvirt
+        flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PERSIST_DEST | \
+            lv.VIR_MIGRATE_UNDEFINE_SOURCE
+        if block:
+            flags |= lv.VIR_MIGRATE_NON_SHARED_INC
+        dom = self._domain(server)
+        if dest.conn is None:
+            raise Unavailable("the destination host's libvirt is unreachable")
+        self._call("migrating the domain", dom.migrate3, dest.conn, {}, flags)
+
+    def abort_job(self, server):
+        """Cancel the domain's running job (a live migration)."""
+        dom = self._domain(server)
+        self._call("aborting the migration", dom.abortJob)
 
     def exists(self, server):
         return self._domain(server, missing_ok=True) is not None
@@ -4824,16 +4860,23 @@ class Compute:
                     launched_at=self.now(), progress=0)
         self.refresh_addresses(server_id)
 
-    def place(self, server_id, requested=None, exclude=(), flavor=None):
+    def place(self, server_id, requested=None, exclude=(), flavor=None, force=False,
+              moving=False):
         """Choose a host with the scheduler and record the server there (its claim);
-        returns the host.  No host fits -> DriverError, Nova's 'No valid host'."""
+        returns the host.  No host fits -> NoValidHost.  A move (moving) keeps its
+        source as migration_source, which holds the old flavor there until it ends;
+        flavor is the flavor the server will have there."""
         with self.app.scheduler_lock:
             server = self.store.data["servers"][server_id]
             host = schedule(self.app, server, flavor or server["flavor"], requested=requested,
-                            exclude=exclude)
-            if flavor is None:
-                self.update(server_id, host=host, node=host,
-                            availability_zone=host_zone(self.app, host))
+                            exclude=exclude, force=force)
+            changes = {"host": host, "node": host,
+                       "availability_zone": host_zone(self.app, host)}
+            if moving:
+                changes.update(migration_source=server.get("host"),
+                               new_flavor=flavor if flavor is not None and
+                               flavor != server["flavor"] else None)
+            self.update(server_id, **changes)
         return host
 
     def prepare_disks(self, server):
@@ -5172,6 +5215,23 @@ class Compute:
                         self.reconcile_one(self.store.data["servers"][server["id"]], domains)
                 except (DriverError, Unavailable, OSError) as e:
                     self.fail(server["id"], e)
+            self.remove_moved_domains(host, domains)
+
+    def remove_moved_domains(self, host, domains):
+        """A host that comes back after its servers were evacuated still has their
+        domains: undefine them (their disks live on, shared, with the servers)."""
+        for server_id in domains:
+            server = self.store.data["servers"].get(server_id)
+            if server is None or not server.get("host") or server["host"] == host or \
+                    server.get("migration_source") == host:
+                continue
+            LOG.info("server %s now lives on %s: removing its old domain from %s",
+                     server_id, server["host"], host)
+            try:
+                self.app.drivers[host].destroy(server)
+                self.app.drivers[host].undefine_filter(server)
+            except (DriverError, Unavailable) as e:
+                LOG.warning("server %s: removing its old domain failed: %s", server_id, e)
 
     def reconcile_one(self, server, domains):
         server_id, vm, task = server["id"], server["vm_state"], server.get("task_state")
@@ -5304,28 +5364,51 @@ class Compute:
             self.driver_of(server).power_on(server)
         return {"power_state": RUNNING if was_active else SHUTDOWN}
 
-    def resize(self, server, new_flavor, was_active):
-        """Resize on this host: stop, grow the disks, redefine, start again."""
+    def resize(self, server, new_flavor, was_active, requested=None, kind="resize"):
+        """Resize (kind 'resize') or cold-migrate (kind 'migration', same flavor, never to
+        the same host) to the host the scheduler picks: stop, keep the old root disk for
+        a revert, grow it, define the domain there, start again; VERIFY_RESIZE."""
         server_id = server["id"]
-        record_migration(self.store, server, new_flavor, self.app.clock)
+        source = server.get("host")
+        dest = self.place(server_id, requested, exclude=(source,) if kind == "migration"
+                          else (), flavor=new_flavor, moving=True)
+        number = record_migration(self.app, server, new_flavor, source, dest, kind)
+        try:
+            self.move_disks(server, source, dest, new_flavor, was_active)
+        except BaseException:
+            self.update(server_id, host=source, node=source, migration_source=None,
+                        new_flavor=None, availability_zone=host_zone(self.app, source))
+            set_migration_status(self.store, server_id, "error", self.app.clock,
+                                 number=number)
+            raise
+        set_migration_status(self.store, server_id, "finished", self.app.clock, number=number)
+
+    def move_disks(self, server, source, dest, new_flavor, was_active):
+        server_id = server["id"]
         directory = self.instance_dir(server)
+        src = self.app.host_driver(source)
+        dst = self.app.host_driver(dest)
         self.update(server_id, task_state="resize_migrating")
-        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        src.power_off(server, timeout=self.app.conf["shutdown_timeout"])
         root = os.path.join(directory, "disk")
         if os.path.exists(root):
             shutil.copyfile(root, root + ".resize")
             if new_flavor["disk"] * 2 ** 30 > virtual_size(root):
                 qemu_img("resize", "-q", root, "%dG" % new_flavor["disk"])
         self.update(server_id, task_state="resize_migrated")
-        grown = dict(server, flavor=new_flavor)
+        grown = dict(self.store.data["servers"][server_id], flavor=new_flavor)
+        if dest != source:
+            src.destroy(server)
+            src.undefine_filter(server)
+            if grown.get("ports") and dst.firewall:
+                dst.define_filter(grown, server_filter_xml(grown, self.store.data))
         disks = self.extra_disks(grown)
         self.update(server_id, task_state="resize_finish")
-        self.driver_of(grown).redefine(grown, disks, self.config_drive_path(server))
+        dst.redefine(grown, disks, self.config_drive_path(server))
         state = self.restart_if(grown, was_active)
-        set_migration_status(self.store, server_id, "finished", self.app.clock)
         self.update(server_id, vm_state="resized", task_state=None, flavor=new_flavor,
-                    old_flavor=server["flavor"], old_vm_state="active" if was_active
-                    else "stopped", **state)
+                    new_flavor=None, old_flavor=server["flavor"],
+                    old_vm_state="active" if was_active else "stopped", **state)
 
     def extra_disks(self, server):
         """Root disk plus ephemeral and swap disks sized for the server's flavor."""
@@ -5343,21 +5426,94 @@ class Compute:
         if os.path.exists(backup):
             os.unlink(backup)
         self.update(server["id"], vm_state=server.get("old_vm_state") or "active",
-                    task_state=None, old_flavor=None, old_vm_state=None)
+                    task_state=None, old_flavor=None, old_vm_state=None,
+                    migration_source=None)
 
     def revert_resize(self, server):
+        """Back to the old flavor, and to the source host of a move."""
         server_id = server["id"]
         set_migration_status(self.store, server_id, "reverted", self.app.clock)
         was_active = server.get("old_vm_state", "active") == "active"
-        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        source = server.get("migration_source") or server.get("host")
+        dst = self.driver_of(server)
+        dst.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        if source != server.get("host"):
+            dst.destroy(server)
+            dst.undefine_filter(server)
         root = os.path.join(self.instance_dir(server), "disk")
         if os.path.exists(root + ".resize"):
             os.replace(root + ".resize", root)
-        old = dict(server, flavor=server.get("old_flavor") or server["flavor"])
-        self.driver_of(old).redefine(old, self.extra_disks(old), self.config_drive_path(server))
+        old = dict(server, flavor=server.get("old_flavor") or server["flavor"], host=source)
+        src = self.driver_of(old)
+        if source != server.get("host") and old.get("ports") and src.firewall:
+            src.define_filter(old, server_filter_xml(old, self.store.data))
+        src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
         state = self.restart_if(old, was_active)
         self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
-                    flavor=old["flavor"], old_flavor=None, old_vm_state=None, **state)
+                    flavor=old["flavor"], old_flavor=None, old_vm_state=None, host=source,
+                    node=source, migration_source=None,
+                    availability_zone=host_zone(self.app, source), **state)
+
+    def live_migrate(self, server, requested, force, block):
+        """Move a running (or paused) guest to another host without stopping it."""
+        server_id = server["id"]
+        source = server["host"]
+        dest = self.place(server_id, requested, exclude=(source,), force=force, moving=True)
+        number = record_migration(self.app, server, server["flavor"], source, dest,
+                                  "live-migration", status="preparing")
+        try:
+            moving = dict(server, host=dest)
+            dst = self.driver_of(moving)
+            if moving.get("ports") and dst.firewall:
+                dst.define_filter(moving, server_filter_xml(moving, self.store.data))
+            set_migration_status(self.store, server_id, "running", self.app.clock,
+                                 number=number)
+            self.app.host_driver(source).live_migrate(
+                server, dst, self.extra_disks(server), self.config_drive_path(server), block)
+        except BaseException:
+            self.update(server_id, host=source, node=source, migration_source=None,
+                        availability_zone=host_zone(self.app, source))
+            set_migration_status(self.store, server_id, "error", self.app.clock,
+                                 number=number)
+            raise
+        try:
+            self.app.host_driver(source).undefine_filter(server)
+        except (DriverError, Unavailable) as e:
+            LOG.warning("server %s: removing its old network filter failed: %s", server_id, e)
+        set_migration_status(self.store, server_id, "completed", self.app.clock, number=number)
+        self.update(server_id, task_state=None, migration_source=None,
+                    power_state=self.driver_of(moving).get_info(moving))
+
+    def evacuate(self, server, requested, force, admin_pass, stop):
+        """Rebuild a server of a host that is down on another host, from its disks (the
+        instances directory is shared) or, where they are gone, from its image."""
+        server_id = server["id"]
+        source = server["host"]
+        number = record_migration(self.app, server, server["flavor"], source, None,
+                                  "evacuation", status="pre-migrating")
+        try:
+            dest = self.place(server_id, requested, exclude=(source,), force=force)
+            set_migration_status(self.store, server_id, "pre-migrating", self.app.clock,
+                                 number=number, dest=dest, dest_ip=host_ip(self.app, dest))
+            self.update(server_id, task_state="rebuild_spawning")
+            here = self.store.data["servers"][server_id]
+            if not os.path.exists(os.path.join(self.instance_dir(here), "disk")) and \
+                    here.get("image_ref") and not here.get("volume_backed"):
+                self.prepare_disks(here)
+            driver = self.driver_of(here)
+            if here.get("ports") and driver.firewall:
+                driver.define_filter(here, server_filter_xml(here, self.store.data))
+            drive = self.make_config_drive(here, admin_pass) if here.get("config_drive") \
+                else None
+            driver.spawn(here, self.extra_disks(here), drive, start=not stop)
+        except BaseException:
+            set_migration_status(self.store, server_id, "failed", self.app.clock,
+                                 number=number)
+            raise
+        set_migration_status(self.store, server_id, "done", self.app.clock, number=number)
+        self.update(server_id, vm_state="stopped" if stop else "active", task_state=None,
+                    power_state=SHUTDOWN if stop else RUNNING)
+        self.refresh_addresses(server_id)
 
     def rebuild(self, server, was_active, admin_pass):
         """New root disk from the (new) image, same domain identity."""
@@ -6664,6 +6820,9 @@ ACTION_RULES = {
     "rescue": ("rescue", {"active", "stopped", "error"}, {None}),
     "unrescue": ("unrescue", {"rescued"}, {None}),
     "resize": ("resize", {"active", "stopped"}, {None}),
+    "migrate": ("migrate", {"active", "stopped"}, {None}),
+    "os-migrateLive": ("live_migration", {"active", "paused"}, {None}),
+    "evacuate": ("evacuate", {"active", "stopped", "error"}, {None}),
     "confirmResize": ("confirm_resize", {"resized"}, {None}),
     "revertResize": ("revert_resize", {"resized"}, {None}),
     "rebuild": ("rebuild", {"active", "stopped", "error"}, {None}),
@@ -6683,7 +6842,8 @@ ACTION_RULES = {
 }
 
 
-def begin_action(req, rule, task_state, action_name, extra=None, check_lock=True):
+def begin_action(req, rule, task_state, action_name, extra=None, check_lock=True,
+                 check_host=True):
     """Check the server's state for rule, set task_state (and extra fields) durably."""
     server_id = req.params["server_id"]
     name, vm_states, task_states = ACTION_RULES[rule]
@@ -6702,17 +6862,22 @@ def begin_action(req, rule, task_state, action_name, extra=None, check_lock=True
                        updated_at=isotime_us(req.app.clock.now()))
         return [["set", ["servers", server_id], dict(server, **changes)]]
 
-    if not req.app.compute_available():
-        raise Unavailable("The hypervisor is unreachable; try again later.")
+    if check_host:
+        host = req.store.data["servers"].get(server_id, {}).get("host")
+        if not (req.app.compute_available(host) if host else
+                any(d.available for d in req.app.drivers.values())):
+            raise Unavailable("The hypervisor is unreachable; try again later.")
     req.store.transaction(plan)
     rid = req.app.compute.record_action(req, server_id, action_name)
     return req.store.data["servers"][server_id], rid
 
 
-def run_action(req, rule, task_state, action_name, event, work, extra=None):
+def run_action(req, rule, task_state, action_name, event, work, extra=None,
+               check_host=True, on_error=None):
     """begin_action, then work(server) in the background; the server's state is restored
     (with a fault) if work fails."""
-    server, rid = begin_action(req, rule, task_state, action_name, extra)
+    server, rid = begin_action(req, rule, task_state, action_name, extra,
+                               check_host=check_host)
     compute = req.app.compute
     before = {"vm_state": server["vm_state"]}
 
@@ -6720,7 +6885,7 @@ def run_action(req, rule, task_state, action_name, event, work, extra=None):
         compute.fail(server_id, exc, vm_state=before["vm_state"] if isinstance(
             exc, (Unavailable, NoValidHost)) else "error")
 
-    compute.run(server["id"], rid, event, work, on_error=failed)
+    compute.run(server["id"], rid, event, work, on_error=on_error or failed)
     return server
 
 
@@ -6977,6 +7142,12 @@ def server_action_resize(req):
     extra = check_resize_quota(req, server, new)
     compute = req.app.compute
     was_active = server["vm_state"] == "active"
+    if server["vm_state"] in ("active", "stopped") and server.get("host"):
+        with req.app.scheduler_lock:                   # as Nova's conductor: at once
+            try:
+                schedule(req.app, server, new)
+            except NoValidHost as e:
+                raise BadRequest(str(e)) from None
 
     def work(server):
         compute.resize(server, new, was_active)
@@ -7016,6 +7187,125 @@ def server_action_revert_resize(req):
     run_action(req, "revertResize", "resize_reverting", "revertResize",
                "compute_revert_resize", compute.revert_resize)
     return 202, None
+
+
+HOST_NAME = {"type": "string", "minLength": 1, "maxLength": 255,
+             "pattern": r"^[a-zA-Z0-9-._]*$"}
+
+
+def moving_server(req, host, rule):
+    """The server of a move request, with a requested destination host checked."""
+    server = find_server(req, req.params["server_id"])
+    if host is not None:
+        authorize(req, rule, "admin")
+        if host not in req.app.drivers:
+            raise BadRequest(f"Compute host {host} could not be found.")
+        if host == server.get("host"):
+            raise BadRequest(f"Unable to migrate instance ({server['id']}) to current host "
+                             f"({host}).")
+    return server
+
+
+def server_action_migrate(req):
+    """POST /servers/{server_id}/action migrate: a cold migration to another host, which
+    the scheduler picks unless an admin names it (2.56); VERIFY_RESIZE at the end."""
+    props = {"host": dict(HOST_NAME, type=["string", "null"])} if req.since("2.56") else {}
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["migrate"], "properties": {"migrate": {
+                                   "type": ["object", "null"], "additionalProperties": False,
+                                   "properties": props}}})
+    host = (body["migrate"] or {}).get("host")
+    server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate:host")
+    compute = req.app.compute
+    if server["vm_state"] in ("active", "stopped"):       # as Nova's conductor: at once
+        with req.app.scheduler_lock:
+            try:
+                schedule(req.app, server, server["flavor"], requested=host,
+                         exclude=(server.get("host"),))
+            except NoValidHost as e:
+                raise BadRequest(str(e)) from None
+    was_active = server["vm_state"] == "active"
+    run_action(req, "migrate", "resize_prep", "migrate", "compute_resize_instance",
+               lambda current: compute.resize(current, current["flavor"], was_active,
+                                              requested=host, kind="migration"))
+    return 202, None
+
+
+def server_action_migrate_live(req):
+    """POST /servers/{server_id}/action os-migrateLive"""
+    props = {"host": dict(HOST_NAME, type=["string", "null"]),
+             "block_migration": {"type": ["boolean", "string"], "enum": BOOLEAN_STRINGS + (
+                 ["auto"] if req.since("2.25") else [])}}
+    if not req.since("2.25"):
+        props["disk_over_commit"] = BOOL_LIKE
+    if req.since("2.30") and not req.since("2.68"):
+        props["force"] = BOOL_LIKE
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["os-migrateLive"], "properties": {
+                                   "os-migrateLive": {
+                                       "type": "object", "additionalProperties": False,
+                                       "required": [k for k in ("block_migration", "host",
+                                                                "disk_over_commit")
+                                                    if k in props],
+                                       "properties": props}}})
+    spec = body["os-migrateLive"]
+    host = spec.get("host")
+    server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate_live:host")
+    block = spec["block_migration"] != "auto" and bool_from_string(spec["block_migration"])
+    if block:
+        raise BadRequest(f"Block migration of instance {server['id']} cannot be used: the "
+                         "instances directory is shared storage.")
+    force = host is not None and bool_from_string(spec.get("force", False))
+    compute = req.app.compute
+    run_action(req, "os-migrateLive", "migrating", "live-migration",
+               "compute_live_migration",
+               lambda current: compute.live_migrate(current, host, force, block),
+               on_error=lambda server_id, exc: compute.fail(
+                   server_id, exc, vm_state=server["vm_state"]))
+    return 202, None
+
+
+def server_action_evacuate(req):
+    """POST /servers/{server_id}/action evacuate: rebuild the server of a host that is
+    down on another host (stopped there from 2.95)."""
+    props = {"host": HOST_NAME, "adminPass": {"type": "string"}}
+    required = []
+    if not req.since("2.14"):
+        props["onSharedStorage"] = BOOL_LIKE
+        required.append("onSharedStorage")
+    if req.since("2.29") and not req.since("2.68"):
+        props["force"] = BOOL_LIKE
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["evacuate"], "properties": {"evacuate": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": required, "properties": props}}})
+    spec = body["evacuate"]
+    server = find_server(req, req.params["server_id"])
+    host = spec.get("host")
+    if host is not None:
+        if host not in req.app.drivers:
+            raise NotFound(f"Compute host {host} not found.")
+        if host == server.get("host"):
+            raise BadRequest("The target host can't be the same one.")
+    shared = bool_from_string(spec.get("onSharedStorage", True))
+    if not req.since("2.14") and shared and spec.get("adminPass"):
+        raise BadRequest("admin password can't be changed on existing disk")
+    password = spec.get("adminPass") or (
+        None if not req.since("2.14") and shared else secrets.token_urlsafe(9)[:12])
+    source = server.get("host")
+    service = compute_service(req.app, source) if source else None
+    if server["vm_state"] in ACTION_RULES["evacuate"][1] and service is not None and \
+            service["up"]:
+        raise BadRequest(f"Compute service of {source} is still in use.")
+    force = host is not None and bool_from_string(spec.get("force", False))
+    stop = req.since("2.95") or server["vm_state"] == "stopped"
+    compute = req.app.compute
+    server, rid = begin_action(req, "evacuate", "rebuilding", "evacuate", check_host=False)
+    compute.run(server["id"], rid, "compute_rebuild_instance",
+                lambda current: compute.evacuate(current, host, force, password, stop))
+    if req.since("2.14"):
+        return 200, None
+    return 200, {"adminPass": password} if req.app.conf["enable_instance_password"] else None
 
 
 def rebuild_schema(req):
@@ -9277,7 +9567,8 @@ def host_claims(data, skip=None):
         if server["id"] == skip or server["vm_state"] == "deleted":
             continue
         if server.get("host"):
-            claims[server["host"]].append(placed_flavor(server))
+            claims[server["host"]].append(placed_flavor(dict(
+                server, flavor=server.get("new_flavor") or server["flavor"])))
         source = server.get("migration_source")
         if source and source != server.get("host"):
             claims[source].append(placed_flavor(dict(
@@ -10056,27 +10347,30 @@ def aggregate_images_create(req):
 
 # § 30 API: migrations -----------------------------------------------------------------
 #
-# Resizes are migrations (migration_type 'resize') on this one host; live migrations need a
-# second host, so the server migrations lists are always empty.
+# Every move is a migration record: resize, migration (cold), live-migration and
+# evacuation, with Nova's statuses.  A server's own migrations list shows its live
+# migrations in progress, which can be aborted or forced to complete.
 
-def record_migration(store, server, new_flavor, clock):
-    """A resize's migration record (status 'migrating' until confirmed or reverted)."""
+def record_migration(app, server, new_flavor, source, dest, kind, status="migrating"):
+    """A move's migration record; returns its id.  kind is Nova's migration_type:
+    resize, migration, live-migration or evacuation."""
     def plan(data):
         number = data["counters"].get("migration", 0) + 1
-        now = isotime_us(clock.now())
-        host = server.get("host")
+        now = isotime_us(app.clock.now())
         record = {"id": number, "uuid": str(uuid.uuid4()), "instance_uuid": server["id"],
-                  "source_compute": host, "dest_compute": host, "source_node": host,
-                  "dest_node": host, "dest_host": "127.0.0.1", "status": "migrating",
+                  "source_compute": source, "dest_compute": dest, "source_node": source,
+                  "dest_node": dest, "dest_host": host_ip(app, dest) if dest else None,
+                  "status": status,
                   "old_instance_type_id": server["flavor"].get("seq") or flavor_seq(
                       data, server["flavor"]["id"]),
                   "new_instance_type_id": new_flavor.get("seq") or flavor_seq(
                       data, new_flavor["id"]),
-                  "migration_type": "resize", "created_at": now, "updated_at": now,
+                  "migration_type": kind, "created_at": now, "updated_at": now,
                   "user_id": server["user_id"], "project_id": server["project_id"]}
         return [["set", ["migrations", str(number)], record],
                 ["set", ["counters", "migration"], number]]
-    store.transaction(plan)
+    app.store.transaction(plan)
+    return app.store.data["counters"]["migration"]
 
 
 def flavor_seq(data, flavor_id):
@@ -10084,14 +10378,21 @@ def flavor_seq(data, flavor_id):
     return flavor["seq"] if flavor else None
 
 
-def set_migration_status(store, server_id, status, clock, only=("migrating", "finished")):
-    """Move the server's open resize migration to status."""
+def set_migration_status(store, server_id, status, clock, only=("migrating", "finished"),
+                         number=None, dest=None, dest_ip=None):
+    """Move migration number (default: the server's open resize or cold migration) to
+    status; dest fills in the destination an evacuation found."""
     def plan(data):
         ops = []
         for key, mig in data.get("migrations", {}).items():
-            if mig["instance_uuid"] == server_id and mig["status"] in only:
-                ops.append(["set", ["migrations", key], dict(
-                    mig, status=status, updated_at=isotime_us(clock.now()))])
+            if mig["instance_uuid"] == server_id and (
+                    key == str(number) if number is not None else
+                    mig["status"] in only and mig["migration_type"] in ("resize",
+                                                                        "migration")):
+                changed = dict(mig, status=status, updated_at=isotime_us(clock.now()))
+                if dest is not None:
+                    changed.update(dest_compute=dest, dest_node=dest, dest_host=dest_ip)
+                ops.append(["set", ["migrations", key], changed])
         return ops
     store.transaction(plan)
 
@@ -10142,34 +10443,88 @@ def migrations_index(req):
     return 200, dict({"migrations": [migration_view(req, m) for m in migs]}, **body)
 
 
+LIVE_MIGRATION_OPEN = ("queued", "preparing", "running")
+
+
+def server_live_migrations(req, statuses=LIVE_MIGRATION_OPEN):
+    server_id = find_server(req, req.params["server_id"])["id"]
+    return [m for m in sorted(req.store.data.get("migrations", {}).values(),
+                              key=lambda m: m["id"])
+            if m["instance_uuid"] == server_id and m["migration_type"] == "live-migration"
+            and (statuses is None or m["status"] in statuses)]
+
+
+def server_migration_view(req, mig):
+    view = {"created_at": mig["created_at"], "dest_compute": mig["dest_compute"],
+            "dest_host": mig["dest_host"], "dest_node": mig["dest_node"], "id": mig["id"],
+            "server_uuid": mig["instance_uuid"], "source_compute": mig["source_compute"],
+            "source_node": mig["source_node"], "status": mig["status"],
+            "updated_at": mig["updated_at"]}
+    view.update({f"{what}_{kind}_bytes": 0 for what in ("disk", "memory")
+                 for kind in ("processed", "remaining", "total")})
+    if req.since("2.59"):
+        view["uuid"] = mig["uuid"]
+    if req.since("2.80"):
+        view["user_id"], view["project_id"] = mig["user_id"], mig["project_id"]
+    return view
+
+
 def server_migrations_index(req):
-    """GET /servers/{server_id}/migrations"""
+    """GET /servers/{server_id}/migrations: its live migrations in progress"""
     validate_query(req, (), strict_since="2.102")
-    find_server(req, req.params["server_id"])
-    return 200, {"migrations": []}
+    return 200, {"migrations": [server_migration_view(req, m)
+                                for m in server_live_migrations(req)]}
+
+
+def find_server_migration(req):
+    server_id = req.params["server_id"]
+    for mig in server_live_migrations(req, statuses=None):
+        if str(mig["id"]) == req.params["id"]:
+            return mig
+    raise NotFound(f"Migration {req.params['id']} for instance {server_id} could not be "
+                   "found.")
 
 
 def server_migrations_show(req):
     """GET /servers/{server_id}/migrations/{id}"""
     validate_query(req, (), strict_since="2.102")
-    find_server(req, req.params["server_id"])
-    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
-                   "could not be found: there are no live migrations on one host.")
+    mig = find_server_migration(req)
+    if mig["status"] not in LIVE_MIGRATION_OPEN:
+        raise NotFound(f"In-progress live migration {mig['id']} is not found for server "
+                       f"{mig['instance_uuid']}.")
+    return 200, {"migration": server_migration_view(req, mig)}
 
 
 def server_migrations_delete(req):
-    """DELETE /servers/{server_id}/migrations/{id}"""
-    find_server(req, req.params["server_id"])
-    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
-                   "could not be found.")
+    """DELETE /servers/{server_id}/migrations/{id}: abort a live migration"""
+    mig = find_server_migration(req)
+    allowed = LIVE_MIGRATION_OPEN if req.since("2.65") else ("running",)
+    if mig["status"] not in allowed:
+        raise BadRequest(f"Migration {mig['id']} state of instance {mig['instance_uuid']} is "
+                         f"{mig['status']}. Cannot abort live migration while the migration "
+                         "is in this state.")
+    server = find_server(req, req.params["server_id"])
+    req.app.host_driver(mig["source_compute"]).abort_job(server)
+    return 202, None
 
 
 def server_migration_action_force_complete(req):
-    """POST /servers/{server_id}/migrations/{id}/action force_complete"""
-    find_server(req, req.params["server_id"])
-    raise NotFound(f"Migration {req.params['id']} for instance {req.params['server_id']} "
-                   "could not be found.")
-
+    """POST /servers/{server_id}/migrations/{id}/action force_complete: pause the guest
+    so that its memory stops changing and the migration ends"""
+    validate_body(req, {"type": "object", "additionalProperties": False,
+                        "required": ["force_complete"],
+                        "properties": {"force_complete": {"type": "null"}}})
+    mig = find_server_migration(req)
+    server = find_server(req, req.params["server_id"])
+    if mig["status"] != "running":
+        raise BadRequest(f"Migration {mig['id']} state of instance {mig['instance_uuid']} is "
+                         f"{mig['status']}. Cannot force_complete while the migration is in "
+                         "this state.")
+    if server["vm_state"] != "active":
+        raise Conflict(f"Cannot 'force_complete' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    req.app.host_driver(mig["source_compute"]).pause(server)
+    return 202, None
 
 
 # § 31 metadata service ----------------------------------------------------------------
@@ -10673,13 +11028,13 @@ POST   /servers/{server_id}/action                    os-getConsoleOutput  2.1  
 POST   /servers/{server_id}/action                    createBackup         2.1  2.104 member  server_action_create_backup      os_compute_api:os-create-backup
 POST   /servers/{server_id}/action                    restore              2.1  2.104 member  server_action_restore            os_compute_api:os-deferred-delete:restore
 POST   /servers/{server_id}/action                    forceDelete          2.1  2.104 member  server_action_force_delete       os_compute_api:os-deferred-delete:force
-POST   /servers/{server_id}/action                    evacuate             2.1  2.104 admin   -                                os_compute_api:os-evacuate
+POST   /servers/{server_id}/action                    evacuate             2.1  2.104 admin   server_action_evacuate           os_compute_api:os-evacuate
 POST   /servers/{server_id}/action                    addFloatingIp        2.1  2.43  member  -                                os_compute_api:os-floating-ips:add
 POST   /servers/{server_id}/action                    removeFloatingIp     2.1  2.43  member  -                                os_compute_api:os-floating-ips:remove
 POST   /servers/{server_id}/action                    lock                 2.1  2.104 member  server_action_lock               os_compute_api:os-lock-server:lock
 POST   /servers/{server_id}/action                    unlock               2.1  2.104 member  server_action_unlock             os_compute_api:os-lock-server:unlock
-POST   /servers/{server_id}/action                    migrate              2.1  2.104 manager -                                os_compute_api:os-migrate-server:migrate
-POST   /servers/{server_id}/action                    os-migrateLive       2.1  2.104 manager -                                os_compute_api:os-migrate-server:migrate_live
+POST   /servers/{server_id}/action                    migrate              2.1  2.104 manager server_action_migrate            os_compute_api:os-migrate-server:migrate
+POST   /servers/{server_id}/action                    os-migrateLive       2.1  2.104 manager server_action_migrate_live       os_compute_api:os-migrate-server:migrate_live
 POST   /servers/{server_id}/action                    addFixedIp           2.1  2.43  member  -                                os_compute_api:os-multinic:add
 POST   /servers/{server_id}/action                    removeFixedIp        2.1  2.43  member  -                                os_compute_api:os-multinic:remove
 POST   /servers/{server_id}/action                    pause                2.1  2.104 member  server_action_pause              os_compute_api:os-pause-server:pause
@@ -11425,10 +11780,18 @@ def power_sync_loop(app, events, stop):
             LOG.exception("power state sync failed")
 
 
-def reconnect_loop(driver, stop, interval=5.0):
-    """Keeps the hypervisor connection open; reads go on while it is down."""
+def reconnect_loop(app, stop, interval=5.0):
+    """Keeps each compute host's libvirt connection open; reads go on while one is down,
+    and a host that comes back has its servers reconciled with its domains."""
     while not stop.is_set():
-        driver.connect()
+        for host, driver in list(app.drivers.items()):
+            was_up = driver.available
+            if driver.connect() and not was_up:
+                LOG.info("compute host %s is back: reconciling its servers", host)
+                try:
+                    app.compute.reconcile([host])
+                except Exception:  # noqa: BLE001 - the loop must survive anything
+                    LOG.exception("reconciling the servers of host %s failed", host)
         stop.wait(interval)
 
 
@@ -11489,9 +11852,10 @@ def main(argv=None):
     setup_logging(conf["debug"])
     stop = threading.Event()
     try:
-        driver = LibvirtDriver(conf["libvirt_uri"], conf["virt_type"], conf["network"],
-                               conf["instances_dir"], conf["volume_mount_base"],
-                               conf["firewall"])
+        drivers = {name: LibvirtDriver(uri, conf["virt_type"], conf["network"],
+                                       conf["instances_dir"], conf["volume_mount_base"],
+                                       conf["firewall"])
+                   for name, uri in conf["compute_hosts"]}
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)
@@ -11500,7 +11864,7 @@ def main(argv=None):
         if state.get("deleted"):            # a deleted service registers again at start
             store.commit([["del", ["services", binary, "deleted"]]])
     auth = KeystoneAuth(conf, Clock()) if conf["auth"] == "keystone" else None
-    app = App(conf, store, auth=auth, driver=driver)
+    app = App(conf, store, auth=auth, drivers=drivers)
     try:
         server = listen(app, conf)
     except (OSError, ConfigError) as e:
@@ -11511,10 +11875,12 @@ def main(argv=None):
         LOG.warning("AUTHENTICATION IS OFF (--auth noauth): any caller is admin by default; "
                     "listening on %s only", conf["bind"])
     events = queue.Queue()
-    driver.enable_events(events.put)
-    if driver.connect():
-        app.compute.reconcile()
-    threading.Thread(target=reconnect_loop, args=(driver, stop), daemon=True,
+    for driver in drivers.values():
+        driver.enable_events(events.put)
+    up = [host for host, driver in drivers.items() if driver.connect()]
+    if up:
+        app.compute.reconcile(up)
+    threading.Thread(target=reconnect_loop, args=(app, stop), daemon=True,
                      name="libvirt-reconnect").start()
     threading.Thread(target=power_sync_loop, args=(app, events, stop), daemon=True,
                      name="power-sync").start()
@@ -11560,7 +11926,8 @@ def main(argv=None):
     server.drain()
     app.compute.wait_idle(timeout=conf["shutdown_timeout"])
     store.close()
-    driver.close()
+    for driver in drivers.values():
+        driver.close()
     LOG.info("stopped; state saved in %s", conf["data_dir"])
     return 0
 
