@@ -10,6 +10,7 @@ an end-to-end test (a client or Keystone missing) into a failure.
 """
 
 import base64
+import collections
 import datetime
 import email.message
 import functools
@@ -4304,6 +4305,382 @@ class MigrationTests(ServerTestCase):
             schema = tempest_schema(vdir, "migrations", "list_migrations")
             jsonschema.validate(reply.json(), schema["response_body"],
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
+
+
+def host_node_xml(cpus, memory_mb):
+    """A simulated host for libvirt's test driver with this many CPUs and this memory."""
+    return TEST_NODE_XML.replace("<active>4</active>", f"<active>{cpus}</active>").replace(
+        "<cores>4</cores>", f"<cores>{cpus}</cores>").replace(
+        "<memory>8388608</memory>", f"<memory>{memory_mb * 1024}</memory>")
+
+
+class MultiHostTests(ServerTestCase):
+    """Three simulated compute hosts (libvirt's test driver, one connection each): the
+    scheduler's filters and weighers, moves between hosts, and hosts that go down."""
+
+    HOSTS = (("cmp-a", 4, 8192), ("cmp-b", 4, 16384), ("cmp-c", 2, 4096))
+
+    def start_app(self):
+        pairs = []
+        for name, cpus, memory in self.HOSTS:
+            path = os.path.join(self.tmp, name + ".xml")
+            with open(path, "w") as f:
+                f.write(host_node_xml(cpus, memory))
+            pairs.append(f"{name}=test://{path}")
+        conf = minivan.default_config(data_dir=self.tmp, port="8774",
+                                      compute_hosts=",".join(pairs), **self.conf)
+        self.store = minivan.open_store(conf)
+        drivers = {}
+        for name, uri in conf["compute_hosts"]:
+            drivers[name] = minivan.LibvirtDriver(uri, "qemu", conf["network"],
+                                                  conf["instances_dir"],
+                                                  conf["volume_mount_base"])
+            drivers[name].connect()
+        self.app = minivan.App(conf, self.store, drivers=drivers, clock=self.clock)
+        self.app.compute.reconcile()
+
+    def host_of(self, server_id):
+        return self.server(server_id)["OS-EXT-SRV-ATTR:host"]
+
+    def domain_hosts(self, server_id):
+        """The hosts whose libvirt has a domain for the server."""
+        return [name for name, driver in self.app.drivers.items()
+                if driver.exists({"id": server_id, "instance_name": ""})]
+
+    def test_services_hypervisors_and_zones_per_host(self):
+        """Each host is a nova-compute service and a hypervisor; statistics add them up;
+        os-hosts and the zones list them."""
+        services = self.get("/v2.1/os-services?binary=nova-compute").json()["services"]
+        self.assertEqual([(s["id"], s["host"], s["state"]) for s in services],
+                         [(3, "cmp-a", "up"), (4, "cmp-b", "up"), (5, "cmp-c", "up")])
+        hyps = self.get("/v2.1/os-hypervisors/detail", version="2.27").json()["hypervisors"]
+        self.assertEqual([(h["id"], h["hypervisor_hostname"], h["vcpus"], h["memory_mb"])
+                          for h in hyps], [(1, "cmp-a", 4, 8192), (2, "cmp-b", 4, 16384),
+                                           (3, "cmp-c", 2, 4096)])
+        self.assertEqual(self.get("/v2.1/os-hypervisors/3").json()["hypervisor"]
+                         ["hypervisor_hostname"], "cmp-c")
+        self.assertFault(self.get("/v2.1/os-hypervisors/4"), 404, "itemNotFound")
+        stats = self.get("/v2.1/os-hypervisors/statistics").json()["hypervisor_statistics"]
+        self.assertEqual((stats["count"], stats["vcpus"], stats["memory_mb"],
+                          stats["memory_mb_used"]), (3, 10, 28672, 3 * 512))
+        found = self.get("/v2.1/os-hypervisors/cmp-/search").json()["hypervisors"]
+        self.assertEqual(len(found), 3)
+        page = self.get("/v2.1/os-hypervisors?limit=2", version="2.53").json()
+        self.assertEqual(len(page["hypervisors"]), 2)
+        self.assertIn("hypervisors_links", page)
+        hosts = self.get("/v2.1/os-hosts").json()["hosts"]
+        self.assertEqual(sorted(h["host_name"] for h in hosts if h["service"] == "compute"),
+                         ["cmp-a", "cmp-b", "cmp-c"])
+        self.assertEqual(self.get("/v2.1/os-hosts/cmp-b").json()["host"][0]["resource"]
+                         ["memory_mb"], 16384)
+        detail = self.get("/v2.1/os-availability-zone/detail").json()["availabilityZoneInfo"]
+        nova = [z for z in detail if z["zoneName"] == "nova"][0]
+        self.assertEqual(sorted(nova["hosts"]), ["cmp-a", "cmp-b", "cmp-c"])
+
+    def test_scheduler_spreads_by_free_memory_and_filters(self):
+        """New servers go where the most memory is free; a disabled host, a zone, the
+        2.74 host and the az:host forced form narrow the choice; a flavor no host can
+        hold fails with Nova's 'No valid host' fault."""
+        placed = [self.host_of(self.new_server(name=f"s{i}")) for i in range(3)]
+        self.assertEqual(placed, ["cmp-b", "cmp-b", "cmp-b"])     # 16 GB free vs 8 and 4
+        services = {s["host"]: s["id"] for s in self.get(
+            "/v2.1/os-services?binary=nova-compute", version="2.53").json()["services"]}
+        self.put("/v2.1/os-services/" + services["cmp-b"],
+                 {"status": "disabled", "disabled_reason": "maintenance"}, version="2.53")
+        self.assertEqual(self.host_of(self.new_server(name="s3")), "cmp-a")
+        r = self.post_server(name="s4", version="2.74", host="cmp-c")
+        self.assertEqual(self.host_of(r.json()["server"]["id"]), "cmp-c")
+        r = self.post_server(name="s5", availability_zone="nova:cmp-c")
+        self.assertEqual(self.host_of(r.json()["server"]["id"]), "cmp-c")
+        self.assertFault(self.post_server(name="x", version="2.74", host="cmp-z"), 400,
+                         "badRequest", "cmp-z")
+        self.assertFault(self.post_server(name="x", availability_zone="nova:cmp-a",
+                                          token="u:p"), 403, "forbidden")
+        r = self.post_server(name="s6", version="2.74", host="cmp-b")
+        failed = self.server(r.json()["server"]["id"])
+        self.assertEqual(failed["status"], "ERROR")
+        self.assertIn("No valid host was found", failed["fault"]["message"])
+        agg = self.post("/v2.1/os-aggregates", {"aggregate": {
+            "name": "small", "availability_zone": "edge"}}).json()["aggregate"]
+        self.post(f"/v2.1/os-aggregates/{agg['id']}/action", {"add_host": {"host": "cmp-c"}})
+        zones = self.get("/v2.1/os-availability-zone").json()["availabilityZoneInfo"]
+        self.assertEqual(sorted(z["zoneName"] for z in zones), ["edge", "nova"])
+        r = self.post_server(name="s7", availability_zone="edge")
+        self.assertEqual(self.server(r.json()["server"]["id"])["OS-EXT-AZ:availability_zone"],
+                         "edge")
+        self.assertEqual(self.host_of(r.json()["server"]["id"]), "cmp-c")
+        self.assertFault(self.post_server(name="x", availability_zone="nowhere"), 400,
+                         "badRequest")
+        big = self.post("/v2.1/flavors", {"flavor": {"name": "huge", "ram": 32768, "vcpus": 1,
+                                                     "disk": 1}}).json()["flavor"]
+        r = self.post_server(name="huge", flavorRef=big["id"])
+        self.assertIn("No valid host was found",
+                      self.server(r.json()["server"]["id"])["fault"]["message"])
+
+    def test_cpu_allocation_ratio_and_stacking(self):
+        """--ram-weight-multiplier below zero stacks servers; vCPUs are placed up to the
+        host's CPUs times --cpu-allocation-ratio."""
+        self.app.conf["ram_weight_multiplier"] = -1.0
+        self.app.conf["cpu_allocation_ratio"] = 1.0
+        flavor = self.post("/v2.1/flavors", {"flavor": {"name": "two", "ram": 256,
+                                                        "vcpus": 2, "disk": 1}}).json()
+        placed = [self.host_of(self.new_server(name=f"s{i}", flavorRef=flavor["flavor"]["id"]))
+                  for i in range(5)]
+        self.assertEqual(placed, ["cmp-c", "cmp-a", "cmp-a", "cmp-b", "cmp-b"])
+        r = self.post_server(name="full", flavorRef=flavor["flavor"]["id"])
+        self.assertEqual(self.server(r.json()["server"]["id"])["status"], "ERROR")
+
+    def test_server_group_policies_across_hosts(self):
+        """anti-affinity spreads members over the hosts until none is left;
+        max_server_per_host (2.64) allows more per host; affinity keeps them together;
+        the same_host and different_host hints are followed."""
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"instances": 50, "cores": 50}})
+        group = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "apart", "policies": ["anti-affinity"]}}).json()["server_group"]
+        hints = {"group": group["id"]}
+        hosts = []
+        for i in range(3):
+            r = self.post("/v2.1/servers", {"server": {
+                "name": f"m{i}", "imageRef": self.image_id, "flavorRef": "1"},
+                "os:scheduler_hints": hints})
+            self.app.compute.wait_idle()
+            hosts.append(self.host_of(r.json()["server"]["id"]))
+        self.assertEqual(sorted(hosts), ["cmp-a", "cmp-b", "cmp-c"])
+        r = self.post("/v2.1/servers", {"server": {
+            "name": "m3", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": hints})
+        self.app.compute.wait_idle()
+        self.assertEqual(self.server(r.json()["server"]["id"])["status"], "ERROR")
+        two = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "two", "policy": "anti-affinity", "rules": {"max_server_per_host": 2}}},
+            version="2.64").json()["server_group"]
+        hosts = []
+        for i in range(6):
+            r = self.post("/v2.1/servers", {"server": {
+                "name": f"t{i}", "imageRef": self.image_id, "flavorRef": "1"},
+                "os:scheduler_hints": {"group": two["id"]}})
+            self.app.compute.wait_idle()
+            hosts.append(self.host_of(r.json()["server"]["id"]))
+        self.assertEqual(sorted(collections.Counter(hosts).values()), [2, 2, 2])
+        together = self.post("/v2.1/os-server-groups", {"server_group": {
+            "name": "together", "policies": ["affinity"]}}).json()["server_group"]
+        hosts = set()
+        for i in range(3):
+            r = self.post("/v2.1/servers", {"server": {
+                "name": f"a{i}", "imageRef": self.image_id, "flavorRef": "1"},
+                "os:scheduler_hints": {"group": together["id"]}})
+            self.app.compute.wait_idle()
+            hosts.add(self.host_of(r.json()["server"]["id"]))
+        self.assertEqual(len(hosts), 1)
+        anchor = self.new_server(name="anchor")
+        r = self.post("/v2.1/servers", {"server": {
+            "name": "near", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": {"same_host": anchor}})
+        self.app.compute.wait_idle()
+        self.assertEqual(self.host_of(r.json()["server"]["id"]), self.host_of(anchor))
+        r = self.post("/v2.1/servers", {"server": {
+            "name": "far", "imageRef": self.image_id, "flavorRef": "1"},
+            "os:scheduler_hints": {"different_host": [anchor]}})
+        self.app.compute.wait_idle()
+        self.assertNotEqual(self.host_of(r.json()["server"]["id"]), self.host_of(anchor))
+
+    def test_cold_migration_confirm_and_revert(self):
+        """migrate moves a server to another host through VERIFY_RESIZE; revert brings it
+        back; confirm keeps it; an admin can name the host (2.56)."""
+        server_id = self.new_server()
+        source = self.host_of(server_id)
+        self.assertEqual(self.domain_hosts(server_id), [source])
+        self.assertEqual(self.action(server_id, {"migrate": None}).status, 202)
+        server = self.server(server_id)
+        self.assertEqual(server["status"], "VERIFY_RESIZE")
+        dest = server["OS-EXT-SRV-ATTR:host"]
+        self.assertNotEqual(dest, source)
+        self.assertEqual(self.domain_hosts(server_id), [dest])
+        self.assertEqual(self.domain_state(server_id, dest), 1)        # running there
+        migs = self.get("/v2.1/os-migrations", version="2.23").json()["migrations"]
+        self.assertEqual([(m["migration_type"], m["status"], m["source_compute"],
+                           m["dest_compute"]) for m in migs],
+                         [("migration", "finished", source, dest)])
+        self.action(server_id, {"revertResize": None})
+        self.assertEqual((self.server(server_id)["status"], self.host_of(server_id)),
+                         ("ACTIVE", source))
+        self.assertEqual(self.domain_hosts(server_id), [source])
+        target = [h for h, _, _ in self.HOSTS if h not in (source,)][0]
+        self.action(server_id, {"migrate": {"host": target}}, version="2.56")
+        self.assertEqual(self.host_of(server_id), target)
+        self.action(server_id, {"confirmResize": None})
+        self.assertEqual((self.server(server_id)["status"], self.domain_hosts(server_id)),
+                         ("ACTIVE", [target]))
+        self.assertEqual(self.server(server_id)["OS-EXT-SRV-ATTR:host"], target)
+        self.assertFault(self.action(server_id, {"migrate": {"host": target}},
+                                     version="2.56"), 400, "badRequest")
+        self.assertFault(self.action(server_id, {"migrate": {"host": "cmp-z"}},
+                                     version="2.56"), 400, "badRequest")
+        self.assertFault(self.action(server_id, {"migrate": {"host": target}}), 400,
+                         "badRequest")                              # no host before 2.56
+        self.assertFault(self.action(server_id, {"migrate": None}, token="u:p"), 403,
+                         "forbidden")
+        stopped = self.new_server(name="stopped")
+        self.action(stopped, {"os-stop": None})
+        self.action(stopped, {"migrate": None})
+        self.action(stopped, {"confirmResize": None})
+        self.assertEqual(self.server(stopped)["status"], "SHUTOFF")
+
+    def domain_state(self, server_id, host=None):
+        driver = self.app.drivers[host] if host else self.app.driver
+        return driver.conn.lookupByUUIDString(server_id).state()[0]
+
+    def test_resize_holds_both_hosts_until_confirmed(self):
+        """A resize that lands on another host keeps its old flavor's share of the source
+        until confirmed, so the scheduler cannot overbook the source meanwhile."""
+        self.app.conf["cpu_allocation_ratio"] = 1.0
+        flavor = self.post("/v2.1/flavors", {"flavor": {"name": "two", "ram": 256,
+                                                        "vcpus": 2, "disk": 1}}).json()
+        server_id = self.new_server(version="2.74", host="cmp-c",
+                                    flavorRef=flavor["flavor"]["id"])
+        self.assertEqual(self.host_of(server_id), "cmp-c")         # cmp-c: 2 CPUs, full
+        self.action(server_id, {"resize": {"flavorRef": "2"}})
+        self.assertEqual(self.host_of(server_id), "cmp-b")          # the most free memory
+        r = self.post_server(name="c2", version="2.74", host="cmp-c",
+                             flavorRef=flavor["flavor"]["id"])
+        self.assertEqual(self.server(r.json()["server"]["id"])["status"], "ERROR")
+        self.action(server_id, {"confirmResize": None})
+        r = self.post_server(name="c3", version="2.74", host="cmp-c",
+                             flavorRef=flavor["flavor"]["id"])
+        self.assertEqual(self.server(r.json()["server"]["id"])["status"], "ACTIVE")
+
+    def test_live_migration(self):
+        """os-migrateLive moves a running (or paused) guest; the migration completes; the
+        block migration of a shared instances directory is refused."""
+        server_id = self.new_server()
+        source = self.host_of(server_id)
+        target = [h for h, _, _ in self.HOSTS if h != source][0]
+        body = {"os-migrateLive": {"host": target, "block_migration": "auto"}}
+        self.assertEqual(self.action(server_id, body, version="2.25").status, 202)
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]), ("ACTIVE", target))
+        self.assertEqual(self.domain_hosts(server_id), [target])
+        self.assertEqual(self.domain_state(server_id, target), 1)
+        migs = self.get("/v2.1/os-migrations?migration_type=live-migration",
+                        version="2.59").json()["migrations"]
+        self.assertEqual([(m["status"], m["source_compute"], m["dest_compute"])
+                          for m in migs], [("completed", source, target)])
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}/migrations",
+                                  version="2.23").json(), {"migrations": []})
+        self.assertFault(self.delete(f"/v2.1/servers/{server_id}/migrations/{migs[0]['id']}",
+                                     version="2.24"), 400, "badRequest")
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/migrations/{migs[0]['id']}",
+                                  version="2.23"), 404, "itemNotFound")
+        self.assertFault(self.post(
+            f"/v2.1/servers/{server_id}/migrations/{migs[0]['id']}/action",
+            {"force_complete": None}, version="2.22"), 400, "badRequest")
+        self.action(server_id, {"pause": None})
+        self.action(server_id, {"os-migrateLive": {"host": None, "block_migration": "auto"}},
+                    version="2.30")
+        server = self.server(server_id)
+        self.assertEqual(server["status"], "PAUSED")
+        self.assertNotEqual(server["OS-EXT-SRV-ATTR:host"], target)
+        self.assertEqual(self.domain_state(server_id, server["OS-EXT-SRV-ATTR:host"]), 3)
+        self.assertFault(self.action(server_id, {"os-migrateLive": {
+            "host": None, "block_migration": True}}, version="2.25"), 400, "badRequest")
+        self.assertFault(self.action(server_id, {"os-migrateLive": {
+            "host": None, "block_migration": "auto"}}, version="2.1"), 400, "badRequest")
+        self.assertFault(self.action(server_id, {"os-migrateLive": {
+            "host": "cmp-z", "block_migration": "auto"}}, version="2.25"), 400, "badRequest")
+        self.action(server_id, {"unpause": None})
+        self.action(server_id, {"os-stop": None})
+        self.assertFault(self.action(server_id, {"os-migrateLive": {
+            "host": None, "block_migration": "auto"}}, version="2.25"), 409,
+            "conflictingRequest")
+
+    def test_evacuate_from_a_host_that_is_down(self):
+        """evacuate refuses while the source is up; with the source forced down, the
+        server is rebuilt on another host from its disk (stopped there from 2.95); when the
+        source returns its stale domain is removed."""
+        server_id = self.new_server()
+        source = self.host_of(server_id)
+        self.assertFault(self.action(server_id, {"evacuate": {}}, version="2.14"), 400,
+                         "badRequest", "still in use")
+        service = [s for s in self.get("/v2.1/os-services?binary=nova-compute",
+                                       version="2.53").json()["services"]
+                   if s["host"] == source][0]
+        self.put("/v2.1/os-services/" + service["id"], {"forced_down": True}, version="2.53")
+        self.assertEqual(self.server(server_id, version="2.16")["host_status"], "DOWN")
+        self.assertFault(self.action(server_id, {"evacuate": {"host": source}},
+                                     version="2.14"), 400, "badRequest")
+        self.assertFault(self.action(server_id, {"evacuate": {"host": "cmp-z"}},
+                                     version="2.14"), 404, "itemNotFound")
+        self.assertFault(self.action(server_id, {"evacuate": {}}, version="2.14",
+                                     token="u:p"), 403, "forbidden")
+        r = self.action(server_id, {"evacuate": {"onSharedStorage": True}})
+        self.assertEqual((r.status, r.json()), (200, {"adminPass": None}))
+        server = self.server(server_id)
+        dest = server["OS-EXT-SRV-ATTR:host"]
+        self.assertNotEqual(dest, source)
+        self.assertEqual(server["status"], "ACTIVE")
+        self.assertEqual(self.domain_state(server_id, dest), 1)
+        self.assertIn(source, self.domain_hosts(server_id))       # the source missed it
+        self.put("/v2.1/os-services/" + service["id"], {"forced_down": False}, version="2.53")
+        self.app.compute.reconcile([source])
+        self.assertEqual(self.domain_hosts(server_id), [dest])
+        migs = self.get("/v2.1/os-migrations?migration_type=evacuation",
+                        version="2.23").json()["migrations"]
+        self.assertEqual([(m["status"], m["source_compute"], m["dest_compute"])
+                          for m in migs], [("done", source, dest)])
+        dest_service = [s for s in self.get("/v2.1/os-services?binary=nova-compute",
+                                            version="2.53").json()["services"]
+                        if s["host"] == dest][0]
+        self.put("/v2.1/os-services/" + dest_service["id"], {"forced_down": True},
+                 version="2.53")
+        r = self.action(server_id, {"evacuate": {}}, version="2.95")
+        self.assertEqual((r.status, r.raw), (200, b""))
+        server = self.server(server_id)
+        self.assertEqual(server["status"], "SHUTOFF")
+        self.assertNotEqual(server["OS-EXT-SRV-ATTR:host"], dest)
+
+    def test_a_host_that_drops_is_down_and_comes_back(self):
+        """A host whose libvirt connection drops is down (service, hypervisor,
+        host_status); its servers stay listed; actions on them answer 503; it comes back
+        with its servers reconciled."""
+        server_id = self.new_server()
+        host = self.host_of(server_id)
+        self.app.drivers[host].close()
+        states = {s["host"]: s["state"] for s in self.get(
+            "/v2.1/os-services?binary=nova-compute").json()["services"]}
+        self.assertEqual(states[host], "down")
+        self.assertEqual(self.server(server_id, version="2.16")["host_status"], "UNKNOWN")
+        hyp = [h for h in self.get("/v2.1/os-hypervisors").json()["hypervisors"]
+               if h["hypervisor_hostname"] == host][0]
+        self.assertEqual(hyp["state"], "down")
+        self.assertFault(self.action(server_id, {"os-stop": None}), 503, "serviceUnavailable")
+        other = self.new_server(name="elsewhere")
+        self.assertNotEqual(self.host_of(other), host)
+        self.assertTrue(self.app.drivers[host].connect())
+        self.app.compute.reconcile([host])
+        self.assertEqual(self.server(server_id, version="2.16")["host_status"], "UP")
+        self.action(server_id, {"os-stop": None})
+        self.assertEqual(self.server(server_id)["status"], "SHUTOFF")
+
+    def test_restart_redefines_each_hosts_servers(self):
+        """After a restart each simulated host gets back the domains of its servers."""
+        ids = [self.new_server(name=f"s{i}", version="2.74", host=h)
+               for i, (h, _, _) in enumerate(self.HOSTS)]
+        self.restart_app()
+        for server_id, (host, _, _) in zip(ids, self.HOSTS):
+            self.assertEqual(self.domain_hosts(server_id), [host])
+            self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_compute_hosts_option(self):
+        """--compute-hosts takes NAME=URI pairs; a malformed or repeated entry is a one-line
+        configuration error."""
+        conf = minivan.default_config(compute_hosts="a=test:///default, b=qemu+ssh://h/system")
+        self.assertEqual(conf["compute_hosts"], [("a", "test:///default"),
+                                                 ("b", "qemu+ssh://h/system")])
+        for bad in ("a", "a=", "a=x,a=y", "b c=test:///default"):
+            with self.assertRaises(minivan.ConfigError):
+                minivan.default_config(compute_hosts=bad)
+        with self.assertRaises(minivan.ConfigError):
+            minivan.default_config(cpu_allocation_ratio="-1")
 
 
 class VolumeWithoutCinderTests(ServerTestCase):
