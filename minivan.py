@@ -1573,7 +1573,7 @@ class LibvirtDriver:
     def redefine(self, server, disks, config_drive=None, rescue=None):
         """Replace the stopped domain's definition (resize, rescue, unrescue)."""
         xml = self.domain_xml(server, disks, config_drive, rescue)
-        self._call("redefining the domain", self.conn.defineXML, xml)
+        self._call("redefining the domain", lambda: self.conn.defineXML(xml))
 
     def destroy(self, server):
         """Stop and undefine the server's domain, if it exists."""
@@ -4899,7 +4899,7 @@ class Compute:
         if server is not None:
             self.cleanup(server)
         self.fail(server_id, exc)
-        self.update(server_id, power_state=NOSTATE)
+        self.update(server_id, power_state=NOSTATE, host=None, node=None)   # no claim left
 
     def cleanup(self, server, keep_volumes=False):
         """Remove the domain, its filter and files; the volumes' attachments end (and
@@ -5375,13 +5375,38 @@ class Compute:
         number = record_migration(self.app, server, new_flavor, source, dest, kind)
         try:
             self.move_disks(server, source, dest, new_flavor, was_active)
-        except BaseException:
-            self.update(server_id, host=source, node=source, migration_source=None,
-                        new_flavor=None, availability_zone=host_zone(self.app, source))
+        except (DriverError, Unavailable, OSError) as e:
             set_migration_status(self.store, server_id, "error", self.app.clock,
                                  number=number)
-            raise
+            self.update(server_id, host=source, node=source, migration_source=None,
+                        new_flavor=None, availability_zone=host_zone(self.app, source))
+            self.roll_back_move(server, source, dest, was_active, e)
+            raise MoveFailed(f"moving the server to {dest} failed: {e}") from None
         set_migration_status(self.store, server_id, "finished", self.app.clock, number=number)
+
+    def roll_back_move(self, server, source, dest, was_active, error):
+        """A resize or migration failed half-way: the old disk and the domain on the source
+        come back as they were.  If that fails too, the server is in ERROR."""
+        LOG.warning("server %s: moving to %s failed (%s): back to %s", server["id"], dest,
+                    error, source)
+        try:
+            root = os.path.join(self.instance_dir(server), "disk")
+            if os.path.exists(root + ".resize"):
+                os.replace(root + ".resize", root)
+            if dest != source:
+                try:
+                    self.app.host_driver(dest).destroy(server)
+                except (DriverError, Unavailable):
+                    pass                          # the destination may be what failed
+            old = dict(server, host=source)
+            src = self.driver_of(old)
+            src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
+            if old.get("ports") and src.firewall:
+                src.define_filter(old, server_filter_xml(old, self.store.data))
+            self.update(server["id"], **self.restart_if(old, was_active))
+        except (DriverError, Unavailable, OSError) as e:
+            raise DriverError(f"moving the server failed ({error}), and so did putting it "
+                              f"back on {source}: {e}") from None
 
     def move_disks(self, server, source, dest, new_flavor, was_active):
         server_id = server["id"]
@@ -6883,7 +6908,7 @@ def run_action(req, rule, task_state, action_name, event, work, extra=None,
 
     def failed(server_id, exc):
         compute.fail(server_id, exc, vm_state=before["vm_state"] if isinstance(
-            exc, (Unavailable, NoValidHost)) else "error")
+            exc, (Unavailable, NoValidHost, MoveFailed)) else "error")
 
     compute.run(server["id"], rid, event, work, on_error=on_error or failed)
     return server
@@ -9560,6 +9585,10 @@ class NoValidHost(DriverError):
     """The scheduler found no host for a request."""
 
 
+class MoveFailed(DriverError):
+    """A move failed and the server is back where it was, as it was."""
+
+
 def host_claims(data, skip=None):
     """{host: [flavor]} of what the live servers hold on each host."""
     claims = collections.defaultdict(list)
@@ -9965,29 +9994,32 @@ def audit_period(before):
 
 
 def audit_log(req, before):
-    """The audit of the period: with --instance-usage-audit, this host audited the
-    servers that lived in it; without, no host ran it (as Nova with the audit off)."""
+    """The audit of the period: with --instance-usage-audit, each compute host audited
+    the servers that lived on it; without, no host ran it (as Nova with the audit off)."""
     begin, end = audit_period(before)
-    host = req.app.conf["host"]
+    hosts = req.app.compute_host_names()
     log = {}
     if req.app.conf["instance_usage_audit"]:
-        count = 0
+        counts = collections.Counter()
         for server in req.store.data["servers"].values():
             launched = parse_isotime(server["launched_at"]) if server.get("launched_at") \
                 else None
             ended = parse_isotime(server["terminated_at"]) if server.get("terminated_at") \
                 else None
             if launched and launched < end and (ended is None or ended >= begin):
-                count += 1
-        log[host] = {"state": "DONE", "instances": count, "errors": 0,
-                     "message": f"Instance usage audit ran for host {host}, {count} "
-                                f"instances."}
+                counts[server.get("host") or hosts[0]] += 1
+        for host in hosts:
+            log[host] = {"state": "DONE", "instances": counts[host], "errors": 0,
+                         "message": f"Instance usage audit ran for host {host}, "
+                                    f"{counts[host]} instances."}
     done = len(log)
-    return {"period_beginning": str(begin), "period_ending": str(end), "num_hosts": 1,
-            "num_hosts_done": done, "num_hosts_running": 0, "num_hosts_not_run": 1 - done,
-            "hosts_not_run": [] if done else [host],
+    return {"period_beginning": str(begin), "period_ending": str(end),
+            "num_hosts": len(hosts), "num_hosts_done": done, "num_hosts_running": 0,
+            "num_hosts_not_run": len(hosts) - done,
+            "hosts_not_run": [] if done else list(hosts),
             "total_instances": sum(h["instances"] for h in log.values()), "total_errors": 0,
-            "overall_status": f"{'ALL' if done else '0 of 1'} hosts done. 0 errors.",
+            "overall_status": "ALL hosts done. 0 errors." if done == len(hosts) else
+            f"{done} of {len(hosts)} hosts done. 0 errors.",
             "log": log}
 
 

@@ -1867,14 +1867,23 @@ class TempestSchemaTests(AppTestCase):
 BIN = os.path.dirname(sys.executable)
 
 
-def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None):
+def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None, hosts=0):
     """A minivan.py process on 127.0.0.1:port with its own data directory (and these
-    images in its image directory); data= restarts one on an existing directory."""
+    images in its image directory); data= restarts one on an existing directory.
+    hosts=N gives it N simulated compute hosts, cmp1..cmpN (else test:///default)."""
     data = data or tempfile.mkdtemp(prefix="minivan-e2e-")
     for name in images:
         make_image(os.path.join(data, "images"), name)
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
                MINIVAN_LIBVIRT_URI="test:///default")
+    if hosts:
+        pairs = []
+        for n in range(1, hosts + 1):
+            path = os.path.join(data, f"cmp{n}.xml")
+            with open(path, "w") as f:
+                f.write(TEST_NODE_XML)
+            pairs.append(f"cmp{n}=test://{path}")
+        env["MINIVAN_COMPUTE_HOSTS"] = ",".join(pairs)
     env.update(env_extra or {})
     test_cls.minivan_start = (port, args, env_extra)
     log = open(os.path.join(data, "minivan.log"), "a")
@@ -2140,7 +2149,10 @@ def keystone_token(env, user, project, password=None):
 
 
 class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
-    """minivan behind a real Keystone, registered in its catalog, driven by the real clients."""
+    """minivan behind a real Keystone, registered in its catalog, driven by the real
+    clients; two simulated compute hosts, so that Tempest's migration tests run."""
+
+    COMPUTE_HOSTS = 2
 
     @classmethod
     def setUpClass(cls):
@@ -2155,7 +2167,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
             "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
             "MINIVAN_BIND": "127.0.0.1", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
-            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", "")})
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", "")},
+            hosts=cls.COMPUTE_HOSTS)
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.tokens = {}
         cls.images = {}
@@ -2345,7 +2358,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             skip_or_fail(self, "no Glance in the test cloud (tools/test.sh starts one)")
         env = dict(os.environ, TEMPEST_IMAGE_REF=self.images["cirros"],
                    TEMPEST_IMAGE_REF_ALT=self.images["cirros-alt"],
-                   CINDER_URL=self.env.get("CINDER_URL", ""))
+                   CINDER_URL=self.env.get("CINDER_URL", ""),
+                   TEMPEST_MIN_COMPUTE_NODES=str(self.COMPUTE_HOSTS), TEMPEST_MIGRATION="True")
         done = subprocess.run([os.path.join(HERE, "tools", "tempest.sh"), work,
                                os.environ["MINIVAN_TEST_KEYSTONE_ENV"], listing],
                               capture_output=True, text=True, timeout=2400, env=env)
@@ -4660,6 +4674,70 @@ class MultiHostTests(ServerTestCase):
         self.assertEqual(self.server(server_id, version="2.16")["host_status"], "UP")
         self.action(server_id, {"os-stop": None})
         self.assertEqual(self.server(server_id)["status"], "SHUTOFF")
+
+    def drop_during(self, host, operation):
+        """The host's libvirt connection drops at the start of this driver operation, and
+        the host stays unreachable until back_up(host)."""
+        driver = self.app.drivers[host]
+        real = getattr(driver, operation)
+
+        def dropping(*args, **kwargs):
+            driver.close()
+            driver.uri = "test://" + os.path.join(self.tmp, "gone.xml")
+            return real(*args, **kwargs)
+        setattr(driver, operation, dropping)
+        self.addCleanup(setattr, driver, operation, real)
+
+    def back_up(self, host):
+        driver = self.app.drivers[host]
+        driver.uri = "test://" + os.path.join(self.tmp, host + ".xml")
+        self.assertTrue(driver.connect())
+        self.app.compute.reconcile([host])
+
+    def test_host_that_drops_mid_build_or_mid_migration(self):
+        """A host that drops while it builds a server leaves it in ERROR with a fault and
+        without a claim; one that drops while a server migrates to it leaves the server
+        where it was, running, with the migration in error."""
+        self.drop_during("cmp-b", "spawn")
+        r = self.post_server(name="lost", version="2.74", host="cmp-b")
+        server = self.server(r.json()["server"]["id"], version="2.16")
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn("fault", server)
+        self.assertIsNone(server["OS-EXT-SRV-ATTR:host"])
+        self.back_up("cmp-b")
+        server_id = self.new_server(version="2.74", host="cmp-a")
+        self.drop_during("cmp-c", "redefine")
+        self.action(server_id, {"migrate": {"host": "cmp-c"}}, version="2.56")
+        server = self.server(server_id)
+        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]),
+                         ("ACTIVE", "cmp-a"))
+        self.back_up("cmp-c")
+        self.assertEqual(self.domain_hosts(server_id), ["cmp-a"])
+        self.assertEqual(self.domain_state(server_id, "cmp-a"), 1)
+        migs = self.get("/v2.1/os-migrations", version="2.23").json()["migrations"]
+        self.assertEqual([(m["migration_type"], m["status"]) for m in migs],
+                         [("migration", "error")])
+        stats = self.get("/v2.1/os-hypervisors/detail").json()["hypervisors"]
+        self.assertEqual({h["hypervisor_hostname"]: h["running_vms"] for h in stats},
+                         {"cmp-a": 1, "cmp-b": 0, "cmp-c": 0})
+
+    def test_locked_server_moves_only_for_admins(self):
+        """A project manager cannot migrate a locked server (409); an admin can."""
+        class Personas(minivan.NoAuth):
+            def identify(self, token):
+                user, _, project = token.partition(":")
+                if user == "boss":
+                    return minivan.Identity(user, project, ["manager", "member", "reader"])
+                return super().identify(token)
+        self.app.auth = Personas("admin:admin")
+        server_id = self.new_server(token="boss:demo")
+        self.action(server_id, {"lock": None}, token="admin:admin")
+        self.assertFault(self.action(server_id, {"migrate": None}, token="boss:demo"), 409,
+                         "conflictingRequest", "locked")
+        self.assertFault(self.action(server_id, {"migrate": {"host": "cmp-c"}},
+                                     token="boss:demo", version="2.56"), 403, "forbidden")
+        self.assertEqual(self.action(server_id, {"migrate": None}).status, 202)
+        self.assertEqual(self.server(server_id)["status"], "VERIFY_RESIZE")
 
     def test_restart_redefines_each_hosts_servers(self):
         """After a restart each simulated host gets back the domains of its servers."""

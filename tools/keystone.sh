@@ -9,7 +9,7 @@
 #       admin/secret in project admin, region RegionOne, then creates:
 #         service  project: minivan (admin, service)   - the compute service user
 #         demo     project: demo (member, reader), demo_reader (reader only),
-#                  demo_manager (manager, member, reader)
+#                  demo_manager and demo_manager2 (manager, member, reader)
 #         alt_demo project: alt_demo (member)
 #       and a "compute" service "nova" with public/internal/admin endpoints =
 #       COMPUTE_URL.  Returns once keystone answers.  All passwords: "secret".
@@ -145,7 +145,7 @@ populate() {
     for p in admin service demo alt_demo; do
         project[$p]=$(ensure projects "name=$p" '{"project": {"name": "'$p'", "domain_id": "default"}}')
     done
-    for u in minivan demo alt_demo demo_reader demo_manager; do
+    for u in minivan demo alt_demo demo_reader demo_manager demo_manager2; do
         user[$u]=$(ensure users "name=$u" \
             '{"user": {"name": "'$u'", "domain_id": "default", "password": "'$PASSWORD'"}}')
     done
@@ -162,6 +162,9 @@ populate() {
     grant demo demo_manager manager
     grant demo demo_manager member
     grant demo demo_manager reader
+    grant demo demo_manager2 manager
+    grant demo demo_manager2 member
+    grant demo demo_manager2 reader
     local svc
     svc=$(ensure services "name=nova" '{"service": {"name": "nova", "type": "compute"}}')
     endpoints "$svc" "$compute_url"

@@ -16,7 +16,9 @@
 # accounts only suffice for one worker, so pair it with
 # TEMPEST_DYNAMIC_CREDENTIALS=True, which makes tempest create its own
 # projects/users as admin), TEMPEST_ENFORCE_SCOPE_NOVA (True: tempest uses the
-# project-reader account for read calls; default False).
+# project-reader account for read calls; default False), TEMPEST_MIN_COMPUTE_NODES
+# (the compute hosts minivan has; default 1) and TEMPEST_MIGRATION (True: cold and
+# live migration tests run; default False).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +49,9 @@ cat > "$DIR/etc/accounts.yaml" <<EOF
 - {username: demo_reader, project_name: demo, password: $OS_PASSWORD,
    user_domain_name: Default, project_domain_name: Default, roles: [reader]}
 - {username: demo_manager, project_name: demo, password: $OS_PASSWORD,
+   user_domain_name: Default, project_domain_name: Default, roles: [manager, member, reader]}
+# a second manager: a class may take one manager as primary and ask for another
+- {username: demo_manager2, project_name: demo, password: $OS_PASSWORD,
    user_domain_name: Default, project_domain_name: Default, roles: [manager, member, reader]}
 EOF
 
@@ -112,7 +117,7 @@ flavor_ref_alt = 2
 image_ref = ${TEMPEST_IMAGE_REF:-}
 image_ref_alt = ${TEMPEST_IMAGE_REF_ALT:-${TEMPEST_IMAGE_REF:-}}
 build_timeout = 60
-min_compute_nodes = 1
+min_compute_nodes = ${TEMPEST_MIN_COMPUTE_NODES:-1}
 
 [volume]
 catalog_type = volumev3
@@ -125,6 +130,8 @@ backup = False
 extend_attached_volume = False
 
 [compute-feature-enabled]
+# minivan's scheduler filters (SameHost/DifferentHost beyond Nova's defaults)
+scheduler_enabled_filters = AvailabilityZoneFilter,ComputeFilter,ComputeCapabilitiesFilter,ImagePropertiesFilter,ServerGroupAntiAffinityFilter,ServerGroupAffinityFilter,SameHostFilter,DifferentHostFilter
 # everything that needs a real guest, console, migration or another service
 change_password = False
 console_output = True
@@ -133,8 +140,11 @@ pause = True
 shelve = True
 shelve_migrate = False
 suspend = True
-cold_migration = False
-live_migration = False
+# migrations between the simulated hosts of a minivan with --compute-hosts
+cold_migration = ${TEMPEST_MIGRATION:-False}
+live_migration = ${TEMPEST_MIGRATION:-False}
+block_migration_for_live_migration = False
+volume_backed_live_migration = False
 rescue = True
 stable_rescue = False
 snapshot = True
