@@ -174,6 +174,13 @@ OPTIONS = [
     ("serial-console-listen", "", "HOST:PORT of the serial console proxy, e.g. "
      "0.0.0.0:6083 (default: off; the console APIs then answer 'Unavailable console "
      "type')"),
+    ("vnc-listen", "", "HOST:PORT of the noVNC console proxy, e.g. 0.0.0.0:6080; guests "
+     "then get a VNC server on their host (default: off; os-getVNCConsole then answers "
+     "'Unavailable console type')"),
+    ("vnc-url", "", "the noVNC page as clients reach it (default: "
+     "http://HOST:PORT/vnc_lite.html of --vnc-listen)"),
+    ("novnc-dir", "", "noVNC's files, served by the VNC console proxy "
+     "(default: /usr/share/novnc where it exists; Debian/Ubuntu: apt install novnc)"),
     ("serial-console-url", "", "base URL of that proxy as clients reach it "
      "(default: ws://HOST:PORT/ of --serial-console-listen)"),
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
@@ -299,6 +306,8 @@ def finish_config(conf):
     conf["volume_mount_base"] = os.path.abspath(conf["volume_mount_base"] or
                                                 os.path.join(conf["data_dir"], "mnt"))
     conf["my_ip"] = conf["my_ip"] or default_ip()
+    if not conf["novnc_dir"] and os.path.isdir("/usr/share/novnc"):
+        conf["novnc_dir"] = "/usr/share/novnc"
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["compute_hosts"] = parse_compute_hosts(conf["compute_hosts"], conf["host"],
                                                 conf["libvirt_uri"])
@@ -1364,6 +1373,7 @@ class LibvirtDriver:
         self.last_error = None
         self.on_event = None
         self.event_id = None
+        self.graphics_listen = None    # address of the guests' VNC servers; None: no VNC
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1522,6 +1532,9 @@ class LibvirtDriver:
         devices.append(f"<serial type='pty'><log file='{console}' append='on'/>"
                        f"<target port='0'/></serial>"
                        f"<console type='pty'><target type='serial' port='0'/></console>")
+        if not self.simulated and self.graphics_listen:
+            devices.append(f"<graphics type='vnc' autoport='yes' "
+                           f"listen='{xml_escape(self.graphics_listen)}'/>")
         if not self.simulated:
             devices.append("<channel type='unix'><target type='virtio' "
                            "name='org.qemu.guest_agent.0'/></channel>")
@@ -2036,6 +2049,26 @@ class LibvirtDriver:
             dom.openConsole(None, stream, self.libvirt.VIR_DOMAIN_CONSOLE_FORCE)
             return stream
         return self._call("opening the serial console", open_console)
+
+    def open_vnc(self, server):
+        """A socket to the running guest's VNC server: handed over by libvirt where the
+        connection is local, else by TCP to the address and port the domain has."""
+        if self.simulated:
+            raise DriverError("libvirt's test hypervisor has no graphics")
+        dom = self._domain(server)
+
+        def open_graphics():
+            if not dom.isActive():
+                raise DriverError(f"{server['instance_name']} is not running")
+            try:
+                return socket.socket(fileno=dom.openGraphicsFD(0, 0))
+            except self.libvirt.libvirtError:
+                found = re.search(r"<graphics type='vnc' port='(\d+)'[^>]*listen='([^']+)'",
+                                  dom.XMLDesc(0))
+                if not found:
+                    raise
+                return socket.create_connection((found.group(2), int(found.group(1))), 10)
+        return self._call("opening the VNC console", open_graphics)
 
     def lease_mac(self, network, address):
         """The MAC that holds a DHCP lease of this address on a network, or None."""
@@ -8226,8 +8259,8 @@ def server_volume_attachments_delete(req):
     return 202, None
 
 
-# remote consoles: serial consoles through minivan's own proxy; VNC and SPICE are off,
-# as in a Nova whose [vnc] and [spice] consoles are disabled
+# remote consoles: serial consoles and noVNC through minivan's own proxies (each off until
+# its listen option is set); SPICE is off, as in a Nova whose [spice] console is disabled
 
 CONSOLE_TOKEN_TTL = 600
 
@@ -8261,14 +8294,19 @@ class ConsoleTokens:
 
 def console_url(req, server, protocol, console_type):
     """A one-time URL of the server's console on minivan's proxy."""
-    if protocol != "serial" or console_type != "serial" or \
-            not req.app.conf["serial_console_listen"]:
+    conf = req.app.conf
+    serial = protocol == "serial" and console_type == "serial" and conf["serial_console_listen"]
+    vnc = protocol == "vnc" and console_type == "novnc" and conf["vnc_listen"]
+    if not (serial or vnc):
         raise BadRequest(f"Unavailable console type {console_type}.")
     if not server.get("host"):
         raise Conflict(f"Instance {server['id']} is not ready")
-    base = req.app.conf["serial_console_url"] or \
-        "ws://%s/" % req.app.conf["serial_console_listen"]
-    return f"{base}?token={req.app.console_tokens.issue(server, console_type)}"
+    token = req.app.console_tokens.issue(server, console_type)
+    if vnc:
+        base = conf["vnc_url"] or "http://%s/vnc_lite.html" % conf["vnc_listen"]
+        return f"{base}?path=%3Ftoken%3D{token}"
+    base = conf["serial_console_url"] or "ws://%s/" % conf["serial_console_listen"]
+    return f"{base}?token={token}"
 
 
 def console_action(req, key, types):
@@ -10701,7 +10739,8 @@ WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
-    """GET /?token=T with a WebSocket upgrade opens that token's console, once."""
+    """GET /?token=T with a WebSocket upgrade opens that token's console, once; other GETs
+    fetch noVNC's files on the VNC proxy."""
 
     protocol_version = "HTTP/1.1"
     server_version = "minivan"
@@ -10725,17 +10764,21 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         key = self.headers.get("Sec-WebSocket-Key")
         if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            if self.server.static_dir:
+                return self.send_static()
             return self.refuse(400, "This is a WebSocket console proxy.")
         record = app.console_tokens.take((query.get("token") or [""])[0])
-        if record is None:
+        if record is None or record["type"] not in self.server.console_types:
             return self.refuse(401, "The console token is not valid (or was used).")
         server = app.store.data["servers"].get(record["server_id"])
         if server is None or server["vm_state"] == "deleted" or not server.get("host") \
                 or app.driver is None:
             return self.refuse(404, "The server is gone.")
         try:
-            stream = app.compute.driver_of(server).open_serial_console(server)
-        except (DriverError, Unavailable) as e:
+            driver = app.compute.driver_of(server)
+            stream = driver.open_serial_console(server) if record["type"] == "serial" \
+                else SocketConsole(driver.open_vnc(server))
+        except (DriverError, Unavailable, OSError) as e:
             return self.refuse(409, f"The console cannot be opened: {e}")
         accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode(),
                                                usedforsecurity=False).digest()).decode()
@@ -10750,6 +10793,28 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
         LOG.info("console of server %s opened from %s", server["id"], self.client_address[0])
         self.close_connection = True
         self.bridge(stream)
+
+    def send_static(self):
+        """One of noVNC's files, from --novnc-dir."""
+        root = os.path.realpath(self.server.static_dir)
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        path = os.path.realpath(os.path.join(root, rel or "vnc_lite.html"))
+        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+            return self.refuse(404, "Not found.")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return self.refuse(404, "Not found.")
+        types = {".html": "text/html", ".js": "application/javascript", ".css": "text/css",
+                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
+                 ".json": "application/json"}
+        self.send_response(200)
+        self.send_header("Content-Type", types.get(os.path.splitext(path)[1],
+                                                   "application/octet-stream"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def bridge(self, stream):
         """Guest output to WebSocket frames in one thread, frames to the guest here."""
@@ -10828,28 +10893,64 @@ def read_websocket_frame(rfile, limit=1 << 20):
     return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
+class SocketConsole:
+    """A socket (to a VNC server) with the calls bridge() makes on a libvirt stream."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def abort(self):
+        self.sock.close()
+
+
 class ConsoleProxy(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, app, bind, port):
+    def __init__(self, app, bind, port, console_types=("serial",), static_dir=""):
         self.app = app
+        self.console_types = console_types
+        self.static_dir = static_dir
         self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         super().__init__((bind, port), ConsoleProxyHandler)
 
 
-def console_proxy_listener(app, conf):
-    """The serial console proxy on --serial-console-listen, or None when it is off."""
-    spec = conf["serial_console_listen"]
+def console_proxy_listener(app, conf, kind="serial"):
+    """The serial console proxy on --serial-console-listen (kind serial) or the noVNC one
+    on --vnc-listen (kind vnc); None when it is off."""
+    option = "serial_console_listen" if kind == "serial" else "vnc_listen"
+    spec = conf[option]
     if not spec:
         return None
     host, _, port = spec.rpartition(":")
     try:
         port = int(port)
     except ValueError:
-        raise ConfigError(f"--serial-console-listen must be HOST:PORT, not {spec!r}") \
+        raise ConfigError(f"--{option.replace('_', '-')} must be HOST:PORT, not {spec!r}") \
             from None
-    return ConsoleProxy(app, host.strip("[]") or "0.0.0.0", port)
+    if kind == "serial":
+        return ConsoleProxy(app, host.strip("[]") or "0.0.0.0", port)
+    return ConsoleProxy(app, host.strip("[]") or "0.0.0.0", port, ("novnc",),
+                        conf["novnc_dir"])
+
+
+def graphics_address(uri):
+    """Where guests of a host reached by this libvirt URI listen for VNC: loopback on this
+    host, the host's address elsewhere."""
+    scheme = uri.split(":", 1)[0]
+    remote = urllib.parse.urlsplit(uri).hostname if "+" in scheme else None
+    if not remote or remote in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(remote)
+    except OSError:
+        raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
 # § 32 ROUTES and ACTIONS --------------------------------------------------------------
@@ -11888,6 +11989,9 @@ def main(argv=None):
                                        conf["instances_dir"], conf["volume_mount_base"],
                                        conf["firewall"])
                    for name, uri in conf["compute_hosts"]}
+        if conf["vnc_listen"]:
+            for (name, uri), driver in zip(conf["compute_hosts"], drivers.values()):
+                driver.graphics_listen = graphics_address(uri)
         store = open_store(conf)
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)
@@ -11930,15 +12034,19 @@ def main(argv=None):
     if metadata is not None:
         threading.Thread(target=metadata.serve_forever, name="metadata", daemon=True).start()
         LOG.info("metadata service for guests on %s", conf["metadata_listen"])
-    try:
-        consoles = console_proxy_listener(app, conf)
-    except (OSError, ConfigError) as e:
-        print(f"minivan: cannot serve consoles on {conf['serial_console_listen']}: {e}",
-              file=sys.stderr)
-        return 2
-    if consoles is not None:
-        threading.Thread(target=consoles.serve_forever, name="consoles", daemon=True).start()
-        LOG.info("serial console proxy on %s", conf["serial_console_listen"])
+    proxies = []
+    for kind, option in (("serial", "serial_console_listen"), ("vnc", "vnc_listen")):
+        try:
+            proxy = console_proxy_listener(app, conf, kind)
+        except (OSError, ConfigError) as e:
+            print(f"minivan: cannot serve {kind} consoles on {conf[option]}: {e}",
+                  file=sys.stderr)
+            return 2
+        if proxy is not None:
+            proxies.append(proxy)
+            threading.Thread(target=proxy.serve_forever, name=kind + "-consoles",
+                             daemon=True).start()
+            LOG.info("%s console proxy on %s", kind, conf[option])
     scheme = "https" if conf["tls_cert"] else "http"
     LOG.info("minivan serving the compute API %s-%s on %s://[%s]:%d/v2.1 (auth %s, data %s)",
              version_text(MIN_VERSION), version_text(MAX_VERSION), scheme, conf["bind"],
@@ -11951,8 +12059,8 @@ def main(argv=None):
     app.stopping = True
     if metadata is not None:
         metadata.shutdown()
-    if consoles is not None:
-        consoles.shutdown()
+    for proxy in proxies:
+        proxy.shutdown()
     server.shutdown()
     server.server_close()
     server.drain()

@@ -30,6 +30,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 
 import minivan
 
@@ -3217,7 +3218,9 @@ class RealGuestTests(unittest.TestCase):
             "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_IMAGES_DIR": data_images,
             "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
             "MINIVAN_METADATA_LISTEN": "169.254.169.254:80" if cls.metadata else "",
-            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"})
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}",
+            "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}",
+            "MINIVAN_NOVNC_DIR": cls.novnc_dir()})
         cls.images_dir = data_images
         import openstack
         cls.sdk = openstack.connect(auth_type="none", auth={"endpoint": cls.url},
@@ -3226,10 +3229,19 @@ class RealGuestTests(unittest.TestCase):
             "/images", microversion="2.35").json()["images"][0]["id"]
 
     @classmethod
+    def novnc_dir(cls):
+        """A directory standing in for noVNC's files (the proxy serves any such files)."""
+        cls.novnc = tempfile.mkdtemp(prefix="minivan-novnc-")
+        with open(os.path.join(cls.novnc, "vnc_lite.html"), "w") as f:
+            f.write("<html><title>noVNC</title></html>\n")
+        return cls.novnc
+
+    @classmethod
     def tearDownClass(cls):
         if getattr(cls, "ready", False):
             stop_minivan(cls)
             shutil.rmtree(cls.images_dir, True)
+            shutil.rmtree(cls.novnc, True)
             cls.conn.close()
 
     def setUp(self):
@@ -3408,6 +3420,28 @@ class RealGuestTests(unittest.TestCase):
         finally:
             sock.close()
         again, status, _ = websocket_connect(url)
+        again.close()
+        self.assertEqual(status, 401)
+
+    def test_vnc_console_through_the_proxy(self):
+        """os-getVNCConsole gives a noVNC URL on minivan's proxy, which serves the noVNC
+        page and bridges the token's WebSocket to the guest's VNC server (RFB)."""
+        server, _ = self.boot("real-vnc")
+        url = self.nova().servers.get_vnc_console(server.id, "novnc")[
+            "remote_console"]["url"]
+        page, _, path = url.partition("?path=")
+        self.assertTrue(page.endswith("/vnc_lite.html"), url)
+        with urllib.request.urlopen(page, timeout=30) as r:
+            self.assertIn(b"noVNC", r.read())
+        parts = urllib.parse.urlsplit(page)
+        ws = f"ws://{parts.netloc}/" + urllib.parse.unquote(path)
+        sock, status, rest = websocket_connect(ws)
+        try:
+            self.assertEqual(status, 101)
+            self.assertIn(b"RFB 003.", websocket_read_until(sock, b"RFB 003.", rest))
+        finally:
+            sock.close()
+        again, status, _ = websocket_connect(ws)
         again.close()
         self.assertEqual(status, 401)
 
@@ -5100,6 +5134,12 @@ class ConsoleTests(ServerTestCase):
                          "badRequest", "Unavailable console type novnc.")
         self.assertFault(self.post(act, {"os-getSerialConsole": {"type": "serial"}},
                                    token="other:other"), 404, "itemNotFound")
+        self.app.conf["vnc_listen"] = "127.0.0.1:6080"
+        vnc = self.post(act, {"os-getVNCConsole": {"type": "novnc"}})
+        self.assertTrue(vnc.json()["console"]["url"].startswith(
+            "http://127.0.0.1:6080/vnc_lite.html?path=%3Ftoken%3D"), vnc.raw)
+        self.assertFault(self.post(act, {"os-getVNCConsole": {"type": "xvpvnc"}}), 400,
+                         "badRequest", "Unavailable console type xvpvnc.")
         try:
             from tempest.lib.common import jsonschema_validator as v
             import jsonschema
