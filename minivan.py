@@ -4884,7 +4884,8 @@ class Compute:
         self.update(server_id, task_state="spawning")
         server = self.store.data["servers"][server_id]
         if server.get("ports"):
-            self.driver_of(server).define_filter(server, server_filter_xml(server, self.store.data))
+            self.driver_of(server).define_filter(server,
+                                                 server_filter_xml(server, self.store.data))
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
         self.driver_of(server).spawn(server, disks, drive)
         for vol in server.get("volumes", []):
@@ -5704,7 +5705,8 @@ class Compute:
     def unrescue(self, server):
         self.driver_of(server).power_off(server, timeout=0, clean=False)
         rescue_disk = os.path.join(self.instance_dir(server), "disk.rescue")
-        self.driver_of(server).redefine(server, self.extra_disks(server), self.config_drive_path(server))
+        self.driver_of(server).redefine(server, self.extra_disks(server),
+                                        self.config_drive_path(server))
         if os.path.exists(rescue_disk):
             os.unlink(rescue_disk)
         self.driver_of(server).power_on(server)
@@ -7959,31 +7961,41 @@ def server_interfaces_create(req):
     for item in spec.get("fixed_ips") or []:
         check_ip("ip_address", item["ip_address"], None)
         fixed = item["ip_address"]
-    port = {"id": str(uuid.uuid4()), "mac": new_mac(), "network": network, "fixed_ip": fixed,
-            "ips": [[fixed, 6 if ":" in fixed else 4]] if fixed else [],
-            "tag": spec.get("tag")}
     server = find_server(req, req.params["server_id"])
+    port = attach_port(req, server, network, fixed, spec.get("tag"))
+    return 200, {"interfaceAttachment": interface_view(req, server, port)}
+
+
+def attach_port(req, server, network, fixed=None, tag=None):
+    """A new NIC on a libvirt network, plugged into the (running) guest at once."""
+    port = {"id": str(uuid.uuid4()), "mac": new_mac(), "network": network, "fixed_ip": fixed,
+            "ips": [[fixed, 6 if ":" in fixed else 4]] if fixed else [], "tag": tag}
     check_not_locked(req, server)
     if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
         raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
+    driver = req.app.compute.driver_of(server)
     try:
-        req.app.compute.driver_of(server).define_filter(server, server_filter_xml(server, req.store.data))
-        req.app.compute.driver_of(server).attach_interface(server, port)
+        driver.define_filter(server, server_filter_xml(server, req.store.data))
+        driver.attach_interface(server, port)
     except DriverError:
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     req.app.compute.change_ports(server["id"], lambda ports: ports + [port])
     if not server.get("security_groups"):
         req.app.compute.update(server["id"], security_groups=["default"])
     req.app.compute.record_action(req, server["id"], "attach_interface")
-    return 200, {"interfaceAttachment": interface_view(req, server, port)}
+    return port
 
 
 def server_interfaces_delete(req):
     """DELETE /servers/{server_id}/os-interface/{id}"""
     server = find_server(req, req.params["server_id"])
+    detach_port(req, server, find_port(server, req.params["id"]))
+    return 202, None
+
+
+def detach_port(req, server, port):
     check_not_locked(req, server)
-    port = find_port(server, req.params["id"])
     if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
         raise Conflict(f"Cannot 'detach_interface' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
@@ -7995,7 +8007,41 @@ def server_interfaces_delete(req):
     req.app.compute.change_ports(server["id"], lambda ports: [p for p in ports
                                                                if p["id"] != port["id"]])
     req.app.compute.record_action(req, server["id"], "detach_interface")
+
+
+def server_action_add_fixed_ip(req):
+    """POST /servers/{server_id}/action addFixedIp: one more NIC, on that network (up to
+    2.43, as Nova's multinic)"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["addFixedIp"], "properties": {"addFixedIp": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["networkId"], "properties": {"networkId": {
+                                       "type": ["string", "number"], "minLength": 1,
+                                       "maxLength": 36}}}}})
+    network_id = str(body["addFixedIp"]["networkId"])
+    server = find_server(req, req.params["server_id"])
+    network = req.app.network_name(network_id)
+    if network is None:
+        raise BadRequest(f"Network {network_id} could not be found.")
+    attach_port(req, server, network)
     return 202, None
+
+
+def server_action_remove_fixed_ip(req):
+    """POST /servers/{server_id}/action removeFixedIp: the NIC with that address goes"""
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": ["removeFixedIp"], "properties": {"removeFixedIp": {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["address"], "properties": {"address": {
+                                       "type": "string"}}}}})
+    address = body["removeFixedIp"]["address"]
+    check_ip("address", address, None)
+    server = find_server(req, req.params["server_id"])
+    for port in server.get("ports", []):
+        if port.get("fixed_ip") == address or any(ip == address for ip, _ in port["ips"]):
+            detach_port(req, server, port)
+            return 202, None
+    raise BadRequest(f"Instance {server['id']} doesn't have fixed IP '{address}'.")
 
 
 # volume attachments
@@ -11168,8 +11214,8 @@ POST   /servers/{server_id}/action                    lock                 2.1  
 POST   /servers/{server_id}/action                    unlock               2.1  2.104 member  server_action_unlock             os_compute_api:os-lock-server:unlock
 POST   /servers/{server_id}/action                    migrate              2.1  2.104 manager server_action_migrate            os_compute_api:os-migrate-server:migrate
 POST   /servers/{server_id}/action                    os-migrateLive       2.1  2.104 manager server_action_migrate_live       os_compute_api:os-migrate-server:migrate_live
-POST   /servers/{server_id}/action                    addFixedIp           2.1  2.43  member  -                                os_compute_api:os-multinic:add
-POST   /servers/{server_id}/action                    removeFixedIp        2.1  2.43  member  -                                os_compute_api:os-multinic:remove
+POST   /servers/{server_id}/action                    addFixedIp           2.1  2.43  member  server_action_add_fixed_ip       os_compute_api:os-multinic:add
+POST   /servers/{server_id}/action                    removeFixedIp        2.1  2.43  member  server_action_remove_fixed_ip    os_compute_api:os-multinic:remove
 POST   /servers/{server_id}/action                    pause                2.1  2.104 member  server_action_pause              os_compute_api:os-pause-server:pause
 POST   /servers/{server_id}/action                    unpause              2.1  2.104 member  server_action_unpause            os_compute_api:os-pause-server:unpause
 POST   /servers/{server_id}/action                    os-getVNCConsole     2.1  2.5   member  server_action_get_vnc_console    os_compute_api:os-remote-consoles

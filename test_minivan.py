@@ -3053,6 +3053,20 @@ class ServerSubresourceTests(ServerTestCase):
                                    {"interfaceAttachment": {"bogus": 1}}), 400, "badRequest")
         self.assertEqual(len(self.get(f"/v2.1/servers/{server_id}/os-interface").json()
                              ["interfaceAttachments"]), 1)
+        act = f"/v2.1/servers/{server_id}/action"
+        self.assertFault(self.post(act, {"addFixedIp": {"networkId": TEST_NETWORK_ID}}),
+                         409, "conflictingRequest")
+        self.assertFault(self.post(act, {"addFixedIp": {"networkId": "nope"}}), 400,
+                         "badRequest", "Network nope could not be found.")
+        self.assertFault(self.post(act, {"addFixedIp": {"networkId": TEST_NETWORK_ID}},
+                                   version="2.44"), 404, "itemNotFound")
+        self.assertFault(self.post(act, {"removeFixedIp": {"address": "10.9.9.9"}}), 400,
+                         "badRequest", "doesn't have fixed IP '10.9.9.9'")
+        self.assertFault(self.post(act, {"removeFixedIp": {"address": "not-an-ip"}}), 400,
+                         "badRequest")
+        self.assertFault(self.post(act, {"removeFixedIp": {}}), 400, "badRequest")
+        self.assertFault(self.post(act, {"addFixedIp": {"networkId": TEST_NETWORK_ID}},
+                                   token="other:other"), 404, "itemNotFound")
 
     def test_diagnostics_password_topology_security_groups(self):
         """diagnostics (admin; 2.48 format), os-server-password, topology, security groups."""
@@ -3556,6 +3570,24 @@ class RealGuestTests(unittest.TestCase):
         wait_until(lambda: attached.mac_addr not in self.domain(server.id).XMLDesc(0),
                    what="the NIC to leave the domain")
         self.assertEqual(len(nova.servers.interface_list(server.id)), 1)
+        network = self.sdk.compute.get("/os-networks", microversion="2.35").json()[
+            "networks"][0]["id"]
+        act = f"/servers/{server.id}/action"
+        r = self.sdk.compute.post(act, json={"addFixedIp": {"networkId": network}},
+                                  microversion="2.43")
+        self.assertEqual(r.status_code, 202, r.text)
+        ports = nova.servers.interface_list(server.id)
+        self.assertEqual(len(ports), 2)
+        self.assertIn(ports[1].mac_addr, self.domain(server.id).XMLDesc(0))
+        first = wait_until(lambda: nova.servers.interface_list(server.id)[0].fixed_ips,
+                           what="the first NIC's address")[0]["ip_address"]
+        r = self.sdk.compute.post(act, json={"removeFixedIp": {"address": first}},
+                                  microversion="2.43")
+        self.assertEqual(r.status_code, 202, r.text)
+        wait_until(lambda: ports[0].mac_addr not in self.domain(server.id).XMLDesc(0),
+                   what="the NIC with that address to leave the domain")
+        self.assertEqual([p.mac_addr for p in nova.servers.interface_list(server.id)],
+                         [ports[1].mac_addr])
 
     def test_restarts_keep_servers_and_domains_in_step(self):
         """Host reboot: a running guest whose domain went down is started again. A build or
