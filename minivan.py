@@ -26,30 +26,31 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §9  images                              the image source seam: local directory or Glance
     §10 image service                       a Glance v2 subset under /image
     §11 volumes                             the block storage client: Cinder v3, volume disks
-    §12 quotas                              defaults, classes, per-project/per-user limits
-    §13 views                               the request object, links and pagination
-    §14 API: versions and extensions
-    §15 API: flavors, extra specs, flavor access
-    §16 API: keypairs
-    §17 API: limits, quota sets, quota classes
-    §18 API: availability zones
-    §19 servers: states, lookups, views
-    §20 servers: the compute engine         background operations, reconciliation, power sync
-    §21 config drive                        its files, and an ISO 9660 writer
-    §22 API: servers                        create, list, show, update, delete, actions...
-    §23 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §24 API: networks and security groups   the proxy APIs, up to 2.35
-    §25 API: volumes and events             os-volumes/os-snapshots proxies, external events
-    §26 API: server groups
-    §27 API: services and hypervisors
-    §28 API: simple tenant usage
-    §29 API: aggregates                     host aggregates; their zones become the host's
-    §30 API: migrations                     resizes as migrations; no live migration on one host
-    §31 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §32 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §33 HTTP front end                      app, server, handler, TLS, CORS
-    §34 systemd and signals                 sd_notify, watchdog, background loops
-    §35 main
+    §12 networks                            the network service: Neutron ports, or none
+    §13 quotas                              defaults, classes, per-project/per-user limits
+    §14 views                               the request object, links and pagination
+    §15 API: versions and extensions
+    §16 API: flavors, extra specs, flavor access
+    §17 API: keypairs
+    §18 API: limits, quota sets, quota classes
+    §19 API: availability zones
+    §20 servers: states, lookups, views
+    §21 servers: the compute engine         background operations, reconciliation, power sync
+    §22 config drive                        its files, and an ISO 9660 writer
+    §23 API: servers                        create, list, show, update, delete, actions...
+    §24 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §25 API: networks and security groups   the proxy APIs, up to 2.35
+    §26 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §27 API: server groups
+    §28 API: services and hypervisors       and the scheduler: filters and weighers
+    §29 API: simple tenant usage
+    §30 API: aggregates                     host aggregates; their zones become the host's
+    §31 API: migrations                     every move between hosts is a migration record
+    §32 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §33 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §34 HTTP front end                      app, server, handler, TLS, CORS
+    §35 systemd and signals                 sd_notify, watchdog, background loops
+    §36 main
 """
 
 import argparse
@@ -131,6 +132,13 @@ OPTIONS = [
     ("cinder-url", "", "Cinder v3 endpoint, e.g. http://controller/volume/v3, where a "
      "project id template is filled in for each caller (default: the volumev3 or "
      "block-storage service of the Keystone catalog; without Keystone there are no volumes)"),
+    ("neutron-url", "", "Neutron endpoint, e.g. http://controller:9696 (default: the network "
+     "service of the Keystone catalog; without Neutron, servers' NICs join libvirt "
+     "networks)"),
+    ("vif-plugging-timeout", "300", "seconds a build waits for Neutron to report its ports "
+     "plugged (network-vif-plugged); 0: no wait"),
+    ("vif-plugging-is-fatal", "true", "a build whose ports Neutron does not report plugged "
+     "in time fails"),
     ("volume-mount-base", "", "where NFS volume shares are mounted, one directory per share "
      "named by the md5 of its export (default: DATA_DIR/mnt); a share already mounted there "
      "is used as it is"),
@@ -259,7 +267,7 @@ def finish_config(conf):
     """Types, derived defaults and cross-checks."""
     for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
-                "sync_power_state_interval", "resize_confirm_window"):
+                "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -275,7 +283,8 @@ def finish_config(conf):
         if key != "ram_weight_multiplier" and conf[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     for key in ("debug", "force_config_drive", "enable_instance_password",
-                "resume_guests_state_on_host_boot", "instance_usage_audit"):
+                "resume_guests_state_on_host_boot", "instance_usage_audit",
+                "vif_plugging_is_fatal"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
@@ -1802,7 +1811,10 @@ class LibvirtDriver:
         return self._call("looking up the network", lookup)
 
     def _interface_xml(self, port, server=None):
-        """A NIC on the port's libvirt network, behind the server's network filter."""
+        """A NIC on the port's libvirt network, behind the server's network filter (or a
+        Neutron port, plugged as Neutron bound it)."""
+        if port.get("neutron"):
+            return neutron_interface_xml(port)
         ref = f"<filterref filter='{filter_name(server)}'/>" if self.firewall and server \
             else ""
         return (f"<interface type='network'><source network='{xml_escape(port['network'])}'/>"
@@ -3184,7 +3196,151 @@ def next_target(server, wanted=None):
                     "instance has been exceeded.")
 
 
-# § 12 quotas --------------------------------------------------------------------------
+# § 12 networks ------------------------------------------------------------------------
+#
+# With Neutron in the catalog (or --neutron-url), a server's NICs are Neutron ports, as in
+# Nova: minivan creates them (or takes the ones given) at build time, bound to the
+# server's host, plugs each as its binding's vif_type says, waits for Neutron's
+# network-vif-plugged event, and deletes the ports it created when the server goes.
+# minivan calls Neutron as its service user (admin), for the server's project.
+
+class NetworkError(Exception):
+    """Neutron refused a call: status and Neutron's own message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Neutron:
+    """The network service: networks, ports and security groups over Neutron's v2.0 API."""
+
+    def __init__(self, url, auth):
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/v2.0") else url + "/v2.0"
+        self.auth = auth
+
+    def call(self, method, path, body=None):
+        for attempt in (0, 1):
+            token = self.auth.service_token_value(force=attempt == 1)
+            headers = {"X-Auth-Token": token, "Accept": "application/json"}
+            data = None
+            if body is not None:
+                data = json_bytes(body)
+                headers["Content-Type"] = "application/json"
+            request = urllib.request.Request(self.url + path, data=data, method=method,
+                                             headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    raw = resp.read()
+                    return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                raw = e.read()
+                if e.code == 401 and attempt == 0:
+                    continue
+                raise NetworkError(e.code, neutron_message(raw, e.code)) from None
+            except (OSError, ValueError) as e:
+                LOG.error("Neutron at %s is unreachable: %s", self.url, e)
+                raise Unavailable("The network service is unreachable.") from None
+        raise NetworkError(401, "minivan's service token was refused by Neutron")
+
+    def _get(self, kind, item_id):
+        if not is_uuid_like(item_id or ""):
+            return None
+        try:
+            return self.call("GET", f"/{kind}s/{item_id}")[kind]
+        except NetworkError as e:
+            if e.status == 404:
+                return None
+            raise Unavailable(f"The network service answered {e.status}.") from None
+
+    def network(self, network_id):
+        return self._get("network", network_id)
+
+    def port(self, port_id):
+        return self._get("port", port_id)
+
+    def networks(self, project_id):
+        """The networks a project may use: its own and the shared ones."""
+        found = {}
+        for query in (f"project_id={urllib.parse.quote(project_id)}", "shared=true"):
+            for net in self.call("GET", "/networks?" + query)["networks"]:
+                found.setdefault(net["id"], net)
+        return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
+
+    def security_group_ids(self, project_id, names):
+        """Ids of a project's security groups by name (Neutron makes 'default' itself)."""
+        ids = []
+        for name in names:
+            query = urllib.parse.urlencode({"project_id": project_id, "name": name})
+            groups = self.call("GET", "/security-groups?" + query)["security_groups"]
+            if not groups:
+                raise BadRequest(f"Security group {name} not found.")
+            ids.append(groups[0]["id"])
+        return ids
+
+    def create_port(self, spec):
+        return self.call("POST", "/ports", {"port": spec})["port"]
+
+    def update_port(self, port_id, spec):
+        return self.call("PUT", f"/ports/{port_id}", {"port": spec})["port"]
+
+    def delete_port(self, port_id):
+        try:
+            self.call("DELETE", f"/ports/{port_id}")
+        except NetworkError as e:
+            if e.status != 404:
+                raise
+
+
+def neutron_message(raw, status):
+    """The message of a Neutron fault body ({"NeutronError": {"message": ...}})."""
+    try:
+        doc = json.loads(raw)
+        inner = doc.get("NeutronError") if isinstance(doc, dict) else None
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return f"Neutron answered {status}"
+
+
+def neutron_port_record(port, network_name, created, tag=None):
+    """How a server record keeps a Neutron port."""
+    return {"id": port["id"], "mac": port["mac_address"], "network": network_name,
+            "network_id": port["network_id"], "fixed_ip": None,
+            "ips": [[ip["ip_address"], 6 if ":" in ip["ip_address"] else 4]
+                    for ip in port.get("fixed_ips") or []],
+            "tag": tag, "neutron": True, "created": created,
+            "subnet_ids": [ip.get("subnet_id") for ip in port.get("fixed_ips") or []],
+            "vif_type": port.get("binding:vif_type"),
+            "vif_details": port.get("binding:vif_details") or {}}
+
+
+def neutron_interface_xml(port):
+    """libvirt XML plugging a Neutron port as its binding says: an Open vSwitch port of
+    the integration bridge (vif_type ovs) or a Linux bridge port (vif_type bridge)."""
+    details = port.get("vif_details") or {}
+    dev = "tap" + port["id"][:11]
+    if port.get("vif_type") == "ovs":
+        bridge = details.get("bridge_name") or "br-int"
+        return (f"<interface type='bridge'><mac address='{port['mac']}'/>"
+                f"<source bridge='{xml_escape(bridge)}'/><virtualport type='openvswitch'>"
+                f"<parameters interfaceid='{port['id']}'/></virtualport>"
+                f"<target dev='{dev}'/><model type='virtio'/></interface>")
+    if port.get("vif_type") == "bridge":
+        bridge = details.get("bridge_name") or "brq" + port["network_id"][:11]
+        return (f"<interface type='bridge'><mac address='{port['mac']}'/>"
+                f"<source bridge='{xml_escape(bridge)}'/><target dev='{dev}'/>"
+                f"<model type='virtio'/></interface>")
+    if port.get("vif_type") in (None, "unbound", "binding_failed"):
+        raise DriverError(f"Binding failed for port {port['id']}, please check neutron logs "
+                          "for more information.")
+    raise DriverError(f"Unsupported VIF type {port.get('vif_type')} of port {port['id']}")
+
+
+# § 13 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -3242,7 +3398,7 @@ def usage(data, project_id, user_id=None):
     return used
 
 
-# § 13 views ---------------------------------------------------------------------------
+# § 14 views ---------------------------------------------------------------------------
 
 class Request:
     """One API call as handlers see it: caller, microversion, body, query, links."""
@@ -3333,7 +3489,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 14 API: versions and extensions ----------------------------------------------------
+# § 15 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -3517,7 +3673,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 15 API: flavors, extra specs, flavor access ----------------------------------------
+# § 16 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -3984,7 +4140,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 16 API: keypairs -------------------------------------------------------------------
+# § 17 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -4338,7 +4494,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 17 API: limits, quota sets, quota classes ------------------------------------------
+# § 18 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -4523,7 +4679,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 18 API: availability zones ---------------------------------------------------------
+# § 19 API: availability zones ---------------------------------------------------------
 
 def compute_zones(app):
     """The availability zones of the compute hosts."""
@@ -4557,7 +4713,7 @@ def availability_zones_detail(req):
          "hosts": hosts} for zone, hosts in sorted(zones.items())]}
 
 
-# § 19 servers: states, lookups, views -------------------------------------------------
+# § 20 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -4739,7 +4895,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 20 servers: the compute engine -----------------------------------------------------
+# § 21 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -4754,6 +4910,8 @@ class Compute:
         self.locks = collections.defaultdict(threading.Lock)
         self.threads = set()
         self.threads_lock = threading.Lock()
+        self.vif_waiters = {}          # server id -> {port id: Event}, while a build waits
+        self.vif_lock = threading.Lock()
 
     def driver_of(self, server):
         """The driver of the host the server is on (the first host's before it has one)."""
@@ -4874,6 +5032,8 @@ class Compute:
         self.place(server_id, server.get("requested_host"))
         self.update(server_id, task_state="networking")
         server = self.store.data["servers"][server_id]
+        if server.get("requested_networks"):
+            self.allocate_ports(server_id)
         for port in server.get("ports", []):
             if port.get("fixed_ip"):
                 self.driver_of(server).reserve_address(port)
@@ -4887,7 +5047,9 @@ class Compute:
             self.driver_of(server).define_filter(server,
                                                  server_filter_xml(server, self.store.data))
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") else None
+        waiters = self.expect_plugged(server)
         self.driver_of(server).spawn(server, disks, drive)
+        self.wait_plugged(server, waiters)
         for vol in server.get("volumes", []):
             self.app.volumes.attachment_complete(ident, vol["attachment_id"])
         self.update(server_id, vm_state="active", task_state=None, power_state=RUNNING,
@@ -4948,6 +5110,7 @@ class Compute:
                 driver.undefine_filter(server)
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
+        self.release_ports(server, unbind_only=keep_volumes)
         if keep_volumes:
             self.disconnect_volumes(server)
         else:
@@ -4970,6 +5133,138 @@ class Compute:
             except (DriverError, Unavailable) as e:
                 LOG.warning("server %s: updating its network filter failed: %s",
                             server["id"], e)
+
+    # -- Neutron ports ------------------------------------------------------------------
+    def neutron(self):
+        neutron = self.app.network
+        if neutron is None:
+            raise Unavailable("The network service is unreachable.")
+        return neutron
+
+    def allocate_ports(self, server_id):
+        """The server's Neutron ports, made (or taken) and bound to its host."""
+        server = self.store.data["servers"][server_id]
+        for request in server["requested_networks"]:
+            record = self.make_port(server, request)
+            self.change_ports(server_id, lambda ports, r=record: ports + [r])
+        self.update(server_id, requested_networks=[])
+
+    def make_port(self, server, request):
+        """One Neutron port for the server, bound to its host: the requested port, or a
+        new one on the requested network (with its fixed IP and security groups)."""
+        neutron = self.neutron()
+        spec = {"device_id": server["id"], "binding:host_id": server["host"],
+                "device_owner": "compute:" + (server.get("availability_zone") or "nova")}
+        try:
+            if request["port_id"]:
+                port, created = neutron.update_port(request["port_id"], spec), False
+            else:
+                network = neutron.network(request["network_id"]) or {}
+                spec.update(network_id=request["network_id"], project_id=server["project_id"])
+                if request["fixed_ip"]:
+                    spec["fixed_ips"] = [{"ip_address": request["fixed_ip"]}]
+                if server.get("security_group_ids") and \
+                        network.get("port_security_enabled", True):
+                    spec["security_groups"] = server["security_group_ids"]
+                port, created = neutron.create_port(spec), True
+            network = neutron.network(port["network_id"]) or {}
+        except NetworkError as e:
+            raise DriverError(f"Network setup failed: {e.message}") from None
+        return neutron_port_record(port, network.get("name") or port["network_id"], created,
+                                   request.get("tag"))
+
+    def bind_ports(self, server_id, host):
+        """Bind the server's Neutron ports to a host (None: unbound) and learn how to
+        plug them there."""
+        server = self.store.data["servers"].get(server_id) or {}
+        ports = [p for p in server.get("ports", []) if p.get("neutron")]
+        if not ports:
+            return
+        neutron = self.neutron()
+        bound = {}
+        for port in ports:
+            try:
+                bound[port["id"]] = neutron.update_port(port["id"], {"binding:host_id": host})
+            except NetworkError as e:
+                raise DriverError(f"Binding port {port['id']} failed: {e.message}") from None
+
+        def rebound(current):
+            return [dict(p, vif_type=bound[p["id"]].get("binding:vif_type"),
+                         vif_details=bound[p["id"]].get("binding:vif_details") or {})
+                    if p["id"] in bound else p for p in current]
+        self.change_ports(server_id, rebound)
+
+    def release_ports(self, server, unbind_only=False):
+        """Ports minivan made go with the server; the ones it was given are handed back
+        (unbound, no device).  unbind_only (shelve offload) keeps them all, unbound."""
+        ports = [p for p in server.get("ports", []) if p.get("neutron")]
+        if not ports:
+            return
+        try:
+            neutron = self.neutron()
+            for port in ports:
+                if unbind_only:
+                    neutron.update_port(port["id"], {"binding:host_id": None})
+                elif port.get("created"):
+                    neutron.delete_port(port["id"])
+                else:
+                    neutron.update_port(port["id"], {"device_id": "", "device_owner": "",
+                                                     "binding:host_id": None})
+        except (NetworkError, Unavailable) as e:
+            LOG.warning("server %s: releasing its ports failed: %s", server["id"], e)
+
+    def expect_plugged(self, server):
+        """Waiters for Neutron's network-vif-plugged events of the server's ports, set up
+        before they are plugged (a simulated host plugs nothing)."""
+        ports = [p["id"] for p in server.get("ports", []) if p.get("neutron")]
+        if not ports or not self.app.conf["vif_plugging_timeout"] or \
+                self.driver_of(server).simulated:
+            return {}
+        waiters = {port_id: threading.Event() for port_id in ports}
+        with self.vif_lock:
+            self.vif_waiters[server["id"]] = waiters
+        return waiters
+
+    def wait_plugged(self, server, waiters):
+        deadline = time.monotonic() + self.app.conf["vif_plugging_timeout"]
+        try:
+            for port_id, event in waiters.items():
+                if event.wait(max(0.0, deadline - time.monotonic())):
+                    continue
+                if self.app.conf["vif_plugging_is_fatal"]:
+                    raise DriverError("Virtual Interface creation failed")
+                LOG.warning("server %s: port %s was not reported plugged in time",
+                            server["id"], port_id)
+        finally:
+            with self.vif_lock:
+                self.vif_waiters.pop(server["id"], None)
+
+    def vif_plugged(self, server_id, port_id):
+        with self.vif_lock:
+            event = self.vif_waiters.get(server_id, {}).get(port_id)
+        if event is not None:
+            event.set()
+
+    def refresh_ports(self, server):
+        """network-changed: the server's Neutron ports as Neutron has them now."""
+        neutron = self.neutron()
+        fresh = {}
+        for port in server.get("ports", []):
+            if port.get("neutron"):
+                fresh[port["id"]] = neutron.port(port["id"])
+
+        def changed(current):
+            result = []
+            for p in current:
+                now = fresh.get(p["id"], p) if p["id"] in fresh else p
+                if now is None:
+                    continue                        # deleted in Neutron meanwhile
+                if p["id"] in fresh:
+                    p = dict(p, ips=neutron_port_record(now, p["network"], p["created"])[
+                        "ips"])
+                result.append(p)
+            return result
+        self.change_ports(server["id"], changed)
 
     # -- volumes ----------------------------------------------------------------------
     def set_volume(self, server_id, vol):
@@ -5183,7 +5478,7 @@ class Compute:
             """The server's current ports (read under the lock) with what libvirt knows."""
             result = []
             for port in ports:
-                ips = found.get(port["mac"].lower())
+                ips = None if port.get("neutron") else found.get(port["mac"].lower())
                 if port.get("fixed_ip"):
                     ips = [(port["fixed_ip"], 6 if ":" in port["fixed_ip"] else 4)]
                 result.append(dict(port, ips=[list(x) for x in ips]) if ips else port)
@@ -5432,7 +5727,9 @@ class Compute:
                     self.app.host_driver(dest).destroy(server)
                 except (DriverError, Unavailable):
                     pass                          # the destination may be what failed
-            old = dict(server, host=source)
+                self.bind_ports(server["id"], source)
+            old = dict(self.store.data["servers"][server["id"]], flavor=server["flavor"],
+                       host=source)
             src = self.driver_of(old)
             src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
             if old.get("ports") and src.firewall:
@@ -5455,6 +5752,8 @@ class Compute:
             if new_flavor["disk"] * 2 ** 30 > virtual_size(root):
                 qemu_img("resize", "-q", root, "%dG" % new_flavor["disk"])
         self.update(server_id, task_state="resize_migrated")
+        if dest != source:
+            self.bind_ports(server_id, dest)
         grown = dict(self.store.data["servers"][server_id], flavor=new_flavor)
         if dest != source:
             src.destroy(server)
@@ -5502,7 +5801,10 @@ class Compute:
         root = os.path.join(self.instance_dir(server), "disk")
         if os.path.exists(root + ".resize"):
             os.replace(root + ".resize", root)
-        old = dict(server, flavor=server.get("old_flavor") or server["flavor"], host=source)
+        if source != server.get("host"):
+            self.bind_ports(server_id, source)
+        old = dict(self.store.data["servers"][server_id],
+                   flavor=server.get("old_flavor") or server["flavor"], host=source)
         src = self.driver_of(old)
         if source != server.get("host") and old.get("ports") and src.firewall:
             src.define_filter(old, server_filter_xml(old, self.store.data))
@@ -5521,19 +5823,24 @@ class Compute:
         number = record_migration(self.app, server, server["flavor"], source, dest,
                                   "live-migration", status="preparing")
         try:
-            moving = dict(server, host=dest)
+            self.bind_ports(server_id, dest)
+            moving = dict(self.store.data["servers"][server_id], host=dest)
             dst = self.driver_of(moving)
             if moving.get("ports") and dst.firewall:
                 dst.define_filter(moving, server_filter_xml(moving, self.store.data))
             set_migration_status(self.store, server_id, "running", self.app.clock,
                                  number=number)
             self.app.host_driver(source).live_migrate(
-                server, dst, self.extra_disks(server), self.config_drive_path(server), block)
+                moving, dst, self.extra_disks(moving), self.config_drive_path(server), block)
         except BaseException:
             self.update(server_id, host=source, node=source, migration_source=None,
                         availability_zone=host_zone(self.app, source))
             set_migration_status(self.store, server_id, "error", self.app.clock,
                                  number=number)
+            try:
+                self.bind_ports(server_id, source)
+            except (DriverError, Unavailable) as e:
+                LOG.warning("server %s: binding its ports back failed: %s", server_id, e)
             raise
         try:
             self.app.host_driver(source).undefine_filter(server)
@@ -5555,6 +5862,7 @@ class Compute:
             set_migration_status(self.store, server_id, "pre-migrating", self.app.clock,
                                  number=number, dest=dest, dest_ip=host_ip(self.app, dest))
             self.update(server_id, task_state="rebuild_spawning")
+            self.bind_ports(server_id, dest)
             here = self.store.data["servers"][server_id]
             if not os.path.exists(os.path.join(self.instance_dir(here), "disk")) and \
                     here.get("image_ref") and not here.get("volume_backed"):
@@ -5662,7 +5970,8 @@ class Compute:
             if image is None and not server.get("volume_backed"):
                 raise DriverError("the shelved image of this server is gone")
             self.update(server_id, task_state="scheduling")
-            self.place(server_id, requested)
+            host = self.place(server_id, requested)
+            self.bind_ports(server_id, host)
             self.update(server_id, task_state="spawning")
             server = self.store.data["servers"][server_id]
             base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
@@ -5714,7 +6023,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 21 config drive --------------------------------------------------------------------
+# § 22 config drive --------------------------------------------------------------------
 
 def config_drive_files(app, server, admin_pass):
     """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
@@ -5929,7 +6238,7 @@ def write_iso(path, files, label, now=None):
             f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
 
 
-# § 22 API: servers --------------------------------------------------------------------
+# § 23 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -6116,14 +6425,21 @@ def server_create_plan(req, spec, hints, volumes=()):
             if spec[host_field] not in req.app.drivers:
                 raise BadRequest(f"Compute host {spec[host_field]} could not be found.")
             requested = spec[host_field]
-    networks = resolve_networks(req, spec.get("networks"))
     groups = [g.get("name", "default") for g in spec.get("security_groups") or
               [{"name": "default"}]]
-    known = {g["name"] for g in security_groups_of(req.store.data, req.ident.project_id)
-             .values()}
-    for group in groups:
-        if group not in known:
-            raise BadRequest(f"Security group {group} not found.")
+    neutron, group_ids = req.app.network, None
+    if neutron is not None:
+        networks = []
+        neutron_networks = resolve_neutron_networks(req, neutron, spec.get("networks"))
+        if neutron_networks:
+            group_ids = neutron.security_group_ids(req.ident.project_id, groups)
+    else:
+        networks, neutron_networks = resolve_networks(req, spec.get("networks")), None
+        known = {g["name"] for g in security_groups_of(req.store.data, req.ident.project_id)
+                 .values()}
+        for group in groups:
+            if group not in known:
+                raise BadRequest(f"Security group {group} not found.")
     metadata = spec.get("metadata") or {}
     limits = project_limits(req.store.data, req.ident.project_id, req.ident.user_id)
     if 0 <= limits["metadata_items"] < len(metadata):
@@ -6134,7 +6450,8 @@ def server_create_plan(req, spec, hints, volumes=()):
     return {"flavor": flavor, "image": image, "key_name": key_name, "key_data": key_data,
             "networks": networks, "security_groups": groups, "metadata": metadata,
             "hints": hints, "local_disks": local_disks, "swap_mb": swap_mb,
-            "volumes": list(volumes), "requested_host": requested}
+            "volumes": list(volumes), "requested_host": requested,
+            "neutron_networks": neutron_networks, "security_group_ids": group_ids}
 
 
 def blank_local_disks(spec, flavor):
@@ -6367,6 +6684,44 @@ def resolve_networks(req, requested):
     return result
 
 
+def resolve_neutron_networks(req, neutron, requested):
+    """[{network_id, fixed_ip, port_id, tag}] of a create's networks field, checked against
+    Neutron as Nova checks them (a network the caller cannot use is 'not found')."""
+    project = req.ident.project_id
+    if requested is None or requested == "auto":
+        usable = [n for n in neutron.networks(project) if not n.get("router:external")]
+        if not usable:
+            if requested == "auto":
+                raise BadRequest(f"Unable to automatically allocate a network for project "
+                                 f"{project}")
+            return []
+        if len(usable) > 1:
+            raise Conflict("Multiple possible networks found, use a Network ID to be more "
+                           "specific.")
+        return [{"network_id": usable[0]["id"], "fixed_ip": None, "port_id": None,
+                 "tag": None}]
+    if requested == "none":
+        return []
+    result = []
+    for net in requested:
+        if net.get("port"):
+            port = neutron.port(net["port"])
+            if port is None or port["project_id"] != project and not req.ident.is_admin:
+                raise BadRequest(f"Port {net['port']} could not be found.")
+            if port.get("device_id"):
+                raise Conflict(f"Port {net['port']} is still in use.")
+            result.append({"network_id": port["network_id"], "fixed_ip": None,
+                           "port_id": port["id"], "tag": net.get("tag")})
+            continue
+        network = neutron.network(net.get("uuid")) if net.get("uuid") else None
+        if network is None or not (network.get("shared") or network["project_id"] == project
+                                   or req.ident.is_admin):
+            raise BadRequest(f"Network {net.get('uuid')} could not be found.")
+        result.append({"network_id": network["id"], "fixed_ip": net.get("fixed_ip"),
+                       "port_id": None, "tag": net.get("tag")})
+    return result
+
+
 def new_mac():
     return "fa:16:3e:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
 
@@ -6446,7 +6801,10 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         "locked_by": None, "locked_reason": None, "fault": None, "progress": 0,
         "ports": [{"id": str(uuid.uuid4()), "mac": new_mac(), "network": net,
                    "fixed_ip": fixed, "ips": []} for net, fixed in plan["networks"]],
-        "security_groups": plan["security_groups"] if plan["networks"] else [],
+        "security_groups": plan["security_groups"] if plan["networks"] or
+        plan.get("neutron_networks") else [],
+        "requested_networks": plan.get("neutron_networks"),
+        "security_group_ids": plan.get("security_group_ids"),
         "scheduler_hints": plan["hints"],
         "trusted_image_certificates": spec.get("trusted_image_certificates"),
         "root_device_name": "/dev/vda", "server_groups": [], "volumes": [],
@@ -7900,11 +8258,19 @@ INTERFACE_STATES = ("active", "paused", "stopped")
 
 
 def interface_view(req, server, port):
-    network_id = req.app.driver.network_id(port["network"]) if req.app.driver else None
-    network_id = network_id or str(uuid.uuid5(IMAGE_NAMESPACE, "network:" + port["network"]))
+    if port.get("neutron"):
+        network_id = port["network_id"]
+        subnets = list(port.get("subnet_ids") or [])
+    else:
+        network_id = req.app.driver.network_id(port["network"]) if req.app.driver else None
+        network_id = network_id or str(uuid.uuid5(IMAGE_NAMESPACE,
+                                                  "network:" + port["network"]))
+        subnets = []
+    subnets += [str(uuid.uuid5(IMAGE_NAMESPACE, "subnet:" + port["network"]))] * len(
+        port.get("ips", []))
     view = {"port_state": "ACTIVE", "fixed_ips": [
-        {"subnet_id": str(uuid.uuid5(IMAGE_NAMESPACE, "subnet:" + port["network"])),
-         "ip_address": addr} for addr, _ in port.get("ips", [])],
+        {"subnet_id": subnet, "ip_address": addr}
+        for (addr, _), subnet in zip(port.get("ips", []), subnets)],
         "port_id": port["id"], "net_id": network_id, "mac_addr": port["mac"]}
     if req.since("2.70"):
         view["tag"] = port.get("tag")
@@ -7950,6 +8316,8 @@ def interface_schema(req):
 def server_interfaces_create(req):
     """POST /servers/{server_id}/os-interface"""
     spec = (validate_body(req, interface_schema(req)) or {}).get("interfaceAttachment") or {}
+    if req.app.network is not None:
+        return attach_neutron_port(req, spec)
     if spec.get("port_id"):
         raise NotFound(f"Port {spec['port_id']} could not be found.")
     network = req.app.conf["network"]
@@ -7987,6 +8355,42 @@ def attach_port(req, server, network, fixed=None, tag=None):
     return port
 
 
+def attach_neutron_port(req, spec):
+    """os-interface with Neutron: the given port, or a new one on the given (or only)
+    network, bound to the server's host and hot-plugged."""
+    neutron = req.app.network
+    server = find_server(req, req.params["server_id"])
+    check_not_locked(req, server)
+    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state") or \
+            not server.get("host"):
+        raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+    if spec.get("port_id"):
+        wanted = [{"port": spec["port_id"], "tag": spec.get("tag")}]
+    elif spec.get("net_id"):
+        fixed = [item["ip_address"] for item in spec.get("fixed_ips") or []]
+        wanted = [{"uuid": spec["net_id"], "fixed_ip": fixed[0] if fixed else None,
+                   "tag": spec.get("tag")}]
+    else:
+        wanted = None
+    requests = resolve_neutron_networks(req, neutron, wanted)
+    if not requests:
+        raise BadRequest("No network is available to attach an interface to.")
+    compute = req.app.compute
+    if server.get("security_group_ids") is None:
+        server = dict(server, security_group_ids=neutron.security_group_ids(
+            server["project_id"], server.get("security_groups") or ["default"]))
+    port = compute.make_port(server, requests[0])
+    try:
+        compute.driver_of(server).attach_interface(server, port)
+    except DriverError:
+        compute.release_ports({"id": server["id"], "ports": [port]})
+        raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
+    compute.change_ports(server["id"], lambda ports: ports + [port])
+    compute.record_action(req, server["id"], "attach_interface")
+    return 200, {"interfaceAttachment": interface_view(req, server, port)}
+
+
 def server_interfaces_delete(req):
     """DELETE /servers/{server_id}/os-interface/{id}"""
     server = find_server(req, req.params["server_id"])
@@ -8006,6 +8410,7 @@ def detach_port(req, server, port):
             from None
     req.app.compute.change_ports(server["id"], lambda ports: [p for p in ports
                                                                if p["id"] != port["id"]])
+    req.app.compute.release_ports({"id": server["id"], "ports": [port]})
     req.app.compute.record_action(req, server["id"], "detach_interface")
 
 
@@ -8576,7 +8981,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 23 API: images ---------------------------------------------------------------------
+# § 24 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -8713,7 +9118,7 @@ def image_metadata_delete(req):
 
 
 
-# § 24 API: networks and security groups -----------------------------------------------
+# § 25 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default').
@@ -8987,7 +9392,7 @@ def security_group_rules_delete(req):
 
 
 
-# § 25 API: volumes and events ---------------------------------------------------------
+# § 26 API: volumes and events ---------------------------------------------------------
 #
 # Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
 # (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
@@ -9252,6 +9657,11 @@ def accept_event(req, event):
     elif name == "network-vif-deleted":
         compute.change_ports(server["id"], lambda ports: [
             p for p in ports if p["id"] != event.get("tag")])
+    elif name == "network-vif-plugged" and event["status"] == "completed":
+        compute.vif_plugged(server["id"], event.get("tag"))
+    elif name == "network-changed" and any(p.get("neutron") for p in server.get("ports", [])):
+        compute.run(server["id"], None, "network_changed", compute.refresh_ports,
+                    on_error=lambda sid, exc: LOG.error("server %s: %s", sid, exc))
     LOG.info("server %s: event %s (%s) %s", server["id"], name, event.get("tag"),
              event["status"])
     return 200
@@ -9326,7 +9736,7 @@ def volume_holder(req, volume_id):
     raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
 
 
-# § 26 API: server groups --------------------------------------------------------------
+# § 27 API: server groups --------------------------------------------------------------
 #
 # The scheduler (§27) keeps affinity groups' members on one host and anti-affinity
 # groups' apart (max_server_per_host each); a member that cannot be placed so fails its
@@ -9445,7 +9855,7 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-# § 27 API: services and hypervisors ---------------------------------------------------
+# § 28 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -10125,7 +10535,7 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 28 API: simple tenant usage --------------------------------------------------------
+# § 29 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -10216,7 +10626,7 @@ def simple_tenant_usage_show(req):
 
 
 
-# § 29 API: aggregates -----------------------------------------------------------------
+# § 30 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -10461,7 +10871,7 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 30 API: migrations -----------------------------------------------------------------
+# § 31 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
@@ -10643,7 +11053,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 31 metadata service ----------------------------------------------------------------
+# § 32 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -10999,7 +11409,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 32 ROUTES and ACTIONS --------------------------------------------------------------
+# § 33 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -11335,7 +11745,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 33 HTTP front end ------------------------------------------------------------------
+# § 34 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -11402,6 +11812,7 @@ class App:
         self.stopping = False
         self._images = None
         self._volumes = None
+        self._network = None
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.image_service = ImageService(self)
@@ -11449,6 +11860,28 @@ class App:
             LOG.warning("--cinder-url needs --auth keystone (Cinder needs tokens): "
                         "servers get no volumes")
         self._volumes = (service, time.monotonic())
+        return service
+
+    @property
+    def network(self):
+        """The network service (Neutron), or None when this cloud has none: servers'
+        NICs then join libvirt networks.  Found on first use; asked again after a minute
+        while the catalog has none."""
+        cached = self._network
+        if cached is not None and (cached[0] is not None
+                                   or time.monotonic() - cached[1] < 60):
+            return cached[0]
+        url = self.conf["neutron_url"]
+        if not url and isinstance(self.auth, KeystoneAuth):
+            url = self.auth.find_endpoint("network", region=self.conf["region"])
+        service = None
+        if url and isinstance(self.auth, KeystoneAuth):
+            LOG.info("ports come from Neutron at %s", url)
+            service = Neutron(url, self.auth)
+        elif url:
+            LOG.warning("--neutron-url needs --auth keystone (Neutron needs tokens): "
+                        "servers use libvirt networks")
+        self._network = (service, time.monotonic())
         return service
 
     def network_name(self, network_id):
@@ -11908,7 +12341,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 34 systemd and signals -------------------------------------------------------------
+# § 35 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -11974,7 +12407,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 35 main ----------------------------------------------------------------------------
+# § 36 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])

@@ -10,6 +10,7 @@ an end-to-end test (a client or Keystone missing) into a failure.
 """
 
 import base64
+import uuid
 import collections
 import datetime
 import email.message
@@ -5229,3 +5230,141 @@ class MetadataServiceTests(ServerTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
         conn.request("POST", "/openstack/latest/meta_data.json", "{}")
         self.assertEqual(conn.getresponse().status, 405)
+
+
+# -- Neutron --------------------------------------------------------------------------------
+
+NEUTRON_VENV = os.environ.get("MINIVAN_NEUTRON_VENV", os.path.join(HERE, ".venv-neutron"))
+
+
+class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
+    """minivan behind the test Keystone with a real Neutron (tools/neutron.sh: ML2 with the
+    Open vSwitch agent, on Open vSwitch's userspace datapath) and real QEMU guests: ports
+    are made, bound to minivan's host, plugged into br-int, reported plugged by Neutron,
+    and deleted with their servers.  Neutron runs only while this class does: with it in
+    the catalog every compute service uses it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(cls.env and GUEST_IMAGE and os.path.exists(GUEST_IMAGE)
+                         and have_libvirt() and have_clients()
+                         and os.path.exists(os.path.join(NEUTRON_VENV, "bin", "gunicorn"))
+                         and shutil.which("ovs-vswitchd") and cls.env.get("GLANCE_URL"))
+        if not cls.ready:
+            return
+        work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
+                            "neutron")
+        cls.neutron_dir = work
+        done = subprocess.run([os.path.join(HERE, "tools", "neutron.sh"), "start", work,
+                               str(free_port()), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            cls.failure = done.stdout + done.stderr
+            cls.ready = False
+            return
+        with open(os.path.join(work, "env")) as f:
+            cls.neutron = dict(line[len("export "):].strip().split("=", 1)
+                               for line in f if line.startswith("export "))
+        port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        start_minivan(cls, port, env_extra={
+            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_LIBVIRT_URI": "qemu:///system",
+            "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_HOST": cls.neutron["NEUTRON_AGENT_HOST"],
+            "MINIVAN_VIF_PLUGGING_TIMEOUT": "60", "MINIVAN_SHUTDOWN_TIMEOUT": "10"})
+        cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
+        cls.image = glance_upload(cls.env, "neutron-guest", GUEST_IMAGE)
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+        if getattr(cls, "neutron_dir", None):
+            subprocess.run([os.path.join(HERE, "tools", "neutron.sh"), "stop",
+                            cls.neutron_dir], capture_output=True, timeout=300)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, getattr(self, "failure", None) or
+                         "no Neutron setup (tools/test.sh: Keystone, Glance, the guest image, "
+                         "tools/setup-venvs.sh's .venv-neutron and openvswitch-switch)")
+
+    def openstack(self, *args, expect_ok=True, env=None):
+        return super().openstack(*args, expect_ok=expect_ok, env=dict(self.os_env, **(env or {})))
+
+    def ports_of(self, server_id):
+        return self.openstack("port", "list", "--device-id", server_id, "--long", "-f", "json")
+
+    def test_servers_on_neutron_ports(self):
+        """server create --network: a port bound to minivan's host (vif_type ovs), plugged
+        into br-int and reported plugged (the build waits for it), its fixed IP in the
+        server's addresses; NICs added and removed by network and by port; the ports minivan
+        made go with the server, a given port stays, unbound."""
+        net = self.neutron["NEUTRON_NETWORK_NAME"]
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--network", net, "--wait", "nt-vm", "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "nt-vm", expect_ok=False)
+        self.assertEqual(server["status"], "ACTIVE")
+        ports = self.ports_of(server["id"])
+        self.assertEqual(len(ports), 1)
+        port = self.openstack("port", "show", ports[0]["ID"], "-f", "json")
+        self.assertEqual((port["binding_host_id"], port["binding_vif_type"], port["status"],
+                          port["device_owner"]),
+                         (self.neutron["NEUTRON_AGENT_HOST"], "ovs", "ACTIVE", "compute:nova"))
+        address = port["fixed_ips"][0]["ip_address"]
+        self.assertEqual(server["addresses"], {net: [address]})
+        bridge = subprocess.run(["ovs-vsctl", "list-ports", "br-int"], capture_output=True,
+                                text=True).stdout.split()
+        self.assertIn("tap" + port["id"][:11], bridge)
+        self.openstack("server", "add", "network", "nt-vm", net)
+        self.assertEqual(len(self.ports_of(server["id"])), 2)
+        given = self.openstack("port", "create", "--network", net, "nt-given", "-f", "json")
+        self.addCleanup(self.openstack, "port", "delete", given["id"], expect_ok=False)
+        self.openstack("server", "add", "port", "nt-vm", given["id"])
+        shown = self.openstack("port", "show", given["id"], "-f", "json")
+        self.assertEqual((shown["device_id"], shown["binding_host_id"]),
+                         (server["id"], self.neutron["NEUTRON_AGENT_HOST"]))
+        interfaces = self.openstack("server", "show", "nt-vm", "-f", "json")["addresses"][net]
+        self.assertEqual(len(interfaces), 3)
+        self.openstack("server", "remove", "port", "nt-vm", given["id"])
+        shown = self.openstack("port", "show", given["id"], "-f", "json")
+        self.assertEqual((shown["device_id"], shown["binding_host_id"]), ("", ""))
+        self.openstack("server", "add", "port", "nt-vm", given["id"])
+        self.openstack("server", "delete", "--wait", "nt-vm")
+        self.assertEqual(self.ports_of(server["id"]), [])
+        shown = self.openstack("port", "show", given["id"], "-f", "json")
+        self.assertEqual(shown["device_id"], "")
+
+    def test_given_port_fixed_ip_and_refusals(self):
+        """--nic port-id= uses that port; --nic v4-fixed-ip= gets that address; an
+        unknown network is 400 and a port in use 409, as in Nova."""
+        net_id = self.neutron["NEUTRON_NETWORK_ID"]
+        given = self.openstack("port", "create", "--network", net_id, "nt-port", "-f", "json")
+        self.addCleanup(self.openstack, "port", "delete", given["id"], expect_ok=False)
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "nt-given",
+                        expect_ok=False)
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--nic", f"port-id={given['id']}", "--nic",
+                                f"net-id={net_id},v4-fixed-ip=10.77.0.250", "--wait",
+                                "nt-given", "-f", "json")
+        self.assertEqual(server["status"], "ACTIVE")
+        addresses = sorted(server["addresses"][self.neutron["NEUTRON_NETWORK_NAME"]])
+        self.assertEqual(addresses, sorted([given["fixed_ips"][0]["ip_address"],
+                                            "10.77.0.250"]))
+        token = keystone_token(self.env, "admin", "admin")
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+
+        def create(network):
+            return compute_request(self, port, "POST", "/servers", token, {"server": {
+                "name": "nt-refused", "imageRef": self.image, "flavorRef": "1",
+                "networks": [network]}}, version="2.37")
+        assert_fault(self, create({"port": given["id"]}), 409, "conflictingRequest",
+                     f"Port {given['id']} is still in use.")
+        missing = str(uuid.uuid4())
+        assert_fault(self, create({"uuid": missing}), 400, "badRequest",
+                     f"Network {missing} could not be found.")
+        self.openstack("server", "delete", "--wait", "nt-given")
+        self.assertEqual(self.openstack("port", "show", given["id"], "-f", "json")["device_id"],
+                         "")

@@ -56,48 +56,15 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CI_VENV=${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}
 WORKERS=${MINIVAN_CINDER_WORKERS:-2}
 PASSWORD=secret
-RABBIT_BIN=/usr/lib/rabbitmq/bin/rabbitmq-server
 # stop order: clients of the broker first
 SERVICES=(cinder-volume cinder-scheduler cinder-api rabbitmq epmd)
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
+LIB_NAME=cinder LIB_PASSWORD=$PASSWORD
+# shellcheck source=tools/service-lib.sh
+source "$REPO/tools/service-lib.sh"
 
 usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
-
-# ours DIR NAME: prints the pid in DIR/NAME.pid if that process is still one we
-# started: every process here runs with DIR as its working directory (a stale
-# pid may have been reused; cmdlines are rewritten by setproctitle).
-ours() {
-    local pid
-    [[ -f $1/$2.pid ]] || return 1
-    pid=$(cat "$1/$2.pid")
-    [[ $pid =~ ^[0-9]+$ && $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$1" ]] || return 1
-    echo "$pid"
-}
-
-# free_ports N: N distinct free TCP ports on 127.0.0.1.
-free_ports() {
-    python3 -c 'import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
-}
-
-# spawn DIR NAME CMD...: runs CMD in the background, in DIR, in a session (and
-# process group) of its own, output to DIR/NAME.log; its pid to DIR/NAME.pid.
-spawn() {
-    local dir=$1 name=$2; shift 2
-    (cd "$dir" && exec setsid "$@" >>"$dir/$name.log" 2>&1 </dev/null) &
-    echo $! > "$dir/$name.pid"
-}
-
-# alive DIR NAME: fails, with the tail of its log, if NAME has died.
-alive() {
-    ours "$1" "$2" >/dev/null && return 0
-    echo "cinder: $2 died; tail of $1/$2.log:" >&2
-    tail -n 30 "$1/$2.log" >&2
-    return 1
-}
 
 write_config() {  # write_config DIR PORT AMQP_PORT
     local dir=$1 port=$2 amqp=$3
@@ -211,29 +178,7 @@ paste.filter_factory = keystonemiddleware.auth_token:filter_factory
 [filter:keystonecontext]
 paste.filter_factory = cinder.api.middleware.auth:CinderKeystoneContext.factory
 EOF
-    # sqlite shared by three processes (and two API workers): oslo.db opens
-    # every transaction with a plain (deferred) BEGIN, so two that read and
-    # then write deadlock and one fails at once with "database is locked".
-    # BEGIN IMMEDIATE takes the write lock up front, so they queue
-    # (busy_timeout) instead.  The listener is class-level, so it runs before
-    # oslo.db's per-engine one, which then sees "in_transaction".
-    cat > "$dir/cinder_sqlite.py" <<'EOF'
-import sqlalchemy
-from sqlalchemy.engine import Engine
-
-
-@sqlalchemy.event.listens_for(Engine, 'connect')
-def _sqlite_busy_timeout(dbapi_con, con_record):
-    if type(dbapi_con).__module__.startswith('sqlite3'):
-        dbapi_con.execute('PRAGMA busy_timeout = 60000')
-
-
-@sqlalchemy.event.listens_for(Engine, 'begin')
-def _sqlite_begin_immediate(conn):
-    if conn.dialect.name == 'sqlite' and 'in_transaction' not in conn.info:
-        conn.exec_driver_sql('BEGIN IMMEDIATE')
-        conn.info['in_transaction'] = True
-EOF
+    write_sqlite_fix "$dir/cinder_sqlite.py"
     # The API under gunicorn: cinder's config machinery parses sys.argv,
     # which there holds gunicorn's own options.
     cat > "$dir/cinder_wsgi.py" <<EOF
@@ -265,21 +210,6 @@ sys.exit(cmd.main())
 EOF
 }
 
-write_rabbit_config() {  # write_rabbit_config DIR AMQP_PORT
-    local rdir=$1/rabbitmq
-    mkdir -p "$rdir/log"
-    rm -rf "$rdir/mnesia"            # a fresh broker each start
-    cat > "$rdir/rabbitmq.conf" <<EOF
-listeners.tcp.1 = 127.0.0.1:$2
-default_user = cinder
-default_pass = $PASSWORD
-default_vhost = /
-log.file.level = warning
-EOF
-    echo '[].' > "$rdir/enabled_plugins"
-    : > "$rdir/rabbitmq-env.conf"
-}
-
 # Creates the cinder service user and the block storage catalog entries.
 register() {
     local svc type name
@@ -291,40 +221,6 @@ register() {
             '{"service": {"name": "'"$name"'", "type": "'"$type"'"}}')
         endpoints "$svc" "$1/v3/%(project_id)s"
     done
-}
-
-start_rabbit() {  # start_rabbit DIR AMQP_PORT DIST_PORT EPMD_PORT
-    local dir=$1 rdir=$1/rabbitmq
-    write_rabbit_config "$dir" "$2"
-    # our own epmd, loopback only, on its own port: no clash with another run
-    spawn "$dir" epmd epmd -port "$4" -address 127.0.0.1
-    # the real start script (not Debian's wrapper, which su's to "rabbitmq")
-    spawn "$dir" rabbitmq env HOME="$rdir" \
-        ERL_EPMD_PORT="$4" ERL_EPMD_ADDRESS=127.0.0.1 ERL_CRASH_DUMP="$rdir/erl_crash.dump" \
-        RABBITMQ_NODENAME=cinder@localhost \
-        RABBITMQ_CONF_ENV_FILE="$rdir/rabbitmq-env.conf" \
-        RABBITMQ_CONFIG_FILE="$rdir/rabbitmq.conf" \
-        RABBITMQ_ADVANCED_CONFIG_FILE="$rdir/advanced.config" \
-        RABBITMQ_ENABLED_PLUGINS_FILE="$rdir/enabled_plugins" \
-        RABBITMQ_MNESIA_BASE="$rdir/mnesia" \
-        RABBITMQ_LOG_BASE="$rdir/log" \
-        RABBITMQ_PID_FILE="$rdir/rabbit.pid" \
-        RABBITMQ_DIST_PORT="$3" \
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-        "$RABBIT_BIN"
-}
-
-wait_rabbit() {  # wait_rabbit DIR AMQP_PORT
-    local i
-    for i in $(seq 120); do
-        # the AMQP listener opens last, once the broker has booted
-        (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && return 0
-        alive "$1" rabbitmq || exit 1
-        alive "$1" epmd || exit 1
-        sleep 0.5
-    done
-    echo "cinder: RabbitMQ not listening on 127.0.0.1:$2 after 60s; see $1/rabbitmq.log" >&2
-    exit 1
 }
 
 # mount_share DIR: bind-mounts DIR/nfs-export on the share's mount point.
@@ -421,32 +317,6 @@ export CINDER_MOUNT_POINT=$(mount_point "$dir")
 export CINDER_EXPORT_DIR=$dir/nfs-export
 EOF
     echo "cinder: CINDER_URL=$url appended to $dir/env"
-}
-
-# group_alive PGID: some process of group PGID is still running (orphans are
-# reaped by pid 1 only now and then: zombies do not count).
-group_alive() {
-    local pids
-    pids=$(pgrep -g "$1" | paste -sd, -) || return 1
-    ps -o stat= -p "$pids" | grep -qv '^Z'
-}
-
-# stop_one DIR NAME: TERM to the process group of DIR/NAME.pid (the service,
-# its workers or children, privsep daemons), then KILL after 20s.
-stop_one() {
-    local dir=$1 name=$2 pid i
-    if pid=$(ours "$dir" "$name"); then
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-        for i in $(seq 200); do
-            group_alive "$pid" || break
-            sleep 0.1
-        done
-        if group_alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-        echo "cinder: stopped $name (pid $pid)"
-    elif [[ -f $dir/$name.pid ]]; then
-        echo "cinder: $name (pid $(cat "$dir/$name.pid")) is not running"
-    fi
-    rm -f "$dir/$name.pid"
 }
 
 stop() {

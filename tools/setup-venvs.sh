@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup-venvs.sh - create (or bring up to date) the four virtualenvs minivan's
+# setup-venvs.sh - create (or bring up to date) the five virtualenvs minivan's
 # tests use:
 #   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
 #       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
@@ -9,6 +9,8 @@
 #       (glance + gunicorn for tools/glance.sh, apart for the same reason)
 #   ${MINIVAN_CINDER_VENV:-REPO/.venv-cinder}     <- tools/requirements-cinder.txt
 #       (cinder + gunicorn for tools/cinder.sh, apart for the same reason)
+#   ${MINIVAN_NEUTRON_VENV:-REPO/.venv-neutron}   <- tools/requirements-neutron.txt
+#       (neutron + gunicorn for tools/neutron.sh, apart for the same reason)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -39,3 +41,4 @@ make_venv "${MINIVAN_VENV:-$REPO/.venv}" "$REPO/tools/requirements-test.txt"
 make_venv "${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}" "$REPO/tools/requirements-keystone.txt"
 make_venv "${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}" "$REPO/tools/requirements-glance.txt"
 make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements-cinder.txt"
+make_venv "${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}" "$REPO/tools/requirements-neutron.txt"

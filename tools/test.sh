@@ -5,14 +5,16 @@
 #   tools/test.sh [pytest args...]        e.g. tools/test.sh -k Flavor -x
 #
 # 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl, rabbitmq-server,
-#    nfs-common), when missing
+#    nfs-common, openvswitch-switch, sudo), when missing
 # 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone,
-#    .venv-glance, .venv-cinder)
+#    .venv-glance, .venv-cinder, .venv-neutron)
 # 3. libvirtd + QEMU with an isolated test network (tools/libvirt-up.sh; stopped at the end
 #    unless MINIVAN_KEEP_LIBVIRT=1) and a tiny bootable guest image (tools/make-guest.sh)
 # 4. a real Keystone, Glance and Cinder on 127.0.0.1 (tools/keystone.sh, tools/glance.sh,
 #    tools/cinder.sh: NFS driver on a bind-mounted share, RabbitMQ), with minivan's endpoint
-#    in the catalog; MINIVAN_TEST_CINDER_ENV names cinder.sh's env file (CINDER_*)
+#    in the catalog; MINIVAN_TEST_CINDER_ENV names cinder.sh's env file (CINDER_*).
+#    A real Neutron (tools/neutron.sh) runs only during the tests that use it: a compute
+#    service started while Neutron is in the catalog uses it.
 # 5. pytest, in .venv
 # MINIVAN_REQUIRE_E2E=1 (set by .ci/run) fails every end-to-end test that would skip.
 # MINIVAN_TEMPEST_LIST=FILE picks the Tempest tests (default tools/tempest-pass.txt).
@@ -25,7 +27,7 @@ export MINIVAN_VENV=$VENV
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
           qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage
-          rabbitmq-server nfs-common)
+          rabbitmq-server nfs-common openvswitch-switch sudo)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

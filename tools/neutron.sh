@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# neutron.sh - run a real Neutron (PyPI "neutron": ML2 with the Open vSwitch mechanism
+# driver and agent, sqlite, RabbitMQ) on 127.0.0.1 for minivan's tests, with its own
+# Open vSwitch in userspace (the netdev datapath: no kernel module needed) and
+# keystonemiddleware auth against a Keystone started by tools/keystone.sh.
+#
+#   tools/neutron.sh start DIR PORT KEYSTONE_ENV_FILE
+#       Creates (idempotently, through keystone's REST API as admin) user
+#       "neutron"/secret with roles admin+service in project "service" and a
+#       "network" service "neutron" with public/internal/admin endpoints
+#       http://127.0.0.1:PORT in RegionOne.  Then starts, as background processes
+#       of their own with pid files in DIR:
+#         ovsdb-server, ovs-vswitchd   Open vSwitch on /var/run/openvswitch/db.sock
+#                                      (where libvirt and the agent look), its
+#                                      database in DIR/ovs; bridges br-int and br-phys
+#                                      use the netdev (userspace) datapath
+#         rabbitmq, epmd               RabbitMQ on 127.0.0.1, free ports
+#         neutron-api                  gunicorn serving neutron's WSGI app on PORT
+#         neutron-rpc                  neutron's RPC server
+#         neutron-ovs-agent            the Open vSwitch agent, as host `hostname -s`
+#       and returns once the API answers and the agent is alive.  Makes a shared flat
+#       network "minivan-net" on physnet1 (br-phys) with subnet 10.77.0.0/24 (no DHCP
+#       agent: addresses are Neutron's fixed IPs).  Appends to DIR/env (sourceable):
+#       NEUTRON_URL, NEUTRON_NETWORK_ID, NEUTRON_NETWORK_NAME, NEUTRON_AGENT_HOST.
+#   tools/neutron.sh stop DIR
+#       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
+#       by its process group) and removes the "network" service from the catalog, so
+#       that a compute service started later sees no Neutron.
+#
+# The database is made from neutron's models (its migrations need MySQL) and stamped
+# at the migrations' heads.  Neutron runs as root: its root helper is plain sudo.
+# Uses ${MINIVAN_NEUTRON_VENV:-REPO/.venv-neutron} (tools/setup-venvs.sh).
+set -euo pipefail
+shopt -s inherit_errexit
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NV=${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}
+PASSWORD=secret
+OVS_RUN=/var/run/openvswitch
+# stop order: the broker's clients first, Open vSwitch last
+SERVICES=(neutron-ovs-agent neutron-rpc neutron-api rabbitmq epmd ovs-vswitchd ovsdb-server)
+# shellcheck source=tools/keystone-api.sh
+source "$REPO/tools/keystone-api.sh"
+LIB_NAME=neutron LIB_PASSWORD=$PASSWORD
+# shellcheck source=tools/service-lib.sh
+source "$REPO/tools/service-lib.sh"
+
+usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
+
+write_config() {  # write_config DIR PORT AMQP_PORT
+    local dir=$1 port=$2 amqp=$3 section
+    cat > "$dir/neutron.conf" <<EOF
+[DEFAULT]
+debug = false
+host = $(hostname -s)
+core_plugin = ml2
+service_plugins =
+auth_strategy = keystone
+api_paste_config = $dir/api-paste.ini
+transport_url = rabbit://neutron:$PASSWORD@127.0.0.1:$amqp/
+state_path = $dir/state
+bind_host = 127.0.0.1
+bind_port = $port
+api_workers = 1
+rpc_workers = 1
+rpc_state_report_workers = 1
+# port status changes reach the compute service as os-server-external-events
+notify_nova_on_port_status_changes = true
+notify_nova_on_port_data_changes = true
+[database]
+connection = sqlite:///$dir/neutron.db
+[oslo_concurrency]
+lock_path = $dir/state/lock
+[oslo_messaging_notifications]
+driver = noop
+[oslo_messaging_rabbit]
+heartbeat_timeout_threshold = 0
+[agent]
+root_helper = sudo
+[keystone_authtoken]
+www_authenticate_uri = $OS_AUTH_URL
+auth_url = $OS_AUTH_URL
+auth_type = password
+username = neutron
+password = $PASSWORD
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+region_name = RegionOne
+token_cache_time = 300
+[nova]
+auth_type = password
+auth_url = $OS_AUTH_URL
+username = neutron
+password = $PASSWORD
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+region_name = RegionOne
+endpoint_type = public
+EOF
+    for section in privsep privsep_link privsep_ovs_vsctl privsep_namespace; do
+        printf '[%s]\nhelper_command = sudo %s/bin/privsep-helper --config-file %s --config-file %s\n' \
+            "$section" "$NV" "$dir/neutron.conf" "$dir/ml2.ini" >> "$dir/neutron.conf"
+    done
+    cat > "$dir/ml2.ini" <<EOF
+[ml2]
+type_drivers = flat
+tenant_network_types =
+mechanism_drivers = openvswitch
+extension_drivers = port_security
+[ml2_type_flat]
+flat_networks = physnet1
+[ovs]
+bridge_mappings = physnet1:br-phys
+datapath_type = netdev
+integration_bridge = br-int
+ovsdb_connection = unix:$OVS_RUN/db.sock
+[securitygroup]
+firewall_driver = noop
+[agent]
+tunnel_types =
+EOF
+    cp "$NV/etc/neutron/api-paste.ini" "$dir/api-paste.ini"
+    write_sqlite_fix "$dir/neutron_sqlite.py"
+    # the API under gunicorn: neutron's config machinery parses sys.argv
+    cat > "$dir/neutron_wsgi.py" <<EOF
+import sys
+sys.argv = [sys.argv[0], '--config-file', '$dir/neutron.conf', '--config-file', '$dir/ml2.ini']
+sys.path.insert(0, '$dir')
+import neutron_sqlite  # noqa: E402,F401
+from neutron.wsgi.api import application  # noqa: E402,F401
+EOF
+    # the RPC server and the agent, with the same sqlite fix
+    cat > "$dir/neutron_service.py" <<'EOF'
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import neutron_sqlite  # noqa: E402,F401
+
+module, func = {'rpc': ('neutron.cmd.server', 'main_rpc'),
+                'ovs-agent': ('neutron.cmd.agents.ovs_neutron_agent', 'main')}[sys.argv.pop(1)]
+sys.exit(getattr(importlib.import_module(module), func)())
+EOF
+    # the schema from neutron's models (its migrations need MySQL), stamped at head
+    cat > "$dir/neutron_db.py" <<'EOF'
+import sys
+
+import sqlalchemy
+from neutron.db.migration.models import head
+
+head.get_metadata().create_all(sqlalchemy.create_engine(sys.argv[1]))
+EOF
+}
+
+start_ovs() {  # start_ovs DIR
+    local dir=$1 i
+    mkdir -p "$dir/ovs" "$OVS_RUN"
+    if [[ ! -f $dir/ovs/conf.db ]]; then
+        ovsdb-tool create "$dir/ovs/conf.db" /usr/share/openvswitch/vswitch.ovsschema
+    fi
+    spawn "$dir" ovsdb-server ovsdb-server "$dir/ovs/conf.db" --remote="punix:$OVS_RUN/db.sock" \
+        --pidfile="$dir/ovs/ovsdb-server.pid" --unixctl="$dir/ovs/ovsdb-server.ctl"
+    for i in $(seq 100); do
+        ovs-vsctl --timeout=2 --no-wait init 2>/dev/null && break
+        alive "$dir" ovsdb-server || exit 1
+        sleep 0.1
+    done
+    spawn "$dir" ovs-vswitchd ovs-vswitchd "unix:$OVS_RUN/db.sock" \
+        --pidfile="$dir/ovs/ovs-vswitchd.pid" --unixctl="$dir/ovs/ovs-vswitchd.ctl"
+    ovs-vsctl --timeout=30 -- --may-exist add-br br-int -- set bridge br-int datapath_type=netdev \
+        -- --may-exist add-br br-phys -- set bridge br-phys datapath_type=netdev
+}
+
+register() {  # register URL
+    admin_token neutron
+    service_user neutron "$PASSWORD"
+    local svc
+    svc=$(ensure services "type=network&name=neutron" \
+        '{"service": {"name": "neutron", "type": "network"}}')
+    endpoints "$svc" "$1"
+}
+
+# neutron_api METHOD PATH [JSON]: a call to Neutron with the admin TOKEN.
+neutron_api() {
+    curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
+        -H 'Content-Type: application/json' ${3:+-d "$3"} "$URL/v2.0$2"
+}
+
+start() {
+    local dir port=$2 ks_env=$3 t0=$SECONDS svc i
+    mkdir -p "$1"; dir=$(cd "$1" && pwd -P)
+    URL=http://127.0.0.1:$port
+    [[ -x $NV/bin/gunicorn ]] ||
+        { echo "neutron: no $NV/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
+    [[ -x $RABBIT_BIN ]] || { echo "neutron: no $RABBIT_BIN; apt-get install rabbitmq-server" >&2; exit 1; }
+    command -v ovs-vswitchd >/dev/null ||
+        { echo "neutron: no ovs-vswitchd; apt-get install openvswitch-switch" >&2; exit 1; }
+    command -v sudo >/dev/null || { echo "neutron: no sudo; apt-get install sudo" >&2; exit 1; }
+    [[ -f $ks_env ]] || { echo "neutron: no keystone env file $ks_env" >&2; exit 1; }
+    for svc in "${SERVICES[@]}"; do
+        ours "$dir" "$svc" >/dev/null && { echo "neutron: $svc already running in $dir" >&2; exit 1; }
+    done
+    if [[ -S $OVS_RUN/db.sock ]] && ovs-vsctl --timeout=2 show >/dev/null 2>&1; then
+        echo "neutron: an Open vSwitch already runs on $OVS_RUN/db.sock" >&2; exit 1
+    fi
+    # shellcheck source=/dev/null
+    source "$ks_env"
+    : "${OS_AUTH_URL:?not set by $ks_env}"
+    cp "$ks_env" "$dir/keystone-env"                # for stop: the catalog entry goes
+
+    local amqp_port dist_port epmd_port
+    read -r amqp_port dist_port epmd_port < <(free_ports 3)
+    start_rabbit "$dir" "$amqp_port" "$dist_port" "$epmd_port"   # boots meanwhile
+    start_ovs "$dir"
+    echo "neutron: Open vSwitch (userspace datapath) ready after $((SECONDS - t0))s"
+    register "$URL"
+    mkdir -p "$dir/state/lock"
+    write_config "$dir" "$port" "$amqp_port"
+    if [[ ! -f $dir/neutron.db ]]; then
+        "$NV/bin/python" "$dir/neutron_db.py" "sqlite:///$dir/neutron.db" >>"$dir/db.log" 2>&1 &&
+        "$NV/bin/neutron-db-manage" --config-file "$dir/neutron.conf" \
+            --config-file "$dir/ml2.ini" stamp heads >>"$dir/db.log" 2>&1 ||
+            { echo "neutron: making the database failed, see $dir/db.log" >&2; exit 1; }
+    fi
+    echo "neutron: database ready after $((SECONDS - t0))s"
+    wait_rabbit "$dir" "$amqp_port"
+    local config=(--config-file "$dir/neutron.conf" --config-file "$dir/ml2.ini")
+    export PYTHONWARNINGS=ignore::DeprecationWarning
+    spawn "$dir" neutron-api "$NV/bin/gunicorn" --workers 1 --bind "127.0.0.1:$port" \
+        --timeout 300 --access-logfile - --error-logfile - neutron_wsgi:application
+    spawn "$dir" neutron-rpc "$NV/bin/python" "$dir/neutron_service.py" rpc "${config[@]}"
+    spawn "$dir" neutron-ovs-agent "$NV/bin/python" "$dir/neutron_service.py" ovs-agent \
+        "${config[@]}"
+    local agents
+    for i in $(seq 240); do
+        for svc in neutron-api neutron-rpc neutron-ovs-agent rabbitmq ovs-vswitchd; do
+            alive "$dir" "$svc" || exit 1
+        done
+        agents=$(neutron_api GET "/agents?binary=neutron-openvswitch-agent" 2>/dev/null || true)
+        [[ $agents == *'"alive": true'* ]] && break
+        if [[ $i == 240 ]]; then
+            echo "neutron: no live Open vSwitch agent after 120s: $agents; see" \
+                "$dir/neutron-ovs-agent.log" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    echo "neutron: API on $URL, Open vSwitch agent alive after $((SECONDS - t0))s"
+
+    local net
+    net=$(neutron_api GET "/networks?name=minivan-net" | jget networks 0 id)
+    if [[ -z $net ]]; then
+        net=$(neutron_api POST /networks '{"network": {"name": "minivan-net", "shared": true,
+            "provider:network_type": "flat", "provider:physical_network": "physnet1"}}' |
+            jget network id)
+        neutron_api POST /subnets '{"subnet": {"network_id": "'"$net"'", "ip_version": 4,
+            "cidr": "10.77.0.0/24", "enable_dhcp": false, "name": "minivan-subnet"}}' >/dev/null
+    fi
+    touch "$dir/env"
+    sed -i '/^export NEUTRON_[A-Z_]*=/d' "$dir/env"
+    cat >> "$dir/env" <<EOF
+export NEUTRON_URL=$URL
+export NEUTRON_NETWORK_ID=$net
+export NEUTRON_NETWORK_NAME=minivan-net
+export NEUTRON_AGENT_HOST=$(hostname -s)
+EOF
+    echo "neutron: network minivan-net ($net); NEUTRON_URL=$URL appended to $dir/env"
+}
+
+stop() {
+    local dir svc
+    dir=$(cd "$1" && pwd -P)
+    for svc in "${SERVICES[@]}"; do stop_one "$dir" "$svc"; done
+    rm -f "$OVS_RUN/db.sock"
+    if [[ -f $dir/keystone-env ]]; then
+        # shellcheck source=/dev/null
+        source "$dir/keystone-env"
+        admin_token neutron
+        svc=$(api GET "/services?type=network" | jget services 0 id)
+        if [[ -n $svc ]]; then
+            api DELETE "/services/$svc" >/dev/null
+            echo "neutron: network service removed from the catalog"
+        fi
+    fi
+}
+
+case ${1:-} in
+    start) [[ $# == 4 ]] || usage; start "$2" "$3" "$4" ;;
+    stop)  [[ $# == 2 ]] || usage; stop "$2" ;;
+    *)     usage ;;
+esac
