@@ -4956,6 +4956,39 @@ class VolumeWithoutCinderTests(ServerTestCase):
                                      + info), 400, "badRequest")
 
 
+class NeutronPortTests(unittest.TestCase):
+    """How a Neutron port is kept and plugged, from the bodies Neutron answers with."""
+
+    PORT = {"id": "6c2cfab3-5d0e-4bfe-9e8f-0e7c1bd0f6a1", "mac_address": "fa:16:3e:00:00:01",
+            "network_id": "1f5e3515-3967-410e-8c08-d30024a4dc24",
+            "fixed_ips": [{"subnet_id": "47a16264-2cf9-46f1-b74f-ea475c2f5b7a",
+                           "ip_address": "10.77.0.63"}],
+            "binding:vif_type": "ovs",
+            "binding:vif_details": {"bridge_name": "br-int", "datapath_type": "netdev"}}
+
+    def test_port_record_and_plugging(self):
+        record = minivan.neutron_port_record(self.PORT, "minivan-net", True, "nic1")
+        self.assertEqual((record["ips"], record["network"], record["created"], record["tag"]),
+                         ([["10.77.0.63", 4]], "minivan-net", True, "nic1"))
+        xml = minivan.neutron_interface_xml(record)
+        self.assertIn("<source bridge='br-int'/><virtualport type='openvswitch'>"
+                      f"<parameters interfaceid='{self.PORT['id']}'/>", xml)
+        self.assertIn("<target dev='tap6c2cfab3-5d'/>", xml)
+        bridge = dict(record, vif_type="bridge", vif_details={})
+        self.assertIn("<source bridge='brq1f5e3515-39'/>",
+                      minivan.neutron_interface_xml(bridge))
+        for failed in ("binding_failed", "unbound", None):
+            with self.assertRaises(minivan.DriverError) as caught:
+                minivan.neutron_interface_xml(dict(record, vif_type=failed))
+            self.assertIn("Binding failed for port", str(caught.exception))
+        with self.assertRaises(minivan.DriverError):
+            minivan.neutron_interface_xml(dict(record, vif_type="vhostuser"))
+        self.assertEqual(minivan.neutron_message(
+            b'{"NeutronError": {"type": "PortInUse", "message": "Port is in use"}}', 409),
+            "Port is in use")
+        self.assertEqual(minivan.neutron_message(b"<html>", 502), "Neutron answered 502")
+
+
 class VolumeConnectionTests(unittest.TestCase):
     """Cinder connection_info becomes the right libvirt <disk>."""
 
