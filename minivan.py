@@ -3280,6 +3280,24 @@ class Neutron:
             ids.append(groups[0]["id"])
         return ids
 
+    def security_groups(self, project_id=None):
+        query = "?" + urllib.parse.urlencode({"project_id": project_id}) if project_id else ""
+        return self.call("GET", "/security-groups" + query)["security_groups"]
+
+    def security_group(self, group_id):
+        return self._get("security_group", group_id)
+
+    def auto_allocated_network(self, project_id):
+        """The network of Neutron's auto-allocated topology for a project (made on first
+        ask), or None where Neutron cannot make one."""
+        try:
+            doc = self.call("GET", "/auto-allocated-topology/" +
+                            urllib.parse.quote(project_id))
+        except NetworkError as e:
+            LOG.info("Neutron cannot auto-allocate a network for %s: %s", project_id, e)
+            return None
+        return (doc or {}).get("auto_allocated_topology", {}).get("id")
+
     def create_port(self, spec):
         return self.call("POST", "/ports", {"port": spec})["port"]
 
@@ -3320,7 +3338,8 @@ def neutron_port_record(port, network_name, created, tag=None):
 
 def neutron_interface_xml(port):
     """libvirt XML plugging a Neutron port as its binding says: an Open vSwitch port of
-    the integration bridge (vif_type ovs) or a Linux bridge port (vif_type bridge)."""
+    the integration bridge (vif_type ovs), a Linux bridge port (vif_type bridge) or a
+    bare tap device (vif_type tap)."""
     details = port.get("vif_details") or {}
     dev = "tap" + port["id"][:11]
     if port.get("vif_type") == "ovs":
@@ -3334,6 +3353,10 @@ def neutron_interface_xml(port):
         return (f"<interface type='bridge'><mac address='{port['mac']}'/>"
                 f"<source bridge='{xml_escape(bridge)}'/><target dev='{dev}'/>"
                 f"<model type='virtio'/></interface>")
+    if port.get("vif_type") == "tap":
+        # a bare tap device that Neutron's backend wires up by its name
+        return (f"<interface type='ethernet'><mac address='{port['mac']}'/>"
+                f"<target dev='{dev}'/><model type='virtio'/></interface>")
     if port.get("vif_type") in (None, "unbound", "binding_failed"):
         raise DriverError(f"Binding failed for port {port['id']}, please check neutron logs "
                           "for more information.")
@@ -6691,10 +6714,13 @@ def resolve_neutron_networks(req, neutron, requested):
     if requested is None or requested == "auto":
         usable = [n for n in neutron.networks(project) if not n.get("router:external")]
         if not usable:
-            if requested == "auto":
+            if requested != "auto":
+                return []
+            network_id = neutron.auto_allocated_network(project)
+            if network_id is None:
                 raise BadRequest(f"Unable to automatically allocate a network for project "
                                  f"{project}")
-            return []
+            usable = [{"id": network_id}]
         if len(usable) > 1:
             raise Conflict("Multiple possible networks found, use a Network ID to be more "
                            "specific.")
@@ -8025,6 +8051,9 @@ def security_group_action(req, key, change):
         "type": "object", "additionalProperties": False, "required": ["name"],
         "properties": {"name": {"type": "string", "minLength": 1}}}}})[key]["name"]
     server_id = req.params["server_id"]
+    neutron = req.app.network
+    if neutron is not None:
+        return neutron_security_group_action(req, neutron, name, change)
 
     def plan(data):
         server = find_server(req, server_id)
@@ -8037,6 +8066,25 @@ def security_group_action(req, key, change):
 
     req.store.transaction(plan)
     req.app.compute.refresh_filters(req.store.data["servers"][server_id]["project_id"])
+    return 202, None
+
+
+def neutron_security_group_action(req, neutron, name, change):
+    """add/removeSecurityGroup with Neutron: the group joins or leaves every port."""
+    server = find_server(req, req.params["server_id"])
+    check_not_locked(req, server)
+    found = [g for g in neutron.security_groups(server["project_id"]) if g["name"] == name]
+    if not found:
+        raise NotFound(f"Security group {name} not found.")
+    names = change(list(server.get("security_groups", [])), name, server["id"])
+    ids = neutron.security_group_ids(server["project_id"], names) if names else []
+    try:
+        for port in server.get("ports", []):
+            if port.get("neutron"):
+                neutron.update_port(port["id"], {"security_groups": ids})
+    except NetworkError as e:
+        raise neutron_fault(e) from None
+    req.app.compute.update(server["id"], security_groups=names, security_group_ids=ids)
     return 202, None
 
 
@@ -8975,6 +9023,15 @@ def server_security_groups_index(req):
     validate_query(req, (), strict_since="2.102")
     server = find_server(req, req.params["server_id"])
     data = req.store.data
+    neutron = req.app.network
+    if neutron is not None and any(p.get("neutron") for p in server.get("ports", [])):
+        groups = {g["id"]: g for g in neutron.security_groups(server["project_id"])}
+        ids = set()
+        for port in server.get("ports", []):
+            if port.get("neutron"):
+                ids.update((neutron.port(port["id"]) or {}).get("security_groups") or [])
+        return 200, {"security_groups": [neutron_group_view(groups[i], groups)
+                                         for i in sorted(ids) if i in groups]}
     by_name = {g["name"]: g for g in security_groups_of(data, server["project_id"]).values()}
     return 200, {"security_groups": [security_group_view(by_name[name], data)
                                      for name in server.get("security_groups", [])
@@ -9121,7 +9178,8 @@ def image_metadata_delete(req):
 # § 25 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
-# minivan's own records (every project has its 'default').
+# minivan's own records (every project has its 'default'); with Neutron, the security
+# groups are Neutron's.
 
 def network_records(req):
     """The libvirt networks, as [{id, label, bridge, cidr, netmask, gateway, ...}]."""
@@ -9183,6 +9241,55 @@ def floating_ip_pools_index(req):
     return 200, {"floating_ip_pools": [{"name": n["label"]} for n in pools]}
 
 
+# With Neutron, security groups are Neutron's, shown in nova-network's shape (ingress
+# rules only), and a server's groups are those of its ports.
+
+def neutron_group_view(group, groups_by_id):
+    rules = []
+    for rule in group.get("security_group_rules") or []:
+        if rule.get("direction") != "ingress":
+            continue
+        source = groups_by_id.get(rule.get("remote_group_id") or "")
+        low, high = rule.get("port_range_min"), rule.get("port_range_max")
+        rules.append({"id": rule["id"], "parent_group_id": group["id"],
+                      "ip_protocol": rule.get("protocol"),
+                      "from_port": -1 if low is None else low,
+                      "to_port": -1 if high is None else high,
+                      "ip_range": {"cidr": rule["remote_ip_prefix"]}
+                      if rule.get("remote_ip_prefix") else {},
+                      "group": {"name": source["name"], "tenant_id": source["project_id"]}
+                      if source else {}})
+    return {"id": group["id"], "name": group["name"],
+            "description": group.get("description") or "", "tenant_id": group["project_id"],
+            "rules": rules}
+
+
+def neutron_groups(req, neutron, all_projects=False):
+    groups = neutron.security_groups(None if all_projects else req.ident.project_id)
+    return groups, {g["id"]: g for g in groups}
+
+
+def neutron_group(req, neutron, group_id):
+    group = neutron.security_group(group_id)
+    if group is None or group["project_id"] != req.ident.project_id and \
+            not req.ident.is_admin:
+        raise NotFound(f"Security group {group_id} not found.")
+    return group
+
+
+def neutron_fault(e):
+    """A Neutron refusal as Nova's fault: its 4xx status and message."""
+    if e.status == 404:
+        return NotFound(e.message)
+    if e.status == 409:
+        return Conflict(e.message)
+    if e.status == 403:
+        return Forbidden(e.message)
+    if 400 <= e.status < 500:
+        return BadRequest(e.message)
+    return Unavailable(f"The network service answered {e.status}.")
+
+
 def security_groups_of(data, project_id):
     """The project's groups, with its 'default' group even before it was ever stored."""
     groups = {g["id"]: g for g in data.get("security_groups", {}).values()
@@ -9226,6 +9333,11 @@ def security_groups_index(req):
     """GET /os-security-groups"""
     query = validate_query(req, ["limit", "offset", "all_tenants"])
     data = req.store.data
+    neutron = req.app.network
+    if neutron is not None:
+        groups, by_id = neutron_groups(req, neutron, "all_tenants" in query and
+                                       req.ident.is_admin)
+        return 200, {"security_groups": [neutron_group_view(g, by_id) for g in groups]}
     if "all_tenants" in query and req.ident.is_admin:
         groups = list(data.get("security_groups", {}).values())
     else:
@@ -9254,6 +9366,15 @@ def security_group_body(req):
 def security_groups_create(req):
     """POST /os-security-groups"""
     spec = security_group_body(req)
+    neutron = req.app.network
+    if neutron is not None:
+        try:
+            group = neutron.call("POST", "/security-groups", {"security_group": {
+                "name": spec["name"], "description": spec["description"],
+                "project_id": req.ident.project_id}})["security_group"]
+        except NetworkError as e:
+            raise neutron_fault(e) from None
+        return 200, {"security_group": neutron_group_view(group, {})}
 
     def plan(data):
         groups = security_groups_of(data, req.ident.project_id)
@@ -9275,6 +9396,11 @@ def security_groups_create(req):
 
 def security_groups_show(req):
     """GET /os-security-groups/{id}"""
+    neutron = req.app.network
+    if neutron is not None:
+        group = neutron_group(req, neutron, req.params["id"])
+        return 200, {"security_group": neutron_group_view(
+            group, neutron_groups(req, neutron, req.ident.is_admin)[1])}
     group = find_security_group(req, req.store.data, req.params["id"])
     return 200, {"security_group": security_group_view(group, req.store.data)}
 
@@ -9282,6 +9408,16 @@ def security_groups_show(req):
 def security_groups_update(req):
     """PUT /os-security-groups/{id}"""
     spec = security_group_body(req)
+    neutron = req.app.network
+    if neutron is not None:
+        group = neutron_group(req, neutron, req.params["id"])
+        try:
+            group = neutron.call("PUT", f"/security-groups/{group['id']}", {
+                "security_group": {"name": spec["name"],
+                                   "description": spec["description"]}})["security_group"]
+        except NetworkError as e:
+            raise neutron_fault(e) from None
+        return 200, {"security_group": neutron_group_view(group, {})}
 
     def plan(data):
         group = find_security_group(req, data, req.params["id"])
@@ -9297,6 +9433,17 @@ def security_groups_update(req):
 
 def security_groups_delete(req):
     """DELETE /os-security-groups/{id}"""
+    neutron = req.app.network
+    if neutron is not None:
+        group = neutron_group(req, neutron, req.params["id"])
+        try:
+            neutron.call("DELETE", f"/security-groups/{group['id']}")
+        except NetworkError as e:
+            if e.status == 409:
+                raise BadRequest(e.message) from None
+            raise neutron_fault(e) from None
+        return 202, None
+
     def plan(data):
         group = find_security_group(req, data, req.params["id"])
         if group["name"] == "default":
@@ -9351,6 +9498,26 @@ def security_group_rules_create(req):
             raise BadRequest(f"Invalid cidr {cidr}.") from None
     elif not spec.get("group_id"):
         cidr = "0.0.0.0/0"
+    neutron = req.app.network
+    if neutron is not None:
+        group = neutron_group(req, neutron, spec["parent_group_id"])
+        source = neutron_group(req, neutron, spec["group_id"]) if spec.get("group_id") \
+            else None
+        body = {"security_group_id": group["id"], "direction": "ingress",
+                "ethertype": "IPv6" if cidr and ":" in cidr else "IPv4",
+                "protocol": protocol, "remote_ip_prefix": cidr,
+                "remote_group_id": source["id"] if source else None}
+        if protocol in ("tcp", "udp") or protocol == "icmp" and low not in (None, -1):
+            body["port_range_min"] = low
+            body["port_range_max"] = None if protocol == "icmp" and high == -1 else high
+        try:
+            rule = neutron.call("POST", "/security-group-rules",
+                                {"security_group_rule": body})["security_group_rule"]
+        except NetworkError as e:
+            raise neutron_fault(e) from None
+        view = neutron_group_view(dict(group, security_group_rules=[rule]),
+                                  {source["id"]: source} if source else {})
+        return 200, {"security_group_rule": view["rules"][0]}
 
     def plan(data):
         group = find_security_group(req, data, spec["parent_group_id"])
@@ -9378,6 +9545,17 @@ def security_group_rules_create(req):
 def security_group_rules_delete(req):
     """DELETE /os-security-group-rules/{id}"""
     rule_id = req.params["id"]
+    neutron = req.app.network
+    if neutron is not None:
+        rule = neutron._get("security_group_rule", rule_id)
+        if rule is None or rule["project_id"] != req.ident.project_id and \
+                not req.ident.is_admin:
+            raise NotFound(f"Security group rule {rule_id} not found.")
+        try:
+            neutron.call("DELETE", f"/security-group-rules/{rule_id}")
+        except NetworkError as e:
+            raise neutron_fault(e) from None
+        return 202, None
 
     def plan(data):
         for group in security_groups_of(data, req.ident.project_id).values():

@@ -4981,6 +4981,8 @@ class NeutronPortTests(unittest.TestCase):
             with self.assertRaises(minivan.DriverError) as caught:
                 minivan.neutron_interface_xml(dict(record, vif_type=failed))
             self.assertIn("Binding failed for port", str(caught.exception))
+        self.assertIn("<interface type='ethernet'>", minivan.neutron_interface_xml(
+            dict(record, vif_type="tap")))
         with self.assertRaises(minivan.DriverError):
             minivan.neutron_interface_xml(dict(record, vif_type="vhostuser"))
         self.assertEqual(minivan.neutron_message(
@@ -5401,3 +5403,55 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.openstack("server", "delete", "--wait", "nt-given")
         self.assertEqual(self.openstack("port", "show", given["id"], "-f", "json")["device_id"],
                          "")
+
+    def test_security_groups_are_neutrons(self):
+        """Up to 2.35 the security group APIs are Neutron's groups and ingress rules, in
+        nova-network's shape; add/removeSecurityGroup changes the server's ports."""
+        token = keystone_token(self.env, "admin", "admin")
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+
+        def api(method, path, body=None):
+            return compute_request(self, port, method, path, token, body, version="2.35")
+        made = api("POST", "/os-security-groups", {"security_group": {
+            "name": "nt-web", "description": "web"}})
+        self.assertEqual(made.status, 200, made.raw)
+        group = made.json()["security_group"]
+        self.addCleanup(self.openstack, "security", "group", "delete", group["id"],
+                        expect_ok=False)
+        self.assertEqual(self.openstack("security", "group", "show", group["id"], "-f",
+                                        "json")["name"], "nt-web")
+        rule = api("POST", "/os-security-group-rules", {"security_group_rule": {
+            "parent_group_id": group["id"], "ip_protocol": "tcp", "from_port": 22,
+            "to_port": 22, "cidr": "10.0.0.0/8"}})
+        self.assertEqual(rule.status, 200, rule.raw)
+        shown = api("GET", f"/os-security-groups/{group['id']}").json()["security_group"]
+        self.assertEqual([(r["ip_protocol"], r["from_port"], r["to_port"], r["ip_range"])
+                          for r in shown["rules"]], [("tcp", 22, 22, {"cidr": "10.0.0.0/8"})])
+        names = [g["name"] for g in api("GET", "/os-security-groups").json()["security_groups"]]
+        self.assertIn("nt-web", names)
+        self.assertIn("default", names)
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--network", self.neutron["NEUTRON_NETWORK_NAME"],
+                                "--wait", "nt-sg", "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "nt-sg",
+                        expect_ok=False)
+        act = f"/servers/{server['id']}/action"
+        self.assertEqual(api("POST", act, {"addSecurityGroup": {"name": "nt-web"}}).status,
+                         202)
+        nic = self.ports_of(server["id"])[0]
+        groups = self.openstack("port", "show", nic["ID"], "-f", "json")["security_group_ids"]
+        self.assertIn(group["id"], groups)
+        listed = api("GET", f"/servers/{server['id']}/os-security-groups").json()
+        self.assertEqual(sorted(g["name"] for g in listed["security_groups"]),
+                         ["default", "nt-web"])
+        self.assertEqual(api("POST", act, {"removeSecurityGroup": {"name": "nt-web"}}).status,
+                         202)
+        groups = self.openstack("port", "show", nic["ID"], "-f", "json")["security_group_ids"]
+        self.assertNotIn(group["id"], groups)
+        assert_fault(self, api("POST", act, {"addSecurityGroup": {"name": "nt-none"}}), 404,
+                     "itemNotFound")
+        self.assertEqual(api("DELETE", "/os-security-group-rules/" +
+                             rule.json()["security_group_rule"]["id"]).status, 202)
+        self.assertEqual(api("DELETE", f"/os-security-groups/{group['id']}").status, 202)
+        assert_fault(self, api("GET", f"/os-security-groups/{group['id']}"), 404,
+                     "itemNotFound")
