@@ -8365,7 +8365,9 @@ def server_interfaces_create(req):
     """POST /servers/{server_id}/os-interface"""
     spec = (validate_body(req, interface_schema(req)) or {}).get("interfaceAttachment") or {}
     if req.app.network is not None:
-        return attach_neutron_port(req, spec)
+        server = find_server(req, req.params["server_id"])
+        return 200, {"interfaceAttachment": interface_view(
+            req, server, attach_neutron_port(req, spec))}
     if spec.get("port_id"):
         raise NotFound(f"Port {spec['port_id']} could not be found.")
     network = req.app.conf["network"]
@@ -8436,7 +8438,7 @@ def attach_neutron_port(req, spec):
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     compute.change_ports(server["id"], lambda ports: ports + [port])
     compute.record_action(req, server["id"], "attach_interface")
-    return 200, {"interfaceAttachment": interface_view(req, server, port)}
+    return port
 
 
 def server_interfaces_delete(req):
@@ -8473,6 +8475,9 @@ def server_action_add_fixed_ip(req):
                                        "maxLength": 36}}}}})
     network_id = str(body["addFixedIp"]["networkId"])
     server = find_server(req, req.params["server_id"])
+    if req.app.network is not None:
+        attach_neutron_port(req, {"net_id": network_id})
+        return 202, None
     network = req.app.network_name(network_id)
     if network is None:
         raise BadRequest(f"Network {network_id} could not be found.")
@@ -9182,7 +9187,13 @@ def image_metadata_delete(req):
 # groups are Neutron's.
 
 def network_records(req):
-    """The libvirt networks, as [{id, label, bridge, cidr, netmask, gateway, ...}]."""
+    """The networks, as [{id, label, bridge, cidr, netmask, gateway, ...}]: Neutron's that
+    the caller may use, else the libvirt networks."""
+    neutron = req.app.network
+    if neutron is not None:
+        return [{"id": n["id"], "label": n["name"], "cidr": None, "mtu": n.get("mtu"),
+                 "project_id": n.get("project_id"), "external": n.get("router:external")}
+                for n in neutron.networks(req.ident.project_id)]
     if req.app.driver is None:
         return []
     return req.app.driver.list_networks()
@@ -9237,6 +9248,10 @@ def tenant_networks_show(req):
 def floating_ip_pools_index(req):
     """GET /os-floating-ip-pools"""
     validate_query(req, (), strict_since="2.102")
+    neutron = req.app.network
+    if neutron is not None:
+        external = neutron.call("GET", "/networks?router%3Aexternal=true")["networks"]
+        return 200, {"floating_ip_pools": [{"name": n["name"]} for n in external]}
     pools = [n for n in network_records(req) if n.get("forward")]
     return 200, {"floating_ip_pools": [{"name": n["label"]} for n in pools]}
 

@@ -5450,6 +5450,13 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertNotIn(group["id"], groups)
         assert_fault(self, api("POST", act, {"addSecurityGroup": {"name": "nt-none"}}), 404,
                      "itemNotFound")
+        networks = api("GET", "/os-networks").json()["networks"]
+        self.assertIn((self.neutron["NEUTRON_NETWORK_ID"], "minivan-net"),
+                      [(n["id"], n["label"]) for n in networks])
+        added = compute_request(self, port, "POST", act, token, {"addFixedIp": {
+            "networkId": self.neutron["NEUTRON_NETWORK_ID"]}}, version="2.43")
+        self.assertEqual(added.status, 202, added.raw)
+        self.assertEqual(len(self.ports_of(server["id"])), 2)
         self.assertEqual(api("DELETE", "/os-security-group-rules/" +
                              rule.json()["security_group_rule"]["id"]).status, 202)
         self.assertEqual(api("DELETE", f"/os-security-groups/{group['id']}").status, 202)
