@@ -2373,6 +2373,25 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         print(f"\nTempest: {len(passed)} of {len(wanted)} listed tests passed")
 
 
+class BenchSmokeTests(unittest.TestCase):
+    def test_bench_smoke(self):
+        """bench/bench.py --smoke runs and writes its figures (no thresholds: timing is
+        the benchmark's business, not the tests')."""
+        if not have_libvirt() or not shutil.which("qemu-img"):
+            skip_or_fail(self, "the benchmark needs libvirt-python and qemu-img")
+        out = os.path.join(tempfile.mkdtemp(prefix="minivan-bench-"), "bench.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(out), True)
+        done = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench.py"),
+                               "--smoke", "--json", out], capture_output=True, text=True,
+                              timeout=600)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        with open(out) as f:
+            figures = json.load(f)
+        self.assertEqual([r["servers"] for r in figures["results"]], [0, 20])
+        self.assertIn("create_active", figures["results"][1])
+        self.assertIn("servers/detail latest", done.stdout)
+
+
 class PythonVersionTests(unittest.TestCase):
     def test_runs_on_python_310(self):
         """vermin: minivan.py needs nothing newer than Python 3.10."""
