@@ -3590,8 +3590,8 @@ class RealGuestTests(unittest.TestCase):
         wait_until(lambda: attached.mac_addr not in self.domain(server.id).XMLDesc(0),
                    what="the NIC to leave the domain")
         self.assertEqual(len(nova.servers.interface_list(server.id)), 1)
-        network = self.sdk.compute.get("/os-networks", microversion="2.35").json()[
-            "networks"][0]["id"]
+        network = [n["id"] for n in self.sdk.compute.get("/os-networks", microversion="2.35")
+                   .json()["networks"] if n["label"] == GUEST_NETWORK][0]
         act = f"/servers/{server.id}/action"
         r = self.sdk.compute.post(act, json={"addFixedIp": {"networkId": network}},
                                   microversion="2.43")
