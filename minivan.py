@@ -380,6 +380,12 @@ def isotime_us(dt):
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+def stored_isotime(text):
+    """isotime() of a time stored by isotime_us(), without parsing it."""
+    return text[:19] + "Z" if len(text) >= 19 and text[10] == "T" else \
+        isotime(parse_isotime(text))
+
+
 def parse_isotime(text):
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f")
 
@@ -3423,6 +3429,9 @@ def usage(data, project_id, user_id=None):
 
 # § 14 views ---------------------------------------------------------------------------
 
+SINCE_CACHE = {}                   # '2.47' -> (2, 47): views ask thousands of times
+
+
 class Request:
     """One API call as handlers see it: caller, microversion, body, query, links."""
 
@@ -3442,6 +3451,7 @@ class Request:
         self.project_in_url = None
         self.params = {}
         self.request_id = new_request_id()
+        self.memo = {}                  # what a handler computes once per request
 
     @property
     def store(self):
@@ -3449,7 +3459,10 @@ class Request:
 
     def since(self, version):
         if isinstance(version, str):
-            version = parse_version(version)
+            parsed = SINCE_CACHE.get(version)
+            if parsed is None:
+                parsed = SINCE_CACHE[version] = parse_version(version)
+            version = parsed
         return self.version >= version
 
     def q(self, name, default=None):
@@ -4836,13 +4849,13 @@ def server_view(req, server, kind="show"):
     view = {"accessIPv4": server.get("access_ip_v4") or "",
             "accessIPv6": server.get("access_ip_v6") or "",
             "addresses": server_addresses(server, with_ext=kind in ("show", "detail")),
-            "created": isotime(parse_isotime(server["created_at"])),
+            "created": stored_isotime(server["created_at"]),
             "flavor": server_flavor_view(req, server), "hostId": host_id(server),
             "id": server["id"], "image": server_image_view(req, server),
             "links": req.links("servers", server["id"]), "metadata": dict(server["metadata"]),
             "name": server["name"], "status": status, "tenant_id": server["project_id"],
             "user_id": server["user_id"],
-            "updated": isotime(parse_isotime(server["updated_at"])),
+            "updated": stored_isotime(server["updated_at"]),
             "OS-DCF:diskConfig": server.get("disk_config", "MANUAL")}
     if status in PROGRESS_STATUSES:
         view["progress"] = server.get("progress", 0)
@@ -4896,7 +4909,10 @@ def add_full_server_fields(req, server, view):
             item["delete_on_termination"] = vol.get("delete_on_termination", False)
     view["os-extended-volumes:volumes_attached"] = volumes
     if req.since("2.16") and admin:
-        view["host_status"] = host_status(req.app, server)
+        if "compute_services" not in req.memo:
+            req.memo["compute_services"] = {r["host"]: r for r in service_records(req.app)
+                                            if r["binary"] == "nova-compute"}
+        view["host_status"] = host_status(req.app, server, req.memo["compute_services"])
 
 
 def add_versioned_server_fields(req, server, view, kind):
@@ -7001,16 +7017,24 @@ def regex_match(pattern, value):
         return pattern in (value or "")
 
 
+# query keys that select nothing by themselves (handled before or after matching)
+UNFILTERED_KEYS = {"limit", "marker", "sort_key", "sort_dir", "all_tenants", "project_id",
+                   "tenant_id", "status", "changes-since", "changes-before", "deleted"}
+
+
 def server_matches(server, query, statuses, since, before, deleted_wanted):
     if server["vm_state"] == "deleted" and not (since or before or deleted_wanted):
         return False
     if deleted_wanted is True and server["vm_state"] != "deleted":
         return False
-    updated = parse_isotime(server["updated_at"])
-    if since and updated < since or before and updated > before:
-        return False
+    if since or before:
+        updated = parse_isotime(server["updated_at"])
+        if since and updated < since or before and updated > before:
+            return False
     if statuses is not None and server_status(server) not in statuses:
         return False
+    if not query.keys() - UNFILTERED_KEYS:
+        return True
     checks = [("name", server["name"]), ("display_name", server["name"]),
               ("description", server.get("description")),
               ("display_description", server.get("description")),
@@ -10096,12 +10120,14 @@ def compute_service(app, host):
     return None
 
 
-def host_status(app, server):
+def host_status(app, server, services=None):
     """A server's host_status (2.16): UP, DOWN (forced down), MAINTENANCE (disabled),
-    UNKNOWN (not answering), or '' without a host."""
+    UNKNOWN (not answering), or '' without a host.  services: {host: compute service
+    record}, when the caller has them."""
     if not server.get("host"):
         return ""
-    service = compute_service(app, server["host"])
+    service = services.get(server["host"]) if services is not None else \
+        compute_service(app, server["host"])
     if service is None:
         return "UNKNOWN"
     if service["forced_down"]:
