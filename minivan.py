@@ -2163,6 +2163,15 @@ def virtual_size(path):
     return json.loads(qemu_img("info", "-U", "--output=json", path))["virtual-size"]
 
 
+def image_virtual_size(path):
+    """An image's virtual size: from a qcow2 header (bytes 24-31), else the file's size."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head[:4] == b"QFI\xfb" and len(head) == 32:
+        return int.from_bytes(head[24:32], "big")
+    return os.path.getsize(path)
+
+
 def disk_layout(server):
     """[(file name, target, size for qemu-img)] of a server's disks, root first.
 
@@ -2197,10 +2206,10 @@ def create_server_disks(instance_dir, base_path, server):
     if server.get("volume_backed"):
         pass
     elif base_path:
-        fmt = image_format(base_path)
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base_path, "-F", fmt, root)
-        if flavor["disk"] and flavor["disk"] * 2 ** 30 > virtual_size(root):
-            qemu_img("resize", "-q", root, "%dG" % flavor["disk"])
+        # one qemu-img call: the overlay at the flavor's size or the image's, the larger
+        size = max(flavor["disk"] * 2 ** 30, image_virtual_size(base_path))
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base_path, "-F",
+                 image_format(base_path), root, str(size))
     else:
         qemu_img("create", "-q", "-f", "qcow2", root, "%dG" % max(flavor["disk"], 1))
     create_missing_disks(instance_dir, server)

@@ -4975,6 +4975,28 @@ class VolumeWithoutCinderTests(ServerTestCase):
                                      + info), 400, "badRequest")
 
 
+class DiskTests(unittest.TestCase):
+    def test_image_virtual_size_reads_the_header(self):
+        """The root overlay's size comes from the image's qcow2 header (or a raw file's
+        size), as qemu-img reports it."""
+        if not shutil.which("qemu-img"):
+            skip_or_fail(self, "qemu-img not installed (apt install qemu-utils)")
+        tmp = tempfile.mkdtemp(prefix="minivan-disk-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        for fmt, size in (("qcow2", "96M"), ("raw", "3M")):
+            path = os.path.join(tmp, "image." + fmt)
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
+            self.assertEqual(minivan.image_virtual_size(path), minivan.virtual_size(path))
+        server = {"id": "s", "flavor": {"disk": 1, "ephemeral": 0, "swap": 0}}
+        disks = minivan.create_server_disks(os.path.join(tmp, "inst"),
+                                            os.path.join(tmp, "image.qcow2"), server)
+        self.assertEqual(minivan.virtual_size(disks[0][0]), 2 ** 30)
+        server["flavor"]["disk"] = 0
+        disks = minivan.create_server_disks(os.path.join(tmp, "inst0"),
+                                            os.path.join(tmp, "image.qcow2"), server)
+        self.assertEqual(minivan.virtual_size(disks[0][0]), 96 * 2 ** 20)
+
+
 class NeutronPortTests(unittest.TestCase):
     """How a Neutron port is kept and plugged, from the bodies Neutron answers with."""
 
