@@ -12721,8 +12721,9 @@ def main(argv=None):
     for driver in drivers.values():
         driver.enable_events(events.put)
     up = [host for host, driver in drivers.items() if driver.connect()]
-    if up:
-        app.compute.reconcile(up)
+    if up:      # meanwhile the API answers; each server is locked while it is reconciled
+        threading.Thread(target=app.compute.reconcile, args=(up,), daemon=True,
+                         name="reconcile").start()
     threading.Thread(target=reconnect_loop, args=(app, stop), daemon=True,
                      name="libvirt-reconnect").start()
     threading.Thread(target=power_sync_loop, args=(app, events, stop), daemon=True,
