@@ -6879,6 +6879,10 @@ def servers_create(req):
         raise BadRequest("min_count must be <= max_count")
     if max_count > 1 and (spec.get("hostname") and not req.since("2.94")):
         raise BadRequest("Unable to specify hostname with multiple instances")
+    if max_count > 1 and isinstance(spec.get("networks"), list) and any(
+            n.get("port") for n in spec["networks"]):
+        raise BadRequest("Unable to launch multiple instances with a single configured port "
+                         "ID. Please launch your instance one by one with different ports.")
     admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
     reservation_id = "r-" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
                                     for _ in range(8))

@@ -3016,6 +3016,9 @@ class ServerSubresourceTests(ServerTestCase):
         self.assertEqual(self.server(bare)["addresses"], {})
         net = self.new_server(name="net", version="2.37", networks=[{"uuid": TEST_NETWORK_ID}])
         self.assertIn("default", self.server(net)["addresses"])
+        self.assertFault(self.post_server(name="many", version="2.37", max_count=2,
+                                          networks=[{"port": str(uuid.uuid4())}]),
+                         400, "badRequest", "single configured port ID")
 
     def test_builtin_iso_writer(self):
         """minivan's own ISO 9660 writer: label config-2 and Joliet names (read by isoinfo)."""
