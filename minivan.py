@@ -552,6 +552,7 @@ class Store:
         self.broken = None      # set when a write failed; mutations then fail
         self.journal = None
         self.lock_fd = None
+        self.watchers = []      # watcher(op, data) runs before each op is applied
 
     # -- start-up --------------------------------------------------------
     def open(self):
@@ -639,6 +640,8 @@ class Store:
                 return ops
             line = json.dumps({"ops": ops}, separators=(",", ":")) + "\n"
             for op in ops:
+                for watcher in self.watchers:
+                    watcher(op, self.data)
                 apply_op(self.data, op)
             self.pending.append(line)
             self.seq += 1
@@ -10315,20 +10318,60 @@ class MoveFailed(DriverError):
     """A move failed and the server is back where it was, as it was."""
 
 
-def host_claims(data, skip=None):
-    """{host: [flavor]} of what the live servers hold on each host."""
-    claims = collections.defaultdict(list)
-    for server in data["servers"].values():
-        if server["id"] == skip or server["vm_state"] == "deleted":
-            continue
-        if server.get("host"):
-            claims[server["host"]].append(placed_flavor(dict(
-                server, flavor=server.get("new_flavor") or server["flavor"])))
-        source = server.get("migration_source")
-        if source and source != server.get("host"):
-            claims[source].append(placed_flavor(dict(
-                server, flavor=server.get("old_flavor") or server["flavor"])))
-    return claims
+def server_claims(server):
+    """[(host, vcpus, MB, GB)] of what a server holds: its flavor (the new one while it
+    resizes) on its host, and its old flavor on the source of a move until it ends."""
+    if server["vm_state"] == "deleted":
+        return []
+    held = []
+    if server.get("host"):
+        held.append((server["host"], placed_flavor(dict(
+            server, flavor=server.get("new_flavor") or server["flavor"]))))
+    source = server.get("migration_source")
+    if source and source != server.get("host"):
+        held.append((source, placed_flavor(dict(
+            server, flavor=server.get("old_flavor") or server["flavor"]))))
+    return [(host, f["vcpus"], f["ram"], f["disk"]) for host, f in held]
+
+
+class Claims:
+    """What the servers hold on each host, kept up to date from the store's changes, so
+    that placing a server costs the same with 10 or 10,000 servers."""
+
+    def __init__(self, store):
+        self.store = store
+        self.sums = collections.defaultdict(lambda: [0, 0, 0])
+        with store.reading():
+            for server in store.data["servers"].values():
+                self.add(server, 1)
+        store.watchers.append(self.watch)
+
+    def add(self, server, sign):
+        for host, vcpus, ram, disk in server_claims(server):
+            total = self.sums[host]
+            total[0] += sign * vcpus
+            total[1] += sign * ram
+            total[2] += sign * disk
+
+    def watch(self, op, data):
+        path = op[1]
+        if path[0] != "servers" or len(path) != 2:
+            return
+        old = data["servers"].get(path[1])
+        if old is not None:
+            self.add(old, -1)
+        if op[0] == "set":
+            self.add(op[2], 1)
+
+    def by_host(self, skip=None):
+        """{host: (vcpus, MB, GB)} held, without what the server skip holds."""
+        with self.store.reading():
+            sums = {host: list(total) for host, total in self.sums.items()}
+            server = self.store.data["servers"].get(skip) if skip else None
+            for host, vcpus, ram, disk in server_claims(server) if server else []:
+                sums[host] = [sums[host][0] - vcpus, sums[host][1] - ram,
+                              sums[host][2] - disk]
+        return sums
 
 
 def placed_flavor(server):
@@ -10343,12 +10386,12 @@ def host_capacity(app, host, claims):
     """(free vcpus, free MB, free GB) of a host after allocation ratios and reservations."""
     conf = app.conf
     res = host_resources(app, host)
-    used = claims.get(host, [])
-    return (res["vcpus"] * conf["cpu_allocation_ratio"] - sum(f["vcpus"] for f in used),
+    vcpus, ram, disk = claims.get(host, (0, 0, 0))
+    return (res["vcpus"] * conf["cpu_allocation_ratio"] - vcpus,
             res["memory_mb"] * conf["ram_allocation_ratio"] - conf["reserved_host_memory_mb"]
-            - sum(f["ram"] for f in used),
+            - ram,
             res["local_gb"] * conf["disk_allocation_ratio"]
-            - conf["reserved_host_disk_mb"] / 1024 - sum(f["disk"] for f in used))
+            - conf["reserved_host_disk_mb"] / 1024 - disk)
 
 
 def group_members_on(data, group, server_id):
@@ -10374,7 +10417,7 @@ def schedule(app, server, flavor, requested=None, exclude=(), force=False):
         if not hosts:
             raise NoValidHost(NO_VALID_HOST)
         return hosts[0]
-    claims = host_claims(data, skip=server["id"])
+    claims = app.claims.by_host(skip=server["id"])
     need = placed_flavor(dict(server, flavor=flavor))
     services = {r["host"]: r for r in service_records(app) if r["binary"] == "nova-compute"}
     hints = server.get("scheduler_hints") or {}
@@ -12047,6 +12090,7 @@ class App:
         self._network = None
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
+        self.claims = Claims(store)
         self.image_service = ImageService(self)
         self.console_tokens = ConsoleTokens()
 
