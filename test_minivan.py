@@ -4628,10 +4628,24 @@ class MultiHostTests(ServerTestCase):
         self.action(stopped, {"migrate": None})
         self.action(stopped, {"confirmResize": None})
         self.assertEqual(self.server(stopped)["status"], "SHUTOFF")
+        self.assert_claims_recount()
+        self.delete(f"/v2.1/servers/{stopped}")
+        self.app.compute.wait_idle()
+        self.assert_claims_recount()
 
     def domain_state(self, server_id, host=None):
         driver = self.app.drivers[host] if host else self.app.driver
         return driver.conn.lookupByUUIDString(server_id).state()[0]
+
+    def assert_claims_recount(self):
+        """The claims kept from the store's changes equal a recount over all servers."""
+        recount = collections.defaultdict(lambda: [0, 0, 0])
+        for server in self.store.data["servers"].values():
+            for host, vcpus, ram, disk in minivan.server_claims(server):
+                recount[host] = [recount[host][0] + vcpus, recount[host][1] + ram,
+                                 recount[host][2] + disk]
+        kept = {h: v for h, v in self.app.claims.by_host().items() if any(v)}
+        self.assertEqual(kept, {h: v for h, v in recount.items() if any(v)})
 
     def test_resize_holds_both_hosts_until_confirmed(self):
         """A resize that lands on another host keeps its old flavor's share of the source
@@ -4651,6 +4665,7 @@ class MultiHostTests(ServerTestCase):
         r = self.post_server(name="c3", version="2.74", host="cmp-c",
                              flavorRef=flavor["flavor"]["id"])
         self.assertEqual(self.server(r.json()["server"]["id"])["status"], "ACTIVE")
+        self.assert_claims_recount()
 
     def test_live_migration(self):
         """os-migrateLive moves a running (or paused) guest; the migration completes; the
