@@ -3421,10 +3421,50 @@ def project_limits(data, project_id, user_id=None):
     return limits
 
 
-def usage(data, project_id, user_id=None):
-    """Live counts of what a project (or one of its users) holds."""
+class ServerUsage:
+    """Instances, cores and RAM each project (and each of its users) holds, kept up to
+    date from the store's changes, so that a quota check does not walk every server."""
+
+    def __init__(self, store):
+        self.sums = collections.defaultdict(lambda: [0, 0, 0])
+        with store.reading():
+            for server in store.data["servers"].values():
+                self.add(server, 1)
+        store.watchers.append(self.watch)
+
+    def add(self, server, sign):
+        if server.get("vm_state") == "deleted":
+            return
+        flavor = server.get("flavor", {})
+        for key in ((server.get("project_id"), None),
+                    (server.get("project_id"), server.get("user_id"))):
+            total = self.sums[key]
+            total[0] += sign
+            total[1] += sign * flavor.get("vcpus", 0)
+            total[2] += sign * flavor.get("ram", 0)
+
+    def watch(self, op, data):
+        path = op[1]
+        if path[0] != "servers" or len(path) != 2:
+            return
+        old = data["servers"].get(path[1])
+        if old is not None:
+            self.add(old, -1)
+        if op[0] == "set":
+            self.add(op[2], 1)
+
+    def counts(self, project_id, user_id=None):
+        total = self.sums.get((project_id, user_id), (0, 0, 0))
+        return {"instances": total[0], "cores": total[1], "ram": total[2]}
+
+
+def usage(data, project_id, user_id=None, index=None):
+    """Live counts of what a project (or one of its users) holds (its servers' from the
+    ServerUsage index when given one)."""
     used = {k: 0 for k in QUOTA_DEFAULTS}
-    for server in data["servers"].values():
+    if index is not None:
+        used.update(index.counts(project_id, user_id))
+    for server in data["servers"].values() if index is None else ():
         if server.get("project_id") != project_id or server.get("vm_state") == "deleted":
             continue
         if user_id is not None and server.get("user_id") != user_id:
@@ -6795,7 +6835,7 @@ def check_server_quota(req, data, plan, min_count, max_count):
     project, user = req.ident.project_id, req.ident.user_id
     for scope_user in (None, user):
         limits = project_limits(data, project, scope_user)
-        used = usage(data, project, scope_user)
+        used = usage(data, project, scope_user, req.app.usage)
         fits = max_count
         for resource, per in server_counts(plan, 1).items():
             if limits[resource] >= 0 and per:
@@ -7646,7 +7686,7 @@ def check_resize_quota(req, server, new):
              "ram": new["ram"] - server["flavor"]["ram"]}
     data = req.store.data
     limits = project_limits(data, server["project_id"])
-    used = usage(data, server["project_id"])
+    used = usage(data, server["project_id"], index=req.app.usage)
     for resource, more in delta.items():
         if more > 0 and limits[resource] >= 0 and used[resource] + more > limits[resource]:
             raise Forbidden(f"Quota exceeded for {resource}: Requested {more}, but already "
@@ -12091,6 +12131,7 @@ class App:
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.claims = Claims(store)
+        self.usage = ServerUsage(store)
         self.image_service = ImageService(self)
         self.console_tokens = ConsoleTokens()
 

@@ -4646,6 +4646,9 @@ class MultiHostTests(ServerTestCase):
                                  recount[host][2] + disk]
         kept = {h: v for h, v in self.app.claims.by_host().items() if any(v)}
         self.assertEqual(kept, {h: v for h, v in recount.items() if any(v)})
+        for user in (None, "admin"):
+            self.assertEqual(minivan.usage(self.store.data, "admin", user, self.app.usage),
+                             minivan.usage(self.store.data, "admin", user))
 
     def test_resize_holds_both_hosts_until_confirmed(self):
         """A resize that lands on another host keeps its old flavor's share of the source
