@@ -5210,7 +5210,10 @@ class Compute:
 
     def refresh_filters(self, project_id):
         """Re-write the network filters of a project's servers after its security groups,
-        their rules or its servers' addresses changed."""
+        their rules or its servers' addresses changed (nothing to do where no host
+        filters)."""
+        if not any(driver.firewall for driver in self.app.drivers.values()):
+            return
         data = self.store.data
         for server in list(data["servers"].values()):
             if server["project_id"] != project_id or not server.get("ports") or \
