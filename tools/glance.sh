@@ -34,6 +34,9 @@ WORKERS=${MINIVAN_GLANCE_WORKERS:-2}
 PASSWORD=secret
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
+LIB_NAME=glance LIB_PASSWORD=secret
+# shellcheck source=tools/service-lib.sh
+source "$REPO/tools/service-lib.sh"     # write_sqlite_fix
 
 usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
 
@@ -113,35 +116,15 @@ paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
 EOF
     # glance's wsgi_app.init_app() reads OS_GLANCE_CONFIG_DIR/glance-api.conf
     # (and ignores sys.argv, which under gunicorn holds gunicorn's options).
-    # sqlite + several workers: oslo.db opens every transaction with a plain
-    # (deferred) BEGIN, so two that read and then write deadlock and one
-    # fails at once with "database is locked" (HTTP 500).  BEGIN IMMEDIATE
-    # takes the write lock up front, so they queue (busy_timeout) instead.
-    # Our listener is class-level, so it runs before oslo.db's per-engine one,
-    # which then sees "in_transaction" and emits no second BEGIN.
+    write_sqlite_fix "$dir/glance_sqlite.py"
     cat > "$dir/glance_wsgi.py" <<EOF
 import os
 import sys
 sys.argv = sys.argv[:1]
 os.environ['OS_GLANCE_CONFIG_DIR'] = '$dir'
+sys.path.insert(0, '$dir')
 
-import sqlalchemy
-from sqlalchemy.engine import Engine
-
-
-@sqlalchemy.event.listens_for(Engine, 'connect')
-def _sqlite_busy_timeout(dbapi_con, con_record):
-    if type(dbapi_con).__module__.startswith('sqlite3'):
-        dbapi_con.execute('PRAGMA busy_timeout = 60000')
-
-
-@sqlalchemy.event.listens_for(Engine, 'begin')
-def _sqlite_begin_immediate(conn):
-    if conn.dialect.name == 'sqlite' and 'in_transaction' not in conn.info:
-        conn.exec_driver_sql('BEGIN IMMEDIATE')
-        conn.info['in_transaction'] = True
-
-
+import glance_sqlite  # noqa: E402,F401
 from glance.common import wsgi_app
 application = wsgi_app.init_app()
 EOF

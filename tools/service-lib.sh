@@ -1,8 +1,9 @@
 # shellcheck shell=bash
-# Process and RabbitMQ helpers shared by tools/cinder.sh and tools/neutron.sh (sourced,
-# not run).  The sourcing script sets LIB_NAME (its name in messages, and the RabbitMQ
-# node and user name) and LIB_PASSWORD (the RabbitMQ user's password); its services run
-# in DIR, each a process group of its own with DIR/NAME.pid and DIR/NAME.log.
+# Process, RabbitMQ and sqlite helpers shared by tools/cinder.sh, tools/neutron.sh and
+# tools/glance.sh (sourced, not run).  The sourcing script sets LIB_NAME (its name in
+# messages, and the RabbitMQ node and user name) and LIB_PASSWORD (the RabbitMQ user's
+# password); its services run in DIR, each a process group of its own with DIR/NAME.pid
+# and DIR/NAME.log.
 
 RABBIT_BIN=/usr/lib/rabbitmq/bin/rabbitmq-server
 
