@@ -2870,13 +2870,17 @@ CINDER_VERSION = "volume 3.44"
 VOLUME_TARGETS = "vd" + "".join(chr(c) for c in range(ord("a"), ord("z") + 1))
 
 
-class VolumeError(Exception):
-    """Cinder refused a call: status and Cinder's own message."""
+class ServiceError(Exception):
+    """Another OpenStack service refused a call: its status and its own message."""
 
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class VolumeError(ServiceError):
+    """Cinder refused a call."""
 
 
 class Cinder:
@@ -3222,13 +3226,8 @@ def next_target(server, wanted=None):
 # network-vif-plugged event, and deletes the ports it created when the server goes.
 # minivan calls Neutron as its service user (admin), for the server's project.
 
-class NetworkError(Exception):
-    """Neutron refused a call: status and Neutron's own message."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class NetworkError(ServiceError):
+    """Neutron refused a call."""
 
 
 class Neutron:
@@ -3304,6 +3303,9 @@ class Neutron:
 
     def security_group(self, group_id):
         return self._get("security_group", group_id)
+
+    def security_group_rule(self, rule_id):
+        return self._get("security_group_rule", rule_id)
 
     def auto_allocated_network(self, project_id):
         """The network of Neutron's auto-allocated topology for a project (made on first
@@ -3421,16 +3423,36 @@ def project_limits(data, project_id, user_id=None):
     return limits
 
 
-class ServerUsage:
-    """Instances, cores and RAM each project (and each of its users) holds, kept up to
-    date from the store's changes, so that a quota check does not walk every server."""
+class ServerIndex:
+    """Sums over the servers kept up to date from the store's changes (a watcher sees each
+    server record before and after it is set), so that reading them does not walk every
+    server.  Subclasses say what a server adds, with add(server, +1 or -1)."""
 
     def __init__(self, store):
+        self.store = store
         self.sums = collections.defaultdict(lambda: [0, 0, 0])
         with store.reading():
             for server in store.data["servers"].values():
                 self.add(server, 1)
         store.watchers.append(self.watch)
+
+    def add(self, server, sign):
+        raise NotImplementedError
+
+    def watch(self, op, data):
+        path = op[1]
+        if path[0] != "servers" or len(path) != 2:
+            return
+        old = data["servers"].get(path[1])
+        if old is not None:
+            self.add(old, -1)
+        if op[0] == "set":
+            self.add(op[2], 1)
+
+
+class ServerUsage(ServerIndex):
+    """Instances, cores and RAM each project (and each of its users) holds, so that a
+    quota check does not walk every server."""
 
     def add(self, server, sign):
         if server.get("vm_state") == "deleted":
@@ -3442,16 +3464,6 @@ class ServerUsage:
             total[0] += sign
             total[1] += sign * flavor.get("vcpus", 0)
             total[2] += sign * flavor.get("ram", 0)
-
-    def watch(self, op, data):
-        path = op[1]
-        if path[0] != "servers" or len(path) != 2:
-            return
-        old = data["servers"].get(path[1])
-        if old is not None:
-            self.add(old, -1)
-        if op[0] == "set":
-            self.add(op[2], 1)
 
     def counts(self, project_id, user_id=None):
         total = self.sums.get((project_id, user_id), (0, 0, 0))
@@ -5350,12 +5362,11 @@ class Compute:
         def changed(current):
             result = []
             for p in current:
-                now = fresh.get(p["id"], p) if p["id"] in fresh else p
-                if now is None:
-                    continue                        # deleted in Neutron meanwhile
                 if p["id"] in fresh:
-                    p = dict(p, ips=neutron_port_record(now, p["network"], p["created"])[
-                        "ips"])
+                    if fresh[p["id"]] is None:
+                        continue                    # deleted in Neutron meanwhile
+                    new = neutron_port_record(fresh[p["id"]], p["network"], p["created"])
+                    p = dict(p, ips=new["ips"], subnet_ids=new["subnet_ids"])
                 result.append(p)
             return result
         self.change_ports(server["id"], changed)
@@ -7670,11 +7681,7 @@ def server_action_resize(req):
     compute = req.app.compute
     was_active = server["vm_state"] == "active"
     if server["vm_state"] in ("active", "stopped") and server.get("host"):
-        with req.app.scheduler_lock:                   # as Nova's conductor: at once
-            try:
-                schedule(req.app, server, new)
-            except NoValidHost as e:
-                raise BadRequest(str(e)) from None
+        check_fits(req, server, new)
 
     def work(server):
         compute.resize(server, new, was_active)
@@ -7682,6 +7689,16 @@ def server_action_resize(req):
     run_action(req, "resize", "resize_prep", "resize", "compute_resize_instance", work,
                extra=extra)
     return 202, None
+
+
+def check_fits(req, server, flavor, **where):
+    """400 at once when no host can take the server with this flavor, as Nova's conductor
+    answers a resize or cold migration."""
+    with req.app.scheduler_lock:
+        try:
+            schedule(req.app, server, flavor, **where)
+        except NoValidHost as e:
+            raise BadRequest(str(e)) from None
 
 
 def check_resize_quota(req, server, new):
@@ -7744,13 +7761,9 @@ def server_action_migrate(req):
     host = (body["migrate"] or {}).get("host")
     server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate:host")
     compute = req.app.compute
-    if server["vm_state"] in ("active", "stopped"):       # as Nova's conductor: at once
-        with req.app.scheduler_lock:
-            try:
-                schedule(req.app, server, server["flavor"], requested=host,
-                         exclude=(server.get("host"),))
-            except NoValidHost as e:
-                raise BadRequest(str(e)) from None
+    if server["vm_state"] in ("active", "stopped"):
+        check_fits(req, server, server["flavor"], requested=host,
+                   exclude=(server.get("host"),))
     was_active = server["vm_state"] == "active"
     run_action(req, "migrate", "resize_prep", "migrate", "compute_resize_instance",
                lambda current: compute.resize(current, current["flavor"], was_active,
@@ -8391,14 +8404,13 @@ INTERFACE_STATES = ("active", "paused", "stopped")
 def interface_view(req, server, port):
     if port.get("neutron"):
         network_id = port["network_id"]
-        subnets = list(port.get("subnet_ids") or [])
+        subnets = port.get("subnet_ids") or []
     else:
         network_id = req.app.driver.network_id(port["network"]) if req.app.driver else None
         network_id = network_id or str(uuid.uuid5(IMAGE_NAMESPACE,
                                                   "network:" + port["network"]))
-        subnets = []
-    subnets += [str(uuid.uuid5(IMAGE_NAMESPACE, "subnet:" + port["network"]))] * len(
-        port.get("ips", []))
+        subnets = [str(uuid.uuid5(IMAGE_NAMESPACE, "subnet:" + port["network"]))] * len(
+            port.get("ips", []))
     view = {"port_state": "ACTIVE", "fixed_ips": [
         {"subnet_id": subnet, "ip_address": addr}
         for (addr, _), subnet in zip(port.get("ips", []), subnets)],
@@ -8467,14 +8479,21 @@ def server_interfaces_create(req):
     return 200, {"interfaceAttachment": interface_view(req, server, port)}
 
 
+def check_interface_change(req, server, action, needs_host=False):
+    """409 while a NIC cannot be plugged or unplugged (locked, busy, or in a state that
+    does not allow it; needs_host: also without a host)."""
+    check_not_locked(req, server)
+    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state") or \
+            needs_host and not server.get("host"):
+        raise Conflict(f"Cannot '{action}' instance {server['id']} while it is in "
+                       f"vm_state {server['vm_state']}")
+
+
 def attach_port(req, server, network, fixed=None, tag=None):
     """A new NIC on a libvirt network, plugged into the (running) guest at once."""
     port = {"id": str(uuid.uuid4()), "mac": new_mac(), "network": network, "fixed_ip": fixed,
             "ips": [[fixed, 6 if ":" in fixed else 4]] if fixed else [], "tag": tag}
-    check_not_locked(req, server)
-    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
-        raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
-                       f"vm_state {server['vm_state']}")
+    check_interface_change(req, server, "attach_interface")
     driver = req.app.compute.driver_of(server)
     try:
         driver.define_filter(server, server_filter_xml(server, req.store.data))
@@ -8493,11 +8512,7 @@ def attach_neutron_port(req, spec):
     network, bound to the server's host and hot-plugged."""
     neutron = req.app.network
     server = find_server(req, req.params["server_id"])
-    check_not_locked(req, server)
-    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state") or \
-            not server.get("host"):
-        raise Conflict(f"Cannot 'attach_interface' instance {server['id']} while it is in "
-                       f"vm_state {server['vm_state']}")
+    check_interface_change(req, server, "attach_interface", needs_host=True)
     if spec.get("port_id"):
         wanted = [{"port": spec["port_id"], "tag": spec.get("tag")}]
     elif spec.get("net_id"):
@@ -8532,10 +8547,7 @@ def server_interfaces_delete(req):
 
 
 def detach_port(req, server, port):
-    check_not_locked(req, server)
-    if server["vm_state"] not in INTERFACE_STATES or server.get("task_state"):
-        raise Conflict(f"Cannot 'detach_interface' instance {server['id']} while it is in "
-                       f"vm_state {server['vm_state']}")
+    check_interface_change(req, server, "detach_interface")
     try:
         req.app.compute.driver_of(server).detach_interface(server, port)
     except DriverError:
@@ -9645,7 +9657,7 @@ def security_group_rules_delete(req):
     rule_id = req.params["id"]
     neutron = req.app.network
     if neutron is not None:
-        rule = neutron._get("security_group_rule", rule_id)
+        rule = neutron.security_group_rule(rule_id)
         if rule is None or rule["project_id"] != req.ident.project_id and \
                 not req.ident.is_admin:
             raise NotFound(f"Security group rule {rule_id} not found.")
@@ -10377,17 +10389,9 @@ def server_claims(server):
     return [(host, f["vcpus"], f["ram"], f["disk"]) for host, f in held]
 
 
-class Claims:
+class Claims(ServerIndex):
     """What the servers hold on each host, kept up to date from the store's changes, so
     that placing a server costs the same with 10 or 10,000 servers."""
-
-    def __init__(self, store):
-        self.store = store
-        self.sums = collections.defaultdict(lambda: [0, 0, 0])
-        with store.reading():
-            for server in store.data["servers"].values():
-                self.add(server, 1)
-        store.watchers.append(self.watch)
 
     def add(self, server, sign):
         for host, vcpus, ram, disk in server_claims(server):
@@ -10395,16 +10399,6 @@ class Claims:
             total[0] += sign * vcpus
             total[1] += sign * ram
             total[2] += sign * disk
-
-    def watch(self, op, data):
-        path = op[1]
-        if path[0] != "servers" or len(path) != 2:
-            return
-        old = data["servers"].get(path[1])
-        if old is not None:
-            self.add(old, -1)
-        if op[0] == "set":
-            self.add(op[2], 1)
 
     def by_host(self, skip=None):
         """{host: (vcpus, MB, GB)} held, without what the server skip holds."""
@@ -10425,10 +10419,10 @@ def placed_flavor(server):
             "disk": disk + flavor["ephemeral"] + -(-int(flavor.get("swap") or 0) // 1024)}
 
 
-def host_capacity(app, host, claims):
-    """(free vcpus, free MB, free GB) of a host after allocation ratios and reservations."""
+def host_capacity(app, res, host, claims):
+    """(free vcpus, free MB, free GB) of a host with resources res (host_resources) after
+    allocation ratios and reservations."""
     conf = app.conf
-    res = host_resources(app, host)
     vcpus, ram, disk = claims.get(host, (0, 0, 0))
     return (res["vcpus"] * conf["cpu_allocation_ratio"] - vcpus,
             res["memory_mb"] * conf["ram_allocation_ratio"] - conf["reserved_host_memory_mb"]
@@ -10489,7 +10483,7 @@ def schedule(app, server, flavor, requested=None, exclude=(), force=False):
             return f"the image wants hypervisor type {wanted_type}"
         if wanted_arch and wanted_arch not in ("x86_64", "amd64", "x86-64"):
             return f"the image wants architecture {wanted_arch}"
-        vcpus, ram, disk = capacity[host] = host_capacity(app, host, claims)
+        vcpus, ram, disk = capacity[host] = host_capacity(app, res, host, claims)
         if need["vcpus"] > vcpus or need["ram"] > ram or need["disk"] > disk:
             return "it has not enough vCPUs, memory or disk left"
         for group in groups:
@@ -12129,8 +12123,7 @@ class App:
         self.started_at = self.clock.now()
         self.stopping = False
         self._images = None
-        self._volumes = None
-        self._network = None
+        self.services = {}              # option -> (client or None, when it was looked up)
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
         self.claims = Claims(store)
@@ -12162,46 +12155,40 @@ class App:
 
     @property
     def volumes(self):
-        """The block storage service (Cinder), or None when this cloud has none.
-        Found on first use; a catalog without one is asked again after a minute."""
-        cached = self._volumes
-        if cached is not None and (cached[0] is not None
-                                   or time.monotonic() - cached[1] < 60):
-            return cached[0]
-        url = self.conf["cinder_url"]
-        if not url and isinstance(self.auth, KeystoneAuth):
-            url = self.auth.find_endpoint("volumev3", region=self.conf["region"]) or \
-                self.auth.find_endpoint("block-storage", region=self.conf["region"])
-        service = None
-        if url and isinstance(self.auth, KeystoneAuth):
-            LOG.info("volumes come from Cinder at %s", url)
-            service = Cinder(url, self.auth, self.clock)
-        elif url:
-            LOG.warning("--cinder-url needs --auth keystone (Cinder needs tokens): "
-                        "servers get no volumes")
-        self._volumes = (service, time.monotonic())
-        return service
+        """The block storage service (Cinder), or None when this cloud has none."""
+        return self.catalog_service(
+            "cinder_url", ("volumev3", "block-storage"),
+            lambda url: Cinder(url, self.auth, self.clock),
+            "volumes come from Cinder at %s", "servers get no volumes")
 
     @property
     def network(self):
         """The network service (Neutron), or None when this cloud has none: servers'
-        NICs then join libvirt networks.  Found on first use; asked again after a minute
-        while the catalog has none."""
-        cached = self._network
+        NICs then join libvirt networks."""
+        return self.catalog_service(
+            "neutron_url", ("network",), lambda url: Neutron(url, self.auth),
+            "ports come from Neutron at %s", "servers use libvirt networks")
+
+    def catalog_service(self, option, types, make, found, without):
+        """A client for the service at --OPTION, else at the first of these catalog types;
+        None without one.  Found on first use; a catalog without one is asked again after
+        a minute."""
+        cached = self.services.get(option)
         if cached is not None and (cached[0] is not None
                                    or time.monotonic() - cached[1] < 60):
             return cached[0]
-        url = self.conf["neutron_url"]
-        if not url and isinstance(self.auth, KeystoneAuth):
-            url = self.auth.find_endpoint("network", region=self.conf["region"])
+        url = self.conf[option]
+        keystone = isinstance(self.auth, KeystoneAuth)
+        for service_type in types if not url and keystone else ():
+            url = url or self.auth.find_endpoint(service_type, region=self.conf["region"])
         service = None
-        if url and isinstance(self.auth, KeystoneAuth):
-            LOG.info("ports come from Neutron at %s", url)
-            service = Neutron(url, self.auth)
+        if url and keystone:
+            LOG.info(found, url)
+            service = make(url)
         elif url:
-            LOG.warning("--neutron-url needs --auth keystone (Neutron needs tokens): "
-                        "servers use libvirt networks")
-        self._network = (service, time.monotonic())
+            LOG.warning("--%s needs --auth keystone (the service needs tokens): %s",
+                        option.replace("_", "-"), without)
+        self.services[option] = (service, time.monotonic())
         return service
 
     def network_name(self, network_id):
