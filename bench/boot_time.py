@@ -14,22 +14,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-MINIVAN = os.path.join(HERE, "..", "minivan.py")
-TOKEN = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench import HEADERS as TOKEN, MINIVAN, free_port
 
 
 def call(port, method, path, body=None):

@@ -98,27 +98,13 @@ heartbeat_timeout_threshold = 0
 backend_url = file://$dir/cinder-state
 [keystone_authtoken]
 www_authenticate_uri = $OS_AUTH_URL
-auth_url = $OS_AUTH_URL
-auth_type = password
-username = cinder
-password = $PASSWORD
-project_name = service
-user_domain_name = Default
-project_domain_name = Default
-region_name = RegionOne
+$(auth_options cinder)
 service_token_roles_required = true
 # tokens are validated against keystone once, then cached in-process 5 min
 token_cache_time = 300
 [nova]
 # cinder -> nova calls (volume-extended events, assisted snapshots)
-auth_type = password
-auth_url = $OS_AUTH_URL
-username = cinder
-password = $PASSWORD
-project_name = service
-user_domain_name = Default
-project_domain_name = Default
-region_name = RegionOne
+$(auth_options cinder)
 interface = public
 # we run as root: privsep daemons start without sudo/rootwrap
 [cinder_sys_admin]

@@ -34,9 +34,9 @@ WORKERS=${MINIVAN_GLANCE_WORKERS:-2}
 PASSWORD=secret
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
-LIB_NAME=glance LIB_PASSWORD=secret
+LIB_NAME=glance LIB_PASSWORD=$PASSWORD
 # shellcheck source=tools/service-lib.sh
-source "$REPO/tools/service-lib.sh"     # write_sqlite_fix
+source "$REPO/tools/service-lib.sh"     # write_sqlite_fix, auth_options
 
 usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
 
@@ -63,14 +63,7 @@ flavor = keystone
 config_file = $dir/glance-api-paste.ini
 [keystone_authtoken]
 www_authenticate_uri = $OS_AUTH_URL
-auth_url = $OS_AUTH_URL
-auth_type = password
-username = glance
-password = $PASSWORD
-project_name = service
-user_domain_name = Default
-project_domain_name = Default
-region_name = RegionOne
+$(auth_options glance)
 # tokens are validated against keystone once, then cached in-process 5 min
 token_cache_time = 300
 [oslo_messaging_notifications]

@@ -79,24 +79,10 @@ heartbeat_timeout_threshold = 0
 root_helper = sudo
 [keystone_authtoken]
 www_authenticate_uri = $OS_AUTH_URL
-auth_url = $OS_AUTH_URL
-auth_type = password
-username = neutron
-password = $PASSWORD
-project_name = service
-user_domain_name = Default
-project_domain_name = Default
-region_name = RegionOne
+$(auth_options neutron)
 token_cache_time = 300
 [nova]
-auth_type = password
-auth_url = $OS_AUTH_URL
-username = neutron
-password = $PASSWORD
-project_name = service
-user_domain_name = Default
-project_domain_name = Default
-region_name = RegionOne
+$(auth_options neutron)
 endpoint_type = public
 EOF
     for section in privsep privsep_link privsep_ovs_vsctl privsep_namespace; do

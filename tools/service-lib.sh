@@ -144,3 +144,11 @@ def _sqlite_begin_immediate(conn):
         conn.info['in_transaction'] = True
 EOF
 }
+
+# auth_options USER: the options of a config section that authenticates as USER
+# (password LIB_PASSWORD, project "service") against OS_AUTH_URL.
+auth_options() {
+    printf '%s\n' "auth_url = $OS_AUTH_URL" "auth_type = password" "username = $1" \
+        "password = $LIB_PASSWORD" "project_name = service" "user_domain_name = Default" \
+        "project_domain_name = Default" "region_name = RegionOne"
+}
