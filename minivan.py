@@ -2879,6 +2879,26 @@ class ServiceError(Exception):
         self.message = message
 
 
+def call_service(service, url, method, headers, body, error, message_of):
+    """One JSON call to another OpenStack service: its answer; error(status, its message)
+    when it refuses; Unavailable when it does not answer (within 60 s)."""
+    headers = dict(headers, Accept="application/json")
+    data = None
+    if body is not None:
+        data = json_bytes(body)
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raise error(e.code, message_of(e.read(), e.code)) from None
+    except (OSError, ValueError) as e:
+        LOG.error("the %s at %s is unreachable: %s", service, url, e)
+        raise Unavailable(f"The {service} is unreachable.") from None
+
+
 class VolumeError(ServiceError):
     """Cinder refused a call."""
 
@@ -2901,7 +2921,7 @@ class Cinder:
             url = url[:-len(own)] + project_id
         return url
 
-    def call(self, ident, method, path, body=None, ok=(200, 202, 204)):
+    def call(self, ident, method, path, body=None):
         """One Cinder call as the caller (ident) or, with ident None, as minivan."""
         for attempt in (0, 1):
             service = self.auth.service_token_value(force=attempt == 1)
@@ -2910,25 +2930,13 @@ class Cinder:
             else:
                 project, token = ident.project_id, ident.token
             headers = {"X-Auth-Token": token, "X-Service-Token": service,
-                       "Accept": "application/json", "OpenStack-API-Version": CINDER_VERSION}
-            data = None
-            if body is not None:
-                data = json_bytes(body)
-                headers["Content-Type"] = "application/json"
-            request = urllib.request.Request(self.project_url(project) + path, data=data,
-                                             method=method, headers=headers)
+                       "OpenStack-API-Version": CINDER_VERSION}
             try:
-                with urllib.request.urlopen(request, timeout=60) as resp:
-                    raw = resp.read()
-                    return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as e:
-                raw = e.read()
-                if e.code == 401 and attempt == 0 and ident is None:
-                    continue
-                raise VolumeError(e.code, cinder_message(raw, e.code)) from None
-            except (OSError, ValueError) as e:
-                LOG.error("Cinder at %s is unreachable: %s", self.url, e)
-                raise Unavailable("The block storage service is unreachable.") from None
+                return call_service("block storage service", self.project_url(project) + path,
+                                    method, headers, body, VolumeError, cinder_message)
+            except VolumeError as e:
+                if e.status != 401 or attempt or ident is not None:
+                    raise
         raise VolumeError(401, "minivan's service token was refused by Cinder")
 
     # -- volumes --------------------------------------------------------------------
@@ -3239,27 +3247,15 @@ class Neutron:
         self.auth = auth
 
     def call(self, method, path, body=None):
+        """One Neutron call as minivan's service user."""
         for attempt in (0, 1):
-            token = self.auth.service_token_value(force=attempt == 1)
-            headers = {"X-Auth-Token": token, "Accept": "application/json"}
-            data = None
-            if body is not None:
-                data = json_bytes(body)
-                headers["Content-Type"] = "application/json"
-            request = urllib.request.Request(self.url + path, data=data, method=method,
-                                             headers=headers)
+            headers = {"X-Auth-Token": self.auth.service_token_value(force=attempt == 1)}
             try:
-                with urllib.request.urlopen(request, timeout=60) as resp:
-                    raw = resp.read()
-                    return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as e:
-                raw = e.read()
-                if e.code == 401 and attempt == 0:
-                    continue
-                raise NetworkError(e.code, neutron_message(raw, e.code)) from None
-            except (OSError, ValueError) as e:
-                LOG.error("Neutron at %s is unreachable: %s", self.url, e)
-                raise Unavailable("The network service is unreachable.") from None
+                return call_service("network service", self.url + path, method, headers,
+                                    body, NetworkError, neutron_message)
+            except NetworkError as e:
+                if e.status != 401 or attempt:
+                    raise
         raise NetworkError(401, "minivan's service token was refused by Neutron")
 
     def _get(self, kind, item_id):
