@@ -1392,6 +1392,7 @@ class LibvirtDriver:
         self.on_event = None
         self.event_id = None
         self.graphics_listen = None    # address of the guests' VNC servers; None: no VNC
+        self.files_shared = None       # shares_files() of a remote host, once asked
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1434,6 +1435,7 @@ class LibvirtDriver:
                 self.conn = None
             try:
                 self.conn = self.libvirt.open(self.uri)
+                self.files_shared = None
                 self.last_error = None
                 if self.on_event is not None:
                     self.event_id = self.conn.domainEventRegisterAny(
@@ -1569,6 +1571,7 @@ class LibvirtDriver:
     def spawn(self, server, disks, config_drive=None, start=True):
         """Define the server's domain and (unless start is False) boot it."""
         xml = self.domain_xml(server, disks, config_drive)
+        self.push_files([path for path, _, _ in disks] + [config_drive] * bool(config_drive))
 
         def define():
             dom = self.conn.defineXML(xml)
@@ -1604,6 +1607,8 @@ class LibvirtDriver:
     def redefine(self, server, disks, config_drive=None, rescue=None):
         """Replace the stopped domain's definition (resize, rescue, unrescue)."""
         xml = self.domain_xml(server, disks, config_drive, rescue)
+        self.push_files([path for path, _, _ in disks + (rescue or [])] +
+                        [config_drive] * bool(config_drive))
         self._call("redefining the domain", lambda: self.conn.defineXML(xml))
 
     def destroy(self, server):
@@ -1637,12 +1642,199 @@ class LibvirtDriver:
         lv = self.libvirt
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PERSIST_DEST | \
             lv.VIR_MIGRATE_UNDEFINE_SOURCE
-        if block:
-            flags |= lv.VIR_MIGRATE_NON_SHARED_INC
         dom = self._domain(server)
         if dest.conn is None:
             raise Unavailable("the destination host's libvirt is unreachable")
-        self._call("migrating the domain", dom.migrate3, dest.conn, {}, flags)
+        params = {}
+        if block:
+            # QEMU copies the disks' own layers into empty overlays made there beforehand
+            flags |= lv.VIR_MIGRATE_NON_SHARED_INC
+            dest.prepare_disks_for_migration(disks, config_drive)
+            params[lv.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [target for _, target, _ in disks]
+        self._call("migrating the domain", dom.migrate3, dest.conn, params, flags)
+
+    def prepare_disks_for_migration(self, disks, config_drive):
+        """Empty overlays on the same base images (and the config drive) on this host,
+        for a block migration coming in."""
+        with tempfile.TemporaryDirectory(prefix="minivan-migration-") as staging:
+            sources = {}
+            for path, _, _ in disks:
+                fresh = os.path.join(staging, os.path.basename(path))
+                base = qcow2_backing(path)
+                backing = ("-b", base, "-F", image_format(base)) if base else ()
+                qemu_img("create", "-q", "-f", "qcow2", *backing, fresh,
+                         str(virtual_size(path)))
+                sources[path] = fresh
+            if self.shares_files():
+                for path, fresh in sources.items():
+                    shutil.move(fresh, path)
+            else:
+                self.push_files(list(sources) + [config_drive] * bool(config_drive), sources)
+
+    # -- files on a host that does not share minivan's instances directory --------
+    def shares_files(self):
+        """True when this host sees minivan's own instances directory (a local libvirt,
+        a shared file system, libvirt's test hypervisor).  Elsewhere minivan copies the
+        disks through libvirt's storage pools and streams.  A remote host is asked once
+        per connection, by a marker file its libvirt can or cannot see."""
+        if self.local:
+            return True
+        if self.files_shared is None:
+            self.files_shared = self._call("looking for shared storage", self._probe_shared)
+        return self.files_shared
+
+    @property
+    def local(self):
+        """libvirt's test hypervisor, or a libvirt on this machine through its usual
+        socket: it sees minivan's files."""
+        parts = urllib.parse.urlsplit(self.uri)
+        return self.simulated or self.instances_dir is None or (
+            "+" not in parts.scheme and not parts.netloc and "socket=" not in parts.query)
+
+    def _probe_shared(self):
+        os.makedirs(self.instances_dir, mode=0o755, exist_ok=True)
+        marker = ".minivan-probe-" + secrets.token_hex(8)
+        path = os.path.join(self.instances_dir, marker)
+        with open(path, "w"):
+            pass
+        try:
+            return self._volume(self._pool(self.instances_dir), marker) is not None
+        finally:
+            os.unlink(path)
+
+    def _pool(self, directory):
+        """A transient directory pool over one directory of this host (made if missing)."""
+        lv = self.libvirt
+        name = "minivan-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
+        xml = (f"<pool type='dir'><name>{name}</name><target><path>{xml_escape(directory)}"
+               f"</path><permissions><mode>0755</mode></permissions></target></pool>")
+        for _ in range(3):
+            try:
+                pool = self.conn.storagePoolLookupByName(name)
+                if not pool.isActive():
+                    pool.create(0)
+                pool.refresh(0)
+                return pool
+            except lv.libvirtError as e:
+                if e.get_error_code() != lv.VIR_ERR_NO_STORAGE_POOL:
+                    raise
+            try:
+                return self.conn.storagePoolCreateXML(xml, lv.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            except lv.libvirtError:
+                pass                           # made meanwhile by another thread: look again
+        return self.conn.storagePoolLookupByName(name)
+
+    def _volume(self, pool, name):
+        try:
+            return pool.storageVolLookupByName(name)
+        except self.libvirt.libvirtError as e:
+            if e.get_error_code() == self.libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise
+
+    def _upload(self, path, source=None):
+        """Copy the local file source (default: path itself) to path on this host."""
+        source = source or path
+        pool = self._pool(os.path.dirname(path))
+        name = os.path.basename(path)
+        old = self._volume(pool, name)
+        if old is not None:
+            old.delete(0)
+        size = os.path.getsize(source)
+        vol = pool.createXML(f"<volume><name>{xml_escape(name)}</name><capacity unit='bytes'>"
+                             f"{size}</capacity><allocation>0</allocation><target>"
+                             f"<format type='raw'/><permissions><mode>0644</mode></permissions>"
+                             f"</target></volume>", 0)
+        stream = self.conn.newStream(0)
+        try:
+            vol.upload(stream, 0, size, 0)
+            with open(source, "rb") as f:
+                stream.sendAll(lambda _stream, n, opaque: opaque.read(n), f)
+            stream.finish()
+        except BaseException:
+            try:
+                stream.abort()
+            except self.libvirt.libvirtError:
+                pass
+            raise
+
+    def _download(self, vol):
+        stream = self.conn.newStream(0)
+        chunks = []
+        vol.download(stream, 0, 0, 0)
+        stream.recvAll(lambda _stream, data, opaque: opaque.append(data) or len(data), chunks)
+        stream.finish()
+        return b"".join(chunks)
+
+    def push_files(self, paths, sources=None):
+        """Copy these files (and the base images behind them, once: they never change)
+        to this host, where it does not share the instances directory.  sources: {path:
+        the local file to send as path} where that is another file."""
+        if self.shares_files():
+            return
+        sources = sources or {}
+
+        def push():
+            for path in paths:
+                base = qcow2_backing(sources.get(path, path))
+                while base:
+                    pool = self._pool(os.path.dirname(base))
+                    done = os.path.basename(base) + ".copied"
+                    if self._volume(pool, done) is None:
+                        self._upload(base)
+                        pool.createXML(f"<volume><name>{xml_escape(done)}</name><capacity>0"
+                                       f"</capacity><target><format type='raw'/></target>"
+                                       f"</volume>", 0)
+                    base = qcow2_backing(base)
+                self._upload(path, sources.get(path))
+        self._call("copying the disks to the host", push)
+
+    def pull_files(self, directory):
+        """Copy a server's files from this host into minivan's instances directory, where
+        the host does not share it."""
+        if self.shares_files():
+            return
+
+        def pull():
+            pool = self._pool(directory)
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+            for name in pool.listVolumes():
+                data = self._download(pool.storageVolLookupByName(name))
+                part = os.path.join(directory, "." + name + ".part")
+                with open(part, "wb") as f:
+                    f.write(data)
+                os.replace(part, os.path.join(directory, name))
+        self._call("copying the disks from the host", pull)
+
+    def read_file(self, path):
+        """A file of this host's instances directory, as bytes (None when absent)."""
+        if self.shares_files():
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError:
+                return None
+
+        def read():
+            vol = self._volume(self._pool(os.path.dirname(path)), os.path.basename(path))
+            return None if vol is None else self._download(vol)
+        return self._call("reading a file of the host", read)
+
+    def remove_files(self, directory):
+        """Remove a server's directory from this host, where it does not share it."""
+        if self.shares_files():
+            return
+
+        def remove():
+            pool = self._pool(directory)
+            for name in pool.listVolumes():
+                pool.storageVolLookupByName(name).delete(0)
+            pool.destroy()
+            parent = self._pool(os.path.dirname(directory))
+            left = self._volume(parent, os.path.basename(directory))
+            if left is not None:
+                left.delete(0)                 # the empty directory
+        self._call("removing the server's files from the host", remove)
 
     def abort_job(self, server):
         """Cancel the domain's running job (a live migration)."""
@@ -1725,11 +1917,8 @@ class LibvirtDriver:
 
     def get_console_output(self, server):
         """The serial console log (empty when the guest has written nothing)."""
-        try:
-            with open(self.instance_path(server, "console.log"), "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        data = self.read_file(self.instance_path(server, "console.log"))
+        return (data or b"").decode("utf-8", "replace")
 
     def interface_addresses(self, server):
         """{mac: [(address, version)]} from DHCP leases (or libvirt's default source)."""
@@ -2173,6 +2362,24 @@ def image_virtual_size(path):
     if head[:4] == b"QFI\xfb" and len(head) == 32:
         return int.from_bytes(head[24:32], "big")
     return os.path.getsize(path)
+
+
+def qcow2_backing(path):
+    """The backing file a qcow2 image names (header bytes 8-19), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+            if head[:4] != b"QFI\xfb" or len(head) < 20:
+                return None
+            offset = int.from_bytes(head[8:16], "big")
+            size = int.from_bytes(head[16:20], "big")
+            if not offset or not 0 < size < 4096:
+                return None
+            f.seek(offset)
+            name = f.read(size).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return os.path.join(os.path.dirname(path), name)
 
 
 def disk_layout(server):
@@ -5207,6 +5414,10 @@ class Compute:
                     if port.get("fixed_ip"):
                         driver.release_address(port)
                 driver.undefine_filter(server)
+                driver.remove_files(self.instance_dir(server))
+                if server.get("migration_source") not in (None, server.get("host")):
+                    self.app.host_driver(server["migration_source"]).remove_files(
+                        self.instance_dir(server))
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
         self.release_ports(server, unbind_only=keep_volumes)
@@ -5826,6 +6037,7 @@ class Compute:
             if dest != source:
                 try:
                     self.app.host_driver(dest).destroy(server)
+                    self.app.host_driver(dest).remove_files(self.instance_dir(server))
                 except (DriverError, Unavailable):
                     pass                          # the destination may be what failed
                 self.bind_ports(server["id"], source)
@@ -5847,6 +6059,7 @@ class Compute:
         dst = self.app.host_driver(dest)
         self.update(server_id, task_state="resize_migrating")
         src.power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        src.pull_files(directory)
         root = os.path.join(directory, "disk")
         if os.path.exists(root):
             shutil.copyfile(root, root + ".resize")
@@ -5884,6 +6097,13 @@ class Compute:
         backup = os.path.join(self.instance_dir(server), "disk.resize")
         if os.path.exists(backup):
             os.unlink(backup)
+        source = server.get("migration_source")
+        if source not in (None, server.get("host")):
+            try:
+                self.app.host_driver(source).remove_files(self.instance_dir(server))
+            except (DriverError, Unavailable) as e:
+                LOG.warning("server %s: removing its files from %s failed: %s",
+                            server["id"], source, e)
         self.update(server["id"], vm_state=server.get("old_vm_state") or "active",
                     task_state=None, old_flavor=None, old_vm_state=None,
                     migration_source=None)
@@ -5899,6 +6119,7 @@ class Compute:
         if source != server.get("host"):
             dst.destroy(server)
             dst.undefine_filter(server)
+            dst.remove_files(self.instance_dir(server))
         root = os.path.join(self.instance_dir(server), "disk")
         if os.path.exists(root + ".resize"):
             os.replace(root + ".resize", root)
@@ -5931,8 +6152,18 @@ class Compute:
                 dst.define_filter(moving, server_filter_xml(moving, self.store.data))
             set_migration_status(self.store, server_id, "running", self.app.clock,
                                  number=number)
-            self.app.host_driver(source).live_migrate(
-                moving, dst, self.extra_disks(moving), self.config_drive_path(server), block)
+            src = self.app.host_driver(source)
+            shared = src.shares_files() and dst.shares_files()
+            if block and shared:
+                raise MoveFailed(f"Block migration of instance {server_id} cannot be used: "
+                                 f"{source} and {dest} share the instances directory.")
+            if not block and not shared and block is not None:
+                raise MoveFailed(f"{source} and {dest} do not share the instances directory: "
+                                 f"live migration of instance {server_id} needs "
+                                 f"block_migration true or auto.")
+            src.live_migrate(
+                moving, dst, self.extra_disks(moving), self.config_drive_path(server),
+                not shared)
         except BaseException:
             self.update(server_id, host=source, node=source, migration_source=None,
                         availability_zone=host_zone(self.app, source))
@@ -5945,8 +6176,11 @@ class Compute:
             raise
         try:
             self.app.host_driver(source).undefine_filter(server)
+            if not shared:
+                self.app.host_driver(source).remove_files(self.instance_dir(server))
         except (DriverError, Unavailable) as e:
-            LOG.warning("server %s: removing its old network filter failed: %s", server_id, e)
+            LOG.warning("server %s: removing what it left on %s failed: %s", server_id,
+                        source, e)
         set_migration_status(self.store, server_id, "completed", self.app.clock, number=number)
         self.update(server_id, task_state=None, migration_source=None,
                     power_state=self.driver_of(moving).get_info(moving))
@@ -5965,6 +6199,9 @@ class Compute:
             self.update(server_id, task_state="rebuild_spawning")
             self.bind_ports(server_id, dest)
             here = self.store.data["servers"][server_id]
+            if self.app.host_driver(source).files_shared is False:
+                # its disks were on the lost host: minivan's copy is old, start afresh
+                shutil.rmtree(self.instance_dir(here), ignore_errors=True)
             if not os.path.exists(os.path.join(self.instance_dir(here), "disk")) and \
                     here.get("image_ref") and not here.get("volume_backed"):
                 self.prepare_disks(here)
@@ -5990,6 +6227,7 @@ class Compute:
         self.update(server_id, task_state="rebuild_block_device_mapping")
         self.driver_of(server).destroy(server)
         directory = self.instance_dir(server)
+        self.driver_of(server).pull_files(directory)
         for name in ("disk", "disk.config"):
             path = os.path.join(directory, name)
             if os.path.exists(path):
@@ -6020,6 +6258,7 @@ class Compute:
             paused = True
         try:
             self.update(server["id"], task_state="image_uploading")
+            self.driver_of(server).pull_files(self.instance_dir(server))
             self.app.images.finish_snapshot(image, root)
         finally:
             if paused:
@@ -6048,6 +6287,7 @@ class Compute:
         self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         if image is not None:
             self.update(server_id, task_state="shelving_image_uploading")
+            self.driver_of(server).pull_files(self.instance_dir(server))
             self.app.images.finish_snapshot(image, os.path.join(self.instance_dir(server),
                                                                 "disk"))
         self.update(server_id, vm_state="shelved", task_state=None, power_state=SHUTDOWN,
@@ -6099,6 +6339,7 @@ class Compute:
         """Boot the rescue image with the server's own disk attached second."""
         self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         directory = self.instance_dir(server)
+        self.driver_of(server).pull_files(directory)
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
         rescue_disk = os.path.join(directory, "disk.rescue")
         qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base),
@@ -6114,6 +6355,7 @@ class Compute:
 
     def unrescue(self, server):
         self.driver_of(server).power_off(server, timeout=0, clean=False)
+        self.driver_of(server).pull_files(self.instance_dir(server))
         rescue_disk = os.path.join(self.instance_dir(server), "disk.rescue")
         self.driver_of(server).redefine(server, self.extra_disks(server),
                                         self.config_drive_path(server))
@@ -7787,8 +8029,9 @@ def server_action_migrate_live(req):
     spec = body["os-migrateLive"]
     host = spec.get("host")
     server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate_live:host")
-    block = spec["block_migration"] != "auto" and bool_from_string(spec["block_migration"])
-    if block:
+    block = None if spec["block_migration"] == "auto" else \
+        bool_from_string(spec["block_migration"])
+    if block and all(driver.local for driver in req.app.drivers.values()):
         raise BadRequest(f"Block migration of instance {server['id']} cannot be used: the "
                          "instances directory is shared storage.")
     force = host is not None and bool_from_string(spec.get("force", False))

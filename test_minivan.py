@@ -3650,6 +3650,198 @@ class RealGuestTests(unittest.TestCase):
 
 # -- the standalone image service (a Glance v2 subset under /image) -----------------------
 
+class SecondHostTests(unittest.TestCase):
+    """Two compute hosts without shared storage: this machine's libvirtd ("one") and a
+    second libvirtd (tools/second-host.sh, "two") in a mount namespace of its own where
+    minivan's data directory is an empty tmpfs.  Real QEMU guests move between them:
+    their disks travel through libvirt's storage streams (cold migration) or QEMU's
+    block copy (live migration)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ready = bool(GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
+                         and have_clients() and shutil.which("unshare")
+                         and shutil.which("nsenter") and shutil.which("libvirtd"))
+        if not cls.ready:
+            return
+        libvirt = minivan.import_libvirt()
+        try:
+            conn = libvirt.open("qemu:///system")
+            conn.networkLookupByName(GUEST_NETWORK)
+            conn.close()
+        except libvirt.libvirtError:
+            cls.ready = False
+            return
+        cls.work = tempfile.mkdtemp(prefix="minivan-second-host-")
+        cls.data = os.path.join(cls.work, "data")
+        images = os.path.join(cls.work, "images")
+        os.makedirs(images)
+        shutil.copy(GUEST_IMAGE, os.path.join(images, "minivan-guest.qcow2"))
+        done = subprocess.run([os.path.join(HERE, "tools", "second-host.sh"), "up",
+                               os.path.join(cls.work, "two"), cls.data],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError("tools/second-host.sh up failed: " + done.stderr)
+        cls.uri_two = done.stdout.strip().splitlines()[-1]
+        with open(os.path.join(cls.work, "two", "libvirtd.pid")) as f:
+            cls.pid_two = f.read().strip()
+        cls.port = free_port()
+        cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
+        start_minivan(cls, cls.port, data=cls.data, env_extra={
+            "MINIVAN_COMPUTE_HOSTS": f"one=qemu:///system,two={cls.uri_two}",
+            "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_NETWORK": GUEST_NETWORK,
+            "MINIVAN_IMAGES_DIR": images, "MINIVAN_SHUTDOWN_TIMEOUT": "10"})
+        cls.image = cls.osc_json("image", "list")[0]["ID"]
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "work", None):
+            stop_minivan(cls)
+            subprocess.run([os.path.join(HERE, "tools", "second-host.sh"), "stop",
+                            os.path.join(cls.work, "two")], capture_output=True, timeout=120)
+            shutil.rmtree(cls.work, True)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no real-guest setup (tools/libvirt-up.sh, a guest image in "
+                               "MINIVAN_TEST_GUEST_IMAGE, unshare and nsenter)")
+
+    @classmethod
+    def osc(cls, *args, version="2.74"):
+        done = subprocess.run([os.path.join(BIN, "openstack"), "--os-auth-type", "none",
+                               "--os-endpoint", cls.url, "--os-identity-api-version", "3",
+                               "--os-compute-api-version", version, *args],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise AssertionError(f"openstack {' '.join(args)}: {done.stderr}")
+        return done.stdout
+
+    @classmethod
+    def osc_json(cls, *args, version="2.74"):
+        return json.loads(cls.osc(*args, "-f", "json", version=version))
+
+    def on_two(self, *cmd):
+        """A command run where host two's daemon and guests see files."""
+        return subprocess.run(["nsenter", "-t", self.pid_two, "-m", *cmd],
+                              capture_output=True, text=True, timeout=60)
+
+    def files_on_two(self, server_id):
+        done = self.on_two("ls", os.path.join(self.data, "instances", server_id))
+        return sorted(done.stdout.split()) if done.returncode == 0 else None
+
+    def domains(self, uri):
+        done = subprocess.run(["virsh", "-q", "-c", uri, "list", "--all", "--uuid"],
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout.split()
+
+    def boots(self, server_id):
+        return self.osc("console", "log", "show", server_id).count("minivan-guest ready")
+
+    def wait_boots(self, server_id, count):
+        wait_until(lambda: self.boots(server_id) >= count, timeout=180, interval=1,
+                   what=f"boot line {count} of {server_id}")
+
+    def create_on(self, name, host):
+        server = self.osc_json("server", "create", "--image", self.image, "--flavor", "1",
+                               "--nic", "auto", "--host", host, "--wait", name)
+        self.addCleanup(self.delete, server["id"])
+        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]), ("ACTIVE", host))
+        return server["id"]
+
+    def delete(self, server_id):
+        subprocess.run([os.path.join(BIN, "openstack"), "--os-auth-type", "none",
+                        "--os-endpoint", self.url, "--os-identity-api-version", "3",
+                        "server", "delete", "--wait", server_id],
+                       capture_output=True, timeout=300)
+
+    def show(self, server_id):
+        return self.osc_json("server", "show", server_id)
+
+    # -- tests ----------------------------------------------------------------------
+    def test_build_on_a_host_without_shared_storage(self):
+        server_id = self.create_on("far", "two")
+        # the disks were copied there: two's guest boots from them, and its console log
+        # (written on two) is read back through libvirt
+        self.assertEqual(self.files_on_two(server_id), ["console.log", "disk"])
+        self.assertIn(server_id, self.domains(self.uri_two))
+        self.assertNotIn(server_id, self.domains("qemu:///system"))
+        self.wait_boots(server_id, 1)
+        base = self.on_two("ls", os.path.join(self.data, "_base")).stdout.split()
+        self.assertEqual(len([name for name in base if not name.endswith(".copied")]), 1)
+        self.delete(server_id)
+        self.assertIsNone(self.files_on_two(server_id))
+        self.assertNotIn(server_id, self.domains(self.uri_two))
+
+    def test_cold_migration_moves_the_disks(self):
+        server_id = self.create_on("mover", "two")
+        self.wait_boots(server_id, 1)
+        self.osc("server", "migrate", "--host", "one", "--wait", server_id, version="2.56")
+        server = self.show(server_id)
+        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]),
+                         ("VERIFY_RESIZE", "one"))
+        self.assertIn(server_id, self.domains("qemu:///system"))
+        self.assertNotIn(server_id, self.domains(self.uri_two))
+        # the disks (and the console log written on two) came over; the guest boots here
+        self.wait_boots(server_id, 2)
+        self.assertIsNotNone(self.files_on_two(server_id))      # kept until confirmed
+        self.osc("server", "migration", "confirm", server_id)
+        wait_until(lambda: self.show(server_id)["status"] == "ACTIVE", what="confirmed")
+        self.assertIsNone(self.files_on_two(server_id))
+        migrations = self.osc_json("server", "migration", "list", "--server", server_id,
+                                   version="2.59")
+        self.assertEqual([(m["Source Compute"], m["Dest Compute"], m["Status"])
+                          for m in migrations], [("two", "one", "confirmed")])
+        # and back to two, reverted: the guest runs on two again from its own disks
+        self.osc("server", "migrate", "--host", "two", "--wait", server_id, version="2.56")
+        self.assertEqual(self.files_on_two(server_id), ["console.log", "disk"])
+        self.osc("server", "resize", "revert", server_id)
+        wait_until(lambda: self.show(server_id)["status"] == "ACTIVE", what="reverted")
+        self.assertEqual(self.show(server_id)["OS-EXT-SRV-ATTR:host"], "one")
+        self.assertIsNone(self.files_on_two(server_id))
+        self.assertIn(server_id, self.domains("qemu:///system"))
+
+    def test_live_block_migration(self):
+        server_id = self.create_on("live", "one")
+        self.wait_boots(server_id, 1)
+        self.osc("server", "migrate", "--live-migration", "--host", "two", "--wait",
+                 server_id, version="2.30")
+        server = self.show(server_id)
+        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]), ("ACTIVE", "two"))
+        self.assertEqual(self.domains("qemu:///system").count(server_id), 0)
+        self.assertIn(server_id, self.domains(self.uri_two))
+        self.assertIn("disk", self.files_on_two(server_id))
+        # the guest kept running; a reboot there boots from the copied disk
+        self.osc("server", "reboot", "--hard", "--wait", server_id)
+        wait_until(lambda: "minivan-guest ready" in self.osc("console", "log", "show",
+                                                             server_id),
+                   timeout=180, interval=1, what="boot line on two")
+        self.osc("server", "migrate", "--live-migration", "--host", "one", "--wait",
+                 server_id, version="2.30")
+        self.assertEqual(self.show(server_id)["OS-EXT-SRV-ATTR:host"], "one")
+        self.assertIsNone(self.files_on_two(server_id))
+        migrations = self.osc_json("server", "migration", "list", "--server", server_id,
+                                   version="2.59")
+        self.assertEqual(sorted((m["Source Compute"], m["Dest Compute"], m["Status"])
+                                for m in migrations),
+                         [("one", "two", "completed"), ("two", "one", "completed")])
+        # asked for a shared-storage live migration between them: refused, guest stays
+        body = json.dumps({"os-migrateLive": {"host": "two", "block_migration": False}})
+        request = urllib.request.Request(
+            f"{self.url}/servers/{server_id}/action", data=body.encode(), method="POST",
+            headers={"Content-Type": "application/json", "X-Auth-Token": "admin:admin",
+                     "X-OpenStack-Nova-API-Version": "2.30"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            self.assertEqual(answer.status, 202)
+        wait_until(lambda: self.show(server_id)["status"] == "ACTIVE", what="refusal")
+        server = self.show(server_id)
+        self.assertEqual(server["OS-EXT-SRV-ATTR:host"], "one")
+        self.assertIn(server_id, self.domains("qemu:///system"))
+        migrations = self.osc_json("server", "migration", "list", "--server", server_id,
+                                   version="2.59")
+        self.assertIn(("one", "two", "error"), [(m["Source Compute"], m["Dest Compute"],
+                                                 m["Status"]) for m in migrations])
+
+
 class CinderEndToEndTests(unittest.TestCase):
     """Volumes from a real Cinder (its NFS driver, tools/cinder.sh) behind the real Keystone
     and Glance, on real QEMU guests: attach and detach as hot-plug, boot from volume, the
@@ -5016,6 +5208,21 @@ class DiskTests(unittest.TestCase):
         disks = minivan.create_server_disks(os.path.join(tmp, "inst0"),
                                             os.path.join(tmp, "image.qcow2"), server)
         self.assertEqual(minivan.virtual_size(disks[0][0]), 96 * 2 ** 20)
+        # the base image behind an overlay, as qemu-img names it (none behind a base)
+        self.assertEqual(minivan.qcow2_backing(disks[0][0]), os.path.join(tmp, "image.qcow2"))
+        self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.qcow2")))
+        self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.raw")))
+        self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "missing")))
+
+    def test_only_remote_hosts_are_asked_about_shared_storage(self):
+        """A local libvirt and the test hypervisor see minivan's files; a libvirt reached
+        through a transport, or another socket, is asked."""
+        for uri, local in (("qemu:///system", True), ("test:///default", True),
+                           ("qemu:///session", True), ("qemu+ssh://h2/system", False),
+                           ("qemu+tcp://10.0.0.2/system", False),
+                           ("qemu+unix:///system?socket=/run/h2/libvirt-sock", False)):
+            driver = minivan.LibvirtDriver(uri, virt_type="qemu", instances_dir="/x")
+            self.assertEqual(driver.local, local, uri)
 
 
 class NeutronPortTests(unittest.TestCase):
