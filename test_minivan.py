@@ -2150,6 +2150,140 @@ def keystone_token(env, user, project, password=None):
         return resp.headers["X-Subject-Token"]
 
 
+class AdminCLIEndToEndTests(CLIMixin, unittest.TestCase):
+    """An operator's day with openstackclient against minivan on three simulated hosts:
+    hypervisors, compute services, aggregates and zones, server groups, cold migration,
+    migrations, evacuation, console URLs and usage."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not have_clients():
+            return
+        cls.port = free_port()
+        cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
+        cls.os_args = ["--os-auth-type", "none", "--os-endpoint", cls.url,
+                       "--os-identity-api-version", "3", "--os-compute-api-version", "2.79"]
+        start_minivan(cls, cls.port, images=("admin-image",), hosts=3, env_extra={
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}",
+            "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}"})
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+
+    test_cli_flavors = test_cli_keypairs = test_cli_limits_and_zones = None   # run elsewhere
+
+    def setUp(self):
+        if not have_clients():
+            skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
+
+    def boot(self, name, *extra):
+        server = self.openstack("server", "create", "--image", "admin-image", "--flavor",
+                                "m1.tiny", "--wait", *extra, name, "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server["id"],
+                        expect_ok=False)
+        self.assertEqual(server["status"], "ACTIVE")
+        return server
+
+    def test_hypervisors_and_services(self):
+        hypervisors = self.openstack("hypervisor", "list", "-f", "json")
+        self.assertEqual(sorted(h["Hypervisor Hostname"] for h in hypervisors),
+                         ["cmp1", "cmp2", "cmp3"])
+        shown = self.openstack("hypervisor", "show", "cmp2", "-f", "json")
+        self.assertEqual((shown["service_host"], shown["state"], shown["status"]),
+                         ("cmp2", "up", "enabled"))
+        stats = self.openstack("hypervisor", "stats", "show", "-f", "json",
+                               "--os-compute-api-version", "2.87")
+        self.assertEqual(stats["count"], 3)
+        services = self.openstack("compute", "service", "list", "--service", "nova-compute",
+                                  "-f", "json")
+        self.assertEqual(sorted(s["Host"] for s in services), ["cmp1", "cmp2", "cmp3"])
+        self.openstack("compute", "service", "set", "--disable", "--disable-reason",
+                       "maintenance", "cmp3", "nova-compute")
+        self.addCleanup(self.openstack, "compute", "service", "set", "--enable", "cmp3",
+                        "nova-compute")
+        listed = self.openstack("compute", "service", "list", "--host", "cmp3", "--long",
+                                "-f", "json")
+        self.assertEqual([(s["Status"], s["Disabled Reason"]) for s in listed],
+                         [("disabled", "maintenance")])
+        # a disabled host gets no new servers
+        for n in range(3):
+            self.assertNotEqual(self.boot(f"spread-{n}")["OS-EXT-SRV-ATTR:host"], "cmp3")
+
+    def test_aggregates_zones_and_groups(self):
+        agg = self.openstack("aggregate", "create", "--zone", "edge", "edge-rack", "-f", "json")
+        self.addCleanup(self.openstack, "aggregate", "delete", "edge-rack", expect_ok=False)
+        self.openstack("aggregate", "add", "host", "edge-rack", "cmp2")
+        self.addCleanup(self.openstack, "aggregate", "remove", "host", "edge-rack", "cmp2",
+                        expect_ok=False)
+        self.openstack("aggregate", "set", "--property", "ssd=true", "edge-rack")
+        shown = self.openstack("aggregate", "show", "edge-rack", "-f", "json")
+        self.assertEqual((shown["hosts"], shown["availability_zone"], shown["id"]),
+                         (["cmp2"], "edge", agg["id"]))
+        self.assertEqual(shown["properties"], {"ssd": "true"})
+        zones = {z["Zone Name"] for z in self.openstack("availability", "zone", "list",
+                                                        "--compute", "-f", "json")}
+        self.assertEqual(zones, {"nova", "edge", "internal"})   # internal: admin only
+        self.assertEqual(self.boot("edgy", "--availability-zone", "edge")
+                         ["OS-EXT-SRV-ATTR:host"], "cmp2")
+        group = self.openstack("server", "group", "create", "--policy", "anti-affinity",
+                               "apart", "-f", "json")
+        self.addCleanup(self.openstack, "server", "group", "delete", group["id"],
+                        expect_ok=False)
+        hosts = {self.boot(f"apart-{n}", "--hint", f"group={group['id']}")
+                 ["OS-EXT-SRV-ATTR:host"] for n in range(3)}
+        self.assertEqual(len(hosts), 3)
+        members = self.openstack("server", "group", "show", group["id"], "-f", "json")
+        self.assertEqual(len(members["members"]), 3)
+        self.openstack("server", "create", "--image", "admin-image", "--flavor", "m1.tiny",
+                       "--hint", f"group={group['id']}", "apart-3", expect_ok=True)
+        wait_until(lambda: self.openstack("server", "show", "apart-3", "-f", "json")
+                   ["status"] == "ERROR", what="no valid host")
+        fault = self.openstack("server", "show", "apart-3", "-f", "json")["fault"]
+        self.assertIn("No valid host was found", fault["message"])
+        self.openstack("server", "delete", "--wait", "apart-3")
+
+    def test_migrate_evacuate_consoles_and_usage(self):
+        server = self.boot("traveller", "--host", "cmp1")
+        self.openstack("server", "migrate", "--host", "cmp2", "--wait", server["id"])
+        shown = self.openstack("server", "show", server["id"], "-f", "json")
+        self.assertEqual((shown["status"], shown["OS-EXT-SRV-ATTR:host"]),
+                         ("VERIFY_RESIZE", "cmp2"))
+        self.openstack("server", "migration", "confirm", server["id"])
+        wait_until(lambda: self.openstack("server", "show", server["id"], "-f", "json")
+                   ["status"] == "ACTIVE", what="confirmed")
+        migrations = self.openstack("server", "migration", "list", "--server", server["id"],
+                                    "-f", "json")
+        self.assertEqual([(m["Source Compute"], m["Dest Compute"], m["Status"],
+                           m["Type"]) for m in migrations],
+                         [("cmp1", "cmp2", "confirmed", "migration")])
+        # cmp2 goes down (forced, as an operator does when a host is lost): evacuate
+        self.openstack("compute", "service", "set", "--down", "cmp2", "nova-compute",
+                       "--os-compute-api-version", "2.11")
+        self.addCleanup(self.openstack, "compute", "service", "set", "--up", "cmp2",
+                        "nova-compute", "--os-compute-api-version", "2.11")
+        # (not --wait: openstackclient 10.5 waits for 'ACTIVE' against a lowercased status)
+        self.openstack("server", "evacuate", "--host", "cmp3", server["id"],
+                       "--os-compute-api-version", "2.29")
+        wait_until(lambda: self.openstack("server", "show", server["id"], "-f", "json")
+                   ["status"] == "ACTIVE", what="evacuated")
+        shown = self.openstack("server", "show", server["id"], "-f", "json")
+        self.assertEqual((shown["status"], shown["OS-EXT-SRV-ATTR:host"]), ("ACTIVE", "cmp3"))
+        evacuations = [m for m in self.openstack("server", "migration", "list", "--server",
+                                                 server["id"], "-f", "json")
+                       if m["Type"] == "evacuation"]
+        self.assertEqual([(m["Source Compute"], m["Dest Compute"], m["Status"])
+                          for m in evacuations], [("cmp2", "cmp3", "done")])
+        for kind, scheme in (("--serial", "ws://"), ("--novnc", "http://")):
+            url = self.openstack("console", "url", "show", kind, server["id"], "-f", "json")
+            self.assertTrue(url["url"].startswith(scheme), url)
+            self.assertIn("token", url["url"])
+        usage = self.openstack("usage", "list", "-f", "json")
+        self.assertEqual(len(usage), 1)
+        self.assertGreaterEqual(len(usage[0]["Servers"]), 1)      # the server usages
+        self.assertGreater(float(usage[0]["CPU Hours"]), 0)
+
+
 class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
     """minivan behind a real Keystone, registered in its catalog, driven by the real
     clients; two simulated compute hosts, so that Tempest's migration tests run."""
