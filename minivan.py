@@ -56,6 +56,7 @@ Map of this file (``grep -n '^# §' minivan.py``):
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import configparser
 import contextvars
@@ -3671,6 +3672,54 @@ class ServerUsage(ServerIndex):
     def counts(self, project_id, user_id=None):
         total = self.sums.get((project_id, user_id), (0, 0, 0))
         return {"instances": total[0], "cores": total[1], "ram": total[2]}
+
+
+class ServerOrder:
+    """Each project's servers, and all servers (under None), as (created_at, id) keys in
+    order, kept from the store's changes like ServerIndex: a page of servers in the
+    default order reads its slice, not every server."""
+
+    def __init__(self, store):
+        self.keys = collections.defaultdict(list)
+        with store.reading():
+            for server in store.data["servers"].values():
+                for scope in (None, server.get("project_id")):
+                    self.keys[scope].append(self.key(server))
+            for keys in self.keys.values():
+                keys.sort()
+        store.watchers.append(self.watch)
+
+    @staticmethod
+    def key(server):
+        return (server.get("created_at") or "", server["id"])
+
+    def watch(self, op, data):
+        path = op[1]
+        if path[0] != "servers" or len(path) != 2:
+            return
+        old = data["servers"].get(path[1])
+        new = op[2] if op[0] == "set" else None
+        if old is not None and new is not None and self.key(old) == self.key(new) and \
+                old.get("project_id") == new.get("project_id"):
+            return
+        if old is not None:
+            for scope in (None, old.get("project_id")):
+                keys = self.keys[scope]
+                at = bisect.bisect_left(keys, self.key(old))
+                if at < len(keys) and keys[at] == self.key(old):
+                    del keys[at]
+        if new is not None:
+            for scope in (None, new.get("project_id")):
+                bisect.insort(self.keys[scope], self.key(new))
+
+    def newest_first(self, scope, after=None):
+        """Server ids of a project (None: all), newest first, from just after the key
+        after.  Read under the store's lock."""
+        keys = self.keys.get(scope, ())
+        at = len(keys) if after is None else bisect.bisect_left(keys, after)
+        while at > 0:
+            at -= 1
+            yield keys[at][1]
 
 
 def usage(data, project_id, user_id=None, index=None):
@@ -7458,14 +7507,18 @@ def server_list(req, detail):
         deleted_wanted = bool_from_string(query["deleted"])
     order = server_sort(req)
     owner = query.get("project_id") or query.get("tenant_id")
+    scope = project if not (all_tenants or (owner and req.ident.is_admin)) else owner
+
+    def wanted(s):
+        return (scope is None or s["project_id"] == scope) and \
+            server_matches(s, query, statuses, since, before, deleted_wanted)
     with req.store.reading():
-        servers = [s for s in req.store.data["servers"].values()
-                   if (s["project_id"] == project if not (all_tenants or (
-                       owner and req.ident.is_admin)) else (owner is None
-                                                            or s["project_id"] == owner))
-                   and server_matches(s, query, statuses, since, before, deleted_wanted)]
-    servers = sort_servers(servers, order)
-    page, marker = paginate(req, servers, lambda s: s["id"])
+        if order == [("created_at", "desc")]:
+            page, marker = newest_page(req, scope, wanted)
+        else:
+            servers = [s for s in req.store.data["servers"].values() if wanted(s)]
+    if order != [("created_at", "desc")]:
+        page, marker = paginate(req, sort_servers(servers, order), lambda s: s["id"])
     if detail:
         body = {"servers": [server_view(req, s, "detail") for s in page]}
     else:
@@ -7474,6 +7527,29 @@ def server_list(req, detail):
     if marker is not None:
         body["servers_links"] = req.next_link("servers/detail" if detail else "servers", marker)
     return 200, body
+
+
+def newest_page(req, scope, wanted):
+    """paginate() over a scope's servers in the default order (newest first), reading
+    only as many as the page takes from the ServerOrder index.  Under the store's lock."""
+    limit, _ = limit_param(req)
+    servers = req.store.data["servers"]
+    after = None
+    marker = req.q("marker")
+    if marker is not None:
+        if marker not in servers or not wanted(servers[marker]):
+            raise BadRequest("marker [%s] not found" % marker)
+        after = ServerOrder.key(servers[marker])
+    if req.q("limit") is not None and int(req.q("limit")) == 0:
+        return [], None
+    page = []
+    for server_id in req.app.server_order.newest_first(scope, after):
+        if len(page) == limit:
+            break
+        if wanted(servers[server_id]):
+            page.append(servers[server_id])
+    more = len(page) == limit and limit > 0
+    return page, (page[-1]["id"] if more and page else None)
 
 
 def servers_index(req):
@@ -12367,6 +12443,7 @@ class App:
         self.compute = Compute(self)
         self.claims = Claims(store)
         self.usage = ServerUsage(store)
+        self.server_order = ServerOrder(store)
         self.image_service = ImageService(self)
         self.console_tokens = ConsoleTokens()
 

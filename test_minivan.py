@@ -2813,6 +2813,35 @@ class ServerLifecycleTests(ServerTestCase):
         self.assertEqual(self.get("/v2.1/servers?foo=1").status, 200)
         self.assertIn(ids[0], [s["id"] for s in self.get("/v2.1/servers").json()["servers"]])
 
+    def test_default_order_pages_match_a_full_sort(self):
+        """Pages in the default order (read from the kept created_at index) are what the
+        general sort gives (created_at desc, then uuid desc), for every project scope,
+        filter and marker, after deletes too."""
+        ids = [self.new_server(name=f"n{i % 3}", token=("demo:demo" if i % 4 == 0 else
+                                                         "admin:admin")) for i in range(13)]
+        self.assertEqual(self.delete(f"/v2.1/servers/{ids[5]}").status, 204)
+        self.assertEqual(self.delete(f"/v2.1/servers/{ids[8]}", token="demo:demo").status, 204)
+        self.app.compute.wait_idle()
+        for query in ("", "name=n1", "all_tenants=1", "all_tenants=1&project_id=demo",
+                      "all_tenants=1&deleted=true", "all_tenants=1&changes-since=2000-01-01"):
+            full = [srv["id"] for srv in self.get(
+                f"/v2.1/servers?{query}&sort_key=created_at&sort_dir=desc&sort_key=uuid"
+                f"&sort_dir=desc").json()["servers"]]
+            self.assertEqual([srv["id"] for srv in self.get(f"/v2.1/servers?{query}")
+                              .json()["servers"]], full, query)
+            walked, marker = [], None
+            while True:
+                page = self.get(f"/v2.1/servers/detail?{query}&limit=3" +
+                                (f"&marker={marker}" if marker else "")).json()
+                walked += [srv["id"] for srv in page["servers"]]
+                if "servers_links" not in page:
+                    break
+                marker = page["servers"][-1]["id"]
+            self.assertEqual(walked, full, query)
+            self.assertEqual(ids[5] in full, "deleted" in query or "changes" in query, query)
+        self.assertFault(self.get(f"/v2.1/servers?marker={ids[0]}&name=n1"), 400,
+                         "badRequest")          # the marker is filtered out
+
     def test_all_tenants(self):
         """all_tenants is admin-only (403 for members); members see their own servers."""
         mine = self.new_server(token="demo:demo")
