@@ -78,6 +78,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,8 @@ OPTIONS = [
     ("reclaim-instance-interval", "0", "seconds a deleted server stays SOFT_DELETED "
      "(0: delete at once)"),
     ("shutdown-timeout", "60", "seconds a guest gets to shut down before it is stopped hard"),
+    ("max-concurrent-builds", "10", "builds that run at once; more wait their turn "
+     "(0: no limit)"),
     ("shelved-offload-time", "0", "seconds before a shelved server is offloaded "
      "(0: at once, -1: never)"),
     ("resume-guests-state-on-host-boot", "true", "start the servers that were running when "
@@ -268,12 +271,15 @@ def finish_config(conf):
     """Types, derived defaults and cross-checks."""
     for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
-                "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout"):
+                "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
+                "max_concurrent_builds"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
                               f"not {conf[key]!r}") from None
+    if conf["max_concurrent_builds"] < 0:
+        raise ConfigError("--max-concurrent-builds must not be negative")
     for key in ("cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio",
                 "reserved_host_memory_mb", "reserved_host_disk_mb", "ram_weight_multiplier"):
         try:
@@ -1662,9 +1668,7 @@ class LibvirtDriver:
             for path, _, _ in disks:
                 fresh = os.path.join(staging, os.path.basename(path))
                 base = qcow2_backing(path)
-                backing = ("-b", base, "-F", image_format(base)) if base else ()
-                qemu_img("create", "-q", "-f", "qcow2", *backing, fresh,
-                         str(virtual_size(path)))
+                create_qcow2(fresh, virtual_size(path), base)
                 sources[path] = fresh
             if self.shares_files():
                 for path, fresh in sources.items():
@@ -2365,6 +2369,55 @@ def image_virtual_size(path):
     return os.path.getsize(path)
 
 
+def disk_bytes(size):
+    """Bytes of a size as qemu-img takes it: an int, or digits with K, M, G or T."""
+    if isinstance(size, int):
+        return size
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if size[-1:].upper() in units:
+        return int(size[:-1]) * units[size[-1].upper()]
+    return int(size)
+
+
+def create_qcow2(path, size, backing=None, backing_format=None):
+    """An empty qcow2 (version 3) image of size bytes, on the image backing when given:
+    what `qemu-img create -f qcow2 [-b B -F F]` writes, without a process per disk.
+
+    64 KiB clusters: the header (with the backing format extension and the backing
+    file's name) in cluster 0, the refcount table in 1, its one refcount block in 2
+    (16-bit counts, one per cluster in use), and the zeroed L1 table from 3 on."""
+    cluster_bits = 16
+    cluster = 1 << cluster_bits
+    size = disk_bytes(size)
+    l1_size = max(1, -(-size // (cluster * (cluster // 8))))
+    l1_clusters = -(-l1_size * 8 // cluster)
+    used = 3 + l1_clusters
+    if used > cluster // 2:
+        raise DriverError(f"a disk of {size} bytes is too large")
+    extensions = b""
+    name = os.fsencode(backing) if backing else b""
+    if backing:
+        fmt = (backing_format or image_format(backing)).encode()
+        extensions += struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt + b"\0" * (-len(fmt) % 8)
+    extensions += struct.pack(">II", 0, 0)
+    header_length = 104
+    backing_offset = header_length + len(extensions) if backing else 0
+    if backing_offset + len(name) > cluster:
+        raise DriverError("the base image's path is too long")
+    header = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, backing_offset, len(name),
+                         cluster_bits, size, 0, l1_size, 3 * cluster, cluster, 1, 0, 0,
+                         0, 0, 0, 4, header_length)
+    part = path + ".part"
+    with open(part, "wb") as f:
+        f.write(header + extensions + name)
+        f.seek(cluster)
+        f.write(struct.pack(">Q", 2 * cluster))
+        f.seek(2 * cluster)
+        f.write(struct.pack(">H", 1) * used)
+        f.truncate(used * cluster)
+    os.replace(part, path)
+
+
 def qcow2_backing(path):
     """The backing file a qcow2 image names (header bytes 8-19), or None."""
     try:
@@ -2417,12 +2470,11 @@ def create_server_disks(instance_dir, base_path, server):
     if server.get("volume_backed"):
         pass
     elif base_path:
-        # one qemu-img call: the overlay at the flavor's size or the image's, the larger
+        # the overlay at the flavor's size or the image's, the larger
         size = max(flavor["disk"] * 2 ** 30, image_virtual_size(base_path))
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base_path, "-F",
-                 image_format(base_path), root, str(size))
+        create_qcow2(root, size, base_path)
     else:
-        qemu_img("create", "-q", "-f", "qcow2", root, "%dG" % max(flavor["disk"], 1))
+        create_qcow2(root, max(flavor["disk"], 1) * 2 ** 30)
     create_missing_disks(instance_dir, server)
     return server_disks(instance_dir, server)
 
@@ -2432,7 +2484,7 @@ def create_missing_disks(instance_dir, server):
     for name, _, size in disk_layout(server)[1:]:
         path = os.path.join(instance_dir, name)
         if not os.path.exists(path):
-            qemu_img("create", "-q", "-f", "qcow2", path, size)
+            create_qcow2(path, size)
 
 
 # § 9 images ---------------------------------------------------------------------------
@@ -5267,6 +5319,8 @@ class Compute:
         self.threads_lock = threading.Lock()
         self.vif_waiters = {}          # server id -> {port id: Event}, while a build waits
         self.vif_lock = threading.Lock()
+        slots = app.conf.get("max_concurrent_builds", 10)
+        self.build_slots = threading.BoundedSemaphore(slots) if slots else None
 
     def driver_of(self, server):
         """The driver of the host the server is on (the first host's before it has one)."""
@@ -5381,7 +5435,14 @@ class Compute:
     def build(self, server, admin_pass, ident=None):
         """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE.
 
-        ident is the caller: volumes made for the server are made with its token."""
+        ident is the caller: volumes made for the server are made with its token.  At
+        most --max-concurrent-builds run at once (as Nova's option); the rest wait."""
+        if self.build_slots is None:
+            return self._build(server, admin_pass, ident)
+        with self.build_slots:
+            return self._build(server, admin_pass, ident)
+
+    def _build(self, server, admin_pass, ident):
         server_id = server["id"]
         self.update(server_id, task_state="scheduling")
         self.place(server_id, server.get("requested_host"))
@@ -6286,9 +6347,8 @@ class Compute:
             raise DriverError(f"Image {server['image_ref']} could not be found.")
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
         root = os.path.join(directory, "disk")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base), root)
-        if server["flavor"]["disk"] * 2 ** 30 > virtual_size(root):
-            qemu_img("resize", "-q", root, "%dG" % server["flavor"]["disk"])
+        create_qcow2(root, max(server["flavor"]["disk"] * 2 ** 30, image_virtual_size(base)),
+                     base)
         self.update(server_id, task_state="rebuild_spawning")
         server = self.store.data["servers"][server_id]
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
@@ -6391,8 +6451,7 @@ class Compute:
         self.driver_of(server).pull_files(directory)
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
         rescue_disk = os.path.join(directory, "disk.rescue")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", image_format(base),
-                 rescue_disk)
+        create_qcow2(rescue_disk, image_virtual_size(base), base)
         disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
         # as Nova's (non-stable) rescue: the rescue disk, the server's own disks, no volumes
         self.driver_of(server).redefine(dict(server, volumes=[]), disks,
@@ -13175,5 +13234,42 @@ def main(argv=None):
     return 0
 
 
+def run_from_bytecode():
+    """Run as `python3 minivan.py`, Python compiled this file from source, and the
+    compiler's memory (some 30 MB) stays with the process.  So the script replaces
+    itself (os.execv: same PID, as systemd expects) with an interpreter that imports
+    minivan from its cached bytecode in __pycache__, written here when missing or
+    stale.  Where that cannot be written, it runs on as it is."""
+    import importlib.util
+    import py_compile
+    source = os.path.abspath(__file__)
+    try:
+        cached = importlib.util.cache_from_source(source)
+        st = os.stat(source)
+        with open(cached, "rb") as f:
+            head = f.read(16)
+        fresh = len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and \
+            int.from_bytes(head[4:8], "little") == 0 and \
+            int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF and \
+            int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
+    except (OSError, NotImplementedError):
+        fresh = False
+    if not fresh:
+        try:
+            py_compile.compile(source, cfile=cached, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        except (OSError, py_compile.PyCompileError, NameError):
+            return
+    code = ("import sys; sys.path.insert(0, %r); import minivan; "
+            "sys.exit(minivan.main())" % os.path.dirname(source))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]])
+    except OSError:
+        return
+
+
 if __name__ == "__main__":
+    run_from_bytecode()
     sys.exit(main())

@@ -1623,6 +1623,25 @@ class DaemonTests(unittest.TestCase):
         except minivan.ConfigError as e:
             skip_or_fail(self, str(e))
 
+    def test_runs_from_cached_bytecode_under_the_same_pid(self):
+        """`python3 minivan.py` replaces itself with an import of minivan's cached
+        bytecode (the compiler's memory is not kept): same PID, a fresh .pyc."""
+        import importlib.util
+        tmp = tempfile.mkdtemp(prefix="minivan-pyc-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port = free_port()
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[1], b"-c")
+        self.assertIn(b"import minivan", argv[2])
+        cached = importlib.util.cache_from_source(os.path.join(HERE, "minivan.py"))
+        self.assertGreaterEqual(os.stat(cached).st_mtime,
+                                int(os.stat(os.path.join(HERE, "minivan.py")).st_mtime))
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+
     def test_sd_notify_ready_and_stopping(self):
         """With NOTIFY_SOCKET, minivan sends READY=1 once serving and STOPPING=1 on SIGTERM."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -5376,6 +5395,49 @@ class DiskTests(unittest.TestCase):
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.qcow2")))
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.raw")))
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "missing")))
+
+    def test_qcow2_images_written_in_python_are_what_qemu_img_makes(self):
+        """create_qcow2: qemu-img checks the images clean and reads the same size, base
+        and format as from its own; QEMU's block layer writes into them and reads the
+        base through them."""
+        if not shutil.which("qemu-img") or not shutil.which("qemu-io"):
+            skip_or_fail(self, "qemu-img not installed (apt install qemu-utils)")
+        tmp = tempfile.mkdtemp(prefix="minivan-qcow2-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        base = os.path.join(tmp, "base.raw")
+        with open(base, "wb") as f:
+            f.write(bytes(range(256)) * 4096)          # 1 MiB of a known pattern
+        for name, size, backing in (("plain", "5G", None), ("huge", "3T", None),
+                                    ("overlay", 2 ** 31, base)):
+            path = os.path.join(tmp, name + ".qcow2")
+            minivan.create_qcow2(path, size, backing)
+            ours = json.loads(subprocess.run(["qemu-img", "info", "--output=json", path],
+                                             capture_output=True, text=True).stdout)
+            ref = path + ".ref"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", ref,
+                            str(minivan.disk_bytes(size))] +
+                           (["-b", backing, "-F", "raw"] if backing else []), check=True)
+            theirs = json.loads(subprocess.run(["qemu-img", "info", "--output=json", ref],
+                                               capture_output=True, text=True).stdout)
+            for key in ("format", "virtual-size", "cluster-size", "backing-filename",
+                        "backing-filename-format"):
+                self.assertEqual(ours.get(key), theirs.get(key), (name, key))
+            self.assertEqual(ours["format-specific"]["data"]["refcount-bits"], 16)
+            subprocess.run(["qemu-img", "check", "-q", path], check=True)
+            subprocess.run(["qemu-io", "-c", "write -P 0xab 65536 1M", path], check=True,
+                           capture_output=True)
+            subprocess.run(["qemu-img", "check", "-q", path], check=True)
+            pattern = "read -P 0xab 65536 1M"
+            done = subprocess.run(["qemu-io", "-c", pattern, path], capture_output=True,
+                                  text=True)
+            self.assertNotIn("fail", done.stdout + done.stderr, name)
+        overlay = os.path.join(tmp, "overlay.qcow2")
+        done = subprocess.run(["qemu-img", "compare", "-q", base, overlay])
+        self.assertEqual(done.returncode, 1)       # the write above changed it
+        fresh = os.path.join(tmp, "fresh.qcow2")
+        minivan.create_qcow2(fresh, 2 ** 20, base)
+        self.assertEqual(subprocess.run(["qemu-img", "compare", "-q", base, fresh])
+                         .returncode, 0)
 
     def test_only_remote_hosts_are_asked_about_shared_storage(self):
         """A local libvirt and the test hypervisor see minivan's files; a libvirt reached
