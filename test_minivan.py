@@ -2545,6 +2545,28 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertIn("servers/detail latest", done.stdout)
 
 
+class HarnessTests(unittest.TestCase):
+    def test_harness_short_profile(self):
+        """tools/harness.py --profile short: fuzzing every route, a crash storm and load
+        with slow clients pass every check (the full profile is a README command)."""
+        if not have_libvirt() or not shutil.which("qemu-img"):
+            skip_or_fail(self, "the harness needs libvirt-python and qemu-img")
+        out = os.path.join(tempfile.mkdtemp(prefix="minivan-harness-"), "harness.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(out), True)
+        done = subprocess.run([sys.executable, os.path.join(HERE, "tools", "harness.py"),
+                               "--profile", "short", "--json", out], capture_output=True,
+                              text=True, timeout=900)
+        self.assertEqual(done.returncode, 0, done.stdout[-5000:] + done.stderr[-3000:])
+        with open(out) as f:
+            figures = json.load(f)
+        self.assertEqual(figures["fuzz"]["cases"], 1500)
+        self.assertEqual((figures["fuzz"]["5xx"], figures["fuzz"]["failures"]), (0, 0))
+        self.assertGreaterEqual(figures["crash"]["kills"], 5)
+        self.assertEqual((figures["crash"]["lost_changes"], figures["crash"]["leaked_dirs"],
+                          figures["crash"]["problems"]), (0, 0, 0))
+        self.assertEqual((figures["load"]["5xx"], figures["load"]["dropped"]), (0, 0))
+
+
 class PythonVersionTests(unittest.TestCase):
     def test_runs_on_python_310(self):
         """vermin: minivan.py needs nothing newer than Python 3.10."""
