@@ -640,20 +640,36 @@ class Store:
         plan may raise a Fault, and then nothing changes.  Returns plan's ops once
         they are durable."""
         with self.cond:
-            if self.broken:
-                raise Unavailable("minivan cannot write its state: %s" % self.broken)
-            ops = plan(self.data)
-            if not ops:
-                return ops
-            line = json.dumps({"ops": ops}, separators=(",", ":")) + "\n"
-            for op in ops:
-                for watcher in self.watchers:
-                    watcher(op, self.data)
-                apply_op(self.data, op)
-            self.pending.append(line)
-            self.seq += 1
-            self._wait_durable(self.seq)
+            ops, seq = self._apply(plan)
+            if seq:
+                self._wait_durable(seq)
             return ops
+
+    def apply(self, plan):
+        """transaction() without waiting for the disk: the change is applied (readers see
+        it) and queued; returns the number to give wait_durable() before acknowledging
+        it (0 when plan made no change).  Lets a caller release its own locks first."""
+        with self.cond:
+            return self._apply(plan)[1]
+
+    def wait_durable(self, seq):
+        with self.cond:
+            self._wait_durable(seq)
+
+    def _apply(self, plan):
+        if self.broken:
+            raise Unavailable("minivan cannot write its state: %s" % self.broken)
+        ops = plan(self.data)
+        if not ops:
+            return ops, 0
+        line = json.dumps({"ops": ops}, separators=(",", ":")) + "\n"
+        for op in ops:
+            for watcher in self.watchers:
+                watcher(op, self.data)
+            apply_op(self.data, op)
+        self.pending.append(line)
+        self.seq += 1
+        return ops, self.seq
 
     def reading(self):
         """Context manager: a consistent view of data while it is held (no disk waits)."""
@@ -5332,13 +5348,17 @@ class Compute:
     # -- records -------------------------------------------------------------------
     def update(self, server_id, **fields):
         """Set fields of a server record (durably) and bump updated_at."""
+        self.store.wait_durable(self.update_soon(server_id, **fields))
+
+    def update_soon(self, server_id, **fields):
+        """update() without waiting for the disk: returns what store.wait_durable takes."""
         def plan(data):
             server = data["servers"].get(server_id)
             if server is None:
                 return []
             fields.setdefault("updated_at", self.now())
             return [["set", ["servers", server_id], dict(server, **fields)]]
-        self.store.transaction(plan)
+        return self.store.apply(plan)
 
     def fail(self, server_id, exc, vm_state="error"):
         """Record a failed operation: ERROR with a fault, as Nova does."""
@@ -5488,7 +5508,9 @@ class Compute:
                 changes.update(migration_source=server.get("host"),
                                new_flavor=flavor if flavor is not None and
                                flavor != server["flavor"] else None)
-            self.update(server_id, **changes)
+            # the claim counts from here; the next placement need not wait for the disk
+            seq = self.update_soon(server_id, **changes)
+        self.store.wait_durable(seq)
         return host
 
     def prepare_disks(self, server):
