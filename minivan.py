@@ -199,6 +199,9 @@ OPTIONS = [
      "192.168.122.1:8775 (default: off; guests then use config drives)"),
     ("host", "", "compute host name (default: this machine's host name)"),
     ("max-body-size", "114688", "largest request body accepted, in bytes"),
+    ("max-connections", "1000", "client connections served at once; more get 503 at once"),
+    ("client-timeout", "60", "seconds a client may take to send one request, its headers "
+     "and body"),
     ("max-limit", "1000", "largest page a list returns"),
     ("journal-max-bytes", "16777216", "journal size that triggers a new snapshot"),
     ("debug", "false", "log every request and response (tokens and passwords excluded)"),
@@ -272,7 +275,7 @@ def finish_config(conf):
     for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
                 "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
-                "max_concurrent_builds"):
+                "max_concurrent_builds", "max_connections", "client_timeout"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -280,6 +283,9 @@ def finish_config(conf):
                               f"not {conf[key]!r}") from None
     if conf["max_concurrent_builds"] < 0:
         raise ConfigError("--max-concurrent-builds must not be negative")
+    for key in ("max_connections", "client_timeout"):
+        if conf[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
     for key in ("cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio",
                 "reserved_host_memory_mb", "reserved_host_disk_mb", "ram_weight_multiplier"):
         try:
@@ -5335,8 +5341,10 @@ class Compute:
         self.threads_lock = threading.Lock()
         self.vif_waiters = {}          # server id -> {port id: Event}, while a build waits
         self.vif_lock = threading.Lock()
-        slots = app.conf.get("max_concurrent_builds", 10)
-        self.build_slots = threading.BoundedSemaphore(slots) if slots else None
+        self.build_slots = app.conf.get("max_concurrent_builds", 10)   # 0: no limit
+        self.build_queue = queue.Queue()   # builds waiting for one of the build workers
+        self.build_workers = 0
+        self.queued = 0                    # builds queued or running there
 
     def driver_of(self, server):
         """The driver of the host the server is on (the first host's before it has one)."""
@@ -5357,6 +5365,11 @@ class Compute:
             if server is None:
                 return []
             fields.setdefault("updated_at", self.now())
+            if server.get("task_state") == "deleting" and "task_state" in fields and \
+                    fields.get("vm_state") not in ("deleted", "error"):
+                # a delete came in while this operation ran: it stays on record (a
+                # restart finishes it) until the delete itself ends
+                fields["task_state"] = "deleting"
             return [["set", ["servers", server_id], dict(server, **fields)]]
         return self.store.apply(plan)
 
@@ -5402,8 +5415,9 @@ class Compute:
         self.store.transaction(plan)
 
     # -- running operations --------------------------------------------------------
-    def run(self, server_id, request_id, event, work, on_error=None):
-        """Run work(server) in the background, serialised per server."""
+    def run(self, server_id, request_id, event, work, on_error=None, build=False):
+        """Run work(server) in the background, serialised per server.  A build waits
+        for one of --max-concurrent-builds build workers (as Nova's option)."""
         def body():
             started = self.now()
             with self.locks[server_id]:
@@ -5423,11 +5437,39 @@ class Compute:
                 if request_id:
                     self.finish_event(server_id, request_id, event, started, error)
 
+        if build and self.build_slots:
+            with self.threads_lock:
+                self.queued += 1
+                start = self.build_workers < min(self.build_slots, self.queued)
+                if start:
+                    self.build_workers += 1
+            self.build_queue.put(body)
+            if start:
+                threading.Thread(target=self._build_worker, daemon=True,
+                                 name="build-worker").start()
+            return
         thread = threading.Thread(target=self._tracked, args=(body,), daemon=True,
                                   name=f"{event}-{server_id[:8]}")
         with self.threads_lock:
             self.threads.add(thread)
         thread.start()
+
+    def _build_worker(self):
+        """Run queued builds; ends after 5 idle seconds."""
+        while True:
+            try:
+                body = self.build_queue.get(timeout=5)
+            except queue.Empty:
+                with self.threads_lock:
+                    if self.build_queue.empty():
+                        self.build_workers -= 1
+                        return
+                continue
+            try:
+                body()
+            finally:
+                with self.threads_lock:
+                    self.queued -= 1
 
     def _tracked(self, body):
         try:
@@ -5441,11 +5483,13 @@ class Compute:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.threads_lock:
-                threads = list(self.threads)
-            if not threads:
+                threads, queued = list(self.threads), self.queued
+            if not threads and not queued:
                 return True
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
+            if queued:
+                time.sleep(0.002)
         return False
 
     # -- building --------------------------------------------------------------------
@@ -5455,14 +5499,7 @@ class Compute:
     def build(self, server, admin_pass, ident=None):
         """scheduling -> networking -> block_device_mapping -> spawning -> ACTIVE.
 
-        ident is the caller: volumes made for the server are made with its token.  At
-        most --max-concurrent-builds run at once (as Nova's option); the rest wait."""
-        if self.build_slots is None:
-            return self._build(server, admin_pass, ident)
-        with self.build_slots:
-            return self._build(server, admin_pass, ident)
-
-    def _build(self, server, admin_pass, ident):
+        ident is the caller: volumes made for the server are made with its token."""
         server_id = server["id"]
         self.update(server_id, task_state="scheduling")
         self.place(server_id, server.get("requested_host"))
@@ -7340,7 +7377,7 @@ def servers_create(req):
         rid = compute.record_action(req, record["id"], "create")
         compute.run(record["id"], rid, "compute__do_build_and_run_instance",
                     lambda server, pw=admin_pass: compute.build(server, pw, req.ident),
-                    on_error=compute.build_failed)
+                    on_error=compute.build_failed, build=True)
     if bool_from_string(spec.get("return_reservation_id", False)):
         return 202, {"reservation_id": reservation_id}
     first = created[0]
@@ -9451,7 +9488,12 @@ def server_diagnostics_index(req):
     if server["vm_state"] in ("building",) or server.get("power_state") == NOSTATE:
         raise Conflict(f"Cannot 'get_diagnostics' instance {server['id']} while it is in "
                        f"vm_state {server['vm_state']}")
-    stats = req.app.compute.driver_of(server).get_diagnostics(server)
+    if not server.get("host"):
+        raise Conflict(f"Instance {server['id']} is not ready")
+    try:
+        stats = req.app.compute.driver_of(server).get_diagnostics(server)
+    except DriverError as e:
+        raise Conflict(f"Cannot 'get_diagnostics' instance {server['id']}: {e}") from None
     if not req.since("2.48"):
         old = {"cpu%d_time" % c["id"]: c["time"] for c in stats["cpu_details"]}
         old["memory"] = stats["memory_kb"]
@@ -12850,6 +12892,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, ssl.SSLError, socket.timeout, TimeoutError):
             self.close_connection = True
 
+    def handle_one_request(self):
+        """One request; the --client-timeout clock runs from its first byte to the end
+        of its body (an idle keep-alive connection waits `timeout` for the next one)."""
+        sock = self.connection
+        if not isinstance(sock, ssl.SSLSocket):
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    self.close_connection = True
+                    return
+            except OSError:
+                self.close_connection = True
+                return
+        self.server.receiving(sock)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.received(sock)
+
     def dispatch(self):
         app = self.server.app
         self.server.begin_request()
@@ -12860,6 +12920,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body, stream = b"", self.body_chunks()
             else:
                 body = self.read_body()
+            self.server.received(self.connection)    # (an upload may take its time)
             if body is False:
                 return
             resp = app.handle(self.command, self.path, self.headers, body,
@@ -13006,6 +13067,11 @@ class Server(http.server.ThreadingHTTPServer):
         self.app = app
         self.in_flight = 0
         self.idle = threading.Condition()
+        self.slots = threading.BoundedSemaphore(app.conf.get("max_connections", 1000))
+        self.client_timeout = app.conf.get("client_timeout", 60)
+        self.reading = {}              # socket -> when its request must have arrived
+        self.reading_lock = threading.Lock()
+        self.closed = threading.Event()
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self.address_family = family
         super().__init__((bind, port), Handler, bind_and_activate=False)
@@ -13024,6 +13090,67 @@ class Server(http.server.ThreadingHTTPServer):
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)   # no reverse DNS lookup of the address
         self.server_name, self.server_port = self.server_address[:2]
+
+    def server_activate(self):
+        super().server_activate()
+        threading.Thread(target=self.cut_slow_clients, daemon=True,
+                         name="slow-clients").start()
+
+    def server_close(self):
+        self.closed.set()
+        super().server_close()
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to --max-connections; past that, 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            LOG.warning("%d connections already (--max-connections): refusing one from %s",
+                        self.app.conf.get("max_connections", 1000), client_address[0])
+            if not isinstance(request, ssl.SSLSocket):
+                body = json.dumps(Unavailable("Too many connections; try again.").body())
+                try:
+                    request.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                     "application/json\r\nRetry-After: 1\r\nConnection: "
+                                     "close\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(body), body)).encode())
+                except OSError:
+                    pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def receiving(self, sock):
+        with self.reading_lock:
+            self.reading[sock] = time.monotonic() + self.client_timeout
+
+    def received(self, sock):
+        with self.reading_lock:
+            self.reading.pop(sock, None)
+
+    def cut_slow_clients(self):
+        """Close the connections whose request has not arrived in --client-timeout."""
+        while not self.closed.wait(1):
+            now = time.monotonic()
+            with self.reading_lock:
+                late = [sock for sock, deadline in self.reading.items() if deadline < now]
+                for sock in late:
+                    del self.reading[sock]
+            for sock in late:
+                LOG.warning("a client took more than %d s to send its request: closing it",
+                            self.client_timeout)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def begin_request(self):
         with self.idle:

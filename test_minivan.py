@@ -1527,6 +1527,58 @@ class SocketTests(SocketTestCase):
         self.assertIsNone(r.header("Access-Control-Allow-Origin"))
 
 
+class SlowClientTests(SocketTestCase):
+    """--max-connections and --client-timeout: slow or idle clients cannot hold every
+    thread, and a request that takes too long to arrive is cut off."""
+
+    conf = {"max_connections": "3", "client_timeout": "1"}
+
+    def test_connections_past_the_limit_get_503(self):
+        stalled = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            sock.send(b"GET /v2.1/flavors HTTP/1.1\r\n")        # and then nothing
+            stalled.append(sock)
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        answer = extra.recv(4096).decode()
+        extra.close()
+        self.assertTrue(answer.startswith("HTTP/1.1 503"), answer)
+        self.assertIn("Retry-After: 1", answer)
+        self.assertIn('"serviceUnavailable"', answer)
+        # each stalled request is cut after --client-timeout; then there is room again
+        for sock in stalled:
+            started = time.monotonic()
+            sock.settimeout(10)
+            self.assertEqual(sock.recv(100), b"")
+            self.assertLess(time.monotonic() - started, 5)
+            sock.close()
+        self.assertEqual(self.http("GET", "/v2.1/flavors").status, 200)
+
+    def test_a_trickled_request_is_cut_after_the_timeout(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.addCleanup(sock.close)
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /v2.1/flavors HTTP/1.1\r\nHost: x\r\nX-Auth-Token: a\r\n" * 3:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+            if time.monotonic() - started > 3:
+                break
+        if not closed:
+            sock.settimeout(5)
+            try:
+                closed = sock.recv(100) == b""
+            except OSError:
+                closed = True
+        self.assertTrue(closed)
+        self.assertLess(time.monotonic() - started, 4.5)
+
+
 class PublicUrlTests(SocketTestCase):
     conf = {"public_url": "https://compute.example.com:8443/"}
 

@@ -46,11 +46,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))
 import minivan                                  # noqa: E402  the route table
-from bench import Daemon, free_port             # noqa: E402  the daemon and its port
+from bench import Daemon, make_image            # noqa: E402  the daemon, an image
 
 PROFILES = {"short": {"fuzz": 1500, "kills": 5, "ops": 250, "load_s": 20, "clients": 50},
             "full": {"fuzz": 5000, "kills": 25, "ops": 1000, "load_s": 60, "clients": 50}}
 TOKEN = "admin:admin"
+CLIENT_TIMEOUT = 5                      # the load part's minivan --client-timeout
 
 
 class Failure(Exception):
@@ -63,6 +64,7 @@ def raw_call(port, method, path, body=b"", headers=None, timeout=10):
     try:
         hdrs = {"X-Auth-Token": TOKEN, "Content-Type": "application/json"}
         hdrs.update(headers or {})
+        hdrs = {k: v.encode("utf-8") for k, v in hdrs.items()}    # any header bytes
         conn.request(method, path, body=body if body else None, headers=hdrs)
         resp = conn.getresponse()
         raw = resp.read()
@@ -83,6 +85,7 @@ def call(port, method, path, body=None, version=None, timeout=30):
 
 
 def start_daemon(data, extra=None):
+    make_image(os.path.join(data, "images"))
     daemon = Daemon(data)
     for key, value in (extra or {}).items():
         os.environ[key] = value
@@ -92,6 +95,14 @@ def start_daemon(data, extra=None):
         for key in extra or {}:
             os.environ.pop(key, None)
     return daemon
+
+
+def unlimited(port):
+    """No quota on servers for the admin project; returns the image to boot."""
+    call(port, "PUT", "/os-quota-sets/admin", {"quota_set": {
+        "instances": -1, "cores": -1, "ram": -1}})
+    _, images = call(port, "GET", "/images", version="2.35")
+    return images["images"][0]["id"]
 
 
 def state_digest(data):
@@ -527,8 +538,7 @@ def crash(profile, seed, report):
     data = tempfile.mkdtemp(prefix="minivan-crash-")
     extra = {"MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"}
     daemon = start_daemon(data, extra)
-    _, images = call(daemon.port, "GET", "/images", version="2.35")
-    image = images["images"][0]["id"]
+    image = unlimited(daemon.port)
     ledger, stop, pause = Ledger(), threading.Event(), threading.Event()
     port_box = [daemon.port]
     clients = [threading.Thread(target=crash_client, daemon=True,
@@ -631,39 +641,46 @@ def load_client(port, seconds, image, rng, out):
 
 
 def slow_client(port, kind, stop, out):
-    """Trickle a request byte by byte, or promise a body and never send it."""
-    held = 0
+    """Trickle a request byte by byte, or promise a body and never send it; records how
+    long minivan let each such connection hang."""
+    held = []
     while not stop.is_set():
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=120)
         except OSError:
             time.sleep(0.1)
             continue
+        t0 = time.monotonic()
         try:
             if kind == "trickle":
-                for byte in b"GET /v2.1/flavors HTTP/1.1\r\nHost: x\r\nX-Auth-Token: a\r\n":
+                sock.settimeout(0.5)
+                for byte in b"GET /v2.1/flavors HTTP/1.1\r\nHost: x\r\nX-Auth-Token: a\r\n" * 20:
                     if stop.is_set():
                         break
                     sock.send(bytes([byte]))
-                    time.sleep(0.5)
+                    try:
+                        if not sock.recv(100):         # closed on us
+                            break
+                    except socket.timeout:
+                        pass
             else:
                 sock.send(b"PUT /v2.1/servers/x HTTP/1.1\r\nHost: x\r\nX-Auth-Token: a\r\n"
                           b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
-            sock.settimeout(120)
-            data = sock.recv(100)          # the server gives up on us, or answers
-            held += data is not None
+                sock.settimeout(120)
+                sock.recv(100)
         except OSError:
-            held += 1
+            pass
         finally:
             sock.close()
+        if not stop.is_set():
+            held.append(time.monotonic() - t0)
     out.append(held)
 
 
 def load(profile, seed, report):
     data = tempfile.mkdtemp(prefix="minivan-load-")
-    daemon = start_daemon(data)
-    _, images = call(daemon.port, "GET", "/images", version="2.35")
-    image = images["images"][0]["id"]
+    daemon = start_daemon(data, {"MINIVAN_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT)})
+    image = unlimited(daemon.port)
     out, slow_out, stop = [], [], threading.Event()
     slow = [threading.Thread(target=slow_client, args=(daemon.port, kind, stop, slow_out),
                              daemon=True) for kind in ("trickle", "stall") * 10]
@@ -684,6 +701,8 @@ def load(profile, seed, report):
     except OSError:
         alive = False
     threads_now = len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+    for thread in slow:
+        thread.join(CLIENT_TIMEOUT + 10)
     daemon.stop()
     latencies = sorted(x for lat, _ in out for x in lat)
     errors = [e for _, errs in out for e in errs]
@@ -691,13 +710,20 @@ def load(profile, seed, report):
     dropped = sum("dropped" in e for e in errors)
     pct = (lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] *
                            1000, 2)) if latencies else (lambda q: None)
+    holds = [h for held in slow_out for h in held]
+    longest = round(max(holds), 1) if holds else None
+    if longest is None or longest > CLIENT_TIMEOUT + 3:
+        errors.append(f"slow clients were held {longest} s (--client-timeout "
+                      f"{CLIENT_TIMEOUT})")
     report["load"] = {"clients": profile["clients"], "slow_clients": len(slow),
+                      "slow_connections_cut": len(holds), "slow_longest_s": longest,
                       "seconds": round(took, 1), "requests": len(latencies), "5xx": five,
                       "dropped": dropped, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
                       "daemon_threads_at_end": threads_now, "alive": alive}
     print(f"load: {profile['clients']} clients + {len(slow)} slow ones for {took:.1f} s: "
           f"{len(latencies)} requests, {five} 5xx, {dropped} dropped, p50 {pct(0.5)} ms, "
-          f"p99 {pct(0.99)} ms; {threads_now} daemon threads at the end; "
+          f"p99 {pct(0.99)} ms; {len(holds)} slow connections cut after at most "
+          f"{longest} s; {threads_now} daemon threads at the end; "
           f"{'answering' if alive else 'NOT answering'}")
     for line in errors[:20]:
         print("  FAIL " + line)
