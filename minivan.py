@@ -6059,6 +6059,8 @@ class Compute:
         needs_domain = vm != "shelved_offloaded" and (vm != "error" or server.get("launched_at"))
         if server_id not in domains:
             if not needs_domain or (vm == "error" and not server.get("host")):
+                if task is not None:           # an operation the restart interrupted
+                    self.update(server_id, task_state=None)
                 return
             if self.driver_of(server).simulated:
                 self.redefine_simulated(server)
@@ -6128,11 +6130,29 @@ class Compute:
         self.sync_server(server, state)
 
     def sync_server(self, server, state):
-        """Record the domain's power state; learn addresses; reclaim soft-deleted servers."""
+        """Record the domain's power state; learn addresses; reclaim soft-deleted servers.
+        Skips a server an operation holds; a change is checked again under its lock."""
         server_id = server["id"]
-        busy = server["vm_state"] in ("deleted", "building") or server.get("task_state")
-        if busy or self.locks[server_id].locked():
+        lock = self.locks[server_id]
+        if not lock.acquire(blocking=False):
             return
+        try:
+            self._sync_server(server_id, state)
+        finally:
+            lock.release()
+
+    def _sync_server(self, server_id, state):
+        server = self.store.data["servers"].get(server_id)
+        if server is None:
+            return
+        busy = server["vm_state"] in ("deleted", "building") or server.get("task_state")
+        if busy:
+            return
+        if state != server.get("power_state"):
+            try:                               # the state seen may be older than the lock
+                state = self.driver_of(server).get_info(server)
+            except (DriverError, Unavailable):
+                return
         if state != server.get("power_state"):
             changes = {"power_state": state}
             if server["vm_state"] == "active" and state in (SHUTDOWN, CRASHED):

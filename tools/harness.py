@@ -470,6 +470,20 @@ def crash_client(port_box, ledger, image, rng, stop, pause):
             time.sleep(0.05)                  # killed under us: unacknowledged
 
 
+def list_all(port):
+    """{id: server} of every server, page after page."""
+    servers, marker = {}, None
+    while True:
+        status, body = call(port, "GET", "/servers/detail?all_tenants=1&limit=1000" +
+                            (f"&marker={marker}" if marker else ""), version="2.60")
+        if status != 200:
+            raise Failure(f"listing the servers: {status} {body}")
+        servers.update((s["id"], s) for s in body["servers"])
+        if not body.get("servers_links") or not body["servers"]:
+            return servers
+        marker = body["servers"][-1]["id"]
+
+
 def verify_after_restart(port, data, ledger):
     """The checks of one restart; returns a list of problems."""
     problems = []
@@ -481,8 +495,7 @@ def verify_after_restart(port, data, ledger):
     # every server settles: no task left half-way
     deadline = time.monotonic() + 60
     while True:
-        status, body = call(port, "GET", "/servers/detail?all_tenants=1", version="2.60")
-        servers = {s["id"]: s for s in body["servers"]}
+        servers = list_all(port)
         busy = [s["id"] for s in servers.values() if s["OS-EXT-STS:task_state"] is not None
                 or s["status"] not in ("ACTIVE", "SHUTOFF", "ERROR")]
         if not busy or time.monotonic() > deadline:
