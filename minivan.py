@@ -560,9 +560,10 @@ class Store:
         self.data = None
         self.seq = 0            # changes applied in memory
         self.durable = 0        # changes known to be on disk
-        self.pending = []       # journal lines not yet written
+        self.pending = []       # (seq, journal line, undo ops) not yet written
+        self.failed = set()     # seqs whose write failed (undone; their waiters get 503)
         self.flushing = False
-        self.broken = None      # set when a write failed; mutations then fail
+        self.broken = None      # why the state cannot be written, while it cannot
         self.journal = None
         self.lock_fd = None
         self.watchers = []      # watcher(op, data) runs before each op is applied
@@ -663,19 +664,29 @@ class Store:
             self._wait_durable(seq)
 
     def _apply(self, plan):
-        if self.broken:
-            raise Unavailable("minivan cannot write its state: %s" % self.broken)
         ops = plan(self.data)
         if not ops:
             return ops, 0
         line = json.dumps({"ops": ops}, separators=(",", ":")) + "\n"
+        undo = []
         for op in ops:
+            undo.append(inverse_op(self.data, op))
             for watcher in self.watchers:
                 watcher(op, self.data)
             apply_op(self.data, op)
-        self.pending.append(line)
+        undo.reverse()
         self.seq += 1
+        self.pending.append((self.seq, line, undo))
         return ops, self.seq
+
+    def _undo(self, entries):
+        """Take back changes whose journal write failed, newest first."""
+        for seq, _, undo in reversed(entries):
+            for op in undo:
+                for watcher in self.watchers:
+                    watcher(op, self.data)
+                apply_op(self.data, op)
+            self.failed.add(seq)
 
     def reading(self):
         """Context manager: a consistent view of data while it is held (no disk waits)."""
@@ -683,9 +694,13 @@ class Store:
 
     def _wait_durable(self, mine):
         """Group commit: the first waiter writes everyone's lines, the rest wait."""
-        while self.durable < mine:
-            if self.broken:
-                raise Unavailable("minivan cannot write its state: %s" % self.broken)
+        while True:
+            if mine in self.failed:
+                self.failed.discard(mine)
+                raise Unavailable(f"minivan cannot write its state ({self.broken}); the "
+                                  f"change was not made", headers={"Retry-After": "5"})
+            if self.durable >= mine:
+                return
             if self.flushing:
                 self.cond.wait()
                 continue
@@ -693,21 +708,37 @@ class Store:
             batch, upto = self.pending, self.seq
             self.pending = []
             self.cond.release()
+            error = None
             try:
-                self._write(b"".join(s.encode("utf-8") for s in batch))
-                error = None
+                good = self._journal_size()
+                self._write(b"".join(line.encode("utf-8") for _, line, _ in batch))
             except OSError as e:
                 error = e
+                try:                           # no torn line stays behind the good ones
+                    os.ftruncate(self.journal, good)
+                except OSError:
+                    pass
             finally:
                 self.cond.acquire()
             self.flushing = False
             if error:
+                # everything not on disk is taken back: the failed batch and what came
+                # after it (applied on top of it); each waiter gets 503, nothing is lost
+                # that was acknowledged, and the next change tries the disk again
+                later, self.pending = self.pending, []
+                self._undo(batch + later)
+                if not self.broken:
+                    LOG.error("writing the journal failed: %s; changes get 503 until it "
+                              "works again", error)
                 self.broken = str(error)
-                LOG.error("journal write failed: %s; refusing further changes", error)
             else:
                 self.durable = upto
+                if self.broken:
+                    LOG.info("the journal is writable again")
+                    self.broken = None
             self.cond.notify_all()
-            if not error and self._journal_size() > self.journal_max_bytes:
+            if not error and not self.pending and \
+                    self._journal_size() > self.journal_max_bytes:
                 self._snapshot_locked()
 
     def _write(self, payload):
@@ -725,17 +756,19 @@ class Store:
 
     # -- snapshots ---------------------------------------------------------
     def snapshot(self):
+        """Fold the journal into state.json (what is pending is written first)."""
         with self.cond:
-            while self.flushing:
-                self.cond.wait()
-            self._snapshot_locked()
+            while self.flushing or self.pending:
+                if self.pending:
+                    self._wait_durable(self.seq)
+                else:
+                    self.cond.wait()
+            return self._snapshot_locked()
 
     def _snapshot_locked(self):
-        """Write state.json atomically, then start an empty journal.  Caller holds cond."""
-        if self.pending:        # flush first so nothing is lost with the old journal
-            self._write(b"".join(s.encode("utf-8") for s in self.pending))
-            self.pending = []
-            self.durable = self.seq
+        """Write state.json atomically, then start an empty journal.  Caller holds cond,
+        and nothing is pending.  Where it cannot be written, the journal stays (it holds
+        everything) and False is returned."""
         doc = {"schema_version": SCHEMA_VERSION, "saved_at": isotime_us(Clock().now()),
                "data": self.data}
         tmp = self.path + ".tmp"
@@ -755,9 +788,13 @@ class Store:
                 with open(self.journal_path, "w"):
                     pass
         except OSError as e:
-            self.broken = str(e)
-            LOG.error("snapshot failed: %s; refusing further changes", e)
-            raise Unavailable("minivan cannot write its state: %s" % e) from None
+            LOG.error("writing %s failed: %s; the journal keeps the changes", self.path, e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return False
+        return True
 
     def _fsync_dir(self):
         fd = os.open(self.dir, os.O_RDONLY)
@@ -768,12 +805,28 @@ class Store:
 
     def close(self):
         """Fold the journal into a snapshot and release the lock."""
-        if self.data is not None and not self.broken:
-            self.snapshot()
+        if self.data is not None:
+            try:
+                self.snapshot()
+            except Unavailable as e:
+                LOG.error("%s: the journal keeps what was acknowledged", e)
         for fd in (self.journal, self.lock_fd):
             if fd is not None:
                 os.close(fd)
         self.journal = self.lock_fd = None
+
+
+def inverse_op(root, op):
+    """The op that takes op back, read from root before op is applied."""
+    path = op[1]
+    node = root
+    for i, key in enumerate(path[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            return ["del", path[:i + 1]]
+        node = node[key]
+    if isinstance(node, dict) and path[-1] in node:
+        return ["set", path, node[path[-1]]]
+    return ["del", path]
 
 
 def apply_op(root, op):

@@ -1320,6 +1320,33 @@ class StateTests(AppTestCase):
         self.assertEqual(open(os.path.join(self.tmp, "state.json.journal")).read(), before)
 
 
+class JournalFailureTests(AppTestCase):
+    def test_a_failed_journal_write_takes_the_change_back(self):
+        """A change whose journal write fails is undone in memory (new paths, replaced
+        and deleted values alike) and answered 503; the next change writes again."""
+        store = self.store
+        before = json.dumps(store.data, sort_keys=True)
+        real = store._write
+
+        def full(payload):
+            raise OSError(28, "No space left on device")
+        store._write = full
+        with self.assertRaises(minivan.Unavailable) as caught:
+            store.commit([["set", ["keypairs", "u1", "k"], {"name": "k"}],
+                          ["set", ["counters", "keypair"], 99], ["del", ["flavors", "1"]]])
+        self.assertEqual(caught.exception.headers.get("Retry-After"), "5")
+        self.assertEqual(json.dumps(store.data, sort_keys=True), before)
+        r = self.post("/v2.1/os-keypairs", {"keypair": {"name": "k2"}})
+        self.assertFault(r, 503, "serviceUnavailable")
+        self.assertEqual(self.get("/v2.1/os-keypairs/k2").status, 404)
+        store._write = real
+        self.assertEqual(self.post("/v2.1/os-keypairs", {"keypair": {"name": "k3"}}).status,
+                         200)
+        self.restart_app()
+        self.assertEqual(self.get("/v2.1/os-keypairs/k3").status, 200)
+        self.assertEqual(self.get("/v2.1/flavors/1").status, 200)
+
+
 class FlavorSeedTests(unittest.TestCase):
     def test_flavors_file_replaces_builtin_on_first_start(self):
         """--flavors FILE seeds a fresh state with its flavors instead of the built-in set."""
@@ -1771,6 +1798,101 @@ class DaemonTests(unittest.TestCase):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
             self.assertIn("AUTHENTICATION IS OFF", proc.stderr.read())
+
+
+class DiskFullTests(unittest.TestCase):
+    """The data directory on a small tmpfs that fills up: changes get 503 with
+    Retry-After and are not made, reads go on, and changes work again once there is
+    room; a restart finds exactly the acknowledged changes."""
+
+    def setUp(self):
+        try:
+            minivan.import_libvirt()
+        except minivan.ConfigError as e:
+            skip_or_fail(self, str(e))
+        self.tmp = tempfile.mkdtemp(prefix="minivan-full-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data = os.path.join(self.tmp, "data")
+        os.makedirs(self.data)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", self.data],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            skip_or_fail(self, "cannot mount a tmpfs here: " + done.stderr.strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", self.data], capture_output=True)
+        self.port = free_port()
+        self.start()
+
+    def start(self):
+        env = dict(os.environ, MINIVAN_DATA_DIR=self.data, MINIVAN_PORT=str(self.port),
+                   MINIVAN_LIBVIRT_URI="test:///default", MINIVAN_BIND="127.0.0.1")
+        self.log = open(os.path.join(self.tmp, "minivan.log"), "a")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py")],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: self.proc.poll() is None and self.proc.kill())
+        self.addCleanup(self.log.close)
+        self.assertTrue(wait_healthy(self.port, self.proc, 30))
+
+    def stop(self):
+        self.proc.terminate()
+        self.assertEqual(self.proc.wait(30), 0)
+
+    def call(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
+                     {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        return resp.status, dict(resp.getheaders()), json.loads(raw) if raw else None
+
+    def fill_disk(self):
+        filler = os.path.join(self.data, "filler")
+        try:
+            with open(filler, "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        return filler
+
+    def test_a_full_disk_refuses_changes_and_loses_nothing(self):
+        status, _, made = self.call("POST", "/os-keypairs", {"keypair": {"name": "before"}})
+        self.assertEqual(status, 200)
+        for n in range(3):
+            self.assertEqual(self.call("POST", "/flavors", {"flavor": {
+                "name": f"ok{n}", "ram": 64, "vcpus": 1, "disk": 1}})[0], 200)
+        filler = self.fill_disk()
+        refused = 0
+        for n in range(20):            # the first ones may still fit in the last block
+            status, headers, body = self.call("POST", "/flavors", {"flavor": {
+                "name": f"full{n}", "ram": 64, "vcpus": 1, "disk": 1}})
+            if status == 503:
+                refused += 1
+                self.assertEqual(headers.get("Retry-After"), "5")
+                self.assertIn("cannot write its state", body["serviceUnavailable"]["message"])
+            else:
+                self.assertEqual(status, 200)
+        self.assertGreater(refused, 0)
+        # reads go on, and show no refused change
+        status, _, flavors = self.call("GET", "/flavors/detail")
+        self.assertEqual(status, 200)
+        names = {f["name"] for f in flavors["flavors"]}
+        self.assertTrue({"ok0", "ok1", "ok2"} <= names)
+        kept = {name for name in names if name.startswith("full")}
+        self.assertEqual(len(kept), 20 - refused)
+        self.assertEqual(self.call("GET", "/os-keypairs/before")[0], 200)
+        # room again: changes work again
+        os.unlink(filler)
+        self.assertEqual(self.call("POST", "/flavors", {"flavor": {
+            "name": "after", "ram": 64, "vcpus": 1, "disk": 1}})[0], 200)
+        self.stop()
+        with open(os.path.join(self.data, "state.json")) as f:
+            stored = {f["name"] for f in json.load(f)["data"]["flavors"].values()}
+        self.assertEqual({n for n in stored if n.startswith(("ok", "full", "after"))},
+                         {"ok0", "ok1", "ok2", "after"} | kept)
+        self.start()
+        status, _, flavors = self.call("GET", "/flavors/detail")
+        self.assertEqual({f["name"] for f in flavors["flavors"]}, names | {"after"})
 
 
 class SystemdUnitTests(unittest.TestCase):
