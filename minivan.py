@@ -47,10 +47,11 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §30 API: aggregates                     host aggregates; their zones become the host's
     §31 API: migrations                     every move between hosts is a migration record
     §32 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §33 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §34 HTTP front end                      app, server, handler, TLS, CORS
-    §35 systemd and signals                 sd_notify, watchdog, background loops
-    §36 main
+    §33 failure injection                   rules that make builds, actions and hosts fail
+    §34 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §35 HTTP front end                      app, server, handler, TLS, CORS
+    §36 systemd and signals                 sd_notify, watchdog, background loops
+    §37 main
 """
 
 import argparse
@@ -205,6 +206,8 @@ OPTIONS = [
     ("max-limit", "1000", "largest page a list returns"),
     ("journal-max-bytes", "16777216", "journal size that triggers a new snapshot"),
     ("debug", "false", "log every request and response (tokens and passwords excluded)"),
+    ("fault-injection", "false", "let admins make minivan fail on purpose "
+     "(/minivan/v1/faults and minivan:* server metadata)"),
 ]
 SECRET_OPTIONS = [("keystone-password", "", "service user's password "
                    "(only from MINIVAN_KEYSTONE_PASSWORD or --config)")]
@@ -297,7 +300,7 @@ def finish_config(conf):
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     for key in ("debug", "force_config_drive", "enable_instance_password",
                 "resume_guests_state_on_host_boot", "instance_usage_audit",
-                "vif_plugging_is_fatal"):
+                "vif_plugging_is_fatal", "fault_injection"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
@@ -1475,6 +1478,7 @@ class LibvirtDriver:
         self.event_id = None
         self.graphics_listen = None    # address of the guests' VNC servers; None: no VNC
         self.files_shared = None       # shares_files() of a remote host, once asked
+        self.injected_down = False     # a failure-injection rule says this host is down
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1507,6 +1511,8 @@ class LibvirtDriver:
 
     def connect(self):
         """Open the connection if it is closed; True when usable."""
+        if self.injected_down:
+            return False
         with self.lock:
             if self.conn is not None:
                 try:
@@ -1533,7 +1539,7 @@ class LibvirtDriver:
 
     @property
     def available(self):
-        return self.conn is not None
+        return self.conn is not None and not self.injected_down
 
     def close(self):
         with self.lock:
@@ -1553,7 +1559,7 @@ class LibvirtDriver:
 
         libvirt connections are thread-safe: calls run concurrently, only (re)connecting
         takes the lock."""
-        if self.conn is None and not self.connect():
+        if self.injected_down or self.conn is None and not self.connect():
             raise Unavailable("The hypervisor is unreachable.")
         try:
             return fn(*args)
@@ -5468,7 +5474,8 @@ class Compute:
         self.store.transaction(plan)
 
     # -- running operations --------------------------------------------------------
-    def run(self, server_id, request_id, event, work, on_error=None, build=False):
+    def run(self, server_id, request_id, event, work, on_error=None, build=False,
+            delayed=False):
         """Run work(server) in the background, serialised per server.  A build waits
         for one of --max-concurrent-builds build workers (as Nova's option)."""
         def body():
@@ -5490,6 +5497,18 @@ class Compute:
                 if request_id:
                     self.finish_event(server_id, request_id, event, started, error)
 
+        delay = self.app.faults.build_delay(self.store.data["servers"].get(server_id, {})) \
+            if build and not delayed and self.app.faults is not None else 0
+        if delay:                        # failure injection: the build waits first
+            def later():
+                time.sleep(delay)
+                self.run(server_id, request_id, event, work, on_error, build, delayed=True)
+            thread = threading.Thread(target=self._tracked, args=(later,), daemon=True,
+                                      name=f"delay-{server_id[:8]}")
+            with self.threads_lock:
+                self.threads.add(thread)
+            thread.start()
+            return
         if build and self.build_slots:
             with self.threads_lock:
                 self.queued += 1
@@ -5554,6 +5573,8 @@ class Compute:
 
         ident is the caller: volumes made for the server are made with its token."""
         server_id = server["id"]
+        if self.app.faults is not None:
+            self.app.faults.fail_build(server)
         self.update(server_id, task_state="scheduling")
         self.place(server_id, server.get("requested_host"))
         self.update(server_id, task_state="networking")
@@ -12232,7 +12253,178 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 33 ROUTES and ACTIONS --------------------------------------------------------------
+# § 33 failure injection --------------------------------------------------------------
+#
+# For people who test their own tools against minivan: with --fault-injection, an admin
+# makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
+# Rules live in memory (a restart clears them); server metadata keys do the same for
+# one server.
+
+FAULT_KINDS = ("build", "build_delay", "action", "delete", "host_down")
+FAULT_RULE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["fault"],
+    "properties": {"fault": {
+        "type": "object", "additionalProperties": False, "required": ["kind"],
+        "properties": {
+            "kind": {"type": "string", "enum": list(FAULT_KINDS)},
+            "name": {"type": "string", "minLength": 1, "maxLength": 255},
+            "action": {"type": "string", "minLength": 1, "maxLength": 255},
+            "count": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "message": {"type": "string", "minLength": 1, "maxLength": 255},
+            "seconds": {"type": "number", "minimum": 0, "maximum": 3600},
+            "host": {"type": "string", "minLength": 1, "maxLength": 255}}}}}
+
+
+class InjectedFault(Fault):
+    """An API answer a failure-injection rule asked for."""
+
+    def __init__(self, code, message):
+        self.code = code
+        super().__init__(message)
+
+
+class FaultRules:
+    """The failure-injection rules, and the servers' own minivan:* metadata keys."""
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()
+        self.rules = {}                # id -> rule
+        self.delete_failures = {}      # server id -> minivan:fail_delete failures left
+
+    def add(self, spec):
+        rule = {"id": str(uuid.uuid4()), "kind": spec["kind"], "name": spec.get("name", ".*"),
+                "action": spec.get("action", "*"), "count": spec.get("count", 1),
+                "status": spec.get("status", 500),
+                "message": spec.get("message", "Injected fault"),
+                "seconds": spec.get("seconds", 0), "host": spec.get("host"), "fired": 0}
+        try:
+            re.compile(rule["name"])
+        except re.error as e:
+            raise BadRequest(f"Invalid name pattern: {e}") from None
+        if rule["kind"] == "host_down":
+            if rule["host"] not in self.app.drivers:
+                raise BadRequest(f"host_down needs a compute host; {rule['host']!r} is not one")
+            rule["count"] = None
+        elif rule["host"] is not None:
+            raise BadRequest("Only host_down rules name a host.")
+        if rule["kind"] == "build_delay" and not rule["seconds"]:
+            raise BadRequest("A build_delay rule needs seconds.")
+        with self.lock:
+            self.rules[rule["id"]] = rule
+        if rule["kind"] == "host_down":
+            LOG.warning("failure injection: compute host %s is down", rule["host"])
+            self.app.drivers[rule["host"]].injected_down = True
+        return dict(rule)
+
+    def remove(self, rule_id):
+        with self.lock:
+            rule = self.rules.pop(rule_id, None)
+            still_down = {r["host"] for r in self.rules.values() if r["kind"] == "host_down"}
+        if rule is None:
+            raise NotFound(f"Fault rule {rule_id} could not be found.")
+        if rule["kind"] == "host_down" and rule["host"] not in still_down:
+            LOG.warning("failure injection: compute host %s is back", rule["host"])
+            self.app.drivers[rule["host"]].injected_down = False
+
+    def list(self):
+        with self.lock:
+            return [dict(rule) for rule in self.rules.values()]
+
+    def take(self, kind, server, action=None):
+        """The first rule of this kind that matches the server (and action), used once
+        more (a rule whose count is spent goes away); None when none matches."""
+        with self.lock:
+            for rule in list(self.rules.values()):
+                if rule["kind"] != kind or not re.search(rule["name"], server.get("name", "")):
+                    continue
+                if kind == "action" and rule["action"] not in ("*", action):
+                    continue
+                rule["fired"] += 1
+                if rule["count"] is not None:
+                    rule["count"] -= 1
+                    if rule["count"] <= 0:
+                        del self.rules[rule["id"]]
+                LOG.warning("failure injection: %s of server %s (%s)", kind, server["id"],
+                            rule["message"])
+                return rule
+        return None
+
+    def fail_build(self, server):
+        """Raise the build failure a rule or minivan:fail_build asks for."""
+        rule = self.take("build", server)
+        if rule is not None:
+            raise DriverError(rule["message"])
+        message = server.get("metadata", {}).get("minivan:fail_build")
+        if message:
+            raise DriverError(message if message.lower() not in BOOL_TRUE
+                              else "Injected fault")
+
+    def build_delay(self, server):
+        """Seconds a build waits first (a rule, or minivan:build_delay)."""
+        rule = self.take("build_delay", server)
+        if rule is not None:
+            return rule["seconds"]
+        try:
+            return min(3600.0, max(0.0, float(server.get("metadata", {}).get(
+                "minivan:build_delay", 0))))
+        except ValueError:
+            return 0.0
+
+    def fail_api(self, kind, server, action=None):
+        """Raise the answer a rule (or minivan:fail_delete) gives this request."""
+        rule = self.take(kind, server, action)
+        if rule is not None:
+            raise InjectedFault(rule["status"], rule["message"])
+        if kind != "delete":
+            return
+        with self.lock:
+            left = self.delete_failures.get(server["id"])
+            if left is None:
+                try:
+                    left = int(server.get("metadata", {}).get("minivan:fail_delete", 0))
+                except ValueError:
+                    left = 0
+            if left > 0:
+                self.delete_failures[server["id"]] = left - 1
+                raise InjectedFault(500, "Injected fault: minivan:fail_delete")
+
+
+def faults_endpoint(app, method, path, headers, body):
+    """/minivan/v1/faults[/{id}]: list, create and delete failure-injection rules (admin
+    only; 404 unless --fault-injection)."""
+    if app.faults is None:
+        raise NotFound("Failure injection is off (--fault-injection).")
+    ident = app.auth.identify(headers.get("X-Auth-Token"))
+    if not ident.is_admin:
+        raise Forbidden("Only administrators can inject failures.")
+    rest = path[len("/minivan/v1/faults"):].strip("/")
+    if not rest and method == "GET":
+        return 200, {"faults": app.faults.list()}
+    if not rest and method == "POST":
+        ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype not in JSON_TYPES_ALLOWED:
+            raise BadMediaType()
+        try:
+            doc = json.loads((body or b"").decode("utf-8"), parse_constant=reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise BadRequest("Malformed request body") from None
+        validate_body(type("FaultRequest", (), {"body": doc, "legacy": False}),
+                      FAULT_RULE_SCHEMA)
+        return 201, {"fault": app.faults.add(doc["fault"])}
+    if rest and "/" not in rest and method == "DELETE":
+        app.faults.remove(rest)
+        return 204, None
+    if rest and "/" not in rest and method == "GET":
+        for rule in app.faults.list():
+            if rule["id"] == rest:
+                return 200, {"fault": rule}
+        raise NotFound(f"Fault rule {rest} could not be found.")
+    raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
+
+
+# § 34 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -12568,7 +12760,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 34 HTTP front end ------------------------------------------------------------------
+# § 35 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -12640,6 +12832,7 @@ class App:
         self.claims = Claims(store)
         self.usage = ServerUsage(store)
         self.server_order = ServerOrder(store)
+        self.faults = FaultRules(self) if conf.get("fault_injection") else None
         self.image_service = ImageService(self)
         self.console_tokens = ConsoleTokens()
 
@@ -12741,6 +12934,8 @@ class App:
         if path == "/image" or path.startswith("/image/"):
             return self.handle_image(method, path[len("/image"):], split.query, headers, body,
                                      stream)
+        if path == "/minivan/v1/faults" or path.startswith("/minivan/v1/faults/"):
+            return self.handle_faults(method, path, headers, body)
         if body is None and not path.startswith("/v2"):
             return Response(413, TooLarge().body())
         if path in ("", "/"):
@@ -12786,6 +12981,25 @@ class App:
         resp.headers.append(("x-openstack-request-id", request_id))
         LOG.info("\"%s /image%s\" status: %s len: %s", method, rest, resp.status,
                  len(resp.payload))
+        CURRENT_REQUEST.reset(token)
+        return resp
+
+    def handle_faults(self, method, path, headers, body):
+        request_id = new_request_id()
+        token = CURRENT_REQUEST.set(request_id)
+        try:
+            if body is None:
+                raise TooLarge()
+            status, doc = faults_endpoint(self, method, path, headers, body)
+            resp = Response(status, doc)
+        except Fault as fault:
+            resp = self.fault_response(fault, None)
+        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
+            LOG.exception("unexpected error in %s %s", method, path)
+            resp = Response(500, {"computeFault": {"code": 500,
+                                                   "message": unexpected_error_message(exc)}})
+        resp.headers.append(("x-openstack-request-id", request_id))
+        LOG.info("\"%s %s\" status: %s len: %s", method, path, resp.status, len(resp.payload))
         CURRENT_REQUEST.reset(token)
         return resp
 
@@ -12927,6 +13141,10 @@ class App:
             raise NotFound()
         if route.persona in ("admin", "any", "reader", "member", "manager", "service"):
             authorize(req, route.rule, route.persona, req.ident.project_id)
+        if self.faults is not None and "server_id" in req.params and route.handler and (
+                route.action or (method == "DELETE" and route.path == "/servers/{server_id}")):
+            self.faults.fail_api("action" if route.action else "delete",
+                                 find_server(req, req.params["server_id"]), route.action)
         if route.handler is None:
             if "server_id" in req.params:
                 find_server(req, req.params["server_id"])
@@ -13245,7 +13463,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 35 systemd and signals -------------------------------------------------------------
+# § 36 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -13311,7 +13529,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 36 main ----------------------------------------------------------------------------
+# § 37 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])

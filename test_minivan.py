@@ -1554,6 +1554,109 @@ class SocketTests(SocketTestCase):
         self.assertIsNone(r.header("Access-Control-Allow-Origin"))
 
 
+class FaultInjectionTests(SocketTestCase):
+    """--fault-injection: rules at /minivan/v1/faults and minivan:* metadata make builds
+    fail or wait, actions and deletes fail, and hosts go down; off, none of it exists."""
+
+    conf = {"fault_injection": "true"}
+
+    def faults(self, method, path="", body=None, token="admin:admin"):
+        conn = self.connect()
+        conn.request(method, "/minivan/v1/faults" + path,
+                     json.dumps(body) if body is not None else None,
+                     {"X-Auth-Token": token, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        return resp.status, json.loads(raw) if raw else None
+
+    def boot(self, name, **extra):
+        make_image(self.app.conf["images_dir"])
+        image = self.get("/v2.1/images", version="2.35").json()["images"][0]["id"]
+        r = self.post("/v2.1/servers", {"server": dict(
+            name=name, imageRef=image, flavorRef="1", **extra)})
+        self.assertEqual(r.status, 202, r.raw)
+        return r.json()["server"]["id"]
+
+    def status(self, server_id):
+        return self.get(f"/v2.1/servers/{server_id}").json()["server"]
+
+    def test_rules(self):
+        status, body = self.faults("POST", body={"fault": {
+            "kind": "build", "name": "^doomed", "count": 1, "message": "disk on fire"}})
+        self.assertEqual(status, 201)
+        rule = body["fault"]
+        self.assertEqual(self.faults("GET")[1]["faults"][0]["id"], rule["id"])
+        self.assertEqual(self.faults("GET", "", token="demo:demo")[0], 403)
+        self.assertEqual(self.faults("POST", body={"fault": {"kind": "nope"}})[0], 400)
+        self.assertEqual(self.faults("POST", body={"fault": {"kind": "host_down",
+                                                             "host": "nowhere"}})[0], 400)
+        self.assertEqual(self.faults("POST", body={"fault": {"kind": "build",
+                                                             "name": "("}})[0], 400)
+        doomed = self.boot("doomed-1")
+        spared = self.boot("spared")
+        self.app.compute.wait_idle()
+        self.assertEqual(self.status(doomed)["status"], "ERROR")
+        self.assertEqual(self.status(doomed)["fault"]["message"], "disk on fire")
+        self.assertEqual(self.status(spared)["status"], "ACTIVE")
+        self.assertEqual(self.faults("GET")[1]["faults"], [])        # count spent
+        # an action fails with the status asked for, twice, and nothing happens
+        self.faults("POST", body={"fault": {"kind": "action", "action": "os-stop",
+                                            "count": 2, "status": 409, "message": "no"}})
+        for _ in range(2):
+            r = self.post(f"/v2.1/servers/{spared}/action", {"os-stop": None})
+            self.assertFault(r, 409, "conflictingRequest")
+        self.assertEqual(self.status(spared)["status"], "ACTIVE")
+        self.assertEqual(self.post(f"/v2.1/servers/{spared}/action", {"os-stop": None})
+                         .status, 202)
+        # a delete fails until the rule goes
+        _, body = self.faults("POST", body={"fault": {"kind": "delete", "count": None,
+                                                      "status": 503}})
+        self.assertFault(self.delete(f"/v2.1/servers/{spared}"), 503, "serviceUnavailable")
+        self.assertEqual(self.faults("DELETE", "/" + body["fault"]["id"])[0], 204)
+        self.assertEqual(self.faults("DELETE", "/" + body["fault"]["id"])[0], 404)
+        self.assertEqual(self.delete(f"/v2.1/servers/{spared}").status, 204)
+
+    def test_host_down_and_back(self):
+        server_id = self.boot("host-test")
+        self.app.compute.wait_idle()
+        host = self.status(server_id)["OS-EXT-SRV-ATTR:host"]
+        _, body = self.faults("POST", body={"fault": {"kind": "host_down", "host": host}})
+        services = self.get("/v2.1/os-services?binary=nova-compute").json()["services"]
+        self.assertEqual([s["state"] for s in services], ["down"])
+        self.assertEqual(self.status(server_id)["host_status"] if "host_status" in
+                         self.status(server_id) else self.get(
+                             f"/v2.1/servers/{server_id}", version="2.16").json()["server"]
+                         ["host_status"], "UNKNOWN")
+        self.assertFault(self.post(f"/v2.1/servers/{server_id}/action", {"os-stop": None}),
+                         503, "serviceUnavailable")
+        self.faults("DELETE", "/" + body["fault"]["id"])
+        self.assertTrue(self.app.driver.connect())
+        services = self.get("/v2.1/os-services?binary=nova-compute").json()["services"]
+        self.assertEqual([s["state"] for s in services], ["up"])
+
+    def test_metadata_keys(self):
+        doomed = self.boot("m1", metadata={"minivan:fail_build": "no room"})
+        slow = self.boot("m2", metadata={"minivan:build_delay": "0.5",
+                                         "minivan:fail_delete": "1"})
+        time.sleep(0.2)
+        self.assertEqual(self.status(slow)["status"], "BUILD")
+        self.app.compute.wait_idle()
+        self.assertEqual(self.status(doomed)["fault"]["message"], "no room")
+        self.assertEqual(self.status(slow)["status"], "ACTIVE")
+        self.assertFault(self.delete(f"/v2.1/servers/{slow}"), 500, "computeFault")
+        self.assertEqual(self.delete(f"/v2.1/servers/{slow}").status, 204)
+
+
+class FaultInjectionOffTests(SocketTestCase):
+    def test_off_by_default(self):
+        conn = self.connect()
+        conn.request("GET", "/minivan/v1/faults", headers={"X-Auth-Token": "admin:admin"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 404)
+        self.assertIn("itemNotFound", resp.read().decode())
+
+
 class SlowClientTests(SocketTestCase):
     """--max-connections and --client-timeout: slow or idle clients cannot hold every
     thread, and a request that takes too long to arrive is cut off."""
