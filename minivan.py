@@ -573,7 +573,7 @@ class Store:
 
     # -- start-up --------------------------------------------------------
     def open(self):
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.dir, mode=0o711, exist_ok=True)   # QEMU reaches instances/ inside
         self._take_lock()
         fresh = not os.path.exists(self.path)
         if fresh:
@@ -12764,7 +12764,8 @@ def find_routes(segments):
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
-SECRET_FIELDS = re.compile(r'("(?:private_key|adminPass|password|auth_token|token)"\s*:\s*)'
+SECRET_FIELDS = re.compile(r'("(?:private_key|adminPass|password|auth_token|token|user_data|'
+                           r'OS-EXT-SRV-ATTR:user_data|contents|new_password)"\s*:\s*)'
                            r'"(?:[^"\\]|\\.)*"')
 CORS_EXPOSE = ("x-openstack-request-id, x-compute-request-id, OpenStack-API-Version, "
                "X-OpenStack-Nova-API-Version")

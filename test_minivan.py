@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1824,6 +1825,51 @@ class DaemonTests(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(30), 0)
 
+    def test_secrets_stay_out_of_the_log_and_files_are_private(self):
+        """With --debug (request and response bodies logged): admin passwords, user data,
+        personality contents and generated private keys never reach the log; the state
+        files are 0600, in a directory others may not list (0711: QEMU, running as its
+        own user, reaches the disks inside)."""
+        tmp = tempfile.mkdtemp(prefix="minivan-secrets-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        make_image(os.path.join(tmp, "images"))
+        port = free_port()
+        proc = self.start(tmp, port, {"MINIVAN_DEBUG": "true",
+                                      "MINIVAN_IMAGES_DIR": os.path.join(tmp, "images")})
+        self.wait_up(port, proc)
+        secrets_ = {"adminPass": "Sw0rdfish-Secret", "user": "#!/bin/sh\necho TOPSECRETDATA\n",
+                    "file": "PERSONALITY-SECRET"}
+        image = compute_request(self, port, "GET", "/images", "admin:admin",
+                                version="2.35").json()["images"][0]["id"]
+        made = compute_request(self, port, "POST", "/servers", "admin:admin", {"server": {
+            "name": "s", "imageRef": image, "flavorRef": "1", "adminPass":
+            secrets_["adminPass"], "user_data": base64.b64encode(
+                secrets_["user"].encode()).decode(), "personality": [{
+                    "path": "/etc/x", "contents": base64.b64encode(
+                        secrets_["file"].encode()).decode()}]}}, version="2.31")
+        self.assertEqual(made.status, 202, made.raw)
+        server_id = made.json()["server"]["id"]
+        compute_request(self, port, "GET", f"/servers/{server_id}", "admin:admin",
+                        version="2.3")
+        key = compute_request(self, port, "POST", "/os-keypairs", "admin:admin",
+                              {"keypair": {"name": "k"}}).json()["keypair"]["private_key"]
+        compute_request(self, port, "POST", f"/servers/{server_id}/action", "admin:admin",
+                        {"changePassword": {"adminPass": "An0ther-Secret"}})
+        proc.terminate()
+        proc.wait(30)
+        log = proc.stderr.read()
+        self.assertIn("request POST /v2.1/servers body", log)
+        for value in (secrets_["adminPass"], "An0ther-Secret", "TOPSECRETDATA",
+                      base64.b64encode(secrets_["user"].encode()).decode(),
+                      base64.b64encode(secrets_["file"].encode()).decode(),
+                      key.splitlines()[1]):
+            self.assertNotIn(value, log)
+        data = os.path.join(tmp, "data")
+        self.assertEqual(stat.S_IMODE(os.stat(data).st_mode), 0o711)   # no listing
+        for name in ("state.json", "state.json.journal", "state.lock"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data, name)).st_mode), 0o600,
+                             name)
+
     def test_sd_notify_ready_and_stopping(self):
         """With NOTIFY_SOCKET, minivan sends READY=1 once serving and STOPPING=1 on SIGTERM."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -2717,6 +2763,49 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(self.api("GET", "/os-quota-sets/no-such-project", admin).status, 400)
         r = self.api("POST", "/flavors/1/action", admin, {"addTenantAccess": {"tenant": "nope"}})
         self.assertEqual(r.status, 400)
+
+    def test_policy_matrix_from_the_route_table(self):
+        """Every route of the dispatch table, generated from it: no token and a garbage
+        token get 401 (public version documents aside), a member gets 403 on admin,
+        manager and service routes, a reader 403 on every route that needs more than a
+        reader, and removed APIs 410, as Nova's default policy answers."""
+        demo, reader = self.token("demo", "demo"), self.token("demo_reader", "demo")
+        images = self.api("GET", "/images", demo, version="2.35").json()["images"]
+        server_id = str(uuid.uuid4())      # a server of the member's project, where one
+        if images:                         # can boot (Nova looks some servers up first)
+            made = self.api("POST", "/servers", demo, {"server": {
+                "name": "matrix", "imageRef": images[0]["id"], "flavorRef": "1",
+                "networks": "none"}}, version="2.37")
+            self.assertEqual(made.status, 202, made.raw)
+            server_id = made.json()["server"]["id"]
+            self.addCleanup(self.api, "DELETE", "/servers/" + server_id, demo)
+        wrong, checked = [], 0
+        for route in minivan.ROUTES:
+            path = "/" + "/".join(server_id if seg == "{server_id}" else "1"
+                                  if seg.startswith("{") else seg for seg in route.segments)
+            if path == "/":
+                path = ""
+            body = ({route.action: None} if route.action else {}) \
+                if route.method in ("POST", "PUT") else None
+            cases = [(None, 401), ("garbage-token", 401)] if route.rule != "none" else []
+            if route.gone:
+                cases.append((demo, 410))
+            else:
+                if route.persona in ("admin", "manager", "service"):
+                    cases.append((demo, 403))
+                if route.persona in ("member", "admin", "manager", "service"):
+                    cases.append((reader, 403))
+            for token, want in cases:
+                got = self.api(route.method, path, token, body,
+                               version=minivan.version_text(route.min))
+                checked += 1
+                if got.status != want:
+                    who = {None: "no token", demo: "member", reader: "reader"}.get(
+                        token, token)
+                    wrong.append(f"{route.method} {route.path} {route.action or ''} as "
+                                 f"{who}: {got.status}, not {want}")
+        self.assertEqual(wrong, [])
+        self.assertGreater(checked, 500)
 
     def test_glance_images_snapshots_and_shelve(self):
         """With Glance in the catalog: image create --file into Glance, server create --image
