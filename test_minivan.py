@@ -3019,6 +3019,29 @@ class ServerTestCase(AppTestCase):
 
 
 class ServerLifecycleTests(ServerTestCase):
+    def test_hostile_names_make_valid_domains_and_safe_files(self):
+        """XML and shell metacharacters in a server's name, metadata, tags, user data and
+        an image's name end up escaped in the domain XML (which libvirt accepts and gives
+        back intact) and never in a file name."""
+        hostile = "<x a='1'>&amp;\"; $(touch /tmp/minivan-pwned) `id` ]]> ../../etc"
+        image_dir = self.app.conf["images_dir"]
+        make_image(image_dir, name="img-" + "x;$(id)")
+        server_id = self.new_server(name=hostile[:200], metadata={"k.x": hostile[:255]},
+                                    user_data=base64.b64encode(hostile.encode()).decode())
+        self.assertEqual(self.put(f"/v2.1/servers/{server_id}/tags/a%3Cb%3E", None,
+                                  version="2.26").status, 201)
+        dom = self.app.driver.conn.lookupByUUIDString(server_id)
+        xml = dom.XMLDesc(0)
+        import xml.etree.ElementTree as ET
+        root = ET.fromstring(xml)                    # well-formed
+        names = [el.text for el in root.iter() if el.tag.endswith("name")]
+        self.assertIn(hostile[:200], names)          # the name came back intact
+        self.assertFalse(os.path.exists("/tmp/minivan-pwned"))
+        for dirpath, dirnames, filenames in os.walk(self.app.conf["instances_dir"]):
+            for name in dirnames + filenames:
+                self.assertRegex(name, r"^[A-Za-z0-9._-]+$")
+        self.assertEqual(self.server(server_id)["name"], hostile[:200])
+
     def test_create_boots_a_domain(self):
         """POST /servers answers 202 with Location and adminPass; the build ends ACTIVE with a
         running domain carrying minivan's metadata."""
