@@ -4276,8 +4276,6 @@ class SecondHostTests(unittest.TestCase):
         if done.returncode != 0:
             raise RuntimeError("tools/second-host.sh up failed: " + done.stderr)
         cls.uri_two = done.stdout.strip().splitlines()[-1]
-        with open(os.path.join(cls.work, "two", "libvirtd.pid")) as f:
-            cls.pid_two = f.read().strip()
         cls.port = free_port()
         cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
         start_minivan(cls, cls.port, data=cls.data, env_extra={
@@ -4315,7 +4313,9 @@ class SecondHostTests(unittest.TestCase):
 
     def on_two(self, *cmd):
         """A command run where host two's daemon and guests see files."""
-        return subprocess.run(["nsenter", "-t", self.pid_two, "-m", *cmd],
+        with open(os.path.join(self.work, "two", "libvirtd.pid")) as f:
+            pid = f.read().strip()             # (a revived daemon has a new one)
+        return subprocess.run(["nsenter", "-t", pid, "-m", *cmd],
                               capture_output=True, text=True, timeout=60)
 
     def files_on_two(self, server_id):
@@ -4392,6 +4392,42 @@ class SecondHostTests(unittest.TestCase):
         self.assertEqual(self.show(server_id)["OS-EXT-SRV-ATTR:host"], "one")
         self.assertIsNone(self.files_on_two(server_id))
         self.assertIn(server_id, self.domains("qemu:///system"))
+
+    def test_libvirtd_killed_during_builds(self):
+        """two's libvirtd is killed while servers build there: reads go on, the host
+        goes down, and once its libvirtd is back minivan reconnects on its own; each
+        server ends ACTIVE with its domain running there, or in ERROR with a fault."""
+        tool, two = os.path.join(HERE, "tools", "second-host.sh"), os.path.join(self.work,
+                                                                                 "two")
+        ids = []
+        for n in range(3):
+            server = self.osc_json("server", "create", "--image", self.image, "--flavor",
+                                   "1", "--nic", "auto", "--host", "two", f"crash-{n}")
+            ids.append(server["id"])
+            self.addCleanup(self.delete, server["id"])
+        time.sleep(0.5)
+        subprocess.run([tool, "kill", two], check=True, capture_output=True, timeout=60)
+        listed = {s["ID"] for s in self.osc_json("server", "list")}
+        self.assertTrue(set(ids) <= listed)                        # reads go on
+
+        def two_state():
+            return [s["State"] for s in self.osc_json("compute", "service", "list",
+                                                      "--host", "two")]
+        wait_until(lambda: two_state() == ["down"], timeout=60, what="two down")
+        subprocess.run([tool, "revive", two], check=True, capture_output=True, timeout=60)
+        wait_until(lambda: two_state() == ["up"], timeout=60, what="two up")
+        wait_until(lambda: all(self.show(i)["status"] in ("ACTIVE", "ERROR") and
+                               not self.show(i)["OS-EXT-STS:task_state"] for i in ids),
+                   timeout=180, what="the servers settled")
+        running = set(subprocess.run(["virsh", "-q", "-c", self.uri_two, "list", "--uuid"],
+                                     capture_output=True, text=True).stdout.split())
+        for server_id in ids:
+            server = self.show(server_id)
+            if server["status"] == "ACTIVE":
+                self.assertIn(server_id, running)
+            else:
+                self.assertTrue(server["fault"]["message"])
+                self.assertNotIn(server_id, running)
 
     def test_live_block_migration(self):
         server_id = self.create_on("live", "one")

@@ -4,6 +4,8 @@
 #
 #   tools/second-host.sh up DIR [PRIVATE...]   start it; prints its libvirt URI
 #   tools/second-host.sh stop DIR              destroy its domains, stop its daemons
+#   tools/second-host.sh kill DIR              SIGKILL its libvirtd (guests run on)
+#   tools/second-host.sh revive DIR            start that libvirtd again, in its namespace
 #
 # The daemon (libvirtd 9 + its own virtlogd) runs in a mount namespace of its own
 # (unshare -m) with fresh tmpfs over /run/libvirt and /var/lib/libvirt, a copy of
@@ -23,7 +25,7 @@ BRIDGE=${MINIVAN_TEST_BRIDGE:-mvtest0}
 HOST_UUID=${MINIVAN_SECOND_HOST_UUID:-6d696e69-7661-6e2d-686f-737432000002}
 
 say() { echo "second-host: $*" >&2; }
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # pid_of DIR NAME: the pid in DIR/NAME.pid if it is still that program
 pid_of() {
@@ -102,8 +104,33 @@ stop() {
     say "stopped"
 }
 
+# kill DIR: what a crash of libvirtd does; its guests and virtlogd keep running
+kill_daemon() {
+    local pid
+    pid=$(pid_of "$1" libvirtd) || { say "its libvirtd is not running"; exit 1; }
+    kill -9 "$pid"
+    for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    say "libvirtd $pid killed"
+}
+
+# revive DIR: libvirtd again, in the mount namespace its virtlogd (and guests) live in
+revive() {
+    local dir=$1 anchor
+    pid_of "$dir" libvirtd >/dev/null && { say "its libvirtd is running"; return; }
+    anchor=$(pid_of "$dir" virtlogd) || { say "its virtlogd is gone: use up"; exit 1; }
+    rm -f "$dir/libvirtd.pid"
+    nsenter -t "$anchor" -m libvirtd -d -p "$dir/libvirtd.pid" -f /etc/libvirt/libvirtd.conf
+    for _ in $(seq 50); do
+        virsh -q -c "$(uri_of "$dir")" version >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    say "libvirtd revived: pid $(pid_of "$dir" libvirtd)"
+}
+
 case ${1:-} in
     up) [[ $# -ge 2 ]] || usage; shift; up "$@" ;;
     stop) [[ $# -eq 2 ]] || usage; stop "$2" ;;
+    kill) [[ $# -eq 2 ]] || usage; kill_daemon "$2" ;;
+    revive) [[ $# -eq 2 ]] || usage; revive "$2" ;;
     *) usage ;;
 esac
