@@ -52,6 +52,7 @@ PROFILES = {"short": {"fuzz": 1500, "kills": 5, "ops": 250, "load_s": 20, "clien
             "full": {"fuzz": 5000, "kills": 25, "ops": 1000, "load_s": 60, "clients": 50}}
 TOKEN = "admin:admin"
 CLIENT_TIMEOUT = 5                      # the load part's minivan --client-timeout
+MAX_BODY = 114688                       # minivan's default --max-body-size
 
 
 class Failure(Exception):
@@ -347,10 +348,15 @@ def fuzz(profile, seed, report):
             try:
                 status, parsed, raw = raw_call(daemon.port, route.method, path, body, headers)
             except (OSError, http.client.HTTPException) as e:
-                failures.append(f"{what}: no answer ({e})")
                 if daemon.proc.poll() is not None:
-                    failures.append("the daemon died")
+                    failures.append(f"{what}: the daemon died")
                     break
+                if len(body) > MAX_BODY and isinstance(e, (BrokenPipeError,
+                                                           ConnectionResetError)):
+                    # minivan answered 413 and closed before the body was all sent
+                    statuses[413] = statuses.get(413, 0) + 1
+                    continue
+                failures.append(f"{what}: no answer ({e})")
                 continue
             statuses[status] = statuses.get(status, 0) + 1
             if status >= 500 and not (status == 501 and not route.built):
