@@ -1151,7 +1151,8 @@ class KeystoneAuth:
         self.cache = collections.OrderedDict()   # sha256(token) -> Identity
         self.cache_size = conf["token_cache_size"]
         self.known_projects = {}                  # project id -> when Keystone confirmed it
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()             # the caches
+        self.service_lock = threading.Lock()     # minivan's own token, while it is fetched
         self.service_token = None
         self.service_expires = None
         self.service_project_id = None
@@ -1182,7 +1183,7 @@ class KeystoneAuth:
             raise Unavailable("The identity service is unreachable.") from None
 
     def _get_service_token(self, force=False):
-        with self.lock:
+        with self.service_lock:       # not the caches' lock: cached tokens wait for nothing
             now = self.clock.now()
             if not force and self.service_token and self.service_expires \
                     and self.service_expires - now > datetime.timedelta(seconds=60):

@@ -2864,6 +2864,87 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         finally:
             stop_minivan(Holder)
 
+    def test_keystone_down_or_slow(self):
+        """Keystone behind a proxy that goes down, then answers nothing: tokens minivan
+        already validated keep working, new ones get 503 (at once when Keystone is
+        down, within minivan's 10 s timeout when it hangs), and all works again after."""
+        target = urllib.parse.urlsplit(self.env["OS_AUTH_URL"])
+        mode = {"now": "pass"}
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        held = []
+
+        def pipe(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        def serve():
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                if mode["now"] == "down":
+                    client.close()
+                elif mode["now"] == "slow":
+                    held.append(client)              # accepted, never answered
+                else:
+                    upstream = socket.create_connection((target.hostname, target.port))
+                    for a, b in ((client, upstream), (upstream, client)):
+                        threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        proxy = f"http://127.0.0.1:{listener.getsockname()[1]}{target.path}"
+
+        class Holder:
+            pass
+        port = free_port()
+        start_minivan(Holder, port, env_extra={
+            "MINIVAN_KEYSTONE_URL": proxy,
+            "MINIVAN_KEYSTONE_USERNAME": self.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": self.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": self.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1"})
+        self.addCleanup(stop_minivan, Holder)
+
+        def flavors(token):
+            started = time.monotonic()
+            status = compute_request(self, port, "GET", "/flavors", token, timeout=60).status
+            return status, time.monotonic() - started
+        demo, reader = self.token("demo", "demo"), self.token("demo_reader", "demo")
+        alt = self.token("alt_demo", "alt_demo")
+        self.assertEqual(flavors(demo)[0], 200)              # validated, now cached
+        mode["now"] = "down"
+        self.assertEqual(flavors(demo)[0], 200)
+        status, took = flavors(reader)
+        self.assertEqual(status, 503)
+        self.assertLess(took, 3)
+        mode["now"] = "slow"
+        slow = []
+        threading.Thread(target=lambda: slow.append(flavors(reader)), daemon=True).start()
+        time.sleep(0.5)
+        status, took = flavors(demo)                          # not held up by the hang
+        self.assertEqual(status, 200)
+        self.assertLess(took, 2)
+        wait_until(lambda: slow, timeout=30, what="the hung validation to end")
+        self.assertEqual(slow[0][0], 503)
+        self.assertLess(slow[0][1], 15)
+        mode["now"] = "pass"
+        for sock in held:
+            sock.close()
+        self.assertEqual(flavors(alt)[0], 200)
+
     def test_tempest(self):
         """Every Tempest test in tools/tempest-pass.txt passes against minivan behind Keystone."""
         listing = os.environ.get("MINIVAN_TEMPEST_LIST", os.path.join(HERE, "tools",
