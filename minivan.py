@@ -65,6 +65,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import http.client
 import http.server
 import ipaddress
 import queue
@@ -1178,7 +1179,7 @@ class KeystoneAuth:
         except urllib.error.HTTPError as e:
             e.read()
             return e.code, e.headers, None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             LOG.error("Keystone at %s is unreachable: %s", self.url, e)
             raise Unavailable("The identity service is unreachable.") from None
 
@@ -2827,7 +2828,7 @@ class GlanceImages:
                 if e.code == 401 and attempt == 0:
                     continue
                 return e.code, None
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 LOG.error("Glance at %s is unreachable: %s", self.url, e)
                 raise Unavailable("The image service is unreachable.") from None
         return 401, None
@@ -2893,17 +2894,30 @@ class GlanceImages:
             expected = image.get("os_hash_value") or image.get("checksum")
             digest = hashlib.new(algo if image.get("os_hash_value") else "md5")
             tmp = target + ".part"
-            with open(tmp, "wb") as f:
-                def write(chunk):
-                    digest.update(chunk)
-                    f.write(chunk)
-                status, _ = self._request("GET", f"/v2/images/{image['id']}/file",
-                                          stream_to=write)
-            if status != 200 or (expected and digest.hexdigest() != expected):
-                os.unlink(tmp)
-                raise DriverError(f"downloading image {image['id']} failed "
-                                  f"({'HTTP %s' % status if status != 200 else 'bad checksum'})")
-            os.replace(tmp, target)
+            got = [0]
+            try:
+                with open(tmp, "wb") as f:
+                    def write(chunk):
+                        digest.update(chunk)
+                        got[0] += len(chunk)
+                        try:
+                            f.write(chunk)
+                        except OSError as e:     # this host's fault, not Glance's
+                            raise DriverError(f"writing image {image['id']} failed: "
+                                              f"{e.strerror or e}") from None
+                    status, _ = self._request("GET", f"/v2/images/{image['id']}/file",
+                                              stream_to=write)
+                size = image.get("size") or 0
+                if status != 200 or (size and got[0] != size) or \
+                        (expected and digest.hexdigest() != expected):
+                    why = f"HTTP {status}" if status != 200 else \
+                        f"{got[0]} of {size} bytes" if size and got[0] != size else \
+                        "bad checksum"
+                    raise DriverError(f"downloading image {image['id']} failed ({why})")
+                os.replace(tmp, target)
+            finally:                            # a cut or refused download leaves nothing
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             os.chmod(target, 0o644)
             return target
 
@@ -3236,13 +3250,17 @@ def call_service(service, url, method, headers, body, error, message_of):
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:
         raise error(e.code, message_of(e.read(), e.code)) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         LOG.error("the %s at %s is unreachable: %s", service, url, e)
         raise Unavailable(f"The {service} is unreachable.") from None
 
 
 class VolumeError(ServiceError):
     """Cinder refused a call."""
+
+
+class VolumeGone(DriverError):
+    """A volume waited for is no longer in Cinder."""
 
 
 class Cinder:
@@ -3321,7 +3339,7 @@ class Cinder:
         while True:
             volume = self.get(ident, volume_id)
             if volume is None:
-                raise DriverError(f"volume {volume_id} disappeared")
+                raise VolumeGone(f"volume {volume_id} disappeared")
             if volume["status"] in want:
                 return volume
             if volume["status"].startswith("error") or time.monotonic() > deadline:
@@ -5640,16 +5658,20 @@ class Compute:
         return path
 
     def build_failed(self, server_id, exc):
-        """A failed build leaves no domain and no disks behind."""
+        """A failed build leaves nothing behind: no domain, disks or claim; the ports and
+        volumes it made are deleted and the ones it was given are handed back.  Those
+        that could not be released stay on record, for the server's delete to retry."""
         server = self.store.data["servers"].get(server_id)
-        if server is not None:
-            self.cleanup(server)
+        kept = self.cleanup(server, failed_build=True) if server is not None else {}
         self.fail(server_id, exc)
-        self.update(server_id, power_state=NOSTATE, host=None, node=None)   # no claim left
+        self.update(server_id, power_state=NOSTATE, host=None, node=None,   # no claim left
+                    **kept)
 
-    def cleanup(self, server, keep_volumes=False):
+    def cleanup(self, server, keep_volumes=False, failed_build=False):
         """Remove the domain, its filter and files; the volumes' attachments end (and
-        delete_on_termination volumes go) unless keep_volumes (shelve offload)."""
+        delete_on_termination volumes go) unless keep_volumes (shelve offload).  A failed
+        build (failed_build) also deletes the volumes it made; returns the ports and
+        volumes that could not be released."""
         try:
             if self.app.drivers and (server.get("host") or not server.get("launched_at")):
                 driver = self.driver_of(server)
@@ -5664,12 +5686,14 @@ class Compute:
                         self.instance_dir(server))
         except (DriverError, Unavailable) as e:
             LOG.warning("server %s: removing its domain failed: %s", server["id"], e)
-        self.release_ports(server, unbind_only=keep_volumes)
+        ports = self.release_ports(server, unbind_only=keep_volumes)
         if keep_volumes:
             self.disconnect_volumes(server)
+            volumes = server.get("volumes", [])
         else:
-            self.release_volumes(server)
+            volumes = self.release_volumes(server, made_too=failed_build)
         shutil.rmtree(self.instance_dir(server), ignore_errors=True)
+        return {"ports": ports, "volumes": volumes}
 
     def refresh_filters(self, project_id):
         """Re-write the network filters of a project's servers after its security groups,
@@ -5756,19 +5780,29 @@ class Compute:
         (unbound, no device).  unbind_only (shelve offload) keeps them all, unbound."""
         ports = [p for p in server.get("ports", []) if p.get("neutron")]
         if not ports:
-            return
-        try:
-            neutron = self.neutron()
-            for port in ports:
+            return []
+        kept = []
+        for port in ports:
+            try:
+                neutron = self.neutron()
                 if unbind_only:
                     neutron.update_port(port["id"], {"binding:host_id": None})
+                    kept.append(port)
                 elif port.get("created"):
                     neutron.delete_port(port["id"])
                 else:
                     neutron.update_port(port["id"], {"device_id": "", "device_owner": "",
                                                      "binding:host_id": None})
-        except (NetworkError, Unavailable) as e:
-            LOG.warning("server %s: releasing its ports failed: %s", server["id"], e)
+            except NetworkError as e:
+                if e.status != 404:              # a port already gone is released
+                    LOG.warning("server %s: releasing port %s failed: %s", server["id"],
+                                port["id"], e)
+                    kept.append(port)
+            except Unavailable as e:
+                LOG.warning("server %s: releasing port %s failed: %s", server["id"],
+                            port["id"], e)
+                kept.append(port)
+        return kept
 
     def expect_plugged(self, server):
         """Waiters for Neutron's network-vif-plugged events of the server's ports, set up
@@ -5888,22 +5922,30 @@ class Compute:
             self.set_volume(server["id"], dict(vol, attachment_id=held["id"],
                                                connection_info=None))
 
-    def release_volumes(self, server):
+    def release_volumes(self, server, made_too=False):
         """Delete the server's attachments; delete the volumes marked
-        delete_on_termination once Cinder has let go of them."""
-        cinder = self.app.volumes if server.get("volumes") else None
+        delete_on_termination (and with made_too, the ones minivan made for it) once
+        Cinder has let go of them.  Returns the volumes that could not be released."""
+        volumes = server.get("volumes", [])
+        cinder = self.app.volumes if volumes else None
         if cinder is None:
-            return
-        for vol in server.get("volumes", []):
+            return list(volumes)
+        kept = []
+        for vol in volumes:
             try:
                 if vol.get("attachment_id"):
                     cinder.attachment_delete(None, vol["attachment_id"])
-                if vol.get("id") and vol.get("delete_on_termination"):
+                if vol.get("id") and (vol.get("delete_on_termination") or
+                                      made_too and vol.get("created")):
                     cinder.wait(None, vol["id"], want=("available", "error"), timeout=120)
                     cinder.delete(None, vol["id"])
+            except VolumeGone:
+                continue                            # released already
             except (VolumeError, DriverError, Unavailable) as e:
                 LOG.warning("server %s: releasing volume %s failed: %s", server["id"],
                             vol.get("id"), e)
+                kept.append(vol)
+        return kept
 
     def attach_volume(self, server, vol, ident):
         """Connect a reserved volume and plug it into the guest."""

@@ -17,6 +17,7 @@ import email.message
 import functools
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import re
@@ -4889,6 +4890,229 @@ class CinderEndToEndTests(unittest.TestCase):
         self.assertEqual(self.api("DELETE", "/os-volumes/" + proxy["id"]).status, 202)
 
 
+class FailingProxy:
+    """An HTTP proxy in front of a real service (Glance, Cinder) that fails the requests
+    a test picks, to see what minivan does when that service breaks in the middle.
+
+    fail(method, pattern, how, skip=0, times=1): of the requests with that method whose
+    path matches the regular expression, the first `skip` pass and the next `times` get
+    `how`: an HTTP status (with a JSON error), "cut" (the status, the headers and half
+    the body, then the connection closes) or "drop" (closed with no answer)."""
+
+    def __init__(self, upstream):
+        parts = urllib.parse.urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.rules, self.seen, self.lock = [], [], threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                how = proxy.decide(self.command, self.path)
+                if how == "drop":
+                    self.close_connection = True
+                    return
+                if isinstance(how, int):
+                    status, data = how, json.dumps({"error": {
+                        "code": how, "message": "failed on purpose by the test"}}).encode()
+                    headers = [("Content-Type", "application/json")]
+                else:
+                    upstream = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                    upstream.request(self.command, self.path, body=body, headers={
+                        k: v for k, v in self.headers.items() if k.lower() not in
+                        ("host", "connection", "content-length", "transfer-encoding")})
+                    resp = upstream.getresponse()
+                    status, data = resp.status, resp.read()
+                    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in
+                               ("connection", "content-length", "transfer-encoding", "date",
+                                "server")]
+                    upstream.close()
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                if how == "cut":
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2] if how == "cut" else data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail(self, method, pattern, how, skip=0, times=1):
+        with self.lock:
+            self.rules.append({"method": method, "pattern": re.compile(pattern),
+                               "how": how, "skip": skip, "times": times})
+
+    def decide(self, method, path):
+        with self.lock:
+            how = None
+            for rule in self.rules:
+                if rule["method"] != method or not rule["pattern"].search(path) or \
+                        not rule["times"]:
+                    continue
+                if rule["skip"]:
+                    rule["skip"] -= 1
+                    continue
+                rule["times"] -= 1
+                how = rule["how"]
+                break
+            self.seen.append((method, path, how))
+            return how
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ServiceFailureTests(unittest.TestCase):
+    """Glance and Cinder (the real ones, behind FailingProxy) failing in the middle of a
+    build: the server ends in ERROR with a fault, and nothing the build made is left:
+    no disk, no partial download, no claim, no attachment; the volumes it made are
+    deleted and the one it was given is available again."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(cls.env and cls.env.get("GLANCE_URL") and cls.env.get("CINDER_URL")
+                         and have_clients() and have_libvirt())
+        if not cls.ready:
+            return
+        cls.glance = FailingProxy(cls.env["GLANCE_URL"])
+        cls.cinder = FailingProxy(cls.env["CINDER_URL"])
+        cls.port = free_port()
+        start_minivan(cls, cls.port, env_extra={
+            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_GLANCE_URL": cls.glance.url,
+            "MINIVAN_CINDER_URL": cls.cinder.url + "/v3/%(project_id)s",
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env["CINDER_MOUNT_BASE"]})
+        cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
+        cls.image_id = glance_upload(cls.env, "failing-build", make_image(
+            tempfile.mkdtemp(prefix="minivan-img-"), "failing-build", size="64M"))
+        cls.admin = keystone_token(cls.env, "admin", "admin")
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "ready", False):
+            stop_minivan(cls)
+            cls.glance.close()
+            cls.cinder.close()
+            cls.openstack(cls, "image", "delete", cls.image_id, expect_ok=False)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no Keystone, Glance or Cinder in the test cloud "
+                               "(tools/test.sh starts them)")
+
+    def openstack(self, *args, expect_ok=True):
+        done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
+                              text=True, timeout=180, env=dict(os.environ, **self.os_env))
+        if expect_ok:
+            assert done.returncode == 0, f"{args}: {done.stderr}"
+            return json.loads(done.stdout or "null") if "json" in args else done
+        return done
+
+    def api(self, method, path, body=None, version="2.37"):
+        return compute_request(self, self.port, method, path, self.admin, body, version,
+                               timeout=60)
+
+    def build_fails(self, name, **fields):
+        """POST a server; wait for ERROR; check it holds no host and left no files."""
+        made = self.api("POST", "/servers", {"server": dict(
+            {"name": name, "flavorRef": "1", "networks": "none"}, **fields)})
+        self.assertEqual(made.status, 202, made.raw)
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(self.api, "DELETE", "/servers/" + server_id)
+        wait_until(lambda: self.api("GET", "/servers/" + server_id).json()["server"]
+                   ["status"] != "BUILD", timeout=180, what=f"{name} built or failed")
+        server = self.api("GET", "/servers/" + server_id).json()["server"]
+        self.assertEqual(server["status"], "ERROR", server)
+        self.assertIsNone(server["OS-EXT-SRV-ATTR:host"])
+        self.assertFalse(os.path.exists(os.path.join(self.minivan_data, "instances",
+                                                     server_id)))
+        return server
+
+    def base_images(self):
+        return sorted(os.listdir(os.path.join(self.minivan_data, "_base"))) \
+            if os.path.isdir(os.path.join(self.minivan_data, "_base")) else []
+
+    def test_glance_failing_during_the_download(self):
+        """The image download cut half-way, refused with 503, or dropped unanswered: each
+        build ends in ERROR with a fault naming the image, no partial base image is kept,
+        and once Glance works the next build downloads the whole image and goes ACTIVE."""
+        image_id = glance_upload(self.env, "cut-download", make_image(
+            tempfile.mkdtemp(prefix="minivan-img-"), "cut-download", size="64M"))
+        self.addCleanup(self.openstack, "image", "delete", image_id, expect_ok=False)
+        cached = self.base_images()
+        size = int(self.openstack("image", "show", image_id, "-f", "json")["size"])
+        for how, said in (("cut", "failed (%d of %d bytes)" % (size // 2, size)),
+                          (503, "HTTP 503"), ("drop", "image service is unreachable")):
+            self.glance.fail("GET", rf"/v2/images/{image_id}/file$", how)
+            server = self.build_fails(f"glance-{how}", imageRef=image_id)
+            self.assertIn(said, server["fault"]["message"])
+            self.assertEqual(self.base_images(), cached)
+        made = self.api("POST", "/servers", {"server": {
+            "name": "glance-back", "flavorRef": "1", "networks": "none",
+            "imageRef": image_id}})
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(self.api, "DELETE", "/servers/" + server_id)
+        wait_until(lambda: self.api("GET", "/servers/" + server_id).json()["server"]
+                   ["status"] == "ACTIVE", timeout=120, what="the build after Glance is back")
+        self.assertEqual(self.base_images(), sorted(cached + [image_id]))
+        image = self.openstack("image", "show", image_id, "-f", "json")
+        self.assertEqual(os.path.getsize(os.path.join(self.minivan_data, "_base", image_id)),
+                         size)
+        with open(os.path.join(self.minivan_data, "_base", image_id), "rb") as f:
+            self.assertEqual(hashlib.md5(f.read()).hexdigest(), image["checksum"])
+
+    def test_cinder_failing_during_the_volume_setup(self):
+        """A build with a volume it was given and a blank volume it makes: Cinder refuses
+        the second attachment.  The server ends in ERROR with Cinder's answer as its fault;
+        the blank volume is deleted, the given one is available again with no attachment,
+        and the server lists no volumes."""
+        given = self.openstack("volume", "create", "--size", "1", "given-vol", "-f", "json")
+        self.addCleanup(self.openstack, "volume", "delete", "--force", given["id"],
+                        expect_ok=False)
+        wait_until(lambda: self.openstack("volume", "show", given["id"], "-f", "json")
+                   ["status"] == "available", timeout=180, what="the given volume")
+        self.cinder.fail("POST", r"/attachments$", 500, skip=1)
+        server = self.build_fails("cinder-fails", imageRef=self.image_id,
+                                  block_device_mapping_v2=[
+                                      {"boot_index": 0, "uuid": self.image_id,
+                                       "source_type": "image", "destination_type": "local"},
+                                      {"uuid": given["id"], "source_type": "volume",
+                                       "destination_type": "volume"},
+                                      {"source_type": "blank", "destination_type": "volume",
+                                       "volume_size": 1, "delete_on_termination": False}])
+        self.assertIn("failed on purpose", server["fault"]["message"])
+        self.assertEqual(server["os-extended-volumes:volumes_attached"], [])
+        made = [path for method, path, how in self.cinder.seen
+                if method == "POST" and path.endswith("/volumes")]
+        self.assertEqual(len(made), 1)                 # the blank one
+        wait_until(lambda: self.openstack("volume", "list", "--name", "cinder-fails-blank-vol",
+                                          "-f", "json") == [],
+                   timeout=180, what="the blank volume deleted")
+        shown = self.openstack("volume", "show", given["id"], "-f", "json")
+        self.assertEqual((shown["status"], shown["attachments"]), ("available", []))
+        self.assertEqual(self.api("DELETE", "/servers/" + server["id"]).status, 204)
+        self.assertEqual(self.openstack("volume", "show", given["id"], "-f", "json")
+                         ["status"], "available")
+
+
 class ImageServiceTests(SocketTestCase):
     """/image/v2 over the local image directory, through the real HTTP server."""
 
@@ -6426,6 +6650,41 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.openstack("server", "delete", "--wait", "nt-given")
         self.assertEqual(self.openstack("port", "show", given["id"], "-f", "json")["device_id"],
                          "")
+
+    def test_a_port_neutron_refuses_mid_build(self):
+        """Three NICs: a given port, a new port, and a fixed IP another port holds, which
+        Neutron refuses (409) after the first two are set up.  The server ends in ERROR
+        with Neutron's answer as its fault; the port minivan made is deleted, the given
+        port is handed back (no device, no binding), and the server has no addresses."""
+        net_id = self.neutron["NEUTRON_NETWORK_ID"]
+        given = self.openstack("port", "create", "--network", net_id, "nt-handed-back", "-f",
+                               "json")
+        self.addCleanup(self.openstack, "port", "delete", given["id"], expect_ok=False)
+        holder = self.openstack("port", "create", "--network", net_id, "--fixed-ip",
+                                "ip-address=10.77.0.240", "nt-holder", "-f", "json")
+        self.addCleanup(self.openstack, "port", "delete", holder["id"], expect_ok=False)
+        token = keystone_token(self.env, "admin", "admin")
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        made = compute_request(self, port, "POST", "/servers", token, {"server": {
+            "name": "nt-refused-ip", "imageRef": self.image, "flavorRef": "1",
+            "networks": [{"port": given["id"]}, {"uuid": net_id},
+                         {"uuid": net_id, "fixed_ip": "10.77.0.240"}]}}, version="2.37")
+        self.assertEqual(made.status, 202, made.raw)
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server_id,
+                        expect_ok=False)
+        wait_until(lambda: self.openstack("server", "show", server_id, "-f", "json")
+                   ["status"] != "BUILD", timeout=180, what="the build to fail")
+        shown = self.openstack("server", "show", server_id, "-f", "json")
+        self.assertEqual((shown["status"], shown["addresses"]), ("ERROR", {}))
+        self.assertIn("10.77.0.240", shown["fault"]["message"])
+        self.assertEqual(self.ports_of(server_id), [])
+        back = self.openstack("port", "show", given["id"], "-f", "json")
+        self.assertEqual((back["device_id"], back["device_owner"], back["binding_host_id"]),
+                         ("", "", ""))
+        self.openstack("server", "delete", "--wait", server_id)
+        self.assertEqual(self.openstack("port", "show", holder["id"], "-f", "json")
+                         ["fixed_ips"][0]["ip_address"], "10.77.0.240")
 
     def test_security_groups_are_neutrons(self):
         """Up to 2.35 the security group APIs are Neutron's groups and ingress rules, in
