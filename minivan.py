@@ -195,6 +195,8 @@ OPTIONS = [
      "http://HOST:PORT/vnc_lite.html of --vnc-listen)"),
     ("novnc-dir", "", "noVNC's files, served by the VNC console proxy "
      "(default: /usr/share/novnc where it exists; Debian/Ubuntu: apt install novnc)"),
+    ("console-token-ttl", "600", "seconds a console URL stays usable (it opens one "
+     "session)"),
     ("serial-console-url", "", "base URL of that proxy as clients reach it "
      "(default: ws://HOST:PORT/ of --serial-console-listen)"),
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
@@ -279,7 +281,8 @@ def finish_config(conf):
     for key in ("port", "max_body_size", "max_limit", "journal_max_bytes", "token_cache_size",
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
                 "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
-                "max_concurrent_builds", "max_connections", "client_timeout"):
+                "max_concurrent_builds", "max_connections", "client_timeout",
+                "console_token_ttl"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -287,7 +290,7 @@ def finish_config(conf):
                               f"not {conf[key]!r}") from None
     if conf["max_concurrent_builds"] < 0:
         raise ConfigError("--max-concurrent-builds must not be negative")
-    for key in ("max_connections", "client_timeout"):
+    for key in ("max_connections", "client_timeout", "console_token_ttl"):
         if conf[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
     for key in ("cpu_allocation_ratio", "ram_allocation_ratio", "disk_allocation_ratio",
@@ -9431,13 +9434,14 @@ def server_volume_attachments_delete(req):
 # remote consoles: serial consoles and noVNC through minivan's own proxies (each off until
 # its listen option is set); SPICE is off, as in a Nova whose [spice] console is disabled
 
-CONSOLE_TOKEN_TTL = 600
 
 
 class ConsoleTokens:
-    """Console tokens: each opens one console session within CONSOLE_TOKEN_TTL seconds."""
+    """Console tokens: each opens one console session within ttl seconds
+    (--console-token-ttl)."""
 
-    def __init__(self):
+    def __init__(self, ttl):
+        self.ttl = ttl
         self.tokens = {}
         self.lock = threading.Lock()
 
@@ -9447,7 +9451,7 @@ class ConsoleTokens:
             now = time.monotonic()
             self.tokens = {k: v for k, v in self.tokens.items() if v["expires"] > now}
             self.tokens[token] = {"server_id": server["id"], "type": console_type,
-                                  "host": server.get("host"), "expires": now + CONSOLE_TOKEN_TTL}
+                                  "host": server.get("host"), "expires": now + self.ttl}
         return token
 
     def peek(self, token):
@@ -12878,7 +12882,7 @@ class App:
         self.server_order = ServerOrder(store)
         self.faults = FaultRules(self) if conf.get("fault_injection") else None
         self.image_service = ImageService(self)
-        self.console_tokens = ConsoleTokens()
+        self.console_tokens = ConsoleTokens(conf["console_token_ttl"])
 
     @property
     def images(self):

@@ -6465,6 +6465,46 @@ class ConsoleTests(ServerTestCase):
                             format_checker=v.FORMAT_CHECKER)
 
 
+    def test_console_tokens_expire_and_open_one_session(self):
+        """Through a real console proxy socket: a token past --console-token-ttl is refused
+        (401) and no longer shown (404); a fresh one is taken by its first connection, and
+        a second connection with it is refused."""
+        proxy = minivan.ConsoleProxy(self.app, "127.0.0.1", 0)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        self.app.conf["serial_console_listen"] = "127.0.0.1:%d" % proxy.server_address[1]
+        server_id = self.new_server()
+        act = f"/v2.1/servers/{server_id}/action"
+
+        def console():
+            r = self.post(act, {"os-getSerialConsole": {"type": "serial"}})
+            self.assertEqual(r.status, 200, r.raw)
+            url = r.json()["console"]["url"]
+            return url, url.split("token=")[1]
+
+        def status(url):
+            sock, code, _ = websocket_connect(url)
+            sock.close()
+            return code
+        self.assertEqual(self.app.console_tokens.ttl, 600)      # Nova's token_ttl
+        self.app.console_tokens.ttl = 0.5
+        url, token = console()
+        shown = self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31")
+        self.assertEqual(shown.status, 200, shown.raw)
+        time.sleep(0.7)
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31"),
+                         404, "itemNotFound")
+        self.assertEqual(status(url), 401)
+        self.app.console_tokens.ttl = 600
+        url, token = console()
+        self.assertNotEqual(status(url), 401)     # taken (the simulated guest has no pty)
+        self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31"),
+                         404, "itemNotFound")
+        self.assertEqual(status(url), 401)
+        self.assertEqual(status(url.replace(token, str(uuid.uuid4()))), 401)
+
+
 class MetadataServiceTests(ServerTestCase):
     """The guests' metadata service, through a real socket: a caller is known by its
     address, which here is the address recorded for the server's port (127.0.0.1)."""
