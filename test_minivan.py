@@ -2845,6 +2845,24 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertNotIn("glance-vm", self.openstack("server", "list").stdout)
         self.openstack("image", "delete", "glance-snap", "osc-image")
 
+    def test_fuzz_behind_keystone(self):
+        """tools/harness.py fuzz --keystone: the fuzz's 1,500 cases as Keystone's admin
+        (Glance images, Keystone's projects) get Nova's 4xx faults, never a 5xx, and
+        leave no image of the fuzz in Glance."""
+        out = os.path.join(tempfile.mkdtemp(prefix="minivan-harness-"), "harness.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(out), True)
+        done = subprocess.run([sys.executable, os.path.join(HERE, "tools", "harness.py"),
+                               "--profile", "short", "--seed", "2026", "--json", out,
+                               "--keystone", os.environ["MINIVAN_TEST_KEYSTONE_ENV"], "fuzz"],
+                              capture_output=True, text=True, timeout=900)
+        self.assertEqual(done.returncode, 0, done.stdout[-5000:] + done.stderr[-3000:])
+        with open(out) as f:
+            figures = json.load(f)["fuzz"]
+        self.assertEqual((figures["cases"], figures["5xx"], figures["failures"]),
+                         (1500, 0, 0))
+        if self.env.get("GLANCE_URL"):
+            self.assertNotIn("harness-fuzz", self.openstack("image", "list").stdout)
+
     def test_keystone_unreachable_is_503(self):
         """With Keystone unreachable, token checks answer 503 and minivan keeps serving."""
         port = free_port()
@@ -6603,6 +6621,9 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         stop_minivan(cls)
+        if getattr(cls, "image", None):
+            subprocess.run([os.path.join(BIN, "openstack"), "image", "delete", cls.image],
+                           capture_output=True, env=dict(os.environ, **cls.os_env))
         if getattr(cls, "neutron_dir", None):
             subprocess.run([os.path.join(HERE, "tools", "neutron.sh"), "stop",
                             cls.neutron_dir], capture_output=True, timeout=300)

@@ -64,10 +64,11 @@ def rss_mb(pid):
 class Daemon:
     """A minivan process on its own data directory."""
 
-    def __init__(self, data):
+    def __init__(self, data, env=None):
         self.data = data
         self.port = free_port()
         self.proc = None
+        self.env = env or {}          # MINIVAN_* settings over the ones below
 
     def start(self):
         env = dict(os.environ, MINIVAN_DATA_DIR=self.data, MINIVAN_PORT=str(self.port),
@@ -77,6 +78,7 @@ class Daemon:
                    # the simulated host (8 GB, a few CPUs) must hold 10,000 servers
                    MINIVAN_CPU_ALLOCATION_RATIO="10000", MINIVAN_RAM_ALLOCATION_RATIO="10000",
                    MINIVAN_DISK_ALLOCATION_RATIO="10000")
+        env.update(self.env)
         log = open(os.path.join(self.data, "minivan.log"), "a")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, MINIVAN], env=env, stdout=log,

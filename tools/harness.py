@@ -5,6 +5,9 @@
 
 Each part starts its own minivan (noauth, a free loopback port, a fresh data directory,
 libvirt's test hypervisor) and prints its figures; with no part named, all three run.
+With --keystone ENV (the env file tools/keystone.sh writes) minivan validates tokens with
+that Keystone and the parts run as its admin; with Glance in the catalog the fuzz works
+on an image of its own there and deletes what it made in Glance at the end.
 
   fuzz   every route of minivan's dispatch table with malformed JSON, wrong types, huge,
          negative and zero numbers, NaN and infinities, long strings, control characters,
@@ -34,6 +37,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -41,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -50,7 +55,10 @@ from bench import Daemon, make_image            # noqa: E402  the daemon, an ima
 
 PROFILES = {"short": {"fuzz": 1500, "kills": 5, "ops": 250, "load_s": 20, "clients": 50},
             "full": {"fuzz": 5000, "kills": 25, "ops": 1000, "load_s": 60, "clients": 50}}
-TOKEN = "admin:admin"
+TOKEN = "admin:admin"                   # the caller; --keystone: a real admin token
+PROJECT = "admin"                       # the caller's project
+DAEMON_ENV = {}                         # --keystone: minivan's Keystone settings
+GLANCE = {}                             # --keystone with Glance: its URL, the fuzz's image
 CLIENT_TIMEOUT = 5                      # the load part's minivan --client-timeout
 MAX_BODY = 114688                       # minivan's default --max-body-size
 
@@ -87,20 +95,100 @@ def call(port, method, path, body=None, version=None, timeout=30):
 
 def start_daemon(data, extra=None):
     make_image(os.path.join(data, "images"))
-    daemon = Daemon(data)
-    for key, value in (extra or {}).items():
-        os.environ[key] = value
-    try:
-        daemon.start()
-    finally:
-        for key in extra or {}:
-            os.environ.pop(key, None)
+    daemon = Daemon(data, env=dict(DAEMON_ENV, **(extra or {})))
+    daemon.start()
     return daemon
 
 
+def finish(data, ok):
+    """Remove a part's data directory, or keep it (and say where) when a check failed."""
+    if ok:
+        shutil.rmtree(data, ignore_errors=True)
+    else:
+        print(f"  (minivan's data directory and log are kept in {data})")
+
+
+def use_keystone(path):
+    """Run as the admin of the Keystone in tools/keystone.sh's env file."""
+    global TOKEN, PROJECT
+    env = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("export ") and "=" in line:
+                key, value = line[len("export "):].strip().split("=", 1)
+                env[key] = value
+    body = json.dumps({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": env["OS_USERNAME"], "domain": {"name": "Default"},
+        "password": env["OS_PASSWORD"]}}}, "scope": {"project": {
+            "name": env["OS_PROJECT_NAME"], "domain": {"name": "Default"}}}}})
+    url = urllib.parse.urlsplit(env["OS_AUTH_URL"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", url.path.rstrip("/") + "/auth/tokens", body,
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    doc = json.loads(resp.read())
+    if resp.status != 201:
+        raise Failure(f"Keystone refused the admin: {resp.status} {doc}")
+    TOKEN = resp.getheader("X-Subject-Token")
+    PROJECT = doc["token"]["project"]["id"]
+    DAEMON_ENV.update(MINIVAN_AUTH="keystone", MINIVAN_KEYSTONE_URL=env["OS_AUTH_URL"],
+                      MINIVAN_KEYSTONE_USERNAME=env["MINIVAN_USERNAME"],
+                      MINIVAN_KEYSTONE_PASSWORD=env["MINIVAN_PASSWORD"],
+                      MINIVAN_KEYSTONE_PROJECT=env["MINIVAN_PROJECT_NAME"])
+    if env.get("GLANCE_URL"):
+        GLANCE["url"] = env["GLANCE_URL"].rstrip("/")
+
+
+def glance(method, path, body=None, data=None):
+    """(status, JSON) of one call to the Keystone's Glance, as the admin."""
+    url = urllib.parse.urlsplit(GLANCE["url"] + path)
+    headers = {"X-Auth-Token": TOKEN}
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    elif data is not None:
+        headers["Content-Type"] = "application/octet-stream"
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request(method, url.path + (f"?{url.query}" if url.query else ""), data, headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw.strip() else None
+    finally:
+        conn.close()
+
+
+def glance_image(directory):
+    """The fuzz's own image in Glance (made again when the fuzz deleted it)."""
+    if GLANCE.get("image") and glance("GET", "/v2/images/" + GLANCE["image"])[0] == 200:
+        return GLANCE["image"]
+    status, doc = glance("POST", "/v2/images", {
+        "name": "harness-fuzz", "disk_format": "qcow2", "container_format": "bare"})
+    if status != 201:
+        raise Failure(f"Glance refused the fuzz's image: {status} {doc}")
+    make_image(directory)
+    with open(os.path.join(directory, "bench.qcow2"), "rb") as f:
+        status, _ = glance("PUT", f"/v2/images/{doc['id']}/file", data=f.read())
+    if status != 204:
+        raise Failure(f"Glance refused the fuzz's image data: {status}")
+    GLANCE["image"] = doc["id"]
+    GLANCE.setdefault("made", set()).add(doc["id"])
+    return doc["id"]
+
+
+def glance_cleanup(servers_before):
+    """Delete the Glance images the fuzz made: its own, and snapshots of its servers."""
+    status, doc = glance("GET", "/v2/images?limit=1000")
+    for image in (doc or {}).get("images", []) if status == 200 else []:
+        if image["id"] in GLANCE.get("made", ()) or (
+                image.get("instance_uuid") and image.get("owner") == PROJECT
+                and image["instance_uuid"] not in servers_before):
+            glance("DELETE", "/v2/images/" + image["id"])
+
+
 def unlimited(port):
-    """No quota on servers for the admin project; returns the image to boot."""
-    call(port, "PUT", "/os-quota-sets/admin", {"quota_set": {
+    """No quota on servers for the caller's project; returns the image to boot."""
+    call(port, "PUT", f"/os-quota-sets/{PROJECT}", {"quota_set": {
         "instances": -1, "cores": -1, "ram": -1}})
     _, images = call(port, "GET", "/images", version="2.35")
     return images["images"][0]["id"]
@@ -183,14 +271,26 @@ ACTION_BODIES = {"resize": {"flavorRef": "2"}, "rebuild": {"imageRef": "{image}"
 class World:
     """Real objects for the path parameters, made through the API."""
 
-    def __init__(self, port):
+    def __init__(self, port, data):
         self.port = port
+        self.data = data
         self.refresh()
+
+    def first(self, path, key, make, version=None):
+        """The first of a list, made (through the API) when the list is empty."""
+        _, listed = call(self.port, "GET", path, version=version)
+        if not listed[key]:
+            call(self.port, "POST", path, make, version=version)
+            _, listed = call(self.port, "GET", path, version=version)
+        return listed[key][0]
 
     def refresh(self):
         port = self.port
-        _, images = call(port, "GET", "/images", version="2.35")
-        self.image = images["images"][0]["id"]
+        if GLANCE:
+            self.image = glance_image(self.data)
+        else:
+            _, images = call(port, "GET", "/images", version="2.35")
+            self.image = images["images"][0]["id"]
         _, servers = call(port, "GET", "/servers")
         if not servers["servers"]:
             status, made = call(port, "POST", "/servers", {"server": {
@@ -204,21 +304,12 @@ class World:
             call(port, "PUT", f"/servers/{self.server}/tags/t1", version="2.26")
         else:
             self.server = servers["servers"][0]["id"]
-        status, kp = call(port, "GET", "/os-keypairs")
-        if not kp["keypairs"]:
-            call(port, "POST", "/os-keypairs", {"keypair": {"name": "fuzz-key"}})
-        status, groups = call(port, "GET", "/os-server-groups")
-        if not groups["server_groups"]:
-            _, made = call(port, "POST", "/os-server-groups", {"server_group": {
-                "name": "fuzz-group", "policy": "anti-affinity"}}, version="2.64")
-            self.group = made["server_group"]["id"]
-        else:
-            self.group = groups["server_groups"][0]["id"]
-        _, aggs = call(port, "GET", "/os-aggregates")
-        if not aggs["aggregates"]:
-            call(port, "POST", "/os-aggregates", {"aggregate": {"name": "fuzz-agg"}})
-            _, aggs = call(port, "GET", "/os-aggregates")
-        self.aggregate = str(aggs["aggregates"][0]["id"])
+        self.keypair = self.first("/os-keypairs", "keypairs", {"keypair": {
+            "name": "fuzz-key"}})["keypair"]["name"]
+        self.group = self.first("/os-server-groups", "server_groups", {"server_group": {
+            "name": "fuzz-group", "policy": "anti-affinity"}}, version="2.64")["id"]
+        self.aggregate = str(self.first("/os-aggregates", "aggregates", {"aggregate": {
+            "name": "fuzz-agg"}})["id"])
         _, actions = call(port, "GET", f"/servers/{self.server}/os-instance-actions")
         self.request = actions["instanceActions"][0]["request_id"] if actions and \
             actions.get("instanceActions") else "req-x"
@@ -226,11 +317,11 @@ class World:
     def real(self, segments, index):
         """A real value for the parameter at segments[index]."""
         before = segments[index - 1] if index else ""
-        return {"servers": self.server, "flavors": "1", "os-keypairs": "fuzz-key",
+        return {"servers": self.server, "flavors": "1", "os-keypairs": self.keypair,
                 "images": self.image, "os-server-groups": self.group,
                 "os-aggregates": self.aggregate, "metadata": "k1", "tags": "t1",
                 "os-hypervisors": "1", "os-instance-actions": self.request,
-                "os-quota-sets": "admin", "os-simple-tenant-usage": "admin",
+                "os-quota-sets": PROJECT, "os-simple-tenant-usage": PROJECT,
                 "os-availability-zone": "nova", "extra_specs": "hw:cpu_policy",
                 "os-flavor-access": "1", "versions": "v2.1"}.get(before, "1")
 
@@ -305,8 +396,12 @@ def fuzz(profile, seed, report):
     daemon = start_daemon(data, {"MINIVAN_SYNC_POWER_STATE_INTERVAL": "3600"})
     failures, statuses = [], {}
     accepted = 0
+    servers_before = set()
     try:
-        world = World(daemon.port)
+        if GLANCE:
+            status, doc = glance("GET", "/v2/images?limit=1000")
+            servers_before = {i.get("instance_uuid") for i in (doc or {}).get("images", [])}
+        world = World(daemon.port, data)
         baseline = settle(data)
         routes = list(minivan.ROUTES)
         n = profile["fuzz"]
@@ -381,6 +476,9 @@ def fuzz(profile, seed, report):
         took = time.monotonic() - started
     finally:
         daemon.stop()
+        if GLANCE:
+            glance_cleanup(servers_before)
+    finish(data, not failures)
     report["fuzz"] = {"seed": seed, "cases": n, "accepted": accepted,
                       "statuses": dict(sorted(statuses.items())),
                       "5xx": sum(v for k, v in statuses.items() if k >= 500 and k != 501),
@@ -576,10 +674,8 @@ def crash(profile, seed, report):
             pause.set()
             time.sleep(0.1)
             t0 = time.monotonic()
-            daemon = Daemon(data)
+            daemon = Daemon(data, env=dict(DAEMON_ENV, **extra))
             daemon.port = port_box[0]
-            for key, value in extra.items():
-                os.environ[key] = value
             try:
                 daemon.start()
             except RuntimeError as e:
@@ -596,8 +692,7 @@ def crash(profile, seed, report):
         for thread in clients:
             thread.join(15)
         daemon.stop()
-        for key in extra:
-            os.environ.pop(key, None)
+    finish(data, not problems)
     took = time.monotonic() - started
     lost = sum("is lost" in p or "metadata" in p for p in problems)
     leaked = sum("has no server" in p for p in problems)
@@ -746,6 +841,7 @@ def load(profile, seed, report):
           f"{'answering' if alive else 'NOT answering'}")
     for line in errors[:20]:
         print("  FAIL " + line)
+    finish(data, not errors and alive)
     return not errors and alive
 
 
@@ -756,6 +852,8 @@ def main():
     p.add_argument("--profile", choices=sorted(PROFILES), default="full")
     p.add_argument("--seed", type=int, default=None, help="default: random, printed")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--keystone", metavar="ENV",
+                   help="run behind this Keystone (the env file of tools/keystone.sh)")
     opts = p.parse_args()
     for part in opts.parts:
         if part not in ("fuzz", "crash", "load"):
@@ -763,7 +861,11 @@ def main():
     seed = opts.seed if opts.seed is not None else random.randrange(10 ** 6)
     profile = PROFILES[opts.profile]
     parts = opts.parts or ["fuzz", "crash", "load"]
-    print(f"harness: profile {opts.profile}, seed {seed}, parts {' '.join(parts)}")
+    if opts.keystone:
+        use_keystone(opts.keystone)
+    print(f"harness: profile {opts.profile}, seed {seed}, parts {' '.join(parts)}"
+          + (f", behind Keystone {DAEMON_ENV['MINIVAN_KEYSTONE_URL']}" if opts.keystone
+             else ""))
     report, ok = {"profile": opts.profile, "seed": seed}, True
     for part in parts:
         ok = {"fuzz": fuzz, "crash": crash, "load": load}[part](profile, seed, report) and ok
