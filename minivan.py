@@ -6193,9 +6193,10 @@ class Compute:
         if self.app.conf["resume_guests_state_on_host_boot"] and server.get(
                 "power_state") == RUNNING and state == SHUTDOWN and vm == "active":
             LOG.info("server %s was running before the host went down: starting it", server_id)
+            self.update(server_id, task_state="powering-on")     # busy until it runs
             self.driver_of(server).power_on(server)
             state = RUNNING
-        self.update(server_id, power_state=state)
+        self.update(server_id, power_state=state, task_state=None)
 
     def drop_unfinished_attachments(self, server):
         """Volume attachments a restart interrupted (reserved, never connected) are

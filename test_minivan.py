@@ -3033,6 +3033,27 @@ class HarnessTests(unittest.TestCase):
                           figures["crash"]["problems"]), (0, 0, 0))
         self.assertEqual((figures["load"]["5xx"], figures["load"]["dropped"]), (0, 0))
 
+    def test_crash_storm_with_real_guests(self):
+        """tools/harness.py --real-guest crash: the crash storm on real QEMU guests (two
+        clients, two guests each at most): nothing acknowledged is lost, every ACTIVE or
+        SHUTOFF server's domain agrees, and no domain or directory outlives its server."""
+        if not (GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()):
+            skip_or_fail(self, "no real-guest setup (tools/test.sh runs tools/libvirt-up.sh "
+                               "and tools/make-guest.sh; needs MINIVAN_TEST_GUEST_IMAGE)")
+        out = os.path.join(tempfile.mkdtemp(prefix="minivan-harness-"), "harness.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(out), True)
+        done = subprocess.run([sys.executable, os.path.join(HERE, "tools", "harness.py"),
+                               "--profile", "short", "--seed", "8", "--json", out,
+                               "--real-guest", GUEST_IMAGE, "--network", GUEST_NETWORK,
+                               "crash"], capture_output=True, text=True, timeout=900)
+        self.assertEqual(done.returncode, 0, done.stdout[-5000:] + done.stderr[-3000:])
+        with open(out) as f:
+            figures = json.load(f)["crash"]
+        self.assertTrue(figures["real_guests"])
+        self.assertGreaterEqual(figures["kills"], 5)
+        self.assertEqual((figures["lost_changes"], figures["leaked_dirs"],
+                          figures["leaked_domains"], figures["problems"]), (0, 0, 0, 0))
+
 
 class PythonVersionTests(unittest.TestCase):
     def test_runs_on_python_310(self):

@@ -55,6 +55,9 @@ from bench import Daemon, make_image            # noqa: E402  the daemon, an ima
 
 PROFILES = {"short": {"fuzz": 1500, "kills": 5, "ops": 250, "load_s": 20, "clients": 50},
             "full": {"fuzz": 5000, "kills": 25, "ops": 1000, "load_s": 60, "clients": 50}}
+REAL_PROFILES = {"short": {"kills": 5, "ops": 40}, "full": {"kills": 10, "ops": 120}}
+REAL = {}                               # --real-guest: the image, the libvirt network
+REAL_SERVERS_PER_CLIENT = 2             # real guests each crash client keeps at most
 TOKEN = "admin:admin"                   # the caller; --keystone: a real admin token
 PROJECT = "admin"                       # the caller's project
 DAEMON_ENV = {}                         # --keystone: minivan's Keystone settings
@@ -94,7 +97,11 @@ def call(port, method, path, body=None, version=None, timeout=30):
 
 
 def start_daemon(data, extra=None):
-    make_image(os.path.join(data, "images"))
+    if REAL:
+        os.makedirs(os.path.join(data, "images"), exist_ok=True)
+        shutil.copy(REAL["image"], os.path.join(data, "images", "guest.qcow2"))
+    else:
+        make_image(os.path.join(data, "images"))
     daemon = Daemon(data, env=dict(DAEMON_ENV, **(extra or {})))
     daemon.start()
     return daemon
@@ -524,8 +531,11 @@ def crash_client(port_box, ledger, image, rng, stop, pause):
             continue
         port = port_box[0]
         roll = rng.random()
+        if REAL:
+            time.sleep(0.3)                   # real guests: a few operations a second
         try:
-            if roll < 0.3 or len(mine) < 2:
+            if (roll < 0.3 or len(mine) < 2) and not (
+                    REAL and len(mine) >= REAL_SERVERS_PER_CLIENT):
                 status, body = call(port, "POST", "/servers", {"server": {
                     "name": f"storm-{rng.randrange(10 ** 6)}", "imageRef": image,
                     "flavorRef": "1", "networks": "none"}}, version="2.37", timeout=10)
@@ -536,7 +546,7 @@ def crash_client(port_box, ledger, image, rng, stop, pause):
                         ledger.created.add(body["server"]["id"])
                         ledger.acked += 1
                     mine.append(body["server"]["id"])
-            elif roll < 0.65:
+            elif roll < 0.65 and mine:
                 server_id = rng.choice(mine)
                 key, value = f"k{rng.randrange(5)}", str(rng.randrange(10 ** 9))
                 with ledger.lock:
@@ -549,7 +559,7 @@ def crash_client(port_box, ledger, image, rng, stop, pause):
                         ledger.meta[(server_id, key)] = value
                         ledger.meta_inflight[(server_id, key)] = set()
                         ledger.acked += 1
-            elif roll < 0.85:
+            elif roll < 0.85 and mine:
                 server_id = rng.choice(mine)
                 action = rng.choice([{"os-stop": None}, {"os-start": None},
                                      {"reboot": {"type": "HARD"}}])
@@ -560,7 +570,7 @@ def crash_client(port_box, ledger, image, rng, stop, pause):
                 if status == 202:
                     with ledger.lock:
                         ledger.acked += 1
-            else:
+            elif mine:
                 server_id = mine.pop(rng.randrange(len(mine)))
                 with ledger.lock:
                     ledger.ops += 1
@@ -647,20 +657,49 @@ def verify_after_restart(port, data, ledger):
             break
         time.sleep(0.2)
     problems += [f"instance directory {name} has no server" for name in orphans]
+    if REAL:
+        problems += [f"domain {uuid} has no server" for uuid in
+                     sorted(set(real_domains(data)) - set(servers))]
     return problems, len(servers)
+
+
+def delete_real_guests(port, data):
+    """Delete every server; then no domain of this data directory may be left."""
+    for server_id in list_all(port):
+        call(port, "DELETE", "/servers/" + server_id)
+    deadline = time.monotonic() + 120
+    while list_all(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = real_domains(data)
+    return [f"after deleting every server: domain {uuid} has no server" for uuid in left]
+
+
+def real_domains(data):
+    """{uuid: running?} of the libvirt domains whose disks are in this data directory."""
+    libvirt = minivan.import_libvirt()
+    conn = libvirt.open(REAL["uri"])
+    try:
+        return {dom.UUIDString(): bool(dom.isActive()) for dom in conn.listAllDomains()
+                if f"file='{data}/" in dom.XMLDesc(0)}
+    finally:
+        conn.close()
 
 
 def crash(profile, seed, report):
     rng = random.Random(seed)
     data = tempfile.mkdtemp(prefix="minivan-crash-")
     extra = {"MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"}
+    if REAL:
+        os.chmod(data, 0o711)                 # QEMU, as its own user, reaches the disks
+        extra.update(MINIVAN_LIBVIRT_URI=REAL["uri"], MINIVAN_VIRT_TYPE="qemu",
+                     MINIVAN_NETWORK=REAL["network"], MINIVAN_SHUTDOWN_TIMEOUT="5")
     daemon = start_daemon(data, extra)
     image = unlimited(daemon.port)
     ledger, stop, pause = Ledger(), threading.Event(), threading.Event()
     port_box = [daemon.port]
     clients = [threading.Thread(target=crash_client, daemon=True,
                                 args=(port_box, ledger, image, random.Random(seed + k), stop,
-                                      pause)) for k in range(4)]
+                                      pause)) for k in range(2 if REAL else 4)]
     for thread in clients:
         thread.start()
     problems, kills, restarts, servers_seen = [], 0, [], 0
@@ -691,18 +730,24 @@ def crash(profile, seed, report):
         stop.set()
         for thread in clients:
             thread.join(15)
+        if REAL:
+            problems += delete_real_guests(daemon.port, data)
         daemon.stop()
     finish(data, not problems)
     took = time.monotonic() - started
     lost = sum("is lost" in p or "metadata" in p for p in problems)
-    leaked = sum("has no server" in p for p in problems)
+    leaked = sum("directory" in p and "has no server" in p for p in problems)
+    leaked_domains = sum("domain" in p and "has no server" in p for p in problems)
     report["crash"] = {"seed": seed, "operations": ledger.ops, "acknowledged": ledger.acked,
                        "kills": kills, "lost_changes": lost, "leaked_dirs": leaked,
+                       "leaked_domains": leaked_domains, "real_guests": bool(REAL),
                        "problems": len(problems), "servers_at_end": servers_seen,
                        "restart_s_median": round(statistics.median(restarts), 3)
                        if restarts else None, "seconds": round(took, 1)}
-    print(f"crash: {ledger.ops} operations ({ledger.acked} acknowledged), {kills} kills "
+    print(f"crash{' (real QEMU guests)' if REAL else ''}: {ledger.ops} operations "
+          f"({ledger.acked} acknowledged), {kills} kills "
           f"in {took:.1f} s; lost changes {lost}, leaked directories {leaked}, "
+          f"leaked domains {leaked_domains}, "
           f"{len(problems)} problems; restart median "
           f"{report['crash']['restart_s_median']} s")
     for line in problems[:30]:
@@ -854,12 +899,24 @@ def main():
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--keystone", metavar="ENV",
                    help="run behind this Keystone (the env file of tools/keystone.sh)")
+    p.add_argument("--real-guest", metavar="IMAGE",
+                   help="crash: real QEMU guests booted from this image (tools/make-guest.sh) "
+                        "on --libvirt-uri, fewer operations and kills")
+    p.add_argument("--libvirt-uri", default="qemu:///system",
+                   help="with --real-guest (default: qemu:///system)")
+    p.add_argument("--network", default="minivan-test",
+                   help="with --real-guest: the isolated libvirt network the guests join "
+                        "(default: minivan-test, from tools/libvirt-up.sh)")
     opts = p.parse_args()
     for part in opts.parts:
         if part not in ("fuzz", "crash", "load"):
             p.error(f"no part {part!r}: fuzz, crash or load")
     seed = opts.seed if opts.seed is not None else random.randrange(10 ** 6)
     profile = PROFILES[opts.profile]
+    if opts.real_guest:
+        REAL.update(image=os.path.abspath(opts.real_guest), uri=opts.libvirt_uri,
+                    network=opts.network)
+        profile = dict(profile, **REAL_PROFILES[opts.profile])
     parts = opts.parts or ["fuzz", "crash", "load"]
     if opts.keystone:
         use_keystone(opts.keystone)
