@@ -1483,6 +1483,7 @@ class LibvirtDriver:
         self.event_id = None
         self.graphics_listen = None    # address of the guests' VNC servers; None: no VNC
         self.files_shared = None       # shares_files() of a remote host, once asked
+        self.owner = None              # qemu_owner(), once asked per connection
         self.injected_down = False     # a failure-injection rule says this host is down
 
     def enable_events(self, callback):
@@ -1528,7 +1529,7 @@ class LibvirtDriver:
                 self.conn = None
             try:
                 self.conn = self.libvirt.open(self.uri)
-                self.files_shared = None
+                self.files_shared = self.owner = None
                 self.last_error = None
                 if self.on_event is not None:
                     self.event_id = self.conn.domainEventRegisterAny(
@@ -1759,6 +1760,7 @@ class LibvirtDriver:
             if self.shares_files():
                 for path, fresh in sources.items():
                     shutil.move(fresh, path)
+                self.secure(list(sources) + [config_drive] * bool(config_drive))
             else:
                 self.push_files(list(sources) + [config_drive] * bool(config_drive), sources)
 
@@ -1783,7 +1785,7 @@ class LibvirtDriver:
             "+" not in parts.scheme and not parts.netloc and "socket=" not in parts.query)
 
     def _probe_shared(self):
-        os.makedirs(self.instances_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.instances_dir, mode=0o711, exist_ok=True)
         marker = ".minivan-probe-" + secrets.token_hex(8)
         path = os.path.join(self.instances_dir, marker)
         with open(path, "w"):
@@ -1862,6 +1864,7 @@ class LibvirtDriver:
         to this host, where it does not share the instances directory.  sources: {path:
         the local file to send as path} where that is another file."""
         if self.shares_files():
+            self.secure(paths)
             return
         sources = sources or {}
 
@@ -1880,6 +1883,49 @@ class LibvirtDriver:
                 self._upload(path, sources.get(path))
         self._call("copying the disks to the host", push)
 
+    def qemu_owner(self):
+        """(uid, gid) this host's QEMU runs as (libvirt's DAC label for the guests' virt
+        type), or None where libvirt does not say (the test hypervisor)."""
+        if self.owner is None and self.local and urllib.parse.urlsplit(self.uri).path \
+                == "/session":
+            self.owner = ()                   # QEMU runs as minivan's own user
+        if self.owner is None and self.local:
+            self.owner = qemu_conf_owner(QEMU_CONF)
+        if self.owner is None:                # slow on some hosts: once per connection
+            try:
+                caps = self._call("reading the host's capabilities",
+                                  lambda: self.conn.getCapabilities())
+            except DriverError:
+                return None
+            found = re.search(r"<model>dac</model>.*?<baselabel type='%s'>\+?(\d+):\+?(\d+)"
+                              r"</baselabel>" % re.escape(self.virt_type), caps, re.S)
+            self.owner = (int(found.group(1)), int(found.group(2))) if found else ()
+        return self.owner or None
+
+    def secure(self, paths):
+        """The files QEMU opens here (and the base images behind them) become 0600 in
+        0700 directories, owned by the user QEMU runs as when minivan runs as root: no
+        other user of the host reads or lists a guest's disks."""
+        if self.simulated:
+            return
+        owner = self.qemu_owner() if os.geteuid() == 0 else None
+        files, dirs = set(), set()
+        for path in paths:
+            while path and path not in files:
+                files.add(path)
+                dirs.add(os.path.dirname(path))
+                path = qcow2_backing(path)
+        for path, mode in [(f, 0o600) for f in files] + [(d, 0o700) for d in dirs]:
+            try:
+                os.chmod(path, mode)
+                if owner and os.stat(path).st_uid != owner[0]:
+                    os.chown(path, *owner)
+            except OSError as e:
+                raise DriverError(f"cannot secure {path}: {e.strerror}") from None
+        if owner and owner[0] != os.geteuid():
+            for directory in {os.path.dirname(d) for d in dirs}:
+                passable_for(directory, *owner)
+
     def pull_files(self, directory):
         """Copy a server's files from this host into minivan's instances directory, where
         the host does not share it."""
@@ -1888,7 +1934,7 @@ class LibvirtDriver:
 
         def pull():
             pool = self._pool(directory)
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             for name in pool.listVolumes():
                 data = self._download(pool.storageVolLookupByName(name))
                 part = os.path.join(directory, "." + name + ".part")
@@ -2504,6 +2550,53 @@ def create_qcow2(path, size, backing=None, backing_format=None):
     os.replace(part, path)
 
 
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+
+
+def passable_for(directory, uid, gid):
+    """DriverError unless this user can pass through the directory and all above it."""
+    path = os.path.abspath(directory)
+    while True:
+        st = os.stat(path)
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            raise DriverError(f"QEMU (uid {uid}) cannot reach the instances directory "
+                              f"through {path}: chmod o+x {path}")
+        if path == os.path.dirname(path):
+            return
+        path = os.path.dirname(path)
+
+
+def qemu_conf_owner(path):
+    """(uid, gid) of the user and group libvirt's qemu.conf runs QEMU as (names or +N
+    numbers); None when the file does not say, or names someone unknown here."""
+    import grp
+    import pwd
+    found = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                match = re.match(r'\s*(user|group)\s*=\s*"([^"]*)"', line)
+                if match:
+                    found[match.group(1)] = match.group(2)
+    except OSError:
+        return None
+    if "user" not in found:
+        return None
+    try:
+        user = found["user"]
+        entry = None if user.startswith("+") else pwd.getpwnam(user)
+        uid = int(user[1:]) if entry is None else entry.pw_uid
+        group = found.get("group")
+        if group is None:
+            gid = entry.pw_gid if entry is not None else uid
+        else:
+            gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        return None
+    return uid, gid
+
+
 def qcow2_backing(path):
     """The backing file a qcow2 image names (header bytes 8-19), or None."""
     try:
@@ -2550,7 +2643,7 @@ def server_disks(instance_dir, server):
 def create_server_disks(instance_dir, base_path, server):
     """The root overlay on the cached base image (none for a volume-backed server), plus
     ephemeral and swap disks."""
-    os.makedirs(instance_dir, mode=0o755, exist_ok=True)
+    os.makedirs(instance_dir, mode=0o700, exist_ok=True)
     flavor = server["flavor"]
     root = os.path.join(instance_dir, "disk")
     if server.get("volume_backed"):
@@ -2660,7 +2753,7 @@ class LocalImages:
 
     def fetch(self, image, cache_dir):
         """The image in the base-image cache, copied once and checked against its hash."""
-        os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         target = os.path.join(cache_dir, image["id"])
         with self.cache_locks[image["id"]]:
             if os.path.exists(target):
@@ -2679,7 +2772,7 @@ class LocalImages:
                 os.unlink(tmp)
                 raise DriverError(f"image {image['id']} does not match its checksum")
             os.replace(tmp, target)
-            os.chmod(target, 0o644)
+            os.chmod(target, 0o600)
             if not expected:
                 self.store.commit([["set", ["images", image["id"], "os_hash_algo"], "sha512"],
                                    ["set", ["images", image["id"], "os_hash_value"],
@@ -2888,7 +2981,7 @@ class GlanceImages:
 
     def fetch(self, image, cache_dir):
         """Download once into the base-image cache, checking Glance's hash."""
-        os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         target = os.path.join(cache_dir, image["id"])
         with self.cache_locks[image["id"]]:
             if os.path.exists(target):
@@ -2921,7 +3014,7 @@ class GlanceImages:
             finally:                            # a cut or refused download leaves nothing
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            os.chmod(target, 0o644)
+            os.chmod(target, 0o600)
             return target
 
     def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
@@ -6727,7 +6820,7 @@ def write_config_drive(path, files):
     tool = shutil.which("genisoimage") or shutil.which("mkisofs") or shutil.which("xorrisofs")
     if not tool:
         write_iso(path, files, "config-2")
-        os.chmod(path, 0o644)
+        os.chmod(path, 0o600)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
@@ -6740,7 +6833,7 @@ def write_config_drive(path, files):
                                tmp], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise DriverError("building the config drive failed: " + done.stderr.strip()[-300:])
-    os.chmod(path, 0o644)
+    os.chmod(path, 0o600)
 
 
 # A small ISO 9660 writer with Joliet names, for hosts without genisoimage/xorriso.
@@ -13643,8 +13736,13 @@ def main(argv=None):
             for (name, uri), driver in zip(conf["compute_hosts"], drivers.values()):
                 driver.graphics_listen = graphics_address(uri)
         store = open_store(conf)
+        os.makedirs(conf["instances_dir"], mode=0o711, exist_ok=True)  # QEMU passes through
     except (ConfigError, StateError) as e:
         print(f"minivan: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"minivan: cannot make the instances directory {conf['instances_dir']}: "
+              f"{e.strerror}", file=sys.stderr)
         return 2
     for binary, state in list(store.data.get("services", {}).items()):
         if state.get("deleted"):            # a deleted service registers again at start

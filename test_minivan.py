@@ -1871,6 +1871,49 @@ class DaemonTests(unittest.TestCase):
             self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data, name)).st_mode), 0o600,
                              name)
 
+    def test_guest_files_are_private_to_qemu(self):
+        """Before QEMU opens a guest's files they become 0600 in 0700 directories, the base
+        image too, owned by the user qemu.conf runs QEMU as (here 'nobody'); a directory
+        on the way that QEMU cannot pass through is a clear error."""
+        if os.geteuid() != 0:
+            skip_or_fail(self, "changing a file's owner needs root")
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        tmp = tempfile.mkdtemp(prefix="minivan-secure-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        conf = os.path.join(tmp, "qemu.conf")
+        with open(conf, "w") as f:
+            f.write('# user = "root"\nuser = "nobody"\ngroup = "+%d"\n' % nobody.pw_gid)
+        self.assertEqual(minivan.qemu_conf_owner(conf), (nobody.pw_uid, nobody.pw_gid))
+        self.assertIsNone(minivan.qemu_conf_owner(os.path.join(tmp, "absent.conf")))
+        data = os.path.join(tmp, "data")
+        instance = os.path.join(data, "instances", "a-server")
+        base = os.path.join(data, "_base", "an-image")
+        os.makedirs(os.path.dirname(base))
+        minivan.create_qcow2(base, 1 << 20)
+        os.makedirs(instance)
+        disk = os.path.join(instance, "disk")
+        minivan.create_qcow2(disk, 1 << 20, base)
+        drive = os.path.join(instance, "disk.config")
+        with open(drive, "wb") as f:
+            f.write(b"iso")
+        os.chmod(tmp, 0o711)
+        os.chmod(data, 0o711)
+        os.chmod(os.path.join(data, "instances"), 0o711)
+        driver = minivan.LibvirtDriver("qemu:///system", "qemu", instances_dir=os.path.join(
+            data, "instances"))
+        self.addCleanup(setattr, minivan, "QEMU_CONF", minivan.QEMU_CONF)
+        minivan.QEMU_CONF = conf
+        driver.secure([disk, drive])
+        for path, mode in ((disk, 0o600), (drive, 0o600), (base, 0o600), (instance, 0o700),
+                           (os.path.dirname(base), 0o700)):
+            st = os.stat(path)
+            self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid),
+                             (mode, nobody.pw_uid, nobody.pw_gid), path)
+        os.chmod(data, 0o700)
+        with self.assertRaisesRegex(minivan.DriverError, f"chmod o\\+x {data}$"):
+            driver.secure([disk])
+
     def test_sd_notify_ready_and_stopping(self):
         """With NOTIFY_SOCKET, minivan sends READY=1 once serving and STOPPING=1 on SIGTERM."""
         with tempfile.TemporaryDirectory() as tmp:
