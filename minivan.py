@@ -1800,7 +1800,7 @@ class LibvirtDriver:
         lv = self.libvirt
         name = "minivan-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
         xml = (f"<pool type='dir'><name>{name}</name><target><path>{xml_escape(directory)}"
-               f"</path><permissions><mode>0755</mode></permissions></target></pool>")
+               f"</path><permissions><mode>0711</mode></permissions></target></pool>")
         for _ in range(3):
             try:
                 pool = self.conn.storagePoolLookupByName(name)
@@ -1825,10 +1825,11 @@ class LibvirtDriver:
                 return None
             raise
 
-    def _upload(self, path, source=None):
-        """Copy the local file source (default: path itself) to path on this host."""
+    def _upload(self, path, source=None, pool=None):
+        """Copy the local file source (default: path itself) to path on this host (pool:
+        the pool of its directory, when the caller has it)."""
         source = source or path
-        pool = self._pool(os.path.dirname(path))
+        pool = pool or self._pool(os.path.dirname(path))
         name = os.path.basename(path)
         old = self._volume(pool, name)
         if old is not None:
@@ -1836,7 +1837,7 @@ class LibvirtDriver:
         size = os.path.getsize(source)
         vol = pool.createXML(f"<volume><name>{xml_escape(name)}</name><capacity unit='bytes'>"
                              f"{size}</capacity><allocation>0</allocation><target>"
-                             f"<format type='raw'/><permissions><mode>0644</mode></permissions>"
+                             f"<format type='raw'/><permissions><mode>0600</mode></permissions>"
                              f"</target></volume>", 0)
         stream = self.conn.newStream(0)
         try:
@@ -1868,19 +1869,27 @@ class LibvirtDriver:
             return
         sources = sources or {}
 
+        pools = {}
+
+        def pool_of(path):                    # one look (and refresh) per directory
+            directory = os.path.dirname(path)
+            if directory not in pools:
+                pools[directory] = self._pool(directory)
+            return pools[directory]
+
         def push():
             for path in paths:
                 base = qcow2_backing(sources.get(path, path))
                 while base:
-                    pool = self._pool(os.path.dirname(base))
+                    pool = pool_of(base)
                     done = os.path.basename(base) + ".copied"
                     if self._volume(pool, done) is None:
-                        self._upload(base)
+                        self._upload(base, pool=pool)
                         pool.createXML(f"<volume><name>{xml_escape(done)}</name><capacity>0"
                                        f"</capacity><target><format type='raw'/></target>"
                                        f"</volume>", 0)
                     base = qcow2_backing(base)
-                self._upload(path, sources.get(path))
+                self._upload(path, sources.get(path), pool_of(path))
         self._call("copying the disks to the host", push)
 
     def qemu_owner(self):
@@ -13088,62 +13097,59 @@ class App:
                                        base, legacy)
         return Response(300, versions_choices(base, path))
 
-    def handle_image(self, method, rest, query, headers, body, stream):
-        """The standalone image service (a Glance v2 subset), with request ids."""
+    def side_service(self, method, shown, work, fault_response, error_body):
+        """Answer a request outside the compute API (/image, /minivan/v1/faults): work()
+        gives the Response; a Fault becomes fault_response(fault), a bug a 500 with
+        error_body(message); each gets a request id and one access-log line."""
         request_id = new_request_id()
         token = CURRENT_REQUEST.set(request_id)
         try:
-            if not isinstance(self.images, LocalImages):
-                resp = Response(404, {"code": "404 Not Found", "title": "Not Found",
-                                      "message": "This cloud's images are in Glance: minivan's "
-                                                 "own image service is off."})
-            elif body is None:
-                resp = Response(413, {"code": "413 Request Entity Too Large",
-                                      "title": "Request Entity Too Large",
-                                      "message": "Request is too large."})
-            else:
-                doc = None
-                if body and stream is None:
-                    try:
-                        doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
-                    except (ValueError, UnicodeDecodeError, RecursionError):
-                        doc = GlanceError
-                if doc is GlanceError:
-                    resp = Response(400, {"code": "400 Bad Request", "title": "Bad Request",
-                                          "message": "Malformed JSON in request body."})
-                else:
-                    pairs = urllib.parse.parse_qs(query, keep_blank_values=True)
-                    resp = self.image_service.handle(method, rest, pairs, headers, doc, stream)
+            resp = work()
         except Fault as fault:
-            resp = Response(fault.code, fault.body())
+            resp = fault_response(fault)
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
-            LOG.exception("unexpected error in %s /image%s", method, rest)
-            resp = Response(500, {"code": "500 Internal Server Error", "title": "Error",
-                                  "message": unexpected_error_message(exc)})
+            LOG.exception("unexpected error in %s %s", method, shown)
+            resp = Response(500, error_body(unexpected_error_message(exc)))
         resp.headers.append(("x-openstack-request-id", request_id))
-        LOG.info("\"%s /image%s\" status: %s len: %s", method, rest, resp.status,
-                 len(resp.payload))
+        LOG.info("\"%s %s\" status: %s len: %s", method, shown, resp.status, len(resp.payload))
         CURRENT_REQUEST.reset(token)
         return resp
 
+    def handle_image(self, method, rest, query, headers, body, stream):
+        """The standalone image service (a Glance v2 subset), in Glance's error shape."""
+        def work():
+            if not isinstance(self.images, LocalImages):
+                return Response(404, {"code": "404 Not Found", "title": "Not Found",
+                                      "message": "This cloud's images are in Glance: minivan's "
+                                                 "own image service is off."})
+            if body is None:
+                return Response(413, {"code": "413 Request Entity Too Large",
+                                      "title": "Request Entity Too Large",
+                                      "message": "Request is too large."})
+            doc = None
+            if body and stream is None:
+                try:
+                    doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    return Response(400, {"code": "400 Bad Request", "title": "Bad Request",
+                                          "message": "Malformed JSON in request body."})
+            pairs = urllib.parse.parse_qs(query, keep_blank_values=True)
+            return self.image_service.handle(method, rest, pairs, headers, doc, stream)
+        return self.side_service(
+            method, "/image" + rest, work, lambda fault: Response(fault.code, fault.body()),
+            lambda message: {"code": "500 Internal Server Error", "title": "Error",
+                             "message": message})
+
     def handle_faults(self, method, path, headers, body):
-        request_id = new_request_id()
-        token = CURRENT_REQUEST.set(request_id)
-        try:
+        """/minivan/v1/faults, in Nova's fault shape."""
+        def work():
             if body is None:
                 raise TooLarge()
-            status, doc = faults_endpoint(self, method, path, headers, body)
-            resp = Response(status, doc)
-        except Fault as fault:
-            resp = self.fault_response(fault, None)
-        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
-            LOG.exception("unexpected error in %s %s", method, path)
-            resp = Response(500, {"computeFault": {"code": 500,
-                                                   "message": unexpected_error_message(exc)}})
-        resp.headers.append(("x-openstack-request-id", request_id))
-        LOG.info("\"%s %s\" status: %s len: %s", method, path, resp.status, len(resp.payload))
-        CURRENT_REQUEST.reset(token)
-        return resp
+            return Response(*faults_endpoint(self, method, path, headers, body))
+        return self.side_service(method, path, work,
+                                 lambda fault: self.fault_response(fault, None),
+                                 lambda message: {"computeFault": {"code": 500,
+                                                                   "message": message}})
 
     def base_url(self, headers, secure):
         if self.conf["public_url"]:

@@ -2403,8 +2403,16 @@ def run_osc_cloud(test, env, *args):
     return done.stdout
 
 
-class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
-    """openstackclient, openstacksdk and novaclient against minivan in noauth mode."""
+class NoAuthCLITestCase(CLIMixin, unittest.TestCase):
+    """The clients against a minivan of the class's own in noauth mode (start_args: how
+    it starts; OS_EXTRA: more openstackclient arguments)."""
+
+    __test__ = False
+    OS_EXTRA = ()
+
+    @classmethod
+    def start_args(cls):
+        return {}
 
     @classmethod
     def setUpClass(cls):
@@ -2413,8 +2421,8 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
         cls.port = free_port()
         cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
         cls.os_args = ["--os-auth-type", "none", "--os-endpoint", cls.url,
-                       "--os-identity-api-version", "3"]
-        start_minivan(cls, cls.port)
+                       "--os-identity-api-version", "3", *cls.OS_EXTRA]
+        start_minivan(cls, cls.port, **cls.start_args())
 
     @classmethod
     def tearDownClass(cls):
@@ -2423,6 +2431,12 @@ class NoAuthEndToEndTests(CLIMixin, unittest.TestCase):
     def setUp(self):
         if not have_clients():
             skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
+
+
+class NoAuthEndToEndTests(NoAuthCLITestCase):
+    """openstackclient, openstacksdk and novaclient against minivan in noauth mode."""
+
+    __test__ = True
 
     def test_standalone_clouds_yaml(self):
         """With only minivan and a clouds.yaml of auth_type none, the README's commands work:
@@ -2536,32 +2550,21 @@ def keystone_token(env, user, project, password=None):
         return resp.headers["X-Subject-Token"]
 
 
-class AdminCLIEndToEndTests(CLIMixin, unittest.TestCase):
+class AdminCLIEndToEndTests(NoAuthCLITestCase):
     """An operator's day with openstackclient against minivan on three simulated hosts:
     hypervisors, compute services, aggregates and zones, server groups, cold migration,
     migrations, evacuation, console URLs and usage."""
 
-    @classmethod
-    def setUpClass(cls):
-        if not have_clients():
-            return
-        cls.port = free_port()
-        cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
-        cls.os_args = ["--os-auth-type", "none", "--os-endpoint", cls.url,
-                       "--os-identity-api-version", "3", "--os-compute-api-version", "2.79"]
-        start_minivan(cls, cls.port, images=("admin-image",), hosts=3, env_extra={
-            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}",
-            "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}"})
+    __test__ = True
+    OS_EXTRA = ("--os-compute-api-version", "2.79")
 
     @classmethod
-    def tearDownClass(cls):
-        stop_minivan(cls)
+    def start_args(cls):
+        return {"images": ("admin-image",), "hosts": 3, "env_extra": {
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}",
+            "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}"}}
 
     test_cli_flavors = test_cli_keypairs = test_cli_limits_and_zones = None   # run elsewhere
-
-    def setUp(self):
-        if not have_clients():
-            skip_or_fail(self, "OpenStack clients not installed (tools/setup-venvs.sh)")
 
     def boot(self, name, *extra):
         server = self.openstack("server", "create", "--image", "admin-image", "--flavor",
