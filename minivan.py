@@ -11568,9 +11568,21 @@ def server_usage(server, start, end, now):
             "state": state, "uptime": int((min(ended or now, now) - launched).total_seconds())}
 
 
-def tenant_usage(req, project_id, servers, start, end, detailed):
+def usage_page(req, start, end, project_id=None):
+    """[(server, its usage)] of the servers (of one project) that existed in [start,
+    end], in Nova's order (created_at, id); from 2.40 one page of them, by instance
+    (marker: an instance id), with the marker of the next page or None."""
     now = req.app.clock.now()
-    usages = [u for u in (server_usage(s, start, end, now) for s in servers) if u]
+    servers = sorted((s for s in req.store.data["servers"].values()
+                      if project_id is None or s["project_id"] == project_id),
+                     key=lambda s: (s["created_at"], s["id"]))
+    pairs = [(s, u) for s in servers for u in [server_usage(s, start, end, now)] if u]
+    if not req.since("2.40"):
+        return pairs, None
+    return paginate(req, pairs, lambda pair: pair[0]["id"])
+
+
+def tenant_usage(project_id, usages, start, end, detailed):
     body = {"tenant_id": project_id, "start": isotime_us(start), "stop": isotime_us(end),
             "total_hours": sum(u["hours"] for u in usages),
             "total_vcpus_usage": sum(u["hours"] * u["vcpus"] for u in usages),
@@ -11578,7 +11590,7 @@ def tenant_usage(req, project_id, servers, start, end, detailed):
             "total_local_gb_usage": sum(u["hours"] * u["local_gb"] for u in usages)}
     if detailed:
         body["server_usages"] = usages
-    return body, usages
+    return body
 
 
 def simple_tenant_usage_index(req):
@@ -11587,20 +11599,14 @@ def simple_tenant_usage_index(req):
     query = validate_query(req, allowed, strict_since="2.75")
     start, end = usage_period(req, query)
     detailed = bool_from_string(query.get("detailed", ["0"])[-1])
-    projects = {}
-    for server in sorted(req.store.data["servers"].values(), key=lambda s: s["created_at"]):
-        projects.setdefault(server["project_id"], []).append(server)
-    usages = []
-    for project_id, servers in sorted(projects.items()):
-        body, items = tenant_usage(req, project_id, servers, start, end, detailed)
-        if items:
-            usages.append(body)
-    links = None
-    if req.since("2.40"):
-        usages, links = paginate(req, usages, lambda u: u["tenant_id"])
-    result = {"tenant_usages": usages}
-    if links is not None:
-        result["tenant_usages_links"] = req.next_link("os-simple-tenant-usage", links)
+    page, marker = usage_page(req, start, end)
+    projects = {}                       # in the order of each project's first server
+    for server, usage in page:
+        projects.setdefault(server["project_id"], []).append(usage)
+    result = {"tenant_usages": [tenant_usage(project_id, usages, start, end, detailed)
+                                for project_id, usages in projects.items()]}
+    if marker is not None:
+        result["tenant_usages_links"] = req.next_link("os-simple-tenant-usage", marker)
     return 200, result
 
 
@@ -11611,13 +11617,15 @@ def simple_tenant_usage_show(req):
     project_id = req.params["id"]
     authorize(req, "os_compute_api:os-simple-tenant-usage:show", "reader", project_id)
     start, end = usage_period(req, query)
-    servers = sorted([s for s in req.store.data["servers"].values()
-                      if s["project_id"] == project_id], key=lambda s: s["created_at"])
-    body, items = tenant_usage(req, project_id, servers, start, end, True)
-    if not items:
+    page, marker = usage_page(req, start, end, project_id)
+    if not page:
         return 200, {"tenant_usage": {}}
-    return 200, {"tenant_usage": body}
-
+    result = {"tenant_usage": tenant_usage(project_id, [u for _, u in page], start, end,
+                                           True)}
+    if marker is not None:
+        result["tenant_usage_links"] = req.next_link(
+            "os-simple-tenant-usage/" + project_id, marker)
+    return 200, result
 
 
 # § 30 API: aggregates -----------------------------------------------------------------

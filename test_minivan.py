@@ -2891,6 +2891,33 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertNotIn("glance-vm", self.openstack("server", "list").stdout)
         self.openstack("image", "delete", "glance-snap", "osc-image")
 
+    def test_ansible_openstack_cloud(self):
+        """tools/ansible-server.yml: Ansible's openstack.cloud collection (from PyPI's
+        ansible, in .venv-ansible) makes a keypair, boots a server from a Glance image and
+        waits for it, reads it back with server_info and deletes both, as the demo user."""
+        playbook = os.path.join(HERE, "tools", "ansible-server.yml")
+        venv = os.environ.get("MINIVAN_ANSIBLE_VENV", os.path.join(HERE, ".venv-ansible"))
+        if not os.path.exists(os.path.join(venv, "bin", "ansible-playbook")):
+            skip_or_fail(self, "ansible not installed (tools/setup-venvs.sh makes .venv-ansible)")
+        if not self.images:
+            skip_or_fail(self, "no Glance in the test cloud (tools/test.sh starts one)")
+        work = tempfile.mkdtemp(prefix="minivan-ansible-")
+        self.addCleanup(shutil.rmtree, work, True)
+        clouds = functional_clouds_yaml(self.env, work, "cirros")
+        done = subprocess.run(
+            [os.path.join(venv, "bin", "ansible-playbook"), "-i", "localhost,", "-c", "local",
+             playbook, "-e", "cloud=devstack", "-e", "image=cirros"], cwd=work,
+            capture_output=True, text=True, timeout=600, env=dict(
+                os.environ, OS_CLIENT_CONFIG_FILE=clouds, ANSIBLE_NOCOLOR="1",
+                ANSIBLE_PYTHON_INTERPRETER=os.path.join(venv, "bin", "python"),
+                ANSIBLE_LOCAL_TEMP=work, ANSIBLE_REMOTE_TEMP=work))
+        self.assertEqual(done.returncode, 0, done.stdout[-4000:] + done.stderr[-2000:])
+        recap = re.search(r"localhost\s+: ok=(\d+)\s+changed=(\d+).*?failed=(\d+)",
+                          done.stdout)
+        self.assertEqual((recap.group(1), recap.group(3)), ("9", "0"), done.stdout[-2000:])
+        self.assertNotIn("ansible-vm", self.openstack("server", "list",
+                                                      "--all-projects").stdout)
+
     def test_fuzz_behind_keystone(self):
         """tools/harness.py fuzz --keystone: the fuzz's 1,500 cases as Keystone's admin
         (Glance images, Keystone's projects) get Nova's 4xx faults, never a 5xx, and
@@ -3011,14 +3038,17 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(flavors(alt)[0], 200)
 
     def test_tempest(self):
-        """Every Tempest test in tools/tempest-pass.txt passes against minivan behind Keystone."""
+        """Every Tempest test in tools/tempest-pass.txt passes against minivan behind Keystone
+        (MINIVAN_TEMPEST_LIST=all: the whole of tempest.api.compute, and none fails)."""
         listing = os.environ.get("MINIVAN_TEMPEST_LIST", os.path.join(HERE, "tools",
                                                                       "tempest-pass.txt"))
         if not os.path.exists(os.path.join(BIN, "tempest")):
             skip_or_fail(self, "tempest not installed (tools/setup-venvs.sh)")
-        with open(listing) as f:
-            wanted = [line.split("#")[0].strip() for line in f
-                      if line.strip() and not line.startswith("#")]
+        wanted = None
+        if listing != "all":
+            with open(listing) as f:
+                wanted = [line.split("#")[0].strip() for line in f
+                          if line.strip() and not line.startswith("#")]
         work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
                             "tempest")
         if not self.images:
@@ -3027,15 +3057,22 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
                    TEMPEST_IMAGE_REF_ALT=self.images["cirros-alt"],
                    CINDER_URL=self.env.get("CINDER_URL", ""),
                    TEMPEST_MIN_COMPUTE_NODES=str(self.COMPUTE_HOSTS), TEMPEST_MIGRATION="True")
+        selection = [listing] if wanted is not None else \
+            ["-", "--regex", r"^tempest\.api\.compute\."]
         done = subprocess.run([os.path.join(HERE, "tools", "tempest.sh"), work,
-                               os.environ["MINIVAN_TEST_KEYSTONE_ENV"], listing],
-                              capture_output=True, text=True, timeout=2400, env=env)
+                               os.environ["MINIVAN_TEST_KEYSTONE_ENV"], *selection],
+                              capture_output=True, text=True, timeout=5400, env=env)
         output = done.stdout + done.stderr
         tail = "\n".join(output.splitlines()[-40:])
+        totals = {key: int(n) for key, n in re.findall(
+            r"^ - (Passed|Skipped|Failed|Expected Fail|Unexpected Success): (\d+)$",
+            output, re.M)}
+        print(f"\nTempest: {totals}")
         self.assertEqual(done.returncode, 0, tail)
-        passed = [line for line in output.splitlines() if "... ok" in line]
-        self.assertEqual(len(passed), len(wanted), tail)
-        print(f"\nTempest: {len(passed)} of {len(wanted)} listed tests passed")
+        self.assertEqual(totals.get("Failed"), 0, tail)
+        if wanted is not None:
+            passed = [line for line in output.splitlines() if "... ok" in line]
+            self.assertEqual(len(passed), len(wanted), tail)
 
 
 class BenchSmokeTests(unittest.TestCase):
@@ -5527,6 +5564,44 @@ class TenantUsageTests(ServerTestCase):
                                 cls=v.JSONSCHEMA_VALIDATOR, format_checker=v.FORMAT_CHECKER)
 
 
+    def test_usage_pages_by_instance(self):
+        """From 2.40 usage pages by instance, as Nova: the marker is the last server's id,
+        the page after the last one is empty (Horizon follows the markers until then),
+        and an unknown marker is 400."""
+        ids = []
+        for _ in range(3):
+            ids.append(self.new_server(token="u:demo"))
+            self.clock.t += datetime.timedelta(seconds=1)     # the order is created_at's
+        other = self.new_server(token="u:alt")
+        self.clock.t += datetime.timedelta(hours=1)
+        query = "start=2000-01-01T00:00:00&end=2100-01-01T00:00:00"
+        seen, marker = [], None
+        for _ in range(4):
+            page = self.get(f"/v2.1/os-simple-tenant-usage/demo?{query}&limit=2"
+                            + (f"&marker={marker}" if marker else ""), version="2.40",
+                            token="u:demo").json()["tenant_usage"]
+            if not page:
+                break
+            seen += [u["instance_id"] for u in page["server_usages"]]
+            marker = page["server_usages"][-1]["instance_id"]
+        self.assertEqual(seen, ids)
+        first = self.get(f"/v2.1/os-simple-tenant-usage/demo?{query}&limit=2", version="2.40",
+                         token="u:demo").json()
+        self.assertIn(f"marker={ids[1]}", first["tenant_usage_links"][0]["href"])
+        whole = self.get(f"/v2.1/os-simple-tenant-usage?{query}&detailed=1&limit=3",
+                         version="2.40").json()
+        self.assertEqual([(u["tenant_id"], len(u["server_usages"]))
+                          for u in whole["tenant_usages"]], [("demo", 3)])
+        self.assertIn(f"marker={ids[2]}", whole["tenant_usages_links"][0]["href"])
+        rest = self.get(f"/v2.1/os-simple-tenant-usage?{query}&detailed=1&marker={ids[2]}",
+                        version="2.40").json()
+        self.assertEqual([(u["tenant_id"], [s["instance_id"] for s in u["server_usages"]])
+                          for u in rest["tenant_usages"]], [("alt", [other])])
+        self.assertNotIn("tenant_usages_links", rest)
+        self.assertFault(self.get(f"/v2.1/os-simple-tenant-usage?{query}&marker=nope",
+                                  version="2.40"), 400, "badRequest", "marker [nope] not found")
+
+
 class AggregateTests(ServerTestCase):
     def test_aggregates(self):
         """Aggregates: CRUD, hosts, metadata; an aggregate's zone becomes the host's zone."""
@@ -6644,6 +6719,62 @@ class MetadataServiceTests(ServerTestCase):
 NEUTRON_VENV = os.environ.get("MINIVAN_NEUTRON_VENV", os.path.join(HERE, ".venv-neutron"))
 
 
+def functional_clouds_yaml(env, directory, image_name):
+    """A clouds.yaml with the cloud names the clients' own functional tests look for
+    (devstack, devstack-alt, devstack-admin, devstack-system-admin, functional_admin)."""
+    def cloud(user, project=None, **extra):
+        auth = {"auth_url": env["OS_AUTH_URL"], "username": user,
+                "password": env["OS_PASSWORD"], **extra}
+        if project:
+            auth["project_name"] = project
+        return {"auth": auth, "region_name": env.get("OS_REGION_NAME", "RegionOne"),
+                "identity_api_version": 3}
+    names = {"user_domain_name": "Default", "project_domain_name": "Default"}
+    ids = {"user_domain_id": "default", "project_domain_id": "default"}
+    doc = {"clouds": {
+        "devstack": cloud("demo", "demo", **names),
+        "devstack-alt": cloud("alt_demo", "alt_demo", **names),
+        "devstack-admin": cloud("admin", "admin", **names),
+        "devstack-system-admin": cloud("admin", system_scope="all",
+                                       user_domain_name="Default"),
+        "functional_admin": cloud("admin", "admin", **ids)},
+        "functional": {"image_name": image_name, "flavor_name": "m1.tiny"}}
+    path = os.path.join(directory, "clouds.yaml")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)                   # JSON is YAML
+    return path
+
+
+def run_functional_suite(test, directory, work, clouds, env=None, timeout=2400):
+    """Run a client's functional tests (pytest, in .venv) against clouds; returns the
+    junit counts {passed, failed, errors, skipped} and the failing tests' names."""
+    import xml.etree.ElementTree as ET
+    report = os.path.join(work, "junit.xml")
+    done = subprocess.run(
+        [os.path.join(BIN, "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-p", "no:logging", "--junitxml", report, directory], cwd=work,
+        capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, OS_CLIENT_CONFIG_FILE=clouds, OS_TEST_TIMEOUT="600",
+                 **(env or {})))
+    if not os.path.exists(report):
+        test.fail("the suite did not run: " + done.stdout[-3000:] + done.stderr[-2000:])
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failing": []}
+    for case in suite.iter("testcase"):
+        name = f"{case.get('classname')}.{case.get('name')}"
+        kind = next((child.tag for child in case
+                     if child.tag in ("failure", "error", "skipped")), None)
+        if kind is None:
+            counts["passed"] += 1
+        else:
+            counts[{"failure": "failed", "error": "errors", "skipped": "skipped"}[kind]] += 1
+            if kind != "skipped":
+                counts["failing"].append(name)
+    print(f"{directory}: {counts}")
+    return counts
+
+
 class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
     """minivan behind the test Keystone with a real Neutron (tools/neutron.sh: ML2 with the
     Open vSwitch agent, on Open vSwitch's userspace datapath) and real QEMU guests: ports
@@ -6681,7 +6812,10 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
             "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
             "MINIVAN_BIND": "127.0.0.1", "MINIVAN_LIBVIRT_URI": "qemu:///system",
             "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_HOST": cls.neutron["NEUTRON_AGENT_HOST"],
-            "MINIVAN_VIF_PLUGGING_TIMEOUT": "60", "MINIVAN_SHUTDOWN_TIMEOUT": "10"})
+            "MINIVAN_VIF_PLUGGING_TIMEOUT": "60", "MINIVAN_SHUTDOWN_TIMEOUT": "10",
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", ""),
+            "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}",
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"})
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image = glance_upload(cls.env, "neutron-guest", GUEST_IMAGE)
 
@@ -6778,6 +6912,37 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.openstack("server", "delete", "--wait", "nt-given")
         self.assertEqual(self.openstack("port", "show", given["id"], "-f", "json")["device_id"],
                          "")
+
+    def test_openstacksdk_functional_compute(self):
+        """openstacksdk's own functional tests of the compute service (its
+        openstack/tests/functional/compute) against this cloud: Keystone, Glance, Cinder,
+        Neutron and minivan on real QEMU guests.  Every one passes."""
+        if not self.env.get("CINDER_URL"):
+            skip_or_fail(self, "no Cinder in the test cloud (tools/test.sh starts one)")
+        import openstack.tests.functional.compute as suite
+        work = tempfile.mkdtemp(prefix="minivan-sdk-functional-")
+        self.addCleanup(shutil.rmtree, work, True)
+        counts = run_functional_suite(self, os.path.dirname(suite.__file__), work,
+                                      functional_clouds_yaml(self.env, work, "neutron-guest"))
+        self.assertEqual((counts["failed"], counts["errors"]), (0, 0), counts)
+        self.assertGreaterEqual(counts["passed"], 17, counts)
+
+    def test_novaclient_functional(self):
+        """python-novaclient's own functional tests (its API and `nova` CLI tests) against
+        this cloud.  They take a quarter of an hour on real guests, so they run on demand:
+        MINIVAN_NOVACLIENT_FUNCTIONAL=1 tools/test.sh -k novaclient_functional."""
+        if os.environ.get("MINIVAN_NOVACLIENT_FUNCTIONAL") != "1":
+            self.skipTest("on demand: MINIVAN_NOVACLIENT_FUNCTIONAL=1")
+        import novaclient.tests.functional as suite
+        work = tempfile.mkdtemp(prefix="minivan-novaclient-functional-")
+        self.addCleanup(shutil.rmtree, work, True)
+        counts = run_functional_suite(
+            self, os.path.dirname(suite.__file__), work,
+            functional_clouds_yaml(self.env, work, "neutron-guest"),
+            env={"OS_NOVACLIENT_EXEC_DIR": BIN, "TOX_ENV_DIR": os.path.dirname(BIN),
+                 "OS_NOVACLIENT_NETWORK": self.neutron["NEUTRON_NETWORK_NAME"]},
+            timeout=3600)
+        self.assertEqual(counts["failing"], [], counts)
 
     def test_a_port_neutron_refuses_mid_build(self):
         """Three NICs: a given port, a new port, and a fixed IP another port holds, which

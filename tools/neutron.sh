@@ -20,7 +20,8 @@
 #         neutron-ovs-agent            the Open vSwitch agent, as host `hostname -s`
 #       and returns once the API answers and the agent is alive.  Makes a shared flat
 #       network "minivan-net" on physnet1 (br-phys) with subnet 10.77.0.0/24 (no DHCP
-#       agent: addresses are Neutron's fixed IPs).  Appends to DIR/env (sourceable):
+#       agent: addresses are Neutron's fixed IPs).  Projects may make networks of their
+#       own (ML2 type "local": on this host only).  Appends to DIR/env (sourceable):
 #       NEUTRON_URL, NEUTRON_NETWORK_ID, NEUTRON_NETWORK_NAME, NEUTRON_AGENT_HOST.
 #   tools/neutron.sh stop DIR
 #       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
@@ -91,8 +92,8 @@ EOF
     done
     cat > "$dir/ml2.ini" <<EOF
 [ml2]
-type_drivers = flat
-tenant_network_types =
+type_drivers = flat,local
+tenant_network_types = local
 mechanism_drivers = openvswitch
 extension_drivers = port_security
 [ml2_type_flat]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup-venvs.sh - create (or bring up to date) the five virtualenvs minivan's
+# setup-venvs.sh - create (or bring up to date) the six virtualenvs minivan's
 # tests use:
 #   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
 #       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
@@ -11,6 +11,8 @@
 #       (cinder + gunicorn for tools/cinder.sh, apart for the same reason)
 #   ${MINIVAN_NEUTRON_VENV:-REPO/.venv-neutron}   <- tools/requirements-neutron.txt
 #       (neutron + gunicorn for tools/neutron.sh, apart for the same reason)
+#   ${MINIVAN_ANSIBLE_VENV:-REPO/.venv-ansible}   <- tools/requirements-ansible.txt
+#       (ansible with its openstack.cloud collection, and the openstacksdk it works with)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -42,3 +44,4 @@ make_venv "${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}" "$REPO/tools/requirem
 make_venv "${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}" "$REPO/tools/requirements-glance.txt"
 make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements-cinder.txt"
 make_venv "${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}" "$REPO/tools/requirements-neutron.txt"
+make_venv "${MINIVAN_ANSIBLE_VENV:-$REPO/.venv-ansible}" "$REPO/tools/requirements-ansible.txt"
