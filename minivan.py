@@ -8347,9 +8347,10 @@ def server_action_resize(req):
         raise BadRequest("Unable to locate requested flavor.")
     if flavor["id"] == server["flavor"]["id"]:
         raise BadRequest("When resizing, instances must change flavor!")
-    if flavor["disk"] == 0:
+    volume_backed = not server.get("image_ref")          # its root disk is a volume
+    if flavor["disk"] == 0 and server["flavor"]["disk"] != 0 and not volume_backed:
         raise BadRequest("Resize to zero disk flavor is not allowed.")
-    if flavor["disk"] < server["flavor"]["disk"]:
+    if flavor["disk"] < server["flavor"]["disk"] and not volume_backed:
         raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
     new = {k: flavor[k] for k in server["flavor"]}
     extra = check_resize_quota(req, server, new)

@@ -3607,6 +3607,24 @@ class ServerActionTests(ServerTestCase):
         self.assertFault(self.action(server_id, {"confirmResize": None}), 409,
                          "conflictingRequest")
 
+    def test_resize_between_zero_disk_flavors(self):
+        """As Nova: a server of a zero-disk flavor resizes down to another zero-disk flavor
+        (its disk keeps the image's size) and back; a server with a disk cannot go to a
+        zero-disk flavor."""
+        for name, ram in (("zero-128", 128), ("zero-64", 64)):
+            r = self.post("/v2.1/flavors", {"flavor": {"name": name, "id": name, "ram": ram,
+                                                       "vcpus": 1, "disk": 0}})
+            self.assertEqual(r.status, 200, r.raw)
+        server_id = self.new_server(flavorRef="zero-128")
+        self.assertEqual(self.action(server_id, {"resize": {"flavorRef": "zero-64"}}).status,
+                         202, "resize down between zero-disk flavors")
+        self.assertEqual(self.server(server_id)["status"], "VERIFY_RESIZE")
+        self.assertEqual(self.action(server_id, {"revertResize": None}).status, 202)
+        self.assertEqual(self.server(server_id)["flavor"]["id"], "zero-128")
+        other = self.new_server()
+        self.assertFault(self.action(other, {"resize": {"flavorRef": "zero-64"}}), 400,
+                         "badRequest", "Resize to zero disk flavor is not allowed.")
+
     def test_resize_confirms_itself_after_the_window(self):
         """With --resize-confirm-window, a resize left unconfirmed confirms itself."""
         self.app.conf["resize_confirm_window"] = 60

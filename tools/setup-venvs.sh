@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup-venvs.sh - create (or bring up to date) the six virtualenvs minivan's
+# setup-venvs.sh - create (or bring up to date) the seven virtualenvs minivan's
 # tests use:
 #   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
 #       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
@@ -13,6 +13,8 @@
 #       (neutron + gunicorn for tools/neutron.sh, apart for the same reason)
 #   ${MINIVAN_ANSIBLE_VENV:-REPO/.venv-ansible}   <- tools/requirements-ansible.txt
 #       (ansible with its openstack.cloud collection, and the openstacksdk it works with)
+#   ${MINIVAN_HORIZON_VENV:-REPO/.venv-horizon}   <- tools/requirements-horizon.txt
+#       (Horizon and Selenium, for tools/horizon.sh and the browser test)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -45,3 +47,4 @@ make_venv "${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}" "$REPO/tools/requirements
 make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements-cinder.txt"
 make_venv "${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}" "$REPO/tools/requirements-neutron.txt"
 make_venv "${MINIVAN_ANSIBLE_VENV:-$REPO/.venv-ansible}" "$REPO/tools/requirements-ansible.txt"
+make_venv "${MINIVAN_HORIZON_VENV:-$REPO/.venv-horizon}" "$REPO/tools/requirements-horizon.txt"

@@ -27,7 +27,7 @@ export MINIVAN_VENV=$VENV
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
           qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage
-          rabbitmq-server nfs-common openvswitch-switch sudo util-linux)
+          rabbitmq-server nfs-common openvswitch-switch sudo util-linux chromium chromium-driver)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
