@@ -6737,6 +6737,75 @@ class MetadataServiceTests(ServerTestCase):
 NEUTRON_VENV = os.environ.get("MINIVAN_NEUTRON_VENV", os.path.join(HERE, ".venv-neutron"))
 
 
+HORIZON_VENV = os.environ.get("MINIVAN_HORIZON_VENV", os.path.join(HERE, ".venv-horizon"))
+
+
+class HorizonEndToEndTests(unittest.TestCase):
+    """Horizon (PyPI horizon 27.0.0, tools/horizon.sh) against the real Keystone and Glance
+    and minivan, driven in headless Chromium by tools/horizon_flow.py: log in, launch an
+    instance from the Instances panel, see it Active, read its console log, delete it.
+    Screenshots go to horizon-shots/ beside minivan.py."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(cls.env and cls.env.get("GLANCE_URL") and have_libvirt()
+                         and os.path.exists(os.path.join(HORIZON_VENV, "bin", "django-admin"))
+                         and shutil.which("chromium") and shutil.which("chromedriver"))
+        if not cls.ready:
+            return
+        cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        start_minivan(cls, cls.port, env_extra={
+            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1"})
+        cls.image = glance_upload(cls.env, "horizon-image", make_image(
+            tempfile.mkdtemp(prefix="minivan-img-"), "horizon-image", size="64M"))
+        cls.work = tempfile.mkdtemp(prefix="minivan-horizon-")
+        cls.horizon_port = free_port()
+        done = subprocess.run([os.path.join(HERE, "tools", "horizon.sh"), "start", cls.work,
+                               str(cls.horizon_port), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            cls.failure = done.stdout + done.stderr
+            cls.ready = False
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "work", None):
+            subprocess.run([os.path.join(HERE, "tools", "horizon.sh"), "stop", cls.work],
+                           capture_output=True, timeout=60)
+            shutil.rmtree(cls.work, True)
+        if getattr(cls, "image", None):
+            subprocess.run([os.path.join(BIN, "openstack"), "image", "delete", cls.image],
+                           capture_output=True, env=dict(os.environ, **{
+                               k: v for k, v in cls.env.items() if k.startswith("OS_")}))
+        stop_minivan(cls)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, getattr(self, "failure", None) or
+                         "no Horizon setup (tools/setup-venvs.sh's .venv-horizon, Debian's "
+                         "chromium and chromium-driver, Keystone and Glance)")
+
+    def test_launch_console_log_and_delete(self):
+        """The Instances panel launches an instance (Source: the image, Flavor: m1.tiny),
+        lists it Active, shows its console log, and deletes it."""
+        shots = os.path.join(HERE, "horizon-shots")
+        shutil.rmtree(shots, True)
+        done = subprocess.run([os.path.join(HORIZON_VENV, "bin", "python"),
+                               os.path.join(HERE, "tools", "horizon_flow.py"),
+                               f"http://127.0.0.1:{self.horizon_port}", "demo",
+                               self.env["OS_PASSWORD"], "horizon-image", shots],
+                              capture_output=True, text=True, timeout=900)
+        print(done.stdout)
+        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-2000:])
+        self.assertIn("ok: instance-deleted", done.stdout)
+        self.assertTrue(os.path.exists(os.path.join(shots, "03-instance-active.png")))
+
+
 def functional_clouds_yaml(env, directory, image_name):
     """A clouds.yaml with the cloud names the clients' own functional tests look for
     (devstack, devstack-alt, devstack-admin, devstack-system-admin, functional_admin)."""
