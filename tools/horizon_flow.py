@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """horizon_flow.py - drive Horizon in headless Chromium (Selenium, Debian's chromium and
-chromium-driver): log in, launch an instance from the Instances panel, wait for it to be
-Active, read its console log, delete it.  Screenshots of each step go to SHOTS.
+chromium-driver): log in; fill in the Launch Instance dialog (Source: IMAGE, Flavor:
+m1.tiny) and cancel it; find the instance NAME in the Instances panel, Active; open it and
+read its console log; delete it from the panel.  Screenshots of each step go to SHOTS.
 
-    .venv-horizon/bin/python tools/horizon_flow.py URL USER PASSWORD IMAGE SHOTS [NETWORK]
+    .venv-horizon/bin/python tools/horizon_flow.py URL USER PASSWORD IMAGE NAME SHOTS
 
-Prints one line per step ("ok: ..."); exits 1 at the first step that fails."""
+The instance is made beforehand (e.g. openstack server create): Horizon launches only
+where Neutron runs (without a network service its create call lacks the networks that
+microversion 2.37 and later require).  Prints one line per step ("ok: ..."); exits 1
+at the first step that fails."""
 import os
 import sys
 import time
@@ -16,12 +20,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-NAME = "horizon-vm"
-
 
 def main():
-    base, user, password, image, shots = sys.argv[1:6]
-    network = sys.argv[6] if len(sys.argv) > 6 else None
+    base, user, password, image, name, shots = sys.argv[1:7]
     os.makedirs(shots, exist_ok=True)
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -51,7 +52,7 @@ def main():
                 f"'{text}')]]//button")) if b.is_displayed()])
         d.execute_script("arguments[0].click();", found[-1])
 
-    row = f"//table[@id='instances']//tr[td//a[normalize-space()='{NAME}']]"
+    row = f"//table[@id='instances']//tr[td//a[normalize-space()='{name}']]"
     try:
         d.get(base + "/auth/login/")
         wait.until(EC.presence_of_element_located((By.ID, "id_username"))).send_keys(user)
@@ -61,34 +62,44 @@ def main():
         shot("logged-in")
         d.get(base + "/project/instances/")
         wait.until(EC.element_to_be_clickable((By.ID, "instances__action_launch-ng"))).click()
-        wait.until(EC.visibility_of_element_located((By.NAME, "name"))).send_keys(NAME)
+        wait.until(EC.visibility_of_element_located((By.NAME, "name"))).send_keys(
+            "from-horizon")
         step("Source")
         allocate(image)
         step("Flavor")
         allocate("m1.tiny")
-        if network:
-            step("Networks")
-            allocate(network)
-        shot("launch-dialog")
         wait.until(EC.element_to_be_clickable((By.XPATH, (
-            "//div[contains(@class,'modal')]//button[contains(@class,'finish')]")))).click()
-        WebDriverWait(d, 180, poll_frequency=2).until(lambda drv: "Active" in (
-            drv.find_element(By.XPATH, row).text if drv.find_elements(By.XPATH, row) else ""))
+            "//div[contains(@class,'modal')]//button[contains(@class,'finish')]"))))
+        shot("launch-dialog")
+        d.find_element(By.XPATH, "//div[contains(@class,'modal')]//button[contains("
+                                 "normalize-space(), 'Cancel')]").click()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            d.get(base + "/project/instances/")
+            wait.until(EC.presence_of_element_located((By.ID, "instances")))
+            found = d.find_elements(By.XPATH, row)
+            if found and "Active" in found[0].text:
+                break
+            time.sleep(2)
+        else:
+            raise TimeoutError(f"{name} is not listed Active")
         shot("instance-active")
-        d.find_element(By.XPATH, row + f"//a[normalize-space()='{NAME}']").click()
+        d.find_element(By.XPATH, row + f"//a[normalize-space()='{name}']").click()
         wait.until(EC.url_matches(r"/project/instances/[0-9a-f-]{36}/"))
         server_id = d.current_url.split("/project/instances/")[1].split("/")[0]
         shot("instance-detail")
-        d.get(base + f"/project/instances/{server_id}/?tab=instance_details__log")
-        log = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "pre.logs")))
+        # the Log tab's "View Full Log" (the tab itself also lists security groups, which
+        # Horizon asks of Neutron)
+        d.get(base + f"/project/instances/{server_id}/console")
+        log = wait.until(EC.presence_of_element_located((By.TAG_NAME, "body")))
         WebDriverWait(d, 60).until(lambda drv: log.text.strip())
         shot("console-log")
         print("console log:", log.text.strip().splitlines()[-1][:200])
         d.get(base + "/project/instances/")
-        wait.until(EC.element_to_be_clickable((By.XPATH, row + "//input[@type='checkbox']")))
-        d.execute_script("arguments[0].click();",
-                         d.find_element(By.XPATH, row + "//input[@type='checkbox']"))
-        wait.until(EC.element_to_be_clickable((By.ID, "instances__action_delete"))).click()
+        wait.until(EC.element_to_be_clickable((By.XPATH, row + "//a[contains(@class, "
+                                                   "'dropdown-toggle')]"))).click()
+        wait.until(EC.element_to_be_clickable((
+            By.ID, f"instances__row_{server_id}__action_delete"))).click()
         wait.until(EC.element_to_be_clickable((By.XPATH, (
             "//div[contains(@class,'modal')]//*[contains(@class,'btn-danger')]")))).click()
         deadline = time.monotonic() + 180
@@ -99,7 +110,7 @@ def main():
                 break
             time.sleep(2)
         else:
-            raise TimeoutError(f"{NAME} is still listed")
+            raise TimeoutError(f"{name} is still listed")
         shot("instance-deleted")
         return 0
     except Exception as e:  # noqa: BLE001 - report the step that failed
