@@ -3747,16 +3747,23 @@ class Neutron:
                 found.setdefault(net["id"], net)
         return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
 
+    def find_security_groups(self, project_id, wanted, missing=BadRequest):
+        """A project's security groups, each found by name or else by id, as Nova finds
+        them (Neutron makes 'default' itself).  A name two groups share is a conflict."""
+        groups, found = self.security_groups(project_id), []
+        for want in wanted:
+            named = [g for g in groups if g["name"] == want]
+            if len(named) > 1:
+                raise Conflict(f"Multiple security groups found matching '{want}'. Use an ID "
+                               "to be more specific.")
+            match = named or [g for g in groups if g["id"] == want]
+            if not match:
+                raise missing(f"Security group {want} not found.")
+            found.append(match[0])
+        return found
+
     def security_group_ids(self, project_id, names):
-        """Ids of a project's security groups by name (Neutron makes 'default' itself)."""
-        ids = []
-        for name in names:
-            query = urllib.parse.urlencode({"project_id": project_id, "name": name})
-            groups = self.call("GET", "/security-groups?" + query)["security_groups"]
-            if not groups:
-                raise BadRequest(f"Security group {name} not found.")
-            ids.append(groups[0]["id"])
-        return ids
+        return [g["id"] for g in self.find_security_groups(project_id, names)]
 
     def security_groups(self, project_id=None):
         query = "?" + urllib.parse.urlencode({"project_id": project_id}) if project_id else ""
@@ -7185,7 +7192,8 @@ def server_create_plan(req, spec, hints, volumes=()):
         networks = []
         neutron_networks = resolve_neutron_networks(req, neutron, spec.get("networks"))
         if neutron_networks:
-            group_ids = neutron.security_group_ids(req.ident.project_id, groups)
+            found = neutron.find_security_groups(req.ident.project_id, groups)
+            groups, group_ids = [g["name"] for g in found], [g["id"] for g in found]
     else:
         networks, neutron_networks = resolve_networks(req, spec.get("networks")), None
         known = {g["name"] for g in security_groups_of(req.store.data, req.ident.project_id)
@@ -8826,7 +8834,7 @@ def security_group_action(req, key, change):
     server_id = req.params["server_id"]
     neutron = req.app.network
     if neutron is not None:
-        return neutron_security_group_action(req, neutron, name, change)
+        return neutron_security_group_action(req, neutron, name, key == "addSecurityGroup")
 
     def plan(data):
         server = find_server(req, server_id)
@@ -8842,15 +8850,27 @@ def security_group_action(req, key, change):
     return 202, None
 
 
-def neutron_security_group_action(req, neutron, name, change):
-    """add/removeSecurityGroup with Neutron: the group joins or leaves every port."""
+def neutron_security_group_action(req, neutron, name, adding):
+    """add/removeSecurityGroup with Neutron: the group (by name, else by id) joins or
+    leaves every port."""
     server = find_server(req, req.params["server_id"])
     check_not_locked(req, server)
-    found = [g for g in neutron.security_groups(server["project_id"]) if g["name"] == name]
-    if not found:
-        raise NotFound(f"Security group {name} not found.")
-    names = change(list(server.get("security_groups", [])), name, server["id"])
-    ids = neutron.security_group_ids(server["project_id"], names) if names else []
+    group = neutron.find_security_groups(server["project_id"], [name], NotFound)[0]
+    names, ids = list(server.get("security_groups", [])), server.get("security_group_ids")
+    if ids is None or len(ids) != len(names):
+        ids = neutron.security_group_ids(server["project_id"], names)
+    ids = list(ids)
+    if adding:
+        if group["id"] in ids:
+            raise BadRequest(f"Security group {name} is already associated with the "
+                             f"instance {server['id']}")
+        names, ids = names + [group["name"]], ids + [group["id"]]
+    else:
+        if group["id"] not in ids:
+            raise BadRequest(f"Security group {name} not associated with the instance "
+                             f"{server['id']}")
+        del names[ids.index(group["id"])]
+        ids.remove(group["id"])
     try:
         for port in server.get("ports", []):
             if port.get("neutron"):

@@ -2309,19 +2309,33 @@ def _importable(module):
         return False
 
 
+def keystone_minivan_env(env, **extra):
+    """The settings of a minivan behind the test Keystone (env: keystone.sh's env file),
+    bound to 127.0.0.1, with extra settings."""
+    return {"MINIVAN_KEYSTONE_URL": env["OS_AUTH_URL"],
+            "MINIVAN_KEYSTONE_USERNAME": env["MINIVAN_USERNAME"],
+            "MINIVAN_KEYSTONE_PASSWORD": env["MINIVAN_PASSWORD"],
+            "MINIVAN_KEYSTONE_PROJECT": env["MINIVAN_PROJECT_NAME"],
+            "MINIVAN_BIND": "127.0.0.1", **extra}
+
+
+def run_openstack(test, args, env=None, expect_ok=True):
+    """Run openstackclient with env over os.environ; parsed JSON for -f json commands."""
+    done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, **(env or {})))
+    if expect_ok:
+        test.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
+        if "json" in args:
+            return json.loads(done.stdout or "null")
+    return done
+
+
 class CLIMixin:
     os_args = []
 
     def openstack(self, *args, expect_ok=True, env=None):
         """Run openstackclient; returns parsed JSON for -f json commands."""
-        cmd = [os.path.join(BIN, "openstack"), *self.os_args, *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, **(env or {})))
-        if expect_ok:
-            self.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
-        if expect_ok and "json" in args:
-            return json.loads(done.stdout or "null")
-        return done
+        return run_openstack(self, [*self.os_args, *args], env, expect_ok)
 
     def keyfile(self):
         path = os.path.join(self.minivan_data, "key.pub")
@@ -2686,13 +2700,9 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             return
         cls.url = cls.env["COMPUTE_URL"]
         cls.port = int(cls.url.split(":")[2].split("/")[0])
-        start_minivan(cls, cls.port, env_extra={
-            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
-            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
-            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", "")},
+        start_minivan(cls, cls.port, env_extra=keystone_minivan_env(cls.env, **{
+            "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2",
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", "")}),
             hosts=cls.COMPUTE_HOSTS)
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.tokens = {}
@@ -3002,12 +3012,8 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         class Holder:
             pass
         port = free_port()
-        start_minivan(Holder, port, env_extra={
-            "MINIVAN_KEYSTONE_URL": proxy,
-            "MINIVAN_KEYSTONE_USERNAME": self.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": self.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": self.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1"})
+        start_minivan(Holder, port, env_extra=keystone_minivan_env(
+            self.env, MINIVAN_KEYSTONE_URL=proxy))
         self.addCleanup(stop_minivan, Holder)
 
         def flavors(token):
@@ -3068,6 +3074,9 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             r"^ - (Passed|Skipped|Failed|Expected Fail|Unexpected Success): (\d+)$",
             output, re.M)}
         print(f"\nTempest: {totals}")
+        skips = collections.Counter(re.findall(r"\.\.\. SKIPPED: (.*)$", output, re.M))
+        for reason, count in skips.most_common():
+            print(f"  skipped {count:3d}: {reason[:160]}")
         self.assertEqual(done.returncode, 0, tail)
         self.assertEqual(totals.get("Failed"), 0, tail)
         if wanted is not None:
@@ -4573,6 +4582,23 @@ class SecondHostTests(unittest.TestCase):
     def show(self, server_id):
         return self.osc_json("server", "show", server_id)
 
+    def assert_on(self, server_id, host):
+        """The server is ACTIVE on host; if not, the failure tells its migrations, its
+        actions' events and the end of minivan's log."""
+        server = self.show(server_id)
+        if (server["status"], server["OS-EXT-SRV-ATTR:host"]) == ("ACTIVE", host):
+            return server
+        events = [self.osc("server", "event", "show", server_id, action["Request ID"],
+                           version="2.51")
+                  for action in self.osc_json("server", "event", "list", server_id)]
+        with open(self.minivan_log.name, errors="replace") as f:
+            log = f.read()[-8000:]
+        migrations = self.osc("server", "migration", "list", "--server", server_id,
+                              version="2.59")
+        self.fail(f"{server['status']} on {server['OS-EXT-SRV-ATTR:host']}, not ACTIVE on "
+                  f"{host}; fault {server.get('fault')}\nmigrations:\n{migrations}\n"
+                  "events:\n" + "\n".join(events) + f"\nminivan's log:\n{log}")
+
     # -- tests ----------------------------------------------------------------------
     def test_build_on_a_host_without_shared_storage(self):
         server_id = self.create_on("far", "two")
@@ -4657,8 +4683,7 @@ class SecondHostTests(unittest.TestCase):
         self.wait_boots(server_id, 1)
         self.osc("server", "migrate", "--live-migration", "--host", "two", "--wait",
                  server_id, version="2.30")
-        server = self.show(server_id)
-        self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]), ("ACTIVE", "two"))
+        self.assert_on(server_id, "two")
         self.assertEqual(self.domains("qemu:///system").count(server_id), 0)
         self.assertIn(server_id, self.domains(self.uri_two))
         self.assertIn("disk", self.files_on_two(server_id))
@@ -4669,7 +4694,7 @@ class SecondHostTests(unittest.TestCase):
                    timeout=180, interval=1, what="boot line on two")
         self.osc("server", "migrate", "--live-migration", "--host", "one", "--wait",
                  server_id, version="2.30")
-        self.assertEqual(self.show(server_id)["OS-EXT-SRV-ATTR:host"], "one")
+        self.assert_on(server_id, "one")
         self.assertIsNone(self.files_on_two(server_id))
         migrations = self.osc_json("server", "migration", "list", "--server", server_id,
                                    version="2.59")
@@ -4715,15 +4740,11 @@ class CinderEndToEndTests(unittest.TestCase):
             cls.ready = False
             return
         cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
-        start_minivan(cls, cls.port, env_extra={
-            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
-            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_LIBVIRT_URI": "qemu:///system",
+        start_minivan(cls, cls.port, env_extra=keystone_minivan_env(cls.env, **{
+            "MINIVAN_LIBVIRT_URI": "qemu:///system",
             "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_NETWORK": GUEST_NETWORK,
             "MINIVAN_VOLUME_MOUNT_BASE": cls.env["CINDER_MOUNT_BASE"],
-            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"})
+            "MINIVAN_SHUTDOWN_TIMEOUT": "20", "MINIVAN_SYNC_POWER_STATE_INTERVAL": "2"}))
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image_id = glance_upload(cls.env, "minivan-guest-vol", GUEST_IMAGE)
         cls.admin = keystone_token(cls.env, "admin", "admin")
@@ -4743,13 +4764,7 @@ class CinderEndToEndTests(unittest.TestCase):
 
     # -- helpers -----------------------------------------------------------------
     def openstack(self, *args, expect_ok=True):
-        done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
-                              text=True, timeout=180, env=dict(os.environ, **self.os_env))
-        if expect_ok:
-            self.assertEqual(done.returncode, 0, f"{args}: {done.stderr}")
-            if "json" in args:
-                return json.loads(done.stdout or "null")
-        return done
+        return run_openstack(self, args, self.os_env, expect_ok)
 
     def api(self, method, path, body=None, version=None, token=None):
         return compute_request(self, self.port, method, path, token or self.admin, body,
@@ -5132,14 +5147,10 @@ class ServiceFailureTests(unittest.TestCase):
         cls.glance = FailingProxy(cls.env["GLANCE_URL"])
         cls.cinder = FailingProxy(cls.env["CINDER_URL"])
         cls.port = free_port()
-        start_minivan(cls, cls.port, env_extra={
-            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
-            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_GLANCE_URL": cls.glance.url,
+        start_minivan(cls, cls.port, env_extra=keystone_minivan_env(cls.env, **{
+            "MINIVAN_GLANCE_URL": cls.glance.url,
             "MINIVAN_CINDER_URL": cls.cinder.url + "/v3/%(project_id)s",
-            "MINIVAN_VOLUME_MOUNT_BASE": cls.env["CINDER_MOUNT_BASE"]})
+            "MINIVAN_VOLUME_MOUNT_BASE": cls.env["CINDER_MOUNT_BASE"]}))
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image_id = glance_upload(cls.env, "failing-build", make_image(
             tempfile.mkdtemp(prefix="minivan-img-"), "failing-build", size="64M"))
@@ -5151,7 +5162,7 @@ class ServiceFailureTests(unittest.TestCase):
             stop_minivan(cls)
             cls.glance.close()
             cls.cinder.close()
-            cls.openstack(cls, "image", "delete", cls.image_id, expect_ok=False)
+            run_openstack(None, ["image", "delete", cls.image_id], cls.os_env, expect_ok=False)
 
     def setUp(self):
         if not self.ready:
@@ -5159,12 +5170,7 @@ class ServiceFailureTests(unittest.TestCase):
                                "(tools/test.sh starts them)")
 
     def openstack(self, *args, expect_ok=True):
-        done = subprocess.run([os.path.join(BIN, "openstack"), *args], capture_output=True,
-                              text=True, timeout=180, env=dict(os.environ, **self.os_env))
-        if expect_ok:
-            assert done.returncode == 0, f"{args}: {done.stderr}"
-            return json.loads(done.stdout or "null") if "json" in args else done
-        return done
+        return run_openstack(self, args, self.os_env, expect_ok)
 
     def api(self, method, path, body=None, version="2.37"):
         return compute_request(self, self.port, method, path, self.admin, body, version,
@@ -6740,84 +6746,6 @@ NEUTRON_VENV = os.environ.get("MINIVAN_NEUTRON_VENV", os.path.join(HERE, ".venv-
 HORIZON_VENV = os.environ.get("MINIVAN_HORIZON_VENV", os.path.join(HERE, ".venv-horizon"))
 
 
-class HorizonEndToEndTests(unittest.TestCase):
-    """Horizon (PyPI horizon 27.0.0, tools/horizon.sh) against the real Keystone and Glance
-    and minivan, driven in headless Chromium by tools/horizon_flow.py: log in, fill in the
-    Launch Instance dialog, see an instance Active in the Instances panel, open it, read
-    its console log, delete it.  Screenshots go to horizon-shots/ beside minivan.py.
-    (Horizon launches only with Neutron, so the instance is made through the API.)"""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.env = keystone_env()
-        cls.ready = bool(cls.env and cls.env.get("GLANCE_URL") and have_libvirt()
-                         and os.path.exists(os.path.join(HORIZON_VENV, "bin", "django-admin"))
-                         and shutil.which("chromium") and shutil.which("chromedriver"))
-        if not cls.ready:
-            return
-        cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
-        start_minivan(cls, cls.port, env_extra={
-            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
-            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1"})
-        cls.image = glance_upload(cls.env, "horizon-image", make_image(
-            tempfile.mkdtemp(prefix="minivan-img-"), "horizon-image", size="64M"))
-        cls.work = tempfile.mkdtemp(prefix="minivan-horizon-")
-        cls.horizon_port = free_port()
-        done = subprocess.run([os.path.join(HERE, "tools", "horizon.sh"), "start", cls.work,
-                               str(cls.horizon_port), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            cls.failure = done.stdout + done.stderr
-            cls.ready = False
-
-    @classmethod
-    def tearDownClass(cls):
-        if getattr(cls, "work", None):
-            subprocess.run([os.path.join(HERE, "tools", "horizon.sh"), "stop", cls.work],
-                           capture_output=True, timeout=60)
-            shutil.rmtree(cls.work, True)
-        if getattr(cls, "image", None):
-            subprocess.run([os.path.join(BIN, "openstack"), "image", "delete", cls.image],
-                           capture_output=True, env=dict(os.environ, **{
-                               k: v for k, v in cls.env.items() if k.startswith("OS_")}))
-        stop_minivan(cls)
-
-    def setUp(self):
-        if not self.ready:
-            skip_or_fail(self, getattr(self, "failure", None) or
-                         "no Horizon setup (tools/setup-venvs.sh's .venv-horizon, Debian's "
-                         "chromium and chromium-driver, Keystone and Glance)")
-
-    def test_instances_panel_console_log_and_delete(self):
-        """The Launch Instance dialog takes the image and m1.tiny; the Instances panel lists
-        the demo user's instance Active, opens it, shows its console log, and deletes it."""
-        demo = keystone_token(self.env, "demo", "demo")
-        made = compute_request(self, self.port, "POST", "/servers", demo, {"server": {
-            "name": "horizon-vm", "imageRef": self.image, "flavorRef": "1",
-            "networks": "none"}}, version="2.37")
-        self.assertEqual(made.status, 202, made.raw)
-        server_id = made.json()["server"]["id"]
-        self.addCleanup(compute_request, self, self.port, "DELETE", "/servers/" + server_id,
-                        demo)
-        shots = os.path.join(HERE, "horizon-shots")
-        shutil.rmtree(shots, True)
-        done = subprocess.run([os.path.join(HORIZON_VENV, "bin", "python"),
-                               os.path.join(HERE, "tools", "horizon_flow.py"),
-                               f"http://127.0.0.1:{self.horizon_port}", "demo",
-                               self.env["OS_PASSWORD"], "horizon-image", "horizon-vm", shots],
-                              capture_output=True, text=True, timeout=900)
-        print(done.stdout)
-        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-2000:])
-        self.assertIn("console log: ", done.stdout)
-        self.assertIn("ok: instance-deleted", done.stdout)
-        self.assertEqual(len(os.listdir(shots)), 6)
-        wait_until(lambda: compute_request(self, self.port, "GET", "/servers/" + server_id,
-                                           demo).status == 404, what="horizon-vm gone")
-
-
 def functional_clouds_yaml(env, directory, image_name):
     """A clouds.yaml with the cloud names the clients' own functional tests look for
     (devstack, devstack-alt, devstack-admin, devstack-system-admin, functional_admin)."""
@@ -6904,17 +6832,13 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
             cls.neutron = dict(line[len("export "):].strip().split("=", 1)
                                for line in f if line.startswith("export "))
         port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
-        start_minivan(cls, port, env_extra={
-            "MINIVAN_KEYSTONE_URL": cls.env["OS_AUTH_URL"],
-            "MINIVAN_KEYSTONE_USERNAME": cls.env["MINIVAN_USERNAME"],
-            "MINIVAN_KEYSTONE_PASSWORD": cls.env["MINIVAN_PASSWORD"],
-            "MINIVAN_KEYSTONE_PROJECT": cls.env["MINIVAN_PROJECT_NAME"],
-            "MINIVAN_BIND": "127.0.0.1", "MINIVAN_LIBVIRT_URI": "qemu:///system",
+        start_minivan(cls, port, env_extra=keystone_minivan_env(cls.env, **{
+            "MINIVAN_LIBVIRT_URI": "qemu:///system",
             "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_HOST": cls.neutron["NEUTRON_AGENT_HOST"],
             "MINIVAN_VIF_PLUGGING_TIMEOUT": "60", "MINIVAN_SHUTDOWN_TIMEOUT": "10",
             "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", ""),
             "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}",
-            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"})
+            "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"}))
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image = glance_upload(cls.env, "neutron-guest", GUEST_IMAGE)
 
@@ -7084,6 +7008,87 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.openstack("server", "delete", "--wait", server_id)
         self.assertEqual(self.openstack("port", "show", holder["id"], "-f", "json")
                          ["fixed_ips"][0]["ip_address"], "10.77.0.240")
+
+    def test_security_groups_by_name_or_id(self):
+        """openstackclient names a server's groups by their Neutron ids; minivan finds
+        each by name, else by id, and shows its name.  A name two groups share is 409."""
+        made = [self.openstack("security", "group", "create", name, "-f", "json")
+                for name in ("nt-ids", "nt-twin", "nt-twin")]
+        for group in made:
+            self.addCleanup(self.openstack, "security", "group", "delete", group["id"],
+                            expect_ok=False)
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--network", self.neutron["NEUTRON_NETWORK_NAME"],
+                                "--security-group", "nt-ids", "--wait", "nt-ids", "-f",
+                                "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server["id"],
+                        expect_ok=False)
+        shown = self.openstack("server", "show", server["id"], "-f", "json")
+        self.assertEqual(shown["security_groups"], [{"name": "nt-ids"}])
+        nic = self.ports_of(server["id"])[0]
+        self.assertEqual(self.openstack("port", "show", nic["ID"], "-f", "json")[
+            "security_group_ids"], [made[0]["id"]])
+        token = keystone_token(self.env, "admin", "admin")
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        act = f"/servers/{server['id']}/action"
+        assert_fault(self, compute_request(self, port, "POST", act, token, {
+            "addSecurityGroup": {"name": "nt-twin"}}), 409, "conflictingRequest")
+        added = compute_request(self, port, "POST", act, token, {
+            "addSecurityGroup": {"name": made[2]["id"]}})
+        self.assertEqual(added.status, 202, added.raw)
+        self.assertEqual(sorted(self.openstack("port", "show", nic["ID"], "-f", "json")[
+            "security_group_ids"]), sorted([made[0]["id"], made[2]["id"]]))
+        self.assertEqual(self.openstack("server", "show", server["id"], "-f", "json")[
+            "security_groups"], [{"name": "nt-ids"}, {"name": "nt-twin"}])
+        assert_fault(self, compute_request(self, port, "POST", act, token, {
+            "removeSecurityGroup": {"name": made[1]["id"]}}), 400, "badRequest",
+            "not associated")
+        removed = compute_request(self, port, "POST", act, token, {
+            "removeSecurityGroup": {"name": made[2]["id"]}})
+        self.assertEqual(removed.status, 202, removed.raw)
+        self.assertEqual(self.openstack("port", "show", nic["ID"], "-f", "json")[
+            "security_group_ids"], [made[0]["id"]])
+
+    def test_horizon_launch_console_log_and_delete(self):
+        """Horizon 27.0.0 (tools/horizon.sh) in headless Chromium (tools/horizon_flow.py):
+        the demo user logs in, launches an instance from the Instances panel's dialog
+        (image, m1.tiny, minivan-net), sees it Active, opens it, reads its Log tab and
+        deletes it from the panel.  Screenshots go to horizon-shots/ beside minivan.py."""
+        if not (os.path.exists(os.path.join(HORIZON_VENV, "bin", "django-admin"))
+                and shutil.which("chromium") and shutil.which("chromedriver")):
+            skip_or_fail(self, "no Horizon setup (tools/setup-venvs.sh's .venv-horizon, "
+                               "Debian's chromium and chromium-driver)")
+        work = tempfile.mkdtemp(prefix="minivan-horizon-")
+        self.addCleanup(shutil.rmtree, work, True)
+        horizon_port = free_port()
+        done = subprocess.run([os.path.join(HERE, "tools", "horizon.sh"), "start", work,
+                               str(horizon_port), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
+                              capture_output=True, text=True, timeout=600)
+        self.addCleanup(subprocess.run, [os.path.join(HERE, "tools", "horizon.sh"), "stop",
+                                         work], capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        shots = os.path.join(HERE, "horizon-shots")
+        shutil.rmtree(shots, True)
+        done = subprocess.run([os.path.join(HORIZON_VENV, "bin", "python"),
+                               os.path.join(HERE, "tools", "horizon_flow.py"),
+                               f"http://127.0.0.1:{horizon_port}", "demo",
+                               self.env["OS_PASSWORD"], "neutron-guest",
+                               self.neutron["NEUTRON_NETWORK_NAME"], "horizon-vm", shots],
+                              capture_output=True, text=True, timeout=900)
+        print(done.stdout)
+        found = re.search(r"^server: ([0-9a-f-]{36})$", done.stdout, re.M)
+        if found:
+            self.addCleanup(self.openstack, "server", "delete", "--wait", found[1],
+                            expect_ok=False)
+        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-2000:])
+        self.assertIn("console log: ", done.stdout)
+        self.assertIn("ok: instance-deleted", done.stdout)
+        self.assertEqual(len(os.listdir(shots)), 6)
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        token = keystone_token(self.env, "admin", "admin")
+        wait_until(lambda: compute_request(self, port, "GET", "/servers/" + found[1],
+                                           token).status == 404, what="horizon-vm gone")
+        self.assertEqual(self.ports_of(found[1]), [])
 
     def test_security_groups_are_neutrons(self):
         """Up to 2.35 the security group APIs are Neutron's groups and ingress rules, in

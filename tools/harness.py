@@ -70,9 +70,9 @@ class Failure(Exception):
     pass
 
 
-def raw_call(port, method, path, body=b"", headers=None, timeout=10):
+def raw_call(port, method, path, body=b"", headers=None, timeout=10, host="127.0.0.1"):
     """(status, parsed JSON body or None, raw bytes) over a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         hdrs = {"X-Auth-Token": TOKEN, "Content-Type": "application/json"}
         hdrs.update(headers or {})
@@ -149,20 +149,14 @@ def use_keystone(path):
 def glance(method, path, body=None, data=None):
     """(status, JSON) of one call to the Keystone's Glance, as the admin."""
     url = urllib.parse.urlsplit(GLANCE["url"] + path)
-    headers = {"X-Auth-Token": TOKEN}
+    headers = {}
     if body is not None:
         data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
     elif data is not None:
         headers["Content-Type"] = "application/octet-stream"
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    try:
-        conn.request(method, url.path + (f"?{url.query}" if url.query else ""), data, headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw.strip() else None
-    finally:
-        conn.close()
+    status, parsed, _ = raw_call(url.port, method, url.path + (
+        f"?{url.query}" if url.query else ""), data or b"", headers, 60, url.hostname)
+    return status, parsed
 
 
 def glance_image(directory):

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """horizon_flow.py - drive Horizon in headless Chromium (Selenium, Debian's chromium and
-chromium-driver): log in; fill in the Launch Instance dialog (Source: IMAGE, Flavor:
-m1.tiny) and cancel it; find the instance NAME in the Instances panel, Active; open it and
-read its console log; delete it from the panel.  Screenshots of each step go to SHOTS.
+chromium-driver) through an instance's life: log in; launch NAME from the Instances
+panel's Launch Instance dialog (Source: IMAGE, Flavor: m1.tiny, Networks: NETWORK); see
+it Active in the panel; open it; read its Log tab; delete it from the panel and see it
+gone.  Screenshots of each step go to SHOTS.
 
-    .venv-horizon/bin/python tools/horizon_flow.py URL USER PASSWORD IMAGE NAME SHOTS
+    .venv-horizon/bin/python tools/horizon_flow.py URL USER PASSWORD IMAGE NETWORK NAME SHOTS
 
-The instance is made beforehand (e.g. openstack server create): Horizon launches only
-where Neutron runs (without a network service its create call lacks the networks that
-microversion 2.37 and later require).  Prints one line per step ("ok: ..."); exits 1
-at the first step that fails."""
+Horizon launches only where Neutron runs (its dialog asks Neutron for the networks, and
+microversion 2.37 and later require them).  Prints one line per step ("ok: ...") and
+"server: ID" once the instance is listed; exits 1 at the first step that fails."""
 import os
 import sys
 import time
@@ -22,7 +22,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 
 def main():
-    base, user, password, image, name, shots = sys.argv[1:7]
+    base, user, password, image, network, name, shots = sys.argv[1:8]
     os.makedirs(shots, exist_ok=True)
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -44,13 +44,21 @@ def main():
             "//div[contains(@class,'modal')]//li//a[starts-with(normalize-space(), "
             f"'{title}')]")))).click()
 
+    def rows(text, allocated):
+        """The visible rows naming text in the dialog's Allocated (or Available) table."""
+        side = "transfer-allocated" if allocated else "transfer-available"
+        return [r for r in d.find_elements(By.XPATH, (
+            f"//div[contains(@class,'modal')]//*[contains(@class, '{side}')]"
+            f"//tr[td[contains(normalize-space(.), '{text}')]]")) if r.is_displayed()]
+
     def allocate(text):
-        """Move the row naming text from Available to Allocated (its row button)."""
-        found = WebDriverWait(d, 30).until(lambda drv: [
-            b for b in drv.find_elements(By.XPATH, (
-                "//div[contains(@class,'modal')]//tr[td[contains(normalize-space(.), "
-                f"'{text}')]]//button")) if b.is_displayed()])
-        d.execute_script("arguments[0].click();", found[-1])
+        """Move the row naming text from Available to Allocated (its row button), unless
+        Horizon allocated it already (as it does when only one network is offered)."""
+        WebDriverWait(d, 30).until(lambda drv: rows(text, True) or rows(text, False))
+        if not rows(text, True):
+            button = rows(text, False)[0].find_element(By.XPATH, ".//button")
+            d.execute_script("arguments[0].click();", button)
+        WebDriverWait(d, 30).until(lambda drv: rows(text, True))
 
     row = f"//table[@id='instances']//tr[td//a[normalize-space()='{name}']]"
     try:
@@ -62,22 +70,24 @@ def main():
         shot("logged-in")
         d.get(base + "/project/instances/")
         wait.until(EC.element_to_be_clickable((By.ID, "instances__action_launch-ng"))).click()
-        wait.until(EC.visibility_of_element_located((By.NAME, "name"))).send_keys(
-            "from-horizon")
+        wait.until(EC.visibility_of_element_located((By.NAME, "name"))).send_keys(name)
         step("Source")
         allocate(image)
         step("Flavor")
         allocate("m1.tiny")
-        wait.until(EC.element_to_be_clickable((By.XPATH, (
+        step("Networks")
+        allocate(network)
+        launch = wait.until(EC.element_to_be_clickable((By.XPATH, (
             "//div[contains(@class,'modal')]//button[contains(@class,'finish')]"))))
         shot("launch-dialog")
-        d.find_element(By.XPATH, "//div[contains(@class,'modal')]//button[contains("
-                                 "normalize-space(), 'Cancel')]").click()
-        deadline = time.monotonic() + 120
+        launch.click()
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             d.get(base + "/project/instances/")
             wait.until(EC.presence_of_element_located((By.ID, "instances")))
             found = d.find_elements(By.XPATH, row)
+            if found and "Error" in found[0].text:
+                raise RuntimeError(f"{name} is listed in Error: {found[0].text}")
             if found and "Active" in found[0].text:
                 break
             time.sleep(2)
@@ -87,14 +97,15 @@ def main():
         d.find_element(By.XPATH, row + f"//a[normalize-space()='{name}']").click()
         wait.until(EC.url_matches(r"/project/instances/[0-9a-f-]{36}/"))
         server_id = d.current_url.split("/project/instances/")[1].split("/")[0]
+        print("server:", server_id, flush=True)
         shot("instance-detail")
-        # the Log tab's "View Full Log" (the tab itself also lists security groups, which
-        # Horizon asks of Neutron)
-        d.get(base + f"/project/instances/{server_id}/console")
-        log = wait.until(EC.presence_of_element_located((By.TAG_NAME, "body")))
-        WebDriverWait(d, 60).until(lambda drv: log.text.strip())
+        wait.until(EC.element_to_be_clickable((By.XPATH, (
+            "//ul[contains(@class,'nav-tabs')]//a[normalize-space()='Log']")))).click()
+        log = WebDriverWait(d, 120).until(lambda drv: [
+            p.text.strip() for p in drv.find_elements(By.XPATH, "//pre[contains(@class, 'logs')]")
+            if p.is_displayed() and p.text.strip()])
         shot("console-log")
-        print("console log:", log.text.strip().splitlines()[-1][:200])
+        print("console log:", log[0].splitlines()[-1][:200])
         d.get(base + "/project/instances/")
         wait.until(EC.element_to_be_clickable((By.XPATH, row + "//a[contains(@class, "
                                                    "'dropdown-toggle')]"))).click()
