@@ -202,6 +202,11 @@ OPTIONS = [
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
      "192.168.122.1:8775 (default: off; guests then use config drives)"),
     ("host", "", "compute host name (default: this machine's host name)"),
+    ("default-floating-pool", "public", "the external Neutron network (name or id) that "
+     "floating IPs come from when a request names no pool"),
+    ("instance-name-template", "instance-%08x", "the libvirt domain name of a server, from "
+     "its number (e.g. mv1-%08x) or from %(id)d, %(uuid)s and %(hostname)s; minivans "
+     "sharing one libvirtd need templates of their own"),
     ("max-body-size", "114688", "largest request body accepted, in bytes"),
     ("max-connections", "1000", "client connections served at once; more get 503 at once"),
     ("client-timeout", "60", "seconds a client may take to send one request, its headers "
@@ -221,6 +226,13 @@ class ConfigError(Exception):
     """A setting is missing or wrong; main() prints it as one line."""
 
 
+def instance_name(template, number, server_id, hostname):
+    """A server's libvirt domain name, as Nova's instance_name_template makes it."""
+    if "%(" in template:
+        return template % {"id": number, "uuid": server_id, "hostname": hostname}
+    return template % number
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="minivan.py",
@@ -236,7 +248,8 @@ def build_arg_parser():
                            help=help_text)
         else:
             shown = f" (default: {default})" if default else ""
-            p.add_argument("--" + name, default=None, help=help_text + shown)
+            p.add_argument("--" + name, default=None,
+                           help=(help_text + shown).replace("%", "%%"))
     return p
 
 
@@ -327,6 +340,15 @@ def finish_config(conf):
         raise ConfigError("--noauth-identity must look like user:project")
     if bool(conf["tls_cert"]) != bool(conf["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
+    template = conf["instance_name_template"]
+    try:
+        samples = {instance_name(template, n, str(uuid.UUID(int=n)), "vm") for n in (1, 2)}
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"--instance-name-template {template!r} does not format: "
+                          f"{e}") from None
+    if len(samples) < 2 or any(not n or "/" in n for n in samples):
+        raise ConfigError(f"--instance-name-template {template!r} must give each server a "
+                          "name of its own (use its number, %(id)d or %(uuid)s; no '/')")
     conf["data_dir"] = os.path.abspath(conf["data_dir"] or default_data_dir())
     conf["images_dir"] = os.path.abspath(conf["images_dir"] or
                                          os.path.join(conf["data_dir"], "images"))
@@ -3765,6 +3787,16 @@ class Neutron:
     def security_group_ids(self, project_id, names):
         return [g["id"] for g in self.find_security_groups(project_id, names)]
 
+    def floating_ips(self, **query):
+        """Floating IPs by query; none where Neutron has no router service."""
+        try:
+            return self.call("GET", "/floatingips?" + urllib.parse.urlencode(query))[
+                "floatingips"]
+        except NetworkError as e:
+            if e.status == 404:
+                return []
+            raise
+
     def security_groups(self, project_id=None):
         query = "?" + urllib.parse.urlencode({"project_id": project_id}) if project_id else ""
         return self.call("GET", "/security-groups" + query)["security_groups"]
@@ -5382,11 +5414,13 @@ def server_addresses(server, with_ext=True):
     addresses = {}
     for port in server.get("ports", []):
         entries = addresses.setdefault(port["network"], [])
-        for addr, version in port.get("ips", []):
+        kinds = [(addr, version, "fixed") for addr, version in port.get("ips", [])] + [
+            (addr, 6 if ":" in addr else 4, "floating") for addr in port.get("floating", [])]
+        for addr, version, kind in kinds:
             item = {"version": version, "addr": addr}
             if with_ext:
                 item = {"OS-EXT-IPS-MAC:mac_addr": port["mac"], "version": version,
-                        "addr": addr, "OS-EXT-IPS:type": "fixed"}
+                        "addr": addr, "OS-EXT-IPS:type": kind}
             entries.append(item)
     return addresses
 
@@ -5951,10 +5985,12 @@ class Compute:
     def refresh_ports(self, server):
         """network-changed: the server's Neutron ports as Neutron has them now."""
         neutron = self.neutron()
-        fresh = {}
+        fresh, floating = {}, {}
         for port in server.get("ports", []):
             if port.get("neutron"):
                 fresh[port["id"]] = neutron.port(port["id"])
+                floating[port["id"]] = [f["floating_ip_address"] for f in
+                                        neutron.floating_ips(port_id=port["id"])]
 
         def changed(current):
             result = []
@@ -5963,7 +5999,8 @@ class Compute:
                     if fresh[p["id"]] is None:
                         continue                    # deleted in Neutron meanwhile
                     new = neutron_port_record(fresh[p["id"]], p["network"], p["created"])
-                    p = dict(p, ips=new["ips"], subnet_ids=new["subnet_ids"])
+                    p = dict(p, ips=new["ips"], subnet_ids=new["subnet_ids"],
+                             floating=floating[p["id"]])
                 result.append(p)
             return result
         self.change_ports(server["id"], changed)
@@ -7540,8 +7577,9 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
     hostname = spec.get("hostname") or sanitize_hostname(name)
     if spec.get("hostname") and count > 1:
         hostname = f"{spec['hostname']}-{index + 1}"
+    server_id = str(uuid.uuid4())
     return assign_volume_targets({
-        "id": str(uuid.uuid4()), "name": name, "project_id": req.ident.project_id,
+        "id": server_id, "name": name, "project_id": req.ident.project_id,
         "user_id": req.ident.user_id, "created_at": now, "updated_at": now,
         "launched_at": None, "terminated_at": None, "deleted_at": None,
         "vm_state": "building", "task_state": "scheduling", "power_state": NOSTATE,
@@ -7560,7 +7598,8 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         or req.app.conf["availability_zone"],
         "pinned_availability_zone": (spec.get("availability_zone") or "").split(":")[0] or None,
         "requested_host": plan.get("requested_host"),
-        "host": None, "node": None, "instance_name": "instance-%08x" % instance_number,
+        "host": None, "node": None, "instance_name": instance_name(
+            req.app.conf["instance_name_template"], instance_number, server_id, hostname),
         "reservation_id": reservation_id, "launch_index": index, "locked": False,
         "locked_by": None, "locked_reason": None, "fault": None, "progress": 0,
         "ports": [{"id": str(uuid.uuid4()), "mac": new_mac(), "network": net,
@@ -10052,6 +10091,193 @@ def floating_ip_pools_index(req):
         return 200, {"floating_ip_pools": [{"name": n["name"]} for n in external]}
     pools = [n for n in network_records(req) if n.get("forward")]
     return 200, {"floating_ip_pools": [{"name": n["label"]} for n in pools]}
+
+
+# Floating IPs (up to 2.35; addFloatingIp/removeFloatingIp up to 2.43) are Neutron's,
+# shown in nova-network's shape.  Without Neutron there are none, as in a cloud with no
+# external network.
+
+def floating_ip_view(neutron, fip, names):
+    """Nova's view of a Neutron floating IP (names: network id -> name, filled as met)."""
+    instance_id = None
+    if fip.get("port_id"):
+        port = fip.get("port_details") or neutron.port(fip["port_id"]) or {}
+        instance_id = port.get("device_id") or None
+    network_id = fip["floating_network_id"]
+    if network_id not in names:
+        names[network_id] = (neutron.network(network_id) or {}).get("name")
+    return {"fixed_ip": fip.get("fixed_ip_address"), "id": fip["id"],
+            "instance_id": instance_id, "ip": fip["floating_ip_address"],
+            "pool": names[network_id] or network_id}
+
+
+def floating_ip_visible(req, fip):
+    return fip is not None and (req.ident.is_admin or
+                                fip.get("project_id") == req.ident.project_id)
+
+
+def find_floating_ip(req, neutron, fip_id):
+    fip = neutron._get("floatingip", fip_id) if neutron is not None else None
+    if not floating_ip_visible(req, fip):
+        raise NotFound(f"Floating IP not found for ID {fip_id}")
+    return fip
+
+
+def floating_ips_by_address(req, neutron, address):
+    if neutron is None:
+        return []
+    try:
+        found = neutron.floating_ips(floating_ip_address=address)
+    except NetworkError as e:
+        raise neutron_fault(e) from None
+    return [f for f in found if floating_ip_visible(req, f)]
+
+
+def refresh_port_holders(req, port_ids):
+    """Show the servers holding these Neutron ports with their floating IPs as now."""
+    wanted = {p for p in port_ids if p}
+    for server in list(req.store.data["servers"].values()):
+        if any(p["id"] in wanted for p in server.get("ports", []) if p.get("neutron")):
+            req.app.compute.refresh_ports(server)
+
+
+def floating_ips_index(req):
+    """GET /os-floating-ips"""
+    neutron = req.app.network
+    if neutron is None:
+        return 200, {"floating_ips": []}
+    try:
+        fips = neutron.floating_ips(project_id=req.ident.project_id)
+        names = {}
+        return 200, {"floating_ips": [floating_ip_view(neutron, f, names) for f in fips]}
+    except NetworkError as e:
+        raise neutron_fault(e) from None
+
+
+def floating_ips_show(req):
+    """GET /os-floating-ips/{id}"""
+    neutron = req.app.network
+    fip = find_floating_ip(req, neutron, req.params["id"])
+    return 200, {"floating_ip": floating_ip_view(neutron, fip, {})}
+
+
+def floating_ips_create(req):
+    """POST /os-floating-ips: a floating IP from the pool named (an external network)."""
+    body = validate_body(req, {"type": ["object", "null"], "properties": {
+        "pool": {"type": ["string", "null"]}}})
+    pool = (body or {}).get("pool") or req.app.conf["default_floating_pool"]
+    neutron = req.app.network
+    if neutron is None:
+        raise NotFound("Floating IP pool not found.")
+    try:
+        external = neutron.call("GET", "/networks?router%3Aexternal=true")["networks"]
+        match = [n for n in external if n["name"] == pool]
+        if len(match) > 1:
+            raise Conflict(f"Multiple floating IP pools matches found for name '{pool}'")
+        match = match or [n for n in external if n["id"] == pool]
+        if not match:
+            raise NotFound("Floating IP pool not found.")
+        fip = neutron.call("POST", "/floatingips", {"floatingip": {
+            "floating_network_id": match[0]["id"],
+            "project_id": req.ident.project_id}})["floatingip"]
+    except NetworkError as e:
+        if e.status == 409 and "quota" in e.message.lower():
+            raise Forbidden(f"IP allocation over quota in pool {pool}.") from None
+        if e.status == 409:
+            raise NotFound(f"No more floating IPs in pool {pool}.") from None
+        raise neutron_fault(e) from None
+    return 200, {"floating_ip": floating_ip_view(neutron, fip, {match[0]["id"]: pool})}
+
+
+def floating_ips_delete(req):
+    """DELETE /os-floating-ips/{id}: released, and gone from its server's addresses."""
+    neutron = req.app.network
+    fip = find_floating_ip(req, neutron, req.params["id"])
+    try:
+        neutron.call("DELETE", f"/floatingips/{fip['id']}")
+    except NetworkError as e:
+        raise neutron_fault(e) from None
+    refresh_port_holders(req, [fip.get("port_id")])
+    return 202, None
+
+
+def floating_address_body(req, action, fields):
+    body = validate_body(req, {"type": "object", "additionalProperties": False,
+                               "required": [action], "properties": {action: {
+                                   "type": "object", "additionalProperties": False,
+                                   "required": ["address"], "properties": {
+                                       field: {"type": "string"} for field in fields}}}})
+    for field in fields:
+        if field in body[action]:
+            check_ip(f"{action}/{field}", body[action][field], None)
+    return body[action]
+
+
+def server_action_add_floating_ip(req):
+    """POST /servers/{server_id}/action addFloatingIp: the floating IP is associated with
+    the server's fixed address (the one given, else its first IPv4 one)."""
+    spec = floating_address_body(req, "addFloatingIp", ("address", "fixed_address"))
+    address, server_id = spec["address"], req.params["server_id"]
+    server = find_server(req, server_id)
+    ports = server.get("ports", [])
+    if not ports:
+        raise BadRequest("Instance network is not ready yet")
+    fixed = [(addr, port) for port in ports for addr, _ in port.get("ips", [])]
+    if not fixed:
+        raise BadRequest("No fixed IPs associated to instance")
+    if "fixed_address" in spec:
+        chosen = [(a, p) for a, p in fixed if a == spec["fixed_address"]]
+        if not chosen:
+            raise BadRequest("Specified fixed address not assigned to instance")
+    else:
+        chosen = [(a, p) for a, p in fixed if ipaddress.ip_address(a).version == 4]
+        if not chosen:
+            raise BadRequest(f"Unable to associate floating IP {address} to any fixed IPs "
+                             f"for instance {server_id}. Instance has no fixed IPv4 "
+                             "addresses to associate.")
+    fixed_address, port = chosen[0]
+    neutron = req.app.network
+    fips = floating_ips_by_address(req, neutron, address)
+    if not fips:
+        raise NotFound("floating IP not found")
+    try:
+        if len(fips) > 1 or not port.get("neutron"):
+            raise NetworkError(400, "the address is not one floating IP of a Neutron port")
+        neutron.call("PUT", f"/floatingips/{fips[0]['id']}", {"floatingip": {
+            "port_id": port["id"], "fixed_ip_address": fixed_address}})
+    except NetworkError as e:
+        if e.status >= 500:
+            raise neutron_fault(e) from None
+        if e.status == 409:
+            raise BadRequest(e.message) from None
+        raise BadRequest(f"Unable to associate floating IP {address} to fixed IP "
+                         f"{fixed_address} for instance {server_id}. Error: "
+                         f"{e.message}") from None
+    refresh_port_holders(req, [port["id"], fips[0].get("port_id")])
+    return 202, None
+
+
+def server_action_remove_floating_ip(req):
+    """POST /servers/{server_id}/action removeFloatingIp"""
+    address = floating_address_body(req, "removeFloatingIp", ("address",))["address"]
+    server = find_server(req, req.params["server_id"])
+    neutron = req.app.network
+    fips = floating_ips_by_address(req, neutron, address)
+    if not fips:
+        raise NotFound(f"Floating IP not found for address {address}.")
+    if len(fips) > 1:
+        raise Conflict(f"Multiple floating IPs are found for address {address}.")
+    fip = fips[0]
+    held = {p["id"] for p in server.get("ports", []) if p.get("neutron")}
+    if fip.get("port_id") not in held:
+        raise Conflict(f"Floating IP {address} is not associated with instance "
+                       f"{server['id']}.")
+    try:
+        neutron.call("PUT", f"/floatingips/{fip['id']}", {"floatingip": {"port_id": None}})
+    except NetworkError as e:
+        raise neutron_fault(e) from None
+    refresh_port_holders(req, [fip["port_id"]])
+    return 202, None
 
 
 # With Neutron, security groups are Neutron's, shown in nova-network's shape (ingress
@@ -12692,10 +12918,10 @@ GET    /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    
 PUT    /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    -     gone    gone                             -
 DELETE /os-floating-ip-dns/{domain_id}/entries/{id}   -                    -    -     gone    gone                             -
 GET    /os-floating-ip-pools                          -                    2.1  2.35  any     floating_ip_pools_index          os_compute_api:os-floating-ip-pools
-GET    /os-floating-ips                               -                    2.1  2.35  reader  -                                os_compute_api:os-floating-ips:list
-POST   /os-floating-ips                               -                    2.1  2.35  member  -                                os_compute_api:os-floating-ips:create
-GET    /os-floating-ips/{id}                          -                    2.1  2.35  reader  -                                os_compute_api:os-floating-ips:show
-DELETE /os-floating-ips/{id}                          -                    2.1  2.35  member  -                                os_compute_api:os-floating-ips:delete
+GET    /os-floating-ips                               -                    2.1  2.35  reader  floating_ips_index               os_compute_api:os-floating-ips:list
+POST   /os-floating-ips                               -                    2.1  2.35  member  floating_ips_create              os_compute_api:os-floating-ips:create
+GET    /os-floating-ips/{id}                          -                    2.1  2.35  reader  floating_ips_show                os_compute_api:os-floating-ips:show
+DELETE /os-floating-ips/{id}                          -                    2.1  2.35  member  floating_ips_delete              os_compute_api:os-floating-ips:delete
 GET    /os-floating-ips-bulk                          -                    -    -     gone    gone                             -
 POST   /os-floating-ips-bulk                          -                    -    -     gone    gone                             -
 GET    /os-floating-ips-bulk/{id}                     -                    -    -     gone    gone                             -
@@ -12812,8 +13038,8 @@ POST   /servers/{server_id}/action                    createBackup         2.1  
 POST   /servers/{server_id}/action                    restore              2.1  2.104 member  server_action_restore            os_compute_api:os-deferred-delete:restore
 POST   /servers/{server_id}/action                    forceDelete          2.1  2.104 member  server_action_force_delete       os_compute_api:os-deferred-delete:force
 POST   /servers/{server_id}/action                    evacuate             2.1  2.104 admin   server_action_evacuate           os_compute_api:os-evacuate
-POST   /servers/{server_id}/action                    addFloatingIp        2.1  2.43  member  -                                os_compute_api:os-floating-ips:add
-POST   /servers/{server_id}/action                    removeFloatingIp     2.1  2.43  member  -                                os_compute_api:os-floating-ips:remove
+POST   /servers/{server_id}/action                    addFloatingIp        2.1  2.43  member  server_action_add_floating_ip    os_compute_api:os-floating-ips:add
+POST   /servers/{server_id}/action                    removeFloatingIp     2.1  2.43  member  server_action_remove_floating_ip os_compute_api:os-floating-ips:remove
 POST   /servers/{server_id}/action                    lock                 2.1  2.104 member  server_action_lock               os_compute_api:os-lock-server:lock
 POST   /servers/{server_id}/action                    unlock               2.1  2.104 member  server_action_unlock             os_compute_api:os-lock-server:unlock
 POST   /servers/{server_id}/action                    migrate              2.1  2.104 manager server_action_migrate            os_compute_api:os-migrate-server:migrate

@@ -300,7 +300,11 @@ class ConfigTests(unittest.TestCase):
     def test_bad_values_are_one_line_errors(self):
         """A wrong value gives a ConfigError naming the option."""
         for argv in (["--port", "http"], ["--auth", "magic"], ["--tls-cert", "x"],
-                     ["--noauth-identity", "nobody"]):
+                     ["--noauth-identity", "nobody"], ["--instance-name-template", "vm"],
+                     ["--instance-name-template", "%s-%s"],
+                     ["--instance-name-template", "%(name)s"],
+                     ["--instance-name-template", "vm-%(hostname)s"],
+                     ["--instance-name-template", "a/%08x"]):
             with self.assertRaises(minivan.ConfigError):
                 minivan.load_config(argv, environ={})
 
@@ -477,10 +481,6 @@ class RoutingTests(AppTestCase):
                             f"{route.method} {route.path} {route.action}: {r.raw[:200]}")
             if not route.built and not route.gone and route.max == minivan.MAX_VERSION:
                 self.assertIn(r.status, (400, 404, 501), f"{route.method} {route.path}")
-
-    def test_unbuilt_route_is_501(self):
-        """A route not built yet answers 501 notImplemented."""
-        self.assertFault(self.get("/v2.1/os-floating-ips"), 501, "notImplemented")
 
     def test_removed_api_is_410(self):
         """Removed APIs answer 410 at every microversion."""
@@ -2263,7 +2263,8 @@ def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None,
     for name in images:
         make_image(os.path.join(data, "images"), name)
     env = dict(os.environ, MINIVAN_DATA_DIR=data, MINIVAN_PORT=str(port),
-               MINIVAN_LIBVIRT_URI="test:///default")
+               MINIVAN_LIBVIRT_URI="test:///default",
+               MINIVAN_INSTANCE_NAME_TEMPLATE=f"mv{port}-%08x")   # (a libvirtd is shared)
     if hosts:
         pairs = []
         for n in range(1, hosts + 1):
@@ -3232,6 +3233,22 @@ class ServerTestCase(AppTestCase):
         return dom.state()[0]
 
 
+class InstanceNameTemplateTests(ServerTestCase):
+    conf = {"instance_name_template": "mv-%(hostname)s-%(id)d"}
+
+    def test_domain_names_follow_the_template(self):
+        """--instance-name-template names the servers' libvirt domains, as Nova's
+        instance_name_template does."""
+        made = [self.post_server(name=name).json()["server"]["id"] for name in ("a", "b")]
+        names = [self.server(server_id)["OS-EXT-SRV-ATTR:instance_name"]
+                 for server_id in made]
+        self.assertEqual(len(set(names)), 2)
+        for name, server_id in zip(names, made):
+            self.assertRegex(name, r"^mv-[ab]-\d+$")
+            self.assertEqual(self.app.driver.conn.lookupByUUIDString(server_id).name(), name)
+
+
+
 class ServerLifecycleTests(ServerTestCase):
     def test_hostile_names_make_valid_domains_and_safe_files(self):
         """XML and shell metacharacters in a server's name, metadata, tags, user data and
@@ -3747,6 +3764,12 @@ class ServerActionTests(ServerTestCase):
 
 
 class ServerSubresourceTests(ServerTestCase):
+    def test_unbuilt_route_is_501(self):
+        """A route not built yet (a server's shares) answers 501 notImplemented."""
+        server_id = self.post_server().json()["server"]["id"]
+        self.assertFault(self.get(f"/v2.1/servers/{server_id}/shares", version="2.97"),
+                         501, "notImplemented")
+
     def test_metadata(self):
         """Server metadata: set, merge, replace, item CRUD and the item limit."""
         server_id = self.new_server(metadata={"a": "1"})
@@ -5355,6 +5378,35 @@ class NetworkProxyTests(ServerTestCase):
         self.assertFault(self.post("/v2.1/os-networks", {"network": {}}), 410, "computeFault")
         self.assertEqual(self.get("/v2.1/os-floating-ip-pools").json(),
                          {"floating_ip_pools": []})
+
+    def test_no_floating_ips_without_neutron(self):
+        """Without Neutron there is no external network: no floating IPs to list, show,
+        allocate, add or remove (Nova's answers for a cloud without one)."""
+        self.assertEqual(self.get("/v2.1/os-floating-ips").json(), {"floating_ips": []})
+        self.assertFault(self.post("/v2.1/os-floating-ips", {"pool": "public"}), 404,
+                         "itemNotFound", "Floating IP pool not found.")
+        self.assertFault(self.post("/v2.1/os-floating-ips", None), 404, "itemNotFound")
+        self.assertFault(self.post("/v2.1/os-floating-ips", {"pool": 3}), 400, "badRequest")
+        fip = str(uuid.uuid4())
+        self.assertFault(self.get("/v2.1/os-floating-ips/" + fip), 404, "itemNotFound",
+                         f"Floating IP not found for ID {fip}")
+        self.assertFault(self.delete("/v2.1/os-floating-ips/" + fip), 404, "itemNotFound")
+        self.assertFault(self.get("/v2.1/os-floating-ips", version="2.36"), 404,
+                         "itemNotFound")
+        server_id = self.post_server().json()["server"]["id"]
+        act = f"/v2.1/servers/{server_id}/action"
+        self.assertFault(self.post(act, {"addFloatingIp": {"address": "10.0.0.9"}}), 404,
+                         "itemNotFound", "floating IP not found")
+        self.assertFault(self.post(act, {"addFloatingIp": {"address": "10.0.0.9",
+                                                           "fixed_address": "1.2.3.4"}}),
+                         400, "badRequest", "Specified fixed address not assigned")
+        self.assertFault(self.post(act, {"addFloatingIp": {"address": "nope"}}), 400,
+                         "badRequest")
+        self.assertFault(self.post(act, {"addFloatingIp": {}}), 400, "badRequest")
+        self.assertFault(self.post(act, {"removeFloatingIp": {"address": "10.0.0.9"}}), 404,
+                         "itemNotFound", "Floating IP not found for address 10.0.0.9.")
+        self.assertFault(self.post(act, {"removeFloatingIp": {"address": "10.0.0.9"}},
+                                   version="2.44"), 404, "itemNotFound")
 
     def test_security_groups_and_rules(self):
         """Groups: default per project, create/show/update/delete, rules, and servers."""
@@ -7048,6 +7100,76 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(removed.status, 202, removed.raw)
         self.assertEqual(self.openstack("port", "show", nic["ID"], "-f", "json")[
             "security_group_ids"], [made[0]["id"]])
+
+    def test_floating_ips(self):
+        """Up to 2.35 os-floating-ips allocates, shows and releases Neutron's floating IPs
+        (pool "public" by default); up to 2.43 addFloatingIp and removeFloatingIp
+        associate them with a server's port, whose addresses then list them as
+        "floating".  An association made in Neutron reaches the server's addresses too
+        (Neutron's network-changed event)."""
+        port = int(self.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        demo = keystone_token(self.env, "demo", "demo")
+        alt = keystone_token(self.env, "alt_demo", "alt_demo")
+
+        def api(method, path, body=None, token=demo, version="2.35"):
+            return compute_request(self, port, method, path, token, body, version=version)
+
+        def release(fip_id):
+            self.openstack("floating", "ip", "delete", fip_id, expect_ok=False)
+
+        made = api("POST", "/os-floating-ips", {"pool": None})
+        self.assertEqual(made.status, 200, made.raw)
+        fip = made.json()["floating_ip"]
+        self.addCleanup(release, fip["id"])
+        self.assertEqual((fip["pool"], fip["instance_id"], fip["fixed_ip"]),
+                         ("public", None, None))
+        self.assertEqual(self.openstack("floating", "ip", "show", fip["id"], "-f", "json")[
+            "floating_ip_address"], fip["ip"])
+        assert_fault(self, api("POST", "/os-floating-ips", {"pool": "nowhere"}), 404,
+                     "itemNotFound", "Floating IP pool not found.")
+        assert_fault(self, api("GET", "/os-floating-ips/" + fip["id"], token=alt), 404,
+                     "itemNotFound")
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--network", self.neutron["NEUTRON_NETWORK_NAME"],
+                                "--wait", "nt-fip", "-f", "json",
+                                env={"OS_USERNAME": "demo", "OS_PROJECT_NAME": "demo"})
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server["id"],
+                        expect_ok=False)
+        act = f"/servers/{server['id']}/action"
+        assert_fault(self, api("POST", act, {"addFloatingIp": {"address": "10.78.1.1"}}),
+                     404, "itemNotFound", "floating IP not found")
+        added = api("POST", act, {"addFloatingIp": {"address": fip["ip"]}})
+        self.assertEqual(added.status, 202, added.raw)
+        nic = self.ports_of(server["id"])[0]
+        self.assertEqual(self.openstack("floating", "ip", "show", fip["id"], "-f", "json")[
+            "port_id"], nic["ID"])
+
+        def addresses():
+            view = api("GET", "/servers/" + server["id"]).json()["server"]["addresses"]
+            return sorted((a["addr"], a["OS-EXT-IPS:type"]) for a in
+                          view[self.neutron["NEUTRON_NETWORK_NAME"]])
+        fixed = nic["Fixed IP Addresses"][0]["ip_address"]
+        self.assertEqual(addresses(), sorted([(fixed, "fixed"), (fip["ip"], "floating")]))
+        listed = api("GET", "/os-floating-ips").json()["floating_ips"]
+        self.assertIn({"id": fip["id"], "ip": fip["ip"], "pool": "public",
+                       "instance_id": server["id"], "fixed_ip": fixed}, listed)
+        # released from the server in Neutron: its addresses follow
+        self.openstack("floating", "ip", "unset", "--port", fip["id"])
+        wait_until(lambda: addresses() == [(fixed, "fixed")], what="network-changed")
+        assert_fault(self, api("POST", act, {"removeFloatingIp": {"address": fip["ip"]}}),
+                     409, "conflictingRequest", "is not associated with instance")
+        self.assertEqual(api("POST", act, {"addFloatingIp": {
+            "address": fip["ip"], "fixed_address": fixed}}).status, 202)
+        removed = api("POST", act, {"removeFloatingIp": {"address": fip["ip"]}},
+                      version="2.43")
+        self.assertEqual(removed.status, 202, removed.raw)
+        self.assertEqual(addresses(), [(fixed, "fixed")])
+        self.assertIsNone(self.openstack("floating", "ip", "show", fip["id"], "-f", "json")[
+            "port_id"])
+        self.assertEqual(api("DELETE", "/os-floating-ips/" + fip["id"]).status, 202)
+        assert_fault(self, api("GET", "/os-floating-ips/" + fip["id"]), 404, "itemNotFound")
+        self.assertNotEqual(self.openstack("floating", "ip", "show", fip["id"],
+                                           expect_ok=False).returncode, 0)
 
     def test_horizon_launch_console_log_and_delete(self):
         """Horizon 27.0.0 (tools/horizon.sh) in headless Chromium (tools/horizon_flow.py):

@@ -21,8 +21,12 @@
 #       and returns once the API answers and the agent is alive.  Makes a shared flat
 #       network "minivan-net" on physnet1 (br-phys) with subnet 10.77.0.0/24 (no DHCP
 #       agent: addresses are Neutron's fixed IPs).  Projects may make networks of their
-#       own (ML2 type "local": on this host only).  Appends to DIR/env (sourceable):
-#       NEUTRON_URL, NEUTRON_NETWORK_ID, NEUTRON_NETWORK_NAME, NEUTRON_AGENT_HOST.
+#       own (ML2 type "local": on this host only).  For floating IPs (the router
+#       service plugin, no L3 agent: addresses are allocated and associated, not routed):
+#       an external network "public" (10.78.0.0/24) and a router "minivan-router" from
+#       minivan-subnet to it.  Appends to DIR/env (sourceable): NEUTRON_URL,
+#       NEUTRON_NETWORK_ID, NEUTRON_NETWORK_NAME, NEUTRON_PUBLIC_NETWORK_ID,
+#       NEUTRON_AGENT_HOST.
 #   tools/neutron.sh stop DIR
 #       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
 #       by its process group) and removes the "network" service from the catalog, so
@@ -55,7 +59,7 @@ write_config() {  # write_config DIR PORT AMQP_PORT
 debug = false
 host = $(hostname -s)
 core_plugin = ml2
-service_plugins =
+service_plugins = router
 auth_strategy = keystone
 api_paste_config = $dir/api-paste.ini
 transport_url = rabbit://neutron:$PASSWORD@127.0.0.1:$amqp/
@@ -246,12 +250,29 @@ start() {
         neutron_api POST /subnets '{"subnet": {"network_id": "'"$net"'", "ip_version": 4,
             "cidr": "10.77.0.0/24", "enable_dhcp": false, "name": "minivan-subnet"}}' >/dev/null
     fi
+    # floating IPs: an external network "public" and a router from minivan-net to it (no
+    # L3 agent: addresses are allocated and associated, not routed)
+    local public
+    public=$(neutron_api GET "/networks?name=public" | jget networks 0 id)
+    if [[ -z $public ]]; then
+        public=$(neutron_api POST /networks '{"network": {"name": "public",
+            "router:external": true, "provider:network_type": "local"}}' | jget network id)
+        local subnet router
+        neutron_api POST /subnets '{"subnet": {"network_id": "'"$public"'", "ip_version": 4,
+            "cidr": "10.78.0.0/24", "enable_dhcp": false, "name": "public-subnet"}}' >/dev/null
+        router=$(neutron_api POST /routers '{"router": {"name": "minivan-router",
+            "external_gateway_info": {"network_id": "'"$public"'"}}}' | jget router id)
+        subnet=$(neutron_api GET "/subnets?name=minivan-subnet" | jget subnets 0 id)
+        neutron_api PUT "/routers/$router/add_router_interface" \
+            '{"subnet_id": "'"$subnet"'"}' >/dev/null
+    fi
     touch "$dir/env"
     sed -i '/^export NEUTRON_[A-Z_]*=/d' "$dir/env"
     cat >> "$dir/env" <<EOF
 export NEUTRON_URL=$URL
 export NEUTRON_NETWORK_ID=$net
 export NEUTRON_NETWORK_NAME=minivan-net
+export NEUTRON_PUBLIC_NETWORK_ID=$public
 export NEUTRON_AGENT_HOST=$(hostname -s)
 EOF
     echo "neutron: network minivan-net ($net); NEUTRON_URL=$URL appended to $dir/env"
