@@ -1874,11 +1874,16 @@ class LibvirtDriver:
                 pass
             raise
 
-    def _download(self, vol):
+    def _download(self, vol, into=None):
+        """A volume's bytes; or, with into (a file open for writing), written there as they
+        come, so that a large disk is never held in memory."""
         stream = self.conn.newStream(0)
         chunks = []
         vol.download(stream, 0, 0, 0)
-        stream.recvAll(lambda _stream, data, opaque: opaque.append(data) or len(data), chunks)
+        if into is not None:
+            stream.recvAll(lambda _stream, data, f: f.write(data), into)
+        else:
+            stream.recvAll(lambda _stream, data, got: got.append(data) or len(data), chunks)
         stream.finish()
         return b"".join(chunks)
 
@@ -1967,10 +1972,13 @@ class LibvirtDriver:
             pool = self._pool(directory)
             os.makedirs(directory, mode=0o700, exist_ok=True)
             for name in pool.listVolumes():
-                data = self._download(pool.storageVolLookupByName(name))
                 part = os.path.join(directory, "." + name + ".part")
-                with open(part, "wb") as f:
-                    f.write(data)
+                try:
+                    with open(part, "wb") as f:
+                        self._download(pool.storageVolLookupByName(name), f)
+                except BaseException:
+                    os.unlink(part)
+                    raise
                 os.replace(part, os.path.join(directory, name))
         self._call("copying the disks from the host", pull)
 

@@ -133,7 +133,7 @@ extend_attached_volume = False
 # minivan's scheduler filters (SameHost/DifferentHost beyond Nova's defaults)
 scheduler_enabled_filters = AvailabilityZoneFilter,ComputeFilter,ComputeCapabilitiesFilter,ImagePropertiesFilter,ServerGroupAntiAffinityFilter,ServerGroupAffinityFilter,SameHostFilter,DifferentHostFilter
 # everything that needs a real guest, console, migration or another service
-change_password = False
+change_password = True
 console_output = True
 resize = True
 pause = True
@@ -153,7 +153,7 @@ attach_encrypted_volume = False
 config_drive = False
 metadata_service = False
 enable_instance_password = True
-personality = False
+personality = True
 disk_config = True
 swap_volume = False
 volume_multiattach = False
