@@ -1650,11 +1650,19 @@ class LibvirtDriver:
                 f'<minivan:created>{server["created_at"]}</minivan:created>'
                 f'</minivan:instance>')
         devices = []
-        all_disks = list(rescue or []) + list(disks)
-        for path, target, fmt in all_disks:
-            devices.append(f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' "
-                           f"cache='none'/><source file='{xml_escape(path)}'/>"
-                           f"<target dev='{target}' bus='virtio'/></disk>")
+        # rescue: (path, target, format) first for a legacy rescue; (path, target, format,
+        # device, bus) for a stable device rescue, which boots first wherever it sits
+        stable = [r for r in rescue or [] if len(r) == 5]
+        for entry in [r for r in rescue or [] if len(r) == 3] + list(disks) + stable:
+            path, target, fmt = entry[:3]
+            device, bus = entry[3:] if len(entry) == 5 else ("disk", "virtio")
+            extra = ("<boot order='1'/>" if len(entry) == 5 else "") + \
+                ("<readonly/>" if device == "cdrom" else "")
+            devices.append(f"<disk type='file' device='{device}'><driver name='qemu' "
+                           f"type='{fmt}' cache='none'/><source file='{xml_escape(path)}'/>"
+                           f"<target dev='{target}' bus='{bus}'/>{extra}</disk>")
+        if any(r[4] == "scsi" for r in stable):
+            devices.append("<controller type='scsi' model='virtio-scsi'/>")
         for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
             if vol.get("connection_info") and vol.get("target"):
                 devices.append(volume_disk_xml(vol, self.volume_mount_base))
@@ -1675,11 +1683,12 @@ class LibvirtDriver:
             devices.append("<channel type='unix'><target type='virtio' "
                            "name='org.qemu.guest_agent.0'/></channel>")
             devices.append("<memballoon model='virtio'><stats period='10'/></memballoon>")
+        os_boot = "" if stable else "<boot dev='hd'/>"     # (a boot order is per device)
         return (f"<domain type='{domain_type}'><name>{server['instance_name']}</name>"
                 f"<uuid>{server['id']}</uuid><metadata>{meta}</metadata>"
                 f"<memory unit='KiB'>{flavor['ram'] * 1024}</memory>"
                 f"<vcpu>{flavor['vcpus']}</vcpu>"
-                f"<os><type arch='x86_64'{machine}>hvm</type><boot dev='hd'/></os>"
+                f"<os><type arch='x86_64'{machine}>hvm</type>{os_boot}</os>"
                 f"<features><acpi/><apic/></features><clock offset='utc'/>"
                 f"<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
                 f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>")
@@ -1723,7 +1732,7 @@ class LibvirtDriver:
     def redefine(self, server, disks, config_drive=None, rescue=None):
         """Replace the stopped domain's definition (resize, rescue, unrescue)."""
         xml = self.domain_xml(server, disks, config_drive, rescue)
-        self.push_files([path for path, _, _ in disks + (rescue or [])] +
+        self.push_files([entry[0] for entry in disks + (rescue or [])] +
                         [config_drive] * bool(config_drive))
         self._call("redefining the domain", lambda: self.conn.defineXML(xml))
 
@@ -6798,19 +6807,32 @@ class Compute:
             self.app.images.delete(image)
         self.refresh_addresses(server_id)
 
-    def rescue(self, server, image, was):
-        """Boot the rescue image with the server's own disk attached second."""
+    def rescue(self, server, image, was, stable=None):
+        """Boot the rescue image: in the legacy way with the server's own disk attached
+        second; in a stable device rescue (stable: (device, bus)) beside the server's
+        disks and volumes, which keep their places."""
         self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         directory = self.instance_dir(server)
         self.driver_of(server).pull_files(directory)
         base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
         rescue_disk = os.path.join(directory, "disk.rescue")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         create_qcow2(rescue_disk, image_virtual_size(base), base)
-        disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
-        # as Nova's (non-stable) rescue: the rescue disk, the server's own disks, no volumes
-        self.driver_of(server).redefine(dict(server, volumes=[]), disks,
-                                        self.config_drive_path(server),
-                                        rescue=[(rescue_disk, "vda", "qcow2")])
+        if stable:
+            disks = self.extra_disks(server)
+            used = {t for _, t, _ in disks} | {"hdd"} | {
+                v.get("target") for v in server.get("volumes", [])}
+            prefix = RESCUE_BUSES[stable[1]]
+            target = next(prefix + c for c in "abcdefghijklmnopqrstuvwxyz"
+                          if prefix + c not in used)
+            self.driver_of(server).redefine(server, disks, self.config_drive_path(server),
+                                            rescue=[(rescue_disk, target, "qcow2", *stable)])
+        else:
+            disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
+            # as Nova's legacy rescue: the rescue disk, the server's own disks, no volumes
+            self.driver_of(server).redefine(dict(server, volumes=[]), disks,
+                                            self.config_drive_path(server),
+                                            rescue=[(rescue_disk, "vda", "qcow2")])
         self.driver_of(server).power_on(server)
         self.update(server["id"], vm_state="rescued", task_state=None, power_state=RUNNING,
                     rescued_from=was)
@@ -8821,6 +8843,25 @@ def server_action_unshelve(req):
     return 202, None
 
 
+RESCUE_BUSES = {"virtio": "vd", "scsi": "sd", "usb": "sd", "sata": "sd", "ide": "hd"}
+
+
+def stable_rescue_device(props):
+    """(device, bus) of a stable device rescue, where the rescue image asks for one
+    (hw_rescue_device, hw_rescue_bus): the server's disks keep their places and the
+    rescue disk joins them, to boot first.  None: the legacy rescue."""
+    if "hw_rescue_device" not in props and "hw_rescue_bus" not in props:
+        return None
+    device = props.get("hw_rescue_device") or "disk"
+    if device not in ("disk", "cdrom"):
+        raise BadRequest(f"Requested rescue device '{device}' is not supported")
+    bus = props.get("hw_rescue_bus") or ("ide" if device == "cdrom" else "virtio")
+    if bus not in RESCUE_BUSES or (device == "cdrom" and bus == "virtio"):
+        raise BadRequest(f"Requested rescue bus '{bus}' is not supported by the libvirt "
+                         "virt driver")
+    return device, bus
+
+
 def server_action_rescue(req):
     """POST /servers/{server_id}/action rescue"""
     body = validate_body(req, {"type": "object", "additionalProperties": False,
@@ -8831,15 +8872,24 @@ def server_action_rescue(req):
     spec = body["rescue"] or {}
     server = find_server(req, req.params["server_id"])
     image_ref = spec.get("rescue_image_ref") or server["image_ref"]
-    if not image_ref or server.get("volume_backed"):
-        raise BadRequest("Cannot rescue a volume-backed instance")
-    image = resolve_boot_image(req, {"imageRef": image_ref})
+    image = resolve_boot_image(req, {"imageRef": image_ref}) if image_ref else None
+    props = (image or {}).get("properties") or {}
+    if image is not None and props.get("block_device_mapping"):
+        raise BadRequest(f"Requested rescue image '{image_ref}' is not supported")
+    stable = stable_rescue_device(props)
+    if server.get("volume_backed") and not (
+            req.since("2.87") and "hw_rescue_device" in props and "hw_rescue_bus" in props):
+        raise BadRequest(f"Instance {server['id']} cannot be rescued: Cannot rescue a "
+                         "volume-backed instance")
+    if image is None:
+        raise BadRequest(f"Instance {server['id']} cannot be rescued: it has no image; "
+                         "give rescue_image_ref")
     admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
     compute = req.app.compute
     was = server["vm_state"]
 
     def work(server):
-        compute.rescue(server, image, was)
+        compute.rescue(server, image, was, stable)
 
     run_action(req, "rescue", "rescuing", "rescue", "compute_rescue_instance", work)
     if req.app.conf["enable_instance_password"]:

@@ -3724,6 +3724,46 @@ class ServerActionTests(ServerTestCase):
         xml = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
         self.assertNotIn("disk.rescue", xml)
 
+    def test_stable_device_rescue(self):
+        """A rescue image with hw_rescue_device/hw_rescue_bus: the rescue disk joins the
+        server's disks (which keep their places) on that bus and boots first; unrescue
+        restores the domain.  An unknown device is 400."""
+        import xml.etree.ElementTree as ET
+        server_id = self.new_server()
+        dom = self.app.driver.conn.lookupByUUIDString(server_id)
+
+        def disks():
+            root = ET.fromstring(dom.XMLDesc(0))
+            return root.find("os/boot"), sorted(
+                (d.get("device"), d.find("target").get("dev"), d.find("target").get("bus"),
+                 d.find("boot").get("order") if d.find("boot") is not None else None,
+                 os.path.basename(d.find("source").get("file")))
+                for d in root.findall("devices/disk"))
+        for props, device, target, bus in (
+                ({"hw_rescue_device": "cdrom", "hw_rescue_bus": "ide"}, "cdrom", "hda", "ide"),
+                ({"hw_rescue_bus": "scsi"}, "disk", "sda", "scsi"),
+                ({"hw_rescue_device": "disk"}, "disk", "vdb", "virtio"),
+                ({"hw_rescue_device": "disk", "hw_rescue_bus": "usb"}, "disk", "sda", "usb")):
+            self.app.store.commit([["set", ["images", self.image_id, "properties"], props]])
+            r = self.action(server_id, {"rescue": {"rescue_image_ref": self.image_id}})
+            self.assertEqual(r.status, 200, r.raw)
+            self.assertEqual(self.server(server_id)["status"], "RESCUE")
+            boot, found = disks()
+            self.assertIsNone(boot)
+            self.assertEqual(found, sorted([("disk", "vda", "virtio", None, "disk"),
+                                            (device, target, bus, "1", "disk.rescue")]))
+            self.assertEqual(self.action(server_id, {"unrescue": None}).status, 202)
+            self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+            boot, found = disks()
+            self.assertEqual((boot.get("dev"), found), ("hd", [
+                ("disk", "vda", "virtio", None, "disk")]))
+        self.app.store.commit([["set", ["images", self.image_id, "properties"],
+                                {"hw_rescue_device": "floppy"}]])
+        self.assertFault(self.action(server_id, {"rescue": {
+            "rescue_image_ref": self.image_id}}), 400, "badRequest",
+            "rescue device 'floppy' is not supported")
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
     def test_trigger_crash_dump_and_change_password(self):
         """trigger_crash_dump (2.17) is 202; changePassword needs a guest agent, else 409."""
         server_id = self.new_server()
@@ -4263,6 +4303,24 @@ class RealGuestTests(unittest.TestCase):
         self.assertIn("disk.rescue", self.domain(sid).XMLDesc(0))
         nova.servers.unrescue(sid)
         self.wait_status(sid, "ACTIVE")
+
+        # a stable device rescue (the rescue image names its device and bus): QEMU boots
+        # the rescue disk, the server's own disk stays vda
+        self.sdk.compute.post(f"/images/{image_id}/metadata", json={"metadata": {
+            "hw_rescue_device": "disk", "hw_rescue_bus": "virtio"}}, microversion="2.35")
+        booted = self.console(sid).count("minivan-guest booted")
+        nova.servers.rescue(sid, image=image_id)
+        self.wait_status(sid, "RESCUE")
+        import xml.etree.ElementTree as ET
+        found = [(os.path.basename(d.find("source").get("file")), d.find("target").get("dev"),
+                  d.find("boot").get("order") if d.find("boot") is not None else None)
+                 for d in ET.fromstring(self.domain(sid).XMLDesc(0)).findall(
+                     "devices/disk[@device='disk']")]
+        self.assertEqual(found, [("disk", "vda", None), ("disk.rescue", "vdb", "1")])
+        self.wait_console(sid, "minivan-guest booted", booted + 1)
+        nova.servers.unrescue(sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assertNotIn("disk.rescue", self.domain(sid).XMLDesc(0))
 
         instance_dir = os.path.join(self.minivan_data, "instances", sid)
         self.osc("server", "delete", "--wait", sid)
