@@ -6828,7 +6828,8 @@ class Compute:
             self.driver_of(server).redefine(server, disks, self.config_drive_path(server),
                                             rescue=[(rescue_disk, target, "qcow2", *stable)])
         else:
-            disks = [(p, "vd" + chr(ord(t[-1]) + 1), f) for p, t, f in self.extra_disks(server)]
+            disks = [(p, "vd" + chr(ord(t[-1]) + 1), f)
+                     for p, t, f in self.extra_disks(server)]
             # as Nova's legacy rescue: the rescue disk, the server's own disks, no volumes
             self.driver_of(server).redefine(dict(server, volumes=[]), disks,
                                             self.config_drive_path(server),

@@ -7082,7 +7082,8 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
             "TestInstanceUsageAuditLogCLI.test_get_os_instance_usage_audit_log_with_before")
         self.assertEqual([name for name in counts["failing"]
                           if not name.endswith(known)], [], counts)
-        self.assertGreaterEqual(counts["passed"], 196, counts)
+        # (one more skips where the cloud has several networks, as here and in devstack)
+        self.assertGreaterEqual(counts["passed"], 195, counts)
 
     def test_a_port_neutron_refuses_mid_build(self):
         """Three NICs: a given port, a new port, and a fixed IP another port holds, which
