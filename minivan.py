@@ -2049,6 +2049,20 @@ class LibvirtDriver:
                 self.libvirt.VIR_DOMAIN_PAUSED:
             self._call("resuming the domain", dom.resume)
 
+    def wait_running(self, server, timeout):
+        """The domain's power state once it runs, or after timeout seconds.  A domain that
+        libvirt is still starting is paused for a moment; one left paused is resumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.get_info(server)
+            if state != PAUSED or time.monotonic() > deadline:
+                return state
+            try:
+                self.power_on(server)
+            except DriverError:
+                pass                          # (not resumable while libvirt starts it)
+            time.sleep(0.2)
+
     def power_off(self, server, timeout=60, clean=True):
         """ACPI shutdown, then a hard stop after timeout seconds (0: at once)."""
         dom = self._domain(server)
@@ -6354,11 +6368,12 @@ class Compute:
             self.update(server_id, task_state=None)
         state = domains[server_id]
         if self.app.conf["resume_guests_state_on_host_boot"] and server.get(
-                "power_state") == RUNNING and state == SHUTDOWN and vm == "active":
+                "power_state") == RUNNING and state in (SHUTDOWN, PAUSED) and vm == "active":
+            # (paused, not by its user: libvirt was starting it when minivan stopped)
             LOG.info("server %s was running before the host went down: starting it", server_id)
             self.update(server_id, task_state="powering-on")     # busy until it runs
             self.driver_of(server).power_on(server)
-            state = RUNNING
+            state = self.driver_of(server).wait_running(server, 30)
         self.update(server_id, power_state=state, task_state=None)
 
     def drop_unfinished_attachments(self, server):
