@@ -23,35 +23,36 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §6  request validation                  a small JSON-schema subset with Nova's messages
     §7  identity and policy                 noauth, Keystone tokens and catalog, policy personas
     §8  hypervisor driver                   libvirt (imported lazily), disks
-    §9  images                              the image source seam: local directory or Glance
-    §10 image service                       a Glance v2 subset under /image
-    §11 volumes                             the block storage client: Cinder v3, volume disks
-    §12 networks                            the network service: Neutron ports, or none
-    §13 quotas                              defaults, classes, per-project/per-user limits
-    §14 views                               the request object, links and pagination
-    §15 API: versions and extensions
-    §16 API: flavors, extra specs, flavor access
-    §17 API: keypairs
-    §18 API: limits, quota sets, quota classes
-    §19 API: availability zones
-    §20 servers: states, lookups, views
-    §21 servers: the compute engine         background operations, reconciliation, power sync
-    §22 config drive                        its files, and an ISO 9660 writer
-    §23 API: servers                        create, list, show, update, delete, actions...
-    §24 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §25 API: networks and security groups   the proxy APIs, up to 2.35
-    §26 API: volumes and events             os-volumes/os-snapshots proxies, external events
-    §27 API: server groups
-    §28 API: services and hypervisors       and the scheduler: filters and weighers
-    §29 API: simple tenant usage
-    §30 API: aggregates                     host aggregates; their zones become the host's
-    §31 API: migrations                     every move between hosts is a migration record
-    §32 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §33 failure injection                   rules that make builds, actions and hosts fail
-    §34 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §35 HTTP front end                      app, server, handler, TLS, CORS
-    §36 systemd and signals                 sd_notify, watchdog, background loops
-    §37 main
+    §9  image inspection                    formats, safety checks, the image cache by content
+    §10 images                              the image source seam: local directory or Glance
+    §11 image service                       a Glance v2 subset under /image
+    §12 volumes                             the block storage client: Cinder v3, volume disks
+    §13 networks                            the network service: Neutron ports, or none
+    §14 quotas                              defaults, classes, per-project/per-user limits
+    §15 views                               the request object, links and pagination
+    §16 API: versions and extensions
+    §17 API: flavors, extra specs, flavor access
+    §18 API: keypairs
+    §19 API: limits, quota sets, quota classes
+    §20 API: availability zones
+    §21 servers: states, lookups, views
+    §22 servers: the compute engine         background operations, reconciliation, power sync
+    §23 config drive                        its files, and an ISO 9660 writer
+    §24 API: servers                        create, list, show, update, delete, actions...
+    §25 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §26 API: networks and security groups   the proxy APIs, up to 2.35
+    §27 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §28 API: server groups
+    §29 API: services and hypervisors       and the scheduler: filters and weighers
+    §30 API: simple tenant usage
+    §31 API: aggregates                     host aggregates; their zones become the host's
+    §32 API: migrations                     every move between hosts is a migration record
+    §33 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §34 failure injection                   rules that make builds, actions and hosts fail
+    §35 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §36 HTTP front end                      app, server, handler, TLS, CORS
+    §37 systemd and signals                 sd_notify, watchdog, background loops
+    §38 main
 """
 
 import argparse
@@ -132,7 +133,10 @@ OPTIONS = [
     ("keystone-cafile", "", "CA bundle for an HTTPS Keystone"),
     ("region", "", "region of the catalog endpoints minivan uses (default: any)"),
     ("glance-url", "", "Glance endpoint (default: the image service of the Keystone catalog; "
-     "without Keystone, minivan's own image service)"),
+     "without Keystone, minivan's own image service); 'local': minivan's own image "
+     "service even where the catalog has Glance"),
+    ("image-max-virtual-size", "1T", "largest virtual size of an image a server boots "
+     "(K, M, G or T); a larger image is refused as unacceptable"),
     ("cinder-url", "", "Cinder v3 endpoint, e.g. http://controller/volume/v3, where a "
      "project id template is filled in for each caller (default: the volumev3 or "
      "block-storage service of the Keystone catalog; without Keystone there are no volumes)"),
@@ -301,6 +305,11 @@ def finish_config(conf):
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')} must be a number, "
                               f"not {conf[key]!r}") from None
+    try:
+        conf["image_max_virtual_size"] = disk_bytes(str(conf["image_max_virtual_size"]))
+    except (ValueError, IndexError):
+        raise ConfigError("--image-max-virtual-size must be a size such as 1T or 200G, not "
+                          f"{conf['image_max_virtual_size']!r}") from None
     if conf["max_concurrent_builds"] < 0:
         raise ConfigError("--max-concurrent-builds must not be negative")
     for key in ("max_connections", "client_timeout", "console_token_ttl"):
@@ -568,7 +577,7 @@ EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
     "images": {}, "instance_actions": {}, "security_groups": {}, "services": {},
-    "aggregates": {}, "migrations": {},
+    "aggregates": {}, "migrations": {}, "deleted_images": {},
     "counters": {"keypair": 0, "flavor": 0, "instance": 0, "aggregate": 0},
 }
 
@@ -1490,8 +1499,10 @@ class LibvirtDriver:
     server; minivan never touches a domain without it."""
 
     def __init__(self, uri, virt_type="", network="default", instances_dir=None,
-                 volume_mount_base=None, firewall="nwfilter"):
+                 volume_mount_base=None, firewall="nwfilter", image_cache_dir=None):
         self.uri = uri
+        self.image_cache_dir = image_cache_dir or (
+            os.path.join(os.path.dirname(instances_dir), "_base") if instances_dir else None)
         self.firewall = firewall == "nwfilter" and not uri.startswith("test:")
         self.volume_mount_base = volume_mount_base
         self.virt_type = virt_type or detect_virt_type()
@@ -1786,7 +1797,8 @@ class LibvirtDriver:
             for path, _, _ in disks:
                 fresh = os.path.join(staging, os.path.basename(path))
                 base = qcow2_backing(path)
-                create_qcow2(fresh, virtual_size(path), base)
+                create_qcow2(fresh, virtual_size(path), base,
+                             qcow2_backing_format(path) if base else None)
                 sources[path] = fresh
             if self.shares_files():
                 for path, fresh in sources.items():
@@ -1915,6 +1927,7 @@ class LibvirtDriver:
 
         def push():
             for path in paths:
+                disk_chain([sources.get(path, path)], self.own_dirs())
                 base = qcow2_backing(sources.get(path, path))
                 while base:
                     pool = pool_of(base)
@@ -1954,12 +1967,8 @@ class LibvirtDriver:
         if self.simulated:
             return
         owner = self.qemu_owner() if os.geteuid() == 0 else None
-        files, dirs = set(), set()
-        for path in paths:
-            while path and path not in files:
-                files.add(path)
-                dirs.add(os.path.dirname(path))
-                path = qcow2_backing(path)
+        files = disk_chain(paths, self.own_dirs())
+        dirs = {os.path.dirname(path) for path in files}
         for path, mode in [(f, 0o600) for f in files] + [(d, 0o700) for d in dirs]:
             try:
                 os.chmod(path, mode)
@@ -1970,6 +1979,11 @@ class LibvirtDriver:
         if owner and owner[0] != os.geteuid():
             for directory in {os.path.dirname(d) for d in dirs}:
                 passable_for(directory, *owner)
+
+    def own_dirs(self):
+        """The only directories whose files this host's QEMU is given, and whose modes
+        minivan changes: the instances directory and the image cache."""
+        return [d for d in (self.instances_dir, self.image_cache_dir) if d]
 
     def pull_files(self, directory):
         """Copy a server's files from this host into minivan's instances directory, where
@@ -2400,7 +2414,7 @@ class LibvirtDriver:
                     wait_job()
                 self._call("merging the snapshot", rebase)
             else:
-                fmt = ["-F", image_format(base)] if base else []
+                fmt = ["-F", chain_format(active, base) or image_format(base)] if base else []
                 qemu_img("rebase", "-q", "-b", os.path.basename(base) if base else "", *fmt,
                          active)
             return
@@ -2545,7 +2559,8 @@ def qemu_img(*args):
 
 
 def image_format(path):
-    """qcow2 or raw, from the file's first bytes."""
+    """qcow2 or raw, from the file's first bytes (for volume files whose chain records no
+    format; never for an image)."""
     with open(path, "rb") as f:
         return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
@@ -2554,12 +2569,14 @@ def virtual_size(path):
     return json.loads(qemu_img("info", "-U", "--output=json", path))["virtual-size"]
 
 
-def image_virtual_size(path):
-    """An image's virtual size: from a qcow2 header (bytes 24-31), else the file's size."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-    if head[:4] == b"QFI\xfb" and len(head) == 32:
-        return int.from_bytes(head[24:32], "big")
+def image_virtual_size(path, fmt):
+    """A checked base image's virtual size: a qcow2 header's (bytes 24-31), else (raw)
+    the file's size."""
+    if fmt == "qcow2":
+        with open(path, "rb") as f:
+            head = f.read(32)
+        if head[:4] == b"QFI\xfb" and len(head) == 32:
+            return int.from_bytes(head[24:32], "big")
     return os.path.getsize(path)
 
 
@@ -2591,7 +2608,9 @@ def create_qcow2(path, size, backing=None, backing_format=None):
     extensions = b""
     name = os.fsencode(backing) if backing else b""
     if backing:
-        fmt = (backing_format or image_format(backing)).encode()
+        if backing_format not in ("raw", "qcow2"):
+            raise DriverError(f"the base image {backing} has no checked format")
+        fmt = backing_format.encode()
         extensions += struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt + b"\0" * (-len(fmt) % 8)
     extensions += struct.pack(">II", 0, 0)
     header_length = 104
@@ -2659,6 +2678,56 @@ def qemu_conf_owner(path):
     return uid, gid
 
 
+def qcow2_backing_format(path):
+    """The backing file's format a qcow2 image names in its header extension, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head[:4] != b"QFI\xfb" or len(head) < 104:
+        return None
+    offset = 72 if int.from_bytes(head[4:8], "big") == 2 else \
+        int.from_bytes(head[100:104], "big")
+    while offset + 8 <= len(head):
+        kind, length = struct.unpack(">II", head[offset:offset + 8])
+        if kind == 0:
+            return None
+        if kind == 0xE2792ACA:
+            return head[offset + 8:offset + 8 + length].decode("ascii", "replace")
+        offset += 8 + length + (-length % 8)
+    return None
+
+
+def chain_format(top, target):
+    """The format the qcow2 chain from top records for the file target (in the header of
+    the file that has target as its backing file), or None where none records it."""
+    path, seen = top, set()
+    while path and path not in seen:
+        seen.add(path)
+        below = qcow2_backing(path)
+        if below and os.path.basename(below) == os.path.basename(target):
+            return qcow2_backing_format(path)
+        path = below
+    return None
+
+
+def disk_chain(paths, roots):
+    """These disk files and the backing files their qcow2 headers name, which must all
+    lie in minivan's own directories (roots): DriverError for any other file."""
+    inside = [os.path.realpath(root) for root in roots]
+    files = []
+    for path in paths:
+        while path and path not in files:
+            real = os.path.realpath(path)
+            if not any(os.path.commonpath([real, root]) == root for root in inside):
+                raise DriverError(f"{path} is not in minivan's instances directory or image "
+                                  "cache: it is not given to QEMU")
+            files.append(path)
+            path = qcow2_backing(path)
+    return files
+
+
 def qcow2_backing(path):
     """The backing file a qcow2 image names (header bytes 8-19), or None."""
     try:
@@ -2702,18 +2771,18 @@ def server_disks(instance_dir, server):
             for name, target, _ in disk_layout(server)]
 
 
-def create_server_disks(instance_dir, base_path, server):
-    """The root overlay on the cached base image (none for a volume-backed server), plus
-    ephemeral and swap disks."""
+def create_server_disks(instance_dir, base, server):
+    """The root overlay on the checked base image (base: (path, format) of image_base;
+    none for a volume-backed server), plus ephemeral and swap disks."""
     os.makedirs(instance_dir, mode=0o700, exist_ok=True)
     flavor = server["flavor"]
     root = os.path.join(instance_dir, "disk")
     if server.get("volume_backed"):
         pass
-    elif base_path:
+    elif base:
         # the overlay at the flavor's size or the image's, the larger
-        size = max(flavor["disk"] * 2 ** 30, image_virtual_size(base_path))
-        create_qcow2(root, size, base_path)
+        size = max(flavor["disk"] * 2 ** 30, image_virtual_size(*base))
+        create_qcow2(root, size, *base)
     else:
         create_qcow2(root, max(flavor["disk"], 1) * 2 ** 30)
     create_missing_disks(instance_dir, server)
@@ -2728,14 +2797,536 @@ def create_missing_disks(instance_dir, server):
             create_qcow2(path, size)
 
 
-# § 9 images ---------------------------------------------------------------------------
+# § 9 image inspection -----------------------------------------------------------------
+#
+# An image minivan did not write itself is hostile until its bytes are read: a qcow2
+# header can name a backing file or an external data file anywhere on the host, a vmdk
+# descriptor can name extents, and bytes that are not what the image's disk_format says
+# make QEMU read them as something else.  inspect_image() reads only headers (no
+# qemu-img on untrusted files) and says which formats the bytes are and what makes them
+# unsafe; check_image() holds an image to its declared disk_format as Nova does before
+# a boot; ImageCache keeps images under the hash of their bytes, verified when reused.
+
+INSPECTED_FORMATS = ("raw", "qcow2", "vhd", "vhdx", "vmdk", "vdi", "qed", "iso", "gpt",
+                     "luks")
+AMI_FORMATS = ("ami", "aki", "ari")
+CONVERTED_FORMATS = ("vmdk", "vhd", "vhdx", "vdi")    # booted from a qcow2 copy
+QCOW2_KNOWN_INCOMPATIBLE = 0b1011     # dirty, corrupt, compression type (bit 2: data file)
+VMDK_SAFE_TYPES = ("monolithicsparse", "streamoptimized")
+VHDX_METADATA = "8B7CA206-4790-4B9A-B8FE-575F050F886E"
+VHDX_VIRTUAL_SIZE = "2FA54224-CD1B-4876-B211-5DBED83BF4B8"
+VHDX_PARENT_LOCATOR = "A8D35F2D-B30B-454D-ABF7-D3D84834AB0C"
+
+
+class ImageUnacceptable(DriverError):
+    """Nova's ImageUnacceptable: this host will not boot the image."""
+
+    def __init__(self, image_id, reason):
+        super().__init__(f"Image {image_id} is unacceptable: {reason}")
+        self.image_id, self.reason = image_id, reason
+
+
+class ImageFormatError(Exception):
+    """Bytes that start like a format but do not parse as it."""
+
+
+class Inspection:
+    """What an image file's bytes are: format (the one format, 'raw' when nothing more
+    specific matched, None when several did), formats (every match), virtual_size,
+    problems (why it is unsafe; empty when safe) and error (why no one format)."""
+
+    def __init__(self, formats, size, virtual_sizes, problems):
+        self.formats = sorted(formats) or ["raw"]
+        self.error = None
+        if set(self.formats) == {"iso", "gpt"}:      # a bootable ISO's hybrid MBR
+            self.formats = ["iso"]
+        if len(self.formats) > 1:
+            self.error = "Multiple formats detected: " + ",".join(self.formats)
+        self.format = None if self.error else self.formats[0]
+        self.virtual_size = virtual_sizes.get(self.format) or size
+        self.problems = problems.get(self.format, []) if self.format else []
+        self.truncated_qcow2 = False       # a qcow2 magic on too few bytes to be one
+
+    @property
+    def safe(self):
+        return self.format is not None and not self.problems
+
+
+class ImageReader:
+    """Random access to the first bytes of a file, read once in 1 MiB pieces."""
+
+    def __init__(self, f, size):
+        self.f, self.size, self.pieces = f, size, {}
+
+    def read(self, offset, length):
+        out = b""
+        while length > 0 and offset < self.size:
+            piece, within = divmod(offset, 1 << 20)
+            if piece not in self.pieces:
+                self.f.seek(piece << 20)
+                self.pieces[piece] = self.f.read(1 << 20)
+            chunk = self.pieces[piece][within:within + length]
+            if not chunk:
+                break
+            out += chunk
+            offset, length = offset + len(chunk), length - len(chunk)
+        return out
+
+
+def inspect_qcow2(r):
+    head = r.read(0, 512)
+    if head[:4] != b"QFI\xfb":
+        return None
+    if len(head) < 512:         # raw, to Glance and Nova; check_image refuses it
+        return None
+    version, backing, _, _, size = struct.unpack(">IQIIQ", head[4:32])
+    problems = []
+    if backing:
+        problems.append("Image has a backing file")
+    if version == 3:
+        incompatible = int.from_bytes(head[72:80], "big")
+        if incompatible & 0b100:
+            problems.append("Image has data_file set")
+        if incompatible & ~(QCOW2_KNOWN_INCOMPATIBLE | 0b100):
+            problems.append("Unknown QCOW2 features found")
+    elif version != 2:
+        problems.append("Unsupported qcow2 version")
+    return size, problems
+
+
+def inspect_qed(r):
+    head = r.read(0, 512)
+    if head[:4] != b"QED\0" or len(head) < 512:
+        return None
+    return int.from_bytes(head[48:56], "little"), ["This file format is not allowed"]
+
+
+def inspect_vhd(r):
+    head = r.read(0, 512)
+    if not head.startswith(b"conectix"):
+        return None
+    if len(head) < 512:
+        return 0, ["Incomplete file"]
+    return int.from_bytes(head[48:56], "big"), []
+
+
+def vhdx_guid(raw):
+    a, b, c = struct.unpack("<IHH", raw[:8])
+    return "%08X-%04X-%04X-%s-%s" % (a, b, c, raw[8:10].hex().upper(), raw[10:16].hex().upper())
+
+
+def inspect_vhdx(r):
+    if not r.read(0, 8) == b"vhdxfile":
+        return None
+    table = r.read(192 << 10, 64 << 10)
+    if len(table) < 64 << 10:
+        return 0, ["Incomplete file"]
+    if table[:4] != b"regi":
+        raise ImageFormatError("VHDX region table signature not found")
+    count = int.from_bytes(table[8:12], "little")
+    if count >= 2048:
+        raise ImageFormatError("VHDX region count over 2047")
+    entries = [table[16 + 32 * i:48 + 32 * i] for i in range(count)]
+    meta = next((int.from_bytes(e[16:24], "little") for e in entries
+                 if len(e) == 32 and vhdx_guid(e[:16]) == VHDX_METADATA), None)
+    if meta is None:
+        return 0, []
+    region = r.read(meta, 32 * 2048)
+    if region[:8] != b"metadata":
+        raise ImageFormatError("VHDX metadata signature not found")
+    items = int.from_bytes(region[10:12], "little")
+    found, problems = 0, []
+    for i in range(min(items, 2047)):
+        entry = region[32 + 32 * i:64 + 32 * i]
+        guid = vhdx_guid(entry[:16]) if len(entry) == 32 else None
+        if guid == VHDX_VIRTUAL_SIZE:
+            offset = int.from_bytes(entry[16:20], "little")
+            found = int.from_bytes(r.read(meta + offset, 8), "little")
+        elif guid == VHDX_PARENT_LOCATOR:
+            problems.append("Image names a parent disk")
+    return found, problems
+
+
+def inspect_vdi(r):
+    head = r.read(0, 512)
+    if len(head) < 512 or int.from_bytes(head[0x40:0x44], "little") != 0xBEDA107F:
+        return None
+    return int.from_bytes(head[0x170:0x178], "little"), []
+
+
+def inspect_iso(r):
+    descriptor = r.read(32 << 10, 2 << 10)
+    if len(descriptor) < 2048 or descriptor[1:6] not in (b"CD001", b"NSR02", b"NSR03"):
+        return None
+    if descriptor[0] != 1:
+        return 0, []
+    blocks = int.from_bytes(descriptor[80:84], "little")
+    return blocks * int.from_bytes(descriptor[128:130], "little"), []
+
+
+def inspect_gpt(r):
+    """A partition table (MBR, or GPT's protective MBR) at the start of a raw disk."""
+    mbr = r.read(0, 512)
+    if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
+        return None
+    if mbr[0x10] == 2 and mbr[0x15] == 0xF8:      # a FAT file system's boot sector
+        return None
+    problems, used, gpt = [], [], False
+    for i in range(4):
+        entry = mbr[446 + 16 * i:462 + 16 * i]
+        if entry[0] not in (0x00, 0x80):
+            problems.append(f"MBR PTE {i} has invalid boot flag")
+            break
+        if entry[4]:
+            used.append(i)
+        if entry[4] == 0xEE:
+            gpt = True
+            if entry[1:4] != b"\x00\x02\x00":
+                problems.append("GPT MBR has invalid start CHS")
+                break
+            if int.from_bytes(entry[8:12], "little") != 1:
+                problems.append("GPT MBR has invalid start LBA")
+                break
+    if not problems and gpt and used != [0]:
+        problems.append("GPT MBR defines invalid extra partitions")
+    if not problems and not used:
+        problems.append("GPT MBR has no partitions defined")
+    return 0, problems
+
+
+def inspect_luks(r):
+    head = r.read(0, 8)
+    if head[:6] != b"LUKS\xba\xbe":
+        return None
+    return 0, ["Encrypted images are not supported"]
+
+
+def vmdk_descriptor(r):
+    """(descriptor text, lowercased, or None; the sparse header's fields or None)."""
+    head = r.read(0, 512)
+    if len(head) < 64:
+        return None, None
+    if head[:4] != b"KDMV":
+        try:
+            text = head.decode("ascii")
+        except UnicodeDecodeError:
+            return None, None
+        if not all(c.isprintable() or c.isspace() for c in text):
+            return None, None
+        data, header = r.read(0, 4096), None          # a descriptor file alone
+    else:
+        header = struct.unpack("<4sIIQQQQIQQ", head[:64])
+        if header[1] not in (1, 2, 3):
+            raise ImageFormatError("unsupported VMDK version")
+        if header[5] * 512 != 512:
+            raise ImageFormatError("VMDK descriptor in the wrong place")
+        wanted = min(header[6] * 512, (1 << 20) - 1)
+        data = r.read(512, wanted)
+        if len(data) < wanted:
+            return None, header
+    data = data.split(b"\0", 1)[0]
+    try:
+        return data.decode("ascii").lower(), header
+    except UnicodeDecodeError:
+        return None, header
+
+
+def inspect_vmdk(r):
+    text, header = vmdk_descriptor(r)
+    kind = None
+    if text is not None:
+        found = re.search(r'createtype="([^"]{0,63})"', text)
+        kind = found.group(1) if found else None
+    if header is None and kind is None:
+        return None
+    problems = []
+    if text is None:
+        problems.append("No descriptor found")      # or an incomplete one
+    elif kind not in VMDK_SAFE_TYPES:
+        problems.append("Unsupported subformat")
+    else:
+        extents = []
+        for line in (x.strip() for x in text.split("\n")):
+            if not line or line.startswith("#") or line.startswith("ddb"):
+                continue
+            if "=" in line and " " not in line.split("=")[0]:
+                continue
+            if line.split(" ")[0] not in ("rw", "rdonly", "noaccess"):
+                problems.append("Invalid VMDK descriptor data")
+                break
+            extents.append(line)
+        if not problems and any("/" in line for line in extents):
+            problems.append("Invalid extent filenames found")
+        elif not problems and not extents:
+            problems.append("No extents found")
+    if header is None and not problems:
+        problems.append("A VMDK descriptor without its data")     # minivan's own rule
+    if header is not None and header[9] == 0xFFFFFFFFFFFFFFFF and not problems:
+        problems += vmdk_footer_problems(r, header)
+    sectors = header[3] if header is not None else 0
+    return (sectors * 512 if kind in VMDK_SAFE_TYPES else 0), problems
+
+
+def vmdk_footer_problems(r, header):
+    """A streamOptimized vmdk's footer must repeat its header, then end the stream."""
+    if r.size < 1536 + 512:
+        return ["Footer marker is invalid"]
+    tail = r.read(r.size - 1536, 1536)
+    footer = struct.unpack("<4sIIQQQQIQQ", tail[512:576])
+    if footer[0] != header[0] or footer[1] != header[1]:
+        return ["Header and footer do not match"]
+    if footer[5:7] != header[5:7]:
+        return ["Footer specifies a different descriptor than header"]
+    if footer[9] == 0xFFFFFFFFFFFFFFFF:
+        return ["Footer indicates another footer"]
+    zero = b"\0" * 496
+    _, size, kind = struct.unpack("<QII", tail[:16])
+    if size or kind != 3 or tail[16:512] != zero:
+        return ["Footer marker is invalid"]
+    value, size, kind = struct.unpack("<QII", tail[1024:1040])
+    if value or size or kind or tail[1040:1536] != zero:
+        return ["End-of-stream marker is invalid"]
+    return []
+
+
+INSPECTORS = {"qcow2": inspect_qcow2, "qed": inspect_qed, "vhd": inspect_vhd,
+              "vhdx": inspect_vhdx, "vdi": inspect_vdi, "iso": inspect_iso,
+              "gpt": inspect_gpt, "luks": inspect_luks, "vmdk": inspect_vmdk}
+
+
+def inspect_image(path):
+    """The Inspection of an image file, from its headers alone."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        r = ImageReader(f, size)
+        formats, sizes, problems = [], {}, {}
+        for name, inspect in INSPECTORS.items():
+            try:
+                found = inspect(r)
+            except (ImageFormatError, struct.error, IndexError) as e:
+                LOG.debug("%s: not %s (%s)", path, name, e)
+                continue
+            if found is not None:
+                formats.append(name)
+                sizes[name], problems[name] = found
+        inspection = Inspection(formats, size, sizes, problems)
+        inspection.truncated_qcow2 = size < 512 and r.read(0, 4) == b"QFI\xfb"
+    return inspection
+
+
+def check_image(image, inspection, max_virtual_size):
+    """The format QEMU (or qemu-img convert) reads the image as, once its bytes agree
+    with its disk_format and are safe: Nova's checks before a boot, plus a size limit
+    and a truncated qcow2 header refused (minivan's own).  ImageUnacceptable if not."""
+    declared = image.get("disk_format")
+    image_id = image["id"]
+    if declared not in AMI_FORMATS and declared not in INSPECTED_FORMATS:
+        raise ImageUnacceptable(image_id, "Image not in a supported format")
+    if inspection.format is None:
+        raise ImageUnacceptable(image_id, "Image content does not match disk_format")
+    if inspection.truncated_qcow2:          # minivan's own rule: QEMU would not read it
+        raise ImageUnacceptable(image_id, "Image has a truncated qcow2 header")
+    if inspection.problems:
+        LOG.error("image %s failed its safety check: %s", image_id,
+                  "; ".join(inspection.problems))
+        raise ImageUnacceptable(image_id, "Image does not pass safety check")
+    found = inspection.format
+    if declared in AMI_FORMATS:
+        ok = found in ("raw", "gpt", "iso")
+    else:
+        ok = found == declared or (declared == "raw" and found == "gpt")
+    if not ok:
+        LOG.warning("image %s is declared %s but its bytes are %s", image_id, declared, found)
+        raise ImageUnacceptable(image_id, "Image content does not match disk_format")
+    if inspection.virtual_size > max_virtual_size:
+        raise ImageUnacceptable(image_id, f"Image virtual size {inspection.virtual_size} is "
+                                          f"over this host's limit of {max_virtual_size}")
+    if found in ("qed", "luks"):
+        raise ImageUnacceptable(image_id, f"Image format {found} is not supported")
+    return "qcow2" if found == "qcow2" else found if found in CONVERTED_FORMATS else "raw"
+
+
+class ImageCache:
+    """_base/: image bytes named by their sha512 (sha512-HEX), never by an image id a
+    user can choose or predict; a file is hashed again when reused if it changed since
+    this process last hashed it.  Images booted from a converted copy keep it beside
+    (HEX.qcow2, minivan's own file, with its own hash in HEX.qcow2.sha512)."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.locks = collections.defaultdict(threading.Lock)
+        self.verified = {}                # path -> the stat of the bytes last hashed
+
+    def path(self, digest):
+        return os.path.join(self.dir, "sha512-" + digest)
+
+    def lock(self, key):
+        return self.locks[key]
+
+    @staticmethod
+    def _stat(path):
+        st = os.stat(path)
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def lookup(self, digest):
+        """The cached file of these bytes, verified; None when absent (or wrong: removed)."""
+        if not digest or not re.match(r"^[0-9a-f]{128}$", digest):
+            return None
+        path = self.path(digest)
+        return path if self.verify(path, digest) else None
+
+    def verify(self, path, digest):
+        try:
+            if self.verified.get(path) == self._stat(path):
+                return True
+            got = file_sha512(path)
+        except OSError:
+            return False
+        if got != digest:
+            LOG.error("cached image %s does not hold the bytes its name says: removed", path)
+            remove_quietly(path)
+            return False
+        self.verified[path] = self._stat(path)
+        return True
+
+    def store(self, image_id, produce, checks=(), size=None):
+        """Cache the bytes produce(write) writes; checks: [(algo, hex)] they must match,
+        size: their length.  Returns the path.  Nothing partial is ever left behind."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        sha512 = hashlib.sha512()
+        others = [(hashlib.new(algo), value) for algo, value in checks
+                  if value and algo != "sha512"]
+        got = [0]
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".fetch-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                def write(chunk):
+                    sha512.update(chunk)
+                    for digest, _ in others:
+                        digest.update(chunk)
+                    got[0] += len(chunk)
+                    try:
+                        f.write(chunk)
+                    except OSError as e:     # this host's fault, not the source's
+                        raise DriverError(f"writing image {image_id} failed: "
+                                          f"{e.strerror or e}") from None
+                produce(write)
+                f.flush()
+                os.fsync(f.fileno())
+            wanted = [value for algo, value in checks if value and algo == "sha512"]
+            if size and got[0] != size:
+                raise DriverError(f"downloading image {image_id} failed "
+                                  f"({got[0]} of {size} bytes)")
+            if any(sha512.hexdigest() != v for v in wanted) or \
+                    any(d.hexdigest() != v for d, v in others):
+                raise DriverError(f"image {image_id} does not match its checksum")
+            path = self.path(sha512.hexdigest())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            fsync_directory(self.dir)
+        finally:
+            remove_quietly(tmp)
+        self.verified[path] = self._stat(path)
+        return path
+
+    def boot_form(self, image, path, max_virtual_size):
+        """(path, 'raw' or 'qcow2') of what a disk of this image stands on: the cached
+        bytes once check_image passes, or their qcow2 conversion (vmdk, vhd, vhdx, vdi)."""
+        fmt = check_image(image, inspect_image(path), max_virtual_size)
+        if fmt in ("raw", "qcow2"):
+            return path, fmt
+        converted = path + ".qcow2"
+        with self.lock(converted):
+            try:
+                with open(converted + ".sha512", encoding="ascii") as f:
+                    digest = f.read().strip()
+            except OSError:
+                digest = None
+            if digest and self.verify(converted, digest):
+                return converted, "qcow2"
+            tmp = os.path.join(self.dir, "." + os.path.basename(converted) + ".part")
+            try:
+                qemu_img("convert", "-q", "-f", fmt, "-O", "qcow2", path, tmp)
+                check = inspect_image(tmp)
+                if check.format != "qcow2" or not check.safe:
+                    raise ImageUnacceptable(image["id"], "Converted to qcow2, but format is "
+                                                         f"now {check.format}")
+                digest = file_sha512(tmp)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, converted)
+                write_private(converted + ".sha512", digest + "\n")
+                fsync_directory(self.dir)
+            except DriverError as e:
+                if isinstance(e, ImageUnacceptable):
+                    raise
+                raise ImageUnacceptable(image["id"], f"Unable to convert image to qcow2: "
+                                                     f"{e}") from None
+            finally:
+                remove_quietly(tmp)
+            self.verified[converted] = self._stat(converted)
+            return converted, "qcow2"
+
+
+def file_sha512(path):
+    digest = hashlib.sha512()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory):
+    """A rename or new file in the directory survives a crash of the host."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private(path, text):
+    """A small file of minivan's own (0600), on disk before this returns."""
+    tmp = path + ".part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def image_base(app, image):
+    """(path, format) of the checked base a server's disk of this image stands on: the
+    image's bytes fetched into the cache by its source, then checked (and converted)."""
+    cache = app.image_cache
+    path = app.images.fetch(image, cache)
+    return cache.boot_form(image, path, app.conf["image_max_virtual_size"])
+
+
+# § 10 images --------------------------------------------------------------------------
 #
 # The image source seam.  LocalImages serves the images directory: every
 # qcow2/raw file there is an image with a stable UUID; a sidecar FILE.json may
 # name it and set min_disk/min_ram/properties.  Snapshots are written there too.
 
-IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".qcow")
-IMAGE_NAMESPACE = uuid.UUID("5b0f2c1e-6f55-4b8e-9d6f-6d696e697661")
+IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".qcow", ".iso", ".vmdk", ".vhd", ".vhdx", ".vdi")
+LOCAL_IMAGE_FORMATS = {".qcow2": "qcow2", ".raw": "raw"}
+IMAGE_NAMESPACE = uuid.UUID("5b0f2c1e-6f55-4b8e-9d6f-6d696e697661")   # minivan's uuid5 ids
 
 
 class LocalImages:
@@ -2746,7 +3337,6 @@ class LocalImages:
         self.store = store
         self.clock = clock
         self.lock = threading.Lock()
-        self.cache_locks = collections.defaultdict(threading.Lock)
 
     def scan(self):
         """Register new files and forget records whose file is gone."""
@@ -2758,33 +3348,53 @@ class LocalImages:
             known = {img["file"]: img for img in self.store.data["images"].values()
                      if img.get("file")}
             ops = []
+            taken = set(self.store.data["images"]) | set(self.store.data["deleted_images"])
             for name in names:
                 path = os.path.join(self.dir, name)
                 if not name.endswith(IMAGE_SUFFIXES) or name in known \
                         or not os.path.isfile(path):
                     continue
-                record = self._record_for(name, path)
+                record = self._record_for(name, path, taken)
+                taken.add(record["id"])
                 ops.append(["set", ["images", record["id"]], record])
             present = set(names)
             for image_id, img in self.store.data["images"].items():
                 if img.get("file") not in present and img.get("status") == "active":
-                    ops.append(["del", ["images", image_id]])
+                    ops += [["del", ["images", image_id]],
+                            ["set", ["deleted_images", image_id], isotime(self.clock.now())]]
             if ops:
                 self.store.commit(ops)
 
-    def _record_for(self, name, path):
+    def _record_for(self, name, path, taken):
+        """A new file's record.  Its id is the sidecar's, else a random one (never one
+        an image has or had: taken); its disk_format is the sidecar's, else that of its
+        extension (.qcow2, .raw), else none (it will not boot until a sidecar says)."""
         sidecar = {}
         try:
             with open(path + ".json", encoding="utf-8") as f:
                 sidecar = json.load(f)
         except (OSError, ValueError):
             sidecar = {}
+        if not isinstance(sidecar, dict):
+            sidecar = {}
         mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
         stamp = isotime_us(mtime.replace(tzinfo=None))
+        image_id = str(sidecar.get("id") or "")
+        if not is_uuid_like(image_id) or image_id in taken:
+            if image_id:
+                LOG.warning("image file %s: its sidecar's id %s is taken or not a UUID; "
+                            "it gets a new one", name, image_id)
+            image_id = str(uuid.uuid4())
+        disk_format = sidecar.get("disk_format") or LOCAL_IMAGE_FORMATS.get(
+            os.path.splitext(name)[1])
+        if disk_format not in DISK_FORMATS:
+            LOG.warning("image file %s has no disk_format: give it a sidecar %s.json with "
+                        '"disk_format" (e.g. qcow2, raw, iso)', name, name)
+            disk_format = None
         return {
-            "id": str(sidecar.get("id") or uuid.uuid5(IMAGE_NAMESPACE, name)),
+            "id": image_id,
             "name": str(sidecar.get("name") or name.rsplit(".", 1)[0]), "file": name,
-            "disk_format": image_format(path), "container_format": "bare",
+            "disk_format": disk_format, "container_format": "bare",
             "size": os.path.getsize(path), "status": "active",
             "visibility": sidecar.get("visibility", "public"), "owner": sidecar.get("owner"),
             "min_disk": int(sidecar.get("min_disk", 0)), "min_ram": int(sidecar.get("min_ram", 0)),
@@ -2813,33 +3423,28 @@ class LocalImages:
     def path(self, image):
         return os.path.join(self.dir, image["file"])
 
-    def fetch(self, image, cache_dir):
-        """The image in the base-image cache, copied once and checked against its hash."""
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        target = os.path.join(cache_dir, image["id"])
-        with self.cache_locks[image["id"]]:
-            if os.path.exists(target):
-                return target
-            digest = hashlib.sha512()
-            tmp = target + ".part"
-            try:
-                with open(self.path(image), "rb") as src, open(tmp, "wb") as dst:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(chunk)
-                        dst.write(chunk)
-            except OSError as e:
-                raise DriverError(f"cannot copy image {image['id']}: {e}") from None
-            expected = image.get("os_hash_value")
-            if expected and expected != digest.hexdigest():
-                os.unlink(tmp)
-                raise DriverError(f"image {image['id']} does not match its checksum")
-            os.replace(tmp, target)
-            os.chmod(target, 0o600)
-            if not expected:
+    def fetch(self, image, cache):
+        """The image's bytes in the image cache (an ImageCache), copied once; a copy
+        whose hash is not the image's is refused."""
+        known = image.get("os_hash_value") if image.get("os_hash_algo") == "sha512" else None
+        with cache.lock(image["id"]):
+            found = cache.lookup(known)
+            if found:
+                return found
+
+            def copy(write):
+                try:
+                    with open(self.path(image), "rb") as src:
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            write(chunk)
+                except OSError as e:
+                    raise DriverError(f"cannot copy image {image['id']}: {e}") from None
+            path = cache.store(image["id"], copy, [("sha512", known)])
+            if not known:
+                digest = os.path.basename(path)[len("sha512-"):]
                 self.store.commit([["set", ["images", image["id"], "os_hash_algo"], "sha512"],
-                                   ["set", ["images", image["id"], "os_hash_value"],
-                                    digest.hexdigest()]])
-            return target
+                                   ["set", ["images", image["id"], "os_hash_value"], digest]])
+            return path
 
     def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
         """A 'queued' record for a snapshot still being written (no file yet)."""
@@ -2860,15 +3465,21 @@ class LocalImages:
         return record
 
     def finish_snapshot(self, record, source_disk):
-        """Write the disk into the reserved image's file and mark it active."""
+        """Write the disk into the reserved image's file; it is active only once the file
+        and its directory entry are on disk."""
         path = os.path.join(self.dir, record["file"])
         tmp = os.path.join(self.dir, "." + record["file"] + ".part")
         os.makedirs(self.dir, exist_ok=True)
-        if source_disk and os.path.exists(source_disk):
-            qemu_img("convert", "-q", "-U", "-O", "qcow2", source_disk, tmp)
-        else:
-            qemu_img("create", "-q", "-f", "qcow2", tmp, "1G")
-        os.replace(tmp, path)
+        try:
+            if source_disk and os.path.exists(source_disk):
+                qemu_img("convert", "-q", "-U", "-O", "qcow2", source_disk, tmp)
+            else:
+                qemu_img("create", "-q", "-f", "qcow2", tmp, "1G")
+            fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_directory(self.dir)
+        finally:
+            remove_quietly(tmp)
         self.store.commit([["set", ["images", record["id"]], dict(
             record, status="active", size=os.path.getsize(path),
             updated_at=isotime_us(self.clock.now()))]])
@@ -2900,11 +3511,16 @@ class LocalImages:
         self.store.commit([["set", ["images", image["id"]], record]])
         return record
 
-    def store_upload(self, image, stream):
-        """Write uploaded image data into the directory, with its checksums; then active."""
+    def store_upload(self, image, stream, check=None):
+        """Write uploaded image data into the directory, with its checksums; then active,
+        once the file and its directory entry are on disk.  check(path) may look at the
+        bytes first: it returns changes to the record, or raises to refuse them (the
+        image is queued again and nothing is kept)."""
         os.makedirs(self.dir, exist_ok=True)
         tmp = os.path.join(self.dir, f".{image['id']}.part")
         md5, sha512, size = hashlib.md5(usedforsecurity=False), hashlib.sha512(), 0
+        fmt = image.get("disk_format")
+        filename = image["id"] + (f".{fmt}" if fmt in ("qcow2", "raw") else ".img")
         self.store.commit([["set", ["images", image["id"], "status"], "saving"]])
         try:
             with open(tmp, "wb") as f:
@@ -2913,30 +3529,55 @@ class LocalImages:
                     sha512.update(chunk)
                     size += len(chunk)
                     f.write(chunk)
-            detected = image_format(tmp)
-            filename = image["id"] + (".qcow2" if detected == "qcow2" else ".img")
+                f.flush()
+                os.fsync(f.fileno())
+            changes = check(tmp) if check else {}
             os.replace(tmp, os.path.join(self.dir, filename))
+            fsync_directory(self.dir)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             self.store.commit([["set", ["images", image["id"], "status"], "queued"]])
             raise Unavailable(f"cannot store the image data: {e}") from None
+        except BaseException:
+            self.store.commit([["set", ["images", image["id"], "status"], "queued"]])
+            raise
+        finally:
+            remove_quietly(tmp)
         record = dict(image, file=filename, status="active", size=size,
-                      disk_format=image.get("disk_format") or detected,
                       container_format=image.get("container_format") or "bare",
                       checksum=md5.hexdigest(), os_hash_algo="sha512",
-                      os_hash_value=sha512.hexdigest(), updated_at=isotime_us(self.clock.now()))
+                      os_hash_value=sha512.hexdigest(), updated_at=isotime_us(self.clock.now()),
+                      **changes)
         self.store.commit([["set", ["images", image["id"]], record]])
         return record
 
+    def forget_partial_uploads(self):
+        """At start: uploads a crash cut off are queued again, their partial files gone."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name.startswith(".") and name.endswith(".part"):
+                remove_quietly(os.path.join(self.dir, name))
+        ops = [["set", ["images", image_id, "status"], "queued"]
+               for image_id, img in self.store.data["images"].items()
+               if img.get("status") == "saving"]
+        if ops:
+            self.store.commit(ops)
+
     def delete(self, image):
+        """Forget the image; its id stays taken (as Glance keeps deleted rows)."""
         if image.get("file"):
             for path in (self.path(image), self.path(image) + ".json"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        self.store.commit([["del", ["images", image["id"]]]])
+                remove_quietly(path)
+        self.store.commit([["del", ["images", image["id"]]],
+                           ["set", ["deleted_images", image["id"]],
+                            isotime(self.clock.now())]])
+
+    def taken(self, image_id):
+        """True when an image has or had this id."""
+        return image_id in self.store.data["images"] or \
+            image_id in self.store.data["deleted_images"]
 
     def set_properties(self, image, properties):
         self.store.commit([["set", ["images", image["id"], "properties"], properties]])
@@ -2958,7 +3599,6 @@ class GlanceImages:
         self.url = url.rstrip("/")
         self.auth = auth
         self.clock = clock
-        self.cache_locks = collections.defaultdict(threading.Lock)
 
     # -- HTTP -------------------------------------------------------------------
     def _request(self, method, path, body=None, headers=None, data=None, stream_to=None):
@@ -3041,43 +3681,25 @@ class GlanceImages:
     def path(self, image):
         raise NotFound("Image data lives in the image service.")
 
-    def fetch(self, image, cache_dir):
-        """Download once into the base-image cache, checking Glance's hash."""
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        target = os.path.join(cache_dir, image["id"])
-        with self.cache_locks[image["id"]]:
-            if os.path.exists(target):
-                return target
-            algo = image.get("os_hash_algo") or "md5"
-            expected = image.get("os_hash_value") or image.get("checksum")
-            digest = hashlib.new(algo if image.get("os_hash_value") else "md5")
-            tmp = target + ".part"
-            got = [0]
-            try:
-                with open(tmp, "wb") as f:
-                    def write(chunk):
-                        digest.update(chunk)
-                        got[0] += len(chunk)
-                        try:
-                            f.write(chunk)
-                        except OSError as e:     # this host's fault, not Glance's
-                            raise DriverError(f"writing image {image['id']} failed: "
-                                              f"{e.strerror or e}") from None
-                    status, _ = self._request("GET", f"/v2/images/{image['id']}/file",
-                                              stream_to=write)
-                size = image.get("size") or 0
-                if status != 200 or (size and got[0] != size) or \
-                        (expected and digest.hexdigest() != expected):
-                    why = f"HTTP {status}" if status != 200 else \
-                        f"{got[0]} of {size} bytes" if size and got[0] != size else \
-                        "bad checksum"
-                    raise DriverError(f"downloading image {image['id']} failed ({why})")
-                os.replace(tmp, target)
-            finally:                            # a cut or refused download leaves nothing
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            os.chmod(target, 0o600)
-            return target
+    def fetch(self, image, cache):
+        """Download once into the image cache (an ImageCache), checking Glance's hash
+        and size."""
+        algo = image.get("os_hash_algo") if image.get("os_hash_value") else None
+        checks = [(algo, image["os_hash_value"])] if algo else []
+        if image.get("checksum"):
+            checks.append(("md5", image["checksum"]))
+        with cache.lock(image["id"]):
+            found = cache.lookup(image["os_hash_value"] if algo == "sha512" else None)
+            if found:
+                return found
+
+            def download(write):
+                status, _ = self._request("GET", f"/v2/images/{image['id']}/file",
+                                          stream_to=write)
+                if status != 200:
+                    raise DriverError(f"downloading image {image['id']} failed (HTTP "
+                                      f"{status})")
+            return cache.store(image["id"], download, checks, size=image.get("size") or 0)
 
     def reserve_snapshot(self, name, owner, properties, min_disk, min_ram):
         body = dict(properties, name=name, disk_format="qcow2", container_format="bare",
@@ -3129,7 +3751,7 @@ class GlanceImages:
             raise BadRequest(f"The image service refused the change ({status}).")
 
 
-# § 10 image service -------------------------------------------------------------------
+# § 11 image service -------------------------------------------------------------------
 #
 # Without a Glance anywhere, minivan serves the part of the Glance v2 API the clients use
 # over its local image directory, under /image on its own port: versions, the image
@@ -3165,7 +3787,7 @@ def glance_image_view(image):
             "os_hash_algo": image.get("os_hash_algo"), "os_hash_value": image.get("os_hash_value"),
             "min_ram": image["min_ram"], "min_disk": image["min_disk"],
             "size": image["size"] if image["status"] == "active" else None,
-            "virtual_size": None, "disk_format": image["disk_format"],
+            "virtual_size": image.get("virtual_size"), "disk_format": image["disk_format"],
             "container_format": image["container_format"], "owner": image.get("owner"),
             "created_at": glance_time(image["created_at"]),
             "updated_at": glance_time(image["updated_at"]), "tags": list(image.get("tags", [])),
@@ -3200,6 +3822,40 @@ def glance_schema():
             "additionalProperties": {"type": "string"},
             "links": [{"rel": "self", "href": "{self}"}, {"rel": "enclosure", "href": "{file}"},
                       {"rel": "describedby", "href": "{schema}"}]}
+
+
+def glance_upload_check(image, path):
+    """What Glance does with an upload's bytes ([image_format] require_image_format_match,
+    its default): they must be the declared disk_format (raw accepts anything, and a
+    format Glance cannot inspect accepts what it does not recognise) and pass the
+    safety checks; else 415.  Returns the record's virtual_size."""
+    inspection = inspect_image(path)
+    declared = image["disk_format"]
+    if inspection.format is None:
+        raise GlanceError(415, inspection.error)
+    found = inspection.format
+    if found == declared:
+        size = inspection.virtual_size
+    elif found == "raw" and declared not in INSPECTED_FORMATS:
+        size = 0
+    elif declared == "raw":
+        LOG.warning("image %s claims disk_format raw but is %s", image["id"], found)
+        size = os.path.getsize(path)
+    else:
+        raise GlanceError(415, f"Image disk_format {declared} does not match stream data "
+                               f"{found}")
+    if inspection.problems:
+        LOG.warning("image %s (%s) failed safety checks: %s", image["id"], found,
+                    "; ".join(inspection.problems))
+        raise GlanceError(415, "Image failed safety checks")
+    return {"virtual_size": size or None}
+
+
+def image_change_allowed(image, ident):
+    """Glance's default policy for changing or deleting an image: an admin, or a member
+    of the project that owns it."""
+    return ident.is_admin or ("member" in ident.roles and image.get("owner") is not None
+                              and image.get("owner") == ident.project_id)
 
 
 class ImageService:
@@ -3241,40 +3897,50 @@ class ImageService:
                     "type": "array", "items": schema}}, "links": []}
             return Response(200, schema)
         if parts == ["images"] and method == "GET":
+            self.check_role(ident, "reader", "get_images")
             return Response(200, self.list(ident, query))
         if parts == ["images"] and method == "POST":
             return Response(201, glance_image_view(self.create(ident, body)))
         if len(parts) >= 2 and parts[0] == "images":
             image = images.get(parts[1])
-            if image is None or not images.visible(image, ident):
+            if image is None or not images.visible(image, ident) or \
+                    not (ident.is_admin or "reader" in ident.roles):
                 raise GlanceError(404, f"No image found with ID {parts[1]}")
             if len(parts) == 2 and method in ("GET", "HEAD"):
                 return Response(200, glance_image_view(image))
             if len(parts) == 2 and method == "DELETE":
-                self.check_owner(image, ident)
+                self.check_owner(image, ident, "delete")
                 if image.get("protected"):
                     raise GlanceError(403, f"Image {image['id']} is protected and cannot be "
                                            "deleted.")
                 images.delete(image)
                 return Response(204, None)
             if len(parts) == 2 and method == "PATCH":
-                self.check_owner(image, ident)
-                return Response(200, glance_image_view(self.patch(image, body)))
+                self.check_owner(image, ident, "modify")
+                return Response(200, glance_image_view(self.patch(image, body, ident)))
             if parts[2:] == ["file"] and method == "PUT":
-                self.check_owner(image, ident)
+                self.check_owner(image, ident, "upload")
                 return Response(204, None) if self.upload(image, headers, stream) else None
             if parts[2:] == ["file"] and method == "GET":
+                self.check_role(ident, "member", "download")
                 if image["status"] != "active":
                     return Response(204, None)
                 with open(images.path(image), "rb") as f:
                     return Response(200, f.read(), content_type="application/octet-stream")
         raise GlanceError(404, "The resource could not be found.")
 
-    def check_owner(self, image, ident):
-        if not ident.is_admin and image.get("owner") not in (None, ident.project_id):
-            raise GlanceError(403, "You are not permitted to modify this image.")
-        if image.get("owner") is None and not ident.is_admin:
-            raise GlanceError(403, "You are not permitted to modify this image.")
+    @staticmethod
+    def check_role(ident, role, what):
+        """Glance's default policies: reading needs a reader, writing a member."""
+        if not ident.is_admin and role not in ident.roles:
+            raise GlanceError(403, f"You are not authorized to {what} images.")
+
+    @staticmethod
+    def check_owner(image, ident, what):
+        """Only an admin, or a member of the project that owns the image, changes it
+        (the image directory's images, owned by no project, are the operator's)."""
+        if not image_change_allowed(image, ident):
+            raise GlanceError(403, f"You are not permitted to {what} this image.")
 
     def list(self, ident, query):
         items = [i for i in self.app.images.list() if self.app.images.visible(i, ident)]
@@ -3319,12 +3985,17 @@ class ImageService:
                 raise GlanceError(400, f"Invalid value '{body[key]}' for {key}")
         if body.get("visibility", "shared") not in ("public", "private", "shared", "community"):
             raise GlanceError(400, "Invalid visibility value")
+        owner = body.get("owner") or ident.project_id
+        if not ident.is_admin and ("member" not in ident.roles or owner != ident.project_id):
+            raise GlanceError(403, "You are not authorized to create images for this "
+                                   "project.")
         if body.get("visibility") == "public" and not ident.is_admin:
-            raise GlanceError(403, "Only admins may publicize images.")
+            raise GlanceError(403, "You are not authorized to complete publicize_image "
+                                   "action.")
         image_id = str(body.get("id") or uuid.uuid4())
         if not is_uuid_like(image_id):
             raise GlanceError(400, "id must be a UUID")
-        if self.app.images.get(image_id) is not None:
+        if self.app.images.get(image_id) is not None or self.app.images.taken(image_id):
             raise GlanceError(409, f"Image with identifier {image_id} already exists!")
         props = {k: str(v) for k, v in body.items() if k not in GLANCE_WRITABLE
                  and k not in GLANCE_CORE}
@@ -3333,12 +4004,12 @@ class ImageService:
         except (TypeError, ValueError):
             raise GlanceError(400, "min_disk and min_ram must be integers") from None
         return self.app.images.reserve_image(
-            image_id, body.get("name"), ident.project_id, props, min_disk, min_ram,
+            image_id, body.get("name"), owner, props, min_disk, min_ram,
             visibility=body.get("visibility", "shared"),
             disk_format=body.get("disk_format"), container_format=body.get("container_format"),
             tags=[str(t) for t in body.get("tags", [])], protected=bool(body.get("protected")))
 
-    def patch(self, image, body):
+    def patch(self, image, body, ident):
         if not isinstance(body, list):
             raise GlanceError(400, "A JSON patch (a list of operations) is required.")
         changes, props = {}, dict(image["properties"])
@@ -3360,17 +4031,30 @@ class ImageService:
                 props.pop(key)
             else:
                 props[key] = str(op.get("value"))
+        wanted = changes.get("visibility", image["visibility"])
+        if wanted != image["visibility"]:
+            if wanted not in ("public", "private", "shared", "community"):
+                raise GlanceError(400, "Invalid visibility value")
+            if wanted == "public" and not ident.is_admin:
+                raise GlanceError(403, "You are not authorized to complete publicize_image "
+                                       "action.")
         return self.app.images.update_image(image, changes, props)
 
     def upload(self, image, headers, stream):
         if image["status"] != "queued":
             raise GlanceError(409, f"Image status transition from {image['status']} to saving "
                                    "is not allowed")
-        self.app.images.store_upload(image, stream)
+        if not image.get("disk_format") or not image.get("container_format"):
+            missing = [k for k in ("disk_format", "container_format") if not image.get(k)]
+            raise GlanceError(400, f"Propert{'ies' if len(missing) > 1 else 'y'} "
+                                   f"{', '.join(missing)} must be set prior to saving data.")
+        check = (lambda path: glance_upload_check(image, path)) \
+            if image["container_format"] == "bare" else None
+        self.app.images.store_upload(image, stream, check)
         return True
 
 
-# § 11 volumes -------------------------------------------------------------------------
+# § 12 volumes -------------------------------------------------------------------------
 #
 # Cinder v3, found in the Keystone catalog (volumev3 / block-storage) or --cinder-url.
 # Calls a request makes carry the caller's token, so Cinder applies its own policy and the
@@ -3744,7 +4428,7 @@ def next_target(server, wanted=None):
                     "instance has been exceeded.")
 
 
-# § 12 networks ------------------------------------------------------------------------
+# § 13 networks ------------------------------------------------------------------------
 #
 # With Neutron in the catalog (or --neutron-url), a server's NICs are Neutron ports, as in
 # Nova: minivan creates them (or takes the ones given) at build time, bound to the
@@ -3914,7 +4598,7 @@ def neutron_interface_xml(port):
     raise DriverError(f"Unsupported VIF type {port.get('vif_type')} of port {port['id']}")
 
 
-# § 13 quotas --------------------------------------------------------------------------
+# § 14 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -4070,7 +4754,7 @@ def usage(data, project_id, user_id=None, index=None):
     return used
 
 
-# § 14 views ---------------------------------------------------------------------------
+# § 15 views ---------------------------------------------------------------------------
 
 SINCE_CACHE = {}                   # '2.47' -> (2, 47): views ask thousands of times
 
@@ -4168,7 +4852,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 15 API: versions and extensions ----------------------------------------------------
+# § 16 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -4352,7 +5036,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 16 API: flavors, extra specs, flavor access ----------------------------------------
+# § 17 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -4819,7 +5503,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 17 API: keypairs -------------------------------------------------------------------
+# § 18 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -5173,7 +5857,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 18 API: limits, quota sets, quota classes ------------------------------------------
+# § 19 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -5358,7 +6042,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 19 API: availability zones ---------------------------------------------------------
+# § 20 API: availability zones ---------------------------------------------------------
 
 def compute_zones(app):
     """The availability zones of the compute hosts."""
@@ -5392,7 +6076,7 @@ def availability_zones_detail(req):
          "hosts": hosts} for zone, hosts in sorted(zones.items())]}
 
 
-# § 20 servers: states, lookups, views -------------------------------------------------
+# § 21 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -5579,7 +6263,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 21 servers: the compute engine -----------------------------------------------------
+# § 22 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -5825,8 +6509,7 @@ class Compute:
         image = self.app.images.get(server["image_ref"]) if server["image_ref"] else None
         if server["image_ref"] and image is None:
             raise DriverError(f"Image {server['image_ref']} could not be found.")
-        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base")) \
-            if image else None
+        base = image_base(self.app, image) if image else None
         return create_server_disks(directory, base, server)
 
     def make_config_drive(self, server, admin_pass):
@@ -5840,6 +6523,8 @@ class Compute:
         that could not be released stay on record, for the server's delete to retry."""
         server = self.store.data["servers"].get(server_id)
         kept = self.cleanup(server, failed_build=True) if server is not None else {}
+        if isinstance(exc, ImageUnacceptable):     # as Nova's BuildAbortException
+            exc = DriverError(f"Build of instance {server_id} aborted: {exc}")
         self.fail(server_id, exc)
         self.update(server_id, power_state=NOSTATE, host=None, node=None,   # no claim left
                     **kept)
@@ -6723,10 +7408,10 @@ class Compute:
         image = self.app.images.get(server["image_ref"])
         if image is None:
             raise DriverError(f"Image {server['image_ref']} could not be found.")
-        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
+        base = image_base(self.app, image)
         root = os.path.join(directory, "disk")
-        create_qcow2(root, max(server["flavor"]["disk"] * 2 ** 30, image_virtual_size(base)),
-                     base)
+        create_qcow2(root, max(server["flavor"]["disk"] * 2 ** 30, image_virtual_size(*base)),
+                     *base)
         self.update(server_id, task_state="rebuild_spawning")
         server = self.store.data["servers"][server_id]
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
@@ -6802,8 +7487,7 @@ class Compute:
             self.bind_ports(server_id, host)
             self.update(server_id, task_state="spawning")
             server = self.store.data["servers"][server_id]
-            base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"],
-                                                             "_base")) if image else None
+            base = image_base(self.app, image) if image else None
             disks = create_server_disks(self.instance_dir(server), base, server)
             if server.get("volumes"):
                 self.prepare_volumes(server_id, None)
@@ -6822,6 +7506,17 @@ class Compute:
             self.app.images.delete(image)
         self.refresh_addresses(server_id)
 
+    def unshelve_failed(self, server_id, exc):
+        """An unshelve that fails leaves the server shelved (offloaded: no host, nothing
+        left there), with the fault on record, as Nova's does."""
+        server = self.store.data["servers"].get(server_id)
+        if server is None or server["vm_state"] != "shelved_offloaded":
+            self.fail(server_id, exc)
+            return
+        self.cleanup(server, keep_volumes=True)
+        self.fail(server_id, exc, vm_state="shelved_offloaded")
+        self.update(server_id, host=None, node=None, power_state=SHUTDOWN)
+
     def rescue(self, server, image, was, stable=None):
         """Boot the rescue image: in the legacy way with the server's own disk attached
         second; in a stable device rescue (stable: (device, bus)) beside the server's
@@ -6829,10 +7524,10 @@ class Compute:
         self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
         directory = self.instance_dir(server)
         self.driver_of(server).pull_files(directory)
-        base = self.app.images.fetch(image, os.path.join(self.app.conf["data_dir"], "_base"))
+        base = image_base(self.app, image)
         rescue_disk = os.path.join(directory, "disk.rescue")
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        create_qcow2(rescue_disk, image_virtual_size(base), base)
+        create_qcow2(rescue_disk, image_virtual_size(*base), *base)
         if stable:
             disks = self.extra_disks(server)
             used = {t for _, t, _ in disks} | {"hdd"} | {
@@ -6866,7 +7561,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 22 config drive --------------------------------------------------------------------
+# § 23 config drive --------------------------------------------------------------------
 
 def config_drive_files(app, server, admin_pass):
     """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
@@ -7081,7 +7776,7 @@ def write_iso(path, files, label, now=None):
             f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
 
 
-# § 23 API: servers --------------------------------------------------------------------
+# § 24 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -8855,7 +9550,8 @@ def server_action_unshelve(req):
         if "availability_zone" in spec:
             compute.update(current["id"], pinned_availability_zone=zone)
         compute.unshelve(compute.store.data["servers"][current["id"]], spec.get("host"))
-    run_action(req, "unshelve", "unshelving", "unshelve", "compute_unshelve_instance", work)
+    run_action(req, "unshelve", "unshelving", "unshelve", "compute_unshelve_instance", work,
+               on_error=compute.unshelve_failed)
     return 202, None
 
 
@@ -8905,7 +9601,11 @@ def server_action_rescue(req):
     was = server["vm_state"]
 
     def work(server):
-        compute.rescue(server, image, was, stable)
+        try:
+            compute.rescue(server, image, was, stable)
+        except ImageUnacceptable as e:        # as Nova's InstanceNotRescuable
+            raise DriverError(f"Instance {server['id']} cannot be rescued: Driver Error: "
+                              f"{e}") from None
 
     run_action(req, "rescue", "rescuing", "rescue", "compute_rescue_instance", work)
     if req.app.conf["enable_instance_password"]:
@@ -9954,7 +10654,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 24 API: images ---------------------------------------------------------------------
+# § 25 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -10029,8 +10729,8 @@ def images_show(req):
 def images_delete(req):
     """DELETE /images/{id}"""
     image = find_image(req, req.params["id"])
-    if image.get("owner") not in (None, req.ident.project_id) and not req.ident.is_admin:
-        raise Forbidden("You are not authorized to delete this image.")
+    if not image_change_allowed(image, req.ident):
+        raise Forbidden("You are not allowed to delete the image.")
     in_use = [s["id"] for s in req.store.data["servers"].values()
               if s.get("shelved_image_id") == image["id"] and s["vm_state"] != "deleted"]
     if in_use:
@@ -10041,8 +10741,8 @@ def images_delete(req):
 
 def image_meta_change(req, change):
     image = find_image(req, req.params["image_id"])
-    if image.get("owner") not in (None, req.ident.project_id) and not req.ident.is_admin:
-        raise Forbidden("You are not authorized to change this image.")
+    if not image_change_allowed(image, req.ident):
+        raise Forbidden(f"Not authorized for image {image['id']}.")
     new = change(dict(image["properties"]))
     limit = project_limits(req.store.data, req.ident.project_id)["metadata_items"]
     if 0 <= limit < len(new):
@@ -10091,7 +10791,7 @@ def image_metadata_delete(req):
 
 
 
-# § 25 API: networks and security groups -----------------------------------------------
+# § 26 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default'); with Neutron, the security
@@ -10683,7 +11383,7 @@ def security_group_rules_delete(req):
 
 
 
-# § 26 API: volumes and events ---------------------------------------------------------
+# § 27 API: volumes and events ---------------------------------------------------------
 #
 # Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
 # (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
@@ -11027,9 +11727,9 @@ def volume_holder(req, volume_id):
     raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
 
 
-# § 27 API: server groups --------------------------------------------------------------
+# § 28 API: server groups --------------------------------------------------------------
 #
-# The scheduler (§27) keeps affinity groups' members on one host and anti-affinity
+# The scheduler (§29) keeps affinity groups' members on one host and anti-affinity
 # groups' apart (max_server_per_host each); a member that cannot be placed so fails its
 # build as in Nova ("No valid host was found"); the soft policies only weigh.
 
@@ -11146,7 +11846,7 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-# § 28 API: services and hypervisors ---------------------------------------------------
+# § 29 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -11850,7 +12550,7 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 29 API: simple tenant usage --------------------------------------------------------
+# § 30 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -11949,7 +12649,7 @@ def simple_tenant_usage_show(req):
     return 200, result
 
 
-# § 30 API: aggregates -----------------------------------------------------------------
+# § 31 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -12182,19 +12882,17 @@ def aggregate_images_create(req):
             raise BadRequest(f"Image {item['id']} could not be found.")
         images.append(image)
     if set(agg["hosts"]) & set(req.app.drivers):
-        cache_dir = os.path.join(req.app.conf["data_dir"], "_base")
-
         def precache():
             for image in images:
                 try:
-                    req.app.images.fetch(image, cache_dir)
+                    image_base(req.app, image)
                 except (DriverError, Unavailable, OSError) as e:
                     LOG.warning("pre-caching image %s failed: %s", image["id"], e)
         threading.Thread(target=precache, daemon=True, name="image-precache").start()
     return 202, None
 
 
-# § 31 API: migrations -----------------------------------------------------------------
+# § 32 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
@@ -12376,7 +13074,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 32 metadata service ----------------------------------------------------------------
+# § 33 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -12732,7 +13430,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 33 failure injection --------------------------------------------------------------
+# § 34 failure injection ---------------------------------------------------------------
 #
 # For people who test their own tools against minivan: with --fault-injection, an admin
 # makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
@@ -12903,7 +13601,7 @@ def faults_endpoint(app, method, path, headers, body):
     raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
 
 
-# § 34 ROUTES and ACTIONS --------------------------------------------------------------
+# § 35 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -13239,7 +13937,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 35 HTTP front end ------------------------------------------------------------------
+# § 36 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -13314,6 +14012,7 @@ class App:
         self.server_order = ServerOrder(store)
         self.faults = FaultRules(self) if conf.get("fault_injection") else None
         self.image_service = ImageService(self)
+        self.image_cache = ImageCache(os.path.join(conf["data_dir"], "_base"))
         self.console_tokens = ConsoleTokens(conf["console_token_ttl"])
 
     @property
@@ -13328,7 +14027,9 @@ class App:
 
     def find_image_source(self):
         url = self.conf["glance_url"]
-        if not url and isinstance(self.auth, KeystoneAuth):
+        if url == "local":
+            url = ""
+        elif not url and isinstance(self.auth, KeystoneAuth):
             url = self.auth.find_endpoint("image", region=self.conf["region"])
         if url and isinstance(self.auth, KeystoneAuth):
             LOG.info("images come from Glance at %s", url)
@@ -13336,7 +14037,9 @@ class App:
         if url:
             LOG.warning("--glance-url needs --auth keystone (Glance needs tokens): using the "
                         "local image directory")
-        return LocalImages(self.conf["images_dir"], self.store, self.clock)
+        images = LocalImages(self.conf["images_dir"], self.store, self.clock)
+        images.forget_partial_uploads()
+        return images
 
     @property
     def volumes(self):
@@ -13940,7 +14643,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 36 systemd and signals -------------------------------------------------------------
+# § 37 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -14006,7 +14709,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 37 main ----------------------------------------------------------------------------
+# § 38 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
@@ -14065,7 +14768,8 @@ def main(argv=None):
     try:
         drivers = {name: LibvirtDriver(uri, conf["virt_type"], conf["network"],
                                        conf["instances_dir"], conf["volume_mount_base"],
-                                       conf["firewall"])
+                                       conf["firewall"],
+                                       os.path.join(conf["data_dir"], "_base"))
                    for name, uri in conf["compute_hosts"]}
         if conf["vnc_listen"]:
             for (name, uri), driver in zip(conf["compute_hosts"], drivers.values()):
