@@ -1964,10 +1964,10 @@ class LibvirtDriver:
         """The files QEMU opens here (and the base images behind them) become 0600 in
         0700 directories, owned by the user QEMU runs as when minivan runs as root: no
         other user of the host reads or lists a guest's disks."""
+        files = disk_chain(paths, self.own_dirs())
         if self.simulated:
             return
         owner = self.qemu_owner() if os.geteuid() == 0 else None
-        files = disk_chain(paths, self.own_dirs())
         dirs = {os.path.dirname(path) for path in files}
         for path, mode in [(f, 0o600) for f in files] + [(d, 0o700) for d in dirs]:
             try:

@@ -1893,7 +1893,7 @@ class DaemonTests(unittest.TestCase):
         minivan.create_qcow2(base, 1 << 20)
         os.makedirs(instance)
         disk = os.path.join(instance, "disk")
-        minivan.create_qcow2(disk, 1 << 20, base)
+        minivan.create_qcow2(disk, 1 << 20, base, "qcow2")
         drive = os.path.join(instance, "disk.config")
         with open(drive, "wb") as f:
             f.write(b"iso")
@@ -1910,6 +1910,22 @@ class DaemonTests(unittest.TestCase):
             st = os.stat(path)
             self.assertEqual((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid),
                              (mode, nobody.pw_uid, nobody.pw_gid), path)
+        # a disk whose chain leaves minivan's directories (a backing file naming a host
+        # file): refused, and that file and its directory keep their modes and owners
+        outside = os.path.join(tmp, "etc")
+        os.makedirs(outside, mode=0o755)
+        canary = os.path.join(outside, "canary")
+        with open(canary, "w") as f:
+            f.write("host secret\n")
+        os.chmod(canary, 0o644)
+        before = [os.stat(p) for p in (canary, outside)]
+        hostile = os.path.join(instance, "disk.hostile")
+        minivan.create_qcow2(hostile, 1 << 20, canary, "raw")
+        with self.assertRaisesRegex(minivan.DriverError, "not given to QEMU"):
+            driver.secure([hostile])
+        after = [os.stat(p) for p in (canary, outside)]
+        self.assertEqual([(st.st_mode, st.st_uid, st.st_gid) for st in after],
+                         [(st.st_mode, st.st_uid, st.st_gid) for st in before])
         os.chmod(data, 0o700)
         with self.assertRaisesRegex(minivan.DriverError, f"chmod o\\+x {data}$"):
             driver.secure([disk])
@@ -5770,7 +5786,9 @@ class AggregateTests(ServerTestCase):
         self.post(base + "/action", {"add_host": {"host": host}})
         r = self.post(base + "/images", {"cache": [{"id": self.image_id}]}, version="2.81")
         self.assertEqual(r.status, 202)
-        cached = os.path.join(self.app.conf["data_dir"], "_base", self.image_id)
+        image_file = self.app.images.path(self.app.images.get(self.image_id))
+        cached = os.path.join(self.app.conf["data_dir"], "_base",
+                              "sha512-" + minivan.file_sha512(image_file))
         wait_until(lambda: os.path.exists(cached), timeout=10, what="the image in the cache")
         self.assertFault(self.post(base + "/images", {"cache": [
             {"id": "c0ffee00-0000-4000-8000-000000000000"}]}, version="2.81"), 400,
@@ -6428,20 +6446,25 @@ class DiskTests(unittest.TestCase):
         for fmt, size in (("qcow2", "96M"), ("raw", "3M")):
             path = os.path.join(tmp, "image." + fmt)
             subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size], check=True)
-            self.assertEqual(minivan.image_virtual_size(path), minivan.virtual_size(path))
+            self.assertEqual(minivan.image_virtual_size(path, fmt),
+                             minivan.virtual_size(path))
         server = {"id": "s", "flavor": {"disk": 1, "ephemeral": 0, "swap": 0}}
         disks = minivan.create_server_disks(os.path.join(tmp, "inst"),
-                                            os.path.join(tmp, "image.qcow2"), server)
+                                            (os.path.join(tmp, "image.qcow2"), "qcow2"), server)
         self.assertEqual(minivan.virtual_size(disks[0][0]), 2 ** 30)
         server["flavor"]["disk"] = 0
         disks = minivan.create_server_disks(os.path.join(tmp, "inst0"),
-                                            os.path.join(tmp, "image.qcow2"), server)
+                                            (os.path.join(tmp, "image.qcow2"), "qcow2"), server)
         self.assertEqual(minivan.virtual_size(disks[0][0]), 96 * 2 ** 20)
         # the base image behind an overlay, as qemu-img names it (none behind a base)
         self.assertEqual(minivan.qcow2_backing(disks[0][0]), os.path.join(tmp, "image.qcow2"))
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.qcow2")))
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "image.raw")))
         self.assertIsNone(minivan.qcow2_backing(os.path.join(tmp, "missing")))
+        self.assertEqual(minivan.qcow2_backing_format(disks[0][0]), "qcow2")
+        # a base of no checked format is never written into an overlay
+        self.assertRaises(minivan.DriverError, minivan.create_qcow2,
+                          os.path.join(tmp, "x.qcow2"), "1G", os.path.join(tmp, "image.raw"))
 
     def test_qcow2_images_written_in_python_are_what_qemu_img_makes(self):
         """create_qcow2: qemu-img checks the images clean and reads the same size, base
@@ -6457,7 +6480,7 @@ class DiskTests(unittest.TestCase):
         for name, size, backing in (("plain", "5G", None), ("huge", "3T", None),
                                     ("overlay", 2 ** 31, base)):
             path = os.path.join(tmp, name + ".qcow2")
-            minivan.create_qcow2(path, size, backing)
+            minivan.create_qcow2(path, size, backing, "raw" if backing else None)
             ours = json.loads(subprocess.run(["qemu-img", "info", "--output=json", path],
                                              capture_output=True, text=True).stdout)
             ref = path + ".ref"
@@ -6482,7 +6505,7 @@ class DiskTests(unittest.TestCase):
         done = subprocess.run(["qemu-img", "compare", "-q", base, overlay])
         self.assertEqual(done.returncode, 1)       # the write above changed it
         fresh = os.path.join(tmp, "fresh.qcow2")
-        minivan.create_qcow2(fresh, 2 ** 20, base)
+        minivan.create_qcow2(fresh, 2 ** 20, base, "raw")
         self.assertEqual(subprocess.run(["qemu-img", "compare", "-q", base, fresh])
                          .returncode, 0)
 
