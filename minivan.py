@@ -2811,6 +2811,7 @@ INSPECTED_FORMATS = ("raw", "qcow2", "vhd", "vhdx", "vmdk", "vdi", "qed", "iso",
                      "luks")
 AMI_FORMATS = ("ami", "aki", "ari")
 CONVERTED_FORMATS = ("vmdk", "vhd", "vhdx", "vdi")    # booted from a qcow2 copy
+QEMU_FORMAT_NAMES = {"vhd": "vpc"}                    # qemu-img names what Glance does not
 QCOW2_KNOWN_INCOMPATIBLE = 0b1011     # dirty, corrupt, compression type (bit 2: data file)
 VMDK_SAFE_TYPES = ("monolithicsparse", "streamoptimized")
 VHDX_METADATA = "8B7CA206-4790-4B9A-B8FE-575F050F886E"
@@ -3246,7 +3247,8 @@ class ImageCache:
                 return converted, "qcow2"
             tmp = os.path.join(self.dir, "." + os.path.basename(converted) + ".part")
             try:
-                qemu_img("convert", "-q", "-f", fmt, "-O", "qcow2", path, tmp)
+                qemu_img("convert", "-q", "-f", QEMU_FORMAT_NAMES.get(fmt, fmt), "-O", "qcow2",
+                         path, tmp)
                 check = inspect_image(tmp)
                 if check.format != "qcow2" or not check.safe:
                     raise ImageUnacceptable(image["id"], "Converted to qcow2, but format is "

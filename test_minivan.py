@@ -14,6 +14,7 @@ import uuid
 import collections
 import datetime
 import email.message
+import errno
 import functools
 import hashlib
 import http.client
@@ -26,6 +27,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,9 @@ def check_response(test, pipeline, status, headers, body, content_length=None):
         return
     rid = get.get("x-openstack-request-id", "")
     test.assertTrue(rid.startswith("req-"), "request id present")
+    if pipeline == "image":                  # Glance's headers: no compute ones
+        test.assertNotIn("openstack-api-version", get)
+        return
     test.assertEqual(rid, get.get("x-compute-request-id"))
     if pipeline == "v2.1":
         test.assertTrue(get.get("openstack-api-version", "").startswith("compute "))
@@ -101,6 +106,8 @@ def pipeline_of(path):
         return "health"
     if path.startswith("/v2.1"):
         return "v2.1"
+    if path.startswith("/image/"):
+        return "image"
     if path == "/v2" or path.startswith("/v2/"):
         return "v2"
     return "root"
@@ -3204,6 +3211,143 @@ def make_image(directory, name="cirros", size="64M", sidecar=None):
     return path
 
 
+def make_hostile_images(directory, canary):
+    """Hostile (and a few harmless) images made with qemu-img and a few bytes of Python:
+    [(case, declared disk_format, path)].  canary: a file outside minivan's directories
+    that the hostile ones name."""
+    def path(name):
+        return os.path.join(directory, name)
+
+    def qemu_img(*args):
+        subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+    def write(name, data, size=None):
+        with open(path(name), "wb") as f:
+            f.write(data)
+            if size:
+                f.truncate(size)
+        return path(name)
+
+    cases = []
+    qemu_img("create", "-q", "-f", "qcow2", path("plain.qcow2"), "64M")
+    cases.append(("qcow2", "qcow2", path("plain.qcow2")))
+    write("raw.img", b"minivan raw disk\n" * 64, 1 << 20)
+    cases.append(("raw", "raw", path("raw.img")))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", canary, "-F", "raw",
+             path("backing.qcow2"), "64M")
+    cases.append(("qcow2 with a backing file", "qcow2", path("backing.qcow2")))
+    data_file = path("data-file.raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data_file}",
+             path("datafile.qcow2"), "64M")
+    os.unlink(data_file)
+    with open(path("datafile.qcow2"), "r+b") as f:       # and name the canary instead
+        head = bytearray(f.read(65536))
+        at = head.find(os.fsencode(data_file))
+        name = os.fsencode(canary)
+        head[at:at + len(os.fsencode(data_file))] = name.ljust(len(os.fsencode(data_file)),
+                                                               b"\0")
+        f.seek(0)
+        f.write(head)
+    cases.append(("qcow2 with a data file", "qcow2", path("datafile.qcow2")))
+    cases.append(("qcow2 declared raw", "raw", path("plain.qcow2")))
+    cases.append(("raw declared qcow2", "qcow2", path("raw.img")))
+    with open(path("extent.vmdk"), "w") as f:
+        f.write('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                'createType="monolithicFlat"\n\n# Extent description\n'
+                f'RW 2048 FLAT "{canary}" 0\n\nddb.virtualHWVersion = "4"\n')
+    cases.append(("vmdk with a flat extent naming a host file", "vmdk", path("extent.vmdk")))
+    qemu_img("create", "-q", "-f", "vmdk", path("sparse.vmdk"), "64M")
+    cases.append(("vmdk (monolithicSparse)", "vmdk", path("sparse.vmdk")))
+    qemu_img("create", "-q", "-f", "qed", path("image.qed"), "64M")
+    cases.append(("qed declared raw", "raw", path("image.qed")))   # Glance has no "qed"
+    cases.append(("qed declared qcow2", "qcow2", path("image.qed")))
+    qemu_img("create", "-q", "-f", "vhdx", path("image.vhdx"), "64M")
+    cases.append(("vhdx", "vhdx", path("image.vhdx")))
+    cases.append(("vhdx declared raw", "raw", path("image.vhdx")))
+    qemu_img("create", "-q", "-f", "vpc", path("image.vhd"), "64M")
+    cases.append(("vhd", "vhd", path("image.vhd")))
+    qemu_img("create", "-q", "-f", "vdi", path("image.vdi"), "64M")
+    cases.append(("vdi", "vdi", path("image.vdi")))
+    os.makedirs(path("iso-root"), exist_ok=True)
+    with open(path("iso-root/README"), "w") as f:
+        f.write("minivan\n")
+    subprocess.run(["genisoimage", "-quiet", "-o", path("image.iso"), path("iso-root")],
+                   check=True, capture_output=True)
+    cases.append(("iso", "iso", path("image.iso")))
+    cases.append(("iso declared qcow2", "qcow2", path("image.iso")))
+    mbr = bytearray(512)
+    mbr[446:462] = bytes([0, 0, 2, 0, 0xEE, 0xFF, 0xFF, 0xFF]) + struct.pack("<II", 1, 131071)
+    mbr[510:512] = b"\x55\xaa"
+    write("gpt.raw", bytes(mbr), 64 << 20)
+    cases.append(("raw disk with a GPT", "raw", path("gpt.raw")))
+    mbr[446] = 0x7F                                           # an invalid boot flag
+    write("bad-mbr.raw", bytes(mbr), 64 << 20)
+    cases.append(("raw disk with a broken MBR", "raw", path("bad-mbr.raw")))
+    with open(path("plain.qcow2"), "rb") as f:
+        head = bytearray(f.read(512))
+    huge = bytearray(head)
+    huge[24:32] = (1 << 60).to_bytes(8, "big")                 # 1 EiB: qemu-img refuses
+    write("huge.qcow2", bytes(huge), 512)
+    cases.append(("qcow2 with a huge virtual size", "qcow2", path("huge.qcow2")))
+    unknown = bytearray(head)
+    unknown[79] |= 0x40                                        # an incompatible feature
+    write("unknown-feature.qcow2", bytes(unknown), 512)
+    cases.append(("qcow2 with an unknown incompatible feature", "qcow2",
+                  path("unknown-feature.qcow2")))
+    write("truncated.qcow2", bytes(head[:100]))
+    cases.append(("truncated qcow2 header", "qcow2", path("truncated.qcow2")))
+    cases.append(("truncated qcow2 header declared raw", "raw", path("truncated.qcow2")))
+    return cases
+
+
+# What Nova 34 answers when a server boots from each image of the corpus: the reason of
+# the ImageUnacceptable that nova/virt/images.py's do_image_deep_inspection raises (None:
+# it boots).  Where minivan is stricter on purpose, the entry names minivan's rule.
+NOVA_BOOT_REASONS = {
+    "qcow2": None, "raw": None, "vmdk (monolithicSparse)": None, "vhdx": None, "vhd": None,
+    "vdi": None, "iso": None, "raw disk with a GPT": None,
+    "qcow2 with a backing file": "Image does not pass safety check",
+    "qcow2 with a data file": "Image does not pass safety check",
+    "vmdk with a flat extent naming a host file": "Image does not pass safety check",
+    "qed declared raw": "Image does not pass safety check",
+    "qed declared qcow2": "Image does not pass safety check",
+    "raw disk with a broken MBR": "Image does not pass safety check",
+    "qcow2 with an unknown incompatible feature": "Image does not pass safety check",
+    "qcow2 declared raw": "Image content does not match disk_format",
+    "raw declared qcow2": "Image content does not match disk_format",
+    "vhdx declared raw": "Image content does not match disk_format",
+    "iso declared qcow2": "Image content does not match disk_format",
+    # minivan's rules: --image-max-virtual-size (Nova has no limit of its own), and a
+    # qcow2 magic on 100 bytes (the inspector calls it raw; QEMU could not read it)
+    "qcow2 with a huge virtual size": "Image virtual size 1152921504606846976 is over "
+                                      "this host's limit of 1099511627776",
+    "truncated qcow2 header": "Image has a truncated qcow2 header",
+    "truncated qcow2 header declared raw": "Image has a truncated qcow2 header",
+}
+
+
+def file_facts(*paths):
+    """(bytes, mode, owner, group) of files and directories, to show nothing changed them."""
+    facts = []
+    for path in paths:
+        st = os.stat(path)
+        data = open(path, "rb").read() if os.path.isfile(path) else None
+        facts.append((path, data, st.st_mode, st.st_uid, st.st_gid))
+    return facts
+
+
+def make_canary():
+    """A file outside every minivan directory, in a directory of its own: what hostile
+    images name.  Returns its path."""
+    outside = tempfile.mkdtemp(prefix="minivan-canary-")
+    os.chmod(outside, 0o755)
+    canary = os.path.join(outside, "canary")
+    with open(canary, "w") as f:
+        f.write("a host file no guest may read\n")
+    os.chmod(canary, 0o644)
+    return canary
+
+
 class ServerTestCase(AppTestCase):
     """Servers on a simulated libvirt host, with one image 'cirros' in the image directory."""
 
@@ -3247,6 +3391,339 @@ class ServerTestCase(AppTestCase):
     def domain_state(self, server_id):
         dom = self.app.driver.conn.lookupByUUIDString(server_id)
         return dom.state()[0]
+
+
+def upload_in_process(test, image_id, data, token="admin:admin"):
+    """PUT /image/v2/images/{id}/file in-process, the data streamed as the server does."""
+    headers = make_headers({"Host": "127.0.0.1:8774", "X-Auth-Token": token,
+                            "Content-Type": "application/octet-stream"})
+    resp = test.app.handle("PUT", f"/image/v2/images/{image_id}/file", headers, b"",
+                           stream=iter([data]))
+    return Reply(resp.status, resp.headers, resp.payload)
+
+
+class ImageInspectionTests(unittest.TestCase):
+    """minivan's image inspector against an oracle: oslo.utils' format_inspector, the
+    inspector Nova and Glance run, on the hostile corpus made at test time."""
+
+    def setUp(self):
+        for tool in ("qemu-img", "genisoimage"):
+            if not shutil.which(tool):
+                skip_or_fail(self, f"{tool} not installed (apt install qemu-utils genisoimage)")
+        try:
+            from oslo_utils.imageutils import format_inspector
+        except ImportError:
+            skip_or_fail(self, "oslo.utils is not installed (tools/setup-venvs.sh)")
+        self.oslo = format_inspector
+        self.tmp = tempfile.mkdtemp(prefix="minivan-corpus-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.canary = make_canary()
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.canary), True)
+        self.cases = make_hostile_images(self.tmp, self.canary)
+
+    def oslo_verdict(self, path):
+        """(format, safe) as oslo.utils says: detect_file_format, then safety_check."""
+        fi = self.oslo
+        try:
+            found = fi.detect_file_format(path)
+        except fi.ImageFormatError:
+            return None, False
+        try:
+            found.safety_check()
+        except (fi.SafetyCheckFailed, fi.ImageFormatError):
+            return str(found), False
+        return str(found), True
+
+    def test_format_and_safety_agree_with_oslo_format_inspector(self):
+        """For every image of the corpus, inspect_image detects the format oslo.utils'
+        format_inspector detects, and calls it safe exactly when its safety_check passes."""
+        agreed = 0
+        for case, _, path in self.cases:
+            with self.subTest(case=case):
+                found = minivan.inspect_image(path)
+                self.assertEqual((found.format, found.safe), self.oslo_verdict(path))
+                agreed += 1
+        self.assertEqual(agreed, len(self.cases))
+        print(f"\noslo.utils format_inspector agreement: {agreed} of {len(self.cases)} images")
+
+    def test_boot_check_answers_as_nova(self):
+        """check_image refuses what Nova 34 refuses at boot, with Nova's reasons
+        (nova/virt/images.py do_image_deep_inspection), and minivan's two stricter rules
+        by name; it gives QEMU raw or qcow2 only (other formats are converted first)."""
+        self.assertEqual(sorted(NOVA_BOOT_REASONS), sorted(c for c, _, _ in self.cases))
+        for case, declared, path in self.cases:
+            with self.subTest(case=case):
+                image = {"id": "img-" + case, "disk_format": declared}
+                try:
+                    fmt = minivan.check_image(image, minivan.inspect_image(path), 1 << 40)
+                    reason = None
+                except minivan.ImageUnacceptable as e:
+                    fmt, reason = None, e.reason
+                    self.assertEqual(str(e), f"Image img-{case} is unacceptable: {reason}")
+                self.assertEqual(reason, NOVA_BOOT_REASONS[case])
+                if reason is None:
+                    self.assertIn(fmt, ("raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"))
+        unsupported = {"id": "x", "disk_format": "ploop"}
+        with self.assertRaisesRegex(minivan.ImageUnacceptable, "Image not in a supported "
+                                                                "format"):
+            minivan.check_image(unsupported, minivan.inspect_image(self.cases[1][2]), 1 << 40)
+
+    def test_inspection_reads_headers_only(self):
+        """A sparse 1 TiB raw file is inspected from its first bytes, in well under a
+        second's worth of reading: no inspector walks the data."""
+        path = os.path.join(self.tmp, "big.raw")
+        with open(path, "wb") as f:
+            f.truncate(1 << 40)
+        found = minivan.inspect_image(path)
+        self.assertEqual((found.format, found.safe, found.virtual_size), ("raw", True, 1 << 40))
+
+
+class HostileImageBootTests(ServerTestCase):
+    """The hostile corpus through every way an image reaches a server on a simulated host:
+    the image directory, minivan's /image upload, rescue, rebuild and unshelve.  The
+    canary a hostile image names keeps its bytes, mode and owner, and so does its
+    directory; no domain names it."""
+
+    def setUp(self):
+        super().setUp()
+        if not shutil.which("genisoimage"):
+            skip_or_fail(self, "genisoimage not installed")
+        self.canary = make_canary()
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.canary), True)
+        self.corpus = tempfile.mkdtemp(prefix="minivan-corpus-", dir=self.tmp)
+        self.cases = make_hostile_images(self.corpus, self.canary)
+        self.before = file_facts(self.canary, os.path.dirname(self.canary))
+        self.put("/v2.1/os-quota-sets/admin", {"quota_set": {"instances": -1, "cores": -1,
+                                                             "ram": -1}})
+
+    def tearDown(self):
+        super().tearDown()
+        self.assertEqual(file_facts(self.canary, os.path.dirname(self.canary)), self.before)
+
+    def local_image(self, case, declared, path):
+        """The image file in the image directory with a sidecar naming its disk_format."""
+        name = "hostile-" + re.sub(r"[^a-z0-9]+", "-", case)
+        target = os.path.join(self.app.conf["images_dir"], name + ".img")
+        shutil.copy(path, target)
+        with open(target + ".json", "w") as f:
+            json.dump({"name": name, "disk_format": declared}, f)
+        images = self.get("/v2.1/images?name=" + name, version="2.35").json()["images"]
+        self.assertEqual(len(images), 1)
+        return images[0]["id"]
+
+    def assertNoCanaryInDomains(self):
+        for dom in self.app.driver.conn.listAllDomains():
+            self.assertNotIn(self.canary, dom.XMLDesc(0))
+
+    def test_image_directory(self):
+        """Each image of the directory boots, or its build ends in ERROR with Nova's fault
+        'Build of instance … aborted: Image … is unacceptable: <reason>'."""
+        for case, declared, path in self.cases:
+            with self.subTest(case=case):
+                image_id = self.local_image(case, declared, path)
+                r = self.post_server(name="h", imageRef=image_id)
+                self.assertEqual(r.status, 202, r.raw)
+                sid = r.json()["server"]["id"]
+                server = self.server(sid)
+                reason = NOVA_BOOT_REASONS[case]
+                if reason is None:
+                    self.assertEqual(server["status"], "ACTIVE", server.get("fault"))
+                else:
+                    self.assertEqual(server["status"], "ERROR")
+                    self.assertEqual(server["fault"]["message"],
+                                     f"Build of instance {sid} aborted: Image {image_id} is "
+                                     f"unacceptable: {reason}")
+                self.assertNoCanaryInDomains()
+                self.assertEqual(self.delete("/v2.1/servers/" + sid).status, 204)
+                self.app.compute.wait_idle()
+
+    def test_upload_then_boot(self):
+        """Through minivan's /image: an upload Glance would refuse is refused (415, the
+        image stays queued, no file is kept); one it accepts becomes active, and the boot
+        check stops what Nova would not boot."""
+        accepted = refused = 0
+        for case, declared, path in self.cases:
+            with self.subTest(case=case):
+                r = self.post("/image/v2/images", {"name": case, "disk_format": declared,
+                                                   "container_format": "bare"})
+                image_id = r.json()["id"]
+                with open(path, "rb") as f:
+                    r = upload_in_process(self, image_id, f.read())
+                shown = self.get(f"/image/v2/images/{image_id}").json()
+                if r.status == 415:
+                    refused += 1
+                    self.assertEqual(shown["status"], "queued")
+                    self.assertFalse([n for n in os.listdir(self.app.conf["images_dir"])
+                                      if n.startswith(image_id) or n.startswith("." + image_id)])
+                    continue
+                self.assertEqual((r.status, shown["status"]), (204, "active"))
+                accepted += 1
+                r = self.post_server(name="u", imageRef=image_id)
+                sid = r.json()["server"]["id"]
+                reason = NOVA_BOOT_REASONS[case]
+                server = self.server(sid)
+                self.assertEqual(server["status"], "ERROR" if reason else "ACTIVE")
+                if reason:
+                    self.assertIn(f"is unacceptable: {reason}", server["fault"]["message"])
+                self.delete("/v2.1/servers/" + sid)
+                self.app.compute.wait_idle()
+        self.assertGreater(accepted, 0)
+        self.assertGreater(refused, 0)
+
+    def plant(self, image_id, path):
+        """Put these bytes behind a local image, as if they had been uploaded."""
+        image = self.app.images.get(image_id)
+        shutil.copy(path, self.app.images.path(image))
+        self.app.store.commit([["set", ["images", image_id, "os_hash_value"], None],
+                               ["set", ["images", image_id, "os_hash_algo"], None]])
+
+    HOSTILE = ("qcow2 with a backing file", "raw declared qcow2",
+               "vmdk with a flat extent naming a host file", "qcow2 with a data file")
+
+    def test_rescue_rebuild_and_unshelve(self):
+        """A hostile image given to rescue (202, then ERROR: 'Instance … cannot be rescued:
+        Driver Error: Image … is unacceptable: …'), to rebuild (ERROR with the image's
+        fault) or behind a shelved server's image (the server stays SHELVED_OFFLOADED on
+        no host; the unshelve's event is an Error), as Nova's compute manager answers."""
+        cases = {c: (d, p) for c, d, p in self.cases}
+        for case in self.HOSTILE:
+            declared, path = cases[case]
+            with self.subTest(case=case):
+                image_id = self.local_image(case, declared, path)
+                reason = NOVA_BOOT_REASONS[case]
+                sid = self.new_server()
+                r = self.action(sid, {"rescue": {"rescue_image_ref": image_id}})
+                self.assertEqual(r.status, 200, r.raw)
+                server = self.server(sid)
+                self.assertEqual(server["status"], "ERROR")
+                self.assertEqual(server["fault"]["message"],
+                                 f"Instance {sid} cannot be rescued: Driver Error: Image "
+                                 f"{image_id} is unacceptable: {reason}")
+                self.delete("/v2.1/servers/" + sid)
+
+                sid = self.new_server()
+                r = self.action(sid, {"rebuild": {"imageRef": image_id}})
+                self.assertEqual(r.status, 202, r.raw)
+                server = self.server(sid)
+                self.assertEqual(server["status"], "ERROR")
+                self.assertEqual(server["fault"]["message"],
+                                 f"Image {image_id} is unacceptable: {reason}")
+                self.delete("/v2.1/servers/" + sid)
+
+                sid = self.new_server()
+                self.action(sid, {"shelve": None})
+                self.assertEqual(self.server(sid)["status"], "SHELVED_OFFLOADED")
+                shelved = self.app.store.data["servers"][sid]["shelved_image_id"]
+                self.plant(shelved, path)
+                self.app.store.commit([["set", ["images", shelved, "disk_format"], declared]])
+                r = self.action(sid, {"unshelve": None})
+                self.assertEqual(r.status, 202, r.raw)
+                server = self.server(sid, version="2.62")
+                self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]),
+                                 ("SHELVED_OFFLOADED", None))
+                actions = self.get(f"/v2.1/servers/{sid}/os-instance-actions").json()
+                latest = self.get(f"/v2.1/servers/{sid}/os-instance-actions/"
+                                  f"{actions['instanceActions'][0]['request_id']}",
+                                  version="2.51").json()["instanceAction"]
+                self.assertEqual((latest["action"], latest["events"][0]["result"]),
+                                 ("unshelve", "Error"))
+                self.assertFalse(os.path.exists(os.path.join(
+                    self.app.conf["instances_dir"], sid, "disk")))
+                self.delete("/v2.1/servers/" + sid)
+                self.app.compute.wait_idle()
+                self.assertNoCanaryInDomains()
+
+    def test_the_image_cache_cannot_be_poisoned(self):
+        """An upload cannot take the id of an image that exists or existed; the image
+        directory's images get ids no one can predict; a cached base whose bytes changed
+        is found out and fetched again: the server boots the image's own bytes."""
+        operator = self.app.images.get(self.image_id)
+        self.assertNotEqual(self.image_id, str(uuid.uuid5(minivan.IMAGE_NAMESPACE,
+                                                          os.path.basename(operator["file"]))))
+        for taken in (self.image_id,):
+            r = self.post("/image/v2/images", {"id": taken, "name": "mine",
+                                               "disk_format": "qcow2",
+                                               "container_format": "bare"},
+                          token="mallory:evil")
+            self.assertEqual(r.status, 409)
+        r = self.post("/image/v2/images", {"name": "mine", "disk_format": "raw",
+                                           "container_format": "bare"}, token="mallory:evil")
+        mine = r.json()["id"]
+        upload_in_process(self, mine, b"\0" * 65536, token="mallory:evil")
+        self.assertEqual(self.delete(f"/image/v2/images/{mine}", token="mallory:evil").status,
+                         204)
+        r = self.post("/image/v2/images", {"id": mine, "name": "again", "disk_format": "raw",
+                                           "container_format": "bare"}, token="mallory:evil")
+        self.assertEqual(r.status, 409)
+        # the operator's image in the cache, then other bytes planted under its name
+        sid = self.new_server()
+        base = os.path.join(self.app.conf["data_dir"], "_base",
+                            "sha512-" + minivan.file_sha512(self.app.images.path(operator)))
+        self.assertEqual(minivan.qcow2_backing(os.path.join(
+            self.app.conf["instances_dir"], sid, "disk")), base)
+        shutil.copy(self.cases[2][2], base)       # a qcow2 naming the canary
+        sid2 = self.new_server()
+        self.assertEqual(minivan.file_sha512(base),
+                         minivan.file_sha512(self.app.images.path(operator)))
+        self.assertEqual(minivan.inspect_image(base).problems, [])
+        for server_id in (sid, sid2):
+            self.delete("/v2.1/servers/" + server_id)
+
+
+class DurableImageTests(ServerTestCase):
+    """An upload or snapshot is active only once its bytes and directory entry are on
+    disk: a failing fsync (EIO) leaves it not active, and the client is told."""
+
+    def fail_fsync_of(self, marker):
+        """os.fsync raising EIO for files whose path contains marker (directories too)."""
+        real = os.fsync
+        failed = []
+
+        def fsync(fd):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if marker in target:
+                failed.append(target)
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd)
+        from unittest import mock
+        return mock.patch("os.fsync", fsync), failed
+
+    def test_upload_with_a_failing_fsync_is_not_active(self):
+        """/image upload: EIO on the data's fsync -> 503, the image stays queued with no
+        file; the same upload later succeeds."""
+        r = self.post("/image/v2/images", {"name": "d", "disk_format": "raw",
+                                           "container_format": "bare"})
+        image_id = r.json()["id"]
+        patch, failed = self.fail_fsync_of(image_id)
+        with patch:
+            r = upload_in_process(self, image_id, b"\1" * 4096)
+        self.assertEqual(r.status, 503, r.raw)
+        self.assertTrue(failed)
+        self.assertEqual(self.get(f"/image/v2/images/{image_id}").json()["status"], "queued")
+        self.assertFalse([n for n in os.listdir(self.app.conf["images_dir"]) if image_id in n])
+        r = upload_in_process(self, image_id, b"\1" * 4096)
+        self.assertEqual(r.status, 204)
+        self.assertEqual(self.get(f"/image/v2/images/{image_id}").json()["status"], "active")
+
+    def test_snapshot_with_a_failing_fsync_is_not_active(self):
+        """createImage: EIO on the snapshot file's fsync -> the image is deleted, never
+        active; the server is ACTIVE again with the failed event on record."""
+        sid = self.new_server()
+        patch, failed = self.fail_fsync_of(".part")
+        with patch:
+            r = self.action(sid, {"createImage": {"name": "snap"}}, version="2.45")
+            self.assertEqual(r.status, 202, r.raw)
+            image_id = r.json()["image_id"]
+            self.app.compute.wait_idle()
+        self.assertTrue(failed)
+        self.assertEqual(self.get(f"/image/v2/images/{image_id}").status, 404)
+        self.assertEqual(self.server(sid)["status"], "ACTIVE")
+        r = self.action(sid, {"createImage": {"name": "snap2"}}, version="2.45")
+        image_id = r.json()["image_id"]
+        self.assertEqual(self.get(f"/image/v2/images/{image_id}").json()["status"], "active")
 
 
 class InstanceNameTemplateTests(ServerTestCase):
