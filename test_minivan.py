@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -2709,6 +2710,173 @@ class AdminCLIEndToEndTests(NoAuthCLITestCase):
         self.assertEqual(len(usage), 1)
         self.assertGreaterEqual(len(usage[0]["Servers"]), 1)      # the server usages
         self.assertGreater(float(usage[0]["CPU Hours"]), 0)
+
+
+def image_request(base, method, path, token, body=None, data=None, content_type=None):
+    """One Glance v2 call (to the real Glance or minivan's /image): (status, JSON or bytes)."""
+    headers = {"X-Auth-Token": token}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["Content-Type"] = content_type or "application/json"
+    elif data is not None:
+        payload = data
+        headers["Content-Type"] = "application/octet-stream"
+    req = urllib.request.Request(base.rstrip("/") + path, data=payload, method=method,
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        raw, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+    if raw and ctype.startswith("application/json"):
+        return status, json.loads(raw)
+    return status, raw
+
+
+JSON_PATCH = "application/openstack-images-v2.1-json-patch"
+
+
+class GlanceComparisonTests(unittest.TestCase):
+    """minivan's /image beside the real Glance 33, both behind the real Keystone: the same
+    requests by an owner (member), a reader of its project, a member of another project
+    and an admin get the same statuses; the hostile corpus uploaded to both is accepted
+    or refused alike."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        if cls.env is None or not cls.env.get("GLANCE_URL"):
+            return
+        cls.port = free_port()
+        data = tempfile.mkdtemp(prefix="minivan-glance-cmp-")
+        operator = make_image(os.path.join(data, "images"), "operator", size="1M")
+        start_minivan(cls, cls.port, data=data, env_extra=keystone_minivan_env(
+            cls.env, MINIVAN_GLANCE_URL="local"))
+        cls.operator_file = operator
+        cls.bases = {"glance": cls.env["GLANCE_URL"],
+                     "minivan": f"http://127.0.0.1:{cls.port}/image"}
+        cls.tokens = {name: keystone_token(cls.env, user, project) for name, (user, project)
+                      in {"admin": ("admin", "admin"), "owner": ("demo", "demo"),
+                          "reader": ("demo_reader", "demo"),
+                          "other": ("alt_demo", "alt_demo")}.items()}
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+
+    def setUp(self):
+        if self.env is None or not self.env.get("GLANCE_URL"):
+            skip_or_fail(self, "no test Keystone and Glance (run tools/test.sh)")
+        self.compared = []
+
+    def both(self, who, method, path_of, body=None, data=None, content_type=None):
+        """The request to both services (path_of(service) -> path, and body, or
+        body(service)); asserts equal statuses, returns {service: (status, body)}."""
+        got = {}
+        for service, base in self.bases.items():
+            got[service] = image_request(base, method, path_of(service), self.tokens[who],
+                                         body(service) if callable(body) else body, data,
+                                         content_type)
+        statuses = {s: r[0] for s, r in got.items()}
+        self.compared.append((who, method, path_of("glance"), statuses["glance"]))
+        self.assertEqual(statuses["minivan"], statuses["glance"],
+                         f"{who} {method} {path_of('glance')}: {got}")
+        return got
+
+    def create(self, who, **fields):
+        body = dict({"name": "cmp", "disk_format": "raw", "container_format": "bare"},
+                    **fields)
+        got = self.both(who, "POST", lambda s: "/v2/images", body)
+        return {s: r[1]["id"] for s, r in got.items() if r[0] == 201}
+
+    def cleanup(self, ids):
+        for service, image_id in ids.items():
+            image_request(self.bases[service], "DELETE", "/v2/images/" + image_id,
+                          self.tokens["admin"])
+
+    def test_the_same_requests_get_the_same_statuses(self):
+        """Create, upload, read, change, publicize, communitize, download and delete by
+        four personas, against Glance's own default policies: equal statuses throughout;
+        the image directory's image (the operator's) answers as an admin's public image in
+        Glance, and a member's delete leaves its file."""
+        mine = self.create("owner", visibility="private")
+        self.addCleanup(self.cleanup, dict(mine))
+        self.create("reader")
+        self.create("other", owner=self.env["DEMO_PROJECT_ID"])
+        path = lambda suffix="": lambda s: f"/v2/images/{mine[s]}{suffix}"  # noqa: E731
+        self.both("owner", "PUT", path("/file"), data=b"\0" * 65536)
+        for who in ("reader", "other", "admin", "owner"):
+            self.both(who, "GET", path())
+        patch = [{"op": "replace", "path": "/name", "value": "renamed"}]
+        for who in ("reader", "other"):
+            self.both(who, "PATCH", path(), patch, content_type=JSON_PATCH)
+        for visibility in ("public", "community"):
+            self.both("owner", "PATCH", path(), [{"op": "replace", "path": "/visibility",
+                                                  "value": visibility}],
+                      content_type=JSON_PATCH)
+        self.both("other", "GET", path())
+        self.both("other", "PATCH", path(), patch, content_type=JSON_PATCH)
+        for who in ("other", "reader"):
+            self.both(who, "DELETE", path())
+        for who in ("reader", "other", "owner"):
+            self.both(who, "GET", path("/file"))
+        self.both("owner", "PATCH", path(), [{"op": "replace", "path": "/visibility",
+                                              "value": "private"}], content_type=JSON_PATCH)
+        self.both("other", "GET", path())
+        self.both("owner", "PUT", path("/file"), data=b"\0" * 512)
+        self.both("owner", "DELETE", path())
+        self.both("owner", "GET", path())
+        self.both("owner", "POST", lambda s: "/v2/images",   # a deleted image's id stays taken
+                  lambda s: {"id": mine[s], "name": "again"})
+        # an image with no formats takes no data
+        bare = self.create("owner", disk_format=None, container_format=None)
+        self.addCleanup(self.cleanup, dict(bare))
+        self.both("owner", "PUT", lambda s: f"/v2/images/{bare[s]}/file", data=b"\0" * 512)
+        # the operator's images: an admin's public image in Glance, the image directory's
+        # in minivan
+        public = image_request(self.bases["glance"], "POST", "/v2/images",
+                               self.tokens["admin"], {"name": "operator", "disk_format": "qcow2",
+                                                      "container_format": "bare",
+                                                      "visibility": "public"})[1]["id"]
+        self.addCleanup(self.cleanup, {"glance": public})
+        with open(self.operator_file, "rb") as f:
+            image_request(self.bases["glance"], "PUT", f"/v2/images/{public}/file",
+                          self.tokens["admin"], data=f.read())
+        listed = image_request(self.bases["minivan"], "GET", "/v2/images?name=operator",
+                               self.tokens["admin"])[1]["images"]
+        operator = {"glance": public, "minivan": listed[0]["id"]}
+        op = lambda suffix="": lambda s: f"/v2/images/{operator[s]}{suffix}"  # noqa: E731
+        for who in ("owner", "reader", "other"):
+            self.both(who, "GET", op())
+            self.both(who, "PATCH", op(), patch, content_type=JSON_PATCH)
+            self.both(who, "DELETE", op())
+        self.assertTrue(os.path.exists(self.operator_file))
+        equal = len(self.compared)
+        print(f"\nGlance comparison: {equal} requests compared, {equal} equal")
+
+    def test_hostile_uploads_are_refused_alike(self):
+        """Each image of the hostile corpus uploaded with its declared disk_format: minivan
+        accepts (204, active) or refuses (415, queued) as the real Glance does."""
+        canary = make_canary()
+        self.addCleanup(shutil.rmtree, os.path.dirname(canary), True)
+        corpus = tempfile.mkdtemp(prefix="minivan-corpus-")
+        self.addCleanup(shutil.rmtree, corpus, True)
+        table = []
+        for case, declared, path in make_hostile_images(corpus, canary):
+            with self.subTest(case=case):
+                ids = self.create("owner", name=case, disk_format=declared)
+                self.addCleanup(self.cleanup, dict(ids))
+                with open(path, "rb") as f:
+                    data = f.read()
+                got = self.both("owner", "PUT", lambda s: f"/v2/images/{ids[s]}/file",
+                                data=data)
+                shown = self.both("owner", "GET", lambda s: f"/v2/images/{ids[s]}")
+                self.assertEqual(shown["minivan"][1]["status"], shown["glance"][1]["status"])
+                table.append((case, got["glance"][0], shown["glance"][1]["status"]))
+        print("\nupload to Glance 33 and to minivan's /image (status, image status):")
+        for row in table:
+            print("  %-45s %s %s" % row)
 
 
 class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
