@@ -3745,6 +3745,8 @@ class HostileImageBootTests(ServerTestCase):
         self.app.store.commit([["set", ["images", image_id, "os_hash_value"], None],
                                ["set", ["images", image_id, "os_hash_algo"], None]])
 
+    # the cases the real-guest test takes through rescue, rebuild and unshelve in CI
+    # (MINIVAN_HOSTILE_CASES=all: every hostile one, about 6 minutes)
     HOSTILE = ("qcow2 with a backing file", "raw declared qcow2",
                "vmdk with a flat extent naming a host file", "qcow2 with a data file")
 
@@ -3754,7 +3756,7 @@ class HostileImageBootTests(ServerTestCase):
         fault) or behind a shelved server's image (the server stays SHELVED_OFFLOADED on
         no host; the unshelve's event is an Error), as Nova's compute manager answers."""
         cases = {c: (d, p) for c, d, p in self.cases}
-        for case in self.HOSTILE:
+        for case in [c for c, _, _ in self.cases if NOVA_BOOT_REASONS[c]]:
             declared, path = cases[case]
             with self.subTest(case=case):
                 image_id = self.local_image(case, declared, path)
@@ -5216,6 +5218,293 @@ class RealGuestTests(unittest.TestCase):
 
 
 # -- the standalone image service (a Glance v2 subset under /image) -----------------------
+
+class HostileImageRealGuestTests(unittest.TestCase):
+    """The hostile corpus on real QEMU guests under libvirtd, through every entry point:
+    the image directory, minivan's /image upload, rescue, rebuild and unshelve (minivan
+    with its own images), and the real Glance (minivan behind Keystone; bytes Glance
+    refuses are planted in its file store and database).  After each, the canary a
+    hostile image names keeps its bytes, mode and owner (and its directory too), and no
+    domain's XML, backing chain included, names it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
+                         and cls.env is not None and cls.env.get("GLANCE_URL")
+                         and shutil.which("genisoimage"))
+        if not cls.ready:
+            return
+        libvirt = minivan.import_libvirt()
+        try:
+            cls.conn = libvirt.open("qemu:///system")
+            cls.conn.networkLookupByName(GUEST_NETWORK)
+        except libvirt.libvirtError:
+            cls.ready = False
+            return
+        cls.canary = make_canary()
+        cls.corpus = tempfile.mkdtemp(prefix="minivan-corpus-")
+        cls.cases = make_hostile_images(cls.corpus, cls.canary)
+        real = {"MINIVAN_LIBVIRT_URI": "qemu:///system", "MINIVAN_VIRT_TYPE": "qemu",
+                "MINIVAN_NETWORK": GUEST_NETWORK, "MINIVAN_SHUTDOWN_TIMEOUT": "5"}
+        local = type("Local", (), {})
+        cls.local_port = free_port()
+        images = tempfile.mkdtemp(prefix="minivan-guest-images-")
+        shutil.copy(GUEST_IMAGE, os.path.join(images, "minivan-guest.qcow2"))
+        start_minivan(local, cls.local_port, env_extra=dict(real, MINIVAN_IMAGES_DIR=images))
+        cls.local, cls.images_dir = local, images
+        glance = type("Glance", (), {})
+        cls.glance_port = free_port()
+        start_minivan(glance, cls.glance_port, env_extra=keystone_minivan_env(cls.env, **real))
+        cls.glance = glance
+        cls.admin = keystone_token(cls.env, "admin", "admin")
+        cls.guest_image = [i for i in cls.local_call("GET", "/images", version="2.35")
+                           .json()["images"] if i["name"] == "minivan-guest"][0]["id"]
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "ready", False):
+            stop_minivan(cls.local)
+            stop_minivan(cls.glance)
+            shutil.rmtree(cls.images_dir, True)
+            shutil.rmtree(cls.corpus, True)
+            shutil.rmtree(os.path.dirname(cls.canary), True)
+            cls.conn.close()
+
+    @classmethod
+    def local_call(cls, method, path, body=None, version=None):
+        conn = http.client.HTTPConnection("127.0.0.1", cls.local_port, timeout=60)
+        headers = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
+        if version:
+            headers["OpenStack-API-Version"] = "compute " + version
+        conn.request(method, "/v2.1" + path, json.dumps(body) if body is not None else None,
+                     headers)
+        resp = conn.getresponse()
+        reply = Reply(resp.status, resp.getheaders(), resp.read())
+        conn.close()
+        return reply
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no real-guest setup with Keystone and Glance (tools/test.sh)")
+        self.before = file_facts(self.canary, os.path.dirname(self.canary))
+        self.seen = []                   # (entry point, case, what the user saw)
+
+    def tearDown(self):
+        if self.ready:
+            self.assertEqual(file_facts(self.canary, os.path.dirname(self.canary)),
+                             self.before)
+            print(f"\n{self.id().rsplit('.', 1)[-1]}:")
+            for row in self.seen:
+                print("  %-14s %-45s %s" % row)
+
+    def assertCanaryUnnamed(self):
+        for dom in self.conn.listAllDomains():
+            self.assertNotIn(self.canary, dom.XMLDesc(0), dom.name())
+
+    def wait_settled(self, call, sid, wanted=("ACTIVE", "ERROR", "SHELVED_OFFLOADED")):
+        return wait_until(lambda: (lambda s: s if s["status"] in wanted and not s.get(
+            "OS-EXT-STS:task_state") else None)(call("GET", "/servers/" + sid).json()
+                                                ["server"]), timeout=180,
+            what=f"server {sid} to settle")
+
+    def boot(self, call, image_id, name="h"):
+        r = call("POST", "/servers", {"server": {"name": name, "imageRef": image_id,
+                                                 "flavorRef": "1", "networks": "none"}},
+                 version="2.37")
+        self.assertEqual(r.status, 202, r.raw)
+        return r.json()["server"]["id"]
+
+    def delete(self, call, sid):
+        call("DELETE", "/servers/" + sid)
+        wait_until(lambda: call("GET", "/servers/" + sid).status == 404, timeout=120,
+                   what=f"server {sid} deleted")
+
+    def outcome(self, server, case):
+        reason = NOVA_BOOT_REASONS[case]
+        if reason is None:
+            self.assertEqual(server["status"], "ACTIVE", server.get("fault"))
+            return "ACTIVE"
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn(f"is unacceptable: {reason}", server["fault"]["message"])
+        return "ERROR: " + reason
+
+    def test_image_directory_and_upload(self):
+        """Every image of the corpus from the image directory (it boots on QEMU or the
+        build fails with Nova's reason), and each hostile one uploaded to /image (refused
+        there as Glance refuses it, or refused at boot)."""
+        for case, declared, path in self.cases:
+            with self.subTest(case=case, entry="image directory"):
+                name = "hostile-" + re.sub(r"[^a-z0-9]+", "-", case)
+                target = os.path.join(self.images_dir, name + ".img")
+                shutil.copy(path, target)
+                with open(target + ".json", "w") as f:
+                    json.dump({"name": name, "disk_format": declared}, f)
+                image_id = [i for i in self.local_call("GET", "/images", version="2.35")
+                            .json()["images"] if i["name"] == name][0]["id"]
+                sid = self.boot(self.local_call, image_id)
+                self.seen.append(("directory", case, self.outcome(
+                    self.wait_settled(self.local_call, sid), case)))
+                self.assertCanaryUnnamed()
+                self.delete(self.local_call, sid)
+        base = f"http://127.0.0.1:{self.local_port}/image"
+        for case, declared, path in self.cases:
+            if NOVA_BOOT_REASONS[case] is None:
+                continue
+            with self.subTest(case=case, entry="/image upload"):
+                status, image = image_request(base, "POST", "/v2/images", "admin:admin", {
+                    "name": "up-" + case, "disk_format": declared, "container_format": "bare"})
+                with open(path, "rb") as f:
+                    status, _ = image_request(base, "PUT", f"/v2/images/{image['id']}/file",
+                                              "admin:admin", data=f.read())
+                if status == 415:
+                    self.seen.append(("/image", case, "415 at upload"))
+                    continue
+                self.assertEqual(status, 204)
+                sid = self.boot(self.local_call, image["id"])
+                self.seen.append(("/image", case, self.outcome(
+                    self.wait_settled(self.local_call, sid), case)))
+                self.assertCanaryUnnamed()
+                self.delete(self.local_call, sid)
+
+    def test_rescue_rebuild_unshelve(self):
+        """A real guest rescued with a hostile image ends in ERROR with Nova's 'cannot be
+        rescued' fault; rebuilt with one, in ERROR; unshelved from one (planted behind its
+        shelved image), it stays SHELVED_OFFLOADED.  QEMU never opens the canary."""
+        cases = {c: (d, p) for c, d, p in self.cases}
+        data = self.local.minivan_data
+        chosen = [c for c in cases if NOVA_BOOT_REASONS[c]] \
+            if os.environ.get("MINIVAN_HOSTILE_CASES") == "all" else HostileImageBootTests.HOSTILE
+        for case in chosen:
+            declared, path = cases[case]
+            reason = NOVA_BOOT_REASONS[case]
+            name = "entry-" + re.sub(r"[^a-z0-9]+", "-", case)
+            target = os.path.join(self.images_dir, name + ".img")
+            shutil.copy(path, target)
+            with open(target + ".json", "w") as f:
+                json.dump({"name": name, "disk_format": declared}, f)
+            image_id = [i for i in self.local_call("GET", "/images", version="2.35")
+                        .json()["images"] if i["name"] == name][0]["id"]
+            with self.subTest(case=case, entry="rescue"):
+                sid = self.boot(self.local_call, self.guest_image, "r")
+                self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
+                r = self.local_call("POST", f"/servers/{sid}/action",
+                                    {"rescue": {"rescue_image_ref": image_id}})
+                self.assertEqual(r.status, 200, r.raw)
+                server = self.wait_settled(self.local_call, sid, ("ERROR",))
+                self.assertEqual(server["fault"]["message"],
+                                 f"Instance {sid} cannot be rescued: Driver Error: Image "
+                                 f"{image_id} is unacceptable: {reason}")
+                self.seen.append(("rescue", case, "ERROR: " + reason))
+                self.assertCanaryUnnamed()
+                self.delete(self.local_call, sid)
+            with self.subTest(case=case, entry="rebuild"):
+                sid = self.boot(self.local_call, self.guest_image, "b")
+                self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
+                r = self.local_call("POST", f"/servers/{sid}/action",
+                                    {"rebuild": {"imageRef": image_id}})
+                self.assertEqual(r.status, 202, r.raw)
+                server = self.wait_settled(self.local_call, sid, ("ERROR",))
+                self.assertEqual(server["fault"]["message"],
+                                 f"Image {image_id} is unacceptable: {reason}")
+                self.seen.append(("rebuild", case, "ERROR: " + reason))
+                self.assertCanaryUnnamed()
+                self.delete(self.local_call, sid)
+            with self.subTest(case=case, entry="unshelve"):
+                sid = self.boot(self.local_call, self.guest_image, "s")
+                self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
+                self.local_call("POST", f"/servers/{sid}/action", {"shelve": None})
+                self.wait_settled(self.local_call, sid, ("SHELVED_OFFLOADED",))
+                shelved = [i for i in self.local_call("GET", "/images/detail", version="2.35")
+                           .json()["images"] if i.get("server", {}).get("id") == sid][0]
+                # the test owns the image directory: the shelved image's file gets the
+                # hostile bytes, and a sidecar-less record forgets its hash
+                shutil.copy(path, os.path.join(self.images_dir, shelved["id"] + ".qcow2"))
+                self.forget_hash(data, shelved["id"], declared)
+                r = self.local_call("POST", f"/servers/{sid}/action", {"unshelve": None})
+                self.assertEqual(r.status, 202, r.raw)
+                wait_until(lambda: not self.local_call("GET", "/servers/" + sid).json()
+                           ["server"]["OS-EXT-STS:task_state"], timeout=120,
+                           what="the unshelve to end")
+                server = self.local_call("GET", "/servers/" + sid, version="2.62").json()[
+                    "server"]
+                self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]),
+                                 ("SHELVED_OFFLOADED", None))
+                self.seen.append(("unshelve", case, "SHELVED_OFFLOADED (event Error)"))
+                self.assertCanaryUnnamed()
+                self.delete(self.local_call, sid)
+
+    def forget_hash(self, data, image_id, disk_format):
+        """Stop the local minivan, clear the image's recorded hash (so the planted bytes
+        reach the inspector, not only the checksum), start it again."""
+        stop = self.local.minivan_proc
+        stop.send_signal(signal.SIGTERM)
+        stop.wait(60)
+        state = minivan.open_store(minivan.default_config(data_dir=data))
+        state.commit([["set", ["images", image_id, "os_hash_value"], None],
+                      ["set", ["images", image_id, "os_hash_algo"], None],
+                      ["set", ["images", image_id, "disk_format"], disk_format]])
+        state.close()
+        port, args, env_extra = self.local.minivan_start
+        start_minivan(self.local, port, args, env_extra, data=data)
+
+    def test_real_glance(self):
+        """Images in the real Glance: what Glance accepts is uploaded; what it refuses is
+        planted in its file store and database (the test owns both) with matching
+        checksums, so that minivan's own check at boot is what stops it."""
+        base = self.env["GLANCE_URL"]
+        db = os.path.join(os.path.dirname(self.env["GLANCE_IMAGES_DIR"].rstrip("/")),
+                          "glance.db")
+
+        def call(method, path, body=None, version=None):
+            return compute_request(self, self.glance_port, method, path, self.admin, body,
+                                   version)
+        for case, declared, path in self.cases:
+            if NOVA_BOOT_REASONS[case] is None:
+                continue
+            with self.subTest(case=case, entry="Glance"):
+                with open(path, "rb") as f:
+                    data = f.read()
+                _, image = image_request(base, "POST", "/v2/images", self.admin, {
+                    "name": "g-" + case, "disk_format": declared, "container_format": "bare",
+                    "visibility": "public"})
+                self.addCleanup(image_request, base, "DELETE", f"/v2/images/{image['id']}",
+                                self.admin)
+                status, _ = image_request(base, "PUT", f"/v2/images/{image['id']}/file",
+                                          self.admin, data=data)
+                how = "uploaded"
+                if status == 415:
+                    image = self.plant_in_glance(base, db, case, declared, data)
+                    how = "planted"
+                sid = self.boot(call, image["id"])
+                self.seen.append(("Glance", case, f"{how}; " + self.outcome(
+                    self.wait_settled(call, sid), case)))
+                self.assertCanaryUnnamed()
+                self.delete(call, sid)
+
+    def plant_in_glance(self, base, db, case, declared, data):
+        """Glance refused these bytes: upload zeros of their length as a raw image, then
+        put the bytes in its file store and their checksums and format in its database."""
+        import sqlite3
+        _, image = image_request(base, "POST", "/v2/images", self.admin, {
+            "name": "planted-" + case, "disk_format": "raw", "container_format": "bare",
+            "visibility": "public"})
+        image_id = image["id"]
+        self.addCleanup(image_request, base, "DELETE", f"/v2/images/{image_id}", self.admin)
+        status, _ = image_request(base, "PUT", f"/v2/images/{image_id}/file", self.admin,
+                                  data=b"\0" * len(data))
+        self.assertEqual(status, 204)
+        with open(os.path.join(self.env["GLANCE_IMAGES_DIR"], image_id), "wb") as f:
+            f.write(data)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE images SET disk_format=?, checksum=?, os_hash_value=? "
+                         "WHERE id=?", (declared, hashlib.md5(data).hexdigest(),
+                                        hashlib.sha512(data).hexdigest(), image_id))
+        _, shown = image_request(base, "GET", f"/v2/images/{image_id}", self.admin)
+        self.assertEqual((shown["disk_format"], shown["os_hash_value"]),
+                         (declared, hashlib.sha512(data).hexdigest()))
+        return shown
+
 
 class SecondHostTests(unittest.TestCase):
     """Two compute hosts without shared storage: this machine's libvirtd ("one") and a
