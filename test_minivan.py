@@ -1834,6 +1834,48 @@ class DaemonTests(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(30), 0)
 
+    def test_an_upload_cut_by_a_crash_is_not_active(self):
+        """SIGKILL while an upload to /image is half-way: after the restart the image is
+        queued (not active, not saving), its partial file is gone, and the same upload
+        then succeeds."""
+        tmp = tempfile.mkdtemp(prefix="minivan-upload-kill-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port = free_port()
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        base = f"http://127.0.0.1:{port}/image"
+        status, image = image_request(base, "POST", "/v2/images", "admin:admin", {
+            "name": "cut", "disk_format": "raw", "container_format": "bare"})
+        self.assertEqual(status, 201)
+        data = os.urandom(4 << 20)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall((f"PUT /image/v2/images/{image['id']}/file HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{port}\r\nX-Auth-Token: admin:admin\r\n"
+                      "Content-Type: application/octet-stream\r\n"
+                      f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:len(data) // 2])
+        images = os.path.join(tmp, "data", "images")
+        part = os.path.join(images, f".{image['id']}.part")
+        wait_until(lambda: os.path.exists(part) and os.path.getsize(part) >= 1 << 20,
+                   timeout=30, what="the upload under way")
+        self.assertEqual(image_request(base, "GET", f"/v2/images/{image['id']}",
+                                       "admin:admin")[1]["status"], "saving")
+        proc.kill()
+        proc.wait(30)
+        sock.close()
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        status, shown = image_request(base, "GET", f"/v2/images/{image['id']}", "admin:admin")
+        self.assertEqual((status, shown["status"]), (200, "queued"))
+        self.assertEqual(os.listdir(images), [])
+        status, _ = image_request(base, "PUT", f"/v2/images/{image['id']}/file",
+                                  "admin:admin", data=data)
+        self.assertEqual(status, 204)
+        shown = image_request(base, "GET", f"/v2/images/{image['id']}", "admin:admin")[1]
+        self.assertEqual((shown["status"], shown["os_hash_value"]),
+                         ("active", hashlib.sha512(data).hexdigest()))
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+
     def test_secrets_stay_out_of_the_log_and_files_are_private(self):
         """With --debug (request and response bodies logged): admin passwords, user data,
         personality contents and generated private keys never reach the log; the state
@@ -6249,11 +6291,12 @@ class ServiceFailureTests(unittest.TestCase):
         self.addCleanup(self.api, "DELETE", "/servers/" + server_id)
         wait_until(lambda: self.api("GET", "/servers/" + server_id).json()["server"]
                    ["status"] == "ACTIVE", timeout=120, what="the build after Glance is back")
-        self.assertEqual(self.base_images(), sorted(cached + [image_id]))
         image = self.openstack("image", "show", image_id, "-f", "json")
-        self.assertEqual(os.path.getsize(os.path.join(self.minivan_data, "_base", image_id)),
+        name = "sha512-" + image["os_hash_value"]        # the cache names bytes, not ids
+        self.assertEqual(self.base_images(), sorted(cached + [name]))
+        self.assertEqual(os.path.getsize(os.path.join(self.minivan_data, "_base", name)),
                          size)
-        with open(os.path.join(self.minivan_data, "_base", image_id), "rb") as f:
+        with open(os.path.join(self.minivan_data, "_base", name), "rb") as f:
             self.assertEqual(hashlib.md5(f.read()).hexdigest(), image["checksum"])
 
     def test_cinder_failing_during_the_volume_setup(self):
