@@ -3845,6 +3845,29 @@ class HostileImageBootTests(ServerTestCase):
                 self.app.compute.wait_idle()
                 self.assertNoCanaryInDomains()
 
+    def test_nova_image_proxy_follows_glance_policy(self):
+        """Through Nova's image proxy, a member of a project may delete or change neither
+        the operator's image (the image directory's) nor another project's: 403 with
+        Nova's messages for Glance's refusals, and the file stays; an admin may."""
+        operator = self.app.images.get(self.image_id)
+        path = self.app.images.path(operator)
+        r = self.delete("/v2.1/images/" + self.image_id, token="mallory:evil")
+        self.assertFault(r, 403, "forbidden", "You are not allowed to delete the image.")
+        r = self.post(f"/v2.1/images/{self.image_id}/metadata", {"metadata": {"k": "v"}},
+                      token="mallory:evil")
+        self.assertFault(r, 403, "forbidden", f"Not authorized for image {self.image_id}.")
+        self.assertTrue(os.path.exists(path))
+        r = self.post("/image/v2/images", {"name": "theirs", "disk_format": "raw",
+                                           "container_format": "bare",
+                                           "visibility": "community"}, token="alice:p1")
+        theirs = r.json()["id"]
+        upload_in_process(self, theirs, b"\0" * 4096, token="alice:p1")
+        r = self.delete("/v2.1/images/" + theirs, token="mallory:evil")
+        self.assertFault(r, 403, "forbidden")
+        self.assertEqual(self.delete("/v2.1/images/" + theirs, token="alice:p1").status, 204)
+        self.assertEqual(self.delete("/v2.1/images/" + self.image_id).status, 204)
+        self.assertFalse(os.path.exists(path))
+
     def test_the_image_cache_cannot_be_poisoned(self):
         """An upload cannot take the id of an image that exists or existed; the image
         directory's images get ids no one can predict; a cached base whose bytes changed
