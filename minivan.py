@@ -3322,9 +3322,12 @@ def image_base(app, image):
 
 # § 10 images --------------------------------------------------------------------------
 #
-# The image source seam.  LocalImages serves the images directory: every
-# qcow2/raw file there is an image with a stable UUID; a sidecar FILE.json may
-# name it and set min_disk/min_ram/properties.  Snapshots are written there too.
+# The image source seam.  LocalImages serves the images directory: every image file
+# there is an image, with an id drawn at random when it is first seen (never one an
+# image has or had); a sidecar FILE.json may name it and set its disk_format,
+# min_disk/min_ram and properties.  The directory's images are the operator's (owned by
+# no project).  Snapshots and uploads are written there too.  Either source's fetch()
+# puts an image's bytes into the ImageCache of §9, checked against their hash.
 
 IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".qcow", ".iso", ".vmdk", ".vhd", ".vhdx", ".vdi")
 LOCAL_IMAGE_FORMATS = {".qcow2": "qcow2", ".raw": "raw"}

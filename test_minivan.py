@@ -2919,6 +2919,8 @@ class GlanceComparisonTests(unittest.TestCase):
         print("\nupload to Glance 33 and to minivan's /image (status, image status):")
         for row in table:
             print("  %-45s %s %s" % row)
+        print(f"Glance comparison: {len(self.compared)} requests compared, "
+              f"{len(self.compared)} equal")
 
 
 class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
@@ -4840,6 +4842,20 @@ def wait_until(predicate, timeout=120, interval=0.5, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def real_guest_connection():
+    """A connection to the libvirtd of tools/libvirt-up.sh, whose isolated test network
+    the real guests join; None where there is none, or no guest image."""
+    if not (GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()):
+        return None
+    libvirt = minivan.import_libvirt()
+    try:
+        conn = libvirt.open("qemu:///system")
+        conn.networkLookupByName(GUEST_NETWORK)
+    except libvirt.libvirtError:
+        return None
+    return conn
+
+
 class RealGuestTests(unittest.TestCase):
     """A real tiny guest (tools/make-guest.sh) booted by QEMU under libvirtd on an isolated
     network, driven by openstacksdk, novaclient and openstackclient.  Nothing connects to
@@ -4847,16 +4863,9 @@ class RealGuestTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.ready = bool(GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
-                         and have_clients())
+        cls.conn = real_guest_connection() if have_clients() else None
+        cls.ready = cls.conn is not None
         if not cls.ready:
-            return
-        libvirt = minivan.import_libvirt()
-        try:
-            cls.conn = libvirt.open("qemu:///system")
-            cls.conn.networkLookupByName(GUEST_NETWORK)
-        except libvirt.libvirtError:
-            cls.ready = False
             return
         cls.port = free_port()
         cls.url = f"http://127.0.0.1:{cls.port}/v2.1"
@@ -5295,17 +5304,10 @@ class HostileImageRealGuestTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.env = keystone_env()
-        cls.ready = bool(GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and have_libvirt()
-                         and cls.env is not None and cls.env.get("GLANCE_URL")
-                         and shutil.which("genisoimage"))
+        cls.conn = real_guest_connection() if cls.env and cls.env.get("GLANCE_URL") and \
+            shutil.which("genisoimage") else None
+        cls.ready = cls.conn is not None
         if not cls.ready:
-            return
-        libvirt = minivan.import_libvirt()
-        try:
-            cls.conn = libvirt.open("qemu:///system")
-            cls.conn.networkLookupByName(GUEST_NETWORK)
-        except libvirt.libvirtError:
-            cls.ready = False
             return
         cls.canary = make_canary()
         cls.corpus = tempfile.mkdtemp(prefix="minivan-corpus-")
@@ -5394,19 +5396,24 @@ class HostileImageRealGuestTests(unittest.TestCase):
         self.assertIn(f"is unacceptable: {reason}", server["fault"]["message"])
         return "ERROR: " + reason
 
+    def local_image(self, prefix, case, declared, path):
+        """The image file in the local minivan's image directory with a sidecar naming
+        its disk_format; returns the image's id."""
+        name = prefix + re.sub(r"[^a-z0-9]+", "-", case)
+        target = os.path.join(self.images_dir, name + ".img")
+        shutil.copy(path, target)
+        with open(target + ".json", "w") as f:
+            json.dump({"name": name, "disk_format": declared}, f)
+        return [i for i in self.local_call("GET", "/images", version="2.35")
+                .json()["images"] if i["name"] == name][0]["id"]
+
     def test_image_directory_and_upload(self):
         """Every image of the corpus from the image directory (it boots on QEMU or the
         build fails with Nova's reason), and each hostile one uploaded to /image (refused
         there as Glance refuses it, or refused at boot)."""
         for case, declared, path in self.cases:
             with self.subTest(case=case, entry="image directory"):
-                name = "hostile-" + re.sub(r"[^a-z0-9]+", "-", case)
-                target = os.path.join(self.images_dir, name + ".img")
-                shutil.copy(path, target)
-                with open(target + ".json", "w") as f:
-                    json.dump({"name": name, "disk_format": declared}, f)
-                image_id = [i for i in self.local_call("GET", "/images", version="2.35")
-                            .json()["images"] if i["name"] == name][0]["id"]
+                image_id = self.local_image("hostile-", case, declared, path)
                 sid = self.boot(self.local_call, image_id)
                 self.seen.append(("directory", case, self.outcome(
                     self.wait_settled(self.local_call, sid), case)))
@@ -5443,38 +5450,25 @@ class HostileImageRealGuestTests(unittest.TestCase):
         for case in chosen:
             declared, path = cases[case]
             reason = NOVA_BOOT_REASONS[case]
-            name = "entry-" + re.sub(r"[^a-z0-9]+", "-", case)
-            target = os.path.join(self.images_dir, name + ".img")
-            shutil.copy(path, target)
-            with open(target + ".json", "w") as f:
-                json.dump({"name": name, "disk_format": declared}, f)
-            image_id = [i for i in self.local_call("GET", "/images", version="2.35")
-                        .json()["images"] if i["name"] == name][0]["id"]
-            with self.subTest(case=case, entry="rescue"):
-                sid = self.boot(self.local_call, self.guest_image, "r")
-                self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
-                r = self.local_call("POST", f"/servers/{sid}/action",
-                                    {"rescue": {"rescue_image_ref": image_id}})
-                self.assertEqual(r.status, 200, r.raw)
-                server = self.wait_settled(self.local_call, sid, ("ERROR",))
-                self.assertEqual(server["fault"]["message"],
-                                 f"Instance {sid} cannot be rescued: Driver Error: Image "
-                                 f"{image_id} is unacceptable: {reason}")
-                self.seen.append(("rescue", case, "ERROR: " + reason))
-                self.assertCanaryUnnamed()
-                self.delete(self.local_call, sid)
-            with self.subTest(case=case, entry="rebuild"):
-                sid = self.boot(self.local_call, self.guest_image, "b")
-                self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
-                r = self.local_call("POST", f"/servers/{sid}/action",
-                                    {"rebuild": {"imageRef": image_id}})
-                self.assertEqual(r.status, 202, r.raw)
-                server = self.wait_settled(self.local_call, sid, ("ERROR",))
-                self.assertEqual(server["fault"]["message"],
-                                 f"Image {image_id} is unacceptable: {reason}")
-                self.seen.append(("rebuild", case, "ERROR: " + reason))
-                self.assertCanaryUnnamed()
-                self.delete(self.local_call, sid)
+            image_id = self.local_image("entry-", case, declared, path)
+            for entry, body, status, fault in (
+                    ("rescue", {"rescue": {"rescue_image_ref": image_id}}, 200,
+                     "Instance {sid} cannot be rescued: Driver Error: Image {image_id} is "
+                     "unacceptable: {reason}"),
+                    ("rebuild", {"rebuild": {"imageRef": image_id}}, 202,
+                     "Image {image_id} is unacceptable: {reason}")):
+                with self.subTest(case=case, entry=entry):
+                    sid = self.boot(self.local_call, self.guest_image, entry)
+                    self.assertEqual(self.wait_settled(self.local_call, sid)["status"],
+                                     "ACTIVE")
+                    r = self.local_call("POST", f"/servers/{sid}/action", body)
+                    self.assertEqual(r.status, status, r.raw)
+                    server = self.wait_settled(self.local_call, sid, ("ERROR",))
+                    self.assertEqual(server["fault"]["message"], fault.format(
+                        sid=sid, image_id=image_id, reason=reason))
+                    self.seen.append((entry, case, "ERROR: " + reason))
+                    self.assertCanaryUnnamed()
+                    self.delete(self.local_call, sid)
             with self.subTest(case=case, entry="unshelve"):
                 sid = self.boot(self.local_call, self.guest_image, "s")
                 self.assertEqual(self.wait_settled(self.local_call, sid)["status"], "ACTIVE")
@@ -5828,11 +5822,8 @@ class CinderEndToEndTests(unittest.TestCase):
                          and have_clients())
         if not cls.ready:
             return
-        libvirt = minivan.import_libvirt()
-        try:
-            cls.conn = libvirt.open("qemu:///system")
-            cls.conn.networkLookupByName(GUEST_NETWORK)
-        except libvirt.libvirtError:
+        cls.conn = real_guest_connection()
+        if cls.conn is None:
             cls.ready = False
             return
         cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
