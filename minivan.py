@@ -603,6 +603,7 @@ class Store:
         self.flushing = False
         self.broken = None      # why the state cannot be written, while it cannot
         self.journal = None
+        self.cut_to = None      # journal length to cut back to before the next write
         self.lock_fd = None
         self.watchers = []      # watcher(op, data) runs before each op is applied
 
@@ -654,8 +655,9 @@ class Store:
         except OSError as e:
             raise StateError(f"cannot read {self.journal_path}: {e}") from None
         lines = raw.split(b"\n")
-        count = 0
+        count = offset = 0
         for number, line in enumerate(lines, 1):
+            start, offset = offset, offset + len(line) + 1
             if not line.strip():
                 continue
             try:
@@ -668,11 +670,26 @@ class Store:
                 if torn_tail:
                     LOG.warning("dropping a torn last line of %s (a crash during a write): "
                                 "it was never acknowledged", self.journal_path)
+                    self._cut_journal(start)
                     break
                 raise StateError(f"{self.journal_path} line {number} is unreadable ({e}); "
                                  "it was left untouched") from None
             count += 1
         return count
+
+    def _cut_journal(self, length):
+        """Cut the journal back to its whole lines, durably, before anything is appended
+        to it: a line written after a torn one would be unreadable."""
+        try:
+            fd = os.open(self.journal_path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StateError(f"cannot cut the torn last line off {self.journal_path}: "
+                             f"{e}") from None
 
     # -- changes -----------------------------------------------------------
     def commit(self, ops):
@@ -747,15 +764,20 @@ class Store:
             self.pending = []
             self.cond.release()
             error = None
+            good = self.cut_to
             try:
-                good = self._journal_size()
+                if self.cut_to is not None:    # a torn write still to be cut off first
+                    os.ftruncate(self.journal, self.cut_to)
+                    self.cut_to = None
+                good = os.fstat(self.journal).st_size
                 self._write(b"".join(line.encode("utf-8") for _, line, _ in batch))
             except OSError as e:
                 error = e
                 try:                           # no torn line stays behind the good ones
-                    os.ftruncate(self.journal, good)
+                    if good is not None:
+                        os.ftruncate(self.journal, good)
                 except OSError:
-                    pass
+                    self.cut_to = good         # cut before the next write, or 503 again
             finally:
                 self.cond.acquire()
             self.flushing = False
@@ -822,6 +844,7 @@ class Store:
             if self.journal is not None:
                 os.ftruncate(self.journal, 0)
                 os.fsync(self.journal)
+                self.cut_to = None
             else:
                 with open(self.journal_path, "w"):
                     pass

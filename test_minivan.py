@@ -1357,6 +1357,43 @@ class JournalFailureTests(AppTestCase):
         self.assertEqual(self.get("/v2.1/flavors/1").status, 200)
 
 
+    def test_a_failed_cut_after_a_failed_write_is_made_before_the_next_write(self):
+        """A journal write that fails half-way, then a cut (ftruncate) that fails too: the
+        next change cuts the torn bytes off before it writes, so every acknowledged
+        change replays after a restart and the journal stays readable."""
+        from unittest import mock
+        store = self.store
+        real_write, real_truncate = os.write, os.ftruncate
+        calls = {"write": 0, "truncate": 0}
+
+        def half_write(fd, data):
+            if fd == store.journal and calls["write"] == 0:
+                calls["write"] += 1
+                real_write(fd, bytes(data[:len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        def failing_truncate(fd, length):
+            if fd == store.journal and calls["truncate"] == 0:
+                calls["truncate"] += 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real_truncate(fd, length)
+        with mock.patch("os.write", half_write), mock.patch("os.ftruncate", failing_truncate):
+            r = self.post("/v2.1/os-keypairs", {"keypair": {"name": "lost"}})
+            self.assertFault(r, 503, "serviceUnavailable")
+            self.assertEqual(self.post("/v2.1/os-keypairs", {"keypair": {"name": "kept"}})
+                             .status, 200)
+        self.assertEqual(calls, {"write": 1, "truncate": 1})
+        with open(store.journal_path, "rb") as f:
+            lines = f.read().split(b"\n")
+        self.assertEqual(lines[-1], b"")
+        for line in lines[:-1]:
+            json.loads(line)
+        self.restart_app()
+        self.assertEqual(self.get("/v2.1/os-keypairs/kept").status, 200)
+        self.assertEqual(self.get("/v2.1/os-keypairs/lost").status, 404)
+
+
 class FlavorSeedTests(unittest.TestCase):
     def test_flavors_file_replaces_builtin_on_first_start(self):
         """--flavors FILE seeds a fresh state with its flavors instead of the built-in set."""
@@ -1831,6 +1868,33 @@ class DaemonTests(unittest.TestCase):
         cached = importlib.util.cache_from_source(os.path.join(HERE, "minivan.py"))
         self.assertGreaterEqual(os.stat(cached).st_mtime,
                                 int(os.stat(os.path.join(HERE, "minivan.py")).st_mtime))
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+
+    def test_a_torn_only_line_is_cut_before_the_next_change(self):
+        """The journal's only line torn by a crash: minivan starts, cuts it off, and a
+        change acknowledged after that survives the next crash (SIGKILL) and start."""
+        tmp = tempfile.mkdtemp(prefix="minivan-torn-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port = free_port()
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        proc.terminate()
+        self.assertEqual(proc.wait(30), 0)
+        journal = os.path.join(tmp, "data", "state.json.journal")
+        with open(journal, "ab") as f:
+            f.write(b'{"ops":[["set",["keypairs","u","half"],{"na')
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        r = compute_request(self, port, "POST", "/os-keypairs", "admin:admin",
+                            {"keypair": {"name": "after-the-tear"}})
+        self.assertEqual(r.status, 200)
+        proc.kill()
+        proc.wait(30)
+        proc = self.start(tmp, port)
+        self.wait_up(port, proc)
+        self.assertEqual(compute_request(self, port, "GET", "/os-keypairs/after-the-tear",
+                                         "admin:admin").status, 200)
         proc.terminate()
         self.assertEqual(proc.wait(30), 0)
 
