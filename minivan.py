@@ -153,6 +153,9 @@ OPTIONS = [
     ("my-ip", "", "this host's address in the connector volumes are exported to "
      "(default: the address of the interface of the default route)"),
     ("token-cache-size", "10000", "validated tokens kept in memory"),
+    ("token-cache-time", "300", "seconds a validated token is trusted before Keystone is "
+     "asked again, as keystonemiddleware's token_cache_time: a revoked token is refused "
+     "within this time, and while Keystone is down a known token works this long"),
     ("flavors", "", "JSON file of flavors loaded on first start "
      "(default: flavors.json beside minivan.py, else the built-in set)"),
     ("libvirt-uri", "qemu:///system", "libvirt connection URI (test:///default for a trial)"),
@@ -299,7 +302,7 @@ def finish_config(conf):
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
                 "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
                 "max_concurrent_builds", "max_connections", "client_timeout",
-                "console_token_ttl"):
+                "console_token_ttl", "token_cache_time"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -1206,8 +1209,9 @@ class KeystoneAuth:
             self.url += "/v3"
         self.conf = conf
         self.clock = clock
-        self.cache = collections.OrderedDict()   # sha256(token) -> Identity
+        self.cache = collections.OrderedDict()   # sha256(token) -> (Identity, trusted until)
         self.cache_size = conf["token_cache_size"]
+        self.cache_time = datetime.timedelta(seconds=max(0, conf.get("token_cache_time", 300)))
         self.known_projects = {}                  # project id -> when Keystone confirmed it
         self.lock = threading.Lock()             # the caches
         self.service_lock = threading.Lock()     # minivan's own token, while it is fetched
@@ -1298,15 +1302,15 @@ class KeystoneAuth:
         key = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
         now = self.clock.now()
         with self.lock:
-            ident = self.cache.get(key)
+            ident, until = self.cache.get(key, (None, None))
             if ident is not None:
-                if ident.expires and ident.expires > now:
+                if ident.expires and ident.expires > now and until > now:
                     self.cache.move_to_end(key)
                     return ident
                 del self.cache[key]
         ident = self._validate(token)
         with self.lock:
-            self.cache[key] = ident
+            self.cache[key] = (ident, now + self.cache_time)
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return ident

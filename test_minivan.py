@@ -2987,6 +2987,57 @@ class GlanceComparisonTests(unittest.TestCase):
               f"{len(self.compared)} equal")
 
 
+class KeystoneProxy:
+    """A TCP proxy in front of the test Keystone that passes, refuses ("down") or holds
+    ("slow": accepted, never answered) connections, as mode["now"] says."""
+
+    def __init__(self, keystone_url):
+        target = urllib.parse.urlsplit(keystone_url)
+        self.target = (target.hostname, target.port)
+        self.mode = {"now": "pass"}
+        self.held = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}{target.path}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    @staticmethod
+    def pipe(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode["now"] == "down":
+                client.close()
+            elif self.mode["now"] == "slow":
+                self.held.append(client)
+            else:
+                upstream = socket.create_connection(self.target)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
 class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
     """minivan behind a real Keystone, registered in its catalog, driven by the real
     clients; two simulated compute hosts, so that Tempest's migration tests run."""
@@ -3266,48 +3317,55 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         finally:
             stop_minivan(Holder)
 
+    def test_revoked_token_is_refused_within_the_cache_time(self):
+        """--token-cache-time 3: a token revoked in Keystone still works from the cache,
+        then gets 401 once 3 s have passed; with Keystone down, a cached token works
+        until its cache time ends, then gets 503."""
+        keystone = KeystoneProxy(self.env["OS_AUTH_URL"])
+        self.addCleanup(keystone.close)
+
+        class Holder:
+            pass
+        port = free_port()
+        start_minivan(Holder, port, env_extra=keystone_minivan_env(
+            self.env, MINIVAN_KEYSTONE_URL=keystone.url, MINIVAN_TOKEN_CACHE_TIME="3"))
+        self.addCleanup(stop_minivan, Holder)
+
+        def flavors(token):
+            return compute_request(self, port, "GET", "/flavors", token, timeout=60).status
+        revoked = keystone_token(self.env, "demo", "demo")
+        self.assertEqual(flavors(revoked), 200)
+        req = urllib.request.Request(self.env["OS_AUTH_URL"] + "/auth/tokens", method="DELETE",
+                                     headers={"X-Auth-Token": self.token("admin", "admin"),
+                                              "X-Subject-Token": revoked})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            self.assertEqual(resp.status, 204)
+        revoked_at = time.monotonic()
+        first = flavors(revoked)
+        if time.monotonic() - revoked_at < 2.5:
+            self.assertEqual(first, 200)                 # still trusted from the cache
+        wait_until(lambda: flavors(revoked) == 401, timeout=30, interval=0.5,
+                   what="the revoked token refused")
+        self.assertGreaterEqual(time.monotonic() - revoked_at, 2.5)
+        known = keystone_token(self.env, "demo", "demo")
+        self.assertEqual(flavors(known), 200)
+        keystone.mode["now"] = "down"
+        down_at = time.monotonic()
+        first = flavors(known)
+        if time.monotonic() - down_at < 2.5:
+            self.assertEqual(first, 200)
+        wait_until(lambda: flavors(known) == 503, timeout=30, interval=0.5,
+                   what="the cached token to end while Keystone is down")
+        keystone.mode["now"] = "pass"
+        self.assertEqual(flavors(known), 200)
+
     def test_keystone_down_or_slow(self):
         """Keystone behind a proxy that goes down, then answers nothing: tokens minivan
         already validated keep working, new ones get 503 (at once when Keystone is
         down, within minivan's 10 s timeout when it hangs), and all works again after."""
-        target = urllib.parse.urlsplit(self.env["OS_AUTH_URL"])
-        mode = {"now": "pass"}
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        held = []
-
-        def pipe(src, dst):
-            try:
-                while True:
-                    data = src.recv(65536)
-                    if not data:
-                        break
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for sock in (src, dst):
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        def serve():
-            while True:
-                try:
-                    client, _ = listener.accept()
-                except OSError:
-                    return
-                if mode["now"] == "down":
-                    client.close()
-                elif mode["now"] == "slow":
-                    held.append(client)              # accepted, never answered
-                else:
-                    upstream = socket.create_connection((target.hostname, target.port))
-                    for a, b in ((client, upstream), (upstream, client)):
-                        threading.Thread(target=pipe, args=(a, b), daemon=True).start()
-        threading.Thread(target=serve, daemon=True).start()
-        proxy = f"http://127.0.0.1:{listener.getsockname()[1]}{target.path}"
+        keystone = KeystoneProxy(self.env["OS_AUTH_URL"])
+        self.addCleanup(keystone.close)
+        mode, held, proxy = keystone.mode, keystone.held, keystone.url
 
         class Holder:
             pass
