@@ -221,6 +221,9 @@ OPTIONS = [
     ("max-limit", "1000", "largest page a list returns"),
     ("journal-max-bytes", "16777216", "journal size that triggers a new snapshot"),
     ("debug", "false", "log every request and response (tokens and passwords excluded)"),
+    ("noauth-allow-remote", "false", "with --auth noauth, listen on a --bind that is not "
+     "a loopback address and answer requests for any host name: everyone who reaches the "
+     "port may act as admin"),
     ("fault-injection", "false", "let admins make minivan fail on purpose "
      "(/minivan/v1/faults and minivan:* server metadata)"),
 ]
@@ -329,7 +332,7 @@ def finish_config(conf):
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     for key in ("debug", "force_config_drive", "enable_instance_password",
                 "resume_guests_state_on_host_boot", "instance_usage_audit",
-                "vif_plugging_is_fatal", "fault_injection"):
+                "vif_plugging_is_fatal", "fault_injection", "noauth_allow_remote"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
@@ -348,6 +351,11 @@ def finish_config(conf):
         raise ConfigError(f"--virt-type must be kvm or qemu, not {conf['virt_type']!r}")
     if conf["bind"] is None:
         conf["bind"] = "127.0.0.1" if conf["auth"] == "noauth" else "::"
+    if conf["auth"] == "noauth" and not conf["noauth_allow_remote"] and \
+            not is_loopback_address(conf["bind"]):
+        raise ConfigError(f"--auth noauth lets every caller act as admin, so it listens only "
+                          f"on a loopback address, not {conf['bind']!r}: use --bind "
+                          "127.0.0.1, --auth keystone, or --noauth-allow-remote true")
     if ":" not in conf["noauth_identity"]:
         raise ConfigError("--noauth-identity must look like user:project")
     if bool(conf["tls_cert"]) != bool(conf["tls_key"]):
@@ -378,6 +386,19 @@ def finish_config(conf):
     conf["cors_allowed_origins"] = [o.strip() for o in conf["cors_allowed_origins"].split(",")
                                     if o.strip()]
     return conf
+
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def is_loopback_address(address):
+    """True for 127.0.0.0/8, ::1 and the loopback names."""
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_compute_hosts(text, host, libvirt_uri):
@@ -14161,6 +14182,30 @@ class App:
                                        base, legacy)
         return Response(300, versions_choices(base, path))
 
+    def check_host(self, headers):
+        if not self.host_allowed(headers.get("Host")):
+            raise Forbidden("minivan runs without authentication (--auth noauth): it answers "
+                            "only requests addressed to a loopback name or address, or to "
+                            "--public-url's host")
+
+    def host_allowed(self, host):
+        """In noauth, where every caller may be admin, only a request addressed to a
+        loopback name or address (or --public-url's host) is answered: a web page the
+        operator visits cannot reach the API by rebinding its own name to 127.0.0.1."""
+        if self.conf["auth"] != "noauth" or self.conf["noauth_allow_remote"] or not host:
+            return True
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname or ""
+        except ValueError:
+            return False
+        if name in LOOPBACK_NAMES or name == urllib.parse.urlsplit(
+                self.conf["public_url"]).hostname:
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+
     def side_service(self, method, shown, work, fault_response, error_body):
         """Answer a request outside the compute API (/image, /minivan/v1/faults): work()
         gives the Response; a Fault becomes fault_response(fault), a bug a 500 with
@@ -14182,6 +14227,7 @@ class App:
     def handle_image(self, method, rest, query, headers, body, stream):
         """The standalone image service (a Glance v2 subset), in Glance's error shape."""
         def work():
+            self.check_host(headers)
             if not isinstance(self.images, LocalImages):
                 return Response(404, {"code": "404 Not Found", "title": "Not Found",
                                       "message": "This cloud's images are in Glance: minivan's "
@@ -14209,6 +14255,7 @@ class App:
         def work():
             if body is None:
                 raise TooLarge()
+            self.check_host(headers)
             return Response(*faults_endpoint(self, method, path, headers, body))
         return self.side_service(method, path, work,
                                  lambda fault: self.fault_response(fault, None),
@@ -14251,6 +14298,7 @@ class App:
                     raise
             if body is None:
                 raise TooLarge()
+            self.check_host(headers)
             if self.stopping:
                 raise Unavailable("minivan is shutting down.")
             resp = self.route(req, method, rest, body)

@@ -661,6 +661,36 @@ class NoAuthTests(AppTestCase):
         self.assertFault(self.get("/v2.1/os-quota-class-sets/default", token="demo:demo"),
                          403, "forbidden")
 
+    def test_noauth_answers_only_loopback_hosts(self):
+        """In noauth, a request addressed to another host name (DNS rebinding: a web page
+        whose name now points at 127.0.0.1) is refused with 403; loopback names and
+        addresses are answered; --noauth-allow-remote answers any."""
+        for host in ("127.0.0.1:8774", "localhost:8774", "[::1]:8774", "127.1.2.3",
+                     "localhost"):
+            self.assertEqual(self.get("/v2.1/flavors", headers={"Host": host}).status, 200,
+                             host)
+        for host in ("attacker.example:8774", "10.0.0.5:8774", "[fe80::1]:8774",
+                     "127.0.0.1.attacker.example"):
+            self.assertFault(self.get("/v2.1/flavors", headers={"Host": host}), 403,
+                             "forbidden")
+            r = self.call("POST", "/image/v2/images", {"name": "x"}, headers={"Host": host})
+            self.assertEqual(r.status, 403)
+        self.app.conf["noauth_allow_remote"] = True
+        self.assertEqual(self.get("/v2.1/flavors",
+                                  headers={"Host": "attacker.example"}).status, 200)
+
+    def test_noauth_listens_on_loopback_only(self):
+        """noauth with a --bind that is not loopback is a start-up error, unless
+        --noauth-allow-remote says the operator wants an open admin API."""
+        for bind in ("0.0.0.0", "::", "192.0.2.10"):
+            with self.assertRaisesRegex(minivan.ConfigError, "listens only on a loopback"):
+                minivan.default_config(bind=bind, data_dir=self.tmp)
+        for bind in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+            minivan.default_config(bind=bind, data_dir=self.tmp)
+        minivan.default_config(bind="0.0.0.0", noauth_allow_remote="true", data_dir=self.tmp)
+        minivan.default_config(bind="0.0.0.0", auth="keystone", keystone_url="http://k/v3",
+                               keystone_password="x", data_dir=self.tmp)
+
 
 # -- flavors --------------------------------------------------------------------------
 
@@ -1573,7 +1603,7 @@ class SocketTests(SocketTestCase):
         """A chunked request body is read."""
         body = json.dumps({"keypair": {"name": "ch", "public_key": SAMPLE_KEY}}).encode()
         chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-        req = (b"POST /v2.1/os-keypairs HTTP/1.1\r\nHost: x\r\nX-Auth-Token: admin:admin\r\n"
+        req = (b"POST /v2.1/os-keypairs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Auth-Token: admin:admin\r\n"
                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                b"Connection: close\r\n\r\n" + chunked)
         status, body = self.parse_raw(self.raw(req))
@@ -1581,7 +1611,9 @@ class SocketTests(SocketTestCase):
         self.assertEqual(body["keypair"]["name"], "ch")
 
     def test_forwarded_headers_make_links(self):
-        """X-Forwarded-Proto and Host shape every link."""
+        """X-Forwarded-Proto and Host shape every link (noauth behind a proxy: with
+        --noauth-allow-remote)."""
+        self.app.conf["noauth_allow_remote"] = True
         r = self.http("GET", "/v2.1/flavors/1", headers={"X-Forwarded-Proto": "https",
                                                          "Host": "cloud.example.com"})
         self.assertEqual(r.json()["flavor"]["links"][0]["href"],
@@ -1760,10 +1792,13 @@ class PublicUrlTests(SocketTestCase):
     conf = {"public_url": "https://compute.example.com:8443/"}
 
     def test_public_url_wins(self):
-        """--public-url is the base of every link."""
-        r = self.http("GET", "/v2.1/flavors/1", headers={"Host": "other"})
+        """--public-url is the base of every link; in noauth its host is answered, other
+        names are not."""
+        r = self.http("GET", "/v2.1/flavors/1", headers={"Host": "compute.example.com:8443"})
         self.assertEqual(r.json()["flavor"]["links"][0]["href"],
                          "https://compute.example.com:8443/v2.1/flavors/1")
+        r = self.http("GET", "/v2.1/flavors/1", headers={"Host": "other"})
+        self.assertEqual(r.status, 403)
 
 
 def have_ipv6():
