@@ -10430,15 +10430,16 @@ class ConsoleTokens:
     """Console tokens: each opens one console session within ttl seconds
     (--console-token-ttl)."""
 
-    def __init__(self, ttl):
+    def __init__(self, ttl, monotonic=time.monotonic):
         self.ttl = ttl
+        self.monotonic = monotonic          # replaceable in tests
         self.tokens = {}
         self.lock = threading.Lock()
 
     def issue(self, server, console_type):
         token = str(uuid.uuid4())
         with self.lock:
-            now = time.monotonic()
+            now = self.monotonic()
             self.tokens = {k: v for k, v in self.tokens.items() if v["expires"] > now}
             self.tokens[token] = {"server_id": server["id"], "type": console_type,
                                   "host": server.get("host"), "expires": now + self.ttl}
@@ -10447,12 +10448,12 @@ class ConsoleTokens:
     def peek(self, token):
         with self.lock:
             record = self.tokens.get(token)
-            return record if record and record["expires"] > time.monotonic() else None
+            return record if record and record["expires"] > self.monotonic() else None
 
     def take(self, token):
         with self.lock:
             record = self.tokens.pop(token, None)
-            return record if record and record["expires"] > time.monotonic() else None
+            return record if record and record["expires"] > self.monotonic() else None
 
 
 def console_url(req, server, protocol, console_type):

@@ -1331,12 +1331,16 @@ class StateTests(AppTestCase):
         real = os.fsync
 
         def counting(fd):
-            fsyncs.append(fd)
+            if fd == self.store.journal:
+                fsyncs.append(fd)
+                time.sleep(0.02)
             real(fd)
 
         minivan.os.fsync = counting
+        start = threading.Barrier(8)
         try:
             def worker(n):
+                start.wait()
                 for i in range(10):
                     self.store.commit([["set", ["quotas", f"p{n}-{i}"], {"cores": i}]])
             threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
@@ -1346,7 +1350,9 @@ class StateTests(AppTestCase):
                 t.join()
         finally:
             minivan.os.fsync = real
-        self.assertLessEqual(len(fsyncs), 80)
+        # each fsync takes 20 ms, during which the other threads' commits queue up and
+        # share the next one: far fewer fsyncs than commits (one each without group commit)
+        self.assertLessEqual(len(fsyncs), 40)
         self.restart_app()
         self.assertEqual(len([k for k in self.store.data["quotas"] if k.startswith("p")]), 80)
 
@@ -1467,7 +1473,9 @@ class ValidationTests(unittest.TestCase):
     def test_lenient_mode_ignores_extra_keys(self):
         """The legacy /v2 pipeline ignores unknown keys."""
         schema = {"type": "object", "additionalProperties": False, "properties": {}}
-        minivan.check_schema(schema, {"x": 1}, lenient=True)
+        with self.assertRaisesRegex(minivan.SchemaError, "Additional properties"):
+            minivan.check_schema(schema, {"x": 1})
+        minivan.check_schema(schema, {"x": 1}, lenient=True)        # no error
 
 
 # -- the real HTTP server --------------------------------------------------------------
@@ -1716,10 +1724,9 @@ class FaultInjectionTests(SocketTestCase):
 
     def test_metadata_keys(self):
         doomed = self.boot("m1", metadata={"minivan:fail_build": "no room"})
-        slow = self.boot("m2", metadata={"minivan:build_delay": "0.5",
+        slow = self.boot("m2", metadata={"minivan:build_delay": "5",
                                          "minivan:fail_delete": "1"})
-        time.sleep(0.2)
-        self.assertEqual(self.status(slow)["status"], "BUILD")
+        self.assertEqual(self.status(slow)["status"], "BUILD")      # for 5 s
         self.app.compute.wait_idle()
         self.assertEqual(self.status(doomed)["fault"]["message"], "no room")
         self.assertEqual(self.status(slow)["status"], "ACTIVE")
@@ -7953,15 +7960,16 @@ class ConsoleTests(ServerTestCase):
             sock.close()
             return code
         self.assertEqual(self.app.console_tokens.ttl, 600)      # Nova's token_ttl
-        self.app.console_tokens.ttl = 0.5
+        now = [1000.0]                   # the tokens' clock, moved by hand
+        self.app.console_tokens.monotonic = lambda: now[0]
         url, token = console()
+        now[0] += 599
         shown = self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31")
         self.assertEqual(shown.status, 200, shown.raw)
-        time.sleep(0.7)
+        now[0] += 2
         self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31"),
                          404, "itemNotFound")
         self.assertEqual(status(url), 401)
-        self.app.console_tokens.ttl = 600
         url, token = console()
         self.assertNotEqual(status(url), 401)     # taken (the simulated guest has no pty)
         self.assertFault(self.get("/v2.1/os-console-auth-tokens/" + token, version="2.31"),
