@@ -12998,11 +12998,14 @@ def set_migration_status(store, server_id, status, clock, only=("migrating", "fi
     store.transaction(plan)
 
 
-def migration_view(req, mig):
+def migration_view(req, mig, with_hosts=True):
     view = {k: mig[k] for k in ("created_at", "dest_compute", "dest_host", "dest_node", "id",
                                 "instance_uuid", "new_instance_type_id",
                                 "old_instance_type_id", "source_compute", "source_node",
                                 "status", "updated_at")}
+    if not with_hosts:           # os-migrations:index:host is the admin's (Nova's _output)
+        view.update(dest_compute=None, dest_host=None, dest_node=None, source_compute=None,
+                    source_node=None)
     if req.since("2.23"):
         view["migration_type"] = mig["migration_type"]
     if req.since("2.59"):
@@ -13022,6 +13025,14 @@ def migrations_index(req):
     if req.since("2.80"):
         allowed += ["user_id", "project_id"]
     query = {k: v[-1] for k, v in validate_query(req, allowed, strict_since="2.59").items()}
+    # as Nova's MigrationsController._index: another project's (or every project's)
+    # migrations need index:all_projects, and their hosts index:host (both admin's)
+    wanted = (req.query.get("project_id") or [None])[-1]
+    if wanted is None or wanted != req.ident.project_id:
+        authorize(req, "os_compute_api:os-migrations:index:all_projects", "admin")
+    if wanted is not None:
+        query["project_id"] = wanted
+    with_hosts = policy_allows(req.ident, "admin")
     migs = sorted(req.store.data.get("migrations", {}).values(),
                   key=lambda m: (m["created_at"], m["id"]), reverse=True)
     for key in ("instance_uuid", "status", "migration_type", "source_compute", "user_id",
@@ -13041,7 +13052,8 @@ def migrations_index(req):
                                 "Marker %s could not be found.")
         if marker is not None:
             body["migrations_links"] = req.next_link("os-migrations", marker)
-    return 200, dict({"migrations": [migration_view(req, m) for m in migs]}, **body)
+    return 200, dict({"migrations": [migration_view(req, m, with_hosts) for m in migs]},
+                     **body)
 
 
 LIVE_MIGRATION_OPEN = ("queued", "preparing", "running")

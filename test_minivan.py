@@ -3214,6 +3214,38 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
         r = self.api("POST", "/flavors/1/action", admin, {"addTenantAccess": {"tenant": "nope"}})
         self.assertEqual(r.status, 400)
 
+    def test_migrations_list_for_a_project_manager(self):
+        """GET /os-migrations as a project manager (Nova's MigrationsController._index):
+        403 without project_id or with another project's (index:all_projects is the
+        admin's); with its own, its migrations with the hosts hidden (index:host); an
+        admin sees the hosts."""
+        demo, manager = self.token("demo", "demo"), self.token("demo_manager", "demo")
+        admin = self.token("admin", "admin")
+        images = self.api("GET", "/images", demo, version="2.35").json()["images"]
+        made = self.api("POST", "/servers", demo, {"server": {
+            "name": "moved", "imageRef": images[0]["id"], "flavorRef": "1",
+            "networks": "none"}}, version="2.37")
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(self.api, "DELETE", "/servers/" + server_id, admin)
+        wait_until(lambda: self.api("GET", "/servers/" + server_id, demo).json()["server"]
+                   ["status"] == "ACTIVE", what="the server ACTIVE")
+        self.assertEqual(self.api("POST", f"/servers/{server_id}/action", admin,
+                                  {"migrate": None}).status, 202)
+        wait_until(lambda: self.api("GET", "/servers/" + server_id, demo).json()["server"]
+                   ["status"] == "VERIFY_RESIZE", what="the migration to finish")
+        own = f"/os-migrations?project_id={self.env['DEMO_PROJECT_ID']}"
+        for path in ("/os-migrations", f"/os-migrations?project_id={self.env['ALT_PROJECT_ID']}"):
+            self.assertEqual(self.api("GET", path, manager, version="2.80").status, 403, path)
+        self.assertEqual(self.api("GET", own, demo, version="2.80").status, 403)
+        mine = self.api("GET", own, manager, version="2.80").json()["migrations"]
+        self.assertEqual([m["instance_uuid"] for m in mine], [server_id])
+        self.assertEqual({mine[0][k] for k in ("source_compute", "dest_compute", "dest_host",
+                                                "source_node", "dest_node")}, {None})
+        seen = [m for m in self.api("GET", "/os-migrations", admin, version="2.80").json()
+                ["migrations"] if m["instance_uuid"] == server_id]
+        self.assertTrue(seen[0]["source_compute"] and seen[0]["dest_compute"])
+        self.api("POST", f"/servers/{server_id}/action", admin, {"confirmResize": None})
+
     def test_policy_matrix_from_the_route_table(self):
         """Every route of the dispatch table, generated from it: no token and a garbage
         token get 401 (public version documents aside), a member gets 403 on admin,
