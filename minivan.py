@@ -65,6 +65,7 @@ import contextvars
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import http.client
 import http.server
@@ -13503,7 +13504,7 @@ def graphics_address(uri):
 # Rules live in memory (a restart clears them); server metadata keys do the same for
 # one server.
 
-FAULT_KINDS = ("build", "build_delay", "action", "delete", "host_down")
+FAULT_KINDS = ("build", "build_delay", "action", "delete", "host_down", "store_hang")
 FAULT_RULE_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["fault"],
     "properties": {"fault": {
@@ -13552,14 +13553,23 @@ class FaultRules:
             rule["count"] = None
         elif rule["host"] is not None:
             raise BadRequest("Only host_down rules name a host.")
-        if rule["kind"] == "build_delay" and not rule["seconds"]:
-            raise BadRequest("A build_delay rule needs seconds.")
+        if rule["kind"] in ("build_delay", "store_hang") and not rule["seconds"]:
+            raise BadRequest(f"A {rule['kind']} rule needs seconds.")
+        if rule["kind"] == "store_hang":        # the state store's lock held that long
+            LOG.warning("failure injection: the state store hangs for %s s", rule["seconds"])
+            threading.Thread(target=self.hang_store, args=(rule["seconds"],), daemon=True,
+                             name="store-hang").start()
+            return dict(rule, count=0)
         with self.lock:
             self.rules[rule["id"]] = rule
         if rule["kind"] == "host_down":
             LOG.warning("failure injection: compute host %s is down", rule["host"])
             self.app.drivers[rule["host"]].injected_down = True
         return dict(rule)
+
+    def hang_store(self, seconds):
+        with self.app.store.cond:
+            time.sleep(seconds)
 
     def remove(self, rule_id):
         with self.lock:
@@ -14179,6 +14189,9 @@ class App:
         path = split.path or "/"
         base = self.base_url(headers, secure)
         if path == "/healthcheck":
+            if not self.store_answers():
+                return Response(503, b"the state store does not answer\n",
+                                content_type="text/plain")
             return Response(200, b"OK", content_type="text/plain")
         if path == "/image" or path.startswith("/image/"):
             return self.handle_image(method, path[len("/image"):], split.query, headers, body,
@@ -14194,6 +14207,13 @@ class App:
                 return self.handle_api(method, path[len(root):], split.query, headers, body,
                                        base, legacy)
         return Response(300, versions_choices(base, path))
+
+    def store_answers(self, timeout=5):
+        """True when the state store's lock can be had within timeout seconds."""
+        if not self.store.cond.acquire(timeout=timeout):
+            return False
+        self.store.cond.release()
+        return True
 
     def check_host(self, headers):
         if not self.host_allowed(headers.get("Host")):
@@ -14636,6 +14656,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.reading = {}              # socket -> when its request must have arrived
         self.reading_lock = threading.Lock()
         self.closed = threading.Event()
+        self.tls = tls_context
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self.address_family = family
         super().__init__((bind, port), Handler, bind_and_activate=False)
@@ -14756,15 +14777,40 @@ def sd_notify(message, environ=None):
     return True
 
 
-def watchdog_loop(stop, environ=None):
-    """Pings systemd's watchdog at half its interval, while the process is healthy."""
+def watchdog_loop(stop, healthy, environ=None):
+    """Pings systemd's watchdog at half its interval, each time healthy() says the serving
+    loop and the state store answer: a hung minivan is restarted by systemd."""
     environ = os.environ if environ is None else environ
     try:
         interval = int(environ.get("WATCHDOG_USEC", "0")) / 2e6
     except ValueError:
         return
     while interval and not stop.wait(interval):
-        sd_notify("WATCHDOG=1", environ)
+        if healthy(max(0.1, min(interval, 5))):
+            sd_notify("WATCHDOG=1", environ)
+        else:
+            LOG.error("minivan does not answer its own /healthcheck: systemd's watchdog is "
+                      "not pinged")
+
+
+def answers_healthcheck(server, timeout):
+    """True when GET /healthcheck, sent to minivan's own listening socket, gets 200 within
+    timeout: the serving loop accepts, a handler runs, and the store answers."""
+    host, port = server.server_address[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        if server.tls is not None:
+            context = ssl._create_unverified_context()      # ourselves, by address
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("GET", "/healthcheck")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 def power_sync_loop(app, events, stop):
@@ -14901,7 +14947,9 @@ def main(argv=None):
                      name="libvirt-reconnect").start()
     threading.Thread(target=power_sync_loop, args=(app, events, stop), daemon=True,
                      name="power-sync").start()
-    threading.Thread(target=watchdog_loop, args=(stop,), daemon=True, name="watchdog").start()
+    threading.Thread(target=watchdog_loop, args=(
+        stop, functools.partial(answers_healthcheck, server)), daemon=True,
+        name="watchdog").start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)

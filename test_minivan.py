@@ -2086,6 +2086,50 @@ class DaemonTests(unittest.TestCase):
         with self.assertRaisesRegex(minivan.DriverError, f"chmod o\\+x {data}$"):
             driver.secure([disk])
 
+    def test_watchdog_is_pinged_only_while_minivan_answers(self):
+        """With WATCHDOG_USEC, minivan pings systemd's watchdog while its own /healthcheck
+        answers; while the state store hangs (a store_hang fault), /healthcheck is 503
+        and no ping is sent; then the pings come again."""
+        with tempfile.TemporaryDirectory() as tmp:
+            sock_path = os.path.join(tmp, "notify")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(sock_path)
+            port = free_port()
+            proc = self.start(tmp, port, {"NOTIFY_SOCKET": sock_path,
+                                          "WATCHDOG_USEC": "400000"},
+                              args=("--fault-injection", "true"))
+            self.wait_up(port, proc)
+
+            def pings(seconds):
+                """The WATCHDOG=1 messages received within these seconds."""
+                got, deadline = 0, time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    try:
+                        got += sock.recv(4096).decode().count("WATCHDOG=1")
+                    except socket.timeout:
+                        pass
+                return got
+            self.assertGreaterEqual(pings(2), 3)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/minivan/v1/faults", json.dumps(
+                {"fault": {"kind": "store_hang", "seconds": 12}}),
+                {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().status, 201)
+            conn.close()
+            hung_at = time.monotonic()
+            pings(0.5)                                  # a ping already on its way
+            self.assertEqual(pings(5), 0)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/healthcheck")
+            self.assertEqual(conn.getresponse().status, 503)
+            conn.close()
+            time.sleep(max(0, 12 - (time.monotonic() - hung_at)))
+            self.assertGreaterEqual(pings(3), 2)
+            proc.terminate()
+            self.assertEqual(proc.wait(30), 0)
+            sock.close()
+
     def test_sd_notify_ready_and_stopping(self):
         """With NOTIFY_SOCKET, minivan sends READY=1 once serving and STOPPING=1 on SIGTERM."""
         with tempfile.TemporaryDirectory() as tmp:
