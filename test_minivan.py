@@ -1430,6 +1430,73 @@ class JournalFailureTests(AppTestCase):
         self.assertEqual(self.get("/v2.1/os-keypairs/lost").status, 404)
 
 
+class TornFileTests(unittest.TestCase):
+    """A crash lands between two writes, never inside one; what it leaves is a journal
+    whose last record stops at any byte, or a snapshot's temporary file cut anywhere."""
+
+    def test_the_journal_cut_at_every_byte_of_its_last_record(self):
+        """For every length the journal's last record can be cut to: the store opens,
+        holds every earlier change and none of the cut one, and a change made then
+        survives another opening (the cut bytes never come back in front of it)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            store = minivan.Store(tmp)
+            store.open()
+            store.commit([["set", ["keypairs", "u", "a"], {"name": "a"}]])
+            store.commit([["set", ["keypairs", "u", "b"], {"name": "b", "note": "é" * 20}]])
+            store.commit([["set", ["keypairs", "u", "c"], {"name": "c"}]])
+            store.close()                                  # folds them into state.json
+            store = minivan.Store(tmp)
+            store.open()                                   # the journal's only record:
+            store.commit([["set", ["keypairs", "u", "last"], {"name": "last", "n": "ü" * 30}],
+                          ["del", ["keypairs", "u", "a"]]])
+            with open(store.journal_path, "rb") as f:
+                journal = f.read()
+            os.close(store.journal)
+            os.close(store.lock_fd)
+            store.journal = store.lock_fd = None
+            start = 0
+            snapshot = open(os.path.join(tmp, "state.json"), "rb").read()
+            for cut in range(start, len(journal) + 1):
+                with open(store.journal_path, "wb") as f:
+                    f.write(journal[:cut])
+                with open(os.path.join(tmp, "state.json"), "wb") as f:
+                    f.write(snapshot)
+                again = minivan.Store(tmp)
+                again.open()
+                names = sorted(again.data["keypairs"]["u"])
+                whole = cut >= len(journal) - 1     # the record, with or without its \n
+                self.assertEqual(names, ["b", "c", "last"] if whole else ["a", "b", "c"], cut)
+                again.commit([["set", ["keypairs", "u", "after"], {"name": "after"}]])
+                os.close(again.journal)             # a crash: no snapshot at close
+                os.close(again.lock_fd)
+                again.journal = again.lock_fd = None
+                third = minivan.Store(tmp)
+                third.open()
+                self.assertIn("after", third.data["keypairs"]["u"], cut)
+                self.assertEqual("a" in third.data["keypairs"]["u"], not whole, cut)
+                third.close()
+
+    def test_a_snapshot_temporary_file_cut_anywhere_is_ignored(self):
+        """state.json.tmp left by a crash in the middle of a snapshot, at any length: the
+        store opens from state.json and the journal, and the next snapshot replaces it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            store = minivan.Store(tmp)
+            store.open()
+            store.commit([["set", ["keypairs", "u", "a"], {"name": "a"}]])
+            store.close()
+            full = open(os.path.join(tmp, "state.json"), "rb").read()
+            for cut in sorted({0, 1, 2, len(full) // 3, len(full) // 2, len(full) - 2,
+                               len(full) - 1, len(full)}):
+                with open(os.path.join(tmp, "state.json.tmp"), "wb") as f:
+                    f.write(full[:cut] if cut < len(full) else full.replace(b'"a"', b'"z"'))
+                store = minivan.Store(tmp)
+                store.open()
+                self.assertEqual(sorted(store.data["keypairs"]["u"]), ["a"], cut)
+                store.commit([["set", ["keypairs", "u", "a"], {"name": "a", "cut": cut}]])
+                store.close()
+                self.assertFalse(os.path.exists(os.path.join(tmp, "state.json.tmp")))
+
+
 class FlavorSeedTests(unittest.TestCase):
     def test_flavors_file_replaces_builtin_on_first_start(self):
         """--flavors FILE seeds a fresh state with its flavors instead of the built-in set."""
