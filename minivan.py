@@ -1348,15 +1348,13 @@ class KeystoneAuth:
                 raise Unavailable("The identity service failed to validate the token.")
             raise Unauthorized()
         info = doc["token"]
-        project = info.get("project") or {}
-        if not project.get("id"):
-            raise Unauthorized("minivan needs a project-scoped token.")
+        project = info.get("project") or {}     # none: unscoped, as Nova takes it too
         expires = parse_keystone_time(info.get("expires_at"))
         if expires and expires <= self.clock.now():
             raise Unauthorized()
         roles = [r.get("name", "").lower() for r in info.get("roles", [])]
         user = info.get("user") or {}
-        return Identity(user.get("id"), project["id"], roles, user.get("name"),
+        return Identity(user.get("id"), project.get("id"), roles, user.get("name"),
                         project.get("name"), expires=expires, token=token)
 
     def project_exists(self, project_id):

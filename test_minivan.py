@@ -3258,6 +3258,234 @@ class GlanceComparisonTests(unittest.TestCase):
               f"{len(self.compared)} equal")
 
 
+# Nova's policy rules that only some requests reach (a query parameter, a body field, or
+# a part of the answer the rule hides rather than refuses), each read off the Nova code
+# that checks it; the oracle leaves them out of a route's plain call.
+NOVA_CONDITIONAL_RULES = {
+    # api/openstack/compute/servers.py _get_servers: all_tenants, and filters past the
+    # user's own set
+    "os_compute_api:servers:index:get_all_tenants",
+    "os_compute_api:servers:detail:get_all_tenants",
+    "os_compute_api:servers:allow_all_filters",
+    # views/servers.py and servers.py: fields added only where allowed (fatal=False)
+    "os_compute_api:os-extended-server-attributes",
+    "os_compute_api:servers:show:flavor-extra-specs",
+    "os_compute_api:servers:show:host_status",
+    "os_compute_api:servers:show:host_status:unknown-only",
+    # servers.py create(): a host or node asked for, volumes, networks, certificates, a
+    # zero-disk flavor, an external network
+    "os_compute_api:servers:create:forced_host",
+    "compute:servers:create:requested_destination",
+    "os_compute_api:servers:create:attach_volume",
+    "os_compute_api:servers:create:attach_network",
+    "os_compute_api:servers:create:trusted_certs",
+    "os_compute_api:servers:create:zero_disk_flavor",
+    "network:attach_external_network",
+    "os_compute_api:servers:rebuild:trusted_certs",     # servers.py _action_rebuild
+    "compute:servers:resize:cross_cell",                 # compute/api.py resize()
+    # migrate_server.py: a target host given
+    "os_compute_api:os-migrate-server:migrate_live:host",
+    "os_compute_api:os-migrate-server:migrate:host",
+    "os_compute_api:os-volumes-attachments:swap",        # volumes.py update(): a new volume
+    "os_compute_api:os-server-groups:index:all_projects",  # server_groups.py: all_projects
+    "os_compute_api:limits:other_project",               # limits.py: tenant_id
+    "os_compute_api:os-migrations:index:host",           # migrations.py: hosts shown
+    # flavors.py and flavor_manage.py: extra specs in the flavor's view where allowed
+    "os_compute_api:os-flavor-extra-specs:index",      # (not on os-extra_specs itself)
+    # instance_actions.py show(): events and their details shown where allowed
+    "os_compute_api:os-instance-actions:events",
+    "os_compute_api:os-instance-actions:events:details",
+}
+
+# Routes whose operations Nova's policy documents name by another path.
+NOVA_OPERATION_ALIASES = {
+    "/os-hypervisors/detail": "/os-hypervisors/details",   # hypervisors.py's spelling
+}
+
+
+class NovaPolicyTests(unittest.TestCase):
+    """Every route of minivan behind the real Keystone, called by seven personas with
+    real tokens; whether Nova would refuse it (403) comes from Nova 34's own policy
+    defaults (nova.policies) evaluated by oslo.policy, the routes matched to the rules
+    through the rules' own operations (method and path) - never from minivan's table."""
+
+    PERSONAS = {"admin": ("admin", "admin"), "manager": ("demo_manager", "demo"),
+                "member": ("demo", "demo"), "reader": ("demo_reader", "demo"),
+                "other project's member": ("alt_demo", "alt_demo"),
+                "service": ("service_user", "service"), "no role": ("no_role", None)}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        policies = os.path.join(os.environ.get("MINIVAN_VENV", os.path.join(HERE, ".venv")),
+                                "nova-34.0.0")
+        cls.ready = cls.env is not None and os.path.isdir(os.path.join(policies, "nova"))
+        if not cls.ready:
+            return
+        sys.path.insert(0, policies)
+        from nova import policies as nova_policies
+        from oslo_config import cfg
+        from oslo_policy import policy
+        conf = cfg.ConfigOpts()
+        cls.enforcer = policy.Enforcer(conf)
+        conf([], project="nova")
+        conf.set_override("enforce_new_defaults", True, "oslo_policy")
+        rules = list(nova_policies.list_rules())
+        cls.enforcer.register_defaults(rules)
+        cls.enforcer.load_rules()
+        cls.operations = collections.defaultdict(list)
+        for rule in rules:
+            for op in getattr(rule, "operations", None) or []:
+                cls.operations[(op["method"], cls.normal(op["path"]))].append(rule.name)
+        cls.port = free_port()
+        start_minivan(cls, cls.port, env_extra=keystone_minivan_env(cls.env), hosts=2)
+        cls.tokens, cls.creds = {}, {}
+        for name, (user, project) in cls.PERSONAS.items():
+            cls.tokens[name], cls.creds[name] = cls.token_and_roles(user, project)
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "ready", False):
+            stop_minivan(cls)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, "no test Keystone, or no Nova policies beside the test venv "
+                               "(tools/setup-venvs.sh installs nova-34.0.0 there)")
+
+    @staticmethod
+    def normal(path):
+        """A path with its parameters unnamed and no trailing slash."""
+        return re.sub(r"\{[^}]*\}", "{}", path).rstrip("/") or "/"
+
+    @classmethod
+    def token_and_roles(cls, user, project):
+        """A real token of the user (scoped to the project, or unscoped), and the
+        credentials oslo.policy is given for it: the roles the token carries."""
+        auth = {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": "Default"}, "password": cls.env["OS_PASSWORD"]}}}}
+        if project:
+            auth["scope"] = {"project": {"name": project, "domain": {"name": "Default"}}}
+        req = urllib.request.Request(cls.env["OS_AUTH_URL"] + "/auth/tokens?nocatalog",
+                                     data=json.dumps({"auth": auth}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            token = resp.headers["X-Subject-Token"]
+            doc = json.loads(resp.read())["token"]
+        return token, {"roles": [r["name"] for r in doc.get("roles", [])],
+                       "project_id": (doc.get("project") or {}).get("id"),
+                       "user_id": doc["user"]["id"], "system_scope": None,
+                       "domain_id": None}
+
+    def nova_rules(self, route):
+        """The rules Nova checks on every call of the route (None: Nova checks none)."""
+        path = route.path.replace("/os-volumes_boot", "/servers")   # routes.py: an alias
+        path = NOVA_OPERATION_ALIASES.get(path, path)
+        key = (route.method, self.normal(path) + (f" ({route.action})" if route.action
+                                                   else ""))
+        names = self.operations.get(key)
+        if names is None:
+            return None
+        if "/os-extra_specs" in route.path:
+            return names
+        return [n for n in names if n not in NOVA_CONDITIONAL_RULES]
+
+    def test_every_route_answers_as_novas_policy(self):
+        """Every built route × seven personas (admin; manager, member and reader of a
+        project; another project's member; a service user; a user with no role, with an
+        unscoped token): where Nova's defaults refuse, minivan answers 403 (or 404 where
+        the thing is not found first, as Nova looks it up first); where they allow, never
+        403; and never a 5xx (but 501 for a route not built).  Routes Nova checks no rule on are
+        allowed to all (the image proxy is Glance's to refuse: GlanceComparisonTests)."""
+        wrong, compared, unruled = [], 0, 0
+        for route in minivan.ROUTES:
+            if route.gone or not route.built or route.path.startswith("/images"):
+                continue
+            rules = self.nova_rules(route)
+            unruled += rules is None
+            own = route.path.startswith(("/os-quota-sets/{id}", "/os-simple-tenant-usage/{"))
+            body = ({route.action: None} if route.action else {}) \
+                if route.method in ("POST", "PUT") else None
+            for who, creds in self.creds.items():
+                target = {"project_id": creds["project_id"] or (
+                    self.env["DEMO_PROJECT_ID"] if own else None), "user_id": creds["user_id"]}
+                allowed = all(self.enforcer.enforce(rule, target, creds)
+                              for rule in rules or [])
+                value = (creds["project_id"] or self.env["DEMO_PROJECT_ID"]) if own else "1"
+                path = "/" + "/".join(value if seg.startswith("{") else seg
+                                      for seg in route.segments)
+                got = compute_request(None, self.port, route.method,
+                                      "" if path == "/" else path, self.tokens[who], body,
+                                      version=minivan.version_text(route.min)).status
+                compared += 1
+                refused = got == 403
+                if allowed and refused or not allowed and not (refused or got == 404) \
+                        or got >= 500 and got != 501:
+                    wrong.append(f"{route.method} {route.path} {route.action or ''} as {who}:"
+                                 f" {got}, Nova's rules {'allow' if allowed else 'refuse'}"
+                                 f" ({', '.join(rules or [])})")
+        self.assertEqual(len(wrong), 0, "\n".join(wrong))
+        self.assertGreater(compared, 1000)
+        print(f"\nNova policy: {compared} route x persona calls compared, "
+              f"{len(wrong)} disagreements ({unruled} routes Nova checks no rule on)")
+
+    def test_rules_reached_through_queries_and_bodies(self):
+        """The conditional rules a query parameter or body field reaches, each call made
+        by every persona in its own project: where the rule refuses
+        (Nova checks it with fatal=True at the cited line), 403; where it allows, not 403."""
+        demo = self.env["DEMO_PROJECT_ID"]
+        image = compute_request(None, self.port, "GET", "/images", self.tokens["admin"],
+                                version="2.35").json()["images"][0]["id"]
+        flavor = compute_request(None, self.port, "POST", "/flavors", self.tokens["admin"], {
+            "flavor": {"name": "policy", "ram": 64, "vcpus": 1, "disk": 1}}).json()[
+            "flavor"]["id"]                 # (the route matrix may have deleted flavor 1)
+        cases = [
+            # servers.py _get_servers: all_tenants given
+            ("GET", "/servers?all_tenants=1", None, "2.1",
+             "os_compute_api:servers:index:get_all_tenants"),
+            ("GET", "/servers/detail?all_tenants=1", None, "2.1",
+             "os_compute_api:servers:detail:get_all_tenants"),
+            # server_groups.py index: all_projects given, checked for admins only (the
+            # others get their own groups)
+            ("GET", "/os-server-groups?all_projects=True", None, "2.1",
+             "os_compute_api:os-server-groups:index:all_projects"),
+            # limits.py _index: tenant_id given (any project, the caller's own too)
+            ("GET", f"/limits?tenant_id={demo}", None, "2.1",
+             "os_compute_api:limits:other_project"),
+            # migrations.py _index: no project_id, or another project's
+            ("GET", "/os-migrations", None, "2.80",
+             "os_compute_api:os-migrations:index:all_projects"),
+            # servers.py create: a host asked for (2.74), or a zone with a host
+            ("POST", "/servers", {"server": {"name": "x", "flavorRef": flavor,
+                                             "imageRef": image, "host": "cmp1",
+                                             "networks": "none"}}, "2.74",
+             "compute:servers:create:requested_destination"),
+            ("POST", "/servers", {"server": {"name": "x", "flavorRef": flavor,
+                                             "imageRef": image,
+                                             "availability_zone": "nova:cmp1"}}, "2.1",
+             "os_compute_api:servers:create:forced_host"),
+        ]
+        wrong, compared = [], 0
+        for method, path, body, version, rule in cases:
+            for who, creds in self.creds.items():
+                target = {"project_id": creds["project_id"], "user_id": creds["user_id"]}
+                base = self.nova_rules(next(r for r in minivan.ROUTES if r.method == method
+                                            and r.path == path.split("?")[0]))
+                reached = "admin" in creds["roles"] or "all_projects" not in path
+                allowed = all(self.enforcer.enforce(name, target, creds)
+                              for name in base + [rule] * reached)
+                reply = compute_request(None, self.port, method, path, self.tokens[who], body,
+                                        version=version)
+                got = reply.status
+                compared += 1
+                if allowed == (got == 403) or got >= 500:
+                    wrong.append(f"{method} {path} as {who}: {got}, Nova's rules "
+                                 f"{'allow' if allowed else 'refuse'} ({rule}): "
+                                 f"{reply.raw[:200]!r}")
+        self.assertEqual(len(wrong), 0, "\n".join(wrong))
+        print(f"\nNova policy, conditional rules: {compared} calls compared, 0 disagreements")
+
+
 class KeystoneProxy:
     """A TCP proxy in front of the test Keystone that passes, refuses ("down") or holds
     ("slow": accepted, never answered) connections, as mode["now"] says."""

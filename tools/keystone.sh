@@ -7,10 +7,12 @@
 #       keystone_wsgi.py, keystone.log, keystone.pid and "env" (sourceable:
 #       OS_* for admin, *_PROJECT_ID, MINIVAN_* service user).  Bootstraps
 #       admin/secret in project admin, region RegionOne, then creates:
-#         service  project: minivan (admin, service)   - the compute service user
+#         service  project: minivan (admin, service)   - the compute service user,
+#                  service_user (service only)
 #         demo     project: demo (member, reader), demo_reader (reader only),
 #                  demo_manager and demo_manager2 (manager, member, reader)
 #         alt_demo project: alt_demo (member)
+#       and no_role, a user with no role anywhere (only unscoped tokens)
 #       and a "compute" service "nova" with public/internal/admin endpoints =
 #       COMPUTE_URL.  Returns once keystone answers.  All passwords: "secret".
 #   tools/keystone.sh stop DIR
@@ -145,7 +147,8 @@ populate() {
     for p in admin service demo alt_demo; do
         project[$p]=$(ensure projects "name=$p" '{"project": {"name": "'$p'", "domain_id": "default"}}')
     done
-    for u in minivan demo alt_demo demo_reader demo_manager demo_manager2; do
+    for u in minivan demo alt_demo demo_reader demo_manager demo_manager2 service_user \
+             no_role; do
         user[$u]=$(ensure users "name=$u" \
             '{"user": {"name": "'$u'", "domain_id": "default", "password": "'$PASSWORD'"}}')
     done
@@ -155,6 +158,7 @@ populate() {
     grant() { api PUT "/projects/${project[$1]}/users/${user[$2]}/roles/${role[$3]}" >/dev/null; }
     grant service minivan admin
     grant service minivan service
+    grant service service_user service
     grant demo demo member
     grant demo demo reader
     grant alt_demo alt_demo member

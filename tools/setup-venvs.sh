@@ -42,6 +42,13 @@ make_venv() {
 }
 
 make_venv "${MINIVAN_VENV:-$REPO/.venv}" "$REPO/tools/requirements-test.txt"
+# Nova's own policy defaults (nova/policies imports with oslo.policy alone): the oracle of
+# NovaPolicyTests, beside the test venv, without Nova's dependencies
+NOVA_POLICIES=${MINIVAN_VENV:-$REPO/.venv}/nova-34.0.0
+if [[ ! -f $NOVA_POLICIES/nova/policies/__init__.py ]]; then
+    "${MINIVAN_VENV:-$REPO/.venv}/bin/python" -m pip install -qq --no-deps \
+        --target "$NOVA_POLICIES" nova==34.0.0
+fi
 make_venv "${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}" "$REPO/tools/requirements-keystone.txt"
 make_venv "${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}" "$REPO/tools/requirements-glance.txt"
 make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements-cinder.txt"
