@@ -7259,12 +7259,13 @@ class Compute:
             root = os.path.join(self.instance_dir(server), "disk")
             if os.path.exists(root + ".resize"):
                 os.replace(root + ".resize", root)
+            stranded = None
             if dest != source:
                 try:
                     self.app.host_driver(dest).destroy(server)
                     self.app.host_driver(dest).remove_files(self.instance_dir(server))
-                except (DriverError, Unavailable):
-                    pass                          # the destination may be what failed
+                except (DriverError, Unavailable) as e:   # the destination may be what failed
+                    stranded = e
                 self.bind_ports(server["id"], source)
             old = dict(self.store.data["servers"][server["id"]], flavor=server["flavor"],
                        host=source)
@@ -7272,8 +7273,17 @@ class Compute:
             src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
             if old.get("ports") and src.firewall:
                 src.define_filter(old, server_filter_xml(old, self.store.data))
+            if stranded is not None:
+                # its guest may still run there: never a second one here (the reconcile
+                # removes that domain once the destination answers)
+                self.update(server["id"], power_state=SHUTDOWN)
+                raise DriverError(f"moving the server to {dest} failed ({error}), and its "
+                                  f"guest there could not be removed ({stranded}): it stays "
+                                  f"stopped on {source}")
             self.update(server["id"], **self.restart_if(old, was_active))
         except (DriverError, Unavailable, OSError) as e:
+            if str(e).startswith("moving the server to "):
+                raise
             raise DriverError(f"moving the server failed ({error}), and so did putting it "
                               f"back on {source}: {e}") from None
 

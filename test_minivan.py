@@ -12,6 +12,7 @@ an end-to-end test (a client or Keystone missing) into a failure.
 import base64
 import uuid
 import collections
+import contextlib
 import datetime
 import email.message
 import errno
@@ -7607,6 +7608,44 @@ class MultiHostTests(ServerTestCase):
         """The hosts whose libvirt has a domain for the server."""
         return [name for name, driver in self.app.drivers.items()
                 if driver.exists({"id": server_id, "instance_name": ""})]
+
+    def test_a_failed_move_never_leaves_two_guests_running(self):
+        """A cold migration whose start on the destination fails after the guest started
+        there (the answer was lost), and whose clean-up there fails too: the server is not
+        started again on its source; it is ERROR, stopped there, with a fault naming the
+        destination.  With the clean-up working, it is back and running on its source."""
+        from unittest import mock
+        for cleanup_works in (False, True):
+            server_id = self.new_server()
+            source = self.host_of(server_id)
+            dest = next(h for h, _, _ in self.HOSTS if h != source)
+            dst = self.app.drivers[dest]
+            real_power_on = dst.power_on
+
+            def lost_answer(server, *args, **kwargs):
+                real_power_on(server, *args, **kwargs)
+                raise minivan.Unavailable("The hypervisor is unreachable.")
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(mock.patch.object(dst, "power_on", lost_answer))
+                if not cleanup_works:
+                    stack.enter_context(mock.patch.object(dst, "destroy", side_effect=(
+                        minivan.Unavailable("The hypervisor is unreachable."))))
+                r = self.action(server_id, {"migrate": {"host": dest}}, version="2.56")
+                self.assertEqual(r.status, 202, r.raw)
+            server = self.server(server_id, version="2.62")
+            running = [name for name, driver in self.app.drivers.items()
+                       if driver.exists({"id": server_id, "instance_name": ""})
+                       and driver.get_info(dict(server, id=server_id)) == minivan.RUNNING]
+            if cleanup_works:
+                self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"], running),
+                                 ("ACTIVE", source, [source]))
+            else:
+                self.assertEqual((server["status"], server["OS-EXT-SRV-ATTR:host"]),
+                                 ("ERROR", source))
+                self.assertIn(f"moving the server to {dest} failed", server["fault"]["message"])
+                self.assertNotIn(source, running)
+            self.delete("/v2.1/servers/" + server_id)
+            self.app.compute.wait_idle()
 
     def test_services_hypervisors_and_zones_per_host(self):
         """Each host is a nova-compute service and a hypervisor; statistics add them up;
