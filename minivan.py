@@ -7273,7 +7273,7 @@ class Compute:
             src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
             if old.get("ports") and src.firewall:
                 src.define_filter(old, server_filter_xml(old, self.store.data))
-            if stranded is not None:
+            if stranded is not None and getattr(error, "started_on", None) == dest:
                 # its guest may still run there: never a second one here (the reconcile
                 # removes that domain once the destination answers)
                 self.update(server["id"], power_state=SHUTDOWN)
@@ -7312,7 +7312,11 @@ class Compute:
         disks = self.extra_disks(grown)
         self.update(server_id, task_state="resize_finish")
         dst.redefine(grown, disks, self.config_drive_path(server))
-        state = self.restart_if(grown, was_active)
+        try:
+            state = self.restart_if(grown, was_active)
+        except (DriverError, Unavailable) as e:
+            e.started_on = dest          # the guest may be running there despite this
+            raise
         self.update(server_id, vm_state="resized", task_state=None, flavor=new_flavor,
                     new_flavor=None, old_flavor=server["flavor"],
                     old_vm_state="active" if was_active else "stopped", **state)
