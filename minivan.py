@@ -1974,8 +1974,9 @@ class LibvirtDriver:
 
         def push():
             for path in paths:
-                disk_chain([sources.get(path, path)], self.own_dirs())
-                base = qcow2_backing(sources.get(path, path))
+                base = qcow2_backing(sources.get(path, path))   # (a source may be staged
+                if base:                                         # elsewhere; its chain not)
+                    disk_chain([base], self.own_dirs())
                 while base:
                     pool = pool_of(base)
                     done = os.path.basename(base) + ".copied"
