@@ -7644,6 +7644,14 @@ class MultiHostTests(ServerTestCase):
                                  ("ERROR", source))
                 self.assertIn(f"moving the server to {dest} failed", server["fault"]["message"])
                 self.assertNotIn(source, running)
+                # the destination answers again: its reconcile removes the stray domain,
+                # and a hard reboot starts the server on its source
+                self.app.compute.reconcile([dest])
+                self.assertEqual(self.domain_hosts(server_id), [source])
+                self.assertEqual(self.action(server_id, {"reboot": {"type": "HARD"}}).status,
+                                 202)
+                self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+                self.assertEqual(self.domain_state(server_id, source), 1)
             self.delete("/v2.1/servers/" + server_id)
             self.app.compute.wait_idle()
 
