@@ -3317,7 +3317,7 @@ class NovaPolicyTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = keystone_env()
+        cls.env, cls.image = keystone_env(), None
         policies = os.path.join(os.environ.get("MINIVAN_VENV", os.path.join(HERE, ".venv")),
                                 "nova-34.0.0")
         cls.ready = cls.env is not None and os.path.isdir(os.path.join(policies, "nova"))
@@ -3340,6 +3340,9 @@ class NovaPolicyTests(unittest.TestCase):
                 cls.operations[(op["method"], cls.normal(op["path"]))].append(rule.name)
         cls.port = free_port()
         start_minivan(cls, cls.port, env_extra=keystone_minivan_env(cls.env), hosts=2)
+        image = make_image(tempfile.mkdtemp(prefix="minivan-img-"), "policy", size="1M")
+        cls.image = glance_upload(cls.env, "policy", image) if cls.env.get("GLANCE_URL") \
+            else None
         cls.tokens, cls.creds = {}, {}
         for name, (user, project) in cls.PERSONAS.items():
             cls.tokens[name], cls.creds[name] = cls.token_and_roles(user, project)
@@ -3348,11 +3351,14 @@ class NovaPolicyTests(unittest.TestCase):
     def tearDownClass(cls):
         if getattr(cls, "ready", False):
             stop_minivan(cls)
+            if cls.image:
+                image_request(cls.env["GLANCE_URL"], "DELETE", "/v2/images/" + cls.image,
+                              keystone_token(cls.env, "admin", "admin"))
 
     def setUp(self):
-        if not self.ready:
-            skip_or_fail(self, "no test Keystone, or no Nova policies beside the test venv "
-                               "(tools/setup-venvs.sh installs nova-34.0.0 there)")
+        if not self.ready or not self.image:
+            skip_or_fail(self, "no test Keystone and Glance, or no Nova policies beside the "
+                               "test venv (tools/setup-venvs.sh installs nova-34.0.0 there)")
 
     @staticmethod
     def normal(path):
@@ -3435,8 +3441,7 @@ class NovaPolicyTests(unittest.TestCase):
         by every persona in its own project: where the rule refuses
         (Nova checks it with fatal=True at the cited line), 403; where it allows, not 403."""
         demo = self.env["DEMO_PROJECT_ID"]
-        image = compute_request(None, self.port, "GET", "/images", self.tokens["admin"],
-                                version="2.35").json()["images"][0]["id"]
+        image = self.image
         flavor = compute_request(None, self.port, "POST", "/flavors", self.tokens["admin"], {
             "flavor": {"name": "policy", "ram": 64, "vcpus": 1, "disk": 1}}).json()[
             "flavor"]["id"]                 # (the route matrix may have deleted flavor 1)
