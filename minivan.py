@@ -6415,8 +6415,8 @@ class Compute:
             started = self.now()
             with self.locks[server_id]:
                 server = self.store.data["servers"].get(server_id)
-                if server is None:
-                    return
+                if server is None or server.get("vm_state") == "deleted":
+                    return      # (a build still queued when its server was deleted)
                 error = None
                 try:
                     work(server)

@@ -1792,6 +1792,16 @@ class FaultInjectionTests(SocketTestCase):
         services = self.get("/v2.1/os-services?binary=nova-compute").json()["services"]
         self.assertEqual([s["state"] for s in services], ["up"])
 
+    def test_a_server_deleted_before_its_build_starts_stays_deleted(self):
+        """A server deleted while its build still waits (here 1 s of minivan:build_delay)
+        is not built afterwards: it stays deleted, with no domain."""
+        server_id = self.boot("short-lived", metadata={"minivan:build_delay": "1"})
+        self.assertEqual(self.delete(f"/v2.1/servers/{server_id}").status, 204)
+        time.sleep(1.5)
+        self.app.compute.wait_idle()
+        self.assertEqual(self.get(f"/v2.1/servers/{server_id}").status, 404)
+        self.assertFalse(self.app.driver.exists({"id": server_id, "instance_name": ""}))
+
     def test_metadata_keys(self):
         doomed = self.boot("m1", metadata={"minivan:fail_build": "no room"})
         slow = self.boot("m2", metadata={"minivan:build_delay": "5",
