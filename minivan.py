@@ -474,6 +474,41 @@ def new_request_id():
 CURRENT_REQUEST = contextvars.ContextVar("minivan_request_id", default="-")
 
 
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory):
+    """A rename or new file in the directory survives a crash of the host."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private(path, text):
+    """A small file of minivan's own (0600), on disk before this returns."""
+    tmp = path + ".part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class RequestIdFilter(logging.Filter):
     """Adds %(request_id)s to every log record: the id of the request being handled."""
 
@@ -865,7 +900,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            self._fsync_dir()
+            fsync_directory(self.dir)
             if self.journal is not None:
                 os.ftruncate(self.journal, 0)
                 os.fsync(self.journal)
@@ -881,13 +916,6 @@ class Store:
                 pass
             return False
         return True
-
-    def _fsync_dir(self):
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def close(self):
         """Fold the journal into a snapshot and release the lock."""
@@ -3323,41 +3351,6 @@ def file_sha512(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def remove_quietly(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(directory):
-    """A rename or new file in the directory survives a crash of the host."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private(path, text):
-    """A small file of minivan's own (0600), on disk before this returns."""
-    tmp = path + ".part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def image_base(app, image):
@@ -7274,19 +7267,17 @@ class Compute:
             src.redefine(old, self.extra_disks(old), self.config_drive_path(server))
             if old.get("ports") and src.firewall:
                 src.define_filter(old, server_filter_xml(old, self.store.data))
-            if stranded is not None and getattr(error, "started_on", None) == dest:
-                # its guest may still run there: never a second one here (the reconcile
-                # removes that domain once the destination answers)
-                self.update(server["id"], power_state=SHUTDOWN)
-                raise DriverError(f"moving the server to {dest} failed ({error}), and its "
-                                  f"guest there could not be removed ({stranded}): it stays "
-                                  f"stopped on {source}")
-            self.update(server["id"], **self.restart_if(old, was_active))
+            # a guest started there may still run: never a second one here (the
+            # reconcile removes that domain once the destination answers)
+            keep_stopped = stranded is not None and getattr(error, "started_on", None) == dest
+            self.update(server["id"], **self.restart_if(old, was_active and not keep_stopped))
         except (DriverError, Unavailable, OSError) as e:
-            if str(e).startswith("moving the server to "):
-                raise
             raise DriverError(f"moving the server failed ({error}), and so did putting it "
                               f"back on {source}: {e}") from None
+        if keep_stopped:
+            raise DriverError(f"moving the server to {dest} failed ({error}), and its guest "
+                              f"there could not be removed ({stranded}): it stays stopped on "
+                              f"{source}")
 
     def move_disks(self, server, source, dest, new_flavor, was_active):
         server_id = server["id"]
@@ -14244,13 +14235,8 @@ class App:
             name = urllib.parse.urlsplit("//" + host).hostname or ""
         except ValueError:
             return False
-        if name in LOOPBACK_NAMES or name == urllib.parse.urlsplit(
-                self.conf["public_url"]).hostname:
-            return True
-        try:
-            return ipaddress.ip_address(name).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_address(name) or \
+            name == urllib.parse.urlsplit(self.conf["public_url"]).hostname
 
     def side_service(self, method, shown, work, fault_response, error_body):
         """Answer a request outside the compute API (/image, /minivan/v1/faults): work()
