@@ -4207,6 +4207,17 @@ NOVA_BOOT_REASONS = {
 }
 
 
+def place_image(images_dir, title, declared, path):
+    """These bytes as a file of an image directory, with a sidecar naming its
+    disk_format; returns the image's name."""
+    name = re.sub(r"[^a-z0-9]+", "-", title)
+    target = os.path.join(images_dir, name + ".img")
+    shutil.copy(path, target)
+    with open(target + ".json", "w") as f:
+        json.dump({"name": name, "disk_format": declared}, f)
+    return name
+
+
 def file_facts(*paths):
     """(bytes, mode, owner, group) of files and directories, to show nothing changed them."""
     facts = []
@@ -4383,11 +4394,7 @@ class HostileImageBootTests(ServerTestCase):
 
     def local_image(self, case, declared, path):
         """The image file in the image directory with a sidecar naming its disk_format."""
-        name = "hostile-" + re.sub(r"[^a-z0-9]+", "-", case)
-        target = os.path.join(self.app.conf["images_dir"], name + ".img")
-        shutil.copy(path, target)
-        with open(target + ".json", "w") as f:
-            json.dump({"name": name, "disk_format": declared}, f)
+        name = place_image(self.app.conf["images_dir"], "hostile-" + case, declared, path)
         images = self.get("/v2.1/images?name=" + name, version="2.35").json()["images"]
         self.assertEqual(len(images), 1)
         return images[0]["id"]
@@ -4546,12 +4553,10 @@ class HostileImageBootTests(ServerTestCase):
         operator = self.app.images.get(self.image_id)
         self.assertNotEqual(self.image_id, str(uuid.uuid5(minivan.IMAGE_NAMESPACE,
                                                           os.path.basename(operator["file"]))))
-        for taken in (self.image_id,):
-            r = self.post("/image/v2/images", {"id": taken, "name": "mine",
-                                               "disk_format": "qcow2",
-                                               "container_format": "bare"},
-                          token="mallory:evil")
-            self.assertEqual(r.status, 409)
+        r = self.post("/image/v2/images", {"id": self.image_id, "name": "mine",
+                                           "disk_format": "qcow2", "container_format": "bare"},
+                      token="mallory:evil")
+        self.assertEqual(r.status, 409)
         r = self.post("/image/v2/images", {"name": "mine", "disk_format": "raw",
                                            "container_format": "bare"}, token="mallory:evil")
         mine = r.json()["id"]
@@ -6143,11 +6148,7 @@ class HostileImageRealGuestTests(unittest.TestCase):
     def local_image(self, prefix, case, declared, path):
         """The image file in the local minivan's image directory with a sidecar naming
         its disk_format; returns the image's id."""
-        name = prefix + re.sub(r"[^a-z0-9]+", "-", case)
-        target = os.path.join(self.images_dir, name + ".img")
-        shutil.copy(path, target)
-        with open(target + ".json", "w") as f:
-            json.dump({"name": name, "disk_format": declared}, f)
+        name = place_image(self.images_dir, prefix + case, declared, path)
         return [i for i in self.local_call("GET", "/images", version="2.35")
                 .json()["images"] if i["name"] == name][0]["id"]
 
