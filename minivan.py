@@ -1460,13 +1460,22 @@ def import_libvirt():
     return libvirt
 
 
-def detect_virt_type(cpuinfo="/proc/cpuinfo", kvm_device="/dev/kvm"):
-    """kvm where the CPU has vmx/svm and /dev/kvm opens, else qemu (software emulation)."""
+def cpu_has_virtualization(cpuinfo="/proc/cpuinfo"):
+    """True when the CPU flags say vmx or svm (a nested /dev/kvm without them fails)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = re.findall(r"^flags\s*:(.*)$", f.read(), re.M)
-        hardware = any({"vmx", "svm"} & set(line.split()) for line in flags)
-        if hardware:
+    except OSError:
+        return False
+    return any({"vmx", "svm"} & set(line.split()) for line in flags)
+
+
+def detect_virt_type(cpuinfo="/proc/cpuinfo", kvm_device="/dev/kvm"):
+    """kvm where the CPU has vmx/svm and /dev/kvm opens, else qemu (software emulation).
+    Where /dev/kvm is hidden from minivan alone (PrivateDevices=), LibvirtDriver.connect
+    asks libvirt."""
+    try:
+        if cpu_has_virtualization(cpuinfo):
             os.close(os.open(kvm_device, os.O_RDWR))
             return "kvm"
     except OSError:
@@ -1581,6 +1590,7 @@ class LibvirtDriver:
         self.firewall = firewall == "nwfilter" and not uri.startswith("test:")
         self.volume_mount_base = volume_mount_base
         self.virt_type = virt_type or detect_virt_type()
+        self.virt_type_detected = not virt_type
         self.network = network
         self.instances_dir = instances_dir
         self.libvirt = import_libvirt()
@@ -1639,6 +1649,10 @@ class LibvirtDriver:
                 self.conn = self.libvirt.open(self.uri)
                 self.files_shared = self.owner = None
                 self.last_error = None
+                if self.virt_type_detected and self.virt_type == "qemu" and self.local \
+                        and not self.simulated and cpu_has_virtualization() and \
+                        not os.path.exists("/dev/kvm") and self.kvm_in_libvirt():
+                    self.virt_type = "kvm"   # /dev/kvm hidden from minivan (PrivateDevices=)
                 if self.on_event is not None:
                     self.event_id = self.conn.domainEventRegisterAny(
                         None, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
@@ -1650,6 +1664,14 @@ class LibvirtDriver:
                     LOG.error("libvirt at %s is unreachable: %s", self.uri, e)
                 self.last_error = str(e)
                 return False
+
+    def kvm_in_libvirt(self):
+        """True when this libvirt can start KVM guests (its domain capabilities for kvm)."""
+        try:
+            self.conn.getDomainCapabilities(None, None, None, "kvm", 0)
+            return True
+        except self.libvirt.libvirtError:
+            return False
 
     @property
     def available(self):
@@ -1751,7 +1773,7 @@ class LibvirtDriver:
             devices.append("<controller type='scsi' model='virtio-scsi'/>")
         for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
             if vol.get("connection_info") and vol.get("target"):
-                devices.append(volume_disk_xml(vol, self.volume_mount_base))
+                devices.append(volume_disk_xml(vol, self.volume_mount_base, self.mount_share))
         if config_drive:
             devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
                            f"<source file='{xml_escape(config_drive)}'/>"
@@ -2353,11 +2375,33 @@ class LibvirtDriver:
         self._call("detaching the interface", lambda: dom.detachDeviceFlags(
             self._interface_xml(port, server), self._device_flags(dom)))
 
+    def mount_share(self, export, options, point):
+        """Mount an NFS share at point on this driver's host, by a transient libvirt netfs
+        pool (nfs_pool_xml); a pool of that name left from before is stopped first."""
+        lv, xml = self.libvirt, nfs_pool_xml(export, options, point)
+        name = re.search(r"<name>([^<]*)</name>", xml).group(1)
+        if self.local:
+            os.makedirs(point, exist_ok=True)
+
+        def mount():
+            try:
+                old = self.conn.storagePoolLookupByName(name)
+                if old.isActive():
+                    old.destroy()
+                if old.isPersistent():
+                    old.undefine()
+            except lv.libvirtError as e:
+                if e.get_error_code() != lv.VIR_ERR_NO_STORAGE_POOL:
+                    raise
+            self.conn.storagePoolCreateXML(xml, 0 if self.local else
+                                           lv.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        self._call(f"mounting NFS share {export} at {point}", mount)
+
     def attach_volume(self, server, vol):
         """Plug a volume's disk into the domain: live and in its definition; the test
         hypervisor, which has no hot-plug, gets it in its definition."""
         dom = self._domain(server)
-        xml = volume_disk_xml(vol, self.volume_mount_base)
+        xml = volume_disk_xml(vol, self.volume_mount_base, self.mount_share)
         if self.simulated:
             self.redefine_config(server)
             return
@@ -2400,7 +2444,7 @@ class LibvirtDriver:
             target = old["target"]
 
             def copy():
-                dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base), None,
+                dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base, self.mount_share), None,
                               self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
                 deadline = time.monotonic() + 3600
                 while True:
@@ -2419,7 +2463,7 @@ class LibvirtDriver:
             paths = []
             for vol in (old, new):
                 kind, fmt, source = volume_source(vol["connection_info"],
-                                                  self.volume_mount_base)
+                                                  self.volume_mount_base, self.mount_share)
                 if kind != "file":
                     raise DriverError("an offline volume swap needs file-backed volumes")
                 paths.append((re.search(r"file='([^']*)'", source).group(1), fmt))
@@ -2428,7 +2472,8 @@ class LibvirtDriver:
         self.redefine_config(swapped)
 
     def volume_path(self, vol):
-        kind, _, source = volume_source(vol["connection_info"], self.volume_mount_base)
+        kind, _, source = volume_source(vol["connection_info"], self.volume_mount_base,
+                                        self.mount_share)
         if kind != "file":
             raise DriverError("assisted snapshots need file-backed (NFS) volumes")
         return re.search(r"file='([^']*)'", source).group(1).replace("&apos;", "'")
@@ -4354,25 +4399,37 @@ def nfs_mount_point(mount_base, export):
                                                 usedforsecurity=False).hexdigest())
 
 
-def ensure_nfs_mounted(mount_base, export, options=None):
+def ensure_nfs_mounted(mount_base, export, options=None, mount=None):
     """Mount the share unless something is mounted there already (a share that another
-    service, or the administrator, mounted at the same place is used as it is)."""
+    service, or the administrator, mounted at the same place is used as it is).  The
+    mount itself is mount(export, options, point): libvirt's, on the host whose QEMU opens
+    the volume (LibvirtDriver.mount_share)."""
     point = nfs_mount_point(mount_base, export)
     if is_mount_point(point):
         return point
     if not re.match(r"^[A-Za-z0-9.:\[\]_-]+:/", export) or (options or "").startswith("-"):
         raise DriverError(f"NFS share {export!r} is not of the form host:/path")
-    os.makedirs(point, exist_ok=True)
-    command = ["mount", "-t", "nfs"] + (["-o", options] if options else []) + ["--", export,
-                                                                               point]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DriverError(f"mounting NFS share {export} failed: {e}") from None
-    if done.returncode != 0:
-        raise DriverError(f"mounting NFS share {export} at {point} failed: "
-                          f"{done.stderr.strip()[-200:]}")
+    if mount is None:
+        raise DriverError(f"NFS share {export} is not mounted at {point}")
+    mount(export, options, point)
     return point
+
+
+def nfs_pool_xml(export, options, point):
+    """A libvirt netfs storage pool that mounts an NFS share at point: libvirtd runs
+    mount(8) in the host's own mount namespace, where QEMU opens the volumes, so the
+    share is seen by QEMU even when minivan runs in a namespace of its own (systemd's
+    ProtectSystem=), and on every host minivan drives."""
+    host, _, path = export.rpartition(":/")
+    opts = [o for o in (options or "").replace(" ", ",").split(",") if o]
+    mount_opts = "".join(f"<fs:option name='{xml_escape(o)}'/>" for o in opts)
+    name = "minivan-nfs-" + os.path.basename(point)[:16]
+    return (f"<pool type='netfs' xmlns:fs='http://libvirt.org/schemas/storagepool/fs/1.0'>"
+            f"<name>{name}</name><source><host name='{xml_escape(host.strip('[]'))}'/>"
+            f"<dir path='/{xml_escape(path)}'/><format type='nfs'/></source>"
+            f"<target><path>{xml_escape(point)}</path></target>"
+            + (f"<fs:mount_opts>{mount_opts}</fs:mount_opts>" if mount_opts else "")
+            + "</pool>")
 
 
 def is_mount_point(path):
@@ -4391,8 +4448,9 @@ def is_mount_point(path):
     return os.path.ismount(path)
 
 
-def volume_source(connection_info, mount_base):
-    """(disk type, format, <source> XML) for a Cinder connection_info."""
+def volume_source(connection_info, mount_base, mount=None):
+    """(disk type, format, <source> XML) for a Cinder connection_info; an NFS share not
+    mounted yet is mounted with mount (ensure_nfs_mounted)."""
     kind = (connection_info.get("driver_volume_type") or "").lower()
     data = connection_info.get("data") or {}
     fmt = data.get("format") or "raw"
@@ -4402,14 +4460,16 @@ def volume_source(connection_info, mount_base):
         export = data.get("export")
         if not export or not data.get("name"):
             raise DriverError(f"{kind} connection info lacks export or name")
-        point = ensure_nfs_mounted(mount_base, export, data.get("options"))
+        point = ensure_nfs_mounted(mount_base, export, data.get("options"), mount)
         path = os.path.join(point, os.path.basename(data["name"]))
         return "file", fmt, f"<source file='{xml_escape(path)}'/>"
     if kind in ("local", "file"):
         path = data.get("device_path") or data.get("path")
         if not path:
             raise DriverError("local connection info lacks device_path")
-        if os.path.exists(path) and stat_is_block(path):
+        if path.startswith("/dev/") or os.path.exists(path) and stat_is_block(path):
+            # (as Nova's: a /dev path is a block device, whether or not this process
+            # sees /dev, which systemd's PrivateDevices= hides)
             return "block", fmt, f"<source dev='{xml_escape(path)}'/>"
         return "file", fmt, f"<source file='{xml_escape(path)}'/>"
     if kind == "iscsi":
@@ -4443,9 +4503,9 @@ def stat_is_block(path):
     return stat.S_ISBLK(os.stat(path).st_mode)
 
 
-def volume_disk_xml(vol, mount_base):
+def volume_disk_xml(vol, mount_base, mount=None):
     """The <disk> element of an attached volume (its serial is the volume id)."""
-    kind, fmt, source = volume_source(vol["connection_info"], mount_base)
+    kind, fmt, source = volume_source(vol["connection_info"], mount_base, mount)
     read_only = "<readonly/>" if (vol["connection_info"].get("data") or {}) \
         .get("access_mode") == "ro" else ""
     return (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}' "
@@ -6816,7 +6876,8 @@ class Compute:
             attachment = cinder.attachment_update(ident, vol["attachment_id"],
                                                   dict(connector, mountpoint=vol["device"]))
             vol["connection_info"] = attachment.get("connection_info") or {}
-            volume_source(vol["connection_info"], self.app.conf["volume_mount_base"])
+            volume_source(vol["connection_info"], self.app.conf["volume_mount_base"],
+                          self.driver_of(server).mount_share)
             self.set_volume(server_id, vol)
 
     def disconnect_volumes(self, server):

@@ -2519,6 +2519,35 @@ class SystemdUnitTests(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotIn("minivan.service:", done.stderr)
 
+    def test_exposure_score(self):
+        """systemd-analyze security rates the unit 4.0 or better ("OK"); the sandbox it
+        scores is the one NeutronEndToEndTests runs minivan in (tools/sandbox.py refuses
+        a directive it cannot apply)."""
+        analyze = shutil.which("systemd-analyze")
+        if not analyze:
+            skip_or_fail(self, "systemd-analyze not installed (Debian package systemd)")
+        done = subprocess.run([analyze, "security", "--offline=true", "--no-pager",
+                               os.path.join(HERE, "minivan.service")],
+                              capture_output=True, text=True)
+        found = re.search(r"Overall exposure level for minivan.service: ([0-9.]+) (\w+)",
+                          done.stdout)
+        self.assertIsNotNone(found, done.stdout[-2000:] + done.stderr)
+        self.assertLessEqual(float(found.group(1)), 4.0, done.stdout)
+        unit = os.path.join(HERE, "minivan.service")
+        with open(unit) as f:
+            lines = f.read().splitlines()
+        with tempfile.TemporaryDirectory() as tmp:
+            # a directive tools/sandbox.py does not know is refused, not ignored
+            path = os.path.join(tmp, "minivan.service")
+            with open(path, "w") as f:
+                f.write("\n".join(lines[:-2] + ["IPAddressDeny=any"] + lines[-2:]) + "\n")
+            refused = subprocess.run([sys.executable, os.path.join(HERE, "tools",
+                                                                    "sandbox.py"),
+                                      "--unit", path, "--state-dir", tmp, "true"],
+                                     capture_output=True, text=True)
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("cannot apply IPAddressDeny=", refused.stderr)
+
 
 # -- Tempest's published response schemas ---------------------------------------------
 
@@ -2667,10 +2696,15 @@ class TempestSchemaTests(AppTestCase):
 BIN = os.path.dirname(sys.executable)
 
 
-def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None, hosts=0):
+def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None, hosts=0,
+                  sandbox=False):
     """A minivan.py process on 127.0.0.1:port with its own data directory (and these
     images in its image directory); data= restarts one on an existing directory.
-    hosts=N gives it N simulated compute hosts, cmp1..cmpN (else test:///default)."""
+    hosts=N gives it N simulated compute hosts, cmp1..cmpN (else test:///default).
+    sandbox=True runs it as minivan.service would (sandbox_command)."""
+    command = [sys.executable, os.path.join(HERE, "minivan.py"), *args]
+    if sandbox:
+        command, data = sandbox_command(test_cls, args)
     data = data or tempfile.mkdtemp(prefix="minivan-e2e-")
     for name in images:
         make_image(os.path.join(data, "images"), name)
@@ -2688,12 +2722,45 @@ def start_minivan(test_cls, port, args=(), env_extra=None, images=(), data=None,
     env.update(env_extra or {})
     test_cls.minivan_start = (port, args, env_extra)
     log = open(os.path.join(data, "minivan.log"), "a")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "minivan.py"), *args], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     if not wait_healthy(port, proc, 30) and proc.poll() is not None:
         raise RuntimeError("minivan exited: " + open(log.name).read())
     test_cls.minivan_proc, test_cls.minivan_data, test_cls.minivan_log = proc, data, log
     return proc
+
+
+SANDBOX_PYTHON = "/usr/bin/python3"       # the unit's ExecStart interpreter
+
+
+def sandbox_ready():
+    """None when tools/sandbox.py can run minivan here, else why not."""
+    if os.geteuid() != 0:
+        return "the sandbox needs root"
+    done = subprocess.run([SANDBOX_PYTHON, "-c", "import seccomp, libvirt"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return ("the unit's interpreter lacks python3-seccomp or python3-libvirt (Debian: "
+                "apt install python3-seccomp python3-libvirt): " + done.stderr.strip()[-200:])
+    return None
+
+
+def sandbox_command(test_cls, args):
+    """(command, data directory) of minivan installed as the unit expects (a copy of
+    minivan.py and flavors.json in a directory the sandbox makes read-only) under
+    tools/sandbox.py: minivan.service's namespaces, capabilities and seccomp filter,
+    with a state directory in /var/lib (PrivateTmp= hides /tmp from it)."""
+    base = tempfile.mkdtemp(dir="/var/lib", prefix="minivan-sandbox-")
+    os.chmod(base, 0o711)                  # QEMU's user passes through to the disks
+    lib, data = os.path.join(base, "lib"), os.path.join(base, "state")
+    os.mkdir(lib)
+    for name in ("minivan.py", "flavors.json"):
+        shutil.copy(os.path.join(HERE, name), lib)
+    test_cls.sandbox_base = base
+    return [SANDBOX_PYTHON, os.path.join(HERE, "tools", "sandbox.py"), "--unit",
+            os.path.join(HERE, "minivan.service"), "--state-dir", data,
+            "--minivan", os.path.join(lib, "minivan.py")] + (
+                ["--", SANDBOX_PYTHON, os.path.join(lib, "minivan.py"), *args] if args
+                else []), data
 
 
 def stop_minivan(test_cls):
@@ -2706,7 +2773,13 @@ def stop_minivan(test_cls):
             proc.kill()
     if getattr(test_cls, "minivan_log", None):
         test_cls.minivan_log.close()
+    for point in getattr(test_cls, "host_mounts", []):
+        # (a share mounted into the data directory is unmounted before anything is removed)
+        if subprocess.run(["umount", "-l", point], capture_output=True).returncode != 0:
+            return
     shutil.rmtree(getattr(test_cls, "minivan_data", ""), True)
+    if getattr(test_cls, "sandbox_base", None):
+        shutil.rmtree(test_cls.sandbox_base, True)
 
 
 def have_clients():
@@ -8366,7 +8439,9 @@ class VolumeConnectionTests(unittest.TestCase):
         self.assertIn("<target dev='vdb' bus='virtio'/><serial>v1</serial>", xml)
         local = dict(vol, connection_info={"driver_volume_type": "local",
                                            "data": {"device_path": "/dev/null"}})
-        self.assertIn("<source file='/dev/null'/>", minivan.volume_disk_xml(local, tmp))
+        # (Nova's LibvirtVolumeDriver: a local device_path is a block source)
+        self.assertIn("<disk type='block' device='disk'>", minivan.volume_disk_xml(local, tmp))
+        self.assertIn("<source dev='/dev/null'/>", minivan.volume_disk_xml(local, tmp))
         iscsi = dict(vol, connection_info={"driver_volume_type": "iscsi", "data": {
             "target_iqn": "iqn.2010-10.org.openstack:volume-v1", "target_lun": 1,
             "target_portal": "192.0.2.5:3260"}})
@@ -8386,6 +8461,41 @@ class VolumeConnectionTests(unittest.TestCase):
                                                            "format": "vmdk"}}):
             with self.assertRaises(minivan.DriverError):
                 minivan.volume_disk_xml(dict(vol, connection_info=bad), tmp)
+
+    def test_nfs_share_mounted_by_libvirt(self):
+        """A share not mounted yet is mounted by a transient netfs pool of the driver's
+        libvirt (libvirt's own parser reads the pool, the mount options in its fs
+        namespace); a pool left from before is replaced; without a driver the volume
+        fails with the place it looked."""
+        tmp = tempfile.mkdtemp(prefix="minivan-vol-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        export = "192.0.2.7:/srv/cinder"
+        point = os.path.join(tmp, hashlib.md5(export.encode()).hexdigest())
+        vol = {"id": "v1", "target": "vdb", "connection_info": {
+            "driver_volume_type": "nfs", "data": {"export": export, "name": "volume-v1",
+                                                  "options": "vers=4.1,nolock"}}}
+        with self.assertRaisesRegex(minivan.DriverError, "is not mounted at " + point):
+            minivan.volume_disk_xml(vol, tmp)
+        driver = minivan.LibvirtDriver("test:///default", instances_dir=tmp)
+        self.assertTrue(driver.connect())
+        self.addCleanup(driver.close)
+        for _ in range(2):
+            xml = minivan.volume_disk_xml(vol, tmp, driver.mount_share)
+            self.assertIn(f"<source file='{point}/volume-v1'/>", xml)
+            pools = [p for p in driver.conn.listAllStoragePools()
+                     if p.name().startswith("minivan-nfs-")]
+            self.assertEqual(len(pools), 1)
+            desc = pools[0].XMLDesc(0)
+            self.assertIn("<host name='192.0.2.7'/>", desc)
+            self.assertIn("<dir path='/srv/cinder'/>", desc)
+            self.assertIn("<format type='nfs'/>", desc)
+            self.assertIn(f"<path>{point}</path>", desc)
+            self.assertTrue(pools[0].isActive())
+        self.assertIn("<fs:option name='vers=4.1'/><fs:option name='nolock'/>",
+                      minivan.nfs_pool_xml(export, "vers=4.1,nolock", point))
+        for bad, options in (("nohost", None), ("a b:/x", None), (export, "-oremount")):
+            with self.assertRaisesRegex(minivan.DriverError, "is not of the form"):
+                minivan.ensure_nfs_mounted(tmp, bad, options, driver.mount_share)
 
     def test_targets(self):
         """Volumes take the first free vdX after the local disks; a boot volume is vda."""
@@ -8750,14 +8860,26 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         with open(os.path.join(work, "env")) as f:
             cls.neutron = dict(line[len("export "):].strip().split("=", 1)
                                for line in f if line.startswith("export "))
+        cls.failure = sandbox_ready()
+        if cls.failure:
+            cls.ready = False
+            return
         port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
-        start_minivan(cls, port, env_extra=keystone_minivan_env(cls.env, **{
+        start_minivan(cls, port, sandbox=True, env_extra=keystone_minivan_env(cls.env, **{
             "MINIVAN_LIBVIRT_URI": "qemu:///system",
             "MINIVAN_VIRT_TYPE": "qemu", "MINIVAN_HOST": cls.neutron["NEUTRON_AGENT_HOST"],
             "MINIVAN_VIF_PLUGGING_TIMEOUT": "60", "MINIVAN_SHUTDOWN_TIMEOUT": "10",
-            "MINIVAN_VOLUME_MOUNT_BASE": cls.env.get("CINDER_MOUNT_BASE", ""),
             "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}",
             "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}"}))
+        if cls.env.get("CINDER_EXPORT_DIR"):
+            # Cinder's share appears where minivan looks for it only now, mounted on the
+            # host as libvirt would mount it: it must reach minivan's namespace too
+            point = minivan.nfs_mount_point(os.path.join(cls.minivan_data, "mnt"),
+                                            cls.env["CINDER_NFS_SHARE"])
+            os.makedirs(point)
+            subprocess.run(["mount", "--bind", cls.env["CINDER_EXPORT_DIR"], point],
+                           check=True)
+            cls.host_mounts = [point]
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image = glance_upload(cls.env, "neutron-guest", GUEST_IMAGE)
 
@@ -8782,6 +8904,102 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
 
     def ports_of(self, server_id):
         return self.openstack("port", "list", "--device-id", server_id, "--long", "-f", "json")
+
+    def test_minivan_runs_in_the_units_sandbox(self):
+        """Every test of this class runs minivan as minivan.service does (tools/sandbox.py):
+        the kernel reports the unit's capability bounding set, no_new_privs and a seccomp
+        filter; the root file system is read-only, /tmp and /dev are its own, /root is
+        inaccessible, the state directory is writable, and a forbidden system call fails."""
+        pid = self.minivan_proc.pid
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        with open(os.path.join(HERE, "minivan.service")) as f:
+            keep = next(line.split("=", 1)[1].split() for line in f
+                        if line.startswith("CapabilityBoundingSet="))
+        numbers = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2,
+                   "CAP_FOWNER": 3, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12,
+                   "CAP_SYS_ADMIN": 21}
+        self.assertEqual(int(status["CapBnd"], 16), sum(1 << numbers[c] for c in keep))
+        self.assertEqual(int(status["CapEff"], 16), sum(1 << numbers[c] for c in keep))
+        self.assertEqual((status["NoNewPrivs"], status["Seccomp"]), ("1", "2"))
+        with open(f"/proc/{pid}/mountinfo") as f:
+            points = {}
+            for line in f:
+                fields = line.split()
+                points[fields[4]] = (fields[5].split(","), fields[fields.index("-") + 1])
+        self.assertIn("ro", points["/"][0])
+        self.assertEqual(points["/tmp"][1], "tmpfs")
+        self.assertEqual(points["/dev"][1], "tmpfs")
+        self.assertIn("rw", points[self.minivan_data][0])
+        self.assertIn("ro", points["/root"][0])
+        share = self.host_mounts[0] if getattr(self, "host_mounts", None) else None
+        if share:
+            self.assertIn(share, points)               # mounted on the host after the start
+        # the namespace, seen from inside: a write outside the state directory fails
+        probe = subprocess.run(["nsenter", "-t", str(pid), "-m", "touch", "/var/lib/probe"],
+                               capture_output=True, text=True)
+        self.assertNotEqual(probe.returncode, 0)
+        self.assertIn("Read-only file system", probe.stderr)
+
+    def test_volume_and_ports_through_a_lifecycle(self):
+        """Under the unit's sandbox: a server on a Neutron port, a Cinder volume attached
+        (its share mounted on the host after minivan started) and detached, stop, start,
+        hard reboot, a snapshot, delete; the port and the volume are free again."""
+        if not self.env.get("CINDER_URL"):
+            skip_or_fail(self, "no Cinder in the test cloud (tools/test.sh starts one)")
+        net = self.neutron["NEUTRON_NETWORK_NAME"]
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--network", net, "--wait", "sbx-vm", "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "sbx-vm", expect_ok=False)
+        self.assertEqual(server["status"], "ACTIVE")
+        port = self.ports_of(server["id"])[0]
+        self.assertEqual(self.openstack("port", "show", port["ID"], "-f", "json")["status"],
+                         "ACTIVE")
+        volume = self.openstack("volume", "create", "--size", "1", "sbx-vol", "-f", "json")
+        self.addCleanup(self.openstack, "volume", "delete", volume["id"], expect_ok=False)
+        for _ in range(120):
+            if self.openstack("volume", "show", volume["id"], "-f", "json")["status"] == \
+                    "available":
+                break
+            time.sleep(0.5)
+        self.openstack("server", "add", "volume", "sbx-vm", volume["id"])
+        for _ in range(120):
+            shown = self.openstack("volume", "show", volume["id"], "-f", "json")
+            if shown["status"] == "in-use":
+                break
+            time.sleep(0.5)
+        self.assertEqual(shown["status"], "in-use")
+        conn = real_guest_connection()
+        self.addCleanup(conn.close)
+        xml = conn.lookupByUUIDString(server["id"]).XMLDesc(0)
+        self.assertIn(f"<serial>{volume['id']}</serial>", xml)
+        self.assertIn(os.path.join(self.minivan_data, "mnt"), xml)
+        for action, status in (("stop", "SHUTOFF"), ("start", "ACTIVE")):
+            self.openstack("server", action, "sbx-vm")
+            self.wait_status("sbx-vm", status)
+        self.openstack("server", "reboot", "--hard", "--wait", "sbx-vm")
+        self.openstack("server", "remove", "volume", "sbx-vm", volume["id"])
+        for _ in range(120):
+            if self.openstack("volume", "show", volume["id"], "-f", "json")["status"] == \
+                    "available":
+                break
+            time.sleep(0.5)
+        self.assertEqual(self.openstack("volume", "show", volume["id"], "-f", "json")[
+            "status"], "available")
+        snap = self.openstack("server", "image", "create", "--wait", "--name", "sbx-snap",
+                              "sbx-vm", "-f", "json")
+        self.addCleanup(self.openstack, "image", "delete", snap["id"], expect_ok=False)
+        self.assertEqual(snap["status"], "active")
+        self.openstack("server", "delete", "--wait", "sbx-vm")
+        self.assertEqual(self.ports_of(server["id"]), [])
+
+    def wait_status(self, name, status):
+        for _ in range(240):
+            shown = self.openstack("server", "show", name, "-f", "json")
+            if shown["status"] == status and not shown.get("OS-EXT-STS:task_state"):
+                return shown
+            time.sleep(0.5)
+        self.fail(f"{name} never became {status}: {shown['status']}")
 
     def test_servers_on_neutron_ports(self):
         """server create --network: a port bound to minivan's host (vif_type ovs), plugged

@@ -672,9 +672,16 @@ def real_domains(data):
     """{uuid: running?} of the libvirt domains whose disks are in this data directory."""
     libvirt = minivan.import_libvirt()
     conn = libvirt.open(REAL["uri"])
+    found = {}
     try:
-        return {dom.UUIDString(): bool(dom.isActive()) for dom in conn.listAllDomains()
-                if f"file='{data}/" in dom.XMLDesc(0)}
+        for dom in conn.listAllDomains():
+            try:
+                if f"file='{data}/" in dom.XMLDesc(0):
+                    found[dom.UUIDString()] = bool(dom.isActive())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise            # (another user's domain may go while it is listed)
+        return found
     finally:
         conn.close()
 
