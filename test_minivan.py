@@ -2751,8 +2751,15 @@ def sandbox_command(test_cls, args):
     with a state directory in /var/lib (PrivateTmp= hides /tmp from it)."""
     base = tempfile.mkdtemp(dir="/var/lib", prefix="minivan-sandbox-")
     os.chmod(base, 0o711)                  # QEMU's user passes through to the disks
+    # a host with systemd as PID 1 has shared mounts, so what libvirt mounts later reaches
+    # the service's namespace; where PID 1 is another program they are private: the
+    # directory becomes a shared mount of its own
+    subprocess.run(["mount", "--bind", base, base], check=True)
+    test_cls.host_mounts = [base]
+    subprocess.run(["mount", "--make-shared", base], check=True)
     lib, data = os.path.join(base, "lib"), os.path.join(base, "state")
     os.mkdir(lib)
+    os.mkdir(data, 0o711)
     for name in ("minivan.py", "flavors.json"):
         shutil.copy(os.path.join(HERE, name), lib)
     test_cls.sandbox_base = base
@@ -8879,7 +8886,7 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
             os.makedirs(point)
             subprocess.run(["mount", "--bind", cls.env["CINDER_EXPORT_DIR"], point],
                            check=True)
-            cls.host_mounts = [point]
+            cls.host_mounts.insert(0, point)
         cls.os_env = {k: v for k, v in cls.env.items() if k.startswith("OS_")}
         cls.image = glance_upload(cls.env, "neutron-guest", GUEST_IMAGE)
 
@@ -8932,7 +8939,7 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(points["/dev"][1], "tmpfs")
         self.assertIn("rw", points[self.minivan_data][0])
         self.assertIn("ro", points["/root"][0])
-        share = self.host_mounts[0] if getattr(self, "host_mounts", None) else None
+        share = self.host_mounts[0] if len(self.host_mounts) > 1 else None
         if share:
             self.assertIn(share, points)               # mounted on the host after the start
         # the namespace, seen from inside: a write outside the state directory fails
