@@ -26,7 +26,8 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §9  image inspection                    formats, safety checks, the image cache by content
     §10 images                              the image source seam: local directory or Glance
     §11 image service                       a Glance v2 subset under /image
-    §12 volumes                             the block storage client: Cinder v3, volume disks
+    §12 volumes                             the block storage client: Cinder v3, volume disks,
+                                            clean-up calls kept and made again
     §13 networks                            the network service: Neutron ports, or none
     §14 quotas                              defaults, classes, per-project/per-user limits
     §15 views                               the request object, links and pagination
@@ -637,7 +638,7 @@ EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
     "user_quotas": {}, "quota_classes": {}, "servers": {}, "server_groups": {},
     "images": {}, "instance_actions": {}, "security_groups": {}, "services": {},
-    "aggregates": {}, "migrations": {}, "deleted_images": {},
+    "aggregates": {}, "migrations": {}, "deleted_images": {}, "volume_cleanups": {},
     "counters": {"keypair": 0, "flavor": 0, "instance": 0, "aggregate": 0},
 }
 
@@ -4356,6 +4357,81 @@ class Cinder:
                 raise
 
 
+# A Cinder call that ends a server's use of a volume (deleting an attachment, rolling a
+# detach back) is not dropped when it fails: the volume would stay "attaching",
+# "detaching" or "in-use" in Cinder for ever.  It is kept in the state and made again,
+# with a growing pause, until Cinder takes it or answers that the thing is gone.
+
+VOLUME_CLEANUP_CALLS = ("attachment_delete", "roll_detaching")
+
+
+class VolumeCleanups:
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()
+
+    def later(self, seconds):
+        return isotime_us(self.app.clock.now() + datetime.timedelta(seconds=seconds))
+
+    def call(self, kind, volume_id, attachment_id):
+        cinder = self.app.volumes
+        if cinder is None:
+            raise Unavailable("The block storage service is unavailable.")
+        if kind == "attachment_delete":
+            cinder.attachment_delete(None, attachment_id)
+        else:
+            cinder.action(None, volume_id, "os-roll_detaching")
+
+    def do(self, server_id, kind, volume_id, attachment_id=None):
+        """Make the call; when Cinder fails it, keep it to be made again.  None, or the
+        error's text."""
+        try:
+            self.call(kind, volume_id, attachment_id)
+            return None
+        except (VolumeError, Unavailable, DriverError) as e:
+            if isinstance(e, VolumeError) and e.status == 404:
+                return None                                  # gone already
+            error = str(getattr(e, "message", None) or e)
+        entry = {"server_id": server_id, "call": kind, "volume_id": volume_id,
+                 "attachment_id": attachment_id, "attempts": 1, "last_error": error[:255],
+                 "created_at": isotime(self.app.clock.now()),
+                 "next_try": self.later(5)}
+        self.app.store.commit([["set", ["volume_cleanups", str(uuid.uuid4())], entry]])
+        LOG.warning("server %s: %s of volume %s failed (%s); it is made again until "
+                    "Cinder takes it", server_id, kind, volume_id, error)
+        return error
+
+    def retry_due(self):
+        """Make again each kept call whose pause is over; returns how many are left."""
+        with self.lock:
+            now = self.later(0)
+            due = [(k, dict(v)) for k, v in list(self.app.store.data["volume_cleanups"]
+                                                 .items()) if v["next_try"] <= now]
+            for key, entry in due:
+                try:
+                    self.call(entry["call"], entry["volume_id"], entry["attachment_id"])
+                except (VolumeError, Unavailable, DriverError) as e:
+                    if not (isinstance(e, VolumeError) and e.status == 404):
+                        entry["attempts"] += 1
+                        entry["last_error"] = str(getattr(e, "message", None) or e)[:255]
+                        entry["next_try"] = self.later(min(3600, 5 * 2 ** entry["attempts"]))
+                        self.app.store.commit([["set", ["volume_cleanups", key], entry]])
+                        continue
+                LOG.info("server %s: %s of volume %s done after %d attempts",
+                         entry["server_id"], entry["call"], entry["volume_id"],
+                         entry["attempts"] + 1)
+                self.app.store.commit([["del", ["volume_cleanups", key]]])
+            return len(self.app.store.data["volume_cleanups"])
+
+
+def volume_cleanup_loop(app, stop, interval=5.0):
+    while not stop.wait(interval):
+        try:
+            app.volume_cleanups.retry_due()
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            LOG.exception("retrying the volume clean-ups failed")
+
+
 def nested_connection_info(info):
     """{"driver_volume_type": ..., "data": {...}}, from the flat form of the 3.44 API."""
     if info and "data" not in info:
@@ -6375,6 +6451,9 @@ def add_versioned_server_fields(req, server, view, kind):
 # and hand the slow part to Compute, which runs it in a thread (one at a time
 # per server) and records the outcome.
 
+OPERATION = threading.local()      # request_id: the operation this thread runs for
+
+
 class Compute:
     """Runs server operations against the driver and records their outcome."""
 
@@ -6471,6 +6550,7 @@ class Compute:
                 if server is None or server.get("vm_state") == "deleted":
                     return      # (a build still queued when its server was deleted)
                 error = None
+                OPERATION.request_id = request_id
                 try:
                     work(server)
                 except (DriverError, Unavailable, OSError, Fault) as e:
@@ -6480,6 +6560,8 @@ class Compute:
                     LOG.exception("server %s: %s failed", server_id, event)
                     error = repr(e)
                     (on_error or self.fail)(server_id, e)
+                finally:
+                    OPERATION.request_id = None
                 if request_id:
                     self.finish_event(server_id, request_id, event, started, error)
 
@@ -6933,10 +7015,8 @@ class Compute:
             cinder.attachment_complete(ident, vol["attachment_id"])
         except (DriverError, Unavailable, VolumeError) as e:
             self.drop_volume(server["id"], vol["bdm_uuid"])
-            try:
-                cinder.attachment_delete(None, vol["attachment_id"])
-            except (VolumeError, Unavailable):
-                pass
+            self.end_volume_use(server["id"], "attachment_delete", vol["id"],
+                                vol["attachment_id"])
             raise DriverError(f"attaching volume {vol['id']} failed: {e}") from None
 
     def detach_volume(self, server, vol):
@@ -6949,12 +7029,24 @@ class Compute:
                 self.driver_of(current).detach_volume(current, vol)
         except (DriverError, Unavailable) as e:
             self.set_volume(server["id"], vol)
-            try:
-                cinder.action(None, vol["id"], "os-roll_detaching")
-            except (VolumeError, Unavailable):
-                pass
+            self.end_volume_use(server["id"], "roll_detaching", vol["id"])
             raise DriverError(f"detaching volume {vol['id']} failed: {e}") from None
         cinder.attachment_delete(None, vol["attachment_id"])
+
+    def end_volume_use(self, server_id, kind, volume_id, attachment_id=None):
+        """A clean-up call to Cinder (VolumeCleanups): made now, or kept and made again;
+        a failure also shows as a failed event of the operation running."""
+        error = self.app.volume_cleanups.do(server_id, kind, volume_id, attachment_id)
+        if error:
+            self.record_cleanup_failure(server_id, f"{kind} of volume {volume_id} failed "
+                                        f"({error}); minivan makes it again until Cinder "
+                                        f"takes it")
+
+    def record_cleanup_failure(self, server_id, message):
+        request_id = getattr(OPERATION, "request_id", None)
+        if request_id:
+            self.finish_event(server_id, request_id, "compute_volume_cleanup", self.now(),
+                              message)
 
     def swap_volume(self, server, old, new_id, attachment_id):
         """Move the guest from a migrating volume to its new one, then tell Cinder."""
@@ -6967,12 +7059,8 @@ class Compute:
             self.driver_of(server).swap_volume(server, old, new)
             cinder.attachment_complete(None, attachment_id)
         except (DriverError, Unavailable, VolumeError) as e:
-            for undo in (lambda: cinder.attachment_delete(None, attachment_id),
-                         lambda: cinder.action(None, old["id"], "os-roll_detaching")):
-                try:
-                    undo()
-                except (VolumeError, Unavailable):
-                    pass
+            self.end_volume_use(server["id"], "attachment_delete", new_id, attachment_id)
+            self.end_volume_use(server["id"], "roll_detaching", old["id"])
             raise DriverError(f"swapping volume {old['id']} failed: {e}") from None
         self.set_volume(server["id"], new)
         try:
@@ -6980,10 +7068,13 @@ class Compute:
                 "os-migrate_volume_completion": {"new_volume": new_id, "error": False}})
             self.set_volume(server["id"], dict(new, id=(done or {}).get("save_volume_id",
                                                                          new_id)))
-            cinder.attachment_delete(None, old["attachment_id"])
         except (VolumeError, Unavailable) as e:
             LOG.error("server %s: finishing the swap of volume %s in Cinder failed: %s",
                       server["id"], old["id"], e)
+            self.record_cleanup_failure(server["id"], f"os-migrate_volume_completion of "
+                                        f"volume {old['id']} failed: {e}")
+        self.end_volume_use(server["id"], "attachment_delete", old["id"],
+                            old["attachment_id"])
 
     def volume_snapshot_create(self, server, volume_id, info):
         """Cinder's NFS snapshot of an attached volume: the guest's disk moves onto the
@@ -7179,11 +7270,9 @@ class Compute:
             LOG.warning("server %s: the attachment of volume %s was interrupted",
                         server["id"], vol.get("id"))
             self.drop_volume(server["id"], vol["bdm_uuid"])
-            try:
-                if vol.get("attachment_id") and self.app.volumes is not None:
-                    self.app.volumes.attachment_delete(None, vol["attachment_id"])
-            except (VolumeError, Unavailable) as e:
-                LOG.warning("server %s: releasing that attachment failed: %s", server["id"], e)
+            if vol.get("attachment_id"):
+                self.end_volume_use(server["id"], "attachment_delete", vol.get("id"),
+                                    vol["attachment_id"])
 
     def redefine_simulated(self, server):
         """libvirt's test driver forgets domains with the process: define them again."""
@@ -14148,6 +14237,7 @@ class App:
         self.services = {}              # option -> (client or None, when it was looked up)
         self.images_lock = threading.Lock()
         self.compute = Compute(self)
+        self.volume_cleanups = VolumeCleanups(self)
         self.claims = Claims(store)
         self.usage = ServerUsage(store)
         self.server_order = ServerOrder(store)
@@ -15007,6 +15097,8 @@ def main(argv=None):
                      name="libvirt-reconnect").start()
     threading.Thread(target=power_sync_loop, args=(app, events, stop), daemon=True,
                      name="power-sync").start()
+    threading.Thread(target=volume_cleanup_loop, args=(app, stop), daemon=True,
+                     name="volume-cleanups").start()
     threading.Thread(target=watchdog_loop, args=(
         stop, functools.partial(answers_healthcheck, server)), daemon=True,
         name="watchdog").start()

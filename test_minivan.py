@@ -7175,6 +7175,70 @@ class ServiceFailureTests(unittest.TestCase):
                          ["status"], "available")
 
 
+    def test_a_failed_attachment_release_is_made_again(self):
+        """Cinder refuses to connect a volume being attached, then fails the deletion of
+        that attachment: the server's attach action shows a failed compute_volume_cleanup
+        event, the deletion is kept in the state across a restart of minivan and made
+        again, and the volume ends available with no attachment: not left reserved."""
+        volume = self.openstack("volume", "create", "--size", "1", "released-vol", "-f",
+                                "json")
+        self.addCleanup(self.openstack, "volume", "delete", "--force", volume["id"],
+                        expect_ok=False)
+        wait_until(lambda: self.openstack("volume", "show", volume["id"], "-f", "json")
+                   ["status"] == "available", timeout=180, what="the volume")
+        made = self.api("POST", "/servers", {"server": {
+            "name": "release-vm", "flavorRef": "1", "networks": "none",
+            "imageRef": self.image_id}})
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(self.api, "DELETE", "/servers/" + server_id)
+        wait_until(lambda: self.api("GET", "/servers/" + server_id).json()["server"]
+                   ["status"] == "ACTIVE", timeout=120, what="the server")
+        self.cinder.fail("PUT", r"/attachments/[0-9a-f-]+$", 500)
+        self.cinder.fail("DELETE", r"/attachments/[0-9a-f-]+$", 503, times=2)
+        attach = self.api("POST", f"/servers/{server_id}/os-volume_attachments",
+                          {"volumeAttachment": {"volumeId": volume["id"]}})
+        self.assertEqual(attach.status, 200, attach.raw)
+
+        def events():
+            actions = self.api("GET", f"/servers/{server_id}/os-instance-actions").json()
+            action = next(a for a in actions["instanceActions"]
+                          if a["action"] == "attach_volume")
+            return self.api("GET", f"/servers/{server_id}/os-instance-actions/"
+                                   f"{action['request_id']}", version="2.51").json()[
+                "instanceAction"]["events"]
+        wait_until(lambda: ("compute_volume_cleanup", "Error") in
+                   [(e["event"], e["result"]) for e in events()], timeout=60,
+                   what="the failed clean-up recorded")
+        stop_minivan_only(self)         # (the second attempt fails too: the call is kept)
+        try:
+            with open(os.path.join(self.minivan_data, "state.json")) as f:
+                kept = json.load(f)["data"]["volume_cleanups"]
+        finally:
+            restart_minivan(self)
+        self.assertEqual([(k["call"], k["volume_id"]) for k in kept.values()],
+                         [("attachment_delete", volume["id"])])
+        wait_until(lambda: self.openstack("volume", "show", volume["id"], "-f", "json")
+                   ["status"] == "available", timeout=60, what="the attachment released")
+        self.assertEqual(self.openstack("volume", "show", volume["id"], "-f", "json")
+                         ["attachments"], [])
+        deletes = [how for method, path, how in self.cinder.seen
+                   if method == "DELETE" and "/attachments/" in path]
+        self.assertEqual((deletes.count(503), deletes[-1]), (2, None))
+
+
+def stop_minivan_only(test):
+    """SIGTERM the test class's minivan, keeping its data directory."""
+    test.minivan_proc.send_signal(signal.SIGTERM)
+    test.minivan_proc.wait(30)
+    test.minivan_log.close()
+
+
+def restart_minivan(test):
+    """Start the test class's minivan again on its data directory."""
+    port, args, env_extra = test.minivan_start
+    start_minivan(type(test), port, args, env_extra, data=test.minivan_data)
+
+
 class ImageServiceTests(SocketTestCase):
     """/image/v2 over the local image directory, through the real HTTP server."""
 
