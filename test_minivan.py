@@ -3581,6 +3581,89 @@ class NovaPolicyTests(unittest.TestCase):
         self.assertEqual(len(wrong), 0, "\n".join(wrong))
         print(f"\nNova policy, conditional rules: {compared} calls compared, 0 disagreements")
 
+    def test_rules_reached_on_a_server(self):
+        """Rules a body field reaches on a server of the demo project, called by every
+        persona: a target host on live and cold migration (a manager may move a server but
+        not choose where: migrate_server.py checks ...:host with fatal=True), with and
+        without one; Nova checks the policy before the server's state, so a refused call
+        is 403 (404 outside the project) whatever the server is doing.  And servers.py
+        _get_servers: filters past the user's own set (host, deleted, node) are dropped
+        without a word unless allow_all_filters allows them."""
+        demo = self.env["DEMO_PROJECT_ID"]
+        flavor = compute_request(None, self.port, "POST", "/flavors", self.tokens["admin"], {
+            "flavor": {"name": "policy-move", "ram": 64, "vcpus": 1, "disk": 1}}).json()[
+            "flavor"]["id"]
+        made = compute_request(None, self.port, "POST", "/servers", self.tokens["member"], {
+            "server": {"name": "policy-move", "flavorRef": flavor, "imageRef": self.image,
+                       "networks": "none"}}, version="2.37")
+        self.assertEqual(made.status, 202, made.raw)
+        server_id = made.json()["server"]["id"]
+        self.addCleanup(compute_request, None, self.port, "DELETE", "/servers/" + server_id,
+                        self.tokens["admin"])
+        wait_until(lambda: compute_request(None, self.port, "GET", "/servers/" + server_id,
+                                           self.tokens["admin"]).json()["server"]["status"]
+                   == "ACTIVE", timeout=60, what="the server")
+        action = f"/servers/{server_id}/action"
+        cases = [  # (body, version, the rule the body reaches or None)
+            ({"os-migrateLive": {"host": "cmp2", "block_migration": "auto"}}, "2.30",
+             "os_compute_api:os-migrate-server:migrate_live:host"),
+            ({"os-migrateLive": {"host": None, "block_migration": "auto"}}, "2.30", None),
+            ({"migrate": {"host": "cmp1"}}, "2.56", "os_compute_api:os-migrate-server:migrate:host"),
+            ({"migrate": None}, "2.56", None),
+        ]
+        wrong, compared = [], 0
+        target = {"project_id": demo, "user_id": self.creds["member"]["user_id"]}
+        for body, version, rule in cases:
+            name = next(iter(body))
+            base = self.nova_rules(next(r for r in minivan.ROUTES if r.method == "POST" and
+                                        r.path == "/servers/{server_id}/action" and
+                                        r.action == name))
+            for who in reversed(list(self.creds)):        # (admin last: it really moves it)
+                creds = self.creds[who]
+                allowed = all(self.enforcer.enforce(n, target, creds)
+                              for n in base + ([rule] if rule else []))
+                reply = compute_request(None, self.port, "POST", action, self.tokens[who],
+                                        body, version=version)
+                compared += 1
+                if allowed == (reply.status == 403) or reply.status >= 500 or \
+                        not allowed and creds["project_id"] != demo and reply.status != 404 \
+                        and reply.status != 403:
+                    wrong.append(f"{name} {body[name]} as {who}: {reply.status}, Nova's rules "
+                                 f"{'allow' if allowed else 'refuse'} ({rule}): "
+                                 f"{reply.raw[:200]!r}")
+                wait_until(lambda: compute_request(
+                    None, self.port, "GET", "/servers/" + server_id, self.tokens["admin"])
+                    .json()["server"]["OS-EXT-STS:task_state"] is None, timeout=60,
+                    what="the server settled")
+                status = compute_request(None, self.port, "GET", "/servers/" + server_id,
+                                         self.tokens["admin"]).json()["server"]["status"]
+                if status == "VERIFY_RESIZE":
+                    compute_request(None, self.port, "POST", action, self.tokens["admin"],
+                                    {"confirmResize": None})
+        # admin-only filters: dropped for those the rule refuses, applied for the others
+        for who, creds in self.creds.items():
+            if creds["project_id"] != demo:
+                continue
+            allowed = self.enforcer.enforce("os_compute_api:servers:allow_all_filters",
+                                            {"project_id": demo, "user_id": creds["user_id"]},
+                                            creds)
+            plain = compute_request(None, self.port, "GET", "/servers", self.tokens[who])
+            if plain.status == 403:
+                continue
+            mine = sorted(s["id"] for s in plain.json()["servers"])
+            self.assertIn(server_id, mine, who)
+            for query in ("host=no-such-host", "node=no-such-node", "deleted=true"):
+                got = compute_request(None, self.port, "GET", "/servers?" + query,
+                                      self.tokens[who])
+                compared += 1
+                found = sorted(s["id"] for s in got.json()["servers"])
+                if got.status != 200 or (found == mine) == allowed:
+                    wrong.append(f"GET /servers?{query} as {who}: {got.status} {found}, Nova "
+                                 f"{'applies' if allowed else 'drops'} the filter")
+        self.assertEqual(len(wrong), 0, "\n".join(wrong))
+        print(f"\nNova policy, rules reached on a server: {compared} calls compared, "
+              "0 disagreements")
+
 
 class KeystoneProxy:
     """A TCP proxy in front of the test Keystone that passes, refuses ("down") or holds
