@@ -7842,6 +7842,7 @@ def write_config_drive(path, files):
 # Enough for a config drive: a few directories of a few files, one sector each.
 
 SECTOR = 2048
+ISO_MIN_SECTORS = 512
 
 
 def iso_both16(n):
@@ -7909,7 +7910,9 @@ def write_iso(path, files, label, now=None):
     for name in sorted(files):
         lba[("f", tuple(name.strip("/").split("/")))] = next_lba
         next_lba += max(1, -(-len(files[name]) // SECTOR))
-    total = next_lba
+    # at least 1 MiB: busybox's findfs (cirros) probes past 64 KiB and finds no label on
+    # a shorter device
+    total = max(next_lba, ISO_MIN_SECTORS)
     idents = {}
     for tree in ("p", "j"):
         for d in order:
@@ -7950,7 +7953,7 @@ def write_iso(path, files, label, now=None):
 
     def descriptor(kind, tree):
         joliet = tree == "j"
-        text = (lambda s, n: s.encode("utf-16-be").ljust(n, b"\x00")[:n]) if joliet else \
+        text = (lambda s, n: (s + " " * n).encode("utf-16-be")[:n]) if joliet else \
             (lambda s, n: s.encode("ascii").ljust(n, b" ")[:n])
         blank = (lambda n: ("\u0020" * (n // 2)).encode("utf-16-be")) if joliet else \
             (lambda n: b" " * n)
@@ -7982,6 +7985,7 @@ def write_iso(path, files, label, now=None):
         for name in sorted(files):
             data = files[name]
             f.write(data + b"\x00" * (max(1, -(-len(data) // SECTOR)) * SECTOR - len(data)))
+        f.truncate(total * SECTOR)
 
 
 # § 24 API: servers --------------------------------------------------------------------

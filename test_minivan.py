@@ -20,6 +20,7 @@ import functools
 import hashlib
 import http.client
 import http.server
+import io
 import json
 import os
 import re
@@ -5766,6 +5767,113 @@ def real_guest_connection():
     except libvirt.libvirtError:
         return None
     return conn
+
+
+GUEST_SSH_CLIENT = r"""
+import json, sys
+from tempest.common.utils.linux.remote_client import RemoteClient
+key, meta = sys.argv[1], json.loads(sys.argv[2])
+client = RemoteClient("127.0.0.1", "cirros", pkey=key)
+client.validate_authentication()
+out = {"hostname": client.exec_command("hostname").strip(),
+       "disks": client.get_disks(),
+       "partitions": client.exec_command("cat /proc/partitions"),
+       "mac": client.get_mac_address(),
+       "whoami": client.exec_command("sudo id -u").strip()}
+out["nic"] = client.get_nic_name_by_mac(out["mac"]).strip()
+client.make_fs("vdb", fs="ext4")
+client.mount("vdb")
+client.exec_command("sudo sh -c 'echo kept > /mnt/timestamp'")
+client.umount()
+client.mount("vdb")
+out["read_back"] = client.exec_command("sudo cat /mnt/timestamp").strip()
+out["fs"] = client.exec_command("sudo blkid -o value -s TYPE /dev/vdb").strip()
+client.umount()
+client.mount_config_drive()
+out["config_drive_uuid"] = json.loads(client.exec_command(
+    "cat /mnt/openstack/latest/meta_data.json"))["uuid"]
+client.unmount_config_drive()
+client.write_to_console("tempest was here")
+print(json.dumps(out))
+"""
+
+
+class GuestImageTests(unittest.TestCase):
+    """The test guest (tools/make-guest.sh) as Tempest's validation uses cirros: booted by
+    QEMU inside a network namespace this test makes (its guest network is QEMU's own
+    user-mode one, port 22 forwarded to the namespace's loopback), it is logged into by
+    Tempest's own RemoteClient with the key of its config drive, and the client's disk,
+    file system, network and config-drive helpers work."""
+
+    def test_tempest_remote_client_works_on_the_guest(self):
+        qemu = shutil.which("qemu-system-x86_64")
+        if not (GUEST_IMAGE and os.path.exists(GUEST_IMAGE) and qemu and
+                shutil.which("unshare") and shutil.which("nsenter")):
+            skip_or_fail(self, "no guest image or QEMU (tools/test.sh builds and installs them)")
+        try:
+            import paramiko
+            import tempest.common.utils.linux.remote_client  # noqa: F401
+        except ImportError:
+            skip_or_fail(self, "tempest and paramiko are not installed (tools/setup-venvs.sh)")
+        tmp = tempfile.mkdtemp(prefix="minivan-guest-ssh-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        key = paramiko.RSAKey.generate(2048)
+        buf = io.StringIO()
+        key.write_private_key(buf)
+        meta = {"uuid": str(uuid.uuid4()), "hostname": "tempest-guest.novalocal",
+                "name": "tempest-guest", "launch_index": 0,
+                "public_keys": {"tempest": f"ssh-rsa {key.get_base64()} tempest\n"}}
+        iso = os.path.join(tmp, "config.iso")
+        minivan.write_iso(iso, {"openstack/latest/meta_data.json": json.dumps(meta).encode()},
+                          "config-2")
+        disk, data = os.path.join(tmp, "disk.qcow2"), os.path.join(tmp, "data.raw")
+        minivan.qemu_img("create", "-f", "qcow2", "-b", os.path.abspath(GUEST_IMAGE), "-F",
+                         "qcow2", disk)
+        with open(data, "wb") as f:
+            f.truncate(64 * 2 ** 20)
+        console = os.path.join(tmp, "console.log")
+        command = (f"ip link set lo up && exec {qemu} -machine pc -accel tcg -m 256 "
+                   f"-display none -nodefaults -no-user-config "
+                   f"-drive file={disk},if=virtio,format=qcow2 "
+                   f"-drive file={data},if=virtio,format=raw "
+                   f"-drive file={iso},media=cdrom,if=ide,format=raw "
+                   f"-netdev user,id=n0,hostfwd=tcp:127.0.0.1:22-:22 "
+                   f"-device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 "
+                   f"-serial file:{console}")
+        errors = open(os.path.join(tmp, "qemu.err"), "w")
+        self.addCleanup(errors.close)
+        proc = subprocess.Popen(["unshare", "-n", "sh", "-c", command],
+                                stdout=subprocess.DEVNULL, stderr=errors)
+
+        def stop():
+            proc.kill()
+            proc.wait()
+        self.addCleanup(stop)
+        wait_until(lambda: os.path.exists(console) and "sshd listening" in open(
+            console, errors="replace").read() or proc.poll() is not None, timeout=120,
+            what="the guest's sshd")
+        if proc.poll() is not None:
+            self.fail("QEMU ended: " + open(errors.name).read()[-2000:])
+        with open(os.path.join(tmp, "tempest.conf"), "w") as f:
+            f.write("[validation]\nssh_key_type = rsa\nssh_timeout = 60\n"
+                    "connect_timeout = 20\n")
+        done = subprocess.run(["nsenter", f"--net=/proc/{proc.pid}/ns/net", "--",
+                               sys.executable, "-c", GUEST_SSH_CLIENT, buf.getvalue(),
+                               json.dumps(meta)], capture_output=True, text=True, timeout=240,
+                              env=dict(os.environ, TEMPEST_CONFIG_DIR=tmp,
+                                       TEMPEST_CONFIG="tempest.conf"))
+        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["hostname"], "tempest-guest")
+        self.assertEqual(out["whoami"], "0")
+        self.assertIn("vda", out["disks"])
+        self.assertIn("vdb", out["disks"])
+        self.assertIn("vdb", out["partitions"])
+        self.assertEqual(out["mac"], "52:54:00:12:34:56")
+        self.assertEqual(out["nic"], "eth0")
+        self.assertEqual((out["read_back"], out["fs"]), ("kept", "ext4"))
+        self.assertEqual(out["config_drive_uuid"], meta["uuid"])
+        self.assertIn("tempest was here", open(console, errors="replace").read())
 
 
 class RealGuestTests(unittest.TestCase):

@@ -14,8 +14,18 @@
 #   minivan-guest ready <addr> ...             after DHCP (addresses, or 'none')
 #   minivan-guest metadata uuid <uuid> instance-id <id>   from http://169.254.169.254 (the
 #                                              metadata service; 'metadata none' if silent)
+#   minivan-guest ssh key <type> <comment>     the key of the config drive or the metadata
+#                                              service, for root and cirros
+#   minivan-guest sshd listening               dropbear on port 22
 #   minivan-guest acpi power button, powering off    on ACPI shutdown (virDomainShutdown)
 # then a root shell stays on the console (virsh console).
+#
+# For Tempest's validation and scenario tests, as cirros offers them: the user cirros
+# (root's powers; sudo runs what it is given), the key from the config drive or the
+# metadata service, the hostname given, DHCP with classless static routes (option 121)
+# and DNS, lsblk, blkid, mkfs -t ext4 and ext4, ip, ping, nc, hostname, and curl for plain
+# http URLs.  dropbear, e2fsprogs and util-linux come from their .debs with every
+# library they need.
 #
 # Downloaded .debs and the kernel bits taken from them are cached in
 # ${MINIVAN_GUEST_CACHE:-${XDG_CACHE_HOME:-~/.cache}/minivan-guest}: re-runs need no download.
@@ -41,6 +51,7 @@ MODULES=(virtio_pci virtio_net virtio_blk     # virtio NIC and disks
          button evdev                         # ACPI power button -> /dev/input/event*
          ata_piix sr_mod sd_mod isofs         # config drive as IDE cdrom (ISO 9660)
          vfat nls_cp437 nls_ascii)            # config drive in VFAT format
+# (ext4, for the volumes Tempest formats and mounts, is built into the cloud kernel)
 
 # --- host tools -----------------------------------------------------------------------
 need=()
@@ -106,7 +117,7 @@ fi
 [[ -n $KPKG ]] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
 KVER=${KPKG#linux-image-}
 KDIR=$CACHE/kernel-$KVER     # vmlinuz, modules/*.ko, modules.load (load order)
-if [[ ! -s $KDIR/modules.load ]]; then
+if [[ ! -s $KDIR/modules.load || $(cat "$KDIR/modules.want" 2>/dev/null) != "${MODULES[*]}" ]]; then
     deb=$(fetch_deb "$KPKG")
     X=$WORK/kernel
     mkdir -p "$X"
@@ -139,6 +150,7 @@ if [[ ! -s $KDIR/modules.load ]]; then
         esac
         echo "$name" >> "$KDIR.new/modules.load"
     done < "$WORK/order"
+    echo "${MODULES[*]}" > "$KDIR.new/modules.want"
     rm -rf "$KDIR" "$X" && mv "$KDIR.new" "$KDIR"
     say "kernel $KVER prepared in $(took "$t")"
 else
@@ -154,10 +166,95 @@ if [[ ! -x $BB/busybox ]]; then
     cp "$WORK/bb/bin/busybox" "$BB/busybox.new" && mv "$BB/busybox.new" "$BB/busybox"
 fi
 
+# --- userland beyond busybox: an SSH server and the disk tools Tempest runs --------------
+# Binaries and every library they need, all from the .debs (never the host's files).
+USERLAND_PACKAGES=(dropbear-bin libtomcrypt1 libtommath1 libgmp10 zlib1g libcrypt1 libc6
+                   e2fsprogs libext2fs2 libcom-err2 libss2 libblkid1 libuuid1
+                   util-linux libmount1 libsmartcols1 libudev1 libselinux1 libpcre2-8-0
+                   libcap-ng0 libtinfo6 libsystemd0 liblzma5 libzstd1 liblz4-1 libgcrypt20
+                   libgpg-error0)
+USERLAND_BINARIES=(usr/sbin/dropbear sbin/mke2fs sbin/mkfs bin/lsblk sbin/blkid)
+U=$CACHE/userland
+stamp="${USERLAND_PACKAGES[*]} ${USERLAND_BINARIES[*]}"
+if [[ ! -s $U/stamp || $(cat "$U/stamp") != "$stamp" ]]; then
+    rm -rf "$U.new" && mkdir -p "$U.new/tree"
+    for pkg in "${USERLAND_PACKAGES[@]}"; do
+        deb=$(fetch_deb "$pkg")
+        dpkg-deb -x "$deb" "$U.new/tree"
+    done
+    echo "$stamp" > "$U.new/stamp"
+    rm -rf "$U" && mv "$U.new" "$U"
+fi
+# copy_elf FILE: FILE (path in the tree) and the libraries it needs, into the initramfs
+copy_elf() {
+    local rel=$1 lib found dir
+    [[ -e $R/$rel ]] && return
+    mkdir -p "$R/$(dirname "$rel")"
+    cp -L "$U/tree/$rel" "$R/$rel"
+    for lib in $(readelf -d "$U/tree/$rel" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        found=
+        for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+            [[ -e $U/tree/$dir/$lib ]] && { found=$dir/$lib; break; }
+        done
+        [[ -n $found ]] || die "no $lib for $rel in the userland packages: add its package"
+        copy_elf "$found"
+    done
+}
+
 # --- initramfs ---------------------------------------------------------------------------
 R=$WORK/initramfs
 mkdir -p "$R"/{bin,dev,proc,sys,tmp,run,mnt/config,etc/acpi/power,lib/modules}
 cp "$BB/busybox" "$R/bin/busybox"
+for bin in "${USERLAND_BINARIES[@]}" lib64/ld-linux-x86-64.so.2; do
+    copy_elf "$bin"
+done
+ln -s mke2fs "$R/sbin/mkfs.ext4"
+# the login user Tempest uses (image_ssh_user cirros): root's powers, as cirros's sudo
+# gives them; sudo runs the command it is given
+mkdir -p "$R/etc/dropbear" "$R/home/cirros/.ssh" "$R/root/.ssh" "$R/usr/bin"
+printf 'root:x:0:0:root:/root:/bin/sh\ncirros:x:0:0:cirros:/home/cirros:/bin/sh\n' > "$R/etc/passwd"
+printf 'root:*:19000:0:99999:7:::\ncirros:*:19000:0:99999:7:::\n' > "$R/etc/shadow"
+printf 'root:x:0:\n' > "$R/etc/group"
+printf '/bin/sh\n' > "$R/etc/shells"
+chmod 700 "$R/home/cirros/.ssh" "$R/root/.ssh"
+cat > "$R/usr/bin/sudo" <<'SUDO'
+#!/bin/sh
+# sudo for a user who is root already: options are dropped, the command runs.
+while [ $# -gt 0 ]; do
+    case $1 in
+        -u|-g|-C|-h|-p|-U) shift 2 ;;
+        --) shift; break ;;
+        -i|-s) shift; [ $# -eq 0 ] && exec /bin/sh -l ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+[ $# -eq 0 ] && exec /bin/sh -l
+exec "$@"
+SUDO
+cat > "$R/usr/bin/curl" <<'CURL'
+#!/bin/sh
+# curl for plain http://HOST[:PORT]/PATH, as Tempest's checks call it: the body on
+# stdout (options taking no part in that are dropped).
+url=
+while [ $# -gt 0 ]; do
+    case $1 in
+        -o|-m|--max-time|--connect-timeout|-H|-w|-u|-X) shift 2 ;;
+        -*) shift ;;
+        *) url=$1; shift ;;
+    esac
+done
+rest=${url#http://}
+hostport=${rest%%/*}
+path=/${rest#*/}
+[ "$rest" = "$hostport" ] && path=/
+host=${hostport%:*}
+port=${hostport##*:}
+[ "$port" = "$hostport" ] && port=80
+printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hostport" |
+    nc -w 5 "$host" "$port" | sed '1,/^\r*$/d'
+CURL
+chmod 755 "$R/usr/bin/sudo" "$R/usr/bin/curl"
 cp "$KDIR"/modules/*.ko "$R/lib/modules/"
 cp "$KDIR/modules.load" "$R/etc/modules.load"
 
@@ -165,11 +262,12 @@ cat > "$R/init" <<'INIT'
 #!/bin/busybox sh
 # PID 1 of the minivan test guest.  Everything lives in the initramfs.
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/ TERM=vt100
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=vt100
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 log() { echo "minivan-guest $*"; }
 log "booted kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 
@@ -191,7 +289,14 @@ acpid -c /etc/acpi -a /etc/acpi/actions -l /dev/null
 
 # Config drive: any block device labelled config-2 (ISO 9660 cdrom, or VFAT disk).
 name=minivan-guest
-for dev in $(findfs LABEL=config-2 2>/dev/null; findfs LABEL=CONFIG-2 2>/dev/null); do
+drives() { findfs LABEL=config-2 2>/dev/null; findfs LABEL=CONFIG-2 2>/dev/null; }
+# (a cdrom behind the IDE controller shows up a moment after its module loads)
+n=0
+while [ -z "$(drives)" ] && [ $n -lt 20 ] && ls /sys/class/scsi_host/ >/dev/null 2>&1 &&
+      [ -z "$(ls /sys/class/block | grep '^sr')" ]; do
+    sleep 0.1; n=$((n + 1))
+done
+for dev in $(drives); do
     mount -o ro "$dev" /mnt/config 2>/dev/null || continue
     md=/mnt/config/openstack/latest/meta_data.json
     if [ -f "$md" ]; then
@@ -200,6 +305,9 @@ for dev in $(findfs LABEL=config-2 2>/dev/null; findfs LABEL=CONFIG-2 2>/dev/nul
         host=$(echo "$json" | sed -n 's/^ *"hostname": *"\([^"]*\)".*/\1/p' | head -n1)
         [ -n "$uuid" ] && log "uuid $uuid"
         [ -n "$host" ] && { name=${host%%.*}; log "hostname $host"; }
+        # the first of public_keys: {"name": "ssh-rsa AAAA... comment\n"}
+        key=$(echo "$json" | sed -n '/"public_keys"/{n;p;}' |
+              sed -n 's/^ *"[^"]*": *"\(.*\)" *$/\1/p' | sed 's/\\n$//' | head -n1)
     fi
     umount /mnt/config
     break
@@ -218,7 +326,22 @@ bound|renew)
         ip addr add "$ip/${mask:-24}" dev "$interface"
         echo "minivan-guest ip $interface $ip/${mask:-24}" > /dev/console
     fi
-    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface" ;;
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    # option 121 (how Neutron's OVN hands out the metadata route): "NET/LEN GW" pairs
+    set -- $staticroutes
+    while [ $# -ge 2 ]; do
+        if [ "$2" = 0.0.0.0 ]; then
+            ip route replace "$1" dev "$interface"
+        else
+            ip route replace "$1" via "$2" dev "$interface"
+        fi
+        shift 2
+    done
+    if [ -n "$dns" ]; then
+        : > /etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+        for server in $dns; do echo "nameserver $server" >> /etc/resolv.conf; done
+    fi ;;
 esac
 exit 0
 EOF
@@ -231,6 +354,7 @@ for nic in /sys/class/net/eth*; do
     ip link set "$nic" up
     # returns once leased (udhcpc then stays in the background to renew), or after ~10 s
     udhcpc -i "$nic" -b -t 10 -T 1 -A 3 -s /etc/udhcpc.script -x "hostname:$name" \
+        -O staticroutes -O dns -O domain \
         >/dev/null 2>&1 &
 done
 wait
@@ -241,7 +365,7 @@ log "ready${addrs:- none}"
 # what it says of this guest, or 'none' when nothing answers.
 if [ -n "$addrs" ]; then
     nic=$(ip -4 -o addr show scope global | awk '{print $2; exit}')
-    ip route add 169.254.169.254/32 dev "$nic" 2>/dev/null
+    ip route add 169.254.169.254/32 dev "$nic" 2>/dev/null   # (unless DHCP routed it)
     # (busybox nc: the static busybox's wget crashes resolving even a literal address)
     md_get() {
         printf 'GET %s HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n' "$1" |
@@ -252,10 +376,23 @@ if [ -n "$addrs" ]; then
     iid=$(md_get /latest/meta-data/instance-id)
     if [ -n "$uuid" ]; then
         log "metadata uuid $uuid instance-id ${iid:-?}"
+        [ -n "$key" ] || key=$(md_get /latest/meta-data/public-keys/0/openssh-key)
     else
         log "metadata none"
     fi
 fi
+
+# SSH: dropbear on port 22 (host keys made at the first connection), the key from the
+# config drive or the metadata service for root and cirros
+if [ -n "$key" ]; then
+    for home in /root /home/cirros; do
+        echo "$key" > "$home/.ssh/authorized_keys"
+        chmod 600 "$home/.ssh/authorized_keys"
+    done
+    log "ssh key ${key%% *} ${key##* }"
+fi
+dropbear -R -p 22 -E 2>/dev/null
+log "sshd listening"
 
 # A root shell on the console, forever (PID 1 must not exit).
 while :; do
