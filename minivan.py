@@ -68,6 +68,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import http.client
 import http.server
 import ipaddress
@@ -210,6 +211,9 @@ OPTIONS = [
      "(default: ws://HOST:PORT/ of --serial-console-listen)"),
     ("metadata-listen", "", "HOST:PORT for the guests' metadata service, e.g. "
      "192.168.122.1:8775 (default: off; guests then use config drives)"),
+    ("service-metadata-proxy", "false", "the metadata service also answers what Neutron's "
+     "metadata agent relays for a guest (X-Instance-ID signed with "
+     "MINIVAN_METADATA_PROXY_SHARED_SECRET), as Nova's [neutron] service_metadata_proxy"),
     ("host", "", "compute host name (default: this machine's host name)"),
     ("default-floating-pool", "public", "the external Neutron network (name or id) that "
      "floating IPs come from when a request names no pool"),
@@ -230,7 +234,10 @@ OPTIONS = [
      "(/minivan/v1/faults and minivan:* server metadata)"),
 ]
 SECRET_OPTIONS = [("keystone-password", "", "service user's password "
-                   "(only from MINIVAN_KEYSTONE_PASSWORD or --config)")]
+                   "(only from MINIVAN_KEYSTONE_PASSWORD or --config)"),
+                  ("metadata-proxy-shared-secret", "", "the secret Neutron's metadata agent "
+                   "signs instance ids with (only from MINIVAN_METADATA_PROXY_SHARED_SECRET "
+                   "or --config)")]
 BOOL_TRUE = {"1", "true", "yes", "on"}
 
 
@@ -294,8 +301,8 @@ def read_ini(path):
     except (OSError, configparser.Error) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     section = dict(parser["minivan"]) if parser.has_section("minivan") else {}
-    if section.get("keystone-password", section.get("keystone_password")) \
-            and st.st_mode & 0o077:
+    if any(section.get(name, section.get(name.replace("-", "_"))) for name, _, _ in
+           SECRET_OPTIONS) and st.st_mode & 0o077:
         raise ConfigError(f"config file {path} holds a password but is readable by others: "
                           f"chmod 600 {path}")
     return section
@@ -333,6 +340,7 @@ def finish_config(conf):
         if key != "ram_weight_multiplier" and conf[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     for key in ("debug", "force_config_drive", "enable_instance_password",
+                "service_metadata_proxy",
                 "resume_guests_state_on_host_boot", "instance_usage_audit",
                 "vif_plugging_is_fatal", "fault_injection", "noauth_allow_remote"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
@@ -13348,7 +13356,17 @@ class MetadataApp:
         path = urllib.parse.urlsplit(target).path
         if method not in ("GET", "HEAD"):
             return Response(405, b"Method not allowed\n", content_type="text/plain")
-        server = self.server_at(client)
+        if headers.get("X-Instance-ID") is not None and not self.conf["service_metadata_proxy"]:
+            LOG.warning("metadata request from %s carries X-Instance-ID, but "
+                        "--service-metadata-proxy is off: it is known by its address", client)
+        if self.conf["service_metadata_proxy"]:       # (as Nova: every request is relayed)
+            server, refusal = self.relayed_server(headers)
+            if refusal:
+                return refusal
+            forwarded = headers.get("X-Forwarded-For") or client
+            client = forwarded.split(",")[0].strip()
+        else:
+            server = self.server_at(client)
         if server is None:
             LOG.info("metadata request from %s, which is no server's address", client)
             return Response(404, b"No server has this address\n", content_type="text/plain")
@@ -13357,6 +13375,37 @@ class MetadataApp:
             return Response(404, b"Not found\n", content_type="text/plain")
         data, ctype = answer
         return Response(200, data, content_type=ctype)
+
+    def relayed_server(self, headers):
+        """(server, None) for a request Neutron's metadata agent relays, or (None, the
+        answer that refuses it), as Nova's metadata handler checks it: the three headers
+        once each, the instance id signed with the shared secret (HMAC-SHA256), and the
+        server in the project the agent names."""
+        def one(name):
+            values = (headers.get_all(name) or []) if hasattr(headers, "get_all") else \
+                [headers.get(name)] if headers.get(name) is not None else []
+            return values[0] if len(values) == 1 else None
+        instance_id, signature = one("X-Instance-ID"), one("X-Instance-ID-Signature")
+        tenant_id = one("X-Tenant-ID")
+        if not (instance_id and signature and tenant_id):
+            LOG.warning("relayed metadata request without exactly one X-Instance-ID, "
+                        "X-Instance-ID-Signature and X-Tenant-ID")
+            return None, Response(400, b"X-Instance-ID, X-Instance-ID-Signature and "
+                                       b"X-Tenant-ID are each needed once\n",
+                                  content_type="text/plain")
+        secret = self.conf["metadata_proxy_shared_secret"] or ""
+        expected = hmac.new(secret.encode("utf-8"), instance_id.encode("utf-8"),
+                            hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature):
+            LOG.warning("relayed metadata request for %s with a wrong signature", instance_id)
+            return None, Response(403, b"Invalid proxy request signature.\n",
+                                  content_type="text/plain")
+        server = self.app.store.data["servers"].get(instance_id)
+        if server is None or server["vm_state"] == "deleted" or \
+                server["project_id"] != tenant_id:
+            return None, Response(404, b"No such server in that project\n",
+                                  content_type="text/plain")
+        return server, None
 
     def lookup(self, server, path, client):
         files = config_drive_files(self.app, server, None)

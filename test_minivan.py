@@ -9000,6 +9000,45 @@ class MetadataServiceTests(ServerTestCase):
         self.assertEqual(int(resp.getheader("Content-Length")), len(data))
         return resp.status, data
 
+    def test_requests_relayed_by_neutrons_metadata_agent(self):
+        """With --service-metadata-proxy, a request relayed by Neutron's metadata agent is
+        known by X-Instance-ID, signed as Neutron's own sign_instance_id signs it (run from
+        .venv-neutron): the server's metadata; a wrong signature 403, a missing or doubled
+        header 400, another project 404; with the option off the headers are ignored."""
+        neutron_python = os.path.join(HERE, ".venv-neutron", "bin", "python")
+        if not os.path.exists(neutron_python):
+            skip_or_fail(self, "no .venv-neutron (tools/setup-venvs.sh)")
+        server_id = self.new_server(metadata={"role": "db"})
+        project = self.store.data["servers"][server_id]["project_id"]
+        secret = "s3cr3t-" + uuid.uuid4().hex
+        signed = subprocess.run([neutron_python, "-c", (
+            "import sys, types\n"
+            "from neutron.common.utils import sign_instance_id\n"
+            "conf = types.SimpleNamespace(metadata_proxy_shared_secret=sys.argv[1])\n"
+            "print(sign_instance_id(conf, sys.argv[2]))"), secret, server_id],
+            capture_output=True, text=True, check=True).stdout.strip()
+
+        def relayed(headers):
+            conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
+            conn.putrequest("GET", "/openstack/latest/meta_data.json")
+            for name, value in headers:
+                conn.putheader(name, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        good = [("X-Instance-ID", server_id), ("X-Tenant-ID", project),
+                ("X-Instance-ID-Signature", signed), ("X-Forwarded-For", "10.0.0.5")]
+        self.assertEqual(relayed(good)[0], 404)                  # the option is off
+        self.app.conf.update(service_metadata_proxy=True, metadata_proxy_shared_secret=secret)
+        status, data = relayed(good)
+        self.assertEqual(status, 200, data)
+        self.assertEqual((json.loads(data)["uuid"], json.loads(data)["meta"]),
+                         (server_id, {"role": "db"}))
+        self.assertEqual(relayed(good[:2] + [("X-Instance-ID-Signature", "0" * 64)])[0], 403)
+        self.assertEqual(relayed(good[1:])[0], 400)
+        self.assertEqual(relayed(good + [("X-Tenant-ID", project)])[0], 400)
+        self.assertEqual(relayed([good[0], ("X-Tenant-ID", "other")] + good[2:])[0], 404)
+
     def test_metadata_for_the_calling_server(self):
         """OpenStack and EC2 metadata of the server at the caller's address; others 404."""
         self.assertEqual(self.fetch("/openstack/latest/meta_data.json")[0], 404)
