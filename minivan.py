@@ -2387,8 +2387,8 @@ class LibvirtDriver:
     def mount_share(self, export, options, point):
         """Mount an NFS share at point on this driver's host, by a transient libvirt netfs
         pool (nfs_pool_xml); a pool of that name left from before is stopped first."""
-        lv, xml = self.libvirt, nfs_pool_xml(export, options, point)
-        name = re.search(r"<name>([^<]*)</name>", xml).group(1)
+        lv, name = self.libvirt, nfs_pool_name(point)
+        xml = nfs_pool_xml(export, options, point)
         if self.local:
             os.makedirs(point, exist_ok=True)
 
@@ -2453,8 +2453,9 @@ class LibvirtDriver:
             target = old["target"]
 
             def copy():
-                dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base, self.mount_share), None,
-                              self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
+                dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base,
+                                                      self.mount_share),
+                              None, self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
                 deadline = time.monotonic() + 3600
                 while True:
                     info = dom.blockJobInfo(target, 0)
@@ -4370,9 +4371,6 @@ class Cinder:
 # "detaching" or "in-use" in Cinder for ever.  It is kept in the state and made again,
 # with a growing pause, until Cinder takes it or answers that the thing is gone.
 
-VOLUME_CLEANUP_CALLS = ("attachment_delete", "roll_detaching")
-
-
 class VolumeCleanups:
     def __init__(self, app):
         self.app = app
@@ -4390,16 +4388,22 @@ class VolumeCleanups:
         else:
             cinder.action(None, volume_id, "os-roll_detaching")
 
-    def do(self, server_id, kind, volume_id, attachment_id=None):
-        """Make the call; when Cinder fails it, keep it to be made again.  None, or the
+    def attempt(self, kind, volume_id, attachment_id):
+        """Make the call once: None when Cinder took it (or the thing is gone), else the
         error's text."""
         try:
             self.call(kind, volume_id, attachment_id)
-            return None
         except (VolumeError, Unavailable, DriverError) as e:
-            if isinstance(e, VolumeError) and e.status == 404:
-                return None                                  # gone already
-            error = str(getattr(e, "message", None) or e)
+            if not (isinstance(e, VolumeError) and e.status == 404):
+                return str(getattr(e, "message", None) or e)
+        return None
+
+    def do(self, server_id, kind, volume_id, attachment_id=None):
+        """Make the call; when Cinder fails it, keep it to be made again.  None, or the
+        error's text."""
+        error = self.attempt(kind, volume_id, attachment_id)
+        if error is None:
+            return None
         entry = {"server_id": server_id, "call": kind, "volume_id": volume_id,
                  "attachment_id": attachment_id, "attempts": 1, "last_error": error[:255],
                  "created_at": isotime(self.app.clock.now()),
@@ -4416,15 +4420,13 @@ class VolumeCleanups:
             due = [(k, dict(v)) for k, v in list(self.app.store.data["volume_cleanups"]
                                                  .items()) if v["next_try"] <= now]
             for key, entry in due:
-                try:
-                    self.call(entry["call"], entry["volume_id"], entry["attachment_id"])
-                except (VolumeError, Unavailable, DriverError) as e:
-                    if not (isinstance(e, VolumeError) and e.status == 404):
-                        entry["attempts"] += 1
-                        entry["last_error"] = str(getattr(e, "message", None) or e)[:255]
-                        entry["next_try"] = self.later(min(3600, 5 * 2 ** entry["attempts"]))
-                        self.app.store.commit([["set", ["volume_cleanups", key], entry]])
-                        continue
+                error = self.attempt(entry["call"], entry["volume_id"], entry["attachment_id"])
+                if error is not None:
+                    entry["attempts"] += 1
+                    entry["last_error"] = error[:255]
+                    entry["next_try"] = self.later(min(3600, 5 * 2 ** entry["attempts"]))
+                    self.app.store.commit([["set", ["volume_cleanups", key], entry]])
+                    continue
                 LOG.info("server %s: %s of volume %s done after %d attempts",
                          entry["server_id"], entry["call"], entry["volume_id"],
                          entry["attempts"] + 1)
@@ -4499,6 +4501,10 @@ def ensure_nfs_mounted(mount_base, export, options=None, mount=None):
     return point
 
 
+def nfs_pool_name(point):
+    return "minivan-nfs-" + os.path.basename(point)[:16]
+
+
 def nfs_pool_xml(export, options, point):
     """A libvirt netfs storage pool that mounts an NFS share at point: libvirtd runs
     mount(8) in the host's own mount namespace, where QEMU opens the volumes, so the
@@ -4507,9 +4513,9 @@ def nfs_pool_xml(export, options, point):
     host, _, path = export.rpartition(":/")
     opts = [o for o in (options or "").replace(" ", ",").split(",") if o]
     mount_opts = "".join(f"<fs:option name='{xml_escape(o)}'/>" for o in opts)
-    name = "minivan-nfs-" + os.path.basename(point)[:16]
     return (f"<pool type='netfs' xmlns:fs='http://libvirt.org/schemas/storagepool/fs/1.0'>"
-            f"<name>{name}</name><source><host name='{xml_escape(host.strip('[]'))}'/>"
+            f"<name>{nfs_pool_name(point)}</name>"
+            f"<source><host name='{xml_escape(host.strip('[]'))}'/>"
             f"<dir path='/{xml_escape(path)}'/><format type='nfs'/></source>"
             f"<target><path>{xml_escape(point)}</path></target>"
             + (f"<fs:mount_opts>{mount_opts}</fs:mount_opts>" if mount_opts else "")
@@ -13356,16 +13362,16 @@ class MetadataApp:
         path = urllib.parse.urlsplit(target).path
         if method not in ("GET", "HEAD"):
             return Response(405, b"Method not allowed\n", content_type="text/plain")
-        if headers.get("X-Instance-ID") is not None and not self.conf["service_metadata_proxy"]:
-            LOG.warning("metadata request from %s carries X-Instance-ID, but "
-                        "--service-metadata-proxy is off: it is known by its address", client)
         if self.conf["service_metadata_proxy"]:       # (as Nova: every request is relayed)
             server, refusal = self.relayed_server(headers)
             if refusal:
                 return refusal
-            forwarded = headers.get("X-Forwarded-For") or client
-            client = forwarded.split(",")[0].strip()
+            client = (headers.get("X-Forwarded-For") or client).split(",")[0].strip()
         else:
+            if headers.get("X-Instance-ID") is not None:
+                LOG.warning("metadata request from %s carries X-Instance-ID, but "
+                            "--service-metadata-proxy is off: it is known by its address",
+                            client)
             server = self.server_at(client)
         if server is None:
             LOG.info("metadata request from %s, which is no server's address", client)
@@ -13382,8 +13388,7 @@ class MetadataApp:
         once each, the instance id signed with the shared secret (HMAC-SHA256), and the
         server in the project the agent names."""
         def one(name):
-            values = (headers.get_all(name) or []) if hasattr(headers, "get_all") else \
-                [headers.get(name)] if headers.get(name) is not None else []
+            values = headers.get_all(name) or []
             return values[0] if len(values) == 1 else None
         instance_id, signature = one("X-Instance-ID"), one("X-Instance-ID-Signature")
         tenant_id = one("X-Tenant-ID")
