@@ -6231,18 +6231,7 @@ class RealGuestTests(unittest.TestCase):
 
 
     def restart(self, kill=False, while_down=None):
-        """Stop minivan (SIGKILL when kill), run while_down(), start it again on the same
-        data directory."""
-        if kill:
-            self.minivan_proc.kill()
-        else:
-            self.minivan_proc.send_signal(signal.SIGTERM)
-        self.minivan_proc.wait(60)
-        self.minivan_log.close()
-        if while_down:
-            while_down()
-        port, args, env = self.minivan_start
-        start_minivan(type(self), port, args, env, data=self.minivan_data)
+        restart_minivan(self, kill, while_down)
 
     def test_interface_attach_detach(self):
         """A NIC attached to a running guest appears in its domain; detaching removes it."""
@@ -7400,12 +7389,12 @@ class ServiceFailureTests(unittest.TestCase):
         wait_until(lambda: ("compute_volume_cleanup", "Error") in
                    [(e["event"], e["result"]) for e in events()], timeout=60,
                    what="the failed clean-up recorded")
-        stop_minivan_only(self)         # (the second attempt fails too: the call is kept)
-        try:
+        kept = {}
+
+        def read_state():               # (the second attempt fails too: the call is kept)
             with open(os.path.join(self.minivan_data, "state.json")) as f:
-                kept = json.load(f)["data"]["volume_cleanups"]
-        finally:
-            restart_minivan(self)
+                kept.update(json.load(f)["data"]["volume_cleanups"])
+        restart_minivan(self, while_down=read_state)
         self.assertEqual([(k["call"], k["volume_id"]) for k in kept.values()],
                          [("attachment_delete", volume["id"])])
         wait_until(lambda: self.openstack("volume", "show", volume["id"], "-f", "json")
@@ -7417,17 +7406,21 @@ class ServiceFailureTests(unittest.TestCase):
         self.assertEqual((deletes.count(503), deletes[-1]), (2, None))
 
 
-def stop_minivan_only(test):
-    """SIGTERM the test class's minivan, keeping its data directory."""
-    test.minivan_proc.send_signal(signal.SIGTERM)
-    test.minivan_proc.wait(30)
+def restart_minivan(test, kill=False, while_down=None):
+    """Stop the test class's minivan (SIGKILL when kill), run while_down(), start it
+    again on the same data directory."""
+    if kill:
+        test.minivan_proc.kill()
+    else:
+        test.minivan_proc.send_signal(signal.SIGTERM)
+    test.minivan_proc.wait(60)
     test.minivan_log.close()
-
-
-def restart_minivan(test):
-    """Start the test class's minivan again on its data directory."""
-    port, args, env_extra = test.minivan_start
-    start_minivan(type(test), port, args, env_extra, data=test.minivan_data)
+    try:
+        if while_down:
+            while_down()
+    finally:
+        port, args, env_extra = test.minivan_start
+        start_minivan(type(test), port, args, env_extra, data=test.minivan_data)
 
 
 class ImageServiceTests(SocketTestCase):
