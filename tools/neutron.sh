@@ -27,6 +27,14 @@
 #       minivan-subnet to it.  Appends to DIR/env (sourceable): NEUTRON_URL,
 #       NEUTRON_NETWORK_ID, NEUTRON_NETWORK_NAME, NEUTRON_PUBLIC_NETWORK_ID,
 #       NEUTRON_AGENT_HOST.
+#       With NEUTRON_AGENTS=all (Nova's gate, inside the namespace of tools/gate.sh) it
+#       runs Neutron as devstack does instead: also its DHCP agent (dnsmasq), L3 agent
+#       (routers, floating IPs, NAT in namespaces of their own) and metadata agent
+#       (haproxy in those namespaces, relaying to the compute service's metadata API at
+#       NEUTRON_NOVA_METADATA=HOST:PORT, signed with NEUTRON_METADATA_SECRET), the
+#       Open vSwitch firewall (security groups enforced), and instead of minivan-net
+#       and the local "public": the external bridge br-ex holding 172.24.4.1/24 and a
+#       flat external network "public" on it (subnet 172.24.4.0/24, no router).
 #   tools/neutron.sh stop DIR
 #       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
 #       by its process group) and removes the "network" service from the catalog, so
@@ -41,9 +49,11 @@ shopt -s inherit_errexit
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NV=${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}
 PASSWORD=secret
+AGENTS=${NEUTRON_AGENTS:-ovs}
+[[ $AGENTS == ovs || $AGENTS == all ]] || { echo "neutron: NEUTRON_AGENTS is ovs or all" >&2; exit 2; }
 OVS_RUN=/var/run/openvswitch
 # stop order: the broker's clients first, Open vSwitch last
-SERVICES=(neutron-ovs-agent neutron-rpc neutron-api rabbitmq epmd ovs-vswitchd ovsdb-server)
+SERVICES=(neutron-metadata-agent neutron-l3-agent neutron-dhcp-agent neutron-ovs-agent neutron-rpc neutron-api rabbitmq epmd ovs-vswitchd ovsdb-server)
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
 LIB_NAME=neutron LIB_PASSWORD=$PASSWORD
@@ -72,6 +82,8 @@ rpc_state_report_workers = 1
 # port status changes reach the compute service as os-server-external-events
 notify_nova_on_port_status_changes = true
 notify_nova_on_port_data_changes = true
+# the metadata agent's socket, where the haproxy of each router or DHCP namespace relays
+metadata_proxy_socket = $dir/state/metadata_proxy
 [database]
 connection = sqlite:///$dir/neutron.db
 [oslo_concurrency]
@@ -101,16 +113,37 @@ tenant_network_types = local
 mechanism_drivers = openvswitch
 extension_drivers = port_security
 [ml2_type_flat]
-flat_networks = physnet1
+flat_networks = physnet1$([[ $AGENTS == all ]] && echo ",public")
 [ovs]
-bridge_mappings = physnet1:br-phys
+bridge_mappings = physnet1:br-phys$([[ $AGENTS == all ]] && echo ",public:br-ex")
 datapath_type = netdev
 integration_bridge = br-int
 ovsdb_connection = unix:$OVS_RUN/db.sock
 [securitygroup]
-firewall_driver = noop
+firewall_driver = $([[ $AGENTS == all ]] && echo openvswitch || echo noop)
 [agent]
 tunnel_types =
+EOF
+    # the agents of NEUTRON_AGENTS=all, as devstack configures them for ML2/OVS
+    cat > "$dir/dhcp_agent.ini" <<EOF
+[DEFAULT]
+interface_driver = openvswitch
+ovs_use_veth = ${NEUTRON_OVS_USE_VETH:-False}
+dhcp_driver = neutron.agent.linux.dhcp.Dnsmasq
+enable_isolated_metadata = true
+EOF
+    cat > "$dir/l3_agent.ini" <<EOF
+[DEFAULT]
+interface_driver = openvswitch
+ovs_use_veth = ${NEUTRON_OVS_USE_VETH:-False}
+EOF
+    local metadata=${NEUTRON_NOVA_METADATA:-127.0.0.1:8775}
+    cat > "$dir/metadata_agent.ini" <<EOF
+[DEFAULT]
+nova_metadata_host = ${metadata%:*}
+nova_metadata_port = ${metadata##*:}
+metadata_proxy_shared_secret = ${NEUTRON_METADATA_SECRET:-}
+metadata_workers = 1
 EOF
     cp "$NV/etc/neutron/api-paste.ini" "$dir/api-paste.ini"
     write_sqlite_fix "$dir/neutron_sqlite.py"
@@ -132,7 +165,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import neutron_sqlite  # noqa: E402,F401
 
 module, func = {'rpc': ('neutron.cmd.server', 'main_rpc'),
-                'ovs-agent': ('neutron.cmd.agents.ovs_neutron_agent', 'main')}[sys.argv.pop(1)]
+                'ovs-agent': ('neutron.cmd.agents.ovs_neutron_agent', 'main'),
+                'dhcp-agent': ('neutron.cmd.agents.dhcp', 'main'),
+                'l3-agent': ('neutron.cmd.agents.l3', 'main'),
+                'metadata-agent': ('neutron.cmd.agents.metadata', 'main')}[sys.argv.pop(1)]
 sys.exit(getattr(importlib.import_module(module), func)())
 EOF
     # the schema from neutron's models (its migrations need MySQL), stamped at head
@@ -159,10 +195,22 @@ start_ovs() {  # start_ovs DIR
         alive "$dir" ovsdb-server || exit 1
         sleep 0.1
     done
+    # the userspace datapath reads guests' packets through AF_PACKET sockets: with
+    # virtio-net header support (userspace TSO) it learns which ones carry a checksum
+    # still to be filled in (a guest's TCP checksum offload) instead of passing them on
+    # with a partial checksum, which the receiver drops
+    ovs-vsctl --timeout=2 --no-wait set Open_vSwitch . other_config:userspace-tso-enable=true
     spawn "$dir" ovs-vswitchd ovs-vswitchd "unix:$OVS_RUN/db.sock" \
         --pidfile="$dir/ovs/ovs-vswitchd.pid" --unixctl="$dir/ovs/ovs-vswitchd.ctl"
     ovs-vsctl --timeout=30 -- --may-exist add-br br-int -- set bridge br-int datapath_type=netdev \
         -- --may-exist add-br br-phys -- set bridge br-phys datapath_type=netdev
+    if [[ $AGENTS == all ]]; then
+        # the external bridge, with the address devstack gives it: floating IPs are
+        # reached from this namespace through it
+        ovs-vsctl --timeout=30 -- --may-exist add-br br-ex -- set bridge br-ex datapath_type=netdev
+        ip addr replace 172.24.4.1/24 dev br-ex
+        ip link set br-ex up
+    fi
 }
 
 register() {  # register URL
@@ -178,6 +226,24 @@ register() {  # register URL
 neutron_api() {
     curl -sS --fail-with-body -X "$1" -H "X-Auth-Token: $TOKEN" \
         -H 'Content-Type: application/json' ${3:+-d "$3"} "$URL/v2.0$2"
+}
+
+# wait_agents DIR SERVICE:BINARY...: until each BINARY is an agent Neutron reports alive
+# (and each SERVICE, like the API, the RPC server, RabbitMQ and Open vSwitch, still runs)
+wait_agents() {
+    local dir=$1 i svc agents; shift
+    for i in $(seq 240); do
+        for svc in neutron-api neutron-rpc "${@%%:*}" rabbitmq ovs-vswitchd; do
+            alive "$dir" "$svc" || exit 1
+        done
+        agents=$(neutron_api GET "/agents" 2>/dev/null || true)
+        "$NV/bin/python" -c 'import json, sys
+alive = {a["binary"] for a in json.loads(sys.argv[1] or "{}").get("agents", []) if a["alive"]}
+sys.exit(not alive.issuperset(sys.argv[2:]))' "$agents" "${@##*:}" && return 0
+        sleep 0.5
+    done
+    echo "neutron: not all of ${*##*:} alive after 120s: $agents; see the logs in $dir" >&2
+    exit 1
 }
 
 start() {
@@ -225,23 +291,50 @@ start() {
     spawn "$dir" neutron-rpc "$NV/bin/python" "$dir/neutron_service.py" rpc "${config[@]}"
     spawn "$dir" neutron-ovs-agent "$NV/bin/python" "$dir/neutron_service.py" ovs-agent \
         "${config[@]}"
-    local agents
-    for i in $(seq 240); do
-        for svc in neutron-api neutron-rpc neutron-ovs-agent rabbitmq ovs-vswitchd; do
-            alive "$dir" "$svc" || exit 1
+    wait_agents "$dir" neutron-ovs-agent:neutron-openvswitch-agent
+    if [[ $AGENTS == all ]]; then
+        # only now: the Open vSwitch agent's reports show that the RPC server consumes
+        # its queues (a call sent before that is lost and waits out a 60 s timeout)
+        for svc in dhcp l3 metadata; do
+            spawn "$dir" "neutron-$svc-agent" "$NV/bin/python" "$dir/neutron_service.py" \
+                "$svc-agent" "${config[@]}" --config-file "$dir/${svc}_agent.ini"
         done
-        agents=$(neutron_api GET "/agents?binary=neutron-openvswitch-agent" 2>/dev/null || true)
-        [[ $agents == *'"alive": true'* ]] && break
-        if [[ $i == 240 ]]; then
-            echo "neutron: no live Open vSwitch agent after 120s: $agents; see" \
-                "$dir/neutron-ovs-agent.log" >&2
-            exit 1
-        fi
-        sleep 0.5
-    done
-    echo "neutron: API on $URL, Open vSwitch agent alive after $((SECONDS - t0))s"
+        wait_agents "$dir" neutron-ovs-agent:neutron-openvswitch-agent \
+            neutron-dhcp-agent:neutron-dhcp-agent neutron-l3-agent:neutron-l3-agent \
+            neutron-metadata-agent:neutron-metadata-agent
+    fi
+    echo "neutron: API on $URL, agents alive after $((SECONDS - t0))s"
 
-    local net
+    # the default security group rule templates Neutron's migrations insert (the schema
+    # here is made from its models): egress allowed in every group, and ingress from
+    # members of the same group in a project's default group
+    if [[ $(neutron_api GET /default-security-group-rules | jget default_security_group_rules 0 id) == "" ]]; then
+        local ether
+        for ether in IPv4 IPv6; do
+            neutron_api POST /default-security-group-rules '{"default_security_group_rule":
+                {"direction": "egress", "ethertype": "'$ether'", "used_in_default_sg": true,
+                 "used_in_non_default_sg": true}}' >/dev/null
+            neutron_api POST /default-security-group-rules '{"default_security_group_rule":
+                {"direction": "ingress", "ethertype": "'$ether'", "remote_group_id": "PARENT",
+                 "used_in_default_sg": true, "used_in_non_default_sg": false}}' >/dev/null
+        done
+    fi
+    local net public
+    if [[ $AGENTS == all ]]; then
+        public=$(neutron_api GET "/networks?name=public" | jget networks 0 id)
+        if [[ -z $public ]]; then
+            public=$(neutron_api POST /networks '{"network": {"name": "public",
+                "router:external": true, "provider:network_type": "flat",
+                "provider:physical_network": "public"}}' | jget network id)
+            neutron_api POST /subnets '{"subnet": {"network_id": "'"$public"'",
+                "ip_version": 4, "cidr": "172.24.4.0/24", "gateway_ip": "172.24.4.1",
+                "allocation_pools": [{"start": "172.24.4.10", "end": "172.24.4.250"}],
+                "enable_dhcp": false, "name": "public-subnet"}}' >/dev/null
+        fi
+        write_env "$dir" "" "" "$public"
+        echo "neutron: external network public ($public) on br-ex; env in $dir/env"
+        return
+    fi
     net=$(neutron_api GET "/networks?name=minivan-net" | jget networks 0 id)
     if [[ -z $net ]]; then
         net=$(neutron_api POST /networks '{"network": {"name": "minivan-net", "shared": true,
@@ -252,7 +345,6 @@ start() {
     fi
     # floating IPs: an external network "public" and a router from minivan-net to it (no
     # L3 agent: addresses are allocated and associated, not routed)
-    local public
     public=$(neutron_api GET "/networks?name=public" | jget networks 0 id)
     if [[ -z $public ]]; then
         public=$(neutron_api POST /networks '{"network": {"name": "public",
@@ -266,22 +358,33 @@ start() {
         neutron_api PUT "/routers/$router/add_router_interface" \
             '{"subnet_id": "'"$subnet"'"}' >/dev/null
     fi
-    touch "$dir/env"
-    sed -i '/^export NEUTRON_[A-Z_]*=/d' "$dir/env"
-    cat >> "$dir/env" <<EOF
+    write_env "$dir" "$net" minivan-net "$public"
+    echo "neutron: network minivan-net ($net); NEUTRON_URL=$URL appended to $dir/env"
+}
+
+write_env() {  # write_env DIR NETWORK_ID NETWORK_NAME PUBLIC_NETWORK_ID
+    touch "$1/env"
+    sed -i '/^export NEUTRON_[A-Z_]*=/d' "$1/env"
+    cat >> "$1/env" <<EOF
 export NEUTRON_URL=$URL
-export NEUTRON_NETWORK_ID=$net
-export NEUTRON_NETWORK_NAME=minivan-net
-export NEUTRON_PUBLIC_NETWORK_ID=$public
+export NEUTRON_NETWORK_ID=$2
+export NEUTRON_NETWORK_NAME=$3
+export NEUTRON_PUBLIC_NETWORK_ID=$4
 export NEUTRON_AGENT_HOST=$(hostname -s)
 EOF
-    echo "neutron: network minivan-net ($net); NEUTRON_URL=$URL appended to $dir/env"
 }
 
 stop() {
     local dir svc
     dir=$(cd "$1" && pwd -P)
     for svc in "${SERVICES[@]}"; do stop_one "$dir" "$svc"; done
+    # what the agents started on their own (dnsmasq, haproxy), each by its pid file
+    local pidfile pid
+    for pidfile in "$dir"/state/external/pids/*.pid* "$dir"/state/dhcp/*/pid; do
+        [[ -s $pidfile ]] || continue
+        pid=$(cat "$pidfile")
+        if [[ $pid =~ ^[0-9]+$ ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
+    done
     rm -f "$OVS_RUN/db.sock"
     if [[ -f $dir/keystone-env ]]; then
         # shellcheck source=/dev/null

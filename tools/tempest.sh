@@ -18,7 +18,8 @@
 # projects/users as admin), TEMPEST_ENFORCE_SCOPE_NOVA (True: tempest uses the
 # project-reader account for read calls; default False), TEMPEST_MIN_COMPUTE_NODES
 # (the compute hosts minivan has; default 1) and TEMPEST_MIGRATION (True: cold and
-# live migration tests run; default False).
+# live migration tests run; default False).  TEMPEST_GATE=1 configures the cloud of
+# tools/gate.sh (with TEMPEST_PUBLIC_NETWORK_ID and TEMPEST_IMAGE_FILE).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -161,6 +162,53 @@ vnc_console = False
 spice_console = False
 serial_console = False
 EOF
+
+if [[ ${TEMPEST_GATE:-0} == 1 ]]; then
+    # tools/gate.sh's cloud: Neutron with its agents, real guests logged into over SSH
+    # through floating IPs, Tempest's default timeouts (a later value in the file wins)
+    cat >> "$DIR/etc/tempest.conf" <<EOF
+
+[auth]
+create_isolated_networks = True
+
+[service_available]
+neutron = True
+
+[network]
+public_network_id = $TEMPEST_PUBLIC_NETWORK_ID
+floating_network_name = public
+
+[network-feature-enabled]
+port_security = True
+
+[validation]
+run_validation = True
+connect_method = floating
+auth_method = keypair
+image_ssh_user = cirros
+image_alt_ssh_user = cirros
+
+[compute]
+build_timeout = 300
+# devstack's m1.nano and m1.micro
+flavor_ref = 42
+flavor_ref_alt = 84
+
+[compute-feature-enabled]
+interface_attach = True
+config_drive = True
+metadata_service = True
+vnc_console = True
+
+[volume]
+build_timeout = 300
+
+[scenario]
+img_file = $TEMPEST_IMAGE_FILE
+img_disk_format = qcow2
+img_container_format = bare
+EOF
+fi
 
 args=(--config-file "$DIR/etc/tempest.conf")
 [[ $LIST == - ]] || args+=(--include-list "$(realpath "$LIST")")

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# gate.sh - Nova's integrated gate job run against minivan: a whole cloud, real QEMU guests
+# and Tempest with validation on, all inside one network and mount namespace of its own.
+#
+#   tools/gate.sh ovs [tempest run args...]
+#       ML2/OVS: the Open vSwitch agent with the DHCP, L3 and metadata agents
+#   With no tempest arguments it runs what Tempest's job tempest-integrated-compute runs
+#   (tox -e integrated-compute): the API tests and then, serially, the scenario and
+#   serial tests, slow ones left out, with the job's exclude list (tools/gate-exclude.txt).
+#   Arguments replace that selection, e.g.
+#       tools/gate.sh ovs --include-list tools/gate-ci.txt
+#
+# The namespace (unshare --net --mount): its own loopback and no other interface, so no
+# route leads out of it; fresh tmpfs over /run and /var/lib/libvirt, a copy of /etc/libvirt
+# and its own /var/log/libvirt, so its libvirtd, Open vSwitch and the network namespaces
+# Neutron makes are its own even on a host that runs others.  Inside it run: libvirtd
+# (tools/libvirt-up.sh), Keystone, Glance, Cinder (tools/keystone.sh, glance.sh,
+# cinder.sh, each with its RabbitMQ), Neutron with NEUTRON_AGENTS=all (tools/neutron.sh:
+# br-ex holds 172.24.4.1/24, the floating IPs' gateway), minivan on qemu:///system, and
+# Tempest, which reaches the guests through their floating IPs.  Nothing in the host's
+# own namespace ever sends to a guest address.
+#
+# Everything stays in GATE_WORK (default: a new /tmp/minivan-gate.XXXXXX, printed):
+# logs of every service, tempest/ with tempest.conf, tempest.log and the stestr
+# results.  GATE_HOLD=1 keeps the cloud running after Tempest until the file WORK/hold
+# is removed (it holds the PID to enter the namespace with: nsenter -t PID -n -m).
+# Env: TEMPEST_CONCURRENCY (default 2: this is a job for 2-core machines; the
+# upstream job uses 4).  Exits with Tempest's status.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${MINIVAN_VENV:-$REPO/.venv}
+say() { echo "gate: $*"; }
+usage() { sed -n '2,/^set /s/^# \{0,1\}//p' "$0" | sed '$d' >&2; exit 2; }
+
+if [[ ${1:-} != --inside ]]; then
+    [[ ${1:-} == ovs ]] || usage
+    [[ $(id -u) == 0 ]] || { say "needs root (namespaces, libvirtd, Open vSwitch)"; exit 1; }
+    command -v unshare >/dev/null || { say "no unshare; apt-get install util-linux"; exit 1; }
+    WORK=${GATE_WORK:-$(mktemp -d /tmp/minivan-gate.XXXXXX)}
+    mkdir -p "$WORK"
+    say "work directory $WORK"
+    exec unshare --net --mount --propagation private -- "$0" --inside "$(cd "$WORK" && pwd)" "$@"
+fi
+
+shift
+WORK=$1 BACKEND=$2
+shift 2
+cd "$REPO"
+
+# --- the namespace's own loopback, /run, libvirt state and configuration
+ip link set lo up
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/lock /run/netns /run/openvswitch
+mount -t tmpfs -o mode=0755 tmpfs /var/lib/libvirt
+mkdir -p "$WORK/libvirt-log" "$WORK/etc-libvirt"
+mount --bind "$WORK/libvirt-log" /var/log/libvirt
+rm -rf "$WORK/etc-libvirt"
+cp -a /etc/libvirt "$WORK/etc-libvirt"
+find "$WORK/etc-libvirt/qemu" "$WORK/etc-libvirt/storage" -name '*.xml' -delete 2>/dev/null || true
+find "$WORK/etc-libvirt" -path '*autostart*' -delete 2>/dev/null || true
+mount --bind "$WORK/etc-libvirt" /etc/libvirt
+
+free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+MINIVAN_PID=
+cleanup() {
+    set +e
+    if [[ -n $MINIVAN_PID ]]; then
+        kill -TERM "$MINIVAN_PID" 2>/dev/null
+        for _ in $(seq 100); do [[ -d /proc/$MINIVAN_PID ]] || break; sleep 0.2; done
+        kill -KILL "$MINIVAN_PID" 2>/dev/null
+    fi
+    tools/neutron.sh stop "$WORK/neutron" >/dev/null 2>&1
+    tools/cinder.sh stop "$WORK/cinder" >/dev/null 2>&1
+    tools/glance.sh stop "$WORK/keystone" >/dev/null 2>&1
+    tools/keystone.sh stop "$WORK/keystone" >/dev/null 2>&1
+    tools/libvirt-up.sh stop >/dev/null 2>&1
+    umount -l "$WORK/minivan/mnt/"* 2>/dev/null
+}
+trap cleanup EXIT
+
+T0=$SECONDS
+tools/libvirt-up.sh up
+KEYSTONE_PORT=$(free_port) COMPUTE_PORT=$(free_port) GLANCE_PORT=$(free_port)
+CINDER_PORT=$(free_port) NEUTRON_PORT=$(free_port) METADATA_PORT=$(free_port)
+METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
+tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
+tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
+NEUTRON_AGENTS=all NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
+    NEUTRON_METADATA_SECRET=$METADATA_SECRET \
+    tools/neutron.sh start "$WORK/neutron" "$NEUTRON_PORT" "$WORK/keystone/env"
+tools/make-guest.sh "$WORK/guest.qcow2"
+# shellcheck source=/dev/null
+source "$WORK/keystone/env"
+# shellcheck source=/dev/null
+source "$WORK/cinder/env"
+# shellcheck source=/dev/null
+source "$WORK/neutron/env"
+
+# --- minivan, as devstack configures nova-compute for this job (config drive forced)
+mkdir -p "$WORK/minivan"
+(
+    export MINIVAN_DATA_DIR=$WORK/minivan MINIVAN_PORT=$COMPUTE_PORT MINIVAN_BIND=127.0.0.1
+    export MINIVAN_KEYSTONE_URL=$OS_AUTH_URL MINIVAN_KEYSTONE_USERNAME=$MINIVAN_USERNAME
+    export MINIVAN_KEYSTONE_PASSWORD=$MINIVAN_PASSWORD MINIVAN_KEYSTONE_PROJECT=$MINIVAN_PROJECT_NAME
+    export MINIVAN_LIBVIRT_URI=qemu:///system MINIVAN_VIRT_TYPE=qemu
+    export MINIVAN_HOST=$NEUTRON_AGENT_HOST MINIVAN_FORCE_CONFIG_DRIVE=true
+    export MINIVAN_METADATA_LISTEN=127.0.0.1:$METADATA_PORT MINIVAN_SERVICE_METADATA_PROXY=true
+    export MINIVAN_METADATA_PROXY_SHARED_SECRET=$METADATA_SECRET
+    export MINIVAN_VNC_LISTEN=127.0.0.1:$(free_port)
+    export MINIVAN_SERIAL_CONSOLE_LISTEN=127.0.0.1:$(free_port)
+    exec "$VENV/bin/python" minivan.py >"$WORK/minivan.log" 2>&1
+) &
+MINIVAN_PID=$!
+for i in $(seq 150); do
+    curl -sf "http://127.0.0.1:$COMPUTE_PORT/" >/dev/null && break
+    [[ -d /proc/$MINIVAN_PID ]] || { say "minivan exited:"; tail -20 "$WORK/minivan.log"; exit 1; }
+    [[ $i == 150 ]] && { say "minivan did not answer in 30 s"; exit 1; }
+    sleep 0.2
+done
+# Cinder's share where minivan looks for it (this kernel has no NFS client: the export is
+# bind-mounted, as os-brick finds a share already mounted)
+POINT=$("$VENV/bin/python" -c 'import sys, minivan
+print(minivan.nfs_mount_point(sys.argv[1], sys.argv[2]))' "$WORK/minivan/mnt" "$CINDER_NFS_SHARE")
+mkdir -p "$POINT"
+mount --bind "$CINDER_EXPORT_DIR" "$POINT"
+
+# --- what devstack makes for Tempest: the image and the nano/micro flavors
+OPENSTACK=("$VENV/bin/openstack")
+IMAGE=$("${OPENSTACK[@]}" image create --disk-format qcow2 --container-format bare --public \
+    --file "$WORK/guest.qcow2" minivan-guest -f value -c id)
+"${OPENSTACK[@]}" flavor create --id 42 --ram 128 --disk 1 --vcpus 1 m1.nano >/dev/null
+"${OPENSTACK[@]}" flavor create --id 84 --ram 192 --disk 1 --vcpus 1 m1.micro >/dev/null
+say "cloud ready after $((SECONDS - T0)) s (image $IMAGE)"
+
+# --- Tempest
+export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
+export TEMPEST_DYNAMIC_CREDENTIALS=True TEMPEST_CONCURRENCY=${TEMPEST_CONCURRENCY:-2}
+export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID
+status=0
+if (($#)); then
+    tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - "$@" || status=$?
+else
+    EXCLUDE=$REPO/tools/gate-exclude.txt
+    tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - \
+        --regex '(?!.*\[.*\bslow\b.*\])(^tempest\.api)' --exclude-list "$EXCLUDE" || status=$?
+    TEMPEST_CONCURRENCY=1 tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - \
+        --regex '(?!.*\[.*\bslow\b.*\])(^tempest\.scenario)|(^tempest\.serial_tests)' \
+        --exclude-list "$EXCLUDE" || status=$?
+fi
+say "Tempest done after $((SECONDS - T0)) s, status $status; results in $WORK/tempest"
+if [[ ${GATE_HOLD:-0} == 1 ]]; then
+    echo $$ > "$WORK/hold"
+    say "holding the cloud: enter it with 'nsenter -t $$ -n -m', end with 'rm $WORK/hold'"
+    while [[ -f $WORK/hold ]]; do sleep 2; done
+fi
+exit $status
