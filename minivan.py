@@ -13322,6 +13322,10 @@ def server_migration_action_force_complete(req):
 EC2_VERSIONS = ("1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
                 "2008-02-01", "2008-09-01", "2009-04-04", "latest")
 OPENSTACK_VERSIONS = ("2012-08-10", "latest")
+# where Nova's OpenStack metadata has the guest's password (from 2013-04-04 on)
+PASSWORD_VERSIONS = ("2013-04-04", "2013-10-17", "2015-10-15", "2016-06-30", "2016-10-06",
+                     "2017-02-22", "2018-08-27", "2020-10-14", "latest")
+PASSWORD_MAX_BYTES = 4 * 255          # Nova keeps it in four system metadata values of 255
 
 
 class MetadataApp:
@@ -13360,7 +13364,10 @@ class MetadataApp:
     def handle(self, method, target, headers, body=b"", secure=False, stream=None,
                client=None):
         path = urllib.parse.urlsplit(target).path
-        if method not in ("GET", "HEAD"):
+        parts = path.strip("/").split("/")
+        is_password = len(parts) == 3 and parts[0] == "openstack" and \
+            parts[1] in PASSWORD_VERSIONS and parts[2] == "password"
+        if method not in ("GET", "HEAD") and not (method == "POST" and is_password):
             return Response(405, b"Method not allowed\n", content_type="text/plain")
         if self.conf["service_metadata_proxy"]:       # (as Nova: every request is relayed)
             server, refusal = self.relayed_server(headers)
@@ -13376,6 +13383,8 @@ class MetadataApp:
         if server is None:
             LOG.info("metadata request from %s, which is no server's address", client)
             return Response(404, b"No server has this address\n", content_type="text/plain")
+        if is_password:
+            return self.password(server, method, body)
         answer = self.lookup(server, path.rstrip("/") if path != "/" else "/", client)
         if answer is None:
             return Response(404, b"Not found\n", content_type="text/plain")
@@ -13412,6 +13421,33 @@ class MetadataApp:
                                   content_type="text/plain")
         return server, None
 
+    def password(self, server, method, body):
+        """openstack/<version>/password, as Nova keeps it: the guest posts its password
+        (encrypted with its key) once, and the API's os-server-password shows it until it is
+        cleared; a second post while one is set is a conflict."""
+        if method != "POST":
+            return Response(200, (server.get("password") or "").encode(),
+                            content_type="text/plain")
+        if len(body) > PASSWORD_MAX_BYTES:
+            return Response(400, b"Request is too large.\n", content_type="text/plain")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return Response(400, b"The password is not UTF-8 text.\n", content_type="text/plain")
+
+        def plan(data):
+            current = data["servers"].get(server["id"])
+            if current is None or current["vm_state"] == "deleted":
+                raise NotFound("No such server")
+            if current.get("password"):
+                raise Conflict("The password is set already")
+            return [["set", ["servers", server["id"], "password"], text]]
+        try:
+            self.app.store.transaction(plan)
+        except (NotFound, Conflict) as e:
+            return Response(e.code, (e.message + "\n").encode(), content_type="text/plain")
+        return Response(200, b"", content_type="text/plain")
+
     def lookup(self, server, path, client):
         files = config_drive_files(self.app, server, None)
         if path == "/":
@@ -13423,7 +13459,8 @@ class MetadataApp:
             version = "latest" if parts[1] not in OPENSTACK_VERSIONS else parts[1]
             root = f"openstack/{'latest' if version == 'latest' else '2012-08-10'}"
             if len(parts) == 2:
-                names = sorted(p.rsplit("/", 1)[1] for p in files if p.startswith(root + "/"))
+                names = sorted([p.rsplit("/", 1)[1] for p in files if p.startswith(root + "/")]
+                               + (["password"] if parts[1] in PASSWORD_VERSIONS else []))
                 return "\n".join(names).encode(), "text/plain"
             name = "/".join(parts[2:])
             data = files.get(f"{root}/{name}")
@@ -13446,11 +13483,18 @@ class MetadataApp:
             return None
         if parts[1:2] == ["public-keys"]:
             return self.ec2_public_keys(server, parts[2:])
+        # as Nova: the first fixed and the first floating IPv4 address of the server's ports
+        fixed = [addr for port in server.get("ports", []) for addr, version in port.get("ips", [])
+                 if version == 4]
+        floating = [addr for port in server.get("ports", []) for addr in port.get("floating", [])
+                    if ":" not in addr]
         tree = {"ami-id": server["image_ref"],
                 "ami-launch-index": str(server.get("launch_index", 0)),
                 "hostname": server["hostname"], "instance-id": server["instance_name"],
                 "instance-type": server["flavor"]["name"], "local-hostname": server["hostname"],
-                "local-ipv4": client,
+                "local-ipv4": fixed[0] if fixed else client,
+                "public-hostname": server["hostname"],
+                "public-ipv4": floating[0] if floating else "",
                 "placement": {"availability-zone": server["availability_zone"]},
                 "reservation-id": server["reservation_id"],
                 "security-groups": "\n".join(server.get("security_groups", []))}

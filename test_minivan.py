@@ -4153,6 +4153,45 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
             self.assertEqual(len(passed), len(wanted), tail)
 
 
+class GateTests(unittest.TestCase):
+    """Nova's integrated gate, the subset CI runs (tools/gate-ci.txt): tools/gate.sh builds a
+    whole cloud inside a network and mount namespace of its own (Keystone, Glance, Cinder,
+    Neutron ML2/OVS with its DHCP, L3 and metadata agents, libvirtd, minivan on real QEMU
+    guests) and runs Tempest's scenario tests there with validation on: servers on Neutron
+    networks, reached over SSH through floating IPs, metadata through Neutron's proxy."""
+
+    def test_gate_subset_on_ml2_ovs(self):
+        listing = os.path.join(HERE, "tools", "gate-ci.txt")
+        with open(listing) as f:
+            wanted = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        missing = [tool for tool in ("ovs-vswitchd", "haproxy", "dnsmasq", "ping", "unshare")
+                   if not shutil.which(tool)]
+        if missing or not os.path.exists(os.path.join(BIN, "tempest")) or \
+                not os.path.exists(os.path.join(NEUTRON_VENV, "bin", "gunicorn")):
+            skip_or_fail(self, f"the gate needs {missing or ''} Tempest and .venv-neutron "
+                               "(tools/test.sh installs them)")
+        work = tempfile.mkdtemp(prefix="minivan-gate-")
+        proc = subprocess.Popen([os.path.join(HERE, "tools", "gate.sh"), "ovs",
+                                 "--include-list", listing], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, GATE_WORK=work))
+        try:
+            output, _ = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.terminate()                   # gate.sh stops its cloud and Tempest
+            output, _ = proc.communicate(timeout=300)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode)
+        tail = "\n".join(output.splitlines()[-60:])
+        totals = {key: int(n) for key, n in re.findall(
+            r"^ - (Passed|Skipped|Failed): (\d+)$", output, re.M)}
+        ready = re.search(r"^gate: cloud ready after (\d+) s", output, re.M)
+        print(f"\ngate (ML2/OVS): {totals}, cloud ready after "
+              f"{ready.group(1) if ready else '?'} s")
+        self.assertEqual(done.returncode, 0, tail)
+        self.assertEqual(totals, {"Passed": len(wanted), "Skipped": 0, "Failed": 0}, tail)
+        shutil.rmtree(work, True)
+
+
 class BenchSmokeTests(unittest.TestCase):
     def test_bench_smoke(self):
         """bench/bench.py --smoke runs and writes its figures (no thresholds: timing is
@@ -9040,7 +9079,7 @@ class MetadataServiceTests(ServerTestCase):
                                     .decode(), metadata={"role": "web"})
         ports = self.store.data["servers"][server_id]["ports"]
         self.store.commit([["set", ["servers", server_id, "ports"],
-                            [dict(ports[0], ips=[["127.0.0.1", 4]])]]])
+                            [dict(ports[0], ips=[["127.0.0.1", 4]], floating=["172.24.4.9"])]]])
         status, data = self.fetch("/openstack/latest/meta_data.json")
         meta = json.loads(data)
         self.assertEqual((status, meta["uuid"], meta["meta"], meta["public_keys"]["k"]),
@@ -9054,11 +9093,38 @@ class MetadataServiceTests(ServerTestCase):
         self.assertEqual(self.fetch("/latest/meta-data/public-keys/0/openssh-key")[1].decode(),
                          SAMPLE_KEY)
         self.assertEqual(self.fetch("/latest/meta-data/local-ipv4")[1], b"127.0.0.1")
+        # the floating IP, as Tempest's test_server_basic_ops reads it inside the guest
+        self.assertEqual(self.fetch("/latest/meta-data/public-ipv4")[1], b"172.24.4.9")
         self.assertIn(b"public-keys/", self.fetch("/latest/meta-data/")[1])
         self.assertEqual(self.fetch("/latest/meta-data/nope")[0], 404)
         conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
         conn.request("POST", "/openstack/latest/meta_data.json", "{}")
         self.assertEqual(conn.getresponse().status, 405)
+
+    def test_the_guest_posts_its_password(self):
+        """As Tempest's test_server_basic_ops does inside a guest: a POST to
+        openstack/2013-10-17/password is what os-server-password then shows; Nova's metadata
+        refuses a second one (409), one over 1020 bytes (400) and versions before 2013-04-04."""
+        server_id = self.new_server()
+        ports = self.store.data["servers"][server_id]["ports"]
+        self.store.commit([["set", ["servers", server_id, "ports"],
+                            [dict(ports[0], ips=[["127.0.0.1", 4]])]]])
+
+        def post(path, body):
+            conn = http.client.HTTPConnection("127.0.0.1", self.meta_port, timeout=10)
+            conn.request("POST", path, body)
+            response = conn.getresponse()
+            return response.status, response.read()
+        self.assertEqual(post("/openstack/2012-08-10/password", "x")[0], 405)
+        self.assertEqual(post("/openstack/2013-10-17/password", "x" * 1021)[0], 400)
+        self.assertEqual(post("/openstack/2013-10-17/password", "sekrit")[0], 200)
+        self.assertEqual(post("/openstack/latest/password", "other")[0], 409)
+        self.assertEqual(self.fetch("/openstack/latest/password"), (200, b"sekrit"))
+        self.assertIn(b"password", self.fetch("/openstack/latest")[1])
+        shown = self.get(f"/v2.1/servers/{server_id}/os-server-password")
+        self.assertEqual(shown.json()["password"], "sekrit")
+        self.delete(f"/v2.1/servers/{server_id}/os-server-password")
+        self.assertEqual(post("/openstack/2013-10-17/password", "again")[0], 200)
 
 
 # -- Neutron --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ if [[ ${1:-} != --inside ]]; then
     command -v unshare >/dev/null || { say "no unshare; apt-get install util-linux"; exit 1; }
     WORK=${GATE_WORK:-$(mktemp -d /tmp/minivan-gate.XXXXXX)}
     mkdir -p "$WORK"
+    chmod 0755 "$WORK"     # dnsmasq, as nobody, re-reads its hosts files below it
     say "work directory $WORK"
     exec unshare --net --mount --propagation private -- "$0" --inside "$(cd "$WORK" && pwd)" "$@"
 fi
@@ -46,6 +47,17 @@ fi
 shift
 WORK=$1 BACKEND=$2
 shift 2
+# list files given relative to where gate.sh was called (Tempest runs in its workspace)
+args=()
+while (($#)); do
+    args+=("$1")
+    if [[ $1 == --include-list || $1 == --exclude-list ]] && (($# > 1)); then
+        args+=("$(realpath "$2")")
+        shift
+    fi
+    shift
+done
+set -- "${args[@]}"
 cd "$REPO"
 
 # --- the namespace's own loopback, /run, libvirt state and configuration
@@ -62,9 +74,10 @@ find "$WORK/etc-libvirt" -path '*autostart*' -delete 2>/dev/null || true
 mount --bind "$WORK/etc-libvirt" /etc/libvirt
 
 free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-MINIVAN_PID=
+MINIVAN_PID= TEMPEST_PID=
 cleanup() {
     set +e
+    if [[ -n $TEMPEST_PID ]]; then kill -TERM -- "-$TEMPEST_PID" 2>/dev/null; fi
     if [[ -n $MINIVAN_PID ]]; then
         kill -TERM "$MINIVAN_PID" 2>/dev/null
         for _ in $(seq 100); do [[ -d /proc/$MINIVAN_PID ]] || break; sleep 0.2; done
@@ -78,6 +91,7 @@ cleanup() {
     umount -l "$WORK/minivan/mnt/"* 2>/dev/null
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 
 T0=$SECONDS
 tools/libvirt-up.sh up
@@ -138,14 +152,24 @@ say "cloud ready after $((SECONDS - T0)) s (image $IMAGE)"
 export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
 export TEMPEST_DYNAMIC_CREDENTIALS=True TEMPEST_CONCURRENCY=${TEMPEST_CONCURRENCY:-2}
 export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID
+# run_tempest ARGS...: tools/tempest.sh in a process group of its own, which the clean-up
+# stops if this script is stopped first
+run_tempest() {
+    local rc=0
+    setsid tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - "$@" &
+    TEMPEST_PID=$!
+    wait "$TEMPEST_PID" || rc=$?
+    TEMPEST_PID=
+    return "$rc"
+}
 status=0
 if (($#)); then
-    tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - "$@" || status=$?
+    run_tempest "$@" || status=$?
 else
     EXCLUDE=$REPO/tools/gate-exclude.txt
-    tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - \
-        --regex '(?!.*\[.*\bslow\b.*\])(^tempest\.api)' --exclude-list "$EXCLUDE" || status=$?
-    TEMPEST_CONCURRENCY=1 tools/tempest.sh "$WORK/tempest" "$WORK/keystone/env" - \
+    run_tempest --regex '(?!.*\[.*\bslow\b.*\])(^tempest\.api)' --exclude-list "$EXCLUDE" ||
+        status=$?
+    TEMPEST_CONCURRENCY=1 run_tempest \
         --regex '(?!.*\[.*\bslow\b.*\])(^tempest\.scenario)|(^tempest\.serial_tests)' \
         --exclude-list "$EXCLUDE" || status=$?
 fi

@@ -203,7 +203,7 @@ copy_elf() {
 
 # --- initramfs ---------------------------------------------------------------------------
 R=$WORK/initramfs
-mkdir -p "$R"/{bin,dev,proc,sys,tmp,run,mnt/config,etc/acpi/power,lib/modules}
+mkdir -p "$R"/{bin,dev,proc,sys,tmp,run,var/run,mnt/config,etc/acpi/power,lib/modules}
 cp "$BB/busybox" "$R/bin/busybox"
 for bin in "${USERLAND_BINARIES[@]}" lib64/ld-linux-x86-64.so.2; do
     copy_elf "$bin"
@@ -235,15 +235,18 @@ SUDO
 cat > "$R/usr/bin/curl" <<'CURL'
 #!/bin/sh
 # curl for plain http://HOST[:PORT]/PATH, as Tempest's checks call it: the body on
-# stdout (options taking no part in that are dropped).
-url=
+# stdout; -X METHOD and -d DATA (a POST, as curl makes it); other options are dropped.
+url= method= data= has_data=
 while [ $# -gt 0 ]; do
     case $1 in
-        -o|-m|--max-time|--connect-timeout|-H|-w|-u|-X) shift 2 ;;
+        -X|--request) method=$2; shift 2 ;;
+        -d|--data|--data-raw|--data-binary) data=$2; has_data=1; shift 2 ;;
+        -o|-m|--max-time|--connect-timeout|-H|-w|-u) shift 2 ;;
         -*) shift ;;
         *) url=$1; shift ;;
     esac
 done
+[ -z "$method" ] && { [ -n "$has_data" ] && method=POST || method=GET; }
 rest=${url#http://}
 hostport=${rest%%/*}
 path=/${rest#*/}
@@ -251,8 +254,11 @@ path=/${rest#*/}
 host=${hostport%:*}
 port=${hostport##*:}
 [ "$port" = "$hostport" ] && port=80
-printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hostport" |
-    nc -w 5 "$host" "$port" | sed '1,/^\r*$/d'
+{
+    printf '%s %s HTTP/1.0\r\nHost: %s\r\n' "$method" "$path" "$hostport"
+    [ -n "$has_data" ] && printf 'Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %s\r\n' "${#data}"
+    printf '\r\n%s' "$data"
+} | nc -w 5 "$host" "$port" | sed '1,/^\r*$/d'
 CURL
 chmod 755 "$R/usr/bin/sudo" "$R/usr/bin/curl"
 cp "$KDIR"/modules/*.ko "$R/lib/modules/"
@@ -354,6 +360,7 @@ for nic in /sys/class/net/eth*; do
     ip link set "$nic" up
     # returns once leased (udhcpc then stays in the background to renew), or after ~10 s
     udhcpc -i "$nic" -b -t 10 -T 1 -A 3 -s /etc/udhcpc.script -x "hostname:$name" \
+        -p "/var/run/udhcpc.$nic.pid" \
         -O staticroutes -O dns -O domain \
         >/dev/null 2>&1 &
 done

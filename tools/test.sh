@@ -5,8 +5,10 @@
 #   tools/test.sh [pytest args...]        e.g. tools/test.sh -k Flavor -x
 #
 # 1. Debian packages (libvirt, systemd-analyze, openssl, ssh-keygen, curl, rabbitmq-server,
-#    nfs-common, openvswitch-switch, sudo; python3-seccomp and python3-libvirt for the
-#    system Python the sandboxed minivan of tools/sandbox.py runs on), when missing
+#    nfs-common, openvswitch-switch, sudo; for the Neutron agents of tools/gate.sh haproxy,
+#    iputils-ping, iputils-arping, conntrack, radvd and keepalived, as devstack installs them;
+#    python3-seccomp and python3-libvirt for the system Python the sandboxed minivan of
+#    tools/sandbox.py runs on), when missing
 # 2. the virtualenvs of tools/setup-venvs.sh (.venv: clients, tempest; .venv-keystone,
 #    .venv-glance, .venv-cinder, .venv-neutron)
 # 3. libvirtd + QEMU with an isolated test network (tools/libvirt-up.sh; stopped at the end
@@ -29,7 +31,8 @@ export MINIVAN_VENV=$VENV
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
           qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage
           rabbitmq-server nfs-common openvswitch-switch sudo util-linux chromium chromium-driver
-          python3-seccomp python3-libvirt)
+          python3-seccomp python3-libvirt haproxy iputils-ping iputils-arping conntrack
+          radvd keepalived)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
