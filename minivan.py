@@ -13484,10 +13484,10 @@ class MetadataApp:
         if parts[1:2] == ["public-keys"]:
             return self.ec2_public_keys(server, parts[2:])
         # as Nova: the first fixed and the first floating IPv4 address of the server's ports
-        fixed = [addr for port in server.get("ports", []) for addr, version in port.get("ips", [])
-                 if version == 4]
-        floating = [addr for port in server.get("ports", []) for addr in port.get("floating", [])
-                    if ":" not in addr]
+        ipv4 = [item for items in server_addresses(server).values() for item in items
+                if item["version"] == 4]
+        fixed = [item["addr"] for item in ipv4 if item["OS-EXT-IPS:type"] == "fixed"]
+        floating = [item["addr"] for item in ipv4 if item["OS-EXT-IPS:type"] == "floating"]
         tree = {"ami-id": server["image_ref"],
                 "ami-launch-index": str(server.get("launch_index", 0)),
                 "hostname": server["hostname"], "instance-id": server["instance_name"],

@@ -73,7 +73,9 @@ find "$WORK/etc-libvirt/qemu" "$WORK/etc-libvirt/storage" -name '*.xml' -delete 
 find "$WORK/etc-libvirt" -path '*autostart*' -delete 2>/dev/null || true
 mount --bind "$WORK/etc-libvirt" /etc/libvirt
 
-free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+LIB_NAME=gate
+# shellcheck source=tools/service-lib.sh
+source "$REPO/tools/service-lib.sh"       # free_ports
 MINIVAN_PID= TEMPEST_PID=
 cleanup() {
     set +e
@@ -95,8 +97,8 @@ trap 'exit 143' TERM INT
 
 T0=$SECONDS
 tools/libvirt-up.sh up
-KEYSTONE_PORT=$(free_port) COMPUTE_PORT=$(free_port) GLANCE_PORT=$(free_port)
-CINDER_PORT=$(free_port) NEUTRON_PORT=$(free_port) METADATA_PORT=$(free_port)
+read -r KEYSTONE_PORT COMPUTE_PORT GLANCE_PORT CINDER_PORT NEUTRON_PORT METADATA_PORT VNC_PORT \
+    SERIAL_PORT < <(free_ports 8)
 METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
@@ -122,8 +124,7 @@ mkdir -p "$WORK/minivan"
     export MINIVAN_HOST=$NEUTRON_AGENT_HOST MINIVAN_FORCE_CONFIG_DRIVE=true
     export MINIVAN_METADATA_LISTEN=127.0.0.1:$METADATA_PORT MINIVAN_SERVICE_METADATA_PROXY=true
     export MINIVAN_METADATA_PROXY_SHARED_SECRET=$METADATA_SECRET
-    export MINIVAN_VNC_LISTEN=127.0.0.1:$(free_port)
-    export MINIVAN_SERIAL_CONSOLE_LISTEN=127.0.0.1:$(free_port)
+    export MINIVAN_VNC_LISTEN=127.0.0.1:$VNC_PORT MINIVAN_SERIAL_CONSOLE_LISTEN=127.0.0.1:$SERIAL_PORT
     exec "$VENV/bin/python" minivan.py >"$WORK/minivan.log" 2>&1
 ) &
 MINIVAN_PID=$!
