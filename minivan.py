@@ -94,6 +94,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import xml.etree.ElementTree as ElementTree
 
 LOG = logging.getLogger("minivan")
 MIN_VERSION = (2, 1)
@@ -180,6 +181,9 @@ OPTIONS = [
     ("instances-dir", "", "where servers' disks and console logs live "
      "(default: DATA_DIR/instances)"),
     ("force-config-drive", "false", "give every server a config drive"),
+    ("dhcp-domain", "novalocal", "domain that follows a server's hostname in its metadata "
+     "and config drive, as Nova's [api] dhcp_domain (empty: none, for 2.94's FQDN "
+     "hostnames)"),
     ("enable-instance-password", "true", "return adminPass on create, rebuild and rescue"),
     ("reclaim-instance-interval", "0", "seconds a deleted server stays SOFT_DELETED "
      "(0: delete at once)"),
@@ -2149,6 +2153,12 @@ class LibvirtDriver:
 
     def exists(self, server):
         return self._domain(server, missing_ok=True) is not None
+
+    def live_xml(self, server):
+        """The domain's XML as libvirt has it now (with the addresses it gave the
+        devices), or None when there is no domain."""
+        dom = self._domain(server, missing_ok=True)
+        return None if dom is None else self._call("reading the domain", dom.XMLDesc, 0)
 
     def get_info(self, server):
         """Nova power state of the server's domain (NOSTATE if it has none)."""
@@ -4678,6 +4688,17 @@ class Neutron:
         for query in (f"project_id={urllib.parse.quote(project_id)}", "shared=true"):
             for net in self.call("GET", "/networks?" + query)["networks"]:
                 found.setdefault(net["id"], net)
+        return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
+
+    def visible_networks(self, project_id, is_admin):
+        """The networks Neutron shows a caller: every one to an admin; to others their
+        own, the shared and the external ones (which every project may see)."""
+        if is_admin:
+            nets = self.call("GET", "/networks")["networks"]
+            return sorted(nets, key=lambda n: (n.get("created_at") or "", n["id"]))
+        found = {n["id"]: n for n in self.networks(project_id)}
+        for net in self.call("GET", "/networks?router%3Aexternal=true")["networks"]:
+            found.setdefault(net["id"], net)
         return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
 
     def find_security_groups(self, project_id, wanted, missing=BadRequest):
@@ -7785,13 +7806,83 @@ class Compute:
 
 # § 23 config drive --------------------------------------------------------------------
 
+def metadata_hostname(conf, server):
+    """The hostname a guest's metadata gives: with --dhcp-domain after it, as Nova's."""
+    domain = conf.get("dhcp_domain")
+    return f"{server['hostname']}.{domain}" if domain else server["hostname"]
+
+
+def device_address(address, disk_bus=None):
+    """(bus, address) of a libvirt <address> element as Nova's device metadata names
+    them: PCI as 0000:00:03.0, a SCSI/IDE/USB disk's drive as controller:bus:target:unit."""
+    if address is None:
+        return "none", "none"
+    try:
+        if address.get("type") == "pci":
+            d, b, s, f = (int(address.get(k), 16) for k in ("domain", "bus", "slot",
+                                                             "function"))
+            return "pci", f"{d:04x}:{b:02x}:{s:02x}.{f:x}"
+        if address.get("type") == "drive" and disk_bus in ("scsi", "ide", "usb"):
+            return disk_bus, ":".join(address.get(k, "0") for k in ("controller", "bus",
+                                                                     "target", "unit"))
+    except (TypeError, ValueError):
+        pass
+    return "none", "none"
+
+
+def device_metadata(app, server):
+    """The 'devices' of a guest's metadata, as Nova's libvirt driver builds them: each
+    tagged NIC (by MAC) and tagged volume (by disk target) with the bus and address the
+    domain gave it.  Before the domain exists (a config drive made at boot) they are
+    listed without an address."""
+    nics = {p.get("mac"): p["tag"] for p in server.get("ports", []) if p.get("tag")}
+    disks = {v.get("target"): v for v in server.get("volumes", []) if v.get("tag")}
+    if not nics and not disks:
+        return []
+    xml = None
+    if server.get("host"):
+        try:
+            xml = app.compute.driver_of(server).live_xml(server)
+        except (DriverError, Unavailable) as e:
+            LOG.info("server %s: no device addresses for its metadata: %s", server["id"], e)
+    found = []           # (kind, key, bus, address) in the domain's device order
+    if xml:
+        try:
+            devices = ElementTree.fromstring(xml).find("devices")
+        except ElementTree.ParseError:
+            devices = None
+        for dev in list(devices) if devices is not None else []:
+            if dev.tag == "interface" and dev.find("mac") is not None:
+                mac = dev.find("mac").get("address")
+                if mac in nics:
+                    found.append(("nic", mac) + device_address(dev.find("address")))
+            elif dev.tag == "disk" and dev.find("target") is not None:
+                target = dev.find("target")
+                if target.get("dev") in disks:
+                    found.append(("disk", target.get("dev")) + device_address(
+                        dev.find("address"), target.get("bus")))
+    else:
+        found = [("nic", mac, "none", "none") for mac in nics] + \
+            [("disk", target, "none", "none") for target in disks]
+    result = []
+    for kind, key, bus, address in found:
+        if kind == "nic":
+            result.append({"type": "nic", "bus": bus, "address": address, "mac": key,
+                           "tags": [nics[key]], "vf_trusted": False})
+        else:
+            result.append({"type": "disk", "bus": bus, "address": address,
+                           "serial": disks[key].get("id"), "tags": [disks[key]["tag"]]})
+    return result
+
+
 def config_drive_files(app, server, admin_pass):
     """{path: bytes} of a config drive: OpenStack and EC2 layouts, as Nova writes them."""
-    meta = {"uuid": server["id"], "name": server["name"], "hostname": server["hostname"],
+    hostname = metadata_hostname(app.conf, server)
+    meta = {"uuid": server["id"], "name": server["name"], "hostname": hostname,
             "launch_index": server.get("launch_index", 0),
             "availability_zone": server["availability_zone"],
             "project_id": server["project_id"], "meta": dict(server["metadata"]),
-            "devices": [], "random_seed": base64.b64encode(os.urandom(512)).decode()}
+            "devices": device_metadata(app, server), "random_seed": base64.b64encode(os.urandom(512)).decode()}
     if server.get("key_name") and server.get("key_data"):
         meta["public_keys"] = {server["key_name"]: server["key_data"]}
         meta["keys"] = [{"name": server["key_name"], "type": "ssh", "data": server["key_data"]}]
@@ -7818,8 +7909,8 @@ def config_drive_files(app, server, admin_pass):
         files[f"{root}/vendor_data2.json"] = b"{}"
         if server.get("user_data"):
             files[f"{root}/user_data"] = base64.b64decode(server["user_data"])
-    ec2 = {"instance-id": server["instance_name"], "hostname": server["hostname"],
-           "local-hostname": server["hostname"], "placement": {
+    ec2 = {"instance-id": server["instance_name"], "hostname": hostname,
+           "local-hostname": hostname, "placement": {
                "availability-zone": server["availability_zone"]},
            "reservation-id": server["reservation_id"], "ami-launch-index": 0}
     if meta.get("public_keys"):
@@ -8369,7 +8460,7 @@ def plan_volumes(req, spec, count):
         if source != "blank" and not ref:
             raise BadRequest("Block Device Mapping is Invalid: Missing device UUID.")
         if source == "volume":
-            entry["id"] = check_boot_volume(req, cinder, ref, count)
+            entry["id"] = check_boot_volume(req, cinder, ref, count, boot_index == 0)
         elif source == "snapshot":
             snap = cinder.get_snapshot(req.ident, ref)
             if snap is None:
@@ -8400,11 +8491,14 @@ def plan_volumes(req, spec, count):
     return entries
 
 
-def check_boot_volume(req, cinder, volume_id, count):
-    """An existing volume given to a create: it must exist and be free."""
+def check_boot_volume(req, cinder, volume_id, count, root=False):
+    """An existing volume given to a create: it must exist and be free, and the root one
+    bootable (Cinder's flag, a string 'true'/'false')."""
     volume = cinder.get(req.ident, volume_id)
     if volume is None:
         raise BadRequest(f"Block Device Mapping is Invalid: failed to get volume {volume_id}.")
+    if root and not bool_from_string(volume.get("bootable", True)):
+        raise BadRequest(f"Block Device {volume_id} is not bootable.")
     if count > 1:
         raise BadRequest("Cannot attach one or more volumes to multiple instances")
     if volume["status"] != "available" and not (volume.get("multiattach")
@@ -8881,8 +8975,10 @@ def server_list(req, detail):
     if "deleted" in query:
         deleted_wanted = bool_from_string(query["deleted"])
     order = server_sort(req)
+    # without all_tenants a project's own servers only: Nova drops tenant_id and sets
+    # project_id to the caller's (lp:#1185290), for admins too
     owner = query.get("project_id") or query.get("tenant_id")
-    scope = project if not (all_tenants or (owner and req.ident.is_admin)) else owner
+    scope = owner if all_tenants else project
 
     def wanted(s):
         return (scope is None or s["project_id"] == scope) and \
@@ -9368,6 +9464,8 @@ def server_action_resize(req):
         raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
     new = {k: flavor[k] for k in server["flavor"]}
     extra = check_resize_quota(req, server, new)
+    if "OS-DCF:diskConfig" in body["resize"]:
+        extra["disk_config"] = body["resize"]["OS-DCF:diskConfig"]
     compute = req.app.compute
     was_active = server["vm_state"] == "active"
     if server["vm_state"] in ("active", "stopped") and server.get("host"):
@@ -9593,7 +9691,7 @@ def server_action_rebuild(req):
             extra["key_name"], extra["key_data"] = spec["key_name"], kp["public_key"]
     admin_pass = spec.get("adminPass") or secrets.token_urlsafe(9)[:12]
     compute = req.app.compute
-    was_active = server["vm_state"] == "active"
+    was_active = server["vm_state"] != "stopped"    # as Nova: only a stopped one stays off
 
     def work(server):
         compute.rebuild(server, was_active, admin_pass)
@@ -11031,7 +11129,7 @@ def network_records(req):
     if neutron is not None:
         return [{"id": n["id"], "label": n["name"], "cidr": None, "mtu": n.get("mtu"),
                  "project_id": n.get("project_id"), "external": n.get("router:external")}
-                for n in neutron.networks(req.ident.project_id)]
+                for n in neutron.visible_networks(req.ident.project_id, req.ident.is_admin)]
     if req.app.driver is None:
         return []
     return req.app.driver.list_networks()
@@ -11309,8 +11407,15 @@ def neutron_groups(req, neutron, all_projects=False):
     return groups, {g["id"]: g for g in groups}
 
 
+def checked_group_id(value):
+    """Nova answers 400 to a security group (or rule) id that is not a uuid."""
+    if not is_uuid_like(value):
+        raise BadRequest("Security group id should be uuid")
+    return value
+
+
 def neutron_group(req, neutron, group_id):
-    group = neutron.security_group(group_id)
+    group = neutron.security_group(checked_group_id(group_id))
     if group is None or group["project_id"] != req.ident.project_id and \
             not req.ident.is_admin:
         raise NotFound(f"Security group {group_id} not found.")
@@ -11361,6 +11466,7 @@ def security_group_view(group, data):
 
 
 def find_security_group(req, data, group_id):
+    checked_group_id(group_id)
     groups = security_groups_of(data, req.ident.project_id)
     if group_id not in groups:
         if req.ident.is_admin and group_id in data.get("security_groups", {}):
@@ -11476,6 +11582,9 @@ def security_groups_delete(req):
     neutron = req.app.network
     if neutron is not None:
         group = neutron_group(req, neutron, req.params["id"])
+        if group["name"] == "default" and not req.ident.is_admin:
+            # Neutron refuses this to the owner (409), which Nova answers with 400
+            raise BadRequest("Insufficient rights for removing default security group.")
         try:
             neutron.call("DELETE", f"/security-groups/{group['id']}")
         except NetworkError as e:
@@ -11511,13 +11620,32 @@ def parse_rule_port(value, name):
     return port
 
 
+def rule_cidr(value):
+    """A rule's cidr as Nova takes it: kept as given (URL-unquoted), '0.0.0.0/0' when
+    absent; an address without a prefix, or a non-zero network with prefix 0, is 400."""
+    if not value:
+        return "0.0.0.0/0"
+    text = urllib.parse.unquote(str(value))
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        net = None
+    if net is None or "/" not in text or not text.split("/", 1)[1]:
+        raise BadRequest(f"Invalid cidr {text}.")
+    if net.prefixlen == 0 and text.split("/", 1)[0] not in ("0.0.0.0", "::"):
+        raise BadRequest(f"Bad prefix for network in cidr {text}")
+    return text
+
+
 def security_group_rules_create(req):
     """POST /os-security-group-rules"""
     spec = validate_body(req, {"type": "object", "required": ["security_group_rule"],
                                "properties": {"security_group_rule": {
                                    "type": "object", "required": ["parent_group_id"],
-                                   "properties": {"parent_group_id": {"type": "string"},
-                                                  "group_id": {"type": ["string", "null"]}}}}})
+                                   "properties": {"parent_group_id": {"type": "string",
+                                                                      "format": "uuid"},
+                                                  "group_id": {"type": ["string", "null"],
+                                                               "format": "uuid"}}}}})
     spec = spec["security_group_rule"]
     protocol = spec.get("ip_protocol")
     protocol = str(protocol).lower() if protocol not in (None, "") else None
@@ -11530,14 +11658,7 @@ def security_group_rules_create(req):
     if protocol == "icmp" and any(v is not None and v > 255 for v in (low, high)):
         raise BadRequest("Type and Code must be integers for ICMP protocol type, from -1 to "
                          "255.")
-    cidr = spec.get("cidr")
-    if cidr:
-        try:
-            cidr = str(ipaddress.ip_network(cidr, strict=False))
-        except ValueError:
-            raise BadRequest(f"Invalid cidr {cidr}.") from None
-    elif not spec.get("group_id"):
-        cidr = "0.0.0.0/0"
+    cidr = rule_cidr(spec.get("cidr")) if not spec.get("group_id") else None
     neutron = req.app.network
     if neutron is not None:
         group = neutron_group(req, neutron, spec["parent_group_id"])
@@ -11546,14 +11667,23 @@ def security_group_rules_create(req):
         body = {"security_group_id": group["id"], "direction": "ingress",
                 "ethertype": "IPv6" if cidr and ":" in cidr else "IPv4",
                 "protocol": protocol, "remote_ip_prefix": cidr,
-                "remote_group_id": source["id"] if source else None}
+                "remote_group_id": source["id"] if source else None,
+                "project_id": req.ident.project_id}
         if protocol in ("tcp", "udp") or protocol == "icmp" and low not in (None, -1):
             body["port_range_min"] = low
             body["port_range_max"] = None if protocol == "icmp" and high == -1 else high
+        same = ("protocol", "remote_ip_prefix", "remote_group_id", "port_range_min",
+                "port_range_max")
+        for other in group.get("security_group_rules") or []:
+            if other.get("direction") == "ingress" and all(
+                    other.get(k) == body.get(k) for k in same):
+                raise BadRequest(f"This rule already exists in group {group['id']}")
         try:
             rule = neutron.call("POST", "/security-group-rules",
                                 {"security_group_rule": body})["security_group_rule"]
         except NetworkError as e:
+            if e.status == 409:             # Nova's reading: the group's rule quota
+                raise Forbidden(e.message) from None
             raise neutron_fault(e) from None
         view = neutron_group_view(dict(group, security_group_rules=[rule]),
                                   {source["id"]: source} if source else {})
@@ -11584,11 +11714,13 @@ def security_group_rules_create(req):
 
 def security_group_rules_delete(req):
     """DELETE /os-security-group-rules/{id}"""
-    rule_id = req.params["id"]
+    rule_id = checked_group_id(req.params["id"])
     neutron = req.app.network
     if neutron is not None:
         rule = neutron.security_group_rule(rule_id)
-        if rule is None or rule["project_id"] != req.ident.project_id and \
+        group = neutron.security_group(rule["security_group_id"]) if rule else None
+        if rule is None or req.ident.project_id not in (
+                rule["project_id"], (group or {}).get("project_id")) and \
                 not req.ident.is_admin:
             raise NotFound(f"Security group rule {rule_id} not found.")
         try:
@@ -13483,6 +13615,7 @@ class MetadataApp:
             return None
         if parts[1:2] == ["public-keys"]:
             return self.ec2_public_keys(server, parts[2:])
+        hostname = metadata_hostname(self.app.conf, server)
         # as Nova: the first fixed and the first floating IPv4 address of the server's ports
         ipv4 = [item for items in server_addresses(server).values() for item in items
                 if item["version"] == 4]
@@ -13490,10 +13623,10 @@ class MetadataApp:
         floating = [item["addr"] for item in ipv4 if item["OS-EXT-IPS:type"] == "floating"]
         tree = {"ami-id": server["image_ref"],
                 "ami-launch-index": str(server.get("launch_index", 0)),
-                "hostname": server["hostname"], "instance-id": server["instance_name"],
-                "instance-type": server["flavor"]["name"], "local-hostname": server["hostname"],
+                "hostname": hostname, "instance-id": server["instance_name"],
+                "instance-type": server["flavor"]["name"], "local-hostname": hostname,
                 "local-ipv4": fixed[0] if fixed else client,
-                "public-hostname": server["hostname"],
+                "public-hostname": hostname,
                 "public-ipv4": floating[0] if floating else "",
                 "placement": {"availability-zone": server["availability_zone"]},
                 "reservation-id": server["reservation_id"],
@@ -13569,7 +13702,13 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.refuse(400, "This is a WebSocket console proxy.")
         record = app.console_tokens.take((query.get("token") or [""])[0])
         if record is None or record["type"] not in self.server.console_types:
-            return self.refuse(401, "The console token is not valid (or was used).")
+            # as Nova's proxies: the WebSocket opens, then closes with nothing sent
+            LOG.info("console proxy %s: a console token that is not valid (or was used)",
+                     self.client_address[0])
+            self.upgrade(key)
+            self.wfile.write(websocket_frame(8, b""))
+            self.close_connection = True
+            return None
         server = app.store.data["servers"].get(record["server_id"])
         if server is None or server["vm_state"] == "deleted" or not server.get("host") \
                 or app.driver is None:
@@ -13580,6 +13719,13 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
                 else SocketConsole(driver.open_vnc(server))
         except (DriverError, Unavailable, OSError) as e:
             return self.refuse(409, f"The console cannot be opened: {e}")
+        self.upgrade(key)
+        LOG.info("console of server %s opened from %s", server["id"], self.client_address[0])
+        self.close_connection = True
+        self.bridge(stream)
+
+    def upgrade(self, key):
+        """The WebSocket handshake's 101 answer."""
         accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode(),
                                                usedforsecurity=False).digest()).decode()
         self.send_response(101)
@@ -13590,9 +13736,6 @@ class ConsoleProxyHandler(http.server.BaseHTTPRequestHandler):
         if "binary" in wanted:
             self.send_header("Sec-WebSocket-Protocol", "binary")
         self.end_headers()
-        LOG.info("console of server %s opened from %s", server["id"], self.client_address[0])
-        self.close_connection = True
-        self.bridge(stream)
 
     def send_static(self):
         """One of noVNC's files, from --novnc-dir."""

@@ -34,7 +34,9 @@
 #       NEUTRON_NOVA_METADATA=HOST:PORT, signed with NEUTRON_METADATA_SECRET), the
 #       Open vSwitch firewall (security groups enforced), and instead of minivan-net
 #       and the local "public": the external bridge br-ex holding 172.24.4.1/24 and a
-#       flat external network "public" on it (subnet 172.24.4.0/24, no router).
+#       flat external network "public" on it (subnet 172.24.4.0/24, no router), the
+#       default one, with a shared default subnet pool (10.0.0.0/22, /26 subnets) for
+#       Neutron's auto-allocated topology, as devstack makes them.
 #   tools/neutron.sh stop DIR
 #       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
 #       by its process group) and removes the "network" service from the catalog, so
@@ -323,9 +325,14 @@ start() {
     if [[ $AGENTS == all ]]; then
         public=$(neutron_api GET "/networks?name=public" | jget networks 0 id)
         if [[ -z $public ]]; then
+            # as devstack: the default external network, and a shared default subnet
+            # pool, which Neutron's auto-allocated topology ("get me a network") needs
             public=$(neutron_api POST /networks '{"network": {"name": "public",
-                "router:external": true, "provider:network_type": "flat",
+                "router:external": true, "is_default": true, "provider:network_type": "flat",
                 "provider:physical_network": "public"}}' | jget network id)
+            neutron_api POST /subnetpools '{"subnetpool": {"name":
+                "shared-default-subnetpool-v4", "prefixes": ["10.0.0.0/22"],
+                "default_prefixlen": 26, "shared": true, "is_default": true}}' >/dev/null
             neutron_api POST /subnets '{"subnet": {"network_id": "'"$public"'",
                 "ip_version": 4, "cidr": "172.24.4.0/24", "gateway_ip": "172.24.4.1",
                 "allocation_pools": [{"start": "172.24.4.10", "end": "172.24.4.250"}],

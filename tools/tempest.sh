@@ -195,6 +195,8 @@ flavor_ref = 42
 flavor_ref_alt = 84
 
 [compute-feature-enabled]
+# as devstack: a guest without an agent cannot take a new password
+change_password = False
 interface_attach = True
 config_drive = True
 metadata_service = True
