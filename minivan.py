@@ -1514,6 +1514,7 @@ def xml_escape(text):
 
 
 DETACH_TIMEOUT = 60
+SHUTDOWN_RETRY_INTERVAL = 10     # seconds, Nova's [libvirt] shutdown_retry_interval
 
 
 def filter_name(server):
@@ -2195,19 +2196,24 @@ class LibvirtDriver:
             time.sleep(0.2)
 
     def power_off(self, server, timeout=60, clean=True):
-        """ACPI shutdown, then a hard stop after timeout seconds (0: at once)."""
+        """ACPI shutdown, then a hard stop after timeout seconds (0: at once).  As Nova's
+        driver, the ACPI request is sent again every SHUTDOWN_RETRY_INTERVAL seconds: a
+        guest still booting may not have been listening for the first."""
         dom = self._domain(server)
         if not self._call("reading the domain state", dom.isActive):
             return
         if clean and timeout > 0:
-            try:
-                self._call("shutting the guest down", dom.shutdown)
-            except DriverError:
-                pass
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
+            deadline, resend = start + timeout, start
             while time.monotonic() < deadline:
                 if not self._call("reading the domain state", dom.isActive):
                     return
+                if time.monotonic() >= resend:
+                    try:
+                        self._call("shutting the guest down", dom.shutdown)
+                    except DriverError:
+                        pass
+                    resend += SHUTDOWN_RETRY_INTERVAL
                 time.sleep(0.2)
         if self._call("reading the domain state", dom.isActive):
             self._call("stopping the domain", dom.destroy)
@@ -10329,16 +10335,26 @@ def attach_port(req, server, network, fixed=None, tag=None):
             "ips": [[fixed, 6 if ":" in fixed else 4]] if fixed else [], "tag": tag}
     check_interface_change(req, server, "attach_interface")
     driver = req.app.compute.driver_of(server)
+    started = req.app.compute.now()
     try:
         driver.define_filter(server, server_filter_xml(server, req.store.data))
         driver.attach_interface(server, port)
-    except DriverError:
+    except DriverError as e:
+        record_done_action(req, server["id"], "attach_interface", started, str(e))
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     req.app.compute.change_ports(server["id"], lambda ports: ports + [port])
     if not server.get("security_groups"):
         req.app.compute.update(server["id"], security_groups=["default"])
-    req.app.compute.record_action(req, server["id"], "attach_interface")
+    record_done_action(req, server["id"], "attach_interface", started)
     return port
+
+
+def record_done_action(req, server_id, action, started, error=None):
+    """An instance action done within its request, with its compute_<action> event (what
+    Tempest's waiters look for): Success, or Error with the reason."""
+    compute = req.app.compute
+    rid = compute.record_action(req, server_id, action)
+    compute.finish_event(server_id, rid, "compute_" + action, started, error=error)
 
 
 def attach_neutron_port(req, spec):
@@ -10362,14 +10378,16 @@ def attach_neutron_port(req, spec):
     if server.get("security_group_ids") is None:
         server = dict(server, security_group_ids=neutron.security_group_ids(
             server["project_id"], server.get("security_groups") or ["default"]))
+    started = compute.now()
     port = compute.make_port(server, requests[0])
     try:
         compute.driver_of(server).attach_interface(server, port)
-    except DriverError:
+    except DriverError as e:
         compute.release_ports({"id": server["id"], "ports": [port]})
+        record_done_action(req, server["id"], "attach_interface", started, str(e))
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     compute.change_ports(server["id"], lambda ports: ports + [port])
-    compute.record_action(req, server["id"], "attach_interface")
+    record_done_action(req, server["id"], "attach_interface", started)
     return port
 
 
@@ -10382,15 +10400,17 @@ def server_interfaces_delete(req):
 
 def detach_port(req, server, port):
     check_interface_change(req, server, "detach_interface")
+    started = req.app.compute.now()
     try:
         req.app.compute.driver_of(server).detach_interface(server, port)
-    except DriverError:
+    except DriverError as e:
+        record_done_action(req, server["id"], "detach_interface", started, str(e))
         raise Conflict(f"Failed to detach network adapter device from {server['id']}") \
             from None
     req.app.compute.change_ports(server["id"], lambda ports: [p for p in ports
                                                                if p["id"] != port["id"]])
     req.app.compute.release_ports({"id": server["id"], "ports": [port]})
-    req.app.compute.record_action(req, server["id"], "detach_interface")
+    record_done_action(req, server["id"], "detach_interface", started)
 
 
 def server_action_add_fixed_ip(req):

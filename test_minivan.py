@@ -5646,6 +5646,15 @@ class ServerSubresourceTests(ServerTestCase):
                                    {"interfaceAttachment": {"bogus": 1}}), 400, "badRequest")
         self.assertEqual(len(self.get(f"/v2.1/servers/{server_id}/os-interface").json()
                              ["interfaceAttachments"]), 1)
+        # the refused attach is an instance action whose compute_attach_interface event
+        # failed (Tempest's interface waiters read these events)
+        actions = self.get(f"/v2.1/servers/{server_id}/os-instance-actions").json()
+        attach = [a for a in actions["instanceActions"] if a["action"] == "attach_interface"]
+        self.assertEqual(len(attach), 1, actions)
+        shown = self.get(f"/v2.1/servers/{server_id}/os-instance-actions/"
+                         f"{attach[0]['request_id']}", version="2.51").json()["instanceAction"]
+        self.assertEqual([(e["event"], e["result"]) for e in shown["events"]],
+                         [("compute_attach_interface", "Error")])
         act = f"/v2.1/servers/{server_id}/action"
         self.assertFault(self.post(act, {"addFixedIp": {"networkId": TEST_NETWORK_ID}}),
                          409, "conflictingRequest")

@@ -2,21 +2,24 @@
 # gate.sh - Nova's integrated gate job run against minivan: a whole cloud, real QEMU guests
 # and Tempest with validation on, all inside one network and mount namespace of its own.
 #
-#   tools/gate.sh ovs [tempest run args...]
-#       ML2/OVS: the Open vSwitch agent with the DHCP, L3 and metadata agents
+#   tools/gate.sh ovs|ovn [tempest run args...]
+#       ovs: ML2/OVS, the Open vSwitch agent with the DHCP, L3 and metadata agents
+#       ovn: ML2/OVN (devstack's default): OVN's northd and controller, its own DHCP
+#            and routers, and the OVN metadata agent
 #   With no tempest arguments it runs what Tempest's job tempest-integrated-compute runs
 #   (tox -e integrated-compute): the API tests and then, serially, the scenario and
 #   serial tests, slow ones left out, with the job's exclude list (tools/gate-exclude.txt).
 #   Arguments replace that selection, e.g.
-#       tools/gate.sh ovs --include-list tools/gate-ci.txt
+#       tools/gate.sh ovn --include-list tools/gate-ci.txt
 #
 # The namespace (unshare --net --mount): its own loopback and no other interface, so no
 # route leads out of it; fresh tmpfs over /run and /var/lib/libvirt, a copy of /etc/libvirt
 # and its own /var/log/libvirt, so its libvirtd, Open vSwitch and the network namespaces
 # Neutron makes are its own even on a host that runs others.  Inside it run: libvirtd
 # (tools/libvirt-up.sh), Keystone, Glance, Cinder (tools/keystone.sh, glance.sh,
-# cinder.sh, each with its RabbitMQ), Neutron with NEUTRON_AGENTS=all (tools/neutron.sh:
-# br-ex holds 172.24.4.1/24, the floating IPs' gateway), minivan on qemu:///system, and
+# cinder.sh, each with its RabbitMQ), Neutron with NEUTRON_AGENTS=all or ovn
+# (tools/neutron.sh: br-ex holds 172.24.4.1/24, the floating IPs' gateway), Open vSwitch
+# and OVN on the userspace datapath, minivan on qemu:///system, and
 # Tempest, which reaches the guests through their floating IPs.  Nothing in the host's
 # own namespace ever sends to a guest address.
 #
@@ -34,7 +37,7 @@ say() { echo "gate: $*"; }
 usage() { sed -n '2,/^set /s/^# \{0,1\}//p' "$0" | sed '$d' >&2; exit 2; }
 
 if [[ ${1:-} != --inside ]]; then
-    [[ ${1:-} == ovs ]] || usage
+    [[ ${1:-} == ovs || ${1:-} == ovn ]] || usage
     [[ $(id -u) == 0 ]] || { say "needs root (namespaces, libvirtd, Open vSwitch)"; exit 1; }
     command -v unshare >/dev/null || { say "no unshare; apt-get install util-linux"; exit 1; }
     WORK=${GATE_WORK:-$(mktemp -d /tmp/minivan-gate.XXXXXX)}
@@ -103,7 +106,7 @@ METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
 tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
-NEUTRON_AGENTS=all NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
+NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
     NEUTRON_METADATA_SECRET=$METADATA_SECRET \
     tools/neutron.sh start "$WORK/neutron" "$NEUTRON_PORT" "$WORK/keystone/env"
 tools/make-guest.sh "$WORK/guest.qcow2"

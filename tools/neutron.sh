@@ -52,10 +52,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NV=${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}
 PASSWORD=secret
 AGENTS=${NEUTRON_AGENTS:-ovs}
-[[ $AGENTS == ovs || $AGENTS == all ]] || { echo "neutron: NEUTRON_AGENTS is ovs or all" >&2; exit 2; }
+[[ $AGENTS == ovs || $AGENTS == all || $AGENTS == ovn ]] ||
+    { echo "neutron: NEUTRON_AGENTS is ovs, all or ovn" >&2; exit 2; }
 OVS_RUN=/var/run/openvswitch
-# stop order: the broker's clients first, Open vSwitch last
-SERVICES=(neutron-metadata-agent neutron-l3-agent neutron-dhcp-agent neutron-ovs-agent neutron-rpc neutron-api rabbitmq epmd ovs-vswitchd ovsdb-server)
+# stop order: the broker's clients first, OVN and Open vSwitch last
+SERVICES=(neutron-ovn-metadata-agent neutron-metadata-agent neutron-l3-agent neutron-dhcp-agent
+          neutron-ovs-agent neutron-ovn-maintenance neutron-rpc neutron-api rabbitmq epmd
+          ovn-controller ovn-northd ovn-sb ovn-nb ovs-vswitchd ovsdb-server)
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
 LIB_NAME=neutron LIB_PASSWORD=$PASSWORD
@@ -71,7 +74,7 @@ write_config() {  # write_config DIR PORT AMQP_PORT
 debug = false
 host = $(hostname -s)
 core_plugin = ml2
-service_plugins = router
+service_plugins = $([[ $AGENTS == ovn ]] && echo ovn-router || echo router)
 auth_strategy = keystone
 api_paste_config = $dir/api-paste.ini
 transport_url = rabbit://neutron:$PASSWORD@127.0.0.1:$amqp/
@@ -108,7 +111,10 @@ EOF
         printf '[%s]\nhelper_command = sudo %s/bin/privsep-helper --config-file %s --config-file %s\n' \
             "$section" "$NV" "$dir/neutron.conf" "$dir/ml2.ini" >> "$dir/neutron.conf"
     done
-    cat > "$dir/ml2.ini" <<EOF
+    if [[ $AGENTS == ovn ]]; then
+        write_ovn_config "$dir"
+    else
+        cat > "$dir/ml2.ini" <<EOF
 [ml2]
 type_drivers = flat,local
 tenant_network_types = local
@@ -126,6 +132,7 @@ firewall_driver = $([[ $AGENTS == all ]] && echo openvswitch || echo noop)
 [agent]
 tunnel_types =
 EOF
+    fi
     # the agents of NEUTRON_AGENTS=all, as devstack configures them for ML2/OVS
     cat > "$dir/dhcp_agent.ini" <<EOF
 [DEFAULT]
@@ -170,7 +177,9 @@ module, func = {'rpc': ('neutron.cmd.server', 'main_rpc'),
                 'ovs-agent': ('neutron.cmd.agents.ovs_neutron_agent', 'main'),
                 'dhcp-agent': ('neutron.cmd.agents.dhcp', 'main'),
                 'l3-agent': ('neutron.cmd.agents.l3', 'main'),
-                'metadata-agent': ('neutron.cmd.agents.metadata', 'main')}[sys.argv.pop(1)]
+                'metadata-agent': ('neutron.cmd.agents.metadata', 'main'),
+                'ovn-metadata-agent': ('neutron.cmd.agents.ovn_metadata', 'main'),
+                'ovn-maintenance': ('neutron.cmd.server', 'main_ovn_maintenance')}[sys.argv.pop(1)]
 sys.exit(getattr(importlib.import_module(module), func)())
 EOF
     # the schema from neutron's models (its migrations need MySQL), stamped at head
@@ -182,6 +191,86 @@ from neutron.db.migration.models import head
 
 head.get_metadata().create_all(sqlalchemy.create_engine(sys.argv[1]))
 EOF
+}
+
+# ML2/OVN as devstack configures it: geneve project networks, OVN's own DHCP and routers
+# (NAT in Open vSwitch), security groups as OVN ACLs, and the OVN metadata agent (haproxy
+# in an ovnmeta-<network> namespace per network, reached through OVN's DHCP route)
+write_ovn_config() {  # write_ovn_config DIR
+    local dir=$1 metadata=${NEUTRON_NOVA_METADATA:-127.0.0.1:8775}
+    cat > "$dir/ml2.ini" <<EOF
+[ml2]
+type_drivers = flat,geneve
+tenant_network_types = geneve
+mechanism_drivers = ovn
+extension_drivers = port_security
+overlay_ip_version = 4
+[ml2_type_flat]
+flat_networks = public
+[ml2_type_geneve]
+vni_ranges = 1:65536
+max_header_size = 38
+[ovn]
+ovn_nb_connection = unix:$dir/ovn/nb.sock
+ovn_sb_connection = unix:$dir/ovn/sb.sock
+ovn_metadata_enabled = true
+enable_distributed_floating_ip = false
+[ovs]
+ovsdb_connection = unix:$OVS_RUN/db.sock
+[securitygroup]
+enable_security_group = true
+EOF
+    cat > "$dir/ovn_metadata_agent.ini" <<EOF
+[DEFAULT]
+nova_metadata_host = ${metadata%:*}
+nova_metadata_port = ${metadata##*:}
+metadata_proxy_shared_secret = ${NEUTRON_METADATA_SECRET:-}
+metadata_workers = 1
+[ovs]
+ovsdb_connection = unix:$OVS_RUN/db.sock
+[ovn]
+ovn_sb_connection = unix:$dir/ovn/sb.sock
+EOF
+}
+
+# start_ovn DIR: OVN's northbound and southbound databases, ovn-northd, and this host
+# as a chassis (ovn-controller) that can be a router's gateway, with br-ex as the
+# bridge of the flat "public" network
+start_ovn() {
+    local dir=$1 db i
+    mkdir -p "$dir/ovn" /var/run/ovn
+    for db in nb sb; do
+        [[ -f $dir/ovn/$db.db ]] ||
+            ovsdb-tool create "$dir/ovn/$db.db" "/usr/share/ovn/ovn-$db.ovsschema"
+        spawn "$dir" "ovn-$db" ovsdb-server "$dir/ovn/$db.db" --remote="punix:$dir/ovn/$db.sock" \
+            --pidfile="$dir/ovn/$db.pid" --unixctl="$dir/ovn/$db.ctl"
+    done
+    for i in $(seq 100); do
+        [[ -S $dir/ovn/nb.sock && -S $dir/ovn/sb.sock ]] && break
+        alive "$dir" ovn-nb && alive "$dir" ovn-sb || exit 1
+        sleep 0.1
+    done
+    ovn-nbctl --db="unix:$dir/ovn/nb.sock" --timeout=10 init
+    ovn-sbctl --db="unix:$dir/ovn/sb.sock" --timeout=10 init
+    spawn "$dir" ovn-northd ovn-northd --ovnnb-db="unix:$dir/ovn/nb.sock" \
+        --ovnsb-db="unix:$dir/ovn/sb.sock" --pidfile="$dir/ovn/northd.pid" \
+        --unixctl="$dir/ovn/northd.ctl"
+    ovs-vsctl --timeout=10 set Open_vSwitch . external-ids:system-id="$(hostname -s)" \
+        external-ids:hostname="$(hostname -s)" external-ids:ovn-remote="unix:$dir/ovn/sb.sock" \
+        external-ids:ovn-encap-type=geneve external-ids:ovn-encap-ip=127.0.0.1 \
+        external-ids:ovn-bridge=br-int external-ids:ovn-bridge-datapath-type=netdev \
+        external-ids:ovn-bridge-mappings=public:br-ex \
+        external-ids:ovn-cms-options=enable-chassis-as-gw
+    spawn "$dir" ovn-controller ovn-controller "unix:$OVS_RUN/db.sock" \
+        --pidfile="$dir/ovn/controller.pid" --unixctl="$dir/ovn/controller.ctl"
+    for i in $(seq 100); do
+        [[ -n $(ovn-sbctl --db="unix:$dir/ovn/sb.sock" --timeout=2 --bare --columns=name \
+                find Chassis name="$(hostname -s)" 2>/dev/null) ]] && return 0
+        alive "$dir" ovn-controller && alive "$dir" ovn-northd || exit 1
+        sleep 0.2
+    done
+    echo "neutron: ovn-controller did not register this host as a chassis in 20 s" >&2
+    exit 1
 }
 
 start_ovs() {  # start_ovs DIR
@@ -206,7 +295,7 @@ start_ovs() {  # start_ovs DIR
         --pidfile="$dir/ovs/ovs-vswitchd.pid" --unixctl="$dir/ovs/ovs-vswitchd.ctl"
     ovs-vsctl --timeout=30 -- --may-exist add-br br-int -- set bridge br-int datapath_type=netdev \
         -- --may-exist add-br br-phys -- set bridge br-phys datapath_type=netdev
-    if [[ $AGENTS == all ]]; then
+    if [[ $AGENTS == all || $AGENTS == ovn ]]; then
         # the external bridge, with the address devstack gives it: floating IPs are
         # reached from this namespace through it
         ovs-vsctl --timeout=30 -- --may-exist add-br br-ex -- set bridge br-ex datapath_type=netdev
@@ -275,6 +364,12 @@ start() {
     start_rabbit "$dir" "$amqp_port" "$dist_port" "$epmd_port"   # boots meanwhile
     start_ovs "$dir"
     echo "neutron: Open vSwitch (userspace datapath) ready after $((SECONDS - t0))s"
+    if [[ $AGENTS == ovn ]]; then
+        command -v ovn-controller >/dev/null ||
+            { echo "neutron: no ovn-controller; apt-get install ovn-central ovn-host" >&2; exit 1; }
+        start_ovn "$dir"
+        echo "neutron: OVN (northd, controller) ready after $((SECONDS - t0))s"
+    fi
     register "$URL"
     mkdir -p "$dir/state/lock"
     write_config "$dir" "$port" "$amqp_port"
@@ -291,9 +386,19 @@ start() {
     spawn "$dir" neutron-api "$NV/bin/gunicorn" --workers 1 --bind "127.0.0.1:$port" \
         --timeout 300 --access-logfile - --error-logfile - neutron_wsgi:application
     spawn "$dir" neutron-rpc "$NV/bin/python" "$dir/neutron_service.py" rpc "${config[@]}"
-    spawn "$dir" neutron-ovs-agent "$NV/bin/python" "$dir/neutron_service.py" ovs-agent \
-        "${config[@]}"
-    wait_agents "$dir" neutron-ovs-agent:neutron-openvswitch-agent
+    if [[ $AGENTS == ovn ]]; then
+        spawn "$dir" neutron-ovn-maintenance "$NV/bin/python" "$dir/neutron_service.py" \
+            ovn-maintenance "${config[@]}"
+        spawn "$dir" neutron-ovn-metadata-agent "$NV/bin/python" "$dir/neutron_service.py" \
+            ovn-metadata-agent --config-file "$dir/neutron.conf" \
+            --config-file "$dir/ovn_metadata_agent.ini"
+        wait_agents "$dir" ovn-controller:ovn-controller \
+            neutron-ovn-metadata-agent:neutron-ovn-metadata-agent
+    else
+        spawn "$dir" neutron-ovs-agent "$NV/bin/python" "$dir/neutron_service.py" ovs-agent \
+            "${config[@]}"
+        wait_agents "$dir" neutron-ovs-agent:neutron-openvswitch-agent
+    fi
     if [[ $AGENTS == all ]]; then
         # only now: the Open vSwitch agent's reports show that the RPC server consumes
         # its queues (a call sent before that is lost and waits out a 60 s timeout)
@@ -322,7 +427,7 @@ start() {
         done
     fi
     local net public
-    if [[ $AGENTS == all ]]; then
+    if [[ $AGENTS == all || $AGENTS == ovn ]]; then
         public=$(neutron_api GET "/networks?name=public" | jget networks 0 id)
         if [[ -z $public ]]; then
             # as devstack: the default external network, and a shared default subnet
