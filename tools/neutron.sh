@@ -37,13 +37,20 @@
 #       flat external network "public" on it (subnet 172.24.4.0/24, no router), the
 #       default one, with a shared default subnet pool (10.0.0.0/22, /26 subnets) for
 #       Neutron's auto-allocated topology, as devstack makes them.
+#       With NEUTRON_AGENTS=ovn it runs ML2/OVN, devstack's default, instead of the
+#       agents: OVN's databases and ovn-northd, ovn-controller making this host a
+#       gateway chassis (geneve project networks, OVN's own DHCP and routers, NAT and
+#       security groups in Open vSwitch), Neutron's OVN maintenance worker and the OVN
+#       metadata agent; the same br-ex, "public" network and subnet pool.
 #   tools/neutron.sh stop DIR
-#       Stops the agent, the RPC server, the API, RabbitMQ, epmd and Open vSwitch (each
-#       by its process group) and removes the "network" service from the catalog, so
-#       that a compute service started later sees no Neutron.
+#       Stops the agents, the RPC server, the API, RabbitMQ, epmd, MariaDB, OVN and
+#       Open vSwitch (each by its process group) and removes the "network" service from
+#       the catalog, so that a compute service started later sees no Neutron.
 #
-# The database is made from neutron's models (its migrations need MySQL) and stamped
-# at the migrations' heads.  Neutron runs as root: its root helper is plain sudo.
+# The database is sqlite made from neutron's models (its migrations need MySQL) and
+# stamped at the migrations' heads; with ML2/OVN, a MariaDB of its own in DIR with the
+# schema from the migrations (see db_url).  Neutron runs as root: its root helper is
+# plain sudo.
 # Uses ${MINIVAN_NEUTRON_VENV:-REPO/.venv-neutron} (tools/setup-venvs.sh).
 set -euo pipefail
 shopt -s inherit_errexit
@@ -58,7 +65,7 @@ OVS_RUN=/var/run/openvswitch
 # stop order: the broker's clients first, OVN and Open vSwitch last
 SERVICES=(neutron-ovn-metadata-agent neutron-metadata-agent neutron-l3-agent neutron-dhcp-agent
           neutron-ovs-agent neutron-ovn-maintenance neutron-rpc neutron-api rabbitmq epmd
-          ovn-controller ovn-northd ovn-sb ovn-nb ovs-vswitchd ovsdb-server)
+          mariadb ovn-controller ovn-northd ovn-sb ovn-nb ovs-vswitchd ovsdb-server)
 # shellcheck source=tools/keystone-api.sh
 source "$REPO/tools/keystone-api.sh"
 LIB_NAME=neutron LIB_PASSWORD=$PASSWORD
@@ -90,7 +97,7 @@ notify_nova_on_port_data_changes = true
 # the metadata agent's socket, where the haproxy of each router or DHCP namespace relays
 metadata_proxy_socket = $dir/state/metadata_proxy
 [database]
-connection = sqlite:///$dir/neutron.db
+connection = $(db_url "$dir")
 [oslo_concurrency]
 lock_path = $dir/state/lock
 [oslo_messaging_notifications]
@@ -261,8 +268,9 @@ start_ovn() {
         external-ids:ovn-bridge=br-int external-ids:ovn-bridge-datapath-type=netdev \
         external-ids:ovn-bridge-mappings=public:br-ex \
         external-ids:ovn-cms-options=enable-chassis-as-gw
+    # (its control socket is /var/run/ovn/ovn-controller.PID.ctl: 23.03 has no --unixctl)
     spawn "$dir" ovn-controller ovn-controller "unix:$OVS_RUN/db.sock" \
-        --pidfile="$dir/ovn/controller.pid" --unixctl="$dir/ovn/controller.ctl"
+        --pidfile="$dir/ovn/controller.pid"
     for i in $(seq 100); do
         [[ -n $(ovn-sbctl --db="unix:$dir/ovn/sb.sock" --timeout=2 --bare --columns=name \
                 find Chassis name="$(hostname -s)" 2>/dev/null) ]] && return 0
@@ -271,6 +279,47 @@ start_ovn() {
     done
     echo "neutron: ovn-controller did not register this host as a chassis in 20 s" >&2
     exit 1
+}
+
+# db_url DIR: Neutron's database.  sqlite, made from Neutron's models, serves ML2/OVS;
+# ML2/OVN needs a server (as devstack's MySQL): its OVSDB connection thread writes to the
+# database (the hash ring's heartbeat) while an API request holds a transaction and
+# waits for that thread, which sqlite's one database-wide lock turns into a deadlock.
+db_url() {
+    if [[ $AGENTS == ovn ]]; then
+        echo "mysql+pymysql://root@localhost/neutron?unix_socket=$1/mariadb/mysql.sock&charset=utf8mb4"
+    else
+        echo "sqlite:///$1/neutron.db"
+    fi
+}
+
+# start_mariadb DIR: a MariaDB of its own (no TCP, a socket in DIR/mariadb), and
+# Neutron's schema from its own migrations
+start_mariadb() {
+    local dir=$1 i
+    command -v mariadbd >/dev/null ||
+        { echo "neutron: no mariadbd; apt-get install mariadb-server" >&2; exit 1; }
+    "$NV/bin/python" -c 'import pymysql' 2>/dev/null ||
+        { echo "neutron: no PyMySQL in $NV; run tools/setup-venvs.sh" >&2; exit 1; }
+    if [[ ! -d $dir/mariadb/data ]]; then
+        mkdir -p "$dir/mariadb"
+        mariadb-install-db --no-defaults --datadir="$dir/mariadb/data" --user=root \
+            --auth-root-authentication-method=normal --skip-test-db >>"$dir/db.log" 2>&1 ||
+            { echo "neutron: mariadb-install-db failed, see $dir/db.log" >&2; exit 1; }
+    fi
+    spawn "$dir" mariadb mariadbd --no-defaults --datadir="$dir/mariadb/data" --user=root \
+        --socket="$dir/mariadb/mysql.sock" --skip-networking --pid-file="$dir/mariadb/mariadb.pid"
+    for i in $(seq 150); do
+        mariadb --no-defaults -S "$dir/mariadb/mysql.sock" -u root -e 'SELECT 1' \
+            >/dev/null 2>&1 && break
+        alive "$dir" mariadb || exit 1
+        sleep 0.2
+    done
+    mariadb --no-defaults -S "$dir/mariadb/mysql.sock" -u root \
+        -e 'CREATE DATABASE IF NOT EXISTS neutron CHARACTER SET utf8mb4' &&
+    "$NV/bin/neutron-db-manage" --config-file "$dir/neutron.conf" \
+        --config-file "$dir/ml2.ini" upgrade heads >>"$dir/db.log" 2>&1 ||
+        { echo "neutron: making the database failed, see $dir/db.log" >&2; exit 1; }
 }
 
 start_ovs() {  # start_ovs DIR
@@ -373,7 +422,9 @@ start() {
     register "$URL"
     mkdir -p "$dir/state/lock"
     write_config "$dir" "$port" "$amqp_port"
-    if [[ ! -f $dir/neutron.db ]]; then
+    if [[ $AGENTS == ovn ]]; then
+        start_mariadb "$dir"
+    elif [[ ! -f $dir/neutron.db ]]; then
         "$NV/bin/python" "$dir/neutron_db.py" "sqlite:///$dir/neutron.db" >>"$dir/db.log" 2>&1 &&
         "$NV/bin/neutron-db-manage" --config-file "$dir/neutron.conf" \
             --config-file "$dir/ml2.ini" stamp heads >>"$dir/db.log" 2>&1 ||
@@ -383,6 +434,10 @@ start() {
     wait_rabbit "$dir" "$amqp_port"
     local config=(--config-file "$dir/neutron.conf" --config-file "$dir/ml2.ini")
     export PYTHONWARNINGS=ignore::DeprecationWarning
+    # the API's worker count, which OVN's hash ring reads (from uWSGI or mod_wsgi, or
+    # this variable for other servers, as gunicorn here); without it OVN's events (a
+    # port going up: network-vif-plugged) are never handled
+    export ASGI_WORKERS=1
     spawn "$dir" neutron-api "$NV/bin/gunicorn" --workers 1 --bind "127.0.0.1:$port" \
         --timeout 300 --access-logfile - --error-logfile - neutron_wsgi:application
     spawn "$dir" neutron-rpc "$NV/bin/python" "$dir/neutron_service.py" rpc "${config[@]}"
