@@ -4154,24 +4154,24 @@ class KeystoneEndToEndTests(CLIMixin, unittest.TestCase):
 
 
 class GateTests(unittest.TestCase):
-    """Nova's integrated gate, the subset CI runs (tools/gate-ci.txt): tools/gate.sh builds a
-    whole cloud inside a network and mount namespace of its own (Keystone, Glance, Cinder,
-    Neutron ML2/OVS with its DHCP, L3 and metadata agents, libvirtd, minivan on real QEMU
+    """Nova's integrated gate, the subset CI runs (tools/gate-ci.txt), on both of devstack's
+    network back ends: tools/gate.sh builds a whole cloud inside a network and mount
+    namespace of its own (Keystone, Glance, Cinder, Neutron, libvirtd, minivan on real QEMU
     guests) and runs Tempest's scenario tests there with validation on: servers on Neutron
     networks, reached over SSH through floating IPs, metadata through Neutron's proxy."""
 
-    def test_gate_subset_on_ml2_ovs(self):
+    def run_gate(self, backend, tools):
         listing = os.path.join(HERE, "tools", "gate-ci.txt")
         with open(listing) as f:
             wanted = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        missing = [tool for tool in ("ovs-vswitchd", "haproxy", "dnsmasq", "ping", "unshare")
+        missing = [tool for tool in tools + ("ovs-vswitchd", "ping", "unshare")
                    if not shutil.which(tool)]
         if missing or not os.path.exists(os.path.join(BIN, "tempest")) or \
                 not os.path.exists(os.path.join(NEUTRON_VENV, "bin", "gunicorn")):
             skip_or_fail(self, f"the gate needs {missing or ''} Tempest and .venv-neutron "
                                "(tools/test.sh installs them)")
         work = tempfile.mkdtemp(prefix="minivan-gate-")
-        proc = subprocess.Popen([os.path.join(HERE, "tools", "gate.sh"), "ovs",
+        proc = subprocess.Popen([os.path.join(HERE, "tools", "gate.sh"), backend,
                                  "--include-list", listing], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, GATE_WORK=work))
@@ -4185,11 +4185,20 @@ class GateTests(unittest.TestCase):
         totals = {key: int(n) for key, n in re.findall(
             r"^ - (Passed|Skipped|Failed): (\d+)$", output, re.M)}
         ready = re.search(r"^gate: cloud ready after (\d+) s", output, re.M)
-        print(f"\ngate (ML2/OVS): {totals}, cloud ready after "
+        print(f"\ngate ({backend}): {totals}, cloud ready after "
               f"{ready.group(1) if ready else '?'} s")
         self.assertEqual(done.returncode, 0, tail)
         self.assertEqual(totals, {"Passed": len(wanted), "Skipped": 0, "Failed": 0}, tail)
         shutil.rmtree(work, True)
+
+    def test_gate_subset_on_ml2_ovs(self):
+        """ML2/OVS: the Open vSwitch agent with Neutron's DHCP, L3 and metadata agents."""
+        self.run_gate("ovs", ("haproxy", "dnsmasq"))
+
+    def test_gate_subset_on_ml2_ovn(self):
+        """ML2/OVN, devstack's default: OVN's own DHCP and routers, the OVN metadata agent
+        and Neutron's database in MariaDB."""
+        self.run_gate("ovn", ("ovn-northd", "ovn-controller", "mariadbd", "haproxy"))
 
 
 class BenchSmokeTests(unittest.TestCase):
