@@ -27,7 +27,8 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §10 images                              the image source seam: local directory or Glance
     §11 image service                       a Glance v2 subset under /image
     §12 volumes                             the block storage client: Cinder v3, volume disks,
-                                            clean-up calls kept and made again
+                                            LUKS volumes' secrets, clean-up calls kept and made
+                                            again
     §13 networks                            the network service: Neutron ports, or none
     §14 quotas                              defaults, classes, per-project/per-user limits
     §15 views                               the request object, links and pagination
@@ -151,6 +152,9 @@ OPTIONS = [
      "plugged (network-vif-plugged); 0: no wait"),
     ("vif-plugging-is-fatal", "true", "a build whose ports Neutron does not report plugged "
      "in time fails"),
+    ("fixed-key", "", "the one key of encrypted (LUKS) volumes where there is no Barbican, "
+     "in hex: the same as Cinder's, as Nova's [key_manager] fixed_key (default: none; "
+     "encrypted volumes then do not attach)"),
     ("volume-mount-base", "", "where NFS volume shares are mounted, one directory per share "
      "named by the md5 of its export (default: DATA_DIR/mnt); a share already mounted there "
      "is used as it is"),
@@ -393,6 +397,12 @@ def finish_config(conf):
     conf["my_ip"] = conf["my_ip"] or default_ip()
     if not conf["novnc_dir"] and os.path.isdir("/usr/share/novnc"):
         conf["novnc_dir"] = "/usr/share/novnc"
+    if conf["fixed_key"]:
+        try:
+            conf["fixed_key"] = bytes.fromhex(conf["fixed_key"]).hex()
+        except ValueError:
+            raise ConfigError("--fixed-key must be hexadecimal, an even number of "
+                              "digits") from None
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["compute_hosts"] = parse_compute_hosts(conf["compute_hosts"], conf["host"],
                                                 conf["libvirt_uri"])
@@ -1617,6 +1627,7 @@ class LibvirtDriver:
         self.files_shared = None       # shares_files() of a remote host, once asked
         self.owner = None              # qemu_owner(), once asked per connection
         self.injected_down = False     # a failure-injection rule says this host is down
+        self.volume_passphrase = None  # of encrypted volumes (--fixed-key), once set
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1787,6 +1798,7 @@ class LibvirtDriver:
             devices.append("<controller type='scsi' model='virtio-scsi'/>")
         for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
             if vol.get("connection_info") and vol.get("target"):
+                self.volume_secret(vol)
                 devices.append(volume_disk_xml(vol, self.volume_mount_base, self.mount_share))
         if config_drive:
             devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
@@ -2426,12 +2438,34 @@ class LibvirtDriver:
         """Plug a volume's disk into the domain: live and in its definition; the test
         hypervisor, which has no hot-plug, gets it in its definition."""
         dom = self._domain(server)
+        self.volume_secret(vol)
         xml = volume_disk_xml(vol, self.volume_mount_base, self.mount_share)
         if self.simulated:
             self.redefine_config(server)
             return
         self._call("attaching the volume", lambda: dom.attachDeviceFlags(
             xml, self._device_flags(dom)))
+
+    def volume_secret(self, vol, remove=False):
+        """The libvirt secret of an encrypted volume: defined (again) with the passphrase
+        before its disk is used, or removed once it is detached."""
+        if not vol.get("encryption") or self.simulated:
+            return
+        if remove:
+            def undefine():
+                try:
+                    self.conn.secretLookupByUUIDString(volume_secret_uuid(vol)).undefine()
+                except self.libvirt.libvirtError as e:
+                    if e.get_error_code() != self.libvirt.VIR_ERR_NO_SECRET:
+                        raise
+            self._call("removing the volume's secret", undefine)
+            return
+        if not self.volume_passphrase:
+            raise DriverError(f"volume {vol['id']} is encrypted and --fixed-key is not set")
+        secret = self._call("defining the volume's secret", self.conn.secretDefineXML,
+                            volume_secret_xml(vol))
+        self._call("setting the volume's secret", secret.setValue,
+                   self.volume_passphrase.encode())
 
     def detach_volume(self, server, vol):
         """Unplug a volume's disk (a guest that ignores the unplug request is detached
@@ -4347,6 +4381,11 @@ class Cinder:
         return dict(attachment, connection_info=nested_connection_info(
             attachment.get("connection_info") or {}))
 
+    def encryption(self, ident, volume_id):
+        """A volume's encryption metadata (provider, cipher, key_size, encryption_key_id),
+        or {} for a plain one."""
+        return self.call(ident, "GET", f"/volumes/{volume_id}/encryption") or {}
+
     def attachment_get(self, attachment_id):
         attachment = self.call(None, "GET", "/attachments/" + attachment_id)["attachment"]
         return dict(attachment, connection_info=nested_connection_info(
@@ -4610,13 +4649,59 @@ def stat_is_block(path):
 
 
 def volume_disk_xml(vol, mount_base, mount=None):
-    """The <disk> element of an attached volume (its serial is the volume id)."""
+    """The <disk> element of an attached volume (its serial is the volume id); an
+    encrypted one names the libvirt secret QEMU decrypts it with."""
     kind, fmt, source = volume_source(vol["connection_info"], mount_base, mount)
     read_only = "<readonly/>" if (vol["connection_info"].get("data") or {}) \
         .get("access_mode") == "ro" else ""
+    encryption = ""
+    if vol.get("encryption"):
+        encryption = (f"<encryption format='luks'><secret type='passphrase' "
+                      f"uuid='{volume_secret_uuid(vol)}'/></encryption>")
     return (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}' "
             f"cache='none'/>{source}<target dev='{vol['target']}' bus='virtio'/>"
-            f"<serial>{xml_escape(vol['id'])}</serial>{read_only}</disk>")
+            f"<serial>{xml_escape(vol['id'])}</serial>{encryption}{read_only}</disk>")
+
+
+# Encrypted volumes.  Cinder formats a volume of an encryption type with a key from its
+# key manager; without Barbican (devstack's default) that is one fixed key, shared with
+# Nova as [key_manager] fixed_key and with minivan as --fixed-key.  LUKS (v1) volumes are
+# opened by QEMU itself, as Nova's libvirt driver opens them: a libvirt secret per volume
+# holds the passphrase, the key's bytes in lowercase hex, as Nova and Cinder derive it.
+# Other providers (LUKS2, plain dm-crypt) need os-brick's encryptors on the host, which
+# minivan does not have: their attach fails with the reason.
+
+FIXED_KEY_ID = "00000000-0000-0000-0000-000000000000"   # the fixed-key managers' one key
+NATIVE_LUKS_PROVIDERS = ("luks", "LuksEncryptor", "nova.volume.encryptors.luks.LuksEncryptor")
+
+
+def volume_encryption(app, ident, vol):
+    """What an attached volume's record keeps of its encryption ({"format": "luks"}), or
+    None for a plain volume; DriverError for one minivan cannot open."""
+    data = (vol.get("connection_info") or {}).get("data") or {}
+    if not data.get("encrypted"):
+        return None
+    meta = app.volumes.encryption(ident, vol["id"])
+    provider = meta.get("provider")
+    if provider not in NATIVE_LUKS_PROVIDERS:
+        raise DriverError(f"volume {vol['id']} is encrypted by {provider}, which needs a "
+                          "host encryptor; minivan opens LUKS (v1) volumes only")
+    if meta.get("encryption_key_id") != FIXED_KEY_ID:
+        raise DriverError(f"the key of volume {vol['id']} is not the fixed key (minivan "
+                          "has no Barbican client)")
+    if not app.conf["fixed_key"]:
+        raise DriverError(f"volume {vol['id']} is encrypted and --fixed-key is not set")
+    return {"format": "luks"}
+
+
+def volume_secret_uuid(vol):
+    return str(uuid.uuid5(IMAGE_NAMESPACE, "volume-secret:" + vol["id"]))
+
+
+def volume_secret_xml(vol):
+    return (f"<secret ephemeral='no' private='yes'><uuid>{volume_secret_uuid(vol)}</uuid>"
+            f"<usage type='volume'><volume>{xml_escape(vol['id'])}</volume></usage>"
+            "</secret>")
 
 
 def used_targets(server):
@@ -7001,6 +7086,7 @@ class Compute:
             vol["connection_info"] = attachment.get("connection_info") or {}
             volume_source(vol["connection_info"], self.app.conf["volume_mount_base"],
                           self.driver_of(server).mount_share)
+            vol["encryption"] = volume_encryption(self.app, ident, vol)
             self.set_volume(server_id, vol)
 
     def disconnect_volumes(self, server):
@@ -7050,6 +7136,7 @@ class Compute:
                 attachment = cinder.attachment_update(ident, vol["attachment_id"], dict(
                     host_connector(self.app.conf), mountpoint=vol["device"]))
                 vol = dict(vol, connection_info=attachment.get("connection_info") or {})
+                vol["encryption"] = volume_encryption(self.app, ident, vol)
                 self.set_volume(server["id"], vol)
                 current = self.store.data["servers"][server["id"]]
                 self.driver_of(current).attach_volume(current, vol)
@@ -7072,6 +7159,11 @@ class Compute:
             self.set_volume(server["id"], vol)
             self.end_volume_use(server["id"], "roll_detaching", vol["id"])
             raise DriverError(f"detaching volume {vol['id']} failed: {e}") from None
+        try:
+            self.driver_of(current).volume_secret(vol, remove=True)
+        except (DriverError, Unavailable) as e:
+            LOG.warning("server %s: the secret of volume %s stays: %s", server["id"],
+                        vol["id"], e)
         cinder.attachment_delete(None, vol["attachment_id"])
 
     def end_volume_use(self, server_id, kind, volume_id, attachment_id=None):
@@ -7097,6 +7189,7 @@ class Compute:
             attachment = cinder.attachment_update(None, attachment_id, dict(
                 host_connector(self.app.conf), mountpoint=old["device"]))
             new["connection_info"] = attachment.get("connection_info") or {}
+            new["encryption"] = volume_encryption(self.app, None, new)
             self.driver_of(server).swap_volume(server, old, new)
             cinder.attachment_complete(None, attachment_id)
         except (DriverError, Unavailable, VolumeError) as e:
@@ -15328,6 +15421,8 @@ def main(argv=None):
         if conf["vnc_listen"]:
             for (name, uri), driver in zip(conf["compute_hosts"], drivers.values()):
                 driver.graphics_listen = graphics_address(uri)
+        for driver in drivers.values():
+            driver.volume_passphrase = conf["fixed_key"] or None
         store = open_store(conf)
         os.makedirs(conf["instances_dir"], mode=0o711, exist_ok=True)  # QEMU passes through
     except (ConfigError, StateError) as e:

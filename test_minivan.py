@@ -327,6 +327,27 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(done.returncode, 2)
         self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
 
+    def test_fixed_key_is_hex(self):
+        """--fixed-key (Nova's [key_manager] fixed_key) is kept as lowercase hex, the
+        passphrase Nova and Cinder derive from it; anything else is a configuration
+        error.  A LUKS volume's disk then names its own libvirt secret."""
+        conf = minivan.load_config(["--fixed-key", "00FF" * 16], environ={})
+        self.assertEqual(conf["fixed_key"], "00ff" * 16)
+        for bad in ("xyz", "abc"):
+            with self.assertRaises(minivan.ConfigError):
+                minivan.load_config(["--fixed-key", bad], environ={})
+        vol = {"id": "5a5c0b7e-6a52-4bd8-a4d4-0d2d3c3f8d11", "target": "vdb",
+               "encryption": {"format": "luks"},
+               "connection_info": {"driver_volume_type": "local",
+                                   "data": {"device_path": "/dev/null", "encrypted": True}}}
+        xml = minivan.volume_disk_xml(vol, "/tmp")
+        secret = minivan.volume_secret_uuid(vol)
+        self.assertIn(f"<encryption format='luks'><secret type='passphrase' uuid='{secret}'/>"
+                      "</encryption>", xml)
+        self.assertIn(f"<volume>{vol['id']}</volume>", minivan.volume_secret_xml(vol))
+        self.assertNotIn("<encryption", minivan.volume_disk_xml(
+            dict(vol, encryption=None), "/tmp"))
+
     def test_missing_libvirt_says_how_to_install(self):
         """Without libvirt-python, minivan exits with an install hint on one line."""
         with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,9 @@
 #       Appends to DIR/env (sourceable; created if missing, earlier CINDER_*
 #       lines replaced): CINDER_URL, CINDER_NFS_SHARE, CINDER_MOUNT_BASE,
 #       CINDER_MOUNT_POINT, CINDER_EXPORT_DIR.
+#       With CINDER_FIXED_KEY=HEX, encrypted volume types work as devstack has them
+#       without Barbican: Cinder's fixed-key manager holds that one key (the compute
+#       service needs the same one).
 #   tools/cinder.sh stop DIR
 #       Stops cinder-volume, cinder-scheduler, cinder-api, RabbitMQ and epmd
 #       (each by the process group of the pid in its pid file) and unmounts
@@ -107,6 +110,7 @@ token_cache_time = 300
 $(auth_options cinder)
 interface = public
 # we run as root: privsep daemons start without sudo/rootwrap
+$([[ -n ${CINDER_FIXED_KEY:-} ]] && printf '[key_manager]\nbackend = cinder.keymgr.conf_key_mgr.ConfKeyManager\nfixed_key = %s\n' "$CINDER_FIXED_KEY")
 [cinder_sys_admin]
 helper_command = $privsep
 [privsep_osbrick]

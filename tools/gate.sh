@@ -103,9 +103,11 @@ tools/libvirt-up.sh up
 read -r KEYSTONE_PORT COMPUTE_PORT GLANCE_PORT CINDER_PORT NEUTRON_PORT METADATA_PORT VNC_PORT \
     SERIAL_PORT < <(free_ports 8)
 METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+# as devstack without Barbican: Cinder and the compute service share one volume key
+FIXED_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
-tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
+CINDER_FIXED_KEY=$FIXED_KEY tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
 NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
     NEUTRON_METADATA_SECRET=$METADATA_SECRET \
     tools/neutron.sh start "$WORK/neutron" "$NEUTRON_PORT" "$WORK/keystone/env"
@@ -126,7 +128,7 @@ mkdir -p "$WORK/minivan"
     export MINIVAN_LIBVIRT_URI=qemu:///system MINIVAN_VIRT_TYPE=qemu
     export MINIVAN_HOST=$NEUTRON_AGENT_HOST MINIVAN_FORCE_CONFIG_DRIVE=true
     export MINIVAN_METADATA_LISTEN=127.0.0.1:$METADATA_PORT MINIVAN_SERVICE_METADATA_PROXY=true
-    export MINIVAN_METADATA_PROXY_SHARED_SECRET=$METADATA_SECRET
+    export MINIVAN_METADATA_PROXY_SHARED_SECRET=$METADATA_SECRET MINIVAN_FIXED_KEY=$FIXED_KEY
     export MINIVAN_VNC_LISTEN=127.0.0.1:$VNC_PORT MINIVAN_SERIAL_CONSOLE_LISTEN=127.0.0.1:$SERIAL_PORT
     exec "$VENV/bin/python" minivan.py >"$WORK/minivan.log" 2>&1
 ) &
@@ -155,7 +157,7 @@ say "cloud ready after $((SECONDS - T0)) s (image $IMAGE)"
 # --- Tempest
 export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
 export TEMPEST_DYNAMIC_CREDENTIALS=True TEMPEST_CONCURRENCY=${TEMPEST_CONCURRENCY:-2}
-export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID
+export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID TEMPEST_ATTACH_ENCRYPTED=True
 # run_tempest ARGS...: tools/tempest.sh in a process group of its own, which the clean-up
 # stops if this script is stopped first
 run_tempest() {

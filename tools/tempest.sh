@@ -19,7 +19,8 @@
 # project-reader account for read calls; default False), TEMPEST_MIN_COMPUTE_NODES
 # (the compute hosts minivan has; default 1) and TEMPEST_MIGRATION (True: cold and
 # live migration tests run; default False).  TEMPEST_GATE=1 configures the cloud of
-# tools/gate.sh (with TEMPEST_PUBLIC_NETWORK_ID and TEMPEST_IMAGE_FILE).
+# tools/gate.sh (with TEMPEST_PUBLIC_NETWORK_ID and TEMPEST_IMAGE_FILE, and
+# TEMPEST_ATTACH_ENCRYPTED=True where encrypted volumes attach).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -197,6 +198,9 @@ flavor_ref_alt = 84
 [compute-feature-enabled]
 # as devstack: a guest without an agent cannot take a new password
 change_password = False
+# LUKS volumes (Cinder and the compute service share a fixed key, as devstack without
+# Barbican)
+attach_encrypted_volume = ${TEMPEST_ATTACH_ENCRYPTED:-False}
 interface_attach = True
 config_drive = True
 metadata_service = True
