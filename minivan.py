@@ -152,9 +152,6 @@ OPTIONS = [
      "plugged (network-vif-plugged); 0: no wait"),
     ("vif-plugging-is-fatal", "true", "a build whose ports Neutron does not report plugged "
      "in time fails"),
-    ("fixed-key", "", "the one key of encrypted (LUKS) volumes where there is no Barbican, "
-     "in hex: the same as Cinder's, as Nova's [key_manager] fixed_key (default: none; "
-     "encrypted volumes then do not attach)"),
     ("volume-mount-base", "", "where NFS volume shares are mounted, one directory per share "
      "named by the md5 of its export (default: DATA_DIR/mnt); a share already mounted there "
      "is used as it is"),
@@ -245,7 +242,11 @@ SECRET_OPTIONS = [("keystone-password", "", "service user's password "
                    "(only from MINIVAN_KEYSTONE_PASSWORD or --config)"),
                   ("metadata-proxy-shared-secret", "", "the secret Neutron's metadata agent "
                    "signs instance ids with (only from MINIVAN_METADATA_PROXY_SHARED_SECRET "
-                   "or --config)")]
+                   "or --config)"),
+                  ("fixed-key", "", "the one key of encrypted (LUKS) volumes where there is "
+                   "no Barbican, in hex: the same as Cinder's, as Nova's [key_manager] "
+                   "fixed_key (only from MINIVAN_FIXED_KEY or --config; default: none, "
+                   "encrypted volumes then do not attach)")]
 BOOL_TRUE = {"1", "true", "yes", "on"}
 
 
@@ -1627,7 +1628,7 @@ class LibvirtDriver:
         self.files_shared = None       # shares_files() of a remote host, once asked
         self.owner = None              # qemu_owner(), once asked per connection
         self.injected_down = False     # a failure-injection rule says this host is down
-        self.volume_passphrase = None  # of encrypted volumes (--fixed-key), once set
+        self.volume_passphrase = None  # of encrypted volumes (the fixed key), once set
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1886,6 +1887,8 @@ class LibvirtDriver:
             except self.libvirt.libvirtError:
                 dom.undefine()
         self._call("deleting the domain", remove)
+        for vol in server.get("volumes", []):      # defined again with the next domain
+            self.volume_secret(vol, remove=True)
 
     def live_migrate(self, server, dest, disks, config_drive=None, block=False):
         """Move the running domain to dest's libvirt (a live migration minivan drives over
@@ -1905,12 +1908,17 @@ class LibvirtDriver:
         if dest.conn is None:
             raise Unavailable("the destination host's libvirt is unreachable")
         params = {}
+        for vol in server.get("volumes", []):
+            if vol.get("connection_info"):
+                dest.volume_secret(vol)       # the destination's QEMU opens LUKS volumes
         if block:
             # QEMU copies the disks' own layers into empty overlays made there beforehand
             flags |= lv.VIR_MIGRATE_NON_SHARED_INC
             dest.prepare_disks_for_migration(disks, config_drive)
             params[lv.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [target for _, target, _ in disks]
         self._call("migrating the domain", dom.migrate3, dest.conn, params, flags)
+        for vol in server.get("volumes", []):
+            self.volume_secret(vol, remove=True)
 
     def prepare_disks_for_migration(self, disks, config_drive):
         """Empty overlays on the same base images (and the config drive) on this host,
@@ -2461,9 +2469,9 @@ class LibvirtDriver:
             self._call("removing the volume's secret", undefine)
             return
         if not self.volume_passphrase:
-            raise DriverError(f"volume {vol['id']} is encrypted and --fixed-key is not set")
-        secret = self._call("defining the volume's secret", self.conn.secretDefineXML,
-                            volume_secret_xml(vol))
+            raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set (MINIVAN_FIXED_KEY)")
+        secret = self._call("defining the volume's secret",
+                            lambda: self.conn.secretDefineXML(volume_secret_xml(vol)))
         self._call("setting the volume's secret", secret.setValue,
                    self.volume_passphrase.encode())
 
@@ -4672,7 +4680,8 @@ def volume_disk_xml(vol, mount_base, mount=None):
 # minivan does not have: their attach fails with the reason.
 
 FIXED_KEY_ID = "00000000-0000-0000-0000-000000000000"   # the fixed-key managers' one key
-NATIVE_LUKS_PROVIDERS = ("luks", "LuksEncryptor", "nova.volume.encryptors.luks.LuksEncryptor")
+NATIVE_LUKS_PROVIDERS = ("luks", "LuksEncryptor", "nova.volume.encryptors.luks.LuksEncryptor",
+                         "os_brick.encryptors.luks.LuksEncryptor")
 
 
 def volume_encryption(app, ident, vol):
@@ -4690,7 +4699,7 @@ def volume_encryption(app, ident, vol):
         raise DriverError(f"the key of volume {vol['id']} is not the fixed key (minivan "
                           "has no Barbican client)")
     if not app.conf["fixed_key"]:
-        raise DriverError(f"volume {vol['id']} is encrypted and --fixed-key is not set")
+        raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set (MINIVAN_FIXED_KEY)")
     return {"format": "luks"}
 
 
@@ -7738,7 +7747,9 @@ class Compute:
     def rebuild(self, server, was_active, admin_pass):
         """New root disk from the (new) image, same domain identity."""
         server_id = server["id"]
-        self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        if self.driver_of(server).exists(server):     # an ERROR server may have none
+            self.driver_of(server).power_off(server,
+                                             timeout=self.app.conf["shutdown_timeout"])
         self.update(server_id, task_state="rebuild_block_device_mapping")
         self.driver_of(server).destroy(server)
         directory = self.instance_dir(server)
@@ -9563,8 +9574,8 @@ def server_action_resize(req):
         raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
     new = {k: flavor[k] for k in server["flavor"]}
     extra = check_resize_quota(req, server, new)
-    if "OS-DCF:diskConfig" in body["resize"]:
-        extra["disk_config"] = body["resize"]["OS-DCF:diskConfig"]
+    # as Nova: the one given, else MANUAL (auto_disk_config = given or False)
+    extra["disk_config"] = body["resize"].get("OS-DCF:diskConfig", "MANUAL")
     compute = req.app.compute
     was_active = server["vm_state"] == "active"
     if server["vm_state"] in ("active", "stopped") and server.get("host"):
@@ -11733,6 +11744,17 @@ def parse_rule_port(value, name):
     return port
 
 
+def nova_rule_key(rule):
+    """(group, cidr, from, to, protocol) of a Neutron rule as Nova reads it to find a
+    duplicate: no prefix is 0.0.0.0/0, a protocol without ports covers them all."""
+    proto = rule.get("protocol")
+    low, high = rule.get("port_range_min"), rule.get("port_range_max")
+    if proto and low is None and high is None:
+        low, high = (1, 65535) if proto.upper() in ("TCP", "UDP") else (-1, -1)
+    return (rule.get("remote_group_id"), rule.get("remote_ip_prefix") or "0.0.0.0/0", low,
+            high, proto)
+
+
 def rule_cidr(value):
     """A rule's cidr as Nova takes it: kept as given (URL-unquoted), '0.0.0.0/0' when
     absent; an address without a prefix, or a non-zero network with prefix 0, is 400."""
@@ -11745,7 +11767,7 @@ def rule_cidr(value):
         net = None
     if net is None or "/" not in text or not text.split("/", 1)[1]:
         raise BadRequest(f"Invalid cidr {text}.")
-    if net.prefixlen == 0 and text.split("/", 1)[0] not in ("0.0.0.0", "::"):
+    if net.prefixlen == 0 and not ipaddress.ip_interface(text).ip.is_unspecified:
         raise BadRequest(f"Bad prefix for network in cidr {text}")
     return text
 
@@ -11785,12 +11807,12 @@ def security_group_rules_create(req):
         if protocol in ("tcp", "udp") or protocol == "icmp" and low not in (None, -1):
             body["port_range_min"] = low
             body["port_range_max"] = None if protocol == "icmp" and high == -1 else high
-        same = ("protocol", "remote_ip_prefix", "remote_group_id", "port_range_min",
-                "port_range_max")
-        for other in group.get("security_group_rules") or []:
-            if other.get("direction") == "ingress" and all(
-                    other.get(k) == body.get(k) for k in same):
-                raise BadRequest(f"This rule already exists in group {group['id']}")
+        # Nova's duplicate check, on its reading of the group's rules (a cidr rule only:
+        # a group rule never matches there, and Neutron's 409 for it becomes 403)
+        new = (None, cidr, low, high, protocol)
+        if source is None and any(nova_rule_key(other) == new
+                                  for other in group.get("security_group_rules") or []):
+            raise BadRequest(f"This rule already exists in group {group['id']}")
         try:
             rule = neutron.call("POST", "/security-group-rules",
                                 {"security_group_rule": body})["security_group_rule"]

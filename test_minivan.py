@@ -331,11 +331,14 @@ class ConfigTests(unittest.TestCase):
         """--fixed-key (Nova's [key_manager] fixed_key) is kept as lowercase hex, the
         passphrase Nova and Cinder derive from it; anything else is a configuration
         error.  A LUKS volume's disk then names its own libvirt secret."""
-        conf = minivan.load_config(["--fixed-key", "00FF" * 16], environ={})
+        conf = minivan.load_config([], environ={"MINIVAN_FIXED_KEY": "00FF" * 16})
         self.assertEqual(conf["fixed_key"], "00ff" * 16)
         for bad in ("xyz", "abc"):
             with self.assertRaises(minivan.ConfigError):
-                minivan.load_config(["--fixed-key", bad], environ={})
+                minivan.load_config([], environ={"MINIVAN_FIXED_KEY": bad})
+        with self.assertRaises(SystemExit):     # a secret: never on the command line
+            with contextlib.redirect_stderr(io.StringIO()):
+                minivan.load_config(["--fixed-key", "00" * 32], environ={})
         vol = {"id": "5a5c0b7e-6a52-4bd8-a4d4-0d2d3c3f8d11", "target": "vdb",
                "encryption": {"format": "luks"},
                "connection_info": {"driver_volume_type": "local",

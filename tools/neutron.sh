@@ -303,6 +303,7 @@ start_mariadb() {
         { echo "neutron: no PyMySQL in $NV; run tools/setup-venvs.sh" >&2; exit 1; }
     if [[ ! -d $dir/mariadb/data ]]; then
         mkdir -p "$dir/mariadb"
+        chmod 0700 "$dir/mariadb"     # root without a password, on this socket alone
         mariadb-install-db --no-defaults --datadir="$dir/mariadb/data" --user=root \
             --auth-root-authentication-method=normal --skip-test-db >>"$dir/db.log" 2>&1 ||
             { echo "neutron: mariadb-install-db failed, see $dir/db.log" >&2; exit 1; }
