@@ -2469,7 +2469,8 @@ class LibvirtDriver:
             self._call("removing the volume's secret", undefine)
             return
         if not self.volume_passphrase:
-            raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set (MINIVAN_FIXED_KEY)")
+            raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set "
+                              "(MINIVAN_FIXED_KEY)")
         secret = self._call("defining the volume's secret",
                             lambda: self.conn.secretDefineXML(volume_secret_xml(vol)))
         self._call("setting the volume's secret", secret.setValue,
@@ -4615,6 +4616,8 @@ def volume_source(connection_info, mount_base, mount=None):
             raise DriverError(f"{kind} connection info lacks export or name")
         point = ensure_nfs_mounted(mount_base, export, data.get("options"), mount)
         path = os.path.join(point, os.path.basename(data["name"]))
+        if data.get("encrypted"):
+            fmt = encrypted_file_format(path, fmt)
         return "file", fmt, f"<source file='{xml_escape(path)}'/>"
     if kind in ("local", "file"):
         path = data.get("device_path") or data.get("path")
@@ -4652,6 +4655,21 @@ def volume_source(connection_info, mount_base, mount=None):
     raise DriverError(f"volumes of type {kind or '(none)'} cannot be attached by minivan")
 
 
+def encrypted_file_format(path, fmt):
+    """Cinder's NFS driver writes an encrypted volume as a qcow2 image with QEMU's LUKS
+    inside, yet reports the format it was asked for (raw); the file's header tells.  (A
+    guest cannot forge it: the header lies outside what QEMU decrypts for the guest.)
+    Only a qcow2 without a backing file is taken."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return fmt              # not readable from here: the host that opens it decides
+    if len(head) == 16 and head[:4] == b"QFI\xfb" and not int.from_bytes(head[8:16], "big"):
+        return "qcow2"
+    return fmt
+
+
 def stat_is_block(path):
     return stat.S_ISBLK(os.stat(path).st_mode)
 
@@ -4676,8 +4694,10 @@ def volume_disk_xml(vol, mount_base, mount=None):
 # Nova as [key_manager] fixed_key and with minivan as --fixed-key.  LUKS (v1) volumes are
 # opened by QEMU itself, as Nova's libvirt driver opens them: a libvirt secret per volume
 # holds the passphrase, the key's bytes in lowercase hex, as Nova and Cinder derive it.
-# Other providers (LUKS2, plain dm-crypt) need os-brick's encryptors on the host, which
-# minivan does not have: their attach fails with the reason.
+# Other providers (LUKS2, plain dm-crypt) on raw volumes need os-brick's encryptors on the
+# host, which minivan does not have: their attach fails with the reason.  (Cinder's NFS
+# driver writes every encrypted volume as a qcow2 image with QEMU's LUKS inside, which
+# QEMU opens whatever the provider.)
 
 FIXED_KEY_ID = "00000000-0000-0000-0000-000000000000"   # the fixed-key managers' one key
 NATIVE_LUKS_PROVIDERS = ("luks", "LuksEncryptor", "nova.volume.encryptors.luks.LuksEncryptor",
@@ -4692,14 +4712,17 @@ def volume_encryption(app, ident, vol):
         return None
     meta = app.volumes.encryption(ident, vol["id"])
     provider = meta.get("provider")
-    if provider not in NATIVE_LUKS_PROVIDERS:
+    # a qcow2 volume (Cinder's NFS driver) carries QEMU's own LUKS encryption whatever
+    # the type's provider says; a raw one is QEMU's to open only as LUKS v1
+    if provider not in NATIVE_LUKS_PROVIDERS and data.get("format") != "qcow2":
         raise DriverError(f"volume {vol['id']} is encrypted by {provider}, which needs a "
                           "host encryptor; minivan opens LUKS (v1) volumes only")
     if meta.get("encryption_key_id") != FIXED_KEY_ID:
         raise DriverError(f"the key of volume {vol['id']} is not the fixed key (minivan "
                           "has no Barbican client)")
     if not app.conf["fixed_key"]:
-        raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set (MINIVAN_FIXED_KEY)")
+        raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set "
+                          "(MINIVAN_FIXED_KEY)")
     return {"format": "luks"}
 
 

@@ -8773,6 +8773,29 @@ class VolumeConnectionTests(unittest.TestCase):
         self.assertFalse(minivan.is_mount_point(tmp))
         self.assertIn(f"<source file='{point}/volume-v1'/>", xml)
         self.assertIn("<target dev='vdb' bus='virtio'/><serial>v1</serial>", xml)
+        # an encrypted NFS volume: Cinder's NFS driver writes a qcow2 with QEMU's LUKS
+        # inside but says raw; the header decides, a qcow2 with a backing file does not
+        path = os.path.join(point, "volume-v1")
+        encrypted = dict(vol, encryption={"format": "luks"}, connection_info=dict(
+            vol["connection_info"], data=dict(vol["connection_info"]["data"], encrypted=True)))
+        for make, fmt in (([], "raw"), (["-f", "qcow2"], "qcow2"),
+                          (["-f", "qcow2", "-b", "/etc/hostname", "-F", "raw"], "raw")):
+            if os.path.exists(path):
+                os.unlink(path)
+            if make:
+                subprocess.run(["qemu-img", "create", *make, path, "1M"], check=True,
+                               capture_output=True)
+            else:
+                with open(path, "wb") as f:
+                    f.write(b"LUKS\xba\xbe" + bytes(1018))
+            minivan.is_mount_point = lambda p: p == point or real(p)
+            try:
+                xml = minivan.volume_disk_xml(encrypted, tmp)
+            finally:
+                minivan.is_mount_point = real
+            self.assertIn(f"<driver name='qemu' type='{fmt}'", xml, make)
+            self.assertIn("<encryption format='luks'>", xml)
+        os.unlink(path)
         local = dict(vol, connection_info={"driver_volume_type": "local",
                                            "data": {"device_path": "/dev/null"}})
         # (Nova's LibvirtVolumeDriver: a local device_path is a block source)

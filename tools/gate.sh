@@ -106,7 +106,7 @@ METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 # as devstack without Barbican: Cinder and the compute service share one volume key
 FIXED_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
-tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
+GLANCE_METADEFS=1 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
 CINDER_FIXED_KEY=$FIXED_KEY tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
 NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
     NEUTRON_METADATA_SECRET=$METADATA_SECRET \
@@ -158,6 +158,9 @@ say "cloud ready after $((SECONDS - T0)) s (image $IMAGE)"
 export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
 export TEMPEST_DYNAMIC_CREDENTIALS=True TEMPEST_CONCURRENCY=${TEMPEST_CONCURRENCY:-2}
 export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID TEMPEST_ATTACH_ENCRYPTED=True
+TEMPEST_NETWORK_EXTENSIONS=$("${OPENSTACK[@]}" extension list --network -c Alias -f value |
+    paste -sd, -)
+export TEMPEST_NETWORK_EXTENSIONS
 # run_tempest ARGS...: tools/tempest.sh in a process group of its own, which the clean-up
 # stops if this script is stopped first
 run_tempest() {

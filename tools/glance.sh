@@ -12,7 +12,8 @@
 #       "service", and an "image" service "glance" with public/internal/admin
 #       endpoints http://127.0.0.1:PORT in RegionOne.  Returns once glance
 #       answers.  Appends to DIR/env (sourceable; created if missing, earlier
-#       GLANCE_* lines replaced): GLANCE_URL, GLANCE_IMAGES_DIR.
+#       GLANCE_* lines replaced): GLANCE_URL, GLANCE_IMAGES_DIR.  With GLANCE_METADEFS=1
+#       it also loads Glance's metadata definitions, as devstack does.
 #   tools/glance.sh stop DIR
 #       Stops the gunicorn master in DIR/glance.pid and its workers.
 # Re-running start on a stopped DIR keeps its database and images.
@@ -155,6 +156,12 @@ start() {
     "$GL_VENV/bin/glance-manage" --config-file "$dir/glance-api.conf" db_sync \
         >>"$dir/glance-manage.log" 2>&1 ||
         { echo "glance: glance-manage db_sync failed, see $dir/glance-manage.log" >&2; exit 1; }
+    if [[ ${GLANCE_METADEFS:-0} == 1 ]]; then
+        # the metadata definitions devstack loads (namespaces, resource types)
+        "$GL_VENV/bin/glance-manage" --config-file "$dir/glance-api.conf" db_load_metadefs \
+            "$GL_VENV/etc/glance/metadefs" >>"$dir/glance-manage.log" 2>&1 ||
+            { echo "glance: loading the metadefs failed, see $dir/glance-manage.log" >&2; exit 1; }
+    fi
     echo "glance: database ready after $((SECONDS - t0))s"
 
     # Sync workers: an upload or download occupies one for its whole length.

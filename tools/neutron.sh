@@ -341,7 +341,10 @@ start_ovs() {  # start_ovs DIR
     # still to be filled in (a guest's TCP checksum offload) instead of passing them on
     # with a partial checksum, which the receiver drops
     ovs-vsctl --timeout=2 --no-wait set Open_vSwitch . other_config:userspace-tso-enable=true
-    spawn "$dir" ovs-vswitchd ovs-vswitchd "unix:$OVS_RUN/db.sock" \
+    # --monitor: a monitor process starts the switch again if it crashes, as Open
+    # vSwitch's own ovs-ctl runs it (3.1's userspace connection tracker can trip an
+    # assertion under NAT; the switch then comes back with its ports and flows)
+    spawn "$dir" ovs-vswitchd ovs-vswitchd "unix:$OVS_RUN/db.sock" --monitor \
         --pidfile="$dir/ovs/ovs-vswitchd.pid" --unixctl="$dir/ovs/ovs-vswitchd.ctl"
     ovs-vsctl --timeout=30 -- --may-exist add-br br-int -- set bridge br-int datapath_type=netdev \
         -- --may-exist add-br br-phys -- set bridge br-phys datapath_type=netdev

@@ -8,13 +8,16 @@
 RABBIT_BIN=/usr/lib/rabbitmq/bin/rabbitmq-server
 
 # ours DIR NAME: prints the pid in DIR/NAME.pid if that process is still one we
-# started: every process here runs with DIR as its working directory (a stale
-# pid may have been reused; cmdlines are rewritten by setproctitle).
+# started: every process here runs with DIR (or, like MariaDB's, a directory below it)
+# as its working directory (a stale pid may have been reused; cmdlines are rewritten by
+# setproctitle).
 ours() {
-    local pid
+    local pid cwd
     [[ -f $1/$2.pid ]] || return 1
     pid=$(cat "$1/$2.pid")
-    [[ $pid =~ ^[0-9]+$ && $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$1" ]] || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    cwd=$(readlink "/proc/$pid/cwd" 2>/dev/null) || return 1
+    [[ $cwd == "$1" || $cwd == "$1"/* ]] || return 1
     echo "$pid"
 }
 
@@ -29,9 +32,16 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 # spawn DIR NAME CMD...: runs CMD in the background, in DIR, in a session (and
 # process group) of its own, output to DIR/NAME.log; its pid to DIR/NAME.pid.
 spawn() {
-    local dir=$1 name=$2; shift 2
+    local dir=$1 name=$2 pid i; shift 2
     (cd "$dir" && exec setsid "$@" >>"$dir/$name.log" 2>&1 </dev/null) &
-    echo $! > "$dir/$name.pid"
+    pid=$!
+    echo "$pid" > "$dir/$name.pid"
+    # returns once it runs in DIR (what ours() checks) or has ended: a check right after
+    # would otherwise find it still in the caller's directory and call it dead
+    for i in $(seq 250); do
+        ours "$dir" "$name" >/dev/null || [[ ! -d /proc/$pid ]] && break
+        sleep 0.02
+    done
 }
 
 # alive DIR NAME: fails, with the tail of its log, if NAME has died.

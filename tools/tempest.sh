@@ -181,6 +181,8 @@ floating_network_name = public
 
 [network-feature-enabled]
 port_security = True
+# as devstack: the extensions this Neutron has, so that tests of others skip
+api_extensions = ${TEMPEST_NETWORK_EXTENSIONS:-all}
 
 [validation]
 run_validation = True
