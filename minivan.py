@@ -8015,7 +8015,8 @@ def config_drive_files(app, server, admin_pass):
             "launch_index": server.get("launch_index", 0),
             "availability_zone": server["availability_zone"],
             "project_id": server["project_id"], "meta": dict(server["metadata"]),
-            "devices": device_metadata(app, server), "random_seed": base64.b64encode(os.urandom(512)).decode()}
+            "devices": device_metadata(app, server),
+            "random_seed": base64.b64encode(os.urandom(512)).decode()}
     if server.get("key_name") and server.get("key_data"):
         meta["public_keys"] = {server["key_name"]: server["key_data"]}
         meta["keys"] = [{"name": server["key_name"], "type": "ssh", "data": server["key_data"]}]
