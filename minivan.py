@@ -2226,14 +2226,14 @@ class LibvirtDriver:
             start = time.monotonic()
             deadline, resend = start + timeout, start
             while time.monotonic() < deadline:
-                if not self._call("reading the domain state", dom.isActive):
-                    return
                 if time.monotonic() >= resend:
                     try:
                         self._call("shutting the guest down", dom.shutdown)
                     except DriverError:
                         pass
                     resend += SHUTDOWN_RETRY_INTERVAL
+                if not self._call("reading the domain state", dom.isActive):
+                    return
                 time.sleep(0.2)
         if self._call("reading the domain state", dom.isActive):
             self._call("stopping the domain", dom.destroy)
@@ -8594,7 +8594,10 @@ def plan_volumes(req, spec, count):
         if source != "blank" and not ref:
             raise BadRequest("Block Device Mapping is Invalid: Missing device UUID.")
         if source == "volume":
-            entry["id"] = check_boot_volume(req, cinder, ref, count, boot_index == 0)
+            # (as Nova: the volume's bootable flag matters where it, not imageRef, says
+            # how the server boots)
+            entry["id"] = check_boot_volume(req, cinder, ref, count,
+                                            boot_index == 0 and not spec.get("imageRef"))
         elif source == "snapshot":
             snap = cinder.get_snapshot(req.ident, ref)
             if snap is None:
@@ -10467,8 +10470,7 @@ def attach_port(req, server, network, fixed=None, tag=None):
     try:
         driver.define_filter(server, server_filter_xml(server, req.store.data))
         driver.attach_interface(server, port)
-    except DriverError as e:
-        record_done_action(req, server["id"], "attach_interface", started, str(e))
+    except DriverError:
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     req.app.compute.change_ports(server["id"], lambda ports: ports + [port])
     if not server.get("security_groups"):
@@ -10477,12 +10479,13 @@ def attach_port(req, server, network, fixed=None, tag=None):
     return port
 
 
-def record_done_action(req, server_id, action, started, error=None):
-    """An instance action done within its request, with its compute_<action> event (what
-    Tempest's waiters look for): Success, or Error with the reason."""
+def record_done_action(req, server_id, action, started):
+    """An instance action done within its request, with its successful compute_<action>
+    event (what Tempest's waiters look for).  A refused one (409) leaves no record: a
+    rejected request changes nothing."""
     compute = req.app.compute
     rid = compute.record_action(req, server_id, action)
-    compute.finish_event(server_id, rid, "compute_" + action, started, error=error)
+    compute.finish_event(server_id, rid, "compute_" + action, started)
 
 
 def attach_neutron_port(req, spec):
@@ -10510,9 +10513,8 @@ def attach_neutron_port(req, spec):
     port = compute.make_port(server, requests[0])
     try:
         compute.driver_of(server).attach_interface(server, port)
-    except DriverError as e:
+    except DriverError:
         compute.release_ports({"id": server["id"], "ports": [port]})
-        record_done_action(req, server["id"], "attach_interface", started, str(e))
         raise Conflict(f"Failed to attach network adapter device to {server['id']}") from None
     compute.change_ports(server["id"], lambda ports: ports + [port])
     record_done_action(req, server["id"], "attach_interface", started)
@@ -10531,8 +10533,7 @@ def detach_port(req, server, port):
     started = req.app.compute.now()
     try:
         req.app.compute.driver_of(server).detach_interface(server, port)
-    except DriverError as e:
-        record_done_action(req, server["id"], "detach_interface", started, str(e))
+    except DriverError:
         raise Conflict(f"Failed to detach network adapter device from {server['id']}") \
             from None
     req.app.compute.change_ports(server["id"], lambda ports: [p for p in ports
