@@ -402,8 +402,8 @@ def finish_config(conf):
         try:
             conf["fixed_key"] = bytes.fromhex(conf["fixed_key"]).hex()
         except ValueError:
-            raise ConfigError("--fixed-key must be hexadecimal, an even number of "
-                              "digits") from None
+            raise ConfigError("fixed-key (MINIVAN_FIXED_KEY) must be hexadecimal, an even "
+                              "number of digits") from None
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["compute_hosts"] = parse_compute_hosts(conf["compute_hosts"], conf["host"],
                                                 conf["libvirt_uri"])
@@ -4691,7 +4691,7 @@ def volume_disk_xml(vol, mount_base, mount=None):
 
 # Encrypted volumes.  Cinder formats a volume of an encryption type with a key from its
 # key manager; without Barbican (devstack's default) that is one fixed key, shared with
-# Nova as [key_manager] fixed_key and with minivan as --fixed-key.  LUKS (v1) volumes are
+# Nova as [key_manager] fixed_key and with minivan as MINIVAN_FIXED_KEY.  LUKS (v1) volumes are
 # opened by QEMU itself, as Nova's libvirt driver opens them: a libvirt secret per volume
 # holds the passphrase, the key's bytes in lowercase hex, as Nova and Cinder derive it.
 # Other providers (LUKS2, plain dm-crypt) on raw volumes need os-brick's encryptors on the
@@ -4811,18 +4811,17 @@ class Neutron:
         for query in (f"project_id={urllib.parse.quote(project_id)}", "shared=true"):
             for net in self.call("GET", "/networks?" + query)["networks"]:
                 found.setdefault(net["id"], net)
-        return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
+        return by_creation(found.values())
 
     def visible_networks(self, project_id, is_admin):
         """The networks Neutron shows a caller: every one to an admin; to others their
         own, the shared and the external ones (which every project may see)."""
         if is_admin:
-            nets = self.call("GET", "/networks")["networks"]
-            return sorted(nets, key=lambda n: (n.get("created_at") or "", n["id"]))
+            return by_creation(self.call("GET", "/networks")["networks"])
         found = {n["id"]: n for n in self.networks(project_id)}
         for net in self.call("GET", "/networks?router%3Aexternal=true")["networks"]:
             found.setdefault(net["id"], net)
-        return sorted(found.values(), key=lambda n: (n.get("created_at") or "", n["id"]))
+        return by_creation(found.values())
 
     def find_security_groups(self, project_id, wanted, missing=BadRequest):
         """A project's security groups, each found by name or else by id, as Nova finds
@@ -4897,6 +4896,11 @@ def neutron_message(raw, status):
     except (ValueError, TypeError, AttributeError):
         pass
     return f"Neutron answered {status}"
+
+
+def by_creation(networks):
+    """Neutron networks oldest first (their ids break ties)."""
+    return sorted(networks, key=lambda n: (n.get("created_at") or "", n["id"]))
 
 
 def neutron_port_record(port, network_name, created, tag=None):
@@ -11878,10 +11882,11 @@ def security_group_rules_delete(req):
     neutron = req.app.network
     if neutron is not None:
         rule = neutron.security_group_rule(rule_id)
-        group = neutron.security_group(rule["security_group_id"]) if rule else None
-        if rule is None or req.ident.project_id not in (
-                rule["project_id"], (group or {}).get("project_id")) and \
-                not req.ident.is_admin:
+        # the caller's own rule, or one in the caller's group (its owner asked only then)
+        if rule is None or rule["project_id"] != req.ident.project_id and \
+                not req.ident.is_admin and (neutron.security_group(
+                    rule["security_group_id"]) or {}).get("project_id") != \
+                req.ident.project_id:
             raise NotFound(f"Security group rule {rule_id} not found.")
         try:
             neutron.call("DELETE", f"/security-group-rules/{rule_id}")

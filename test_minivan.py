@@ -328,7 +328,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
 
     def test_fixed_key_is_hex(self):
-        """--fixed-key (Nova's [key_manager] fixed_key) is kept as lowercase hex, the
+        """fixed-key (Nova's [key_manager] fixed_key) is kept as lowercase hex, the
         passphrase Nova and Cinder derive from it; anything else is a configuration
         error.  A LUKS volume's disk then names its own libvirt secret."""
         conf = minivan.load_config([], environ={"MINIVAN_FIXED_KEY": "00FF" * 16})

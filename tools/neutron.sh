@@ -74,6 +74,14 @@ source "$REPO/tools/service-lib.sh"
 
 usage() { echo "usage: $0 start DIR PORT KEYSTONE_ENV_FILE | stop DIR" >&2; exit 2; }
 
+# metadata_relay_options: where either metadata agent relays guests' requests (the compute
+# service's metadata API at NEUTRON_NOVA_METADATA) and the secret it signs them with
+metadata_relay_options() {
+    local metadata=${NEUTRON_NOVA_METADATA:-127.0.0.1:8775}
+    printf '%s\n' "nova_metadata_host = ${metadata%:*}" "nova_metadata_port = ${metadata##*:}" \
+        "metadata_proxy_shared_secret = ${NEUTRON_METADATA_SECRET:-}" "metadata_workers = 1"
+}
+
 write_config() {  # write_config DIR PORT AMQP_PORT
     local dir=$1 port=$2 amqp=$3 section
     cat > "$dir/neutron.conf" <<EOF
@@ -153,13 +161,9 @@ EOF
 interface_driver = openvswitch
 ovs_use_veth = ${NEUTRON_OVS_USE_VETH:-False}
 EOF
-    local metadata=${NEUTRON_NOVA_METADATA:-127.0.0.1:8775}
     cat > "$dir/metadata_agent.ini" <<EOF
 [DEFAULT]
-nova_metadata_host = ${metadata%:*}
-nova_metadata_port = ${metadata##*:}
-metadata_proxy_shared_secret = ${NEUTRON_METADATA_SECRET:-}
-metadata_workers = 1
+$(metadata_relay_options)
 EOF
     cp "$NV/etc/neutron/api-paste.ini" "$dir/api-paste.ini"
     write_sqlite_fix "$dir/neutron_sqlite.py"
@@ -204,7 +208,7 @@ EOF
 # (NAT in Open vSwitch), security groups as OVN ACLs, and the OVN metadata agent (haproxy
 # in an ovnmeta-<network> namespace per network, reached through OVN's DHCP route)
 write_ovn_config() {  # write_ovn_config DIR
-    local dir=$1 metadata=${NEUTRON_NOVA_METADATA:-127.0.0.1:8775}
+    local dir=$1
     cat > "$dir/ml2.ini" <<EOF
 [ml2]
 type_drivers = flat,geneve
@@ -229,10 +233,7 @@ enable_security_group = true
 EOF
     cat > "$dir/ovn_metadata_agent.ini" <<EOF
 [DEFAULT]
-nova_metadata_host = ${metadata%:*}
-nova_metadata_port = ${metadata##*:}
-metadata_proxy_shared_secret = ${NEUTRON_METADATA_SECRET:-}
-metadata_workers = 1
+$(metadata_relay_options)
 [ovs]
 ovsdb_connection = unix:$OVS_RUN/db.sock
 [ovn]
