@@ -22,39 +22,41 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §5  microversions                       negotiation and comparison
     §6  request validation                  a small JSON-schema subset with Nova's messages
     §7  identity and policy                 noauth, Keystone tokens and catalog, policy personas
-    §8  hypervisor driver                   libvirt (imported lazily), disks
-    §9  image inspection                    formats, safety checks, the image cache by content
-    §10 images                              the image source seam: local directory or Glance
-    §11 image service                       a Glance v2 subset under /image
-    §12 volumes                             the block storage client: Cinder v3, volume disks,
+    §8  guest shape                         flavor extra specs and image properties made into
+                                            devices, firmware, CPU and limits, as Nova reads them
+    §9  hypervisor driver                   libvirt (imported lazily), disks
+    §10 image inspection                    formats, safety checks, the image cache by content
+    §11 images                              the image source seam: local directory or Glance
+    §12 image service                       a Glance v2 subset under /image
+    §13 volumes                             the block storage client: Cinder v3, volume disks,
                                             LUKS volumes' secrets, clean-up calls kept and made
                                             again
-    §13 networks                            the network service: Neutron ports, or none
-    §14 quotas                              defaults, classes, per-project/per-user limits
-    §15 views                               the request object, links and pagination
-    §16 API: versions and extensions
-    §17 API: flavors, extra specs, flavor access
-    §18 API: keypairs
-    §19 API: limits, quota sets, quota classes
-    §20 API: availability zones
-    §21 servers: states, lookups, views
-    §22 servers: the compute engine         background operations, reconciliation, power sync
-    §23 config drive                        its files, and an ISO 9660 writer
-    §24 API: servers                        create, list, show, update, delete, actions...
-    §25 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §26 API: networks and security groups   the proxy APIs, up to 2.35
-    §27 API: volumes and events             os-volumes/os-snapshots proxies, external events
-    §28 API: server groups
-    §29 API: services and hypervisors       and the scheduler: filters and weighers
-    §30 API: simple tenant usage
-    §31 API: aggregates                     host aggregates; their zones become the host's
-    §32 API: migrations                     every move between hosts is a migration record
-    §33 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §34 failure injection                   rules that make builds, actions and hosts fail
-    §35 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §36 HTTP front end                      app, server, handler, TLS, CORS
-    §37 systemd and signals                 sd_notify, watchdog, background loops
-    §38 main
+    §14 networks                            the network service: Neutron ports, or none
+    §15 quotas                              defaults, classes, per-project/per-user limits
+    §16 views                               the request object, links and pagination
+    §17 API: versions and extensions
+    §18 API: flavors, extra specs, flavor access
+    §19 API: keypairs
+    §20 API: limits, quota sets, quota classes
+    §21 API: availability zones
+    §22 servers: states, lookups, views
+    §23 servers: the compute engine         background operations, reconciliation, power sync
+    §24 config drive                        its files, and an ISO 9660 writer
+    §25 API: servers                        create, list, show, update, delete, actions...
+    §26 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §27 API: networks and security groups   the proxy APIs, up to 2.35
+    §28 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §29 API: server groups
+    §30 API: services and hypervisors       and the scheduler: filters and weighers
+    §31 API: simple tenant usage
+    §32 API: aggregates                     host aggregates; their zones become the host's
+    §33 API: migrations                     every move between hosts is a migration record
+    §34 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §35 failure injection                   rules that make builds, actions and hosts fail
+    §36 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §37 HTTP front end                      app, server, handler, TLS, CORS
+    §38 systemd and signals                 sd_notify, watchdog, background loops
+    §39 main
 """
 
 import argparse
@@ -98,12 +100,28 @@ import uuid
 import xml.etree.ElementTree as ElementTree
 
 LOG = logging.getLogger("minivan")
+MINIVAN_RELEASE = "1.0"        # the version guests see in their SMBIOS system entry
 MIN_VERSION = (2, 1)
 MAX_VERSION = (2, 104)
 SCHEMA_VERSION = 1
 
 
 # § 1 configuration --------------------------------------------------------------------
+
+def check_guest_options(conf):
+    """The options Nova has as [libvirt] cpu_mode, cpu_models and hw_machine_type."""
+    if conf["cpu_mode"] not in ("", "host-model", "host-passthrough", "custom", "none"):
+        raise ConfigError("--cpu-mode must be host-model, host-passthrough, custom or none, "
+                          f"not {conf['cpu_mode']!r}")
+    if conf["cpu_mode"] == "custom" and not conf["cpu_models"].strip(", "):
+        raise ConfigError("--cpu-mode custom needs --cpu-models (e.g. Haswell-noTSX)")
+    if conf["cpu_models"].strip(", ") and conf["cpu_mode"] != "custom":
+        raise ConfigError("--cpu-models is for --cpu-mode custom only")
+    for pair in filter(None, (p.strip() for p in conf["hw_machine_type"].split(","))):
+        if not re.fullmatch(r"[\w.-]+=[\w.-]+", pair):
+            raise ConfigError("--hw-machine-type must list ARCH=MACHINE pairs, e.g. "
+                              f"x86_64=q35, not {pair!r}")
+
 
 def default_data_dir():
     """systemd's StateDirectory, else /var/lib/minivan as root, else ./minivan-data."""
@@ -175,6 +193,13 @@ OPTIONS = [
     ("ram-weight-multiplier", "1.0", "the scheduler's weight of free memory: positive "
      "spreads servers over the hosts, negative stacks them"),
     ("virt-type", "", "kvm or qemu (default: kvm where the CPU and /dev/kvm allow it)"),
+    ("hw-machine-type", "", "machine type of guests whose image sets no hw_machine_type, "
+     "per architecture as Nova's [libvirt] hw_machine_type, e.g. x86_64=q35 "
+     "(default: pc)"),
+    ("cpu-mode", "", "the guests' CPU, as Nova's [libvirt] cpu_mode: host-model, "
+     "host-passthrough, custom (with --cpu-models) or none (default: host-model)"),
+    ("cpu-models", "", "comma-separated CPU models for --cpu-mode custom, as Nova's "
+     "[libvirt] cpu_models: guests get the first"),
     ("network", "default", "libvirt network that servers' NICs join"),
     ("firewall", "nwfilter", "nwfilter: enforce security group rules on servers' NICs with "
      "libvirt's network filters (where libvirt has them); none: no filtering"),
@@ -368,6 +393,7 @@ def finish_config(conf):
         raise ConfigError(f"--firewall must be nwfilter or none, not {conf['firewall']!r}")
     if conf["virt_type"] not in ("", "kvm", "qemu"):
         raise ConfigError(f"--virt-type must be kvm or qemu, not {conf['virt_type']!r}")
+    check_guest_options(conf)
     if conf["bind"] is None:
         conf["bind"] = "127.0.0.1" if conf["auth"] == "noauth" else "::"
     if conf["auth"] == "noauth" and not conf["noauth_allow_remote"] and \
@@ -1465,7 +1491,601 @@ def authorize(req, rule, persona, project_id=None, user_id=None):
         raise Forbidden(f"Policy doesn't allow {rule} to be performed.")
 
 
-# § 8 hypervisor driver ----------------------------------------------------------------
+# § 8 guest shape ----------------------------------------------------------------------
+#
+# What a server's flavor extra specs and image properties make of its guest, read the way
+# Nova's libvirt driver reads them (nova/virt/libvirt/driver.py, _get_guest_config): the
+# buses and models of its devices, its firmware, its CPU model and topology, and the
+# limits on its CPU time, disks and NICs.  As in Nova it happens in three stages:
+#   image_meta / check_guest_request   the API: a property that does not fit Nova's field
+#                                      for it, or a flavor and an image that contradict
+#                                      each other, is refused with 400;
+#   GuestShape(...)                    the build on a host: what the host cannot give (UEFI
+#                                      firmware, a machine type, CPU time controls) fails
+#                                      the build with the reason, and so does every spec
+#                                      minivan does not honour (UNHONOURED_SPECS): nothing
+#                                      is accepted and then silently left out;
+#   GuestShape's *_xml methods         the domain's elements.
+
+class GuestRefused(Exception):
+    """The host cannot (or minivan does not) build this flavor and image's guest: the
+    build fails and the server's fault says why."""
+
+
+# Nova's image metadata fields (nova/objects/image_meta.py ImageMetaProps) that are
+# enumerations, integers or flexible booleans; properties not named here are strings
+DISK_BUSES = ("fdc", "ide", "sata", "scsi", "usb", "virtio", "xen", "lxc", "uml")
+ARCHITECTURES = ("alpha", "armv6", "armv7l", "armv7b", "aarch64", "cris", "i686", "ia64",
+                 "lm32", "m68k", "microblaze", "microblazeel", "mips", "mipsel", "mips64",
+                 "mips64el", "openrisc", "parisc", "parisc64", "ppc", "ppcle", "ppc64",
+                 "ppc64le", "ppcemb", "s390", "s390x", "sh4", "sh4eb", "sparc", "sparc64",
+                 "unicore32", "x86_64", "xtensa", "xtensaeb")
+VIF_MODELS = ("virtio", "ne2k_pci", "pcnet", "rtl8139", "e1000", "e1000e", "netfront",
+              "spapr-vlan", "lan9118", "sriov", "vmxnet", "vmxnet3", "igb")
+IMAGE_ENUMS = {
+    "hw_architecture": ARCHITECTURES, "hw_emulation_architecture": ARCHITECTURES,
+    "hw_cdrom_bus": DISK_BUSES, "hw_disk_bus": DISK_BUSES, "hw_floppy_bus": DISK_BUSES,
+    "hw_rescue_bus": DISK_BUSES,
+    "hw_cpu_policy": ("dedicated", "shared", "mixed"),
+    "hw_cpu_thread_policy": ("prefer", "isolate", "require"),
+    "hw_ephemeral_encryption_format": ("plain", "luks", "luksv2"),
+    "hw_firmware_type": ("uefi", "bios"), "hw_input_bus": ("usb", "virtio"),
+    "hw_maxphysaddr_mode": ("passthrough", "emulate"),
+    "hw_mem_encryption_model": ("amd-sev", "amd-sev-es", "amd-sev-snp", "intel-tdx"),
+    "hw_pci_numa_affinity_policy": ("required", "legacy", "preferred", "socket"),
+    "hw_pointer_model": ("usbtablet",), "hw_rescue_device": ("cdrom", "disk", "floppy", "fs",
+                                                             "lun"),
+    "hw_rng_model": ("virtio",),
+    "hw_scsi_model": ("buslogic", "ibmvscsi", "lsilogic", "lsisas1068", "lsisas1078",
+                      "virtio-scsi", "vmpvscsi"),
+    "hw_sound_model": ("sb16", "es1370", "pcspk", "ac97", "ich6", "ich9", "usb", "virtio"),
+    "hw_tpm_model": ("tpm-tis", "tpm-crb"), "hw_tpm_version": ("1.2", "2.0"),
+    "hw_usb_model": ("none", "nec-xhci", "qemu-xhci"),
+    "hw_video_model": ("cirrus", "qxl", "vga", "vmvga", "xen", "virtio", "gop", "none",
+                       "bochs"),
+    "hw_vif_model": VIF_MODELS, "hw_viommu_model": ("intel", "smmuv3", "virtio", "auto"),
+    "hw_vm_mode": ("hvm", "xen", "uml", "exe"),
+    "hw_watchdog_action": ("none", "pause", "poweroff", "reset", "disabled"),
+    "img_config_drive": ("optional", "mandatory"),
+    "img_hv_type": ("baremetal", "bhyve", "docker", "fake", "hyperv", "ironic", "kqemu", "kvm",
+                    "lxc", "lxd", "openvz", "parallels", "phyp", "qemu", "test", "uml", "vbox",
+                    "vz", "vmware", "xen", "zvm", "prsm"),
+    "img_signature_hash_method": ("SHA-224", "SHA-256", "SHA-384", "SHA-512"),
+    "img_signature_key_type": ("DSA", "ECC_SECP384R1", "ECC_SECP521R1", "ECC_SECT409K1",
+                               "ECC_SECT409R1", "ECC_SECT571K1", "ECC_SECT571R1", "RSA-PSS"),
+    "os_secure_boot": ("required", "disabled", "optional"), "os_type": ("linux", "windows"),
+}
+IMAGE_INTS = ("hw_cpu_cores", "hw_cpu_max_cores", "hw_cpu_max_sockets", "hw_cpu_max_threads",
+              "hw_cpu_sockets", "hw_cpu_threads", "hw_device_id", "hw_maxphysaddr_bits",
+              "hw_numa_nodes", "hw_redirected_usb_ports", "hw_serial_port_count",
+              "hw_video_ram", "img_compression_level", "img_version")
+IMAGE_BOOLS = ("hw_boot_menu", "hw_ephemeral_encryption", "hw_firmware_stateless",
+               "hw_ipxe_boot", "hw_locked_memory", "hw_mem_encryption", "hw_pmu",
+               "hw_qemu_guest_agent", "hw_time_hpet", "hw_vif_multiqueue_enabled",
+               "hw_virtio_packed_ring", "img_bdm_v2", "img_bittorrent", "img_cache_in_nova",
+               "img_hide_hypervisor_id", "img_linked_clone", "img_use_agent",
+               "os_require_quiesce", "os_skip_agent_inject_files_at_boot",
+               "os_skip_agent_inject_ssh")
+IMAGE_LEGACY_NAMES = {      # older names Nova still reads; the current name wins
+    "architecture": "hw_architecture", "vm_mode": "hw_vm_mode",
+    "hypervisor_type": "img_hv_type", "auto_disk_config": "hw_auto_disk_config",
+    "ipxe_boot": "hw_ipxe_boot", "cache_in_nova": "img_cache_in_nova",
+    "bittorrent": "img_bittorrent", "root_device_name": "img_root_device_name",
+    "bdm_v2": "img_bdm_v2", "owner_id": "img_owner_id", "vmware_ostype": "os_distro",
+    "vmware_disktype": "hw_disk_type", "vmware_image_version": "img_version",
+    "xenapi_device_id": "hw_device_id", "xenapi_image_compression_level":
+    "img_compression_level", "vmware_linked_clone": "img_linked_clone",
+    "xenapi_use_agent": "img_use_agent",
+    "xenapi_skip_agent_inject_ssh": "os_skip_agent_inject_ssh",
+    "xenapi_skip_agent_inject_files_at_boot": "os_skip_agent_inject_files_at_boot",
+}
+VIF_MODEL_ALIASES = {"virtuale1000": "e1000", "virtuale1000e": "e1000e",
+                     "virtualpcnet32": "pcnet", "virtualsriovethernetcard": "sriov",
+                     "virtualvmxnet": "vmxnet", "virtualvmxnet3": "vmxnet3"}
+
+
+def canonical_enum(key, value):
+    """An enumerated image property as Nova's field coerces it; ValueError (with the
+    field's message) when it is not one of the field's values."""
+    text = str(value)
+    if key in ("hw_architecture", "hw_emulation_architecture"):
+        text = text.lower()
+        text = {"i386": "i686", "i486": "i686", "i586": "i686", "x86_32": "i686",
+                "x86_32p": "i686", "amd64": "x86_64"}.get(text, text)
+        if text not in ARCHITECTURES:
+            raise ValueError(f"Architecture name '{value}' is not valid")
+    elif key == "hw_vm_mode":
+        text = {"pv": "xen", "hv": "hvm", "baremetal": "hvm"}.get(text.lower(), text.lower())
+        if text not in IMAGE_ENUMS[key]:
+            raise ValueError(f"Virtual machine mode '{value}' is not valid")
+    elif key == "img_hv_type":
+        text = "xen" if text.lower() == "xapi" else text.lower()
+        if text not in IMAGE_ENUMS[key]:
+            raise ValueError(f"Hypervisor virt type '{value}' is not valid")
+    elif key == "hw_scsi_model":
+        text = {"lsilogicsas": "lsisas1068", "paravirtual": "vmpvscsi"}.get(text.lower(),
+                                                                           text.lower())
+    elif key == "hw_vif_model":
+        text = VIF_MODEL_ALIASES.get(text.lower(), text.lower())
+    elif key == "os_type":
+        text = text.lower()
+    if text not in IMAGE_ENUMS[key]:
+        raise ValueError(f"Field value {value} is invalid")
+    return text
+
+
+def image_meta(props):
+    """An image's properties as Nova's image metadata object holds them: legacy names
+    mapped, enumerations canonical, integers and booleans typed.  BadRequest with Nova's
+    message for a value that does not fit its field."""
+    props = props or {}
+    if props.get("img_config_drive", "optional") not in ("optional", "mandatory"):
+        raise BadRequest(f"Image's config drive option '{props['img_config_drive']}' is "
+                         "invalid")
+    meta = {IMAGE_LEGACY_NAMES[k]: v for k, v in props.items() if k in IMAGE_LEGACY_NAMES}
+    meta.update((k, v) for k, v in props.items() if k not in IMAGE_LEGACY_NAMES)
+    if props.get("vmware_adaptertype") == "ide":
+        meta["hw_disk_bus"] = "ide"
+    try:
+        for key, value in list(meta.items()):
+            if key in IMAGE_ENUMS:
+                meta[key] = canonical_enum(key, value)
+            elif key in IMAGE_INTS:
+                meta[key] = int(value)
+            elif key in IMAGE_BOOLS:
+                meta[key] = bool_from_string(value)
+    except ValueError as e:
+        raise BadRequest(f"Invalid image metadata. Error: {e}") from None
+    return meta
+
+
+def flavor_int(specs, key, default=0):
+    """An integer extra spec that Nova reads with int()."""
+    try:
+        return int(specs.get(key, default))
+    except ValueError as e:
+        raise BadRequest(f"Invalid flavor extra spec. Error: {e}") from None
+
+
+def cpu_topology_limits(specs, meta):
+    """(preferred, maximum) (sockets, cores, threads) from the flavor and the image, as
+    nova.virt.hardware.get_cpu_topology_constraints: the image may only lower what the
+    flavor allows, and its preferences replace the flavor's."""
+    names = ("sockets", "cores", "threads")
+    flavor_max = [flavor_int(specs, f"hw:cpu_max_{n}") for n in names]
+    image_max = [meta.get(f"hw_cpu_max_{n}", 0) for n in names]
+    if any(f and i > f for f, i in zip(flavor_max, image_max)):
+        raise BadRequest("Image vCPU topology limits (sockets=%d, cores=%d, threads=%d) "
+                         "exceeds the limits of the flavor (sockets=%d, cores=%d, "
+                         "threads=%d)" % (*image_max, *flavor_max))
+    maximum = [i or f or 65536 for f, i in zip(flavor_max, image_max)]
+    flavor_pref = [flavor_int(specs, f"hw:cpu_{n}") for n in names]
+    image_pref = [meta.get(f"hw_cpu_{n}", 0) for n in names]
+    if any(p > m for p, m in zip(flavor_pref, maximum)):
+        flavor_pref = [0, 0, 0]
+    if any(p > m for p, m in zip(image_pref, maximum)):
+        raise BadRequest("Image vCPU topology (sockets=%d, cores=%d, threads=%d) exceeds "
+                         "the limits of the flavor or image (sockets=%d, cores=%d, "
+                         "threads=%d)" % (*image_pref, *maximum))
+    return (image_pref if any(image_pref) else flavor_pref), maximum
+
+
+def best_cpu_topology(vcpus, preferred, maximum):
+    """Nova's choice among every sockets × cores × threads = vcpus within the maxima:
+    fewest threads, then most sockets, then the one that matches most preferences."""
+    limits = [min(vcpus, m) for m in maximum]
+    possible = [(s, c, t) for s in range(1, limits[0] + 1) for c in range(1, limits[1] + 1)
+                for t in range(1, limits[2] + 1) if s * c * t == vcpus]
+    if not possible:
+        raise GuestRefused("Requested vCPU limits %d:%d:%d are impossible to satisfy for "
+                           "vcpus count %d" % (*limits, vcpus))
+    possible.sort(key=lambda x: (x[0] * x[1], x[0], x[2]), reverse=True)
+
+    def score(topology):
+        return sum(1 for want, got in zip(preferred, topology) if want and want == got)
+    return max(possible, key=score)        # max keeps the first of equal scores
+
+
+def check_guest_request(flavor, image):
+    """What Nova's API checks of a flavor and an image before it takes a server (create,
+    rebuild, resize), in its order: BadRequest with its message."""
+    meta = image_meta((image or {}).get("properties"))
+    specs = flavor.get("extra_specs") or {}
+    keys = ["virtio_packed_ring", "pmu"] + ["vif_multiqueue_enabled"] * (flavor["vcpus"] > 1)
+    for key in keys:
+        if f"hw:{key}" in specs and f"hw_{key}" in meta and \
+                bool_from_string(specs[f"hw:{key}"]) != meta[f"hw_{key}"]:
+            raise BadRequest(
+                f"Flavor {flavor['name']} has hw:{key} extra spec explicitly set to "
+                f"{bool_from_string(specs[f'hw:{key}'])}, conflicting with image "
+                f"{(image or {}).get('name')} which has hw_{key} explicitly set to "
+                f"{meta[f'hw_{key}']}.")
+        if key == "pmu" and "hw:serial_port_count" in specs:
+            try:
+                ports = int(specs["hw:serial_port_count"])
+            except ValueError:
+                raise BadRequest("Number of serial ports specified in flavor is invalid: "
+                                 f"expected an integer, got "
+                                 f"'{specs['hw:serial_port_count']}'") from None
+            if meta.get("hw_serial_port_count", 0) > ports:
+                raise BadRequest("Forbidden to exceed flavor value of number of serial "
+                                 "ports passed in image meta.")
+        if key == "pmu":
+            cpu_topology_limits(specs, meta)
+    return meta
+
+
+UNHONOURED_SPECS = (
+    # (flavor extra spec or image property pattern, what it asks for)
+    (r"hw:cpu_policy=(dedicated|mixed)|hw_cpu_policy=(dedicated|mixed)", "dedicated CPUs"),
+    (r"hw:cpu_thread_policy|hw_cpu_thread_policy|hw:emulator_threads_policy"
+     r"|hw:cpu_dedicated_mask|hw:cpu_realtime.*|hw_cpu_realtime_mask", "CPU pinning"),
+    (r"hw:numa_.*|hw_numa_.*", "a guest NUMA topology"),
+    (r"hw:mem_page_size|hw_mem_page_size", "huge pages"),
+    (r"hw:locked_memory=(?i:1|t|true|on|y|yes)|hw_locked_memory=True", "locked memory"),
+    (r"hw:tpm_.*|hw_tpm_.*", "an emulated TPM"),
+    (r"hw:mem_encryption=(?i:1|t|true|on|y|yes)|hw_mem_encryption=True|"
+     r"hw:mem_encryption_model|hw_mem_encryption_model", "memory encryption"),
+    (r"hw:pmem", "persistent memory"),
+    (r"hw:ephemeral_encryption.*|hw_ephemeral_encryption.*", "encrypted local disks"),
+    (r"hw:virtio_packed_ring=(?i:1|t|true|on|y|yes)|hw_virtio_packed_ring=True",
+     "packed virtqueues"),
+    (r"hw:maxphysaddr_.*|hw_maxphysaddr_.*", "a physical address width"),
+    (r"hw:viommu_model|hw_viommu_model", "a virtual IOMMU"),
+    (r"hw_sound_model", "a sound device"),
+    (r"pci_passthrough:alias", "PCI passthrough"),
+    (r"accel:device_profile", "accelerators"),
+    (r"resources.*:.*|trait.*:.*", "Placement resources and traits"),
+    (r"hw_emulation_architecture=(?!x86_64$).*|hw_vm_mode=(?!hvm$).*",
+     "another architecture or virtualization mode"),
+)
+
+
+def unhonoured_requests(specs, meta):
+    """[(key, what)] of the flavor's specs and the image's properties minivan does not
+    give a guest (and so refuses to build rather than leave out)."""
+    found = []
+    items = [f"{k}={v}" for k, v in sorted(specs.items())] + \
+        [f"{k}={v}" for k, v in sorted(meta.items())]
+    for item in items:
+        for pattern, what in UNHONOURED_SPECS:
+            if re.fullmatch(f"(?:{pattern})(=.*)?", item, re.S) and \
+                    not re.fullmatch(r"hw:cpu_policy=shared|hw_cpu_policy=shared", item):
+                found.append((item.split("=", 1)[0], what))
+                break
+    return found
+
+
+DISK_QOS_KEYS = ("read_bytes_sec", "read_iops_sec", "write_bytes_sec", "write_iops_sec",
+                 "total_bytes_sec", "total_iops_sec")
+DISK_PREFIXES = {"virtio": "vd", "scsi": "sd", "usb": "sd", "sata": "sd", "ide": "hd",
+                 "fdc": "fd"}
+VIF_MODELS_FOR = {
+    "qemu": ("virtio", "ne2k_pci", "pcnet", "rtl8139", "e1000", "e1000e", "lan9118",
+             "spapr-vlan", "vmxnet3", "igb"),
+    "kvm": ("virtio", "ne2k_pci", "pcnet", "rtl8139", "e1000", "e1000e", "spapr-vlan",
+            "vmxnet3", "igb"),
+}
+HYPERV_FEATURES = ("<relaxed state='on'/><vapic state='on'/>"
+                   "<spinlocks state='on' retries='8191'/>{vendor}<vpindex state='on'/>"
+                   "<runtime state='on'/><synic state='on'/><reset state='on'/>"
+                   "<frequencies state='on'/><tlbflush state='on'/><ipi state='on'/>")
+
+
+class GuestHost:
+    """What a host offers guests, as the shape needs to know it: its machine types, UEFI
+    and Secure Boot firmware, and CPU time controls.  Read from libvirt once."""
+
+    def __init__(self, machines=("pc", "q35"), uefi=False, secure_boot=False,
+                 cpu_controller=True, virt_type="qemu"):
+        self.machines, self.uefi, self.secure_boot = tuple(machines), uefi, secure_boot
+        self.cpu_controller, self.virt_type = cpu_controller, virt_type
+
+
+def flavor_bool(specs, key, default=False):
+    return bool_from_string(specs[key]) if key in specs else default
+
+
+class GuestShape:
+    """The guest a server's flavor and image ask for, on a host (settings: the daemon's
+    options that Nova has as [libvirt] and [DEFAULT] settings).  GuestRefused when the
+    host cannot give it."""
+
+    def __init__(self, server, host, machine_types="", cpu_mode="", cpu_models=(),
+                 graphics=True):
+        flavor = server["flavor"]
+        self.server, self.host, self.virt_type = server, host, host.virt_type
+        self.vcpus, self.ram = flavor["vcpus"], flavor["ram"]
+        self.specs = specs = dict(flavor.get("extra_specs") or {})
+        try:
+            self.meta = meta = image_meta(server.get("image_properties"))
+            preferred, maximum = cpu_topology_limits(specs, meta)
+        except BadRequest as e:
+            raise GuestRefused(e.message) from None
+        refused = unhonoured_requests(specs, meta)
+        if refused:
+            raise GuestRefused("minivan does not give guests " + "; ".join(
+                f"{what} ({key})" for key, what in refused))
+        self.machine = meta.get("hw_machine_type") or \
+            machine_type_for(machine_types, "x86_64") or "pc"
+        if host.machines and self.machine not in host.machines:
+            raise GuestRefused(f"'{self.machine}' is not valid/supported machine type, "
+                               f"Supported machine types are: {sorted(host.machines)}")
+        self.disk_bus = self._bus(meta.get("hw_disk_bus") or "virtio")
+        self.cdrom_bus = self._bus(meta.get("hw_cdrom_bus")
+                                   or ("sata" if "q35" in self.machine else "ide"))
+        self.topology = best_cpu_topology(self.vcpus, preferred, maximum)
+        self.cpu_mode = cpu_mode or "host-model"
+        self.cpu_models = list(cpu_models)
+        self._devices(specs, meta, graphics)
+        self._firmware(specs, meta)
+        self._tuning(specs)
+
+    def _bus(self, bus):
+        if bus not in DISK_PREFIXES:
+            raise GuestRefused(f"Requested hardware '{bus}' is not supported by the "
+                               f"'{self.virt_type}' virt driver")
+        return bus
+
+    def _devices(self, specs, meta, graphics):
+        self.vif_model = meta.get("hw_vif_model") or "virtio"
+        if self.vif_model not in VIF_MODELS_FOR.get(self.virt_type, ()):
+            raise GuestRefused(f"Requested hardware '{self.vif_model}' is not supported by "
+                               f"the '{self.virt_type}' virt driver")
+        multiqueue = self._flavor_image_bool(specs, meta, "vif_multiqueue_enabled") \
+            if self.vcpus >= 2 else False
+        self.vif_driver = ""
+        if self.vif_model == "virtio" and self.virt_type == "qemu":
+            self.vif_driver = "<driver name='qemu'/>"
+        elif self.vif_model == "virtio" and multiqueue:
+            self.vif_driver = f"<driver name='vhost' queues='{self.vcpus}'/>"
+        self.scsi_model = meta.get("hw_scsi_model")
+        self.graphics = graphics
+        self.video_model = meta.get("hw_video_model") or "virtio"
+        self.video_ram = meta.get("hw_video_ram", 0)
+        max_vram = flavor_int(specs, "hw_video:ram_max_mb")
+        if graphics and self.video_ram > max_vram:
+            raise GuestRefused(f"The requested amount of video memory {self.video_ram} is "
+                               f"higher than the maximum allowed by flavor {max_vram}.")
+        self.input_bus = meta.get("hw_input_bus")
+        self.tablet = bool(graphics and (self.input_bus or
+                                         meta.get("hw_pointer_model", "usbtablet")))
+        self.usb_model = meta.get("hw_usb_model") or specs.get("hw:usb_model")
+        self.guest_agent = meta.get("hw_qemu_guest_agent", False)
+        self.rng = flavor_bool(specs, "hw_rng:allowed", True)
+        self.rng_rate = (flavor_int(specs, "hw_rng:rate_bytes"),
+                         flavor_int(specs, "hw_rng:rate_period"))
+        watchdog = meta.get("hw_watchdog_action") or specs.get("hw:watchdog_action") \
+            or "disabled"
+        if watchdog not in IMAGE_ENUMS["hw_watchdog_action"]:
+            raise GuestRefused(f"Provided watchdog action ({watchdog}) is not supported.")
+        self.watchdog = None if watchdog == "disabled" else watchdog
+        self.boot_menu = meta["hw_boot_menu"] if "hw_boot_menu" in meta else \
+            flavor_bool(specs, "hw:boot_menu")
+        self.windows = meta.get("os_type") == "windows"
+        self.hpet = meta.get("hw_time_hpet", False)
+        self.hide_hypervisor = flavor_bool(specs, "hw:hide_hypervisor_id") or \
+            flavor_bool(specs, "hide_hypervisor_id") or meta.get("img_hide_hypervisor_id",
+                                                                 False)
+        self.pmu = self._flavor_image_bool(specs, meta, "pmu")
+
+    def _flavor_image_bool(self, specs, meta, key):
+        """A boolean both may set (hw:KEY, hw_KEY): None when neither does; a conflict
+        fails the build as Nova's FlavorImageConflict."""
+        flavor_value = bool_from_string(specs[f"hw:{key}"]) if f"hw:{key}" in specs \
+            else None
+        image_value = meta.get(f"hw_{key}")
+        if None not in (flavor_value, image_value) and flavor_value != image_value:
+            raise GuestRefused(flavor_image_conflict(self.server, key, flavor_value,
+                                                     image_value))
+        return image_value if image_value is not None else flavor_value
+
+    def _firmware(self, specs, meta):
+        self.uefi = meta.get("hw_firmware_type") == "uefi"
+        if self.uefi and not self.host.uefi:
+            raise GuestRefused("UEFI is not supported")
+        flavor_sb, image_sb = specs.get("os:secure_boot"), meta.get("os_secure_boot")
+        if flavor_sb and image_sb and flavor_sb != image_sb:
+            raise GuestRefused(
+                f"Flavor {self.server['flavor']['name']} has os:secure_boot extra spec "
+                f"explicitly set to {flavor_sb}, conflicting with image "
+                f"{self.server.get('image_ref')} which has os_secure_boot explicitly set "
+                f"to {image_sb}.")
+        wanted = flavor_sb or image_sb or "disabled"
+        possible = self.host.secure_boot and self.uefi and "q35" in self.machine
+        if wanted == "required" and not possible:
+            raise GuestRefused("Secure Boot is not supported by host")
+        self.secure_boot = wanted in ("required", "optional") and possible
+        self.stateless = self.uefi and meta.get("hw_firmware_stateless", False)
+
+    def _tuning(self, specs):
+        self.cputune = [(name, int(specs[f"quota:cpu_{name}"]))
+                        for name in ("shares", "quota", "period")
+                        if f"quota:cpu_{name}" in specs]
+        if self.cputune and not self.host.cpu_controller:
+            raise GuestRefused("Requested CPU control policy not supported by host")
+        self.disk_qos = [(key, specs[f"quota:disk_{key}"]) for key in DISK_QOS_KEYS
+                         if f"quota:disk_{key}" in specs]
+        self.bandwidth = {direction: [(key, specs[f"quota:vif_{direction}_{key}"])
+                                      for key in ("average", "peak", "burst")
+                                      if f"quota:vif_{direction}_{key}" in specs]
+                          for direction in ("inbound", "outbound")
+                          if f"quota:vif_{direction}_average" in specs}
+
+    # -- names ---------------------------------------------------------------------------
+
+    def disk_dev(self, target, bus=None):
+        """The guest device name of the disk in slot target (vdX, minivan's own naming of
+        a server's disks): the same letter with the bus's prefix (sda on SATA)."""
+        return DISK_PREFIXES[bus or self.disk_bus] + target[2:]
+
+    # -- elements ------------------------------------------------------------------------
+
+    def os_xml(self, boot_dev):
+        firmware, loader = "", ""
+        if self.uefi:
+            yes = "yes" if self.secure_boot else "no"
+            firmware = (" firmware='efi'", f"<firmware><feature name='secure-boot' "
+                                           f"enabled='{yes}'/></firmware>")
+            stateless = " stateless='yes'" if self.stateless else ""
+            loader = f"<loader secure='{yes}'{stateless}/>"
+        attr, inner = firmware or ("", "")
+        boot = f"<boot dev='{boot_dev}'/>" if boot_dev else ""
+        menu = "<bootmenu enable='yes'/>" if self.boot_menu else ""
+        return (f"<os{attr}>{inner}<type arch='x86_64' machine='{xml_escape(self.machine)}'>"
+                f"hvm</type>{loader}{boot}<smbios mode='sysinfo'/>{menu}</os>")
+
+    def features_xml(self):
+        parts = ["<acpi/>", "<apic/>"]
+        if self.windows:
+            vendor = "<vendor_id state='on' value='1234567890ab'/>" \
+                if self.hide_hypervisor else ""
+            parts.append("<hyperv>" + HYPERV_FEATURES.format(vendor=vendor) + "</hyperv>")
+        if self.hide_hypervisor:
+            parts.append("<kvm><hidden state='on'/></kvm>")
+        if self.pmu is not None:
+            parts.append(f"<pmu state='{'on' if self.pmu else 'off'}'/>")
+        parts.append("<vmcoreinfo/>")
+        return "<features>" + "".join(parts) + "</features>"
+
+    def clock_xml(self):
+        timers = ""
+        if self.virt_type == "kvm":
+            timers = ("<timer name='pit' tickpolicy='delay'/>"
+                      "<timer name='rtc' tickpolicy='catchup'/>"
+                      f"<timer name='hpet' present='{'yes' if self.hpet else 'no'}'/>")
+            if self.windows:
+                timers += "<timer name='hypervclock' present='yes'/>"
+        offset = "localtime" if self.windows else "utc"
+        return f"<clock offset='{offset}'>{timers}</clock>"
+
+    def cpu_xml(self):
+        sockets, cores, threads = self.topology
+        topology = f"<topology sockets='{sockets}' cores='{cores}' threads='{threads}'/>"
+        if self.cpu_mode == "none":
+            return f"<cpu>{topology}</cpu>"
+        model = f"<model>{xml_escape(self.cpu_models[0])}</model>" \
+            if self.cpu_mode == "custom" and self.cpu_models else ""
+        match = " match='exact'" if self.cpu_mode in ("host-model", "custom") else ""
+        return f"<cpu mode='{self.cpu_mode}'{match}>{model}{topology}</cpu>"
+
+    def cputune_xml(self):
+        if not self.cputune:
+            return ""
+        return "<cputune>" + "".join(f"<{name}>{value}</{name}>"
+                                     for name, value in self.cputune) + "</cputune>"
+
+    def iotune_xml(self):
+        if not self.disk_qos:
+            return ""
+        return "<iotune>" + "".join(f"<{key}>{xml_escape(str(value))}</{key}>"
+                                    for key, value in self.disk_qos) + "</iotune>"
+
+    def interface_extra_xml(self):
+        """The model, driver and bandwidth elements of each of the guest's NICs."""
+        bandwidth = ""
+        if self.bandwidth:
+            bandwidth = "<bandwidth>" + "".join(
+                f"<{direction} " + " ".join(f"{key}='{xml_escape(str(value))}'"
+                                            for key, value in values) + "/>"
+                for direction, values in self.bandwidth.items()) + "</bandwidth>"
+        return f"<model type='{self.vif_model}'/>{self.vif_driver}{bandwidth}"
+
+    def devices_tail_xml(self, graphics_listen):
+        """The devices after the disks, the NICs and the serial port, in Nova's order."""
+        parts = []
+        if self.graphics:
+            parts.append(f"<graphics type='vnc' autoport='yes' "
+                         f"listen='{xml_escape(graphics_listen)}'/>")
+            vram = f" vram='{self.video_ram * 1024}'" if self.video_ram else ""
+            parts.append(f"<video><model type='{self.video_model}'{vram}/></video>")
+            if self.tablet:
+                parts.append(f"<input type='tablet' bus='{self.input_bus or 'usb'}'/>")
+            if self.input_bus:
+                parts.append(f"<input type='keyboard' bus='{self.input_bus}'/>")
+        if self.guest_agent:
+            parts.append("<channel type='unix'><target type='virtio' "
+                         "name='org.qemu.guest_agent.0'/></channel>")
+        if self.rng:
+            bytes_, period = self.rng_rate
+            rate = f"<rate period='{period}' bytes='{bytes_}'/>" if bytes_ and period else ""
+            parts.append(f"<rng model='virtio'>{rate}<backend model='random'>/dev/urandom"
+                         f"</backend></rng>")
+        usb = self.tablet and (self.input_bus or "usb") == "usb"
+        model = "" if usb else f" model='{self.usb_model or 'none'}'"
+        parts.append(f"<controller type='usb' index='0'{model}/>")
+        if self.watchdog:
+            parts.append(f"<watchdog model='i6300esb' action='{self.watchdog}'/>")
+        parts.append("<memballoon model='virtio' autodeflate='on' freePageReporting='on'>"
+                     "<stats period='10'/></memballoon>")
+        return "".join(parts)
+
+
+def flavor_image_conflict(server, key, flavor_value, image_value):
+    return (f"Flavor {server['flavor']['name']} has hw:{key} extra spec explicitly set to "
+            f"{flavor_value}, conflicting with image {server.get('image_ref')} which has "
+            f"hw_{key} explicitly set to {image_value}.")
+
+
+def server_image_meta(server):
+    """The server's image properties as image_meta reads them ({} when they no longer
+    fit: the build refused them already)."""
+    try:
+        return image_meta(server.get("image_properties"))
+    except BadRequest:
+        return {}
+
+
+def server_disk_bus(server):
+    """The bus of the server's disks and volumes (hw_disk_bus, else virtio)."""
+    bus = server_image_meta(server).get("hw_disk_bus") or "virtio"
+    return bus if bus in DISK_PREFIXES else "virtio"
+
+
+def server_cdrom_bus(server, machine=None):
+    """The bus of the server's config drive (hw_cdrom_bus, else IDE, or SATA on q35)."""
+    meta = server_image_meta(server)
+    machine = machine or meta.get("hw_machine_type") or ""
+    bus = meta.get("hw_cdrom_bus") or ("sata" if "q35" in machine else "ide")
+    return bus if bus in DISK_PREFIXES else "ide"
+
+
+def config_drive_slot(server):
+    """The slot (vdX) of the config drive: the first after the local disks (and the boot
+    volume), as Nova names it."""
+    used = len(disk_layout(server)) + (1 if server.get("volume_backed") else 0)
+    return "vd" + chr(ord("a") + used)
+
+
+def config_drive_dev(server, shape):
+    """The config drive's device name: its slot on the disks' bus, else the first name
+    of its own bus (hda)."""
+    prefix = DISK_PREFIXES[shape.cdrom_bus]
+    if prefix == DISK_PREFIXES[shape.disk_bus]:
+        return prefix + config_drive_slot(server)[2:]
+    return prefix + "a"
+
+
+def cgroup_cpu_controller():
+    """True when this host's cgroups control CPU time (the quota:cpu_* limits need it)."""
+    try:
+        with open("/sys/fs/cgroup/cgroup.controllers", encoding="ascii") as f:
+            return "cpu" in f.read().split()
+    except OSError:
+        return os.path.isdir("/sys/fs/cgroup/cpu")
+
+
+def machine_type_for(setting, arch):
+    """The machine type --hw-machine-type names for an architecture (a list such as
+    'x86_64=q35,aarch64=virt', as Nova's [libvirt] hw_machine_type), or ''."""
+    for pair in str(setting or "").split(","):
+        name, _, machine = pair.strip().partition("=")
+        if name.strip() == arch and machine.strip():
+            return machine.strip()
+    return ""
+
+
+# § 9 hypervisor driver ----------------------------------------------------------------
 #
 # libvirt is imported here and nowhere else, so the API runs (and its tests
 # run) where libvirt-python is missing; the driver says how to install it.
@@ -1509,6 +2129,10 @@ def detect_virt_type(cpuinfo="/proc/cpuinfo", kvm_device="/dev/kvm"):
 
 class DriverError(Exception):
     """A hypervisor operation failed; the server gets a fault with this message."""
+
+
+class GuestAgentMissing(DriverError):
+    """The guest has no QEMU guest agent channel (its image sets no hw_qemu_guest_agent)."""
 
 
 # libvirt domain states -> Nova power states (nova/compute/power_state.py)
@@ -1629,6 +2253,8 @@ class LibvirtDriver:
         self.owner = None              # qemu_owner(), once asked per connection
         self.injected_down = False     # a failure-injection rule says this host is down
         self.volume_passphrase = None  # of encrypted volumes (the fixed key), once set
+        self.machine_types = ""        # --hw-machine-type, --cpu-mode, --cpu-models
+        self.cpu_mode, self.cpu_models = "", ()
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -1768,11 +2394,51 @@ class LibvirtDriver:
         return os.path.join(self.instances_dir, server["id"], name)
 
     # -- the domain ------------------------------------------------------------
+    def guest_host(self):
+        """What this host offers guests (GuestHost): read from libvirt once a connection."""
+        if getattr(self, "_guest_host", None) is None or self._guest_host[0] is not self.conn:
+            self._guest_host = (self.conn, self._read_guest_host())
+        return self._guest_host[1]
+
+    def _read_guest_host(self):
+        if self.simulated or self.conn is None:
+            return GuestHost(machines=(), uefi=True, secure_boot=True,
+                             virt_type=self.virt_type)
+        caps = self._call("reading the host's capabilities", self.conn.getCapabilities)
+        machines = set()
+        for guest in re.findall(r"<guest>.*?</guest>", caps, re.S):
+            if "<arch name='x86_64'>" in guest:
+                machines.update(re.findall(r"<machine[^>]*>([^<]+)</machine>", guest))
+                machines.update(re.findall(r"<machine[^>]*canonical='([^']+)'", guest))
+        domcaps = self._call("reading the domain capabilities",
+                             self.conn.getDomainCapabilities, None, "x86_64", "q35",
+                             self.virt_type, 0)
+        loader = re.search(r"<loader supported='yes'>(.*?)</loader>", domcaps, re.S)
+        loader = loader.group(1) if loader else ""
+        uefi = bool(re.search(r"<enum name='type'>.*?<value>pflash</value>", loader, re.S))
+        secure = bool(re.search(r"<enum name='secure'>.*?<value>yes</value>", loader, re.S))
+        controller = self.local and cgroup_cpu_controller()
+        return GuestHost(machines, uefi, secure, controller, self.virt_type)
+
+    def guest_shape(self, server):
+        """The server's GuestShape on this host; DriverError with the reason when the host
+        cannot give it."""
+        try:
+            return GuestShape(server, self.guest_host(), self.machine_types, self.cpu_mode,
+                              self.cpu_models, graphics=bool(self.graphics_listen))
+        except GuestRefused as e:
+            raise DriverError(str(e)) from None
+
+    def disk_dev(self, server, target):
+        """The guest's name of the disk in slot target (vdX): on the bus its image asks for
+        (sdX on SATA or SCSI, hdX on IDE)."""
+        return DISK_PREFIXES[server_disk_bus(server)] + target[2:]
+
     def domain_xml(self, server, disks, config_drive=None, rescue=None):
         """libvirt XML for a server: disks is [(path, target, format)]."""
         flavor = server["flavor"]
+        shape = self.guest_shape(server)
         domain_type = "test" if self.simulated else self.virt_type
-        machine = "" if self.simulated else " machine='pc'"
         meta = (f'<minivan:instance xmlns:minivan="{METADATA_NS}">'
                 f'<minivan:name>{xml_escape(server["name"])}</minivan:name>'
                 f'<minivan:owner project="{xml_escape(server["project_id"])}" '
@@ -1783,50 +2449,74 @@ class LibvirtDriver:
                 f'<minivan:image uuid="{xml_escape(server["image_ref"])}"/>'
                 f'<minivan:created>{server["created_at"]}</minivan:created>'
                 f'</minivan:instance>')
-        devices = []
-        # rescue: (path, target, format) first for a legacy rescue; (path, target, format,
-        # device, bus) for a stable device rescue, which boots first wherever it sits
-        stable = [r for r in rescue or [] if len(r) == 5]
-        for entry in [r for r in rescue or [] if len(r) == 3] + list(disks) + stable:
-            path, target, fmt = entry[:3]
-            device, bus = entry[3:] if len(entry) == 5 else ("disk", "virtio")
-            extra = ("<boot order='1'/>" if len(entry) == 5 else "") + \
-                ("<readonly/>" if device == "cdrom" else "")
-            devices.append(f"<disk type='file' device='{device}'><driver name='qemu' "
-                           f"type='{fmt}' cache='none'/><source file='{xml_escape(path)}'/>"
-                           f"<target dev='{target}' bus='{bus}'/>{extra}</disk>")
-        if any(r[4] == "scsi" for r in stable):
-            devices.append("<controller type='scsi' model='virtio-scsi'/>")
-        for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
-            if vol.get("connection_info") and vol.get("target"):
-                self.volume_secret(vol)
-                devices.append(volume_disk_xml(vol, self.volume_mount_base, self.mount_share))
-        if config_drive:
-            devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
-                           f"<source file='{xml_escape(config_drive)}'/>"
-                           f"<target dev='hdd' bus='ide'/><readonly/></disk>")
+        devices = self._disks_xml(server, shape, disks, config_drive, rescue)
         for port in server.get("ports", []):
-            devices.append(self._interface_xml(port, server))
+            devices.append(self._interface_xml(port, server, shape))
         console = xml_escape(self.instance_path(server, "console.log"))
         devices.append(f"<serial type='pty'><log file='{console}' append='on'/>"
                        f"<target port='0'/></serial>"
                        f"<console type='pty'><target type='serial' port='0'/></console>")
-        if not self.simulated and self.graphics_listen:
-            devices.append(f"<graphics type='vnc' autoport='yes' "
-                           f"listen='{xml_escape(self.graphics_listen)}'/>")
-        if not self.simulated:
-            devices.append("<channel type='unix'><target type='virtio' "
-                           "name='org.qemu.guest_agent.0'/></channel>")
-            devices.append("<memballoon model='virtio'><stats period='10'/></memballoon>")
-        os_boot = "" if stable else "<boot dev='hd'/>"     # (a boot order is per device)
+        devices.append(shape.devices_tail_xml(self.graphics_listen or ""))
+        stable = any(len(r) == 5 for r in rescue or [])
+        os_xml = shape.os_xml(None if stable else "hd")    # (a boot order is per device)
+        cpu = shape.cpu_xml()
+        if self.simulated:      # libvirt's test hypervisor: no machine types or CPU models
+            os_xml = re.sub(r" machine='[^']*'", "", os_xml)
+            cpu = ""
+        uuid_ = server["id"]
+        sysinfo = ("<sysinfo type='smbios'><system>"
+                   "<entry name='manufacturer'>OpenStack Foundation</entry>"
+                   "<entry name='product'>OpenStack Nova</entry>"
+                   f"<entry name='version'>{MINIVAN_RELEASE}</entry>"
+                   f"<entry name='serial'>{uuid_}</entry><entry name='uuid'>{uuid_}</entry>"
+                   "<entry name='family'>Virtual Machine</entry></system></sysinfo>")
         return (f"<domain type='{domain_type}'><name>{server['instance_name']}</name>"
-                f"<uuid>{server['id']}</uuid><metadata>{meta}</metadata>"
+                f"<uuid>{uuid_}</uuid><metadata>{meta}</metadata>"
                 f"<memory unit='KiB'>{flavor['ram'] * 1024}</memory>"
-                f"<vcpu>{flavor['vcpus']}</vcpu>"
-                f"<os><type arch='x86_64'{machine}>hvm</type>{os_boot}</os>"
-                f"<features><acpi/><apic/></features><clock offset='utc'/>"
-                f"<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>"
-                f"<on_crash>destroy</on_crash><devices>{''.join(devices)}</devices></domain>")
+                f"<vcpu>{flavor['vcpus']}</vcpu>{sysinfo}{os_xml}{shape.features_xml()}"
+                f"<iothreads>1</iothreads>{shape.cputune_xml()}{shape.clock_xml()}{cpu}"
+                f"<devices>{''.join(devices)}</devices></domain>")
+
+    def _disks_xml(self, server, shape, disks, config_drive, rescue):
+        """The <disk> elements, Nova's order: local disks, volumes, then the config drive;
+        then the SCSI controller.  rescue: (path, target, format) first for a legacy
+        rescue; (path, target, format, device, bus) for a stable device rescue, which boots
+        first wherever it sits."""
+        devices = []
+        units = iter(range(1000))     # virtio-scsi disks' unit numbers, in order
+        stable = [r for r in rescue or [] if len(r) == 5]
+
+        def scsi_address(bus):
+            if bus == "scsi" and shape.scsi_model == "virtio-scsi":
+                return f"<address type='drive' controller='0' unit='{next(units)}'/>"
+            return ""
+        for entry in [r for r in rescue or [] if len(r) == 3] + list(disks) + stable:
+            path, target, fmt = entry[:3]
+            device, bus = entry[3:] if len(entry) == 5 else ("disk", shape.disk_bus)
+            dev = target if len(entry) == 5 else shape.disk_dev(target)
+            extra = ("<boot order='1'/>" if len(entry) == 5 else "") + \
+                ("<readonly/>" if device == "cdrom" else "")
+            devices.append(f"<disk type='file' device='{device}'><driver name='qemu' "
+                           f"type='{fmt}' cache='none'/><source file='{xml_escape(path)}'/>"
+                           f"<target dev='{dev}' bus='{bus}'/>{shape.iotune_xml()}"
+                           f"{scsi_address(bus)}{extra}</disk>")
+        for vol in sorted(server.get("volumes", []), key=lambda v: v.get("target") or ""):
+            if vol.get("connection_info") and vol.get("target"):
+                self.volume_secret(vol)
+                devices.append(volume_disk_xml(vol, self.volume_mount_base, self.mount_share,
+                                               shape.disk_dev(vol["target"]), shape.disk_bus,
+                                               scsi_address(shape.disk_bus)))
+        if config_drive:
+            dev = config_drive_dev(server, shape)
+            devices.append(f"<disk type='file' device='cdrom'><driver name='qemu' type='raw' "
+                           f"cache='none'/><source file='{xml_escape(config_drive)}'/>"
+                           f"<target dev='{dev}' bus='{shape.cdrom_bus}'/>"
+                           f"{shape.iotune_xml()}{scsi_address(shape.cdrom_bus)}</disk>")
+        scsi = shape.scsi_model or ("virtio-scsi" if any(r[4] == "scsi" for r in stable)
+                                    else None)
+        if scsi:
+            devices.append(f"<controller type='scsi' index='0' model='{scsi}'/>")
+        return devices
 
     def spawn(self, server, disks, config_drive=None, start=True):
         """Define the server's domain and (unless start is False) boot it."""
@@ -2267,6 +2957,8 @@ class LibvirtDriver:
         self._call("injecting an NMI", self._domain(server).injectNMI, 0)
 
     def set_admin_password(self, server, password):
+        if not self.guest_shape(server).guest_agent:
+            raise GuestAgentMissing("QEMU guest agent is not enabled")
         dom = self._domain(server)
         self._call("setting the password through the guest agent", dom.setUserPassword,
                    "root", password, 0)
@@ -2364,15 +3056,16 @@ class LibvirtDriver:
                 return None
         return self._call("looking up the network", lookup)
 
-    def _interface_xml(self, port, server=None):
+    def _interface_xml(self, port, server, shape=None):
         """A NIC on the port's libvirt network, behind the server's network filter (or a
-        Neutron port, plugged as Neutron bound it)."""
+        Neutron port, plugged as Neutron bound it), with the model, driver and bandwidth
+        the server's image and flavor ask for."""
+        extra = (shape or self.guest_shape(server)).interface_extra_xml()
         if port.get("neutron"):
-            return neutron_interface_xml(port)
-        ref = f"<filterref filter='{filter_name(server)}'/>" if self.firewall and server \
-            else ""
+            return neutron_interface_xml(port, extra)
+        ref = f"<filterref filter='{filter_name(server)}'/>" if self.firewall else ""
         return (f"<interface type='network'><source network='{xml_escape(port['network'])}'/>"
-                f"<mac address='{port['mac']}'/><model type='virtio'/>{ref}</interface>")
+                f"<mac address='{port['mac']}'/>{extra}{ref}</interface>")
 
     def define_filter(self, server, xml):
         """Create or replace the server's network filter (libvirt applies a change to the
@@ -2447,7 +3140,8 @@ class LibvirtDriver:
         hypervisor, which has no hot-plug, gets it in its definition."""
         dom = self._domain(server)
         self.volume_secret(vol)
-        xml = volume_disk_xml(vol, self.volume_mount_base, self.mount_share)
+        xml = volume_disk_xml(vol, self.volume_mount_base, self.mount_share,
+                              self.disk_dev(server, vol["target"]), server_disk_bus(server))
         if self.simulated:
             self.redefine_config(server)
             return
@@ -2485,19 +3179,20 @@ class LibvirtDriver:
         if self.simulated:
             self.redefine_config(server)
             return
-        xml = (f"<disk type='file' device='disk'><target dev='{vol['target']}' "
-               f"bus='virtio'/></disk>")
+        dev = self.disk_dev(server, vol["target"])
+        xml = (f"<disk type='file' device='disk'><target dev='{dev}' "
+               f"bus='{server_disk_bus(server)}'/></disk>")
         live = self._call("reading the domain state", dom.isActive)
         self._call("detaching the volume", lambda: dom.detachDeviceFlags(
             xml, self._device_flags(dom)))
         # a live unplug only asks the guest: the volume is free once the disk is gone
         deadline = time.monotonic() + DETACH_TIMEOUT
-        while live and f"<target dev='{vol['target']}'" in self._call(
+        while live and f"<target dev='{dev}'" in self._call(
                 "reading the domain", dom.XMLDesc, 0):
             if time.monotonic() > deadline or not self._call("reading the domain state",
                                                              dom.isActive):
                 if self._call("reading the domain state", dom.isActive):
-                    raise DriverError(f"the guest did not release {vol['target']} within "
+                    raise DriverError(f"the guest did not release {dev} within "
                                       f"{DETACH_TIMEOUT} seconds")
                 break
             time.sleep(0.5)
@@ -2509,11 +3204,12 @@ class LibvirtDriver:
         swapped = dict(server, volumes=[new if v["bdm_uuid"] == old["bdm_uuid"] else v
                                         for v in server.get("volumes", [])])
         if not self.simulated and self._call("reading the domain state", dom.isActive):
-            target = old["target"]
+            target = self.disk_dev(server, old["target"])
 
             def copy():
                 dom.blockCopy(target, volume_disk_xml(new, self.volume_mount_base,
-                                                      self.mount_share),
+                                                      self.mount_share, target,
+                                                      server_disk_bus(server)),
                               None, self.libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT)
                 deadline = time.monotonic() + 3600
                 while True:
@@ -2565,9 +3261,9 @@ class LibvirtDriver:
         desc = self._call("reading the domain", dom.XMLDesc, 0)
         targets = [re.search(r"<target dev='([^']+)'", disk).group(1) for disk in
                    re.findall(r"<disk .*?</disk>", desc, re.S) if "<target dev=" in disk]
-        others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in targets
-                         if t != vol["target"])
-        xml = (f"<domainsnapshot><disks><disk name='{vol['target']}' snapshot='external' "
+        dev = self.disk_dev(server, vol["target"])
+        others = "".join(f"<disk name='{t}' snapshot='no'/>" for t in targets if t != dev)
+        xml = (f"<domainsnapshot><disks><disk name='{dev}' snapshot='external' "
                f"type='file'><driver type='qcow2'/><source file='{xml_escape(new_path)}'/>"
                f"</disk>{others}</disks></domainsnapshot>")
         flags = (self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -2584,7 +3280,7 @@ class LibvirtDriver:
         dom = self._domain(server)
         running = not self.simulated and self._call("reading the domain state",
                                                     dom.isActive)
-        target = vol["target"]
+        target = self.disk_dev(server, vol["target"])
 
         def wait_job():
             deadline = time.monotonic() + 3600
@@ -2627,7 +3323,8 @@ class LibvirtDriver:
 
         def grow():
             if dom.isActive():
-                dom.blockResize(vol["target"], size, self.libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                dom.blockResize(self.disk_dev(server, vol["target"]), size,
+                                self.libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
         self._call("resizing the volume", grow)
 
     def redefine_config(self, server):
@@ -2987,7 +3684,7 @@ def create_missing_disks(instance_dir, server):
             create_qcow2(path, size)
 
 
-# § 9 image inspection -----------------------------------------------------------------
+# § 10 image inspection ----------------------------------------------------------------
 #
 # An image minivan did not write itself is hostile until its bytes are read: a qcow2
 # header can name a backing file or an external data file anywhere on the host, a vmdk
@@ -3475,14 +4172,14 @@ def image_base(app, image):
     return cache.boot_form(image, path, app.conf["image_max_virtual_size"])
 
 
-# § 10 images --------------------------------------------------------------------------
+# § 11 images --------------------------------------------------------------------------
 #
 # The image source seam.  LocalImages serves the images directory: every image file
 # there is an image, with an id drawn at random when it is first seen (never one an
 # image has or had); a sidecar FILE.json may name it and set its disk_format,
 # min_disk/min_ram and properties.  The directory's images are the operator's (owned by
 # no project).  Snapshots and uploads are written there too.  Either source's fetch()
-# puts an image's bytes into the ImageCache of §9, checked against their hash.
+# puts an image's bytes into the ImageCache of §10, checked against their hash.
 
 IMAGE_SUFFIXES = (".qcow2", ".img", ".raw", ".qcow", ".iso", ".vmdk", ".vhd", ".vhdx", ".vdi")
 LOCAL_IMAGE_FORMATS = {".qcow2": "qcow2", ".raw": "raw"}
@@ -3911,7 +4608,7 @@ class GlanceImages:
             raise BadRequest(f"The image service refused the change ({status}).")
 
 
-# § 11 image service -------------------------------------------------------------------
+# § 12 image service -------------------------------------------------------------------
 #
 # Without a Glance anywhere, minivan serves the part of the Glance v2 API the clients use
 # over its local image directory, under /image on its own port: versions, the image
@@ -4214,7 +4911,7 @@ class ImageService:
         return True
 
 
-# § 12 volumes -------------------------------------------------------------------------
+# § 13 volumes -------------------------------------------------------------------------
 #
 # Cinder v3, found in the Keystone catalog (volumev3 / block-storage) or --cinder-url.
 # Calls a request makes carry the caller's token, so Cinder applies its own policy and the
@@ -4674,9 +5371,9 @@ def stat_is_block(path):
     return stat.S_ISBLK(os.stat(path).st_mode)
 
 
-def volume_disk_xml(vol, mount_base, mount=None):
-    """The <disk> element of an attached volume (its serial is the volume id); an
-    encrypted one names the libvirt secret QEMU decrypts it with."""
+def volume_disk_xml(vol, mount_base, mount=None, dev=None, bus="virtio", address=""):
+    """The <disk> element of an attached volume (its serial is the volume id) as the
+    guest's dev on bus; an encrypted one names the libvirt secret QEMU decrypts it with."""
     kind, fmt, source = volume_source(vol["connection_info"], mount_base, mount)
     read_only = "<readonly/>" if (vol["connection_info"].get("data") or {}) \
         .get("access_mode") == "ro" else ""
@@ -4685,8 +5382,8 @@ def volume_disk_xml(vol, mount_base, mount=None):
         encryption = (f"<encryption format='luks'><secret type='passphrase' "
                       f"uuid='{volume_secret_uuid(vol)}'/></encryption>")
     return (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}' "
-            f"cache='none'/>{source}<target dev='{vol['target']}' bus='virtio'/>"
-            f"<serial>{xml_escape(vol['id'])}</serial>{encryption}{read_only}</disk>")
+            f"cache='none'/>{source}<target dev='{dev or vol['target']}' bus='{bus}'/>"
+            f"<serial>{xml_escape(vol['id'])}</serial>{encryption}{read_only}{address}</disk>")
 
 
 # Encrypted volumes.  Cinder formats a volume of an encryption type with a key from its
@@ -4737,8 +5434,12 @@ def volume_secret_xml(vol):
 
 
 def used_targets(server):
-    """Disk targets the server's local disks and volumes take."""
+    """Disk slots the server's local disks and volumes take (and its config drive, when
+    that sits on the disks' bus)."""
     taken = {target for _, target, _ in disk_layout(server)}
+    if server.get("config_drive") and \
+            DISK_PREFIXES[server_cdrom_bus(server)] == DISK_PREFIXES[server_disk_bus(server)]:
+        taken.add(config_drive_slot(server))
     taken.update(v["target"] for v in server.get("volumes", []) if v.get("target"))
     return taken
 
@@ -4757,7 +5458,7 @@ def next_target(server, wanted=None):
                     "instance has been exceeded.")
 
 
-# § 13 networks ------------------------------------------------------------------------
+# § 14 networks ------------------------------------------------------------------------
 #
 # With Neutron in the catalog (or --neutron-url), a server's NICs are Neutron ports, as in
 # Nova: minivan creates them (or takes the ones given) at build time, bound to the
@@ -4915,7 +5616,7 @@ def neutron_port_record(port, network_name, created, tag=None):
             "vif_details": port.get("binding:vif_details") or {}}
 
 
-def neutron_interface_xml(port):
+def neutron_interface_xml(port, extra="<model type='virtio'/>"):
     """libvirt XML plugging a Neutron port as its binding says: an Open vSwitch port of
     the integration bridge (vif_type ovs), a Linux bridge port (vif_type bridge) or a
     bare tap device (vif_type tap)."""
@@ -4926,23 +5627,23 @@ def neutron_interface_xml(port):
         return (f"<interface type='bridge'><mac address='{port['mac']}'/>"
                 f"<source bridge='{xml_escape(bridge)}'/><virtualport type='openvswitch'>"
                 f"<parameters interfaceid='{port['id']}'/></virtualport>"
-                f"<target dev='{dev}'/><model type='virtio'/></interface>")
+                f"<target dev='{dev}'/>{extra}</interface>")
     if port.get("vif_type") == "bridge":
         bridge = details.get("bridge_name") or "brq" + port["network_id"][:11]
         return (f"<interface type='bridge'><mac address='{port['mac']}'/>"
                 f"<source bridge='{xml_escape(bridge)}'/><target dev='{dev}'/>"
-                f"<model type='virtio'/></interface>")
+                f"{extra}</interface>")
     if port.get("vif_type") == "tap":
         # a bare tap device that Neutron's backend wires up by its name
         return (f"<interface type='ethernet'><mac address='{port['mac']}'/>"
-                f"<target dev='{dev}'/><model type='virtio'/></interface>")
+                f"<target dev='{dev}'/>{extra}</interface>")
     if port.get("vif_type") in (None, "unbound", "binding_failed"):
         raise DriverError(f"Binding failed for port {port['id']}, please check neutron logs "
                           "for more information.")
     raise DriverError(f"Unsupported VIF type {port.get('vif_type')} of port {port['id']}")
 
 
-# § 14 quotas --------------------------------------------------------------------------
+# § 15 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -5098,7 +5799,7 @@ def usage(data, project_id, user_id=None, index=None):
     return used
 
 
-# § 15 views ---------------------------------------------------------------------------
+# § 16 views ---------------------------------------------------------------------------
 
 SINCE_CACHE = {}                   # '2.47' -> (2, 47): views ask thousands of times
 
@@ -5196,7 +5897,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 16 API: versions and extensions ----------------------------------------------------
+# § 17 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -5380,7 +6081,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 17 API: flavors, extra specs, flavor access ----------------------------------------
+# § 18 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -5847,7 +6548,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 18 API: keypairs -------------------------------------------------------------------
+# § 19 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -6201,7 +6902,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 19 API: limits, quota sets, quota classes ------------------------------------------
+# § 20 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -6386,7 +7087,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 20 API: availability zones ---------------------------------------------------------
+# § 21 API: availability zones ---------------------------------------------------------
 
 def compute_zones(app):
     """The availability zones of the compute hosts."""
@@ -6420,7 +7121,7 @@ def availability_zones_detail(req):
          "hosts": hosts} for zone, hosts in sorted(zones.items())]}
 
 
-# § 21 servers: states, lookups, views -------------------------------------------------
+# § 22 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -6607,7 +7308,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 22 servers: the compute engine -----------------------------------------------------
+# § 23 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -7910,8 +8611,12 @@ class Compute:
         create_qcow2(rescue_disk, image_virtual_size(*base), *base)
         if stable:
             disks = self.extra_disks(server)
-            used = {t for _, t, _ in disks} | {"hdd"} | {
-                v.get("target") for v in server.get("volumes", [])}
+            shape = self.driver_of(server).guest_shape(server)
+            used = {shape.disk_dev(t) for _, t, _ in disks} | {
+                shape.disk_dev(v["target"]) for v in server.get("volumes", [])
+                if v.get("target")}
+            if server.get("config_drive"):
+                used.add(config_drive_dev(server, shape))
             prefix = RESCUE_BUSES[stable[1]]
             target = next(prefix + c for c in "abcdefghijklmnopqrstuvwxyz"
                           if prefix + c not in used)
@@ -7941,7 +8646,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 23 config drive --------------------------------------------------------------------
+# § 24 config drive --------------------------------------------------------------------
 
 def metadata_hostname(conf, server):
     """The hostname a guest's metadata gives: with --dhcp-domain after it, as Nova's."""
@@ -7973,7 +8678,9 @@ def device_metadata(app, server):
     domain gave it.  Before the domain exists (a config drive made at boot) they are
     listed without an address."""
     nics = {p.get("mac"): p["tag"] for p in server.get("ports", []) if p.get("tag")}
-    disks = {v.get("target"): v for v in server.get("volumes", []) if v.get("tag")}
+    bus = server_disk_bus(server)
+    disks = {DISK_PREFIXES[bus] + v["target"][2:]: v for v in server.get("volumes", [])
+             if v.get("tag") and v.get("target")}
     if not nics and not disks:
         return []
     xml = None
@@ -8231,7 +8938,7 @@ def write_iso(path, files, label, now=None):
         f.truncate(total * SECTOR)
 
 
-# § 24 API: servers --------------------------------------------------------------------
+# § 25 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -8393,6 +9100,7 @@ def server_create_plan(req, spec, hints, volumes=()):
             raise BadRequest("Flavor's disk is too small for requested image.")
         if flavor["disk"] == 0 and not req.ident.is_admin:
             raise Forbidden("Only volume-backed servers are allowed for flavors with zero disk.")
+        check_guest_request(flavor, image)
     key_name, key_data = spec.get("key_name"), None
     if key_name is not None:
         kp = req.store.data["keypairs"].get(req.ident.user_id, {}).get(key_name)
@@ -9575,6 +10283,8 @@ def server_action_change_password(req):
         settle(compute, server["id"])
         compute.finish_event(server["id"], rid, "compute_set_admin_password",
                              compute.now(), str(e))
+        if isinstance(e, GuestAgentMissing):
+            raise Conflict(str(e)) from None
         raise Conflict(f"Failed to set admin password on {server['id']} because the guest "
                        "agent is not running in it") from None
     settle(compute, server["id"])
@@ -9603,6 +10313,8 @@ def server_action_resize(req):
         raise BadRequest("Resize to zero disk flavor is not allowed.")
     if flavor["disk"] < server["flavor"]["disk"] and not volume_backed:
         raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
+    check_guest_request(flavor, {"name": server["image_ref"],
+                                 "properties": server.get("image_properties")})
     new = {k: flavor[k] for k in server["flavor"]}
     extra = check_resize_quota(req, server, new)
     # as Nova: the one given, else MANUAL (auto_disk_config = given or False)
@@ -9815,6 +10527,7 @@ def server_action_rebuild(req):
         raise BadRequest("Flavor's memory is too small for requested image.")
     if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
         raise BadRequest("Flavor's disk is too small for requested image.")
+    check_guest_request(server["flavor"], image)
     extra = {"image_ref": image["id"], "image_properties": dict(image.get("properties") or {})}
     for field, key in (("name", "name"), ("metadata", "metadata"),
                        ("OS-DCF:diskConfig", "disk_config"), ("accessIPv4", "access_ip_v4"),
@@ -11132,7 +11845,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 25 API: images ---------------------------------------------------------------------
+# § 26 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -11269,7 +11982,7 @@ def image_metadata_delete(req):
 
 
 
-# § 26 API: networks and security groups -----------------------------------------------
+# § 27 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default'); with Neutron, the security
@@ -11907,7 +12620,7 @@ def security_group_rules_delete(req):
 
 
 
-# § 27 API: volumes and events ---------------------------------------------------------
+# § 28 API: volumes and events ---------------------------------------------------------
 #
 # Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
 # (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
@@ -12251,9 +12964,9 @@ def volume_holder(req, volume_id):
     raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
 
 
-# § 28 API: server groups --------------------------------------------------------------
+# § 29 API: server groups --------------------------------------------------------------
 #
-# The scheduler (§29) keeps affinity groups' members on one host and anti-affinity
+# The scheduler (§30) keeps affinity groups' members on one host and anti-affinity
 # groups' apart (max_server_per_host each); a member that cannot be placed so fails its
 # build as in Nova ("No valid host was found"); the soft policies only weigh.
 
@@ -12370,7 +13083,7 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-# § 29 API: services and hypervisors ---------------------------------------------------
+# § 30 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -13074,7 +13787,7 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 30 API: simple tenant usage --------------------------------------------------------
+# § 31 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -13173,7 +13886,7 @@ def simple_tenant_usage_show(req):
     return 200, result
 
 
-# § 31 API: aggregates -----------------------------------------------------------------
+# § 32 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -13416,7 +14129,7 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 32 API: migrations -----------------------------------------------------------------
+# § 33 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
@@ -13610,7 +14323,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 33 metadata service ----------------------------------------------------------------
+# § 34 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -14061,7 +14774,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 34 failure injection ---------------------------------------------------------------
+# § 35 failure injection ---------------------------------------------------------------
 #
 # For people who test their own tools against minivan: with --fault-injection, an admin
 # makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
@@ -14241,7 +14954,7 @@ def faults_endpoint(app, method, path, headers, body):
     raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
 
 
-# § 35 ROUTES and ACTIONS --------------------------------------------------------------
+# § 36 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -14577,7 +15290,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 36 HTTP front end ------------------------------------------------------------------
+# § 37 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -15317,7 +16030,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 37 systemd and signals -------------------------------------------------------------
+# § 38 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -15408,7 +16121,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 38 main ----------------------------------------------------------------------------
+# § 39 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
@@ -15475,6 +16188,8 @@ def main(argv=None):
                 driver.graphics_listen = graphics_address(uri)
         for driver in drivers.values():
             driver.volume_passphrase = conf["fixed_key"] or None
+            driver.machine_types, driver.cpu_mode = conf["hw_machine_type"], conf["cpu_mode"]
+            driver.cpu_models = [m.strip() for m in conf["cpu_models"].split(",") if m.strip()]
         store = open_store(conf)
         os.makedirs(conf["instances_dir"], mode=0o711, exist_ok=True)  # QEMU passes through
     except (ConfigError, StateError) as e:

@@ -5486,6 +5486,13 @@ class ServerActionTests(ServerTestCase):
                          "itemNotFound")
         self.assertEqual(self.action(server_id, {"trigger_crash_dump": None},
                                      version="2.17").status, 202)
+        # as Nova: only a guest whose image asks for the QEMU guest agent has its channel
+        self.assertFault(self.action(server_id, {"changePassword": {"adminPass": "x"}}), 409,
+                         "conflictingRequest", "QEMU guest agent is not enabled")
+        r = self.post(f"/v2.1/images/{self.image_id}/metadata",
+                      {"metadata": {"hw_qemu_guest_agent": "yes"}}, version="2.35")
+        self.assertEqual(r.status, 200, r.raw)
+        server_id = self.new_server()
         # libvirt's test hypervisor answers for a guest agent; a QEMU guest without one is 409
         self.assertEqual(self.action(server_id, {"changePassword": {"adminPass": "x"}}).status,
                          202)
