@@ -1619,9 +1619,6 @@ def image_meta(props):
     mapped, enumerations canonical, integers and booleans typed.  BadRequest with Nova's
     message for a value that does not fit its field."""
     props = props or {}
-    if props.get("img_config_drive", "optional") not in ("optional", "mandatory"):
-        raise BadRequest(f"Image's config drive option '{props['img_config_drive']}' is "
-                         "invalid")
     meta = {IMAGE_LEGACY_NAMES[k]: v for k, v in props.items() if k in IMAGE_LEGACY_NAMES}
     meta.update((k, v) for k, v in props.items() if k not in IMAGE_LEGACY_NAMES)
     if props.get("vmware_adaptertype") == "ide":
@@ -1686,10 +1683,15 @@ def best_cpu_topology(vcpus, preferred, maximum):
     return max(possible, key=score)        # max keeps the first of equal scores
 
 
-def check_guest_request(flavor, image):
+def check_guest_request(flavor, image, create=True):
     """What Nova's API checks of a flavor and an image before it takes a server (create,
-    rebuild, resize), in its order: BadRequest with its message."""
-    meta = image_meta((image or {}).get("properties"))
+    or not: rebuild and resize), in its order: BadRequest with its message."""
+    props = (image or {}).get("properties") or {}
+    if not create and props.get("img_config_drive", "optional") not in ("optional",
+                                                                          "mandatory"):
+        raise BadRequest(f"Image's config drive option '{props['img_config_drive']}' is "
+                         "invalid")
+    meta = image_meta(props)
     specs = flavor.get("extra_specs") or {}
     keys = ["virtio_packed_ring", "pmu"] + ["vif_multiqueue_enabled"] * (flavor["vcpus"] > 1)
     for key in keys:
@@ -1862,7 +1864,8 @@ class GuestShape:
         self.watchdog = None if watchdog == "disabled" else watchdog
         self.boot_menu = meta["hw_boot_menu"] if "hw_boot_menu" in meta else \
             flavor_bool(specs, "hw:boot_menu")
-        self.windows = meta.get("os_type") == "windows"
+        # Nova's driver compares the property as given: "Windows" is not "windows"
+        self.windows = (self.server.get("image_properties") or {}).get("os_type") == "windows"
         self.hpet = meta.get("hw_time_hpet", False)
         self.hide_hypervisor = flavor_bool(specs, "hw:hide_hypervisor_id") or \
             flavor_bool(specs, "hide_hypervisor_id") or meta.get("img_hide_hypervisor_id",
@@ -1927,8 +1930,9 @@ class GuestShape:
             yes = "yes" if self.secure_boot else "no"
             firmware = (" firmware='efi'", f"<firmware><feature name='secure-boot' "
                                            f"enabled='{yes}'/></firmware>")
-            stateless = " stateless='yes'" if self.stateless else ""
-            loader = f"<loader secure='{yes}'{stateless}/>"
+            # Nova also writes <loader secure=...>, which libvirt before 9.2 refuses beside
+            # firmware autoselection; the firmware feature asks the same of it
+            loader = "<loader stateless='yes'/>" if self.stateless else ""
         attr, inner = firmware or ("", "")
         boot = f"<boot dev='{boot_dev}'/>" if boot_dev else ""
         menu = "<bootmenu enable='yes'/>" if self.boot_menu else ""
@@ -1941,11 +1945,11 @@ class GuestShape:
             vendor = "<vendor_id state='on' value='1234567890ab'/>" \
                 if self.hide_hypervisor else ""
             parts.append("<hyperv>" + HYPERV_FEATURES.format(vendor=vendor) + "</hyperv>")
+        parts.append("<vmcoreinfo/>")
         if self.hide_hypervisor:
             parts.append("<kvm><hidden state='on'/></kvm>")
         if self.pmu is not None:
             parts.append(f"<pmu state='{'on' if self.pmu else 'off'}'/>")
-        parts.append("<vmcoreinfo/>")
         return "<features>" + "".join(parts) + "</features>"
 
     def clock_xml(self):
@@ -1963,11 +1967,10 @@ class GuestShape:
         sockets, cores, threads = self.topology
         topology = f"<topology sockets='{sockets}' cores='{cores}' threads='{threads}'/>"
         if self.cpu_mode == "none":
-            return f"<cpu>{topology}</cpu>"
+            return f"<cpu match='exact'>{topology}</cpu>"
         model = f"<model>{xml_escape(self.cpu_models[0])}</model>" \
             if self.cpu_mode == "custom" and self.cpu_models else ""
-        match = " match='exact'" if self.cpu_mode in ("host-model", "custom") else ""
-        return f"<cpu mode='{self.cpu_mode}'{match}>{model}{topology}</cpu>"
+        return f"<cpu mode='{self.cpu_mode}' match='exact'>{model}{topology}</cpu>"
 
     def cputune_xml(self):
         if not self.cputune:
@@ -10314,7 +10317,8 @@ def server_action_resize(req):
     if flavor["disk"] < server["flavor"]["disk"] and not volume_backed:
         raise BadRequest("Resize of the server to a flavor with a smaller disk is not allowed.")
     check_guest_request(flavor, {"name": server["image_ref"],
-                                 "properties": server.get("image_properties")})
+                                 "properties": server.get("image_properties")},
+                        create=False)
     new = {k: flavor[k] for k in server["flavor"]}
     extra = check_resize_quota(req, server, new)
     # as Nova: the one given, else MANUAL (auto_disk_config = given or False)
@@ -10527,7 +10531,7 @@ def server_action_rebuild(req):
         raise BadRequest("Flavor's memory is too small for requested image.")
     if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
         raise BadRequest("Flavor's disk is too small for requested image.")
-    check_guest_request(server["flavor"], image)
+    check_guest_request(server["flavor"], image, create=False)
     extra = {"image_ref": image["id"], "image_properties": dict(image.get("properties") or {})}
     for field, key in (("name", "name"), ("metadata", "metadata"),
                        ("OS-DCF:diskConfig", "disk_config"), ("accessIPv4", "access_ip_v4"),

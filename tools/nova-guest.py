@@ -125,8 +125,7 @@ def build(case, tmp):
              "min_disk": 0, "properties": dict(case["image"].get("properties", {}))}
     try:
         image_meta = api_checks(image, flavor)
-    except (ValueError, exception.Invalid, exception.Forbidden,
-            exception.InvalidRequest) as e:
+    except (ValueError, exception.NovaException) as e:     # every one of them is a 400
         return {"stage": "api", "error": type(e).__name__, "message": str(e)}
 
     host = case.get("host", {})

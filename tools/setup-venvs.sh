@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup-venvs.sh - create (or bring up to date) the seven virtualenvs minivan's
+# setup-venvs.sh - create (or bring up to date) the eight virtualenvs minivan's
 # tests use:
 #   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
 #       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
@@ -15,6 +15,8 @@
 #       (ansible with its openstack.cloud collection, and the openstacksdk it works with)
 #   ${MINIVAN_HORIZON_VENV:-REPO/.venv-horizon}   <- tools/requirements-horizon.txt
 #       (Horizon and Selenium, for tools/horizon.sh and the browser test)
+#   ${MINIVAN_NOVA_VENV:-REPO/.venv-nova}         <- tools/requirements-nova.txt
+#       (Nova 34 and the fixtures of its own tests, for tools/nova-guest.py)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -49,6 +51,9 @@ if [[ ! -f $NOVA_POLICIES/nova/policies/__init__.py ]]; then
     "${MINIVAN_VENV:-$REPO/.venv}/bin/python" -m pip install -qq --no-deps \
         --target "$NOVA_POLICIES" nova==34.0.0
 fi
+# Nova 34 itself with its dependencies: tools/nova-guest.py has its libvirt driver write the
+# domains GuestShapeOracleTests compare minivan's with
+make_venv "${MINIVAN_NOVA_VENV:-$REPO/.venv-nova}" "$REPO/tools/requirements-nova.txt"
 make_venv "${MINIVAN_KEYSTONE_VENV:-$REPO/.venv-keystone}" "$REPO/tools/requirements-keystone.txt"
 make_venv "${MINIVAN_GLANCE_VENV:-$REPO/.venv-glance}" "$REPO/tools/requirements-glance.txt"
 make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements-cinder.txt"
