@@ -6594,6 +6594,64 @@ class RealGuestTests(unittest.TestCase):
         with self.assertRaises(libvirt.libvirtError):
             self.conn.nwfilterLookupByName("minivan-" + server.id)
 
+    def shaped_image(self, name, properties):
+        """A copy of the guest image with these properties, through minivan's image API."""
+        headers = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/image/v2/images", json.dumps(dict(
+            name=name, disk_format="qcow2", container_format="bare", **properties)), headers)
+        resp = conn.getresponse()
+        image = json.loads(resp.read())
+        self.assertEqual(resp.status, 201, image)
+        with open(GUEST_IMAGE, "rb") as f:
+            conn.request("PUT", f"/image/v2/images/{image['id']}/file", f, dict(
+                headers, **{"Content-Type": "application/octet-stream",
+                            "Content-Length": str(os.path.getsize(GUEST_IMAGE))}))
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 204, resp.read())
+            resp.read()
+        return image["id"]
+
+    def test_guest_shaped_by_its_flavor_and_image(self):
+        """An image that asks for SATA disks, an e1000 NIC, q35 and UEFI, and a flavor that
+        asks for one socket of two cores, a watchdog and a disk read limit: the guest finds
+        each of them from inside (its console's hw lines), the config drive on the SATA
+        CD-ROM, and libvirt applies the limit."""
+        image_id = self.shaped_image("shaped", {
+            "hw_disk_bus": "sata", "hw_vif_model": "e1000", "hw_machine_type": "q35",
+            "hw_firmware_type": "uefi"})
+        flavor = self.sdk.compute.create_flavor(name="shaped", ram=256, vcpus=2, disk=1)
+        self.addCleanup(self.sdk.compute.delete_flavor, flavor.id)
+        self.sdk.compute.create_flavor_extra_specs(flavor, {
+            "hw:cpu_sockets": "1", "hw:watchdog_action": "reset",
+            "quota:disk_read_bytes_sec": "10485760"})
+        server = self.sdk.compute.create_server(name="real-shaped", image_id=image_id,
+                                                flavor_id=flavor.id, networks="auto",
+                                                config_drive=True)
+        self.addCleanup(self.destroy, server.id)
+        self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120, interval=0.5)
+        self.wait_console(server.id, "minivan-guest ready")
+        console = self.console(server.id)
+        for line in ("hw disk sda sd ahci", "hw nic eth0 e1000",
+                     "hw cpu sockets 1 cores 2 threads 1", "hw rng virtio_rng.0",
+                     "hw watchdog i6300ESB timer", "hw firmware uefi",
+                     f"uuid {server.id}"):
+            self.assertIn("minivan-guest " + line, console)
+        self.assertEqual(self.domain(server.id).blockIoTune("sda", 0)["read_bytes_sec"],
+                         10485760)
+
+    def test_default_guest_as_novas(self):
+        """A flavor and image that ask for nothing: virtio disk and NIC, a virtio RNG, no
+        watchdog, BIOS, one socket per vCPU, as Nova gives them."""
+        server, _ = self.boot("real-default")
+        self.wait_console(server.id, "minivan-guest ready")
+        console = self.console(server.id)
+        for line in ("hw disk vda virtio_blk virtio-pci", "hw nic eth0 virtio_net",
+                     "hw cpu sockets 1 cores 1 threads 1", "hw rng virtio_rng.0",
+                     "hw watchdog none", "hw firmware bios"):
+            self.assertIn("minivan-guest " + line, console)
+
     def test_config_drive_from_the_builtin_iso_writer(self):
         """Without genisoimage on PATH, minivan writes the config-2 ISO itself and the guest
         reads it."""

@@ -4,13 +4,21 @@
 # The image: an MBR disk (syslinux boot code) with one FAT partition holding syslinux, a
 # Debian cloud kernel and a busybox initramfs.  Built with sfdisk/mkfs.fat/mtools/syslinux
 # on a plain file: no mounts, no loop devices, no root needed beyond installing packages.
-# Boots under BIOS (SeaBIOS, i440fx 'pc' machine), TCG or KVM, 256 MiB is plenty.
+# Boots under BIOS (SeaBIOS, i440fx 'pc' or q35) or UEFI (OVMF), TCG or KVM; 256 MiB is
+# plenty.
 #
 # What the guest prints on the serial console (ttyS0), one line each:
 #   minivan-guest booted kernel=<version> uptime=<s>
 #   minivan-guest uuid <uuid>                  if a config drive (label config-2, ISO 9660
 #   minivan-guest hostname <name>              or VFAT, cdrom or disk) holds meta_data.json
 #   minivan-guest ip <iface> <addr>/<prefix>   per NIC that got a DHCP lease (busybox udhcpc)
+#   minivan-guest hw disk <dev> <driver> <controller's driver>   per disk (virtio_blk
+#                                              virtio-pci, sd ahci, sd virtio_scsi, ...)
+#   minivan-guest hw nic <iface> <driver>      per NIC (virtio_net, e1000, ...)
+#   minivan-guest hw cpu sockets S cores C threads T
+#   minivan-guest hw rng <device>|none         the hardware RNG (virtio_rng.0)
+#   minivan-guest hw watchdog <identity>|none  the watchdog (i6300ESB timer)
+#   minivan-guest hw firmware uefi|bios        how it booted
 #   minivan-guest ready <addr> ...             after DHCP (addresses, or 'none')
 #   minivan-guest metadata uuid <uuid> instance-id <id>   from http://169.254.169.254 (the
 #                                              metadata service; 'metadata none' if silent)
@@ -30,7 +38,9 @@
 # Downloaded .debs and the kernel bits taken from them are cached in
 # ${MINIVAN_GUEST_CACHE:-${XDG_CACHE_HOME:-~/.cache}/minivan-guest}: re-runs need no download.
 # Kernel: the newest one already in that cache; else (or with MINIVAN_GUEST_REFRESH=1) the
-# one linux-image-cloud-amd64 depends on now; MINIVAN_GUEST_KERNEL=linux-image-... forces one.
+# one linux-image-amd64 depends on now; MINIVAN_GUEST_KERNEL=linux-image-... forces one.
+# (Debian's cloud kernel lacks the AHCI, e1000 and i6300esb drivers the guest shape tests
+# need.)
 # Host tools (installed with apt when missing): fdisk dosfstools mtools syslinux
 # syslinux-common cpio kmod qemu-utils.
 set -euo pipefail
@@ -50,7 +60,9 @@ mkdir -p "$CACHE/debs"
 MODULES=(virtio_pci virtio_net virtio_blk     # virtio NIC and disks
          button evdev                         # ACPI power button -> /dev/input/event*
          ata_piix sr_mod sd_mod isofs         # config drive as IDE cdrom (ISO 9660)
-         vfat nls_cp437 nls_ascii)            # config drive in VFAT format
+         vfat nls_cp437 nls_ascii             # config drive in VFAT format
+         ahci virtio_scsi e1000               # the buses and NIC an image may ask for
+         virtio-rng i6300esb)                 # the RNG and the watchdog a flavor gives
 # (ext4, for the volumes Tempest formats and mounts, is built into the cloud kernel)
 
 # --- host tools -----------------------------------------------------------------------
@@ -60,6 +72,7 @@ for pair in sfdisk:fdisk mkfs.fat:dosfstools mcopy:mtools syslinux:syslinux \
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 [[ -e /usr/lib/syslinux/mbr/mbr.bin ]] || need+=(syslinux-common)
+[[ -e /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ]] || need+=(syslinux-efi)
 if ((${#need[@]})); then
     [[ $(id -u) == 0 ]] || die "missing host tools; as root: apt-get install ${need[*]}"
     say "installing ${need[*]}"
@@ -102,19 +115,19 @@ KPKG=${MINIVAN_GUEST_KERNEL:-}
 if [[ -z $KPKG && ${MINIVAN_GUEST_REFRESH:-0} != 1 ]]; then
     # newest kernel already in the cache: no apt look-up at all (fast, works offline)
     KPKG=$(find "$CACHE" -maxdepth 2 -path "$CACHE/kernel-*/modules.load" 2>/dev/null |
-           sed "s|^$CACHE/kernel-||; s|/modules.load$||" | sort -V | tail -n1)
+           sed "s|^$CACHE/kernel-||; s|/modules.load$||" | { grep -v cloud || true; } | sort -V | tail -n1)
     KPKG=${KPKG:+linux-image-$KPKG}
 fi
 if [[ -z $KPKG ]]; then
-    KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
            awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
 fi
 if [[ -z $KPKG ]]; then
     apt-get -o DPkg::Lock::Timeout=300 update -qq || true
-    KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
            awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
 fi
-[[ -n $KPKG ]] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
+[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64 (apt-get update?)"
 KVER=${KPKG#linux-image-}
 KDIR=$CACHE/kernel-$KVER     # vmlinuz, modules/*.ko, modules.load (load order)
 if [[ ! -s $KDIR/modules.load || $(cat "$KDIR/modules.want" 2>/dev/null) != "${MODULES[*]}" ]]; then
@@ -365,6 +378,31 @@ for nic in /sys/class/net/eth*; do
         >/dev/null 2>&1 &
 done
 wait
+# What the guest was given, as the guest sees it (the guest shape tests read these):
+# each disk with its driver and its controller's, each NIC's driver, the CPU topology, the
+# RNG, the watchdog, and the firmware it booted through.
+driver_of() { [ -e "$1/driver" ] && basename "$(readlink "$1/driver")"; }
+for b in /sys/class/block/*; do
+    [ -e "$b/device" ] && [ ! -e "$b/partition" ] || continue
+    p=$(readlink -f "$b/device") ctl=
+    while [ "$p" != /sys/devices ] && [ -n "$p" ]; do
+        p=${p%/*}
+        ctl=$(driver_of "$p") && break
+    done
+    log "hw disk ${b##*/} $(driver_of "$b/device" || echo ?) ${ctl:-?}"
+done
+for n in /sys/class/net/eth*; do
+    [ -e "$n" ] && log "hw nic ${n##*/} $(driver_of "$n/device" || echo ?)"
+done
+cpus=$(ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l)
+sockets=$(cat /sys/devices/system/cpu/cpu[0-9]*/topology/physical_package_id | sort -u | wc -l)
+cores=$(for c in /sys/devices/system/cpu/cpu[0-9]*/topology; do
+            echo "$(cat "$c/physical_package_id"):$(cat "$c/core_id")"; done | sort -u | wc -l)
+log "hw cpu sockets $sockets cores $((cores / sockets)) threads $((cpus / cores))"
+log "hw rng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null || echo none)"
+log "hw watchdog $(cat /sys/class/watchdog/watchdog0/identity 2>/dev/null || echo none)"
+if [ -d /sys/firmware/efi ]; then log "hw firmware uefi"; else log "hw firmware bios"; fi
+
 addrs=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); printf " %s", $4 }')
 log "ready${addrs:- none}"
 
@@ -432,6 +470,12 @@ CFG
 export MTOOLS_SKIP_CHECK=1
 cp "$KDIR/vmlinuz" "$WORK/vmlinuz"
 mcopy -i "$RAW@@1M" "$WORK/vmlinuz" "$WORK/initrd.gz" "$WORK/syslinux.cfg" ::/
+# UEFI firmware starts \EFI\BOOT\BOOTX64.EFI of a FAT partition: syslinux's EFI build,
+# which reads the syslinux.cfg beside it
+mmd -i "$RAW@@1M" ::/EFI ::/EFI/BOOT
+mcopy -i "$RAW@@1M" /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$RAW@@1M" /usr/lib/syslinux/modules/efi64/ldlinux.e64 "$WORK/syslinux.cfg" \
+    ::/EFI/BOOT/
 syslinux --offset $(( 2048 * 512 )) --install "$RAW"            # ldlinux.sys + boot sector
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$RAW" bs=440 count=1 conv=notrunc status=none
 qemu-img convert -f raw -O qcow2 "$RAW" "$OUT.tmp"
