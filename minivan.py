@@ -1631,7 +1631,7 @@ def image_meta(props):
                 meta[key] = int(value)
             elif key in IMAGE_BOOLS:
                 meta[key] = bool_from_string(value)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:      # (a property that is a list or an object)
         raise BadRequest(f"Invalid image metadata. Error: {e}") from None
     return meta
 
@@ -1798,12 +1798,18 @@ class GuestShape:
         flavor = server["flavor"]
         self.server, self.host, self.virt_type = server, host, host.virt_type
         self.vcpus, self.ram = flavor["vcpus"], flavor["ram"]
-        self.specs = specs = dict(flavor.get("extra_specs") or {})
+        self.specs = dict(flavor.get("extra_specs") or {})
         try:
-            self.meta = meta = image_meta(server.get("image_properties"))
-            preferred, maximum = cpu_topology_limits(specs, meta)
-        except BadRequest as e:
+            self._shape(machine_types, cpu_mode, cpu_models, graphics)
+        except BadRequest as e:     # extra specs stored before 2.86 checked them, ...
             raise GuestRefused(e.message) from None
+        except (ValueError, TypeError) as e:
+            raise GuestRefused(f"Invalid flavor extra spec. Error: {e}") from None
+
+    def _shape(self, machine_types, cpu_mode, cpu_models, graphics):
+        specs, host = self.specs, self.host
+        self.meta = meta = image_meta(self.server.get("image_properties"))
+        preferred, maximum = cpu_topology_limits(specs, meta)
         refused = unhonoured_requests(specs, meta)
         if refused:
             raise GuestRefused("minivan does not give guests " + "; ".join(
@@ -2420,7 +2426,7 @@ class LibvirtDriver:
         loader = loader.group(1) if loader else ""
         uefi = bool(re.search(r"<enum name='type'>.*?<value>pflash</value>", loader, re.S))
         secure = bool(re.search(r"<enum name='secure'>.*?<value>yes</value>", loader, re.S))
-        controller = self.local and cgroup_cpu_controller()
+        controller = cgroup_cpu_controller() if self.local else True   # (its libvirt sees)
         return GuestHost(machines, uefi, secure, controller, self.virt_type)
 
     def guest_shape(self, server):

@@ -5246,6 +5246,67 @@ class ServerLifecycleTests(ServerTestCase):
         self.assertTrue(a and b)
 
 
+class GuestShapeTests(ServerTestCase):
+    """Flavor extra specs and image properties through the API: Nova's 400s at create,
+    rebuild and resize; a build minivan cannot give fails with the reason."""
+
+    def set_image_properties(self, **props):
+        r = self.post(f"/v2.1/images/{self.image_id}/metadata", {"metadata": props},
+                      version="2.35")
+        self.assertEqual(r.status, 200, r.raw)
+
+    def test_bad_image_property_is_400_at_create_and_rebuild(self):
+        """A property that does not fit Nova's field is refused before anything is made;
+        rebuild checks the config drive option first, as Nova does."""
+        server_id = self.new_server()
+        self.set_image_properties(hw_disk_bus="floppy")
+        self.assertFault(self.post_server(), 400, "badRequest",
+                         "Invalid image metadata. Error: Field value floppy is invalid")
+        self.set_image_properties(hw_disk_bus="virtio", hw_video_ram="lots")
+        self.assertFault(self.post_server(), 400, "badRequest", "Invalid image metadata. "
+                         "Error: invalid literal for int() with base 10: 'lots'")
+        self.set_image_properties(hw_video_ram="0", img_config_drive="always")
+        self.assertFault(self.post_server(), 400, "badRequest",
+                         "Invalid image metadata. Error: Field value always is invalid")
+        self.assertFault(self.action(server_id, {"rebuild": {"imageRef": self.image_id}}),
+                         400, "badRequest", "Image's config drive option 'always' is invalid")
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_resize_checks_the_new_flavor_against_the_image(self):
+        """An image's vCPU limit above the new flavor's is Nova's 400 on resize."""
+        self.set_image_properties(hw_cpu_max_sockets="4")
+        server_id = self.new_server()
+        self.assertEqual(self.post("/v2.1/flavors/2/os-extra_specs", {"extra_specs": {
+            "hw:cpu_max_sockets": "2"}}).status, 200)
+        self.assertFault(self.action(server_id, {"resize": {"flavorRef": "2"}}), 400,
+                         "badRequest", "Image vCPU topology limits (sockets=4, cores=0, "
+                         "threads=0) exceeds the limits of the flavor (sockets=2, cores=0, "
+                         "threads=0)")
+
+    def test_unhonoured_spec_fails_the_build_with_the_reason(self):
+        """A flavor asking for dedicated CPUs gets no shared ones: the build fails, and
+        its fault names what minivan does not give."""
+        self.assertEqual(self.post("/v2.1/flavors/2/os-extra_specs", {"extra_specs": {
+            "hw:cpu_policy": "dedicated"}}).status, 200)
+        r = self.post_server(flavorRef="2")
+        self.assertEqual(r.status, 202, r.raw)
+        server = self.server(r.json()["server"]["id"])
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn("minivan does not give guests dedicated CPUs (hw:cpu_policy)",
+                      server["fault"]["message"])
+
+    def test_guest_agent_channel_only_when_the_image_asks(self):
+        """The domain has the QEMU guest agent's channel only with hw_qemu_guest_agent."""
+        server_id = self.new_server()
+        desc = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
+        self.assertNotIn("org.qemu.guest_agent.0", desc)
+        self.set_image_properties(hw_qemu_guest_agent="yes", hw_disk_bus="sata")
+        server_id = self.new_server()
+        desc = self.app.driver.conn.lookupByUUIDString(server_id).XMLDesc(0)
+        self.assertIn("org.qemu.guest_agent.0", desc)
+        self.assertIn("<target dev='sda' bus='sata'/>", desc)
+
+
 class ServerActionTests(ServerTestCase):
     def test_stop_start(self):
         """os-stop → SHUTOFF with the domain shut off; os-start → ACTIVE; wrong states 409."""
