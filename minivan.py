@@ -200,6 +200,8 @@ OPTIONS = [
      "host-passthrough, custom (with --cpu-models) or none (default: host-model)"),
     ("cpu-models", "", "comma-separated CPU models for --cpu-mode custom, as Nova's "
      "[libvirt] cpu_models: guests get the first"),
+    ("swtpm-enabled", "false", "give guests whose flavor or image asks for one an emulated "
+     "TPM (swtpm), as Nova's [libvirt] swtpm_enabled"),
     ("network", "default", "libvirt network that servers' NICs join"),
     ("firewall", "nwfilter", "nwfilter: enforce security group rules on servers' NICs with "
      "libvirt's network filters (where libvirt has them); none: no filtering"),
@@ -376,7 +378,8 @@ def finish_config(conf):
     for key in ("debug", "force_config_drive", "enable_instance_password",
                 "service_metadata_proxy",
                 "resume_guests_state_on_host_boot", "instance_usage_audit",
-                "vif_plugging_is_fatal", "fault_injection", "noauth_allow_remote"):
+                "vif_plugging_is_fatal", "fault_injection", "noauth_allow_remote",
+                "swtpm_enabled"):
         conf[key] = str(conf[key]).lower() in BOOL_TRUE
     if not conf["auth"]:
         conf["auth"] = "keystone" if conf["keystone_url"] else "noauth"
@@ -1725,7 +1728,6 @@ UNHONOURED_SPECS = (
     (r"hw:numa_.*|hw_numa_.*", "a guest NUMA topology"),
     (r"hw:mem_page_size|hw_mem_page_size", "huge pages"),
     (r"hw:locked_memory=(?i:1|t|true|on|y|yes)|hw_locked_memory=True", "locked memory"),
-    (r"hw:tpm_.*|hw_tpm_.*", "an emulated TPM"),
     (r"hw:mem_encryption=(?i:1|t|true|on|y|yes)|hw_mem_encryption=True|"
      r"hw:mem_encryption_model|hw_mem_encryption_model", "memory encryption"),
     (r"hw:pmem", "persistent memory"),
@@ -1776,12 +1778,14 @@ HYPERV_FEATURES = ("<relaxed state='on'/><vapic state='on'/>"
 
 class GuestHost:
     """What a host offers guests, as the shape needs to know it: its machine types, UEFI
-    and Secure Boot firmware, and CPU time controls.  Read from libvirt once."""
+    and Secure Boot firmware, CPU time controls and emulated TPMs.  Read from libvirt
+    once."""
 
     def __init__(self, machines=("pc", "q35"), uefi=False, secure_boot=False,
-                 cpu_controller=True, virt_type="qemu"):
+                 cpu_controller=True, virt_type="qemu", tpm=None):
         self.machines, self.uefi, self.secure_boot = tuple(machines), uefi, secure_boot
         self.cpu_controller, self.virt_type = cpu_controller, virt_type
+        self.tpm = tpm       # (versions, models) of emulated TPMs (swtpm), or None
 
 
 def flavor_bool(specs, key, default=False):
@@ -1827,6 +1831,7 @@ class GuestShape:
         self.cpu_models = list(cpu_models)
         self._devices(specs, meta, graphics)
         self._firmware(specs, meta)
+        self._tpm(specs, meta)
         self._tuning(specs)
 
     def _bus(self, bus):
@@ -1906,6 +1911,40 @@ class GuestShape:
             raise GuestRefused("Secure Boot is not supported by host")
         self.secure_boot = wanted in ("required", "optional") and possible
         self.stateless = self.uefi and meta.get("hw_firmware_stateless", False)
+
+    def _tpm(self, specs, meta):
+        """An emulated TPM (swtpm) of the version and model asked for: hw:tpm_version /
+        hw_tpm_version, hw:tpm_model / hw_tpm_model (tpm-tis unless said)."""
+        self.tpm = None
+        version = self._flavor_image_value(specs, meta, "tpm_version")
+        if version is None:
+            return
+        model = self._flavor_image_value(specs, meta, "tpm_model") or "tpm-tis"
+        if version not in ("1.2", "2.0") or model not in ("tpm-tis", "tpm-crb"):
+            raise GuestRefused(f"Invalid TPM version {version!r} or model {model!r}.")
+        if model == "tpm-crb" and version != "2.0":
+            raise GuestRefused("TPM model CRB is only valid with TPM version 2.0.")
+        versions, models = self.host.tpm or ((), ())
+        if version not in versions or model not in models:
+            raise GuestRefused(f"No valid host was found. No host has an emulated TPM "
+                               f"{version} ({model}) (--swtpm-enabled and swtpm)")
+        self.tpm = (version, model)
+
+    def _flavor_image_value(self, specs, meta, key):
+        """A setting both may give (hw:KEY, hw_KEY): a conflict fails the build as Nova's
+        FlavorImageConflict; else whichever is set, or None."""
+        flavor_value, image_value = specs.get(f"hw:{key}"), meta.get(f"hw_{key}")
+        if None not in (flavor_value, image_value) and flavor_value != image_value:
+            raise GuestRefused(flavor_image_conflict(self.server, key, flavor_value,
+                                                     image_value))
+        return image_value if image_value is not None else flavor_value
+
+    def tpm_xml(self, secret_uuid):
+        if not self.tpm:
+            return ""
+        version, model = self.tpm
+        return (f"<tpm model='{model}'><backend type='emulator' version='{version}'>"
+                f"<encryption secret='{secret_uuid}'/></backend></tpm>")
 
     def _tuning(self, specs):
         self.cputune = [(name, int(specs[f"quota:cpu_{name}"]))
@@ -2000,7 +2039,7 @@ class GuestShape:
                 for direction, values in self.bandwidth.items()) + "</bandwidth>"
         return f"<model type='{self.vif_model}'/>{self.vif_driver}{bandwidth}"
 
-    def devices_tail_xml(self, graphics_listen):
+    def devices_tail_xml(self, graphics_listen, tpm_secret=None):
         """The devices after the disks, the NICs and the serial port, in Nova's order."""
         parts = []
         if self.graphics:
@@ -2020,6 +2059,7 @@ class GuestShape:
             rate = f"<rate period='{period}' bytes='{bytes_}'/>" if bytes_ and period else ""
             parts.append(f"<rng model='virtio'>{rate}<backend model='random'>/dev/urandom"
                          f"</backend></rng>")
+        parts.append(self.tpm_xml(tpm_secret))
         usb = self.tablet and (self.input_bus or "usb") == "usb"
         model = "" if usb else f" model='{self.usb_model or 'none'}'"
         parts.append(f"<controller type='usb' index='0'{model}/>")
@@ -2082,6 +2122,30 @@ def cgroup_cpu_controller():
             return "cpu" in f.read().split()
     except OSError:
         return os.path.isdir("/sys/fs/cgroup/cpu")
+
+
+def vtpm_requested(flavor, props):
+    """True when the flavor or the image asks for an emulated TPM (hw:tpm_version)."""
+    return bool((flavor.get("extra_specs") or {}).get("hw:tpm_version")
+                or (props or {}).get("hw_tpm_version"))
+
+
+VTPM_REFUSED = {"rebuild": "rebuild", "shelve": "shelve", "rescue": "rescue",
+                "evacuate": "evacuate", "migrate": "migrate", "resize": "resize",
+                "live-migration": "live-migration"}   # Nova's four, and the moves
+
+
+def refuse_vtpm_move(server, action_name):
+    """400 for what would take a server's emulated TPM from its host (its state stays
+    there): Nova's rebuild, shelve, rescue and evacuate, and minivan's moves."""
+    if action_name in VTPM_REFUSED and vtpm_requested(server["flavor"],
+                                                      server.get("image_properties")):
+        raise BadRequest(f"Operation '{VTPM_REFUSED[action_name]}' not supported for "
+                         f"vTPM-enabled instance ({server['id']}).")
+
+
+def vtpm_secret_uuid(server):
+    return str(uuid.uuid5(IMAGE_NAMESPACE, "vtpm-secret:" + server["id"]))
 
 
 def machine_type_for(setting, arch):
@@ -2264,6 +2328,7 @@ class LibvirtDriver:
         self.volume_passphrase = None  # of encrypted volumes (the fixed key), once set
         self.machine_types = ""        # --hw-machine-type, --cpu-mode, --cpu-models
         self.cpu_mode, self.cpu_models = "", ()
+        self.swtpm_enabled = False     # --swtpm-enabled
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -2411,8 +2476,9 @@ class LibvirtDriver:
 
     def _read_guest_host(self):
         if self.simulated or self.conn is None:
+            tpm = (("1.2", "2.0"), ("tpm-tis", "tpm-crb")) if self.swtpm_enabled else None
             return GuestHost(machines=(), uefi=True, secure_boot=True,
-                             virt_type=self.virt_type)
+                             virt_type=self.virt_type, tpm=tpm)
         caps = self._call("reading the host's capabilities", self.conn.getCapabilities)
         machines = set()
         for guest in re.findall(r"<guest>.*?</guest>", caps, re.S):
@@ -2427,7 +2493,16 @@ class LibvirtDriver:
         uefi = bool(re.search(r"<enum name='type'>.*?<value>pflash</value>", loader, re.S))
         secure = bool(re.search(r"<enum name='secure'>.*?<value>yes</value>", loader, re.S))
         controller = cgroup_cpu_controller() if self.local else True   # (its libvirt sees)
-        return GuestHost(machines, uefi, secure, controller, self.virt_type)
+        tpm = None
+        found = re.search(r"<tpm supported='yes'>(.*?)</tpm>", domcaps, re.S)
+        if self.swtpm_enabled and found and "<value>emulator</value>" in found.group(1):
+            versions = re.search(r"<enum name='backendVersion'>(.*?)</enum>", found.group(1),
+                                 re.S)
+            models = re.search(r"<enum name='model'>(.*?)</enum>", found.group(1), re.S)
+            tpm = (re.findall(r"<value>([^<]+)</value>", versions.group(1)) if versions
+                   else ["1.2", "2.0"],
+                   re.findall(r"<value>([^<]+)</value>", models.group(1)) if models else [])
+        return GuestHost(machines, uefi, secure, controller, self.virt_type, tpm)
 
     def guest_shape(self, server):
         """The server's GuestShape on this host; DriverError with the reason when the host
@@ -2465,7 +2540,10 @@ class LibvirtDriver:
         devices.append(f"<serial type='pty'><log file='{console}' append='on'/>"
                        f"<target port='0'/></serial>"
                        f"<console type='pty'><target type='serial' port='0'/></console>")
-        devices.append(shape.devices_tail_xml(self.graphics_listen or ""))
+        if shape.tpm:
+            self.vtpm_secret(server)
+        devices.append(shape.devices_tail_xml(self.graphics_listen or "",
+                                              vtpm_secret_uuid(server)))
         stable = any(len(r) == 5 for r in rescue or [])
         os_xml = shape.os_xml(None if stable else "hd")    # (a boot order is per device)
         cpu = shape.cpu_xml()
@@ -2579,8 +2657,11 @@ class LibvirtDriver:
         def remove():
             if dom.isActive():
                 dom.destroy()
+            # (with the UEFI variables and the emulated TPM's state, which go with it)
             flags = (self.libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                     | self.libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                     | self.libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                     | self.libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                     | getattr(self.libvirt, "VIR_DOMAIN_UNDEFINE_TPM", 0))
             try:
                 dom.undefineFlags(flags)
             except self.libvirt.libvirtError:
@@ -2588,6 +2669,8 @@ class LibvirtDriver:
         self._call("deleting the domain", remove)
         for vol in server.get("volumes", []):      # defined again with the next domain
             self.volume_secret(vol, remove=True)
+        if server.get("vtpm_secret"):
+            self.vtpm_secret(server, remove=True)
 
     def live_migrate(self, server, dest, disks, config_drive=None, block=False):
         """Move the running domain to dest's libvirt (a live migration minivan drives over
@@ -3156,6 +3239,29 @@ class LibvirtDriver:
             return
         self._call("attaching the volume", lambda: dom.attachDeviceFlags(
             xml, self._device_flags(dom)))
+
+    def vtpm_secret(self, server, remove=False):
+        """The libvirt secret swtpm encrypts a server's TPM state with (its passphrase is
+        the server record's vtpm_secret): defined before the domain, removed with it."""
+        if self.simulated:
+            return
+        if remove:
+            def undefine():
+                try:
+                    self.conn.secretLookupByUUIDString(vtpm_secret_uuid(server)).undefine()
+                except self.libvirt.libvirtError as e:
+                    if e.get_error_code() != self.libvirt.VIR_ERR_NO_SECRET:
+                        raise
+            self._call("removing the TPM's secret", undefine)
+            return
+        if not server.get("vtpm_secret"):
+            raise DriverError("the server has no TPM passphrase (it was made before its "
+                              "flavor asked for a TPM)")
+        xml = (f"<secret ephemeral='no' private='yes'><uuid>{vtpm_secret_uuid(server)}</uuid>"
+               f"<usage type='vtpm'><name>{server['id']}</name></usage></secret>")
+        secret = self._call("defining the TPM's secret", lambda: self.conn.secretDefineXML(xml))
+        self._call("setting the TPM's secret", secret.setValue,
+                   server["vtpm_secret"].encode())
 
     def volume_secret(self, vol, remove=False):
         """The libvirt secret of an encrypted volume: defined (again) with the passphrase
@@ -9532,6 +9638,8 @@ def server_record_fields(req, spec, plan, index, count, reservation_id, instance
         "root_device_name": "/dev/vda", "server_groups": [], "volumes": [],
         "personality": [dict(p) for p in spec.get("personality") or []],
         "local_disks": list(plan["local_disks"]),
+        **({"vtpm_secret": secrets.token_hex(32)} if vtpm_requested(
+            plan["flavor"], (image or {}).get("properties")) else {}),
     }, plan["volumes"])
 
 
@@ -10031,6 +10139,7 @@ def begin_action(req, rule, task_state, action_name, extra=None, check_lock=True
 
     def plan(data):
         server = find_server(req, server_id)
+        refuse_vtpm_move(server, action_name)
         if check_lock:
             check_not_locked(req, server)
         if server["vm_state"] not in vm_states:
@@ -10312,6 +10421,7 @@ def server_action_resize(req):
                                        "OS-DCF:diskConfig": {"type": "string",
                                                              "enum": ["AUTO", "MANUAL"]}}}}})
     server = find_server(req, req.params["server_id"])
+    refuse_vtpm_move(server, "resize")
     flavor = req.store.data["flavors"].get(ref_id(body["resize"]["flavorRef"]))
     if flavor is None or not flavor_visible(req, flavor):
         raise BadRequest("Unable to locate requested flavor.")
@@ -10411,6 +10521,7 @@ def server_action_migrate(req):
                                    "properties": props}}})
     host = (body["migrate"] or {}).get("host")
     server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate:host")
+    refuse_vtpm_move(server, "migrate")
     compute = req.app.compute
     if server["vm_state"] in ("active", "stopped"):
         check_fits(req, server, server["flavor"], requested=host,
@@ -10442,6 +10553,7 @@ def server_action_migrate_live(req):
     spec = body["os-migrateLive"]
     host = spec.get("host")
     server = moving_server(req, host, "os_compute_api:os-migrate-server:migrate_live:host")
+    refuse_vtpm_move(server, "live-migration")
     block = None if spec["block_migration"] == "auto" else \
         bool_from_string(spec["block_migration"])
     if block and all(driver.local for driver in req.app.drivers.values()):
@@ -16199,6 +16311,7 @@ def main(argv=None):
         for driver in drivers.values():
             driver.volume_passphrase = conf["fixed_key"] or None
             driver.machine_types, driver.cpu_mode = conf["hw_machine_type"], conf["cpu_mode"]
+            driver.swtpm_enabled = conf["swtpm_enabled"]
             driver.cpu_models = [m.strip() for m in conf["cpu_models"].split(",") if m.strip()]
         store = open_store(conf)
         os.makedirs(conf["instances_dir"], mode=0o711, exist_ok=True)  # QEMU passes through

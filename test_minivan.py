@@ -5295,6 +5295,28 @@ class GuestShapeTests(ServerTestCase):
         self.assertIn("minivan does not give guests dedicated CPUs (hw:cpu_policy)",
                       server["fault"]["message"])
 
+    def test_tpm_needs_swtpm_and_stays_on_its_host(self):
+        """Without --swtpm-enabled a TPM flavor finds no host, as in Nova; with it the
+        server has a TPM passphrase of its own, and a resize, migration, shelve, rescue
+        or rebuild is refused (400) as Nova refuses what moves a vTPM."""
+        self.assertEqual(self.post("/v2.1/flavors/2/os-extra_specs", {"extra_specs": {
+            "hw:tpm_version": "2.0"}}).status, 200)
+        server = self.server(self.post_server(flavorRef="2").json()["server"]["id"])
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn("No valid host was found.", server["fault"]["message"])
+        self.app.driver.swtpm_enabled = True
+        self.app.driver._guest_host = None
+        server_id = self.new_server(flavorRef="2")
+        self.assertEqual(len(self.app.store.data["servers"][server_id]["vtpm_secret"]), 64)
+        for action, body in (("resize", {"flavorRef": "3"}), ("migrate", None),
+                             ("shelve", None), ("rescue", None),
+                             ("rebuild", {"imageRef": self.image_id})):
+            with self.subTest(action):
+                self.assertFault(self.action(server_id, {action: body}), 400, "badRequest",
+                                 f"Operation '{action}' not supported for vTPM-enabled "
+                                 f"instance ({server_id}).")
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
     def test_guest_agent_channel_only_when_the_image_asks(self):
         """The domain has the QEMU guest agent's channel only with hw_qemu_guest_agent."""
         server_id = self.new_server()
@@ -6043,6 +6065,11 @@ GUEST_CASES = [
                     "quota:vif_inbound_burst": "512", "quota:vif_outbound_average": "512",
                     "quota:vif_outbound_peak": "1024"}, {}, {}),
     ("NIC peak without average", {"quota:vif_outbound_peak": "1024"}, {}, {}),
+    ("TPM 2.0 CRB from the flavor", {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"},
+     {}, {"tpm": True}),
+    ("TPM 1.2 from the image", {}, {"hw_tpm_version": "1.2"}, {"tpm": True}),
+    ("TPM from both, the same", {"hw:tpm_version": "2.0"},
+     dict(Q35, hw_tpm_version="2.0", hw_firmware_type="uefi"), {"tpm": True}),
     ("everything at once", {"hw:cpu_sockets": "1", "hw:watchdog_action": "none",
                             "quota:disk_total_bytes_sec": "1000000",
                             "quota:vif_outbound_average": "100"},
@@ -6081,12 +6108,16 @@ GUEST_REFUSALS = [
      dict(Q35, hw_firmware_type="uefi", os_secure_boot="required"), {}),
     ("multiqueue conflict", {"hw:vif_multiqueue_enabled": "true"},
      {"hw_vif_multiqueue_enabled": "false"}, {"vcpus": 2}),
+    ("TPM CRB needs 2.0", {"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-crb"}, {},
+     {"tpm": True}),
+    ("TPM conflict", {"hw:tpm_version": "2.0"}, {"hw_tpm_version": "1.2"}, {"tpm": True}),
 ]
 
 
 def nova_guest_case(specs, props, settings):
     """A case for tools/nova-guest.py: Nova's options for the settings minivan has."""
-    libvirt_conf = {"virt_type": settings.get("virt_type", "qemu")}
+    libvirt_conf = {"virt_type": settings.get("virt_type", "qemu"),
+                    "swtpm_enabled": settings.get("tpm", False)}
     if settings.get("machine"):
         libvirt_conf["hw_machine_type"] = [settings["machine"]]
     if settings.get("cpu_mode"):
@@ -6120,8 +6151,10 @@ def minivan_guest(specs, props, settings, instances_dir):
     driver._guest_host = (None, minivan.GuestHost(
         machines=("pc", "q35", "pc-i440fx-7.2", "pc-q35-7.2"),
         uefi=settings.get("uefi", True), secure_boot=settings.get("secure_boot", True),
-        cpu_controller=True, virt_type=virt_type))
+        cpu_controller=True, virt_type=virt_type,
+        tpm=(("1.2", "2.0"), ("tpm-tis", "tpm-crb")) if settings.get("tpm") else None))
     driver.graphics_listen = "127.0.0.1" if settings.get("vnc", True) else None
+    driver.vtpm_secret = lambda server, remove=False: None   # (no connection here)
     driver.machine_types = settings.get("machine", "")
     driver.cpu_mode, driver.cpu_models = settings.get("cpu_mode", ""), \
         settings.get("cpu_models", [])
@@ -6133,6 +6166,7 @@ def minivan_guest(specs, props, settings, instances_dir):
                          "ephemeral": settings.get("ephemeral", 0),
                          "swap": settings.get("swap", 0), "extra_specs": specs},
               "image_properties": props, "config_drive": settings.get("config_drive", False),
+              "vtpm_secret": "0" * 64,
               "volumes": [], "ports": [{"id": NOVA_PORT_ID, "mac": "fa:16:3e:00:00:00",
                                         "neutron": True, "vif_type": "ovs",
                                         "vif_details": {"bridge_name": "br-int"}}]}
@@ -6193,6 +6227,8 @@ def guest_shape_of(xml):
                             attrs(dev.find("backend")), dev.findtext("backend")))
         elif dev.tag == "video":
             devices.append(("video", attrs(dev.find("model"))))
+        elif dev.tag == "tpm":      # (its secret's uuid is a name)
+            devices.append(("tpm", attrs(dev), attrs(dev.find("backend"))))
         elif dev.tag == "memballoon":
             devices.append(("memballoon", attrs(dev), kids(dev)))
         else:
@@ -6376,7 +6412,8 @@ class RealGuestTests(unittest.TestCase):
             "MINIVAN_METADATA_LISTEN": "169.254.169.254:80" if cls.metadata else "",
             "MINIVAN_SERIAL_CONSOLE_LISTEN": f"127.0.0.1:{free_port()}",
             "MINIVAN_VNC_LISTEN": f"127.0.0.1:{free_port()}",
-            "MINIVAN_NOVNC_DIR": cls.novnc_dir()})
+            "MINIVAN_NOVNC_DIR": cls.novnc_dir(),
+            "MINIVAN_SWTPM_ENABLED": "true" if shutil.which("swtpm") else "false"})
         cls.images_dir = data_images
         import openstack
         cls.sdk = openstack.connect(auth_type="none", auth={"endpoint": cls.url},
@@ -6701,6 +6738,38 @@ class RealGuestTests(unittest.TestCase):
             self.assertIn("minivan-guest " + line, console)
         self.assertEqual(self.domain(server.id).blockIoTune("sda", 0)["read_bytes_sec"],
                          10485760)
+
+    def test_emulated_tpm(self):
+        """A flavor asking for a TPM 2.0 (CRB) gets one from swtpm, its state encrypted
+        with a libvirt secret of the server; the guest finds it; a rebuild is refused as
+        in Nova; deleting the server removes the secret and the TPM's state."""
+        if not shutil.which("swtpm"):
+            skip_or_fail(self, "swtpm not installed (apt install swtpm swtpm-tools)")
+        flavor = self.sdk.compute.create_flavor(name="tpm", ram=256, vcpus=1, disk=1)
+        self.addCleanup(self.sdk.compute.delete_flavor, flavor.id)
+        self.sdk.compute.create_flavor_extra_specs(flavor, {
+            "hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"})
+        server = self.sdk.compute.create_server(name="real-tpm", image_id=self.image_id,
+                                                flavor_id=flavor.id, networks="auto")
+        self.addCleanup(self.destroy, server.id)
+        self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120, interval=0.5)
+        self.wait_console(server.id, "minivan-guest ready")
+        self.assertIn("minivan-guest hw tpm 2", self.console(server.id))
+        desc = self.domain(server.id).XMLDesc(0)
+        self.assertIn("<tpm model='tpm-crb'>", desc)
+        secret = re.search(r"<encryption secret='([^']+)'", desc).group(1)
+        self.assertEqual(self.conn.secretLookupByUUIDString(secret).usageID(), server.id)
+        state = f"/var/lib/libvirt/swtpm/{server.id}"
+        self.assertTrue(os.path.isdir(state))
+        r = self.sdk.compute.post(f"/servers/{server.id}/action", json={
+            "rebuild": {"imageRef": self.image_id}}, raise_exc=False)
+        self.assertEqual(r.status_code, 400, r.text)
+        self.assertIn("not supported for vTPM-enabled instance", r.text)
+        self.destroy(server.id)
+        libvirt = minivan.import_libvirt()
+        with self.assertRaises(libvirt.libvirtError):
+            self.conn.secretLookupByUUIDString(secret)
+        self.assertFalse(os.path.exists(state))
 
     def test_default_guest_as_novas(self):
         """A flavor and image that ask for nothing: virtio disk and NIC, a virtio RNG, no

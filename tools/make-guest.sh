@@ -18,6 +18,7 @@
 #   minivan-guest hw cpu sockets S cores C threads T
 #   minivan-guest hw rng <device>|none         the hardware RNG (virtio_rng.0)
 #   minivan-guest hw watchdog <identity>|none  the watchdog (i6300ESB timer)
+#   minivan-guest hw tpm 1|2|none              the TPM's major version
 #   minivan-guest hw firmware uefi|bios        how it booted
 #   minivan-guest ready <addr> ...             after DHCP (addresses, or 'none')
 #   minivan-guest metadata uuid <uuid> instance-id <id>   from http://169.254.169.254 (the
@@ -401,6 +402,7 @@ cores=$(for c in /sys/devices/system/cpu/cpu[0-9]*/topology; do
 log "hw cpu sockets $sockets cores $((cores / sockets)) threads $((cpus / cores))"
 log "hw rng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null || echo none)"
 log "hw watchdog $(cat /sys/class/watchdog/watchdog0/identity 2>/dev/null || echo none)"
+log "hw tpm $(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo none)"
 if [ -d /sys/firmware/efi ]; then log "hw firmware uefi"; else log "hw firmware bios"; fi
 
 addrs=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); printf " %s", $4 }')

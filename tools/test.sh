@@ -32,7 +32,8 @@ PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev 
           qemu-utils systemd openssl openssh-client curl python3-venv gcc genisoimage
           rabbitmq-server nfs-common openvswitch-switch sudo util-linux chromium chromium-driver
           python3-seccomp python3-libvirt haproxy iputils-ping iputils-arping conntrack
-          radvd keepalived novnc ovn-central ovn-host mariadb-server ovmf)
+          radvd keepalived novnc ovn-central ovn-host mariadb-server ovmf
+          swtpm swtpm-tools)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
