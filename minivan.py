@@ -3246,22 +3246,14 @@ class LibvirtDriver:
         if self.simulated:
             return
         if remove:
-            def undefine():
-                try:
-                    self.conn.secretLookupByUUIDString(vtpm_secret_uuid(server)).undefine()
-                except self.libvirt.libvirtError as e:
-                    if e.get_error_code() != self.libvirt.VIR_ERR_NO_SECRET:
-                        raise
-            self._call("removing the TPM's secret", undefine)
+            self._secret("TPM", vtpm_secret_uuid(server))
             return
         if not server.get("vtpm_secret"):
             raise DriverError("the server has no TPM passphrase (it was made before its "
                               "flavor asked for a TPM)")
         xml = (f"<secret ephemeral='no' private='yes'><uuid>{vtpm_secret_uuid(server)}</uuid>"
                f"<usage type='vtpm'><name>{server['id']}</name></usage></secret>")
-        secret = self._call("defining the TPM's secret", lambda: self.conn.secretDefineXML(xml))
-        self._call("setting the TPM's secret", secret.setValue,
-                   server["vtpm_secret"].encode())
+        self._secret("TPM", vtpm_secret_uuid(server), xml, server["vtpm_secret"].encode())
 
     def volume_secret(self, vol, remove=False):
         """The libvirt secret of an encrypted volume: defined (again) with the passphrase
@@ -3269,21 +3261,28 @@ class LibvirtDriver:
         if not vol.get("encryption") or self.simulated:
             return
         if remove:
-            def undefine():
-                try:
-                    self.conn.secretLookupByUUIDString(volume_secret_uuid(vol)).undefine()
-                except self.libvirt.libvirtError as e:
-                    if e.get_error_code() != self.libvirt.VIR_ERR_NO_SECRET:
-                        raise
-            self._call("removing the volume's secret", undefine)
+            self._secret("volume", volume_secret_uuid(vol))
             return
         if not self.volume_passphrase:
             raise DriverError(f"volume {vol['id']} is encrypted and no fixed key is set "
                               "(MINIVAN_FIXED_KEY)")
-        secret = self._call("defining the volume's secret",
-                            lambda: self.conn.secretDefineXML(volume_secret_xml(vol)))
-        self._call("setting the volume's secret", secret.setValue,
-                   self.volume_passphrase.encode())
+        self._secret("volume", volume_secret_uuid(vol), volume_secret_xml(vol),
+                     self.volume_passphrase.encode())
+
+    def _secret(self, what, secret_uuid, xml=None, value=None):
+        """Define a libvirt secret (xml) with its value, or (no xml) remove it."""
+        if xml is None:
+            def undefine():
+                try:
+                    self.conn.secretLookupByUUIDString(secret_uuid).undefine()
+                except self.libvirt.libvirtError as e:
+                    if e.get_error_code() != self.libvirt.VIR_ERR_NO_SECRET:
+                        raise
+            self._call(f"removing the {what}'s secret", undefine)
+            return
+        secret = self._call(f"defining the {what}'s secret",
+                            lambda: self.conn.secretDefineXML(xml))
+        self._call(f"setting the {what}'s secret", secret.setValue, value)
 
     def detach_volume(self, server, vol):
         """Unplug a volume's disk (a guest that ignores the unplug request is detached
