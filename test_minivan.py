@@ -6692,8 +6692,10 @@ class RealGuestTests(unittest.TestCase):
         with self.assertRaises(libvirt.libvirtError):
             self.conn.nwfilterLookupByName("minivan-" + server.id)
 
-    def shaped_image(self, name, properties):
-        """A copy of the guest image with these properties, through minivan's image API."""
+    def shaped_image(self, name, properties, path=None):
+        """A copy of the guest image (or of the image at path) with these properties,
+        through minivan's image API."""
+        path = path or GUEST_IMAGE
         headers = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         self.addCleanup(conn.close)
@@ -6702,10 +6704,10 @@ class RealGuestTests(unittest.TestCase):
         resp = conn.getresponse()
         image = json.loads(resp.read())
         self.assertEqual(resp.status, 201, image)
-        with open(GUEST_IMAGE, "rb") as f:
+        with open(path, "rb") as f:
             conn.request("PUT", f"/image/v2/images/{image['id']}/file", f, dict(
                 headers, **{"Content-Type": "application/octet-stream",
-                            "Content-Length": str(os.path.getsize(GUEST_IMAGE))}))
+                            "Content-Length": str(os.path.getsize(path))}))
             resp = conn.getresponse()
             self.assertEqual(resp.status, 204, resp.read())
             resp.read()
@@ -6738,6 +6740,35 @@ class RealGuestTests(unittest.TestCase):
             self.assertIn("minivan-guest " + line, console)
         self.assertEqual(self.domain(server.id).blockIoTune("sda", 0)["read_bytes_sec"],
                          10485760)
+
+    def test_secure_boot(self):
+        """os_secure_boot=required on q35 with UEFI: the firmware libvirt picks has
+        Microsoft's keys enrolled, the test guest built with Debian's signed shim and GRUB
+        boots, and it finds Secure Boot on; the same image without it boots with it off."""
+        work = tempfile.mkdtemp(prefix="minivan-sb-")
+        self.addCleanup(shutil.rmtree, work, ignore_errors=True)
+        path = os.path.join(work, "guest-sb.qcow2")
+        subprocess.run([os.path.join(HERE, "tools", "make-guest.sh"), path], check=True,
+                       env=dict(os.environ, MINIVAN_GUEST_SECURE_BOOT="1"),
+                       capture_output=True, timeout=600)
+        flavor = self.sdk.compute.create_flavor(name="sb", ram=512, vcpus=1, disk=1)
+        self.addCleanup(self.sdk.compute.delete_flavor, flavor.id)
+        for secure, expected in (("required", "1"), ("disabled", "0")):
+            with self.subTest(os_secure_boot=secure):
+                image_id = self.shaped_image("sb-" + secure, {
+                    "hw_firmware_type": "uefi", "hw_machine_type": "q35",
+                    "os_secure_boot": secure}, path)
+                server = self.sdk.compute.create_server(
+                    name="real-sb", image_id=image_id, flavor_id=flavor.id,
+                    networks="auto")
+                self.addCleanup(self.destroy, server.id)
+                self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120,
+                                                 interval=0.5)
+                self.wait_console(server.id, "minivan-guest ready")
+                console = self.console(server.id)
+                self.assertIn("minivan-guest hw firmware uefi", console)
+                self.assertIn("minivan-guest hw secureboot " + expected, console)
+                self.destroy(server.id)
 
     def test_emulated_tpm(self):
         """A flavor asking for a TPM 2.0 (CRB) gets one from swtpm, its state encrypted

@@ -20,6 +20,7 @@
 #   minivan-guest hw watchdog <identity>|none  the watchdog (i6300ESB timer)
 #   minivan-guest hw tpm 1|2|none              the TPM's major version
 #   minivan-guest hw firmware uefi|bios        how it booted
+#   minivan-guest hw secureboot 1|0            under UEFI: whether Secure Boot is on
 #   minivan-guest ready <addr> ...             after DHCP (addresses, or 'none')
 #   minivan-guest metadata uuid <uuid> instance-id <id>   from http://169.254.169.254 (the
 #                                              metadata service; 'metadata none' if silent)
@@ -36,6 +37,9 @@
 # http URLs.  dropbear, e2fsprogs and util-linux come from their .debs with every
 # library they need.
 #
+# MINIVAN_GUEST_SECURE_BOOT=1: the UEFI boot goes through Debian's signed shim and GRUB
+# (shim-signed, grub-efi-amd64-signed: Microsoft's key, then Debian's), so the guest boots
+# with Secure Boot on under OVMF's firmware with Microsoft's keys enrolled.
 # Downloaded .debs and the kernel bits taken from them are cached in
 # ${MINIVAN_GUEST_CACHE:-${XDG_CACHE_HOME:-~/.cache}/minivan-guest}: re-runs need no download.
 # Kernel: the newest one already in that cache; else (or with MINIVAN_GUEST_REFRESH=1) the
@@ -63,7 +67,8 @@ MODULES=(virtio_pci virtio_net virtio_blk     # virtio NIC and disks
          ata_piix sr_mod sd_mod isofs         # config drive as IDE cdrom (ISO 9660)
          vfat nls_cp437 nls_ascii             # config drive in VFAT format
          ahci virtio_scsi e1000               # the buses and NIC an image may ask for
-         virtio-rng i6300esb)                 # the RNG and the watchdog a flavor gives
+         virtio-rng i6300esb                  # the RNG and the watchdog a flavor gives
+         efivarfs)                            # UEFI variables: is Secure Boot on
 # (ext4, for the volumes Tempest formats and mounts, is built into the cloud kernel)
 
 # --- host tools -----------------------------------------------------------------------
@@ -403,7 +408,16 @@ log "hw cpu sockets $sockets cores $((cores / sockets)) threads $((cpus / cores)
 log "hw rng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null || echo none)"
 log "hw watchdog $(cat /sys/class/watchdog/watchdog0/identity 2>/dev/null || echo none)"
 log "hw tpm $(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo none)"
-if [ -d /sys/firmware/efi ]; then log "hw firmware uefi"; else log "hw firmware bios"; fi
+if [ -d /sys/firmware/efi ]; then
+    log "hw firmware uefi"
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+    # SecureBoot: 4 bytes of attributes, then 1 (on) or 0 (off)
+    sb=$(dd if=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c \
+            bs=1 skip=4 count=1 2>/dev/null | od -An -tu1)
+    log "hw secureboot $(echo ${sb:-0})"
+else
+    log "hw firmware bios"
+fi
 
 addrs=$(ip -4 -o addr show scope global | awk '{ sub(/\/.*/, "", $4); printf " %s", $4 }')
 log "ready${addrs:- none}"
@@ -473,11 +487,36 @@ export MTOOLS_SKIP_CHECK=1
 cp "$KDIR/vmlinuz" "$WORK/vmlinuz"
 mcopy -i "$RAW@@1M" "$WORK/vmlinuz" "$WORK/initrd.gz" "$WORK/syslinux.cfg" ::/
 # UEFI firmware starts \EFI\BOOT\BOOTX64.EFI of a FAT partition: syslinux's EFI build,
-# which reads the syslinux.cfg beside it
+# which reads the syslinux.cfg beside it; or, for Secure Boot, Debian's signed shim, which
+# starts Debian's signed GRUB beside it, which checks the (Debian-signed) kernel
 mmd -i "$RAW@@1M" ::/EFI ::/EFI/BOOT
-mcopy -i "$RAW@@1M" /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ::/EFI/BOOT/BOOTX64.EFI
-mcopy -i "$RAW@@1M" /usr/lib/syslinux/modules/efi64/ldlinux.e64 "$WORK/syslinux.cfg" \
-    ::/EFI/BOOT/
+if [[ ${MINIVAN_GUEST_SECURE_BOOT:-0} == 1 ]]; then
+    for pkg in shim-signed grub-efi-amd64-signed; do
+        dpkg-deb --fsys-tarfile "$(fetch_deb "$pkg")" | tar -x -C "$WORK" \
+            --wildcards './usr/lib/shim/shimx64.efi.signed' \
+            './usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed' 2>/dev/null || true
+    done
+    [[ -s $WORK/usr/lib/shim/shimx64.efi.signed &&
+       -s $WORK/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed ]] ||
+        die "no signed shim or GRUB in shim-signed / grub-efi-amd64-signed"
+    cat > "$WORK/grub.cfg" <<'CFG'
+set timeout=0
+linux /vmlinuz console=tty0 console=ttyS0,115200n8 quiet panic=-1
+initrd /initrd.gz
+boot
+CFG
+    mmd -i "$RAW@@1M" ::/EFI/debian ::/boot ::/boot/grub
+    mcopy -i "$RAW@@1M" "$WORK/usr/lib/shim/shimx64.efi.signed" ::/EFI/BOOT/BOOTX64.EFI
+    mcopy -i "$RAW@@1M" "$WORK/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" \
+        ::/EFI/BOOT/grubx64.efi
+    for dir in EFI/BOOT EFI/debian boot/grub; do
+        mcopy -i "$RAW@@1M" "$WORK/grub.cfg" "::/$dir/grub.cfg"
+    done
+else
+    mcopy -i "$RAW@@1M" /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ::/EFI/BOOT/BOOTX64.EFI
+    mcopy -i "$RAW@@1M" /usr/lib/syslinux/modules/efi64/ldlinux.e64 "$WORK/syslinux.cfg" \
+        ::/EFI/BOOT/
+fi
 syslinux --offset $(( 2048 * 512 )) --install "$RAW"            # ldlinux.sys + boot sector
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$RAW" bs=440 count=1 conv=notrunc status=none
 qemu-img convert -f raw -O qcow2 "$RAW" "$OUT.tmp"

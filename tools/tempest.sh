@@ -125,6 +125,9 @@ min_compute_nodes = ${TEMPEST_MIN_COMPUTE_NODES:-1}
 catalog_type = volumev3
 region = ${OS_REGION_NAME:-RegionOne}
 build_timeout = 120
+# what Cinder's NFS driver reports, as devstack's NFS jobs tell Tempest
+storage_protocol = nfs
+vendor_name = Open Source
 
 [volume-feature-enabled]
 # Cinder's NFS driver: snapshots of detached volumes only, no backups
