@@ -106,7 +106,7 @@ METADATA_SECRET=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 # as devstack without Barbican: Cinder and the compute service share one volume key
 FIXED_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
-GLANCE_METADEFS=1 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
+GLANCE_METADEFS=1 GLANCE_QUOTAS=1 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
 CINDER_FIXED_KEY=$FIXED_KEY tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
 NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
     NEUTRON_METADATA_SECRET=$METADATA_SECRET \
@@ -150,12 +150,16 @@ mount --bind "$CINDER_EXPORT_DIR" "$POINT"
 OPENSTACK=("$VENV/bin/openstack")
 IMAGE=$("${OPENSTACK[@]}" image create --disk-format qcow2 --container-format bare --public \
     --file "$WORK/guest.qcow2" minivan-guest -f value -c id)
+# a second one, as devstack's two cirros images: Tempest's image_ref_alt
+IMAGE_ALT=$("${OPENSTACK[@]}" image create --disk-format qcow2 --container-format bare \
+    --public --file "$WORK/guest.qcow2" minivan-guest-alt -f value -c id)
 "${OPENSTACK[@]}" flavor create --id 42 --ram 128 --disk 1 --vcpus 1 m1.nano >/dev/null
 "${OPENSTACK[@]}" flavor create --id 84 --ram 192 --disk 1 --vcpus 1 m1.micro >/dev/null
 say "cloud ready after $((SECONDS - T0)) s (image $IMAGE)"
 
 # --- Tempest
-export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
+export TEMPEST_GATE=1 TEMPEST_IMAGE_REF=$IMAGE TEMPEST_IMAGE_REF_ALT=$IMAGE_ALT
+export TEMPEST_IMAGE_FILE=$WORK/guest.qcow2
 export TEMPEST_DYNAMIC_CREDENTIALS=True TEMPEST_CONCURRENCY=${TEMPEST_CONCURRENCY:-2}
 export TEMPEST_PUBLIC_NETWORK_ID=$NEUTRON_PUBLIC_NETWORK_ID TEMPEST_ATTACH_ENCRYPTED=True
 TEMPEST_NETWORK_EXTENSIONS=$("${OPENSTACK[@]}" extension list --network -c Alias -f value |

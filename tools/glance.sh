@@ -13,7 +13,11 @@
 #       endpoints http://127.0.0.1:PORT in RegionOne.  Returns once glance
 #       answers.  Appends to DIR/env (sourceable; created if missing, earlier
 #       GLANCE_* lines replaced): GLANCE_URL, GLANCE_IMAGES_DIR.  With GLANCE_METADEFS=1
-#       it also loads Glance's metadata definitions, as devstack does.
+#       it also loads Glance's metadata definitions, as devstack does.  With
+#       GLANCE_QUOTAS=1, as devstack's default GLANCE_ENABLE_QUOTAS: Keystone's unified
+#       limits (registered limits for image_size_total, image_stage_total (2000 MiB),
+#       image_count_total, image_count_uploading (100)), which Glance enforces through
+#       oslo.limit as user glance with the system-scoped reader role.
 #   tools/glance.sh stop DIR
 #       Stops the gunicorn master in DIR/glance.pid and its workers.
 # Re-running start on a stopped DIR keeps its database and images.
@@ -124,13 +128,38 @@ application = wsgi_app.init_app()
 EOF
 }
 
-# Creates the glance service user and the image catalog entry (idempotently).
+# Creates the glance service user and the image catalog entry (idempotently); sets SVC.
 register() {
-    local svc
     admin_token glance
     service_user glance "$PASSWORD"
-    svc=$(ensure services "type=image&name=glance" '{"service": {"name": "glance", "type": "image"}}')
-    endpoints "$svc" "$1"
+    SVC=$(ensure services "type=image&name=glance" '{"service": {"name": "glance", "type": "image"}}')
+    endpoints "$SVC" "$1"
+}
+
+# Keystone's registered limits for Glance's quotas and the reader role on the system for
+# user glance, as devstack's configure_glance_quotas; prints the [oslo_limit] options.
+unified_limits() {
+    local name limit user role endpoint
+    token '{"auth": {"identity": {"methods": ["password"], "password": {"user":
+        {"name": "'"$OS_USERNAME"'", "domain": {"name": "'"$OS_USER_DOMAIN_NAME"'"},
+         "password": "'"$OS_PASSWORD"'"}}}, "scope": {"system": {"all": true}}}}'
+    [[ -n $TOKEN ]] || { echo "glance: no system-scoped admin token" >&2; exit 1; }
+    for limit in image_size_total:2000 image_stage_total:2000 image_count_total:100 \
+                 image_count_uploading:100; do
+        name=${limit%%:*}
+        [[ -n $(api GET "/registered_limits?service_id=$SVC&resource_name=$name" |
+                jget registered_limits 0 id) ]] && continue
+        api POST /registered_limits '{"registered_limits": [{"service_id": "'"$SVC"'",
+            "region_id": "RegionOne", "resource_name": "'"$name"'",
+            "default_limit": '"${limit#*:}"'}]}' >/dev/null
+    done
+    user=$(api GET "/users?name=glance" | jget users 0 id)
+    role=$(ensure roles "name=reader" '{"role": {"name": "reader"}}')
+    api PUT "/system/users/$user/roles/$role" >/dev/null
+    endpoint=$(api GET "/endpoints?service_id=$SVC&interface=public" | jget endpoints 0 id)
+    printf '%s\n' "[oslo_limit]" "auth_url = $OS_AUTH_URL" "auth_type = password" \
+        "username = glance" "password = $PASSWORD" "user_domain_name = Default" \
+        "system_scope = all" "endpoint_id = $endpoint"
 }
 
 start() {
@@ -153,6 +182,11 @@ start() {
 
     mkdir -p "$dir/images"
     write_config "$dir"
+    if [[ ${GLANCE_QUOTAS:-0} == 1 ]]; then
+        { echo "[DEFAULT]"; echo "use_keystone_limits = true"; unified_limits; } \
+            >> "$dir/glance-api.conf"
+        echo "glance: unified limits registered in keystone"
+    fi
     "$GL_VENV/bin/glance-manage" --config-file "$dir/glance-api.conf" db_sync \
         >>"$dir/glance-manage.log" 2>&1 ||
         { echo "glance: glance-manage db_sync failed, see $dir/glance-manage.log" >&2; exit 1; }

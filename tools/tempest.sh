@@ -184,6 +184,7 @@ floating_network_name = public
 
 [network-feature-enabled]
 port_security = True
+ipv6_subnet_attributes = True
 # as devstack: the extensions this Neutron has, so that tests of others skip
 api_extensions = ${TEMPEST_NETWORK_EXTENSIONS:-all}
 
@@ -203,6 +204,10 @@ flavor_ref_alt = 84
 [compute-feature-enabled]
 # as devstack: a guest without an agent cannot take a new password
 change_password = False
+# as devstack (it leaves Tempest's default for cold migration: with one compute host
+# only the tests that need no second host run)
+hostname_fqdn_sanitization = True
+cold_migration = True
 # LUKS volumes (Cinder and the compute service share a fixed key, as devstack without
 # Barbican)
 attach_encrypted_volume = ${TEMPEST_ATTACH_ENCRYPTED:-False}
@@ -213,6 +218,14 @@ vnc_console = True
 
 [volume]
 build_timeout = 300
+max_microversion = latest
+
+[placement]
+max_microversion = latest
+
+[image-feature-enabled]
+# as devstack without GLANCE_USE_IMPORT_WORKFLOW
+import_image = False
 
 [scenario]
 img_file = $TEMPEST_IMAGE_FILE
