@@ -5036,6 +5036,7 @@ class ImageService:
 # compute side, delete on detach.
 
 CINDER_VERSION = "volume 3.44"
+REIMAGE_TIMEOUT_PER_GB = 20    # seconds per GB a rebuild waits for Cinder's reimage (Nova's)
 VOLUME_TARGETS = "vd" + "".join(chr(c) for c in range(ord("a"), ord("z") + 1))
 
 
@@ -5094,7 +5095,7 @@ class Cinder:
             url = url[:-len(own)] + project_id
         return url
 
-    def call(self, ident, method, path, body=None):
+    def call(self, ident, method, path, body=None, version=CINDER_VERSION):
         """One Cinder call as the caller (ident) or, with ident None, as minivan."""
         for attempt in (0, 1):
             service = self.auth.service_token_value(force=attempt == 1)
@@ -5103,7 +5104,7 @@ class Cinder:
             else:
                 project, token = ident.project_id, ident.token
             headers = {"X-Auth-Token": token, "X-Service-Token": service,
-                       "OpenStack-API-Version": CINDER_VERSION}
+                       "OpenStack-API-Version": version}
             try:
                 return call_service("block storage service", self.project_url(project) + path,
                                     method, headers, body, VolumeError, cinder_message)
@@ -5163,6 +5164,13 @@ class Cinder:
 
     def action(self, ident, volume_id, name, args=None):
         self.call(ident, "POST", f"/volumes/{volume_id}/action", {name: args})
+
+    def reimage(self, ident, volume_id, image_id):
+        """Write the image over a reserved volume (3.68); Cinder tells the compute service
+        with a volume-reimaged event when it is done."""
+        self.call(ident, "POST", f"/volumes/{volume_id}/action", {
+            "os-reimage": {"image_id": image_id, "reimage_reserved": True}},
+            version="volume 3.68")
 
     # -- snapshots ------------------------------------------------------------------
     def get_snapshot(self, ident, snapshot_id):
@@ -7441,6 +7449,7 @@ class Compute:
         self.threads = set()
         self.threads_lock = threading.Lock()
         self.vif_waiters = {}          # server id -> {port id: Event}, while a build waits
+        self.reimage_waiters = {}      # (server id, volume id) -> Event, while a rebuild waits
         self.vif_lock = threading.Lock()
         self.build_slots = app.conf.get("max_concurrent_builds", 10)   # 0: no limit
         self.build_queue = queue.Queue()   # builds waiting for one of the build workers
@@ -7914,7 +7923,6 @@ class Compute:
         cinder = self.app.volumes
         if cinder is None:
             raise DriverError("the block storage service is gone from the catalog")
-        connector = host_connector(self.app.conf)
         server = self.store.data["servers"][server_id]
         for vol in list(server.get("volumes", [])):
             vol = dict(vol)
@@ -7932,13 +7940,18 @@ class Compute:
                 vol["attachment_id"] = cinder.attachment_create(ident, vol["id"],
                                                                 server_id)["id"]
                 self.set_volume(server_id, vol)
-            attachment = cinder.attachment_update(ident, vol["attachment_id"],
-                                                  dict(connector, mountpoint=vol["device"]))
-            vol["connection_info"] = attachment.get("connection_info") or {}
-            volume_source(vol["connection_info"], self.app.conf["volume_mount_base"],
-                          self.driver_of(server).mount_share)
-            vol["encryption"] = volume_encryption(self.app, ident, vol)
-            self.set_volume(server_id, vol)
+            self.connect_volume(server, vol, ident)
+
+    def connect_volume(self, server, vol, ident):
+        """Give a reserved volume's attachment this host's connector: its connection."""
+        attachment = self.app.volumes.attachment_update(
+            ident, vol["attachment_id"], dict(host_connector(self.app.conf),
+                                              mountpoint=vol["device"]))
+        vol = dict(vol, connection_info=attachment.get("connection_info") or {})
+        volume_source(vol["connection_info"], self.app.conf["volume_mount_base"],
+                      self.driver_of(server).mount_share)
+        vol["encryption"] = volume_encryption(self.app, ident, vol)
+        self.set_volume(server["id"], vol)
 
     def disconnect_volumes(self, server):
         """Shelve offload, as Nova: each volume stays the server's (a new attachment with
@@ -8614,6 +8627,59 @@ class Compute:
         self.driver_of(server).spawn(server, self.extra_disks(server), drive, start=was_active)
         self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
                     power_state=RUNNING if was_active else SHUTDOWN, launched_at=self.now())
+
+    def rebuild_boot_volume(self, server, was_active, admin_pass, image, ident):
+        """2.93's rebuild of a volume-backed server, as Nova's: the guest stops, its boot
+        volume is held by a new attachment without a host while Cinder writes the image
+        over it, and once Cinder says (a volume-reimaged event) it is connected again and
+        the guest defined and started anew."""
+        server_id, cinder = server["id"], self.app.volumes
+        if cinder is None:
+            raise DriverError("the block storage service is gone from the catalog")
+        root = next((v for v in server.get("volumes", []) if v.get("boot_index") == 0), None)
+        if root is None:
+            raise DriverError("the server has no boot volume")
+        if self.driver_of(server).exists(server):
+            self.driver_of(server).power_off(server, timeout=self.app.conf["shutdown_timeout"])
+        self.update(server_id, task_state="rebuild_block_device_mapping")
+        self.driver_of(server).destroy(server)
+        held = cinder.attachment_create(ident, root["id"], server_id)
+        cinder.attachment_delete(ident, root["attachment_id"])
+        root = dict(root, attachment_id=held["id"], connection_info=None)
+        self.set_volume(server_id, root)
+        done = threading.Event()
+        done.failed = False
+        with self.vif_lock:
+            self.reimage_waiters[(server_id, root["id"])] = done
+        try:
+            cinder.reimage(ident, root["id"], image["id"])
+            size = (cinder.get(ident, root["id"]) or {}).get("size") or 1
+            if not done.wait(REIMAGE_TIMEOUT_PER_GB * size):
+                raise DriverError(f"Cinder did not report volume {root['id']} written "
+                                  f"within {REIMAGE_TIMEOUT_PER_GB * size} s")
+            if done.failed:
+                raise DriverError(f"Cinder failed to write image {image['id']} to volume "
+                                  f"{root['id']}")
+        finally:
+            with self.vif_lock:
+                self.reimage_waiters.pop((server_id, root["id"]), None)
+        self.update(server_id, task_state="rebuild_spawning")
+        self.connect_volume(server, root, ident)
+        cinder.attachment_complete(ident, root["attachment_id"])
+        server = self.store.data["servers"][server_id]
+        drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
+            else None
+        self.driver_of(server).spawn(server, self.extra_disks(server), drive, start=was_active)
+        self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
+                    power_state=RUNNING if was_active else SHUTDOWN, launched_at=self.now())
+
+    def volume_reimaged(self, server_id, volume_id, failed=False):
+        """Cinder's volume-reimaged event for a rebuild that waits for it."""
+        with self.vif_lock:
+            done = self.reimage_waiters.get((server_id, volume_id))
+        if done is not None:
+            done.failed = failed
+            done.set()
 
     def snapshot(self, server, image):
         """Copy the root disk into the image (pausing a running guest meanwhile)."""
@@ -10641,15 +10707,19 @@ def server_action_rebuild(req):
     check_create_formats(spec, req)
     server = find_server(req, req.params["server_id"])
     image = resolve_boot_image(req, {"imageRef": spec["imageRef"]})
-    if server.get("volume_backed"):
-        raise BadRequest("Unable to rebuild with a different image for a volume-backed "
-                         "server.")
+    # a volume-backed server: before 2.93 not with an image (it has none of its own), from
+    # 2.93 its boot volume is written again with the image (Cinder's reimage, 3.68)
+    reimage = bool(server.get("volume_backed"))
+    if reimage and not req.since("2.93"):
+        raise BadRequest(f"Image {image['id']} is unacceptable: Unable to rebuild with a "
+                         "different image for a volume-backed server.")
     if server["flavor"]["ram"] < image.get("min_ram", 0):
         raise BadRequest("Flavor's memory is too small for requested image.")
     if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
         raise BadRequest("Flavor's disk is too small for requested image.")
     check_guest_request(server["flavor"], image, create=False)
-    extra = {"image_ref": image["id"], "image_properties": dict(image.get("properties") or {})}
+    extra = {"image_ref": "" if reimage else image["id"],
+             "image_properties": dict(image.get("properties") or {})}
     for field, key in (("name", "name"), ("metadata", "metadata"),
                        ("OS-DCF:diskConfig", "disk_config"), ("accessIPv4", "access_ip_v4"),
                        ("accessIPv6", "access_ip_v6"), ("description", "description"),
@@ -10669,7 +10739,10 @@ def server_action_rebuild(req):
     was_active = server["vm_state"] != "stopped"    # as Nova: only a stopped one stays off
 
     def work(server):
-        compute.rebuild(server, was_active, admin_pass)
+        if reimage:
+            compute.rebuild_boot_volume(server, was_active, admin_pass, image, req.ident)
+        else:
+            compute.rebuild(server, was_active, admin_pass)
 
     server = run_action(req, "rebuild", "rebuilding", "rebuild", "compute_rebuild_instance",
                         work, extra=extra)
@@ -12984,6 +13057,8 @@ def accept_event(req, event):
     if name in ("volume-extended", "volume-reimaged"):
         if not any(v.get("id") == event.get("tag") for v in server.get("volumes", [])):
             return 400
+        if name == "volume-reimaged":
+            compute.volume_reimaged(server["id"], event["tag"], event["status"] == "failed")
         if name == "volume-extended":
             rid = compute.record_action(req, server["id"], "extend_volume")
             compute.run(server["id"], rid, "compute_extend_volume",

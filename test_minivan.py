@@ -7680,6 +7680,36 @@ class CinderEndToEndTests(unittest.TestCase):
                                           expect_ok=False).returncode != 0,
                    timeout=120, what="the delete_on_termination volume deleted")
 
+    def test_rebuild_of_a_volume_backed_server(self):
+        """Before 2.93 a volume-backed server is not rebuilt with an image (Nova's 400);
+        from 2.93 Cinder writes the new image over its boot volume (reimage, 3.68, then a
+        volume-reimaged event) and the guest boots from it again."""
+        server = self.boot("bfv-rebuild", "--block-device",
+                           f"uuid={self.image_id},source_type=image,destination_type=volume,"
+                           "volume_size=1,boot_index=0,delete_on_termination=true")
+        other = glance_upload(self.env, "minivan-guest-vol-2", GUEST_IMAGE)
+        self.addCleanup(self.openstack, "image", "delete", other, expect_ok=False)
+        body = {"rebuild": {"imageRef": other}}
+        self.assertFault(self.api("POST", f"/servers/{server['id']}/action", body,
+                                  version="2.92"), 400, "badRequest",
+                         f"Image {other} is unacceptable: Unable to rebuild with a "
+                         "different image for a volume-backed server.")
+        r = self.api("POST", f"/servers/{server['id']}/action", body, version="2.93")
+        self.assertEqual(r.status, 202, r.raw)
+        self.assertEqual(r.json()["server"]["image"], "")
+        wait_until(lambda: self.api("GET", "/servers/" + server["id"]).json()["server"]
+                   ["status"] == "ACTIVE", timeout=300, what="the rebuilt server ACTIVE")
+        [root] = self.api("GET", "/servers/" + server["id"], version="2.3").json()[
+            "server"]["os-extended-volumes:volumes_attached"]
+        volume = self.volume(root["id"])
+        self.assertEqual(volume["volume_image_metadata"]["image_id"], other)
+        self.assertEqual(volume["status"], "in-use")
+        wait_until(lambda: self.openstack("console", "log", "show", server["id"]).stdout
+                   .count("minivan-guest booted") >= 2, timeout=180,
+                   what="the guest's second boot line")
+        actions = self.api("GET", f"/servers/{server['id']}/os-instance-actions").json()
+        self.assertIn("rebuild", [a["action"] for a in actions["instanceActions"]])
+
     def test_volume_errors_and_proxies(self):
         """Bad attachments and boots answer as Nova; os-volumes and os-snapshots proxy
         Cinder up to 2.35; another project sees none of admin's volumes."""
