@@ -1623,14 +1623,16 @@ def image_meta(props):
     message for a value that does not fit its field."""
     props = props or {}
     meta = {IMAGE_LEGACY_NAMES[k]: v for k, v in props.items() if k in IMAGE_LEGACY_NAMES}
+    if props.get("vmware_adaptertype"):
+        scsi = props["vmware_adaptertype"] != "ide"
+        meta.update(hw_disk_bus="scsi" if scsi else "ide",
+                    **({"hw_scsi_model": props["vmware_adaptertype"]} if scsi else {}))
     meta.update((k, v) for k, v in props.items() if k not in IMAGE_LEGACY_NAMES)
-    if props.get("vmware_adaptertype") == "ide":
-        meta["hw_disk_bus"] = "ide"
     try:
         for key, value in list(meta.items()):
             if key in IMAGE_ENUMS:
                 meta[key] = canonical_enum(key, value)
-            elif key in IMAGE_INTS:
+            elif key in IMAGE_INTS or re.fullmatch(r"hw_numa_mem\.\d+", key):
                 meta[key] = int(value)
             elif key in IMAGE_BOOLS:
                 meta[key] = bool_from_string(value)
@@ -1696,6 +1698,8 @@ def check_guest_request(flavor, image, create=True):
                          "invalid")
     meta = image_meta(props)
     specs = flavor.get("extra_specs") or {}
+    if create:          # (Nova reads the NUMA request first when it builds the instance)
+        numa_request(flavor, meta)
     keys = ["virtio_packed_ring", "pmu"] + ["vif_multiqueue_enabled"] * (flavor["vcpus"] > 1)
     for key in keys:
         if f"hw:{key}" in specs and f"hw_{key}" in meta and \
@@ -1716,8 +1720,284 @@ def check_guest_request(flavor, image, create=True):
                 raise BadRequest("Forbidden to exceed flavor value of number of serial "
                                  "ports passed in image meta.")
         if key == "pmu":
+            realtime_request(flavor, meta)
             cpu_topology_limits(specs, meta)
+    numa_request(flavor, meta)
     return meta
+
+
+# Guest NUMA and CPU pinning requests, read as nova.virt.hardware.numa_get_constraints
+# reads them: a guest has a NUMA topology when it asks for nodes, a page size, or dedicated
+# (or mixed) CPUs; its cells split the vCPUs and memory evenly, or as hw:numa_cpus.N and
+# hw:numa_mem.N say.  Every contradiction is Nova's 400.
+
+def parse_cpu_spec(spec):
+    """A CPU set such as '0-3,^2,6' (Nova's parse_cpu_spec); BadRequest when malformed."""
+    wanted, rejected = set(), set()
+    for rule in str(spec).split(","):
+        rule = rule.strip()
+        if not rule:
+            continue
+        parts = rule.split("-", 1)
+        if len(parts) > 1:
+            reject = parts[0][:1] == "^"
+            try:
+                start, end = int(parts[0].lstrip("^").strip()), int(parts[1].strip())
+            except ValueError:
+                raise BadRequest(f"Invalid range expression {rule!r}") from None
+            if start > end:
+                raise BadRequest(f"Invalid range expression {rule!r}")
+            (rejected if reject else wanted).update(range(start, end + 1))
+        elif rule[0] == "^":
+            try:
+                rejected.add(int(rule[1:].strip()))
+            except ValueError:
+                raise BadRequest(f"Invalid exclusion expression {rule!r}") from None
+        else:
+            try:
+                wanted.add(int(rule))
+            except ValueError:
+                raise BadRequest(f"Invalid inclusion expression {rule!r}") from None
+    return wanted - rejected
+
+
+def vcpu_mask(spec, vcpus):
+    """A vCPU mask: '^0-1' leaves those out of all the flavor's vCPUs, else a set."""
+    if str(spec).strip().startswith("^"):
+        return parse_cpu_spec(f"0-{vcpus - 1},{spec}")
+    return parse_cpu_spec(spec)
+
+
+CPU_POLICIES = ("dedicated", "shared", "mixed")
+THREAD_POLICIES = ("prefer", "isolate", "require")
+
+
+def policy_pair(specs, meta, key, what, allowed):
+    """(flavor's, image's) hw:KEY / hw_KEY, each one of allowed (Nova's 400 if not)."""
+    flavor, image = specs.get(f"hw:{key}"), meta.get(f"hw_{key}")
+    for source, value in (("flavor extra specs", flavor), ("image properties", image)):
+        if value and value not in allowed:
+            raise BadRequest(f"{what} requested from '{source}' is invalid, given: "
+                             f"'{value}', available: '{str(allowed)}'.")
+    return flavor, image
+
+
+def cpu_policy_request(specs, meta):
+    """hw:cpu_policy / hw_cpu_policy: the flavor's wins, the image may not raise it."""
+    flavor, image = policy_pair(specs, meta, "cpu_policy", "CPU policy", CPU_POLICIES)
+    forbidden = "Image property 'hw_cpu_policy' is not permitted to override CPU " \
+        "pinning policy set against the flavor"
+    if flavor == "mixed" and image == "dedicated" or \
+            flavor == "shared" and image in ("mixed", "dedicated"):
+        raise BadRequest(forbidden)
+    return flavor or image or None
+
+
+def thread_policy_request(specs, meta):
+    flavor, image = policy_pair(specs, meta, "cpu_thread_policy", "CPU thread policy",
+                                THREAD_POLICIES)
+    if flavor in (None, "prefer"):
+        return flavor or image
+    if image and image != flavor:
+        raise BadRequest("Image property 'hw_cpu_thread_policy' is not permitted to "
+                         "override CPU thread pinning policy set against the flavor")
+    return flavor
+
+
+def emulator_policy_request(specs):
+    policy = specs.get("hw:emulator_threads_policy")
+    if policy and policy not in ("share", "isolate"):
+        raise BadRequest(f"CPU emulator threads option requested is invalid, given: "
+                         f"'{policy}', available: '{str(('share', 'isolate'))}'.")
+    return policy or None
+
+
+def realtime_request(flavor, meta):
+    """The realtime vCPUs (hw:cpu_realtime with hw:cpu_realtime_mask), or None."""
+    specs, vcpus = flavor.get("extra_specs") or {}, flavor["vcpus"]
+    if not bool_from_string(specs.get("hw:cpu_realtime", False)):
+        return None
+    mask = meta.get("hw_cpu_realtime_mask") or specs.get("hw:cpu_realtime_mask")
+    rt = vcpu_mask(mask, vcpus) if mask else set(range(vcpus))
+    invalid = "Use of realtime CPUs requires either one or more non-realtime CPU(s) or " \
+        "offloaded emulator threads."
+    if not rt or rt == set(range(vcpus)) and not emulator_policy_request(specs):
+        raise BadRequest(invalid)
+    if not rt <= set(range(vcpus)):
+        raise BadRequest("Realtime policy vCPU(s) mask is configured with RT vCPUs that "
+                         "are not a subset of the vCPUs in the flavor. See "
+                         "hw:cpu_realtime_mask or hw_cpu_realtime_mask")
+    return rt
+
+
+def dedicated_mask_request(flavor):
+    mask = (flavor.get("extra_specs") or {}).get("hw:cpu_dedicated_mask")
+    if not mask:
+        return None
+    vcpus = flavor["vcpus"]
+    pinned = vcpu_mask(mask, vcpus)
+    if not pinned or not set(range(vcpus)) - pinned:
+        raise BadRequest("Mixed instance must have at least 1 pinned vCPU and 1 unpinned "
+                         "vCPU. See 'hw:cpu_dedicated_mask'.")
+    if not pinned <= set(range(vcpus)):
+        raise BadRequest("Mixed instance dedicated vCPU(s) mask is not a subset of vCPUs "
+                         "in the flavor. See \"hw:cpu_dedicated_mask\"")
+    return pinned
+
+
+def page_size_request(specs, meta):
+    """hw:mem_page_size (the image's hw_mem_page_size only where the flavor says large or
+    any): 'small' -1, 'large' -2, 'any' -3, or a size in KiB."""
+    def size(request):
+        named = {"any": MEMPAGES_ANY, "large": MEMPAGES_LARGE, "small": MEMPAGES_SMALL}
+        if request in named:
+            return named[request]
+        if request.isdigit():
+            return int(request)
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", request)
+        if not found or (found.group(3) and not found.group(2)):
+            raise BadRequest(f"Invalid memory page size '{request}'")
+        return float(found.group(1)) * 1024 ** "KMGT".find(found.group(2) or "K")
+    flavor, image = specs.get("hw:mem_page_size"), meta.get("hw_mem_page_size")
+    if not flavor and image:
+        raise BadRequest(f"Page size {image} forbidden against '<empty>'")
+    if not flavor:
+        return None
+    pagesize = size(flavor)
+    if image and pagesize in (MEMPAGES_ANY, MEMPAGES_LARGE):
+        return size(image)
+    if image:
+        raise BadRequest(f"Page size {image} forbidden against '{flavor}'")
+    return pagesize
+
+
+MEMPAGES_SMALL, MEMPAGES_LARGE, MEMPAGES_ANY = -1, -2, -3
+
+
+def int_like(value):
+    """oslo's is_int_like: an int, or a string that int() reads back unchanged."""
+    try:
+        return str(int(value)) == str(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def numa_cells_request(specs, meta, key):
+    """hw:numa_cpus.N / hw:numa_mem.N of the flavor, else the image's (not both)."""
+    parse = parse_cpu_spec if key == "cpus" else int
+    flavor = []
+    while f"hw:numa_{key}.{len(flavor)}" in specs:
+        flavor.append(parse(specs[f"hw:numa_{key}.{len(flavor)}"]))
+    image = []
+    while f"hw_numa_{key}.{len(image)}" in meta:
+        image.append(parse(meta[f"hw_numa_{key}.{len(image)}"]))
+    if flavor and image:
+        raise BadRequest(f"Image property 'hw_numa_{key}' is not permitted to override "
+                         "NUMA configuration set against the flavor")
+    return flavor or image or None
+
+
+def numa_request(flavor, meta):
+    """The guest's NUMA topology as numa_get_constraints makes it: None, or
+    {"policy", "thread_policy", "emulator", "pagesize", "realtime", "cells": [{"cpus",
+    "pcpus", "memory"}]} (cpus float, pcpus are pinned).  BadRequest with Nova's message."""
+    specs, vcpus = flavor.get("extra_specs") or {}, flavor["vcpus"]
+    policy = cpu_policy_request(specs, meta)
+    thread_policy = thread_policy_request(specs, meta)
+    realtime = realtime_request(flavor, meta)
+    pinned = dedicated_mask_request(flavor)
+    emulator = emulator_policy_request(specs)
+    if policy in ("shared", None):
+        if thread_policy:
+            raise BadRequest("Cannot set cpu thread pinning policy in a non dedicated cpu "
+                             "pinning policy")
+        if emulator == "isolate":
+            raise BadRequest("An isolated CPU emulator threads option requires a dedicated "
+                             "CPU policy option.")
+        if pinned:
+            raise BadRequest("Cannot specify 'hw:cpu_dedicated_mask' without the 'mixed' "
+                             "policy.")
+        if realtime:
+            raise BadRequest("Cannot set realtime policy in a non dedicated cpu pinning "
+                             "policy")
+    elif policy == "dedicated":
+        if pinned:
+            raise BadRequest("Cannot specify 'hw:cpu_dedicated_mask' without the 'mixed' "
+                             "policy.")
+    elif bool(realtime) == bool(pinned):
+        raise BadRequest("Dedicated CPU set can be specified from either "
+                         "'hw:cpu_dedicated_mask' or 'hw:cpu_realtime_mask' when using "
+                         "'mixed' CPU policy. 'hw:cpu_dedicated_mask' and "
+                         "'hw:cpu_realtime_mask' can not be specified at the same time, or "
+                         "be specified with none of them.")
+    else:
+        pinned = pinned or realtime
+    flavor_nodes, image_nodes = specs.get("hw:numa_nodes"), meta.get("hw_numa_nodes")
+    if flavor_nodes and image_nodes:
+        raise BadRequest("Image property 'hw_numa_nodes' is not permitted to override NUMA "
+                         "configuration set against the flavor")
+    nodes = flavor_nodes or image_nodes
+    if nodes is not None and (not int_like(nodes) or int(nodes) < 1):
+        raise BadRequest(f"The property 'numa_nodes' cannot be '{nodes}'. It must be a "
+                         "number greater than 0")
+    pagesize = page_size_request(specs, meta)
+    locked_request(specs, meta)
+    if not (nodes or pagesize or specs.get("hw:pmem") or policy in ("dedicated", "mixed")):
+        return None
+    pinned = set(range(vcpus)) if policy == "dedicated" else (pinned or set())
+    return {"policy": policy, "thread_policy": thread_policy, "emulator": emulator,
+            "pagesize": pagesize, "realtime": realtime,
+            "cells": numa_cells(flavor, meta, int(nodes or 1), pinned)}
+
+
+def locked_request(specs, meta):
+    """hw:locked_memory / hw_locked_memory: only with a page size, never contradicting."""
+    flavor, image = specs.get("hw:locked_memory"), meta.get("hw_locked_memory")
+    if flavor is not None:
+        flavor = bool_from_string(flavor)
+        if image is not None and image != flavor:
+            raise BadRequest(f"locked_memory value in image ({image}) and flavor ({flavor}) "
+                             "conflict. A consistent value is expected if both specified.")
+    locked = flavor if flavor is not None else image
+    if locked and not (specs.get("hw:mem_page_size") or meta.get("hw_mem_page_size")):
+        raise BadRequest("locked_memory value in image or flavor is forbidden when "
+                         "mem_page_size is not set.")
+    return bool(locked)
+
+
+def numa_cells(flavor, meta, nodes, pinned):
+    """The guest's cells: even shares, or the explicit hw:numa_cpus.N / hw:numa_mem.N."""
+    specs, vcpus, memory = flavor.get("extra_specs") or {}, flavor["vcpus"], flavor["ram"]
+    cpu_list = numa_cells_request(specs, meta, "cpus")
+    mem_list = numa_cells_request(specs, meta, "mem")
+    incomplete = "CPU and memory allocation must be provided for all NUMA nodes"
+    if cpu_list is None and mem_list is None:
+        if vcpus % nodes or memory % nodes:
+            raise BadRequest("Instance CPUs and/or memory cannot be evenly distributed "
+                             "across instance NUMA nodes. Explicit assignment of CPUs and "
+                             "memory to nodes is required")
+        per = vcpus // nodes
+        cpu_list = [set(range(n * per, (n + 1) * per)) for n in range(nodes)]
+        mem_list = [memory // nodes] * nodes
+    elif cpu_list is None or mem_list is None or \
+            len(cpu_list) != nodes or len(mem_list) != nodes:
+        raise BadRequest(incomplete)
+    else:
+        free = set(range(vcpus))
+        for cpus in cpu_list:
+            for cpu in sorted(cpus):
+                if cpu > vcpus - 1:
+                    raise BadRequest(f"CPU number {cpu} is larger than max {vcpus - 1}")
+                if cpu not in free:
+                    raise BadRequest(f"CPU number {cpu} is assigned to two nodes")
+                free.discard(cpu)
+        if free:
+            raise BadRequest(f"CPU number {free} is not assigned to any node")
+        if sum(mem_list) != memory:
+            raise BadRequest(f"{sum(mem_list)} MB of memory assigned, but expected "
+                             f"{memory} MB")
+    return [{"cpus": cpus - pinned, "pcpus": cpus & pinned, "memory": mem}
+            for cpus, mem in zip(cpu_list, mem_list)]
 
 
 UNHONOURED_SPECS = (
@@ -8621,12 +8901,7 @@ class Compute:
         create_qcow2(root, max(server["flavor"]["disk"] * 2 ** 30, image_virtual_size(*base)),
                      *base)
         self.update(server_id, task_state="rebuild_spawning")
-        server = self.store.data["servers"][server_id]
-        drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
-            else None
-        self.driver_of(server).spawn(server, self.extra_disks(server), drive, start=was_active)
-        self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
-                    power_state=RUNNING if was_active else SHUTDOWN, launched_at=self.now())
+        self.respawn(server_id, was_active, admin_pass)
 
     def rebuild_boot_volume(self, server, was_active, admin_pass, image, ident):
         """2.93's rebuild of a volume-backed server, as Nova's: the guest stops, its boot
@@ -8666,6 +8941,10 @@ class Compute:
         self.update(server_id, task_state="rebuild_spawning")
         self.connect_volume(server, root, ident)
         cinder.attachment_complete(ident, root["attachment_id"])
+        self.respawn(server_id, was_active, admin_pass)
+
+    def respawn(self, server_id, was_active, admin_pass):
+        """The end of a rebuild: a new config drive, the domain defined (and started)."""
         server = self.store.data["servers"][server_id]
         drive = self.make_config_drive(server, admin_pass) if server.get("config_drive") \
             else None
