@@ -68,8 +68,8 @@ MODULES=(virtio_pci virtio_net virtio_blk     # virtio NIC and disks
          vfat nls_cp437 nls_ascii             # config drive in VFAT format
          ahci virtio_scsi e1000               # the buses and NIC an image may ask for
          virtio-rng i6300esb                  # the RNG and the watchdog a flavor gives
-         efivarfs)                            # UEFI variables: is Secure Boot on
-# (ext4, for the volumes Tempest formats and mounts, is built into the cloud kernel)
+         efivarfs                             # UEFI variables: is Secure Boot on
+         ext4 crc32c_generic)                 # the volumes Tempest formats and mounts
 
 # --- host tools -----------------------------------------------------------------------
 need=()
