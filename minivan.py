@@ -2501,7 +2501,8 @@ def xml_escape(text):
             .replace('"', "&quot;").replace("'", "&apos;"))
 
 
-DETACH_TIMEOUT = 60
+DETACH_RETRY_INTERVAL = 20       # seconds, Nova's [libvirt] device_detach_timeout
+DETACH_TIMEOUT = 8 * DETACH_RETRY_INTERVAL   # Nova's device_detach_attempts of them
 SHUTDOWN_RETRY_INTERVAL = 10     # seconds, Nova's [libvirt] shutdown_retry_interval
 
 
@@ -3566,7 +3567,9 @@ class LibvirtDriver:
 
     def detach_volume(self, server, vol):
         """Unplug a volume's disk (a guest that ignores the unplug request is detached
-        from the definition and left to let go of it at its next shutdown)."""
+        from the definition and left to let go of it at its next shutdown).  As Nova's
+        driver, the request goes to the guest again every DETACH_RETRY_INTERVAL seconds:
+        a guest still booting misses it."""
         dom = self._domain(server, missing_ok=True)
         if dom is None:
             return
@@ -3580,16 +3583,28 @@ class LibvirtDriver:
         self._call("detaching the volume", lambda: dom.detachDeviceFlags(
             xml, self._device_flags(dom)))
         # a live unplug only asks the guest: the volume is free once the disk is gone
-        deadline = time.monotonic() + DETACH_TIMEOUT
+        start = time.monotonic()
+        resend = start + DETACH_RETRY_INTERVAL
         while live and f"<target dev='{dev}'" in self._call(
                 "reading the domain", dom.XMLDesc, 0):
-            if time.monotonic() > deadline or not self._call("reading the domain state",
-                                                             dom.isActive):
+            now = time.monotonic()
+            if now > start + DETACH_TIMEOUT or not self._call("reading the domain state",
+                                                              dom.isActive):
                 if self._call("reading the domain state", dom.isActive):
                     raise DriverError(f"the guest did not release {dev} within "
                                       f"{DETACH_TIMEOUT} seconds")
                 break
+            if now > resend:
+                resend = now + DETACH_RETRY_INTERVAL
+                self._resend_detach(dom, xml)
             time.sleep(0.5)
+
+    def _resend_detach(self, dom, xml):
+        """Ask the running guest again to let go of a device (its definition has none)."""
+        try:
+            dom.detachDeviceFlags(xml, self.libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except self.libvirt.libvirtError as e:
+            LOG.info("asking the guest again to release a device: %s", e)
 
     def swap_volume(self, server, old, new):
         """Copy a volume's data to another volume under the guest and switch to it: a

@@ -16,6 +16,7 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
@@ -101,9 +102,20 @@ def main():
         shot("instance-detail")
         wait.until(EC.element_to_be_clickable((By.XPATH, (
             "//ul[contains(@class,'nav-tabs')]//a[normalize-space()='Log']")))).click()
-        log = WebDriverWait(d, 120).until(lambda drv: [
-            p.text.strip() for p in drv.find_elements(By.XPATH, "//pre[contains(@class, 'logs')]")
-            if p.is_displayed() and p.text.strip()])
+        # a guest that has written nothing yet shows an empty log: as a user would, ask
+        # again (the tab's Go button) until it has
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                log = WebDriverWait(d, 10).until(lambda drv: [
+                    p.text.strip() for p in drv.find_elements(
+                        By.XPATH, "//pre[contains(@class, 'logs')]")
+                    if p.is_displayed() and p.text.strip()])
+                break
+            except TimeoutException:
+                if time.monotonic() > deadline:
+                    raise
+                d.find_element(By.XPATH, "//button[normalize-space()='Go']").click()
         shot("console-log")
         print("console log:", log[0].splitlines()[-1][:200])
         d.get(base + "/project/instances/")
