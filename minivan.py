@@ -9912,8 +9912,12 @@ def new_mac():
 
 
 def sanitize_hostname(name, default="server"):
-    text = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")[:63]
-    return text or default
+    """A server's hostname from its name, as Nova's sanitize_hostname makes it (63
+    characters of Latin-1; spaces, underscores and dots become hyphens; other marks go)."""
+    text = name.encode("latin-1", "ignore").decode("latin-1")[:63]
+    text = re.sub(r"[ _.]", "-", text)
+    text = re.sub(r"[^\w.-]+", "", text).lower().strip(".-")
+    return text or default[:63]
 
 
 def server_counts(plan, count):

@@ -157,6 +157,7 @@ unified_limits() {
     role=$(ensure roles "name=reader" '{"role": {"name": "reader"}}')
     api PUT "/system/users/$user/roles/$role" >/dev/null
     endpoint=$(api GET "/endpoints?service_id=$SVC&interface=public" | jget endpoints 0 id)
+    admin_token glance          # (back to the project-scoped token the rest uses)
     printf '%s\n' "[oslo_limit]" "auth_url = $OS_AUTH_URL" "auth_type = password" \
         "username = glance" "password = $PASSWORD" "user_domain_name = Default" \
         "system_scope = all" "endpoint_id = $endpoint"
