@@ -2,7 +2,7 @@
 # make-guest.sh OUT.qcow2 - build minivan's tiny self-booting test guest from Debian packages.
 #
 # The image: an MBR disk (syslinux boot code) with one FAT partition holding syslinux, a
-# Debian cloud kernel and a busybox initramfs.  Built with sfdisk/mkfs.fat/mtools/syslinux
+# Debian kernel (the generic one) and a busybox initramfs.  Built with sfdisk/mkfs.fat/mtools/syslinux
 # on a plain file: no mounts, no loop devices, no root needed beyond installing packages.
 # Boots under BIOS (SeaBIOS, i440fx 'pc' or q35) or UEFI (OVMF), TCG or KVM; 256 MiB is
 # plenty.
