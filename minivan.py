@@ -2125,7 +2125,8 @@ class GuestShape:
         if self.vif_model not in VIF_MODELS_FOR.get(self.virt_type, ()):
             raise GuestRefused(f"Requested hardware '{self.vif_model}' is not supported by "
                                f"the '{self.virt_type}' virt driver")
-        multiqueue = self._flavor_image_bool(specs, meta, "vif_multiqueue_enabled") \
+        multiqueue = self._flavor_image(specs, meta, "vif_multiqueue_enabled",
+                                        convert=bool_from_string) \
             if self.vcpus >= 2 else False
         self.vif_driver = ""
         if self.vif_model == "virtio" and self.virt_type == "qemu":
@@ -2161,31 +2162,25 @@ class GuestShape:
         self.hide_hypervisor = flavor_bool(specs, "hw:hide_hypervisor_id") or \
             flavor_bool(specs, "hide_hypervisor_id") or meta.get("img_hide_hypervisor_id",
                                                                  False)
-        self.pmu = self._flavor_image_bool(specs, meta, "pmu")
+        self.pmu = self._flavor_image(specs, meta, "pmu", convert=bool_from_string)
 
-    def _flavor_image_bool(self, specs, meta, key):
-        """A boolean both may set (hw:KEY, hw_KEY): None when neither does; a conflict
-        fails the build as Nova's FlavorImageConflict."""
-        flavor_value = bool_from_string(specs[f"hw:{key}"]) if f"hw:{key}" in specs \
-            else None
-        image_value = meta.get(f"hw_{key}")
+    def _flavor_image(self, specs, meta, key, prefix="hw", convert=None):
+        """A setting both may give (PREFIX:KEY in the flavor, read by convert, and
+        PREFIX_KEY in the image): a conflict fails the build as Nova's
+        FlavorImageConflict; else whichever is set, or None."""
+        flavor_value, image_value = specs.get(f"{prefix}:{key}"), meta.get(f"{prefix}_{key}")
+        if flavor_value is not None and convert:
+            flavor_value = convert(flavor_value)
         if None not in (flavor_value, image_value) and flavor_value != image_value:
-            raise GuestRefused(flavor_image_conflict(self.server, key, flavor_value,
-                                                     image_value))
+            raise GuestRefused(flavor_image_conflict(self.server, f"{prefix}:{key}",
+                                                     flavor_value, image_value))
         return image_value if image_value is not None else flavor_value
 
     def _firmware(self, specs, meta):
         self.uefi = meta.get("hw_firmware_type") == "uefi"
         if self.uefi and not self.host.uefi:
             raise GuestRefused("UEFI is not supported")
-        flavor_sb, image_sb = specs.get("os:secure_boot"), meta.get("os_secure_boot")
-        if flavor_sb and image_sb and flavor_sb != image_sb:
-            raise GuestRefused(
-                f"Flavor {self.server['flavor']['name']} has os:secure_boot extra spec "
-                f"explicitly set to {flavor_sb}, conflicting with image "
-                f"{self.server.get('image_ref')} which has os_secure_boot explicitly set "
-                f"to {image_sb}.")
-        wanted = flavor_sb or image_sb or "disabled"
+        wanted = self._flavor_image(specs, meta, "secure_boot", prefix="os") or "disabled"
         possible = self.host.secure_boot and self.uefi and "q35" in self.machine
         if wanted == "required" and not possible:
             raise GuestRefused("Secure Boot is not supported by host")
@@ -2196,10 +2191,10 @@ class GuestShape:
         """An emulated TPM (swtpm) of the version and model asked for: hw:tpm_version /
         hw_tpm_version, hw:tpm_model / hw_tpm_model (tpm-tis unless said)."""
         self.tpm = None
-        version = self._flavor_image_value(specs, meta, "tpm_version")
+        version = self._flavor_image(specs, meta, "tpm_version")
         if version is None:
             return
-        model = self._flavor_image_value(specs, meta, "tpm_model") or "tpm-tis"
+        model = self._flavor_image(specs, meta, "tpm_model") or "tpm-tis"
         if version not in ("1.2", "2.0") or model not in ("tpm-tis", "tpm-crb"):
             raise GuestRefused(f"Invalid TPM version {version!r} or model {model!r}.")
         if model == "tpm-crb" and version != "2.0":
@@ -2209,15 +2204,6 @@ class GuestShape:
             raise GuestRefused(f"No valid host was found. No host has an emulated TPM "
                                f"{version} ({model}) (--swtpm-enabled and swtpm)")
         self.tpm = (version, model)
-
-    def _flavor_image_value(self, specs, meta, key):
-        """A setting both may give (hw:KEY, hw_KEY): a conflict fails the build as Nova's
-        FlavorImageConflict; else whichever is set, or None."""
-        flavor_value, image_value = specs.get(f"hw:{key}"), meta.get(f"hw_{key}")
-        if None not in (flavor_value, image_value) and flavor_value != image_value:
-            raise GuestRefused(flavor_image_conflict(self.server, key, flavor_value,
-                                                     image_value))
-        return image_value if image_value is not None else flavor_value
 
     def tpm_xml(self, secret_uuid):
         if not self.tpm:
@@ -2350,10 +2336,11 @@ class GuestShape:
         return "".join(parts)
 
 
-def flavor_image_conflict(server, key, flavor_value, image_value):
-    return (f"Flavor {server['flavor']['name']} has hw:{key} extra spec explicitly set to "
+def flavor_image_conflict(server, spec, flavor_value, image_value):
+    """Nova's FlavorImageConflict message for extra spec spec (hw:pmu) and its property."""
+    return (f"Flavor {server['flavor']['name']} has {spec} extra spec explicitly set to "
             f"{flavor_value}, conflicting with image {server.get('image_ref')} which has "
-            f"hw_{key} explicitly set to {image_value}.")
+            f"{spec.replace(':', '_')} explicitly set to {image_value}.")
 
 
 def server_image_meta(server):
