@@ -2358,14 +2358,6 @@ def server_disk_bus(server):
     return bus if bus in DISK_PREFIXES else "virtio"
 
 
-def server_cdrom_bus(server, machine=None):
-    """The bus of the server's config drive (hw_cdrom_bus, else IDE, or SATA on q35)."""
-    meta = server_image_meta(server)
-    machine = machine or meta.get("hw_machine_type") or ""
-    bus = meta.get("hw_cdrom_bus") or ("sata" if "q35" in machine else "ide")
-    return bus if bus in DISK_PREFIXES else "ide"
-
-
 def config_drive_slot(server):
     """The slot (vdX) of the config drive: the first after the local disks (and the boot
     volume), as Nova names it."""
@@ -5838,11 +5830,11 @@ def volume_secret_xml(vol):
 
 
 def used_targets(server):
-    """Disk slots the server's local disks and volumes take (and its config drive, when
-    that sits on the disks' bus)."""
+    """Disk slots the server's local disks and volumes take (and its config drive's,
+    when the disks are not on virtio: its CD-ROM bus may then share their names, whatever
+    machine type the host gives it)."""
     taken = {target for _, target, _ in disk_layout(server)}
-    if server.get("config_drive") and \
-            DISK_PREFIXES[server_cdrom_bus(server)] == DISK_PREFIXES[server_disk_bus(server)]:
+    if server.get("config_drive") and server_disk_bus(server) != "virtio":
         taken.add(config_drive_slot(server))
     taken.update(v["target"] for v in server.get("volumes", []) if v.get("target"))
     return taken

@@ -5298,6 +5298,15 @@ class GuestShapeTests(ServerTestCase):
         self.assertIn("minivan does not give guests dedicated CPUs (hw:cpu_policy)",
                       server["fault"]["message"])
 
+    def test_config_drive_name_is_kept_from_volumes_off_virtio(self):
+        """On SATA disks the config drive may sit on the same bus (q35, whether from the
+        image or --hw-machine-type): its name (sdb) is never offered to a volume."""
+        server = {"flavor": {"ephemeral": 0, "swap": 0}, "config_drive": True,
+                  "image_properties": {"hw_disk_bus": "sata"}, "volumes": []}
+        self.assertEqual(minivan.next_target(server), "vdc")
+        server["image_properties"] = {}
+        self.assertEqual(minivan.next_target(server), "vdb")
+
     def test_tpm_needs_swtpm_and_stays_on_its_host(self):
         """Without --swtpm-enabled a TPM flavor finds no host, as in Nova; with it the
         server has a TPM passphrase of its own, and a resize, migration, shelve, rescue
