@@ -6522,11 +6522,20 @@ class RealGuestTests(unittest.TestCase):
         started = time.monotonic()
         server = self.sdk.compute.create_server(name=name, image_id=self.image_id,
                                                 flavor_id="1", networks="auto", **extra)
-        server = self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120,
-                                                  interval=0.2)
+        server = self.active(server, interval=0.2)
         elapsed = time.monotonic() - started
         self.addCleanup(self.destroy, server.id)
         return server, elapsed
+
+    def active(self, server, interval=0.5):
+        """Wait for ACTIVE; a server in ERROR fails with its fault's message."""
+        from openstack import exceptions
+        try:
+            return self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120,
+                                                    interval=interval)
+        except exceptions.ResourceFailure:
+            fault = self.sdk.compute.get(f"/servers/{server.id}").json()["server"].get("fault")
+            self.fail(f"{server.id} went to ERROR: {fault}")
 
     def destroy(self, server_id):
         from openstack import exceptions
@@ -6804,7 +6813,7 @@ class RealGuestTests(unittest.TestCase):
                                                 flavor_id=flavor.id, networks="auto",
                                                 config_drive=True)
         self.addCleanup(self.destroy, server.id)
-        self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120, interval=0.5)
+        self.active(server)
         self.wait_console(server.id, "minivan-guest ready")
         console = self.console(server.id)
         for line in ("hw disk sda sd ahci", "hw nic eth0 e1000",
@@ -6851,8 +6860,7 @@ class RealGuestTests(unittest.TestCase):
                     name="real-sb", image_id=image_id, flavor_id=flavor.id,
                     networks="auto")
                 self.addCleanup(self.destroy, server.id)
-                self.sdk.compute.wait_for_server(server, status="ACTIVE", wait=120,
-                                                 interval=0.5)
+                self.active(server)
                 self.wait_console(server.id, "minivan-guest ready")
                 console = self.console(server.id)
                 self.assertIn("minivan-guest hw firmware uefi", console)

@@ -92,6 +92,11 @@ prepare() {
         mkdir -p /etc/libvirt
         printf '# minivan test host (tools/libvirt-up.sh)\nuser = "root"\ngroup = "root"\n' >> "$conf"
     fi
+    # swtpm too: libvirtd otherwise picks "tss" when that user exists at its start and root
+    # when not, and swtpm_localca's lock file made by one is not writable by the other.
+    if ! grep -qs '^swtpm_user *=' "$conf"; then
+        printf 'swtpm_user = "root"\nswtpm_group = "root"\n' >> "$conf"
+    fi
     # Keep Debian's NAT network 'default' (libvirt-daemon-config-network) from starting.
     local link=/etc/libvirt/qemu/networks/autostart/default.xml
     if [[ -e $link || -L $link ]]; then
