@@ -4600,6 +4600,36 @@ class ImageInspectionTests(unittest.TestCase):
                                                                 "format"):
             minivan.check_image(unsupported, minivan.inspect_image(self.cases[1][2]), 1 << 40)
 
+    def test_os_test_images_verdicts(self):
+        """The corpus of OpenStack's os-test-images (tools/test-images.py makes it, the
+        manifest Tempest's ImagesFormatTest reads): check_image accepts an image under its
+        own format exactly when the project calls it usable, and refuses every image
+        declared in a format it is not (raw or gpt declared qcow2, others raw), as
+        ImagesFormatTest's two compute tests expect."""
+        out = os.path.join(self.tmp, "os-test-images")
+        subprocess.run([sys.executable, os.path.join(HERE, "tools", "test-images.py"), out],
+                       check=True, capture_output=True)
+        with open(os.path.join(out, "manifest.yaml")) as f:
+            images = re.findall(r"^- name: (\S+)\n  format: (\S+)\n  filename: (\S+)\n"
+                                r"  usable: (true|false)\n", f.read(), re.M)
+        self.assertGreaterEqual(len(images), 13)
+        for name, fmt, filename, usable in images:
+            path = os.path.join(out, filename)
+            with self.subTest(image=name):
+                found, safe = self.oslo_verdict(path)
+                self.assertEqual(safe and found in (fmt, "gpt" if fmt == "raw" else fmt),
+                                 usable == "true", "the oracle disagrees with the manifest")
+                inspection = minivan.inspect_image(path)
+                try:
+                    minivan.check_image({"id": name, "disk_format": fmt}, inspection, 1 << 40)
+                    accepted = True
+                except minivan.ImageUnacceptable:
+                    accepted = False
+                self.assertEqual(accepted, usable == "true")
+                lie = "qcow2" if fmt in ("raw", "gpt") else "raw"
+                with self.assertRaises(minivan.ImageUnacceptable):
+                    minivan.check_image({"id": name, "disk_format": lie}, inspection, 1 << 40)
+
     def test_inspection_reads_headers_only(self):
         """A sparse 1 TiB raw file is inspected from its first bytes, in well under a
         second's worth of reading: no inspector walks the data."""

@@ -18,6 +18,9 @@
 #       limits (registered limits for image_size_total, image_stage_total (2000 MiB),
 #       image_count_total, image_count_uploading (100)), which Glance enforces through
 #       oslo.limit as user glance with the system-scoped reader role.
+#       GLANCE_ENFORCE_IMAGE_FORMAT=False (devstack's variable; default True) lets an
+#       upload's bytes differ from its disk_format, so that a compute service's own
+#       checks of hostile images can be tested.
 #   tools/glance.sh stop DIR
 #       Stops the gunicorn master in DIR/glance.pid and its workers.
 # Re-running start on a stopped DIR keeps its database and images.
@@ -183,6 +186,10 @@ start() {
 
     mkdir -p "$dir/images"
     write_config "$dir"
+    if [[ ${GLANCE_ENFORCE_IMAGE_FORMAT:-True} == False ]]; then
+        printf '%s\n' "[image_format]" "require_image_format_match = false" \
+            >> "$dir/glance-api.conf"
+    fi
     if [[ ${GLANCE_QUOTAS:-0} == 1 ]]; then
         { echo "[DEFAULT]"; echo "use_keystone_limits = true"; unified_limits; } \
             >> "$dir/glance-api.conf"

@@ -226,12 +226,19 @@ max_microversion = latest
 [image-feature-enabled]
 # as devstack without GLANCE_USE_IMPORT_WORKFLOW
 import_image = False
+image_format_enforcement = ${GLANCE_ENFORCE_IMAGE_FORMAT:-True}
 
 [scenario]
 img_file = $TEMPEST_IMAGE_FILE
 img_disk_format = qcow2
 img_container_format = bare
 EOF
+fi
+
+if [[ -n ${TEMPEST_IMAGES_MANIFEST:-} ]]; then
+    # os-test-images' corpus (tools/test-images.py), as devstack
+    printf '\n[image]\nimages_manifest_file = %s\n' "$TEMPEST_IMAGES_MANIFEST" \
+        >> "$DIR/etc/tempest.conf"
 fi
 
 args=(--config-file "$DIR/etc/tempest.conf")
