@@ -24,39 +24,40 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §7  identity and policy                 noauth, Keystone tokens and catalog, policy personas
     §8  guest shape                         flavor extra specs and image properties made into
                                             devices, firmware, CPU and limits, as Nova reads them
-    §9  hypervisor driver                   libvirt (imported lazily), disks
-    §10 image inspection                    formats, safety checks, the image cache by content
-    §11 images                              the image source seam: local directory or Glance
-    §12 image service                       a Glance v2 subset under /image
-    §13 volumes                             the block storage client: Cinder v3, volume disks,
+    §9  NUMA and CPU pinning                host cells, their use, fitting a guest onto them
+    §10 hypervisor driver                   libvirt (imported lazily), disks
+    §11 image inspection                    formats, safety checks, the image cache by content
+    §12 images                              the image source seam: local directory or Glance
+    §13 image service                       a Glance v2 subset under /image
+    §14 volumes                             the block storage client: Cinder v3, volume disks,
                                             LUKS volumes' secrets, clean-up calls kept and made
                                             again
-    §14 networks                            the network service: Neutron ports, or none
-    §15 quotas                              defaults, classes, per-project/per-user limits
-    §16 views                               the request object, links and pagination
-    §17 API: versions and extensions
-    §18 API: flavors, extra specs, flavor access
-    §19 API: keypairs
-    §20 API: limits, quota sets, quota classes
-    §21 API: availability zones
-    §22 servers: states, lookups, views
-    §23 servers: the compute engine         background operations, reconciliation, power sync
-    §24 config drive                        its files, and an ISO 9660 writer
-    §25 API: servers                        create, list, show, update, delete, actions...
-    §26 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §27 API: networks and security groups   the proxy APIs, up to 2.35
-    §28 API: volumes and events             os-volumes/os-snapshots proxies, external events
-    §29 API: server groups
-    §30 API: services and hypervisors       and the scheduler: filters and weighers
-    §31 API: simple tenant usage
-    §32 API: aggregates                     host aggregates; their zones become the host's
-    §33 API: migrations                     every move between hosts is a migration record
-    §34 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §35 failure injection                   rules that make builds, actions and hosts fail
-    §36 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §37 HTTP front end                      app, server, handler, TLS, CORS
-    §38 systemd and signals                 sd_notify, watchdog, background loops
-    §39 main
+    §15 networks                            the network service: Neutron ports, or none
+    §16 quotas                              defaults, classes, per-project/per-user limits
+    §17 views                               the request object, links and pagination
+    §18 API: versions and extensions
+    §19 API: flavors, extra specs, flavor access
+    §20 API: keypairs
+    §21 API: limits, quota sets, quota classes
+    §22 API: availability zones
+    §23 servers: states, lookups, views
+    §24 servers: the compute engine         background operations, reconciliation, power sync
+    §25 config drive                        its files, and an ISO 9660 writer
+    §26 API: servers                        create, list, show, update, delete, actions...
+    §27 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §28 API: networks and security groups   the proxy APIs, up to 2.35
+    §29 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §30 API: server groups
+    §31 API: services and hypervisors       and the scheduler: filters and weighers
+    §32 API: simple tenant usage
+    §33 API: aggregates                     host aggregates; their zones become the host's
+    §34 API: migrations                     every move between hosts is a migration record
+    §35 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §36 failure injection                   rules that make builds, actions and hosts fail
+    §37 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §38 HTTP front end                      app, server, handler, TLS, CORS
+    §39 systemd and signals                 sd_notify, watchdog, background loops
+    §40 main
 """
 
 import argparse
@@ -75,6 +76,7 @@ import hmac
 import http.client
 import http.server
 import ipaddress
+import itertools
 import queue
 import json
 import logging
@@ -2417,7 +2419,246 @@ def machine_type_for(setting, arch):
     return ""
 
 
-# § 9 hypervisor driver ----------------------------------------------------------------
+# § 9 NUMA and CPU pinning -------------------------------------------------------------
+#
+# Where a guest with a NUMA topology (hw:numa_nodes, dedicated or mixed CPUs, a page
+# size: numa_request) goes on a host, the way Nova fits it (nova/virt/hardware.py
+# numa_fit_instance_to_host): the host's cells come from libvirt's capabilities and
+# --cpu-dedicated-set / --cpu-shared-set; what the servers already placed there use is
+# counted per cell (pinned CPUs, shared vCPUs, memory, pages of each size); a guest cell
+# fits a host cell when its memory fits (in pages of the size it asks for, or the host's
+# smallest) and its vCPUs do, pinned ones packed onto free cores with their thread
+# siblings first.  Guest cells try host cells in every order, the emptiest first.
+#   host_numa_cells(caps, dedicated, shared)   the host's cells, or None (no topology)
+#   numa_usage(cells, placed)                  what placed guests use of them
+#   numa_fit(cells, usage, request, ratios)    the guest's placed cells, or None
+
+def format_cpu_spec(cpus):
+    """A CPU set as Nova writes it: ranges of three or more ('0-3'), else single ids."""
+    parts, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu == run[-1] + 1:
+            run.append(cpu)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [cpu]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+class NumaConfigError(Exception):
+    """--cpu-dedicated-set / --cpu-shared-set name CPUs this host does not have."""
+
+
+def host_numa_cells(caps_xml, dedicated=None, shared=None):
+    """The host's NUMA cells from libvirt's capabilities XML, as Nova's libvirt driver
+    reads them: [{"id", "cpuset" (the shared CPUs), "pcpuset" (the dedicated ones),
+    "siblings" (thread sibling sets, in Nova's order), "memory" (MiB), "pages"
+    [(size KiB, total)]}], or None when libvirt reports no cells.  With neither set
+    configured every CPU is both shared and dedicated (Nova's legacy behaviour); with only
+    a shared set there are no dedicated CPUs, with only a dedicated set no shared ones."""
+    root = ElementTree.fromstring(caps_xml)
+    found = root.findall("./host/topology/cells/cell")
+    if not found:
+        return None
+    online = {int(cpu.get("id")) for cell in found for cpu in cell.findall("./cpus/cpu")}
+    for option, chosen in (("--cpu-dedicated-set", dedicated), ("--cpu-shared-set", shared)):
+        if chosen and not chosen <= online:
+            raise NumaConfigError(f"Invalid '{option}' config: one or more of the configured "
+                                  f"CPUs is not online. Online cpuset(s): "
+                                  f"{sorted(online)}, configured cpuset(s): {sorted(chosen)}")
+    shared_set = shared if shared else (set() if dedicated else online)
+    dedicated_set = dedicated if dedicated else (set() if shared else shared_set)
+    usable = shared_set | dedicated_set
+    cells = []
+    for cell in found:
+        cpus = {int(cpu.get("id")): parse_cpu_spec(cpu.get("siblings") or "")
+                for cpu in cell.findall("./cpus/cpu")}
+        # Nova keeps the order a set of tuples iterates in (which decides pinning)
+        siblings = sorted(set(group) for group in {tuple(s) for s in cpus.values()})
+        siblings = [group & usable for group in siblings if group & usable]
+        memory = cell.find("./memory")
+        cells.append({
+            "id": int(cell.get("id")), "cpuset": set(cpus) & shared_set,
+            "pcpuset": set(cpus) & dedicated_set, "siblings": siblings,
+            "memory": int(memory.text) // 1024 if memory is not None else 0,
+            "pages": [(int(p.get("size")), int(p.text or 0))
+                      for p in cell.findall("./pages")]})
+    return cells
+
+
+def numa_usage(cells, placed):
+    """{cell id: {"pinned", "cpu", "memory", "pages": {size: used}}} of the guests placed
+    (their stored numa_topology) on a host's cells."""
+    usage = {c["id"]: {"pinned": set(), "cpu": 0, "memory": 0,
+                       "pages": collections.Counter()} for c in cells}
+    by_id = {c["id"]: c for c in cells}
+    for topology in placed:
+        for guest in topology["cells"]:
+            cell, used = by_id.get(guest["id"]), usage.get(guest["id"])
+            if cell is None:
+                continue
+            size = guest.get("pagesize") or min((s for s, _ in cell["pages"]), default=None)
+            if size:
+                used["pages"][size] += guest["memory"] * 1024 // size
+            used["memory"] += guest["memory"]
+            used["cpu"] += len(guest["cpus"])
+            if topology["policy"] not in ("dedicated", "mixed"):
+                continue
+            pinned = set(guest["pinning"].values()) | set(guest.get("reserved") or ())
+            if topology.get("thread_policy") == "isolate":
+                pinned |= {cpu for group in cell["siblings"] if group & pinned
+                           for cpu in group}
+            used["pinned"] |= pinned
+    return usage
+
+
+def fits_pages(cell, used, size, memory_kib, use_free=True):
+    """Nova's can_fit_pagesize: the memory in whole pages of size, free (or in total);
+    None when the cell has no pages of that size."""
+    for page_size, total in cell["pages"]:
+        if page_size == size:
+            pages = total - used["pages"][size] if use_free else total
+            return memory_kib <= pages * size and memory_kib % size == 0
+    return None
+
+
+def numa_fit(cells, usage, request, cpu_ratio, ram_ratio):
+    """The guest's cells placed on this host's (each with the host cell's "id", its
+    "pinning" {vCPU: pCPU}, "reserved" pCPUs for the emulator threads and "pagesize"),
+    or None when the request does not fit: Nova's numa_fit_instance_to_host."""
+    wanted = request["cells"]
+    if not cells or len(cells) < len(wanted):
+        return None
+    order = list(cells)
+    pinned_policy = request["policy"] in ("dedicated", "mixed")
+    if len(cells) > len(wanted):
+        order.sort(key=lambda c: c["memory"] - usage[c["id"]]["memory"], reverse=True)
+        if pinned_policy:
+            order.sort(key=lambda c: len(c["pcpuset"] - usage[c["id"]]["pinned"]),
+                       reverse=True)
+        else:
+            order.sort(key=lambda c: usage[c["id"]]["cpu"])
+    tried = {}
+    for hosts in itertools.permutations(order, len(wanted)):
+        placed = []
+        for index, (cell, guest) in enumerate(zip(hosts, wanted)):
+            key = (cell["id"], index)
+            if key not in tried:
+                reserve = 1 if request["emulator"] == "isolate" and index == 0 else 0
+                tried[key] = fit_cell(cell, usage[cell["id"]], guest, request, reserve,
+                                      cpu_ratio, ram_ratio)
+            if tried[key] is None:
+                break
+            placed.append(tried[key])
+        else:
+            return placed
+    return None
+
+
+def fit_cell(cell, used, guest, request, reserve, cpu_ratio, ram_ratio):
+    """One guest cell on one host cell (Nova's _numa_fit_instance_cell), or None."""
+    policy, memory_kib = request["policy"], guest["memory"] * 1024
+    pinned_policy = policy in ("dedicated", "mixed")
+    sizes = sorted((size for size, _ in cell["pages"]), reverse=True)
+    pagesize = None
+    if request["pagesize"]:
+        candidates = {MEMPAGES_SMALL: sizes[-1:], MEMPAGES_LARGE: sizes[:-1],
+                      MEMPAGES_ANY: sizes}.get(request["pagesize"], [request["pagesize"]])
+        pagesize = next((size for size in candidates
+                         if fits_pages(cell, used, size, memory_kib)), None)
+        if pagesize is None:
+            return None
+    elif sizes:
+        if not fits_pages(cell, used, sizes[-1], memory_kib, use_free=pinned_policy):
+            return None
+    elif cell["memory"] - (used["memory"] if pinned_policy else 0) < guest["memory"]:
+        return None
+    if pinned_policy and len(guest["pcpus"]) + reserve > len(cell["pcpuset"]):
+        return None
+    if policy != "dedicated" and len(guest["cpus"]) > len(cell["cpuset"]):
+        return None
+    pinning, reserved = {}, set()
+    if pinned_policy:
+        free = cell["pcpuset"] - used["pinned"]
+        if len(guest["pcpus"]) + reserve > len(free):
+            return None
+        packed = pack_onto_cores(cell, free, guest["pcpus"], request["thread_policy"],
+                                 reserve)
+        if packed is None:
+            return None
+        pinning, reserved = packed
+    if policy != "dedicated":
+        if used["cpu"] + len(guest["cpus"]) > len(cell["cpuset"]) * cpu_ratio or \
+                used["memory"] + guest["memory"] > cell["memory"] * ram_ratio:
+            return None
+    return {"id": cell["id"], "cpus": set(guest["cpus"]), "pcpus": set(guest["pcpus"]),
+            "memory": guest["memory"], "pagesize": pagesize, "pinning": pinning,
+            "reserved": reserved}
+
+
+def pack_onto_cores(cell, free, vcpus, thread_policy, reserve):
+    """({vCPU: pCPU}, reserved pCPUs) for the pinned vCPUs on a cell's free pCPUs, thread
+    siblings of one core first (Nova's _pack_instance_onto_cores), or None."""
+    threads_per_core = max(map(len, cell["siblings"]), default=0) or 1
+    by_threads = collections.defaultdict(list)      # free sibling sets with >= n free
+    for group in (group & free for group in cell["siblings"]):
+        for n in range(1, len(group) + 1):
+            by_threads[n].append(group)
+
+    def pinning_of(threads, groups):
+        if threads * len(groups) < len(vcpus):
+            return None
+        usable = itertools.chain(*(list(group)[:threads] for group in groups))
+        return list(zip(sorted(vcpus), usable))
+
+    def reserved_of(groups, pairs, whole_cores=False):
+        if not pairs or not reserve:
+            return set()
+        left = [list(group) for group in groups]
+        for _, pcpu in pairs:
+            for group in list(left):
+                if pcpu in group:
+                    if whole_cores:
+                        left.remove(group)
+                    else:
+                        group.remove(pcpu)
+        return set(list(itertools.chain(*left))[:reserve])
+
+    pairs, reserved = None, set()
+    if thread_policy == "isolate":
+        if threads_per_core not in by_threads:
+            return None
+        if threads_per_core != 1 and cell["pcpuset"] != cell["cpuset"]:
+            return None
+        pairs = pinning_of(1, by_threads[threads_per_core])
+        reserved = reserved_of(by_threads[1], pairs, whole_cores=True)
+        if not pairs:
+            return None
+    else:
+        if thread_policy == "require" and threads_per_core <= 1:
+            return None
+        threads = 1
+        for threads, groups in sorted(by_threads.items(), reverse=True):
+            if thread_policy == "require" and threads <= 1:
+                continue
+            pairs = pinning_of(threads, groups)
+            reserved = reserved_of(by_threads[1], pairs)
+            if pairs is None or (reserve and not reserved):
+                continue
+            break
+        if thread_policy != "require" and not pairs:
+            singles = [{cpu} for cpu in itertools.chain(*by_threads[1])]
+            pairs = pinning_of(threads, singles)
+            reserved = reserved_of(singles, pairs)
+    if pairs is None or (reserve and not reserved):
+        return None
+    return dict(pairs), reserved
+
+
+# § 10 hypervisor driver ---------------------------------------------------------------
 #
 # libvirt is imported here and nowhere else, so the API runs (and its tests
 # run) where libvirt-python is missing; the driver says how to install it.
@@ -4072,7 +4313,7 @@ def create_missing_disks(instance_dir, server):
             create_qcow2(path, size)
 
 
-# § 10 image inspection ----------------------------------------------------------------
+# § 11 image inspection ----------------------------------------------------------------
 #
 # An image minivan did not write itself is hostile until its bytes are read: a qcow2
 # header can name a backing file or an external data file anywhere on the host, a vmdk
@@ -4560,7 +4801,7 @@ def image_base(app, image):
     return cache.boot_form(image, path, app.conf["image_max_virtual_size"])
 
 
-# § 11 images --------------------------------------------------------------------------
+# § 12 images --------------------------------------------------------------------------
 #
 # The image source seam.  LocalImages serves the images directory: every image file
 # there is an image, with an id drawn at random when it is first seen (never one an
@@ -4996,7 +5237,7 @@ class GlanceImages:
             raise BadRequest(f"The image service refused the change ({status}).")
 
 
-# § 12 image service -------------------------------------------------------------------
+# § 13 image service -------------------------------------------------------------------
 #
 # Without a Glance anywhere, minivan serves the part of the Glance v2 API the clients use
 # over its local image directory, under /image on its own port: versions, the image
@@ -5299,7 +5540,7 @@ class ImageService:
         return True
 
 
-# § 13 volumes -------------------------------------------------------------------------
+# § 14 volumes -------------------------------------------------------------------------
 #
 # Cinder v3, found in the Keystone catalog (volumev3 / block-storage) or --cinder-url.
 # Calls a request makes carry the caller's token, so Cinder applies its own policy and the
@@ -5854,7 +6095,7 @@ def next_target(server, wanted=None):
                     "instance has been exceeded.")
 
 
-# § 14 networks ------------------------------------------------------------------------
+# § 15 networks ------------------------------------------------------------------------
 #
 # With Neutron in the catalog (or --neutron-url), a server's NICs are Neutron ports, as in
 # Nova: minivan creates them (or takes the ones given) at build time, bound to the
@@ -6039,7 +6280,7 @@ def neutron_interface_xml(port, extra="<model type='virtio'/>"):
     raise DriverError(f"Unsupported VIF type {port.get('vif_type')} of port {port['id']}")
 
 
-# § 15 quotas --------------------------------------------------------------------------
+# § 16 quotas --------------------------------------------------------------------------
 
 QUOTA_DEFAULTS = collections.OrderedDict([
     ("instances", 10), ("cores", 20), ("ram", 51200), ("floating_ips", -1),
@@ -6195,7 +6436,7 @@ def usage(data, project_id, user_id=None, index=None):
     return used
 
 
-# § 16 views ---------------------------------------------------------------------------
+# § 17 views ---------------------------------------------------------------------------
 
 SINCE_CACHE = {}                   # '2.47' -> (2, 47): views ask thousands of times
 
@@ -6293,7 +6534,7 @@ def paginate(req, items, key, marker_message="marker [%s] not found"):
     return page, (key(page[-1]) if more and page else None)
 
 
-# § 17 API: versions and extensions ----------------------------------------------------
+# § 18 API: versions and extensions ----------------------------------------------------
 
 V20_UPDATED = "2025-07-04T12:00:00Z"
 V21_UPDATED = "2013-07-23T11:33:21Z"
@@ -6477,7 +6718,7 @@ def extensions_show(req):
     raise NotFound()
 
 
-# § 18 API: flavors, extra specs, flavor access ----------------------------------------
+# § 19 API: flavors, extra specs, flavor access ----------------------------------------
 
 BUILTIN_FLAVORS = [
     # id, name, ram MB, vcpus, disk GB
@@ -6944,7 +7185,7 @@ def extra_specs_delete(req):
     return 200, None
 
 
-# § 19 API: keypairs -------------------------------------------------------------------
+# § 20 API: keypairs -------------------------------------------------------------------
 
 SSH_KEY_TYPES = {
     "ssh-rsa": ("mpint", "mpint"), "ssh-dss": ("mpint", "mpint", "mpint", "mpint"),
@@ -7298,7 +7539,7 @@ def keypairs_delete(req):
     return (204 if req.since("2.2") else 202), None
 
 
-# § 20 API: limits, quota sets, quota classes ------------------------------------------
+# § 21 API: limits, quota sets, quota classes ------------------------------------------
 
 LIMIT_KEYS = [  # (absolute key, quota resource or usage, gone from)
     ("maxImageMeta", "metadata_items", (2, 39)), ("maxPersonality", "injected_files", (2, 57)),
@@ -7483,7 +7724,7 @@ def quota_classes_update(req):
     return 200, {"quota_class_set": {k: limits[k] for k in quota_keys(req.version, classes=True)}}
 
 
-# § 21 API: availability zones ---------------------------------------------------------
+# § 22 API: availability zones ---------------------------------------------------------
 
 def compute_zones(app):
     """The availability zones of the compute hosts."""
@@ -7517,7 +7758,7 @@ def availability_zones_detail(req):
          "hosts": hosts} for zone, hosts in sorted(zones.items())]}
 
 
-# § 22 servers: states, lookups, views -------------------------------------------------
+# § 23 servers: states, lookups, views -------------------------------------------------
 
 STATUS_BY_VM_STATE = {
     "active": "ACTIVE", "building": "BUILD", "stopped": "SHUTOFF", "resized": "VERIFY_RESIZE",
@@ -7704,7 +7945,7 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 23 servers: the compute engine -----------------------------------------------------
+# § 24 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -9099,7 +9340,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 24 config drive --------------------------------------------------------------------
+# § 25 config drive --------------------------------------------------------------------
 
 def metadata_hostname(conf, server):
     """The hostname a guest's metadata gives: with --dhcp-domain after it, as Nova's."""
@@ -9391,7 +9632,7 @@ def write_iso(path, files, label, now=None):
         f.truncate(total * SECTOR)
 
 
-# § 25 API: servers --------------------------------------------------------------------
+# § 26 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -12316,7 +12557,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 26 API: images ---------------------------------------------------------------------
+# § 27 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -12453,7 +12694,7 @@ def image_metadata_delete(req):
 
 
 
-# § 27 API: networks and security groups -----------------------------------------------
+# § 28 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default'); with Neutron, the security
@@ -13091,7 +13332,7 @@ def security_group_rules_delete(req):
 
 
 
-# § 28 API: volumes and events ---------------------------------------------------------
+# § 29 API: volumes and events ---------------------------------------------------------
 #
 # Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
 # (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
@@ -13437,7 +13678,7 @@ def volume_holder(req, volume_id):
     raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
 
 
-# § 29 API: server groups --------------------------------------------------------------
+# § 30 API: server groups --------------------------------------------------------------
 #
 # The scheduler (§30) keeps affinity groups' members on one host and anti-affinity
 # groups' apart (max_server_per_host each); a member that cannot be placed so fails its
@@ -13556,7 +13797,7 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-# § 30 API: services and hypervisors ---------------------------------------------------
+# § 31 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -14260,7 +14501,7 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 31 API: simple tenant usage --------------------------------------------------------
+# § 32 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -14359,7 +14600,7 @@ def simple_tenant_usage_show(req):
     return 200, result
 
 
-# § 32 API: aggregates -----------------------------------------------------------------
+# § 33 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -14602,7 +14843,7 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 33 API: migrations -----------------------------------------------------------------
+# § 34 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
@@ -14796,7 +15037,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 34 metadata service ----------------------------------------------------------------
+# § 35 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -15247,7 +15488,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 35 failure injection ---------------------------------------------------------------
+# § 36 failure injection ---------------------------------------------------------------
 #
 # For people who test their own tools against minivan: with --fault-injection, an admin
 # makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
@@ -15427,7 +15668,7 @@ def faults_endpoint(app, method, path, headers, body):
     raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
 
 
-# § 36 ROUTES and ACTIONS --------------------------------------------------------------
+# § 37 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -15763,7 +16004,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 37 HTTP front end ------------------------------------------------------------------
+# § 38 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -16503,7 +16744,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 38 systemd and signals -------------------------------------------------------------
+# § 39 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -16594,7 +16835,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 39 main ----------------------------------------------------------------------------
+# § 40 main ----------------------------------------------------------------------------
 
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])

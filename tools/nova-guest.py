@@ -9,9 +9,15 @@ JSON list of cases on stdin and writes a JSON list of results on stdout, one per
              "config_drive": bool, "ports": N,
              "conf": {"libvirt": {"virt_type": "kvm", ...}, "DEFAULT": {...}, ...},
              "host": {"uefi": bool, "secure_boot": bool, "cpu_nodes": 1, "cpu_cores": 2,
-                      "cpu_threads": 1, "cpu_sockets": 1}}
-    result: {"xml": "<domain ...>"}
-            or {"stage": "api" | "build", "error": "ExceptionClass", "message": "..."}
+                      "cpu_threads": 1, "cpu_sockets": 1, "kB_mem": 16780000,
+                      "mempages": [[[size KiB, count], ...] per cell]},
+             "placed": [{"flavor", "image"}, ...],  guests already on the host, in order
+             "limits": {"cpu": ratio, "ram": ratio}}  the scheduler's NUMA limits
+    result: {"xml": "<domain ...>", "caps": "<capabilities ...>",
+             "numa": [{"id", "cpus", "pcpus", "memory", "pagesize", "pinning",
+                       "reserved"}] or None}
+            or {"stage": "api" | "placed" | "build", "error": "ExceptionClass",
+                "message": "...", "caps": ...}
 
 "api" is what Nova's API refuses with 400 (image properties that do not fit their fields,
 flavor and image that contradict each other); "build" is what nova-compute fails with
@@ -112,26 +118,46 @@ def api_checks(image, flavor):
     return image_meta
 
 
-def build(case, tmp):
-    spec = case["flavor"]
-    flavor = objects.Flavor(
+def make_flavor(spec):
+    return objects.Flavor(
         id=1, name="f", flavorid="f", memory_mb=spec["ram"], vcpus=spec["vcpus"],
         root_gb=spec.get("disk", 1), ephemeral_gb=spec.get("ephemeral", 0),
         swap=spec.get("swap", 0), extra_specs=dict(spec.get("extra_specs", {})),
         vcpu_weight=None, rxtx_factor=1.0)
-    image = {"id": "155d900f-4e14-4e4c-a73d-069cbf4541e6", "name": "image",
-             "disk_format": case["image"].get("disk_format", "qcow2"),
-             "container_format": "bare", "status": "active", "size": 0, "min_ram": 0,
-             "min_disk": 0, "properties": dict(case["image"].get("properties", {}))}
+
+
+def make_image(spec):
+    return {"id": "155d900f-4e14-4e4c-a73d-069cbf4541e6", "name": "image",
+            "disk_format": spec.get("disk_format", "qcow2"),
+            "container_format": "bare", "status": "active", "size": 0, "min_ram": 0,
+            "min_disk": 0, "properties": dict(spec.get("properties", {}))}
+
+
+def cells_of(fitted):
+    """A fitted instance NUMA topology as plain data."""
+    if fitted is None:
+        return None
+    return [{"id": c.id, "cpus": sorted(c.cpuset), "pcpus": sorted(c.pcpuset),
+             "memory": c.memory, "pagesize": c.pagesize,
+             "pinning": {str(v): p for v, p in (c.cpu_pinning or {}).items()},
+             "reserved": sorted(c.cpuset_reserved or ())} for c in fitted.cells]
+
+
+def build(case, tmp):
+    flavor = make_flavor(case["flavor"])
+    image = make_image(case["image"])
     try:
         image_meta = api_checks(image, flavor)
     except (ValueError, exception.NovaException) as e:     # every one of them is a 400
         return {"stage": "api", "error": type(e).__name__, "message": str(e)}
 
     host = case.get("host", {})
+    mempages = [fakelibvirt.create_mempages([tuple(p) for p in cell])
+                for cell in host["mempages"]] if host.get("mempages") else None
     info = fakelibvirt.HostInfo(
         cpu_nodes=host.get("cpu_nodes", 1), cpu_sockets=host.get("cpu_sockets", 1),
-        cpu_cores=host.get("cpu_cores", 2), cpu_threads=host.get("cpu_threads", 1))
+        cpu_cores=host.get("cpu_cores", 2), cpu_threads=host.get("cpu_threads", 1),
+        kB_mem=host.get("kB_mem", 16780000), mempages=mempages)
     conn = fakelibvirt.Connection("qemu:///system", host_info=info)
     drvr = libvirt_driver.LibvirtDriver(fake_virt.FakeVirtAPI(), True)
     drvr._host.get_connection = lambda: conn
@@ -141,22 +167,38 @@ def build(case, tmp):
     drvr._host._supports_intel_tdx = False
     drvr._disk_cachemode = "none"
     instance = make_instance(flavor, image, case.get("config_drive"))
+    caps = conn.getCapabilities()
+    limits = case.get("limits")
+    limits = limits and objects.NUMATopologyLimits(
+        cpu_allocation_ratio=limits["cpu"], ram_allocation_ratio=limits["ram"])
+    fitted = None
     try:
+        host_topology = drvr._get_host_numa_topology()
+        for earlier in case.get("placed", []):      # the resource tracker's usage
+            wanted = hardware.numa_get_constraints(
+                make_flavor(earlier["flavor"]),
+                objects.ImageMeta.from_dict(make_image(earlier["image"])))
+            got = hardware.numa_fit_instance_to_host(host_topology, wanted, None, limits)
+            if got is None:
+                return {"stage": "placed", "error": "NoValidHost", "caps": caps,
+                        "message": "an earlier guest does not fit"}
+            host_topology = hardware.numa_usage_from_instance_numa(host_topology, got)
         topology = hardware.numa_get_constraints(flavor, image_meta)
         if topology is not None:
-            fitted = hardware.numa_fit_instance_to_host(
-                drvr._get_host_numa_topology(), topology)
+            fitted = hardware.numa_fit_instance_to_host(host_topology, topology, None,
+                                                        limits)
             if fitted is None:
-                return {"stage": "build", "error": "NoValidHost",
+                return {"stage": "build", "error": "NoValidHost", "caps": caps,
                         "message": "No valid host was found. "}
             instance.numa_topology = fitted
         disk_info = blockinfo.get_disk_info(CONF.libvirt.virt_type, instance, image_meta)
         cfg = drvr._get_guest_config(
             instance, network_info(case.get("ports", 1)), image_meta, disk_info,
             context=nova_context.get_admin_context())
-        return {"xml": cfg.to_xml()}
+        return {"xml": cfg.to_xml(), "caps": caps, "numa": cells_of(fitted)}
     except Exception as e:     # every failure of the driver is a build failure
-        return {"stage": "build", "error": type(e).__name__, "message": str(e)}
+        return {"stage": "build", "error": type(e).__name__, "message": str(e),
+                "caps": caps}
 
 
 class Oracle(fixtures.Fixture):
