@@ -119,6 +119,30 @@ def check_guest_options(conf):
         raise ConfigError("--cpu-mode custom needs --cpu-models (e.g. Haswell-noTSX)")
     if conf["cpu_models"].strip(", ") and conf["cpu_mode"] != "custom":
         raise ConfigError("--cpu-models is for --cpu-mode custom only")
+    for option in ("cpu_dedicated_set", "cpu_shared_set"):
+        if isinstance(conf[option], str):
+            try:
+                conf[option] = parse_cpu_spec(conf[option]) if conf[option].strip() \
+                    else None
+            except BadRequest as e:
+                raise ConfigError(f"--{option.replace('_', '-')}: {e.message}") from None
+    if conf["cpu_dedicated_set"] and conf["cpu_shared_set"] and \
+            conf["cpu_dedicated_set"] & conf["cpu_shared_set"]:
+        raise ConfigError("--cpu-dedicated-set and --cpu-shared-set must be disjoint, as "
+                          "Nova's [compute] cpu_dedicated_set and cpu_shared_set")
+    if isinstance(conf["numa_topology"], str):
+        files = {}
+        for pair in filter(None, (p.strip() for p in conf["numa_topology"].split(","))):
+            name, sep, path = pair.partition("=")
+            if not sep or not path:
+                raise ConfigError(f"--numa-topology wants HOST=FILE pairs, not {pair!r}")
+            try:
+                with open(path) as f:
+                    files[name] = f.read()
+                ElementTree.fromstring(files[name])
+            except (OSError, ElementTree.ParseError) as e:
+                raise ConfigError(f"--numa-topology: cannot read {path}: {e}") from None
+        conf["numa_topology"] = files
     for pair in filter(None, (p.strip() for p in conf["hw_machine_type"].split(","))):
         if not re.fullmatch(r"[\w.-]+=[\w.-]+", pair):
             raise ConfigError("--hw-machine-type must list ARCH=MACHINE pairs, e.g. "
@@ -204,6 +228,14 @@ OPTIONS = [
      "[libvirt] cpu_models: guests get the first"),
     ("swtpm-enabled", "false", "give guests whose flavor or image asks for one an emulated "
      "TPM (swtpm), as Nova's [libvirt] swtpm_enabled"),
+    ("cpu-dedicated-set", "", "host CPUs (e.g. 2-7) that guests with dedicated CPUs are "
+     "pinned to, as Nova's [compute] cpu_dedicated_set (default: with no --cpu-shared-set "
+     "either, every CPU serves both)"),
+    ("cpu-shared-set", "", "host CPUs (e.g. 0-1) that other guests float over, as Nova's "
+     "[compute] cpu_shared_set"),
+    ("numa-topology", "", "HOST=FILE pairs: read that compute host's NUMA cells from FILE, "
+     "a libvirt capabilities document, instead of from its libvirt (for hosts whose "
+     "driver reports none, such as libvirt's test:/// driver)"),
     ("network", "default", "libvirt network that servers' NICs join"),
     ("firewall", "nwfilter", "nwfilter: enforce security group rules on servers' NICs with "
      "libvirt's network filters (where libvirt has them); none: no filtering"),
@@ -438,6 +470,9 @@ def finish_config(conf):
     conf["host"] = conf["host"] or socket.gethostname().split(".")[0]
     conf["compute_hosts"] = parse_compute_hosts(conf["compute_hosts"], conf["host"],
                                                 conf["libvirt_uri"])
+    unknown = set(conf["numa_topology"]) - {name for name, _ in conf["compute_hosts"]}
+    if unknown:
+        raise ConfigError(f"--numa-topology names no compute host: {', '.join(sorted(unknown))}")
     conf["public_url"] = conf["public_url"].rstrip("/")
     conf["cors_allowed_origins"] = [o.strip() for o in conf["cors_allowed_origins"].split(",")
                                     if o.strip()]
@@ -1859,7 +1894,7 @@ def page_size_request(specs, meta):
         found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", request)
         if not found or (found.group(3) and not found.group(2)):
             raise BadRequest(f"Invalid memory page size '{request}'")
-        return float(found.group(1)) * 1024 ** "KMGT".find(found.group(2) or "K")
+        return int(float(found.group(1)) * 1024 ** "KMGT".find(found.group(2) or "K"))
     flavor, image = specs.get("hw:mem_page_size"), meta.get("hw_mem_page_size")
     if not flavor and image:
         raise BadRequest(f"Page size {image} forbidden against '<empty>'")
@@ -2004,12 +2039,6 @@ def numa_cells(flavor, meta, nodes, pinned):
 
 UNHONOURED_SPECS = (
     # (flavor extra spec or image property pattern, what it asks for)
-    (r"hw:cpu_policy=(dedicated|mixed)|hw_cpu_policy=(dedicated|mixed)", "dedicated CPUs"),
-    (r"hw:cpu_thread_policy|hw_cpu_thread_policy|hw:emulator_threads_policy"
-     r"|hw:cpu_dedicated_mask|hw:cpu_realtime.*|hw_cpu_realtime_mask", "CPU pinning"),
-    (r"hw:numa_.*|hw_numa_.*", "a guest NUMA topology"),
-    (r"hw:mem_page_size|hw_mem_page_size", "huge pages"),
-    (r"hw:locked_memory=(?i:1|t|true|on|y|yes)|hw_locked_memory=True", "locked memory"),
     (r"hw:mem_encryption=(?i:1|t|true|on|y|yes)|hw_mem_encryption=True|"
      r"hw:mem_encryption_model|hw_mem_encryption_model", "memory encryption"),
     (r"hw:pmem", "persistent memory"),
@@ -2285,11 +2314,12 @@ class GuestShape:
             if self.cpu_mode == "custom" and self.cpu_models else ""
         return f"<cpu mode='{self.cpu_mode}' match='exact'>{model}{topology}</cpu>"
 
-    def cputune_xml(self):
-        if not self.cputune:
+    def cputune_xml(self, pins=""):
+        """<cputune>: CPU time limits, then the pinning elements (GuestNuma's)."""
+        if not self.cputune and not pins:
             return ""
         return "<cputune>" + "".join(f"<{name}>{value}</{name}>"
-                                     for name, value in self.cputune) + "</cputune>"
+                                     for name, value in self.cputune) + pins + "</cputune>"
 
     def iotune_xml(self):
         if not self.disk_qos:
@@ -2434,7 +2464,7 @@ def machine_type_for(setting, arch):
 #   numa_fit(cells, usage, request, ratios)    the guest's placed cells, or None
 
 def format_cpu_spec(cpus):
-    """A CPU set as Nova writes it: ranges of three or more ('0-3'), else single ids."""
+    """A CPU set as Nova writes it: runs of consecutive ids as ranges ('0-3,6')."""
     parts, run = [], []
     for cpu in sorted(cpus):
         if run and cpu == run[-1] + 1:
@@ -2658,6 +2688,103 @@ def pack_onto_cores(cell, free, vcpus, thread_policy, reserve):
     return dict(pairs), reserved
 
 
+def stored_numa(request, cells):
+    """A fitted topology as the server record keeps it (JSON: lists, string keys)."""
+    return {"policy": request["policy"], "thread_policy": request["thread_policy"],
+            "emulator": request["emulator"],
+            "cells": [dict(c, cpus=sorted(c["cpus"]), pcpus=sorted(c["pcpus"]),
+                           pinning={str(v): p for v, p in c["pinning"].items()},
+                           reserved=sorted(c["reserved"])) for c in cells]}
+
+
+class GuestNuma:
+    """A server's NUMA elements, as Nova's libvirt driver writes them from the topology
+    placed on the host (server["numa_topology"]) and the host's cells as configured now:
+    guest cells with their memory, numatune binding each to its host cell, each vCPU
+    pinned to its pCPU (or floating over its host cell's shared CPUs), the emulator and
+    I/O threads beside them, real-time vCPUs' FIFO scheduling, and huge pages or locked
+    memory backing the guest.  A guest without a topology floats over the shared CPU set
+    when one is configured."""
+
+    def __init__(self, server, host_cells, shared_set, realtime=None, locked=False):
+        self.placed = server.get("numa_topology")
+        self.host = {c["id"]: c for c in host_cells or []}
+        self.shared_set, self.realtime, self.locked = shared_set, realtime, locked
+        # page sizes as Nova reads them: those of the host's first cell
+        sizes = sorted(size for size, _ in host_cells[0]["pages"]) if host_cells else []
+        self.smallest_page, self.huge_sizes = (sizes[0], set(sizes[1:])) if sizes \
+            else (None, set())
+        if self.placed and not host_cells:
+            raise GuestRefused("This host does not report a NUMA topology, so it cannot "
+                               "give the guest the NUMA cells it was placed with")
+
+    def vcpu_attrs(self):
+        if self.placed or not self.shared_set:
+            return ""
+        return f" cpuset='{format_cpu_spec(self.shared_set)}'"
+
+    def memory_backing_xml(self):
+        parts = []
+        if self.placed and self.smallest_page:
+            pages = [f"<page size='{c['pagesize']}' unit='KiB' nodeset='{i}'/>"
+                     for i, c in enumerate(self.placed["cells"])
+                     if c.get("pagesize") and c["pagesize"] > self.smallest_page]
+            if pages:
+                parts.append("<hugepages>" + "".join(pages) + "</hugepages>")
+        if self.realtime:
+            parts.append("<nosharepages/>")
+        if self.realtime or self.locked:
+            parts.append("<locked/>")
+        return "<memoryBacking>" + "".join(parts) + "</memoryBacking>" if parts else ""
+
+    def numatune_xml(self):
+        if not self.placed:
+            return ""
+        nodes = [c["id"] for c in self.placed["cells"]]
+        return (f"<numatune><memory mode='strict' nodeset='{format_cpu_spec(nodes)}'/>" +
+                "".join(f"<memnode cellid='{i}' mode='strict' nodeset='{node}'/>"
+                        for i, node in enumerate(nodes)) + "</numatune>")
+
+    def cputune_parts(self):
+        """The pinning elements inside <cputune>, in Nova's order."""
+        if not self.placed:
+            return ""
+        pins, emulator = [], set()
+        for cell in self.placed["cells"]:
+            host = self.host.get(cell["id"])
+            for vcpu in sorted(set(cell["cpus"]) | set(cell["pcpus"])):
+                pinned = cell["pinning"].get(str(vcpu))
+                cpuset = {pinned} if pinned is not None else (host or {}).get("cpuset", set())
+                pins.append((vcpu, cpuset))
+                if self.placed["emulator"] == "isolate":
+                    emulator |= set(cell.get("reserved") or ())
+                elif self.placed["emulator"] == "share" and self.shared_set:
+                    emulator |= self.shared_set
+                elif not self.realtime or vcpu not in self.realtime:
+                    emulator |= cpuset
+        xml = ""
+        if emulator:
+            spec = format_cpu_spec(emulator)
+            xml = f"<emulatorpin cpuset='{spec}'/><iothreadpin iothread='1' cpuset='{spec}'/>"
+        xml += "".join(f"<vcpupin vcpu='{vcpu}' cpuset='{format_cpu_spec(cpuset)}'/>"
+                       for vcpu, cpuset in sorted(pins))
+        if self.realtime:
+            xml += (f"<vcpusched vcpus='{format_cpu_spec(self.realtime)}' scheduler='fifo' "
+                    f"priority='1'/>")
+        return xml
+
+    def cpu_numa_xml(self):
+        if not self.placed:
+            return ""
+        shared = ""
+        if any(c.get("pagesize") in self.huge_sizes for c in self.placed["cells"]):
+            shared = " memAccess='shared'"       # huge pages: Nova shares guest memory
+        return "<numa>" + "".join(
+            f"<cell id='{i}' cpus='{format_cpu_spec(set(c['cpus']) | set(c['pcpus']))}' "
+            f"memory='{c['memory'] * 1024}'{shared}/>"
+            for i, c in enumerate(self.placed["cells"])) + "</numa>"
+
+
 # § 10 hypervisor driver ---------------------------------------------------------------
 #
 # libvirt is imported here and nowhere else, so the API runs (and its tests
@@ -2830,6 +2957,19 @@ class LibvirtDriver:
         self.machine_types = ""        # --hw-machine-type, --cpu-mode, --cpu-models
         self.cpu_mode, self.cpu_models = "", ()
         self.swtpm_enabled = False     # --swtpm-enabled
+        self.cpu_dedicated_set = None  # --cpu-dedicated-set, --cpu-shared-set (sets)
+        self.cpu_shared_set = None
+        self.numa_topology = None      # --numa-topology FILE's capabilities, for this host
+
+    def configure(self, conf, name):
+        """The options that shape this host's guests (host name as in --compute-hosts)."""
+        self.numa_topology = conf["numa_topology"].get(name)
+        self.volume_passphrase = conf["fixed_key"] or None
+        self.machine_types, self.cpu_mode = conf["hw_machine_type"], conf["cpu_mode"]
+        self.swtpm_enabled = conf["swtpm_enabled"]
+        self.cpu_dedicated_set = conf["cpu_dedicated_set"]
+        self.cpu_shared_set = conf["cpu_shared_set"]
+        self.cpu_models = [m.strip() for m in conf["cpu_models"].split(",") if m.strip()]
 
     def enable_events(self, callback):
         """Deliver libvirt lifecycle events as callback(server id), from a loop thread.
@@ -2975,6 +3115,38 @@ class LibvirtDriver:
             self._guest_host = (self.conn, self._read_guest_host())
         return self._guest_host[1]
 
+    def numa_cells(self):
+        """This host's NUMA cells (host_numa_cells), or None: read from libvirt's
+        capabilities (or --numa-topology's) once a connection.  NumaConfigError when the
+        CPU sets name CPUs the host does not have."""
+        if getattr(self, "_numa_cells", None) is None or self._numa_cells[0] is not self.conn:
+            caps = self.numa_topology
+            if caps is None and self.conn is not None:
+                caps = self._call("reading the host's capabilities", self.conn.getCapabilities)
+            cells = host_numa_cells(caps, self.cpu_dedicated_set, self.cpu_shared_set) \
+                if caps else None
+            self._numa_cells = (self.conn, cells)
+        return self._numa_cells[1]
+
+    def guest_numa(self, server):
+        """The server's GuestNuma on this host (DriverError when the host cannot)."""
+        flavor = server["flavor"]
+        specs, meta = flavor.get("extra_specs") or {}, server.get("image_properties") or {}
+        try:
+            cells = self.numa_cells() if server.get("numa_topology") or \
+                self.cpu_shared_set else None
+            realtime = realtime_request(flavor, image_meta(meta))
+            if realtime and emulator_policy_request(specs) == "share" and \
+                    not self.cpu_shared_set:
+                raise GuestRefused("Use of realtime CPUs requires either one or more "
+                                   "non-realtime CPU(s) or offloaded emulator threads: "
+                                   "emulator threads shared with other guests need "
+                                   "--cpu-shared-set on this host")
+            return GuestNuma(server, cells, self.cpu_shared_set, realtime,
+                             locked_request(specs, image_meta(meta)))
+        except (GuestRefused, NumaConfigError, BadRequest) as e:
+            raise DriverError(str(getattr(e, "message", e))) from None
+
     def _read_guest_host(self):
         if self.simulated or self.conn is None:
             tpm = (("1.2", "2.0"), ("tpm-tis", "tpm-crb")) if self.swtpm_enabled else None
@@ -3047,10 +3219,11 @@ class LibvirtDriver:
                                               vtpm_secret_uuid(server)))
         stable = any(len(r) == 5 for r in rescue or [])
         os_xml = shape.os_xml(None if stable else "hd")    # (a boot order is per device)
-        cpu = shape.cpu_xml()
+        numa = self.guest_numa(server)
+        cpu = shape.cpu_xml().replace("</cpu>", numa.cpu_numa_xml() + "</cpu>")
         if self.simulated:      # libvirt's test hypervisor: no machine types or CPU models
             os_xml = re.sub(r" machine='[^']*'", "", os_xml)
-            cpu = ""
+            cpu = f"<cpu>{numa.cpu_numa_xml()}</cpu>" if numa.placed else ""
         uuid_ = server["id"]
         sysinfo = ("<sysinfo type='smbios'><system>"
                    "<entry name='manufacturer'>OpenStack Foundation</entry>"
@@ -3061,8 +3234,10 @@ class LibvirtDriver:
         return (f"<domain type='{domain_type}'><name>{server['instance_name']}</name>"
                 f"<uuid>{uuid_}</uuid><metadata>{meta}</metadata>"
                 f"<memory unit='KiB'>{flavor['ram'] * 1024}</memory>"
-                f"<vcpu>{flavor['vcpus']}</vcpu>{sysinfo}{os_xml}{shape.features_xml()}"
-                f"<iothreads>1</iothreads>{shape.cputune_xml()}{shape.clock_xml()}{cpu}"
+                f"{numa.memory_backing_xml()}{numa.numatune_xml()}"
+                f"<vcpu{numa.vcpu_attrs()}>{flavor['vcpus']}</vcpu>{sysinfo}{os_xml}"
+                f"{shape.features_xml()}<iothreads>1</iothreads>"
+                f"{shape.cputune_xml(numa.cputune_parts())}{shape.clock_xml()}{cpu}"
                 f"<devices>{''.join(devices)}</devices></domain>")
 
     def _disks_xml(self, server, shape, disks, config_drive, rescue):
@@ -8180,12 +8355,14 @@ class Compute:
         flavor is the flavor the server will have there."""
         with self.app.scheduler_lock:
             server = self.store.data["servers"][server_id]
+            numa = {}
             host = schedule(self.app, server, flavor or server["flavor"], requested=requested,
-                            exclude=exclude, force=force)
-            changes = {"host": host, "node": host,
+                            exclude=exclude, force=force, numa_out=numa)
+            changes = {"host": host, "node": host, "numa_topology": numa.get("topology"),
                        "availability_zone": host_zone(self.app, host)}
             if moving:
                 changes.update(migration_source=server.get("host"),
+                               old_numa_topology=server.get("numa_topology"),
                                new_flavor=flavor if flavor is not None and
                                flavor != server["flavor"] else None)
             # the claim counts from here; the next placement need not wait for the disk
@@ -8902,7 +9079,8 @@ class Compute:
             set_migration_status(self.store, server_id, "error", self.app.clock,
                                  number=number)
             self.update(server_id, host=source, node=source, migration_source=None,
-                        new_flavor=None, availability_zone=host_zone(self.app, source))
+                        new_flavor=None, availability_zone=host_zone(self.app, source),
+                        numa_topology=server.get("numa_topology"), old_numa_topology=None)
             self.roll_back_move(server, source, dest, was_active, e)
             raise MoveFailed(f"moving the server to {dest} failed: {e}") from None
         set_migration_status(self.store, server_id, "finished", self.app.clock, number=number)
@@ -9000,7 +9178,7 @@ class Compute:
                             server["id"], source, e)
         self.update(server["id"], vm_state=server.get("old_vm_state") or "active",
                     task_state=None, old_flavor=None, old_vm_state=None,
-                    migration_source=None)
+                    migration_source=None, old_numa_topology=None)
 
     def revert_resize(self, server):
         """Back to the old flavor, and to the source host of a move."""
@@ -9020,7 +9198,8 @@ class Compute:
         if source != server.get("host"):
             self.bind_ports(server_id, source)
         old = dict(self.store.data["servers"][server_id],
-                   flavor=server.get("old_flavor") or server["flavor"], host=source)
+                   flavor=server.get("old_flavor") or server["flavor"], host=source,
+                   numa_topology=server.get("old_numa_topology"))
         src = self.driver_of(old)
         if source != server.get("host") and old.get("ports") and src.firewall:
             src.define_filter(old, server_filter_xml(old, self.store.data))
@@ -9029,6 +9208,7 @@ class Compute:
         self.update(server_id, vm_state="active" if was_active else "stopped", task_state=None,
                     flavor=old["flavor"], old_flavor=None, old_vm_state=None, host=source,
                     node=source, migration_source=None,
+                    numa_topology=old["numa_topology"], old_numa_topology=None,
                     availability_zone=host_zone(self.app, source), **state)
 
     def live_migrate(self, server, requested, force, block):
@@ -9060,7 +9240,8 @@ class Compute:
                 not shared)
         except BaseException:
             self.update(server_id, host=source, node=source, migration_source=None,
-                        availability_zone=host_zone(self.app, source))
+                        availability_zone=host_zone(self.app, source),
+                        numa_topology=server.get("numa_topology"), old_numa_topology=None)
             set_migration_status(self.store, server_id, "error", self.app.clock,
                                  number=number)
             try:
@@ -9077,6 +9258,7 @@ class Compute:
                         source, e)
         set_migration_status(self.store, server_id, "completed", self.app.clock, number=number)
         self.update(server_id, task_state=None, migration_source=None,
+                    old_numa_topology=None,
                     power_state=self.driver_of(moving).get_info(moving))
 
     def evacuate(self, server, requested, force, admin_pass, stop):
@@ -11236,6 +11418,11 @@ def server_action_rebuild(req):
     if server["flavor"]["disk"] and server["flavor"]["disk"] < image.get("min_disk", 0):
         raise BadRequest("Flavor's disk is too small for requested image.")
     check_guest_request(server["flavor"], image, create=False)
+    if image["id"] != server.get("image_ref") and numa_request(
+            server["flavor"], image_meta(server.get("image_properties"))) != numa_request(
+            server["flavor"], image_meta(image.get("properties"))):
+        raise BadRequest("An instance's NUMA topology cannot be changed as part of a "
+                         "rebuild. The image provided is invalid for this instance.")
     extra = {"image_ref": "" if reimage else image["id"],
              "image_properties": dict(image.get("properties") or {})}
     for field, key in (("name", "name"), ("metadata", "metadata"),
@@ -12533,8 +12720,23 @@ def server_password_clear(req):
 def server_topology_index(req):
     """GET /servers/{server_id}/topology"""
     validate_query(req, (), strict_since="2.102")
-    find_server(req, req.params["server_id"])
-    return 200, {"nodes": [], "pagesize_kb": None}
+    server = find_server(req, req.params["server_id"])
+    topology = server.get("numa_topology")
+    if not topology:
+        return 200, {"nodes": [], "pagesize_kb": None}
+    host_info = policy_allows(req.ident, "admin", server["project_id"])
+    nodes, pagesize = [], None
+    for cell in topology["cells"]:
+        # (siblings: Nova 34 keeps no guest thread topology per cell, so always none)
+        node = {"vcpu_set": sorted(set(cell["cpus"]) | set(cell["pcpus"])), "siblings": [],
+                "memory_mb": cell["memory"]}
+        if host_info:
+            node["host_node"] = cell["id"]
+            node["cpu_pinning"] = {str(v): p for v, p in sorted(
+                cell["pinning"].items(), key=lambda item: int(item[0]))}
+        pagesize = cell.get("pagesize") or pagesize
+        nodes.append(node)
+    return 200, {"nodes": nodes, "pagesize_kb": pagesize}
 
 
 def server_security_groups_index(req):
@@ -14035,11 +14237,13 @@ def server_claims(server):
     held = []
     if server.get("host"):
         held.append((server["host"], placed_flavor(dict(
-            server, flavor=server.get("new_flavor") or server["flavor"]))))
+            server, flavor=server.get("new_flavor") or server["flavor"]),
+            server.get("numa_topology"))))
     source = server.get("migration_source")
     if source and source != server.get("host"):
         held.append((source, placed_flavor(dict(
-            server, flavor=server.get("old_flavor") or server["flavor"]))))
+            server, flavor=server.get("old_flavor") or server["flavor"]),
+            server.get("old_numa_topology"))))
     return [(host, f["vcpus"], f["ram"], f["disk"]) for host, f in held]
 
 
@@ -14065,11 +14269,16 @@ class Claims(ServerIndex):
         return sums
 
 
-def placed_flavor(server):
-    """What a server takes from its host: a volume-backed root disk takes no local disk."""
+def placed_flavor(server, numa=None):
+    """What a server takes from its host: a volume-backed root disk takes no local disk;
+    vCPUs pinned to a --cpu-dedicated-set are dedicated CPUs (Placement's PCPU), not shared
+    ones (numa: the server's placed NUMA topology)."""
     flavor = server["flavor"]
     disk = 0 if server.get("volume_backed") else flavor["disk"]
-    return {"vcpus": flavor["vcpus"], "ram": flavor["ram"],
+    vcpus = flavor["vcpus"]
+    if numa and numa.get("pcpu"):
+        vcpus -= sum(len(cell["pcpus"]) for cell in numa["cells"])
+    return {"vcpus": vcpus, "ram": flavor["ram"],
             "disk": disk + flavor["ephemeral"] + -(-int(flavor.get("swap") or 0) // 1024)}
 
 
@@ -14078,7 +14287,12 @@ def host_capacity(app, res, host, claims):
     allocation ratios and reservations."""
     conf = app.conf
     vcpus, ram, disk = claims.get(host, (0, 0, 0))
-    return (res["vcpus"] * conf["cpu_allocation_ratio"] - vcpus,
+    shared = res["vcpus"]           # Placement's VCPU: the shared set's CPUs, when set
+    if conf.get("cpu_shared_set"):
+        shared = min(shared, len(conf["cpu_shared_set"]))
+    elif conf.get("cpu_dedicated_set"):
+        shared = 0
+    return (shared * conf["cpu_allocation_ratio"] - vcpus,
             res["memory_mb"] * conf["ram_allocation_ratio"] - conf["reserved_host_memory_mb"]
             - ram,
             res["local_gb"] * conf["disk_allocation_ratio"]
@@ -14096,20 +14310,70 @@ def group_members_on(data, group, server_id):
     return counts
 
 
-def schedule(app, server, flavor, requested=None, exclude=(), force=False):
+def numa_placed_on(data, host, skip):
+    """The NUMA topologies guests hold on a host: placed there, or kept on the source of a
+    move until it ends."""
+    for other in data["servers"].values():
+        if other["id"] == skip or other["vm_state"] == "deleted":
+            continue
+        if other.get("host") == host and other.get("numa_topology"):
+            yield other["numa_topology"]
+        elif other.get("migration_source") == host and other.get("old_numa_topology"):
+            yield other["old_numa_topology"]
+
+
+def numa_place(app, server, request, host):
+    """(the request's cells fitted on host's free NUMA cells, None) or (None, why not)."""
+    try:
+        cells = app.host_driver(host).numa_cells()
+    except (NumaConfigError, DriverError, Unavailable) as e:
+        return None, f"its NUMA cells cannot be read: {e}"
+    if not cells:
+        return None, "it reports no NUMA topology"
+    usage = numa_usage(cells, numa_placed_on(app.store.data, host, server["id"]))
+    fitted = numa_fit(cells, usage, request, app.conf["cpu_allocation_ratio"],
+                      app.conf["ram_allocation_ratio"])
+    if fitted is None:
+        return None, "the guest's NUMA topology does not fit its free NUMA cells"
+    return fitted, None
+
+
+def schedule(app, server, flavor, requested=None, exclude=(), force=False, numa_out=None):
     """The host for a server (with this flavor) by Nova's default filters and weighers;
     NoValidHost when none passes.  requested narrows the choice to one host; force
-    (Nova's forced host) skips the filters."""
+    (Nova's forced host) skips the filters, but not a NUMA topology's fit.  numa_out
+    (a dict) gets the guest's NUMA topology on the chosen host as "topology"."""
     data = app.store.data
     hosts = [h for h in app.compute_host_names() if h not in exclude]
     if requested is not None:
         hosts = [h for h in hosts if h == requested]
+    image = server.get("image_properties") or {}
+    try:
+        request = numa_request(flavor, image_meta(image))
+    except BadRequest as e:
+        LOG.warning("scheduling server %s: its NUMA request is invalid: %s", server["id"],
+                    e.message)
+        raise NoValidHost(NO_VALID_HOST) from None
+    fits = {}
+
+    def chosen(host):
+        if numa_out is not None:
+            numa_out["topology"] = None if request is None else dict(
+                stored_numa(request, fits[host]), pcpu=bool(app.conf.get("cpu_dedicated_set")))
+        return host
     if force:
         if not hosts:
             raise NoValidHost(NO_VALID_HOST)
-        return hosts[0]
+        if request is not None:
+            fits[hosts[0]], reason = numa_place(app, server, request, hosts[0])
+            if reason:
+                LOG.info("scheduling server %s: forced host %s: %s", server["id"], hosts[0],
+                         reason)
+                raise NoValidHost(NO_VALID_HOST)
+        return chosen(hosts[0])
     claims = app.claims.by_host(skip=server["id"])
-    need = placed_flavor(dict(server, flavor=flavor))
+    need = placed_flavor(dict(server, flavor=flavor), request and {
+        "pcpu": bool(app.conf.get("cpu_dedicated_set")), "cells": request["cells"]})
     services = {r["host"]: r for r in service_records(app) if r["binary"] == "nova-compute"}
     hints = server.get("scheduler_hints") or {}
     groups = [data["server_groups"][g] for g in server.get("server_groups", [])
@@ -14151,6 +14415,9 @@ def schedule(app, server, flavor, requested=None, exclude=(), force=False):
             return "the same_host hint names servers elsewhere"
         if hints.get("different_host") and host in host_of(hints["different_host"]):
             return "the different_host hint names servers here"
+        if request is not None:
+            fits[host], reason = numa_place(app, server, request, host)
+            return reason
         return None
 
     fit, capacity = [], {}
@@ -14163,7 +14430,8 @@ def schedule(app, server, flavor, requested=None, exclude=(), force=False):
             fit.append(host)
     if not fit:
         raise NoValidHost(NO_VALID_HOST)
-    return max(fit, key=lambda h: host_weight(app, h, fit, capacity, groups, server["id"]))
+    return chosen(max(fit, key=lambda h: host_weight(app, h, fit, capacity, groups,
+                                                     server["id"])))
 
 
 def host_weight(app, host, fit, capacity, groups, server_id):
@@ -16837,6 +17105,11 @@ def reconnect_loop(app, stop, interval=5.0):
 
 # § 40 main ----------------------------------------------------------------------------
 
+def configure_drivers(conf, drivers):
+    for name, driver in drivers.items():
+        driver.configure(conf, name)
+
+
 def open_store(conf):
     store = Store(conf["data_dir"], conf["journal_max_bytes"])
     fresh = store.open()
@@ -16900,11 +17173,7 @@ def main(argv=None):
         if conf["vnc_listen"]:
             for (name, uri), driver in zip(conf["compute_hosts"], drivers.values()):
                 driver.graphics_listen = graphics_address(uri)
-        for driver in drivers.values():
-            driver.volume_passphrase = conf["fixed_key"] or None
-            driver.machine_types, driver.cpu_mode = conf["hw_machine_type"], conf["cpu_mode"]
-            driver.swtpm_enabled = conf["swtpm_enabled"]
-            driver.cpu_models = [m.strip() for m in conf["cpu_models"].split(",") if m.strip()]
+        configure_drivers(conf, drivers)
         store = open_store(conf)
         os.makedirs(conf["instances_dir"], mode=0o711, exist_ok=True)  # QEMU passes through
     except (ConfigError, StateError) as e:

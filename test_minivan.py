@@ -5317,16 +5317,16 @@ class GuestShapeTests(ServerTestCase):
                          "threads=0)")
 
     def test_unhonoured_spec_fails_the_build_with_the_reason(self):
-        """A flavor asking for dedicated CPUs gets no shared ones: the build fails, and
+        """A flavor asking for packed virtqueues gets no split ones: the build fails, and
         its fault names what minivan does not give."""
         self.assertEqual(self.post("/v2.1/flavors/2/os-extra_specs", {"extra_specs": {
-            "hw:cpu_policy": "dedicated"}}).status, 200)
+            "hw:virtio_packed_ring": "true"}}).status, 200)
         r = self.post_server(flavorRef="2")
         self.assertEqual(r.status, 202, r.raw)
         server = self.server(r.json()["server"]["id"])
         self.assertEqual(server["status"], "ERROR")
-        self.assertIn("minivan does not give guests dedicated CPUs (hw:cpu_policy)",
-                      server["fault"]["message"])
+        self.assertIn("minivan does not give guests packed virtqueues "
+                      "(hw:virtio_packed_ring)", server["fault"]["message"])
 
     def test_config_drive_name_is_kept_from_volumes_off_virtio(self):
         """On SATA disks the config drive may sit on the same bus (q35, whether from the
@@ -6034,6 +6034,17 @@ Q35 = {"hw_machine_type": "q35"}
 # (name, flavor extra specs, image properties, settings) of every guest compared; settings:
 # virt_type, config_drive, vcpus, ephemeral, swap, vnc, machine (--hw-machine-type),
 # cpu_mode, cpu_models, uefi / secure_boot (the host's firmware)
+# made-up hosts (Nova's fake libvirt builds their capabilities): two cells of four CPUs;
+# two cells of two cores with two threads each; two cells with 2 MiB and 1 GiB pages
+NUMA_HOST = {"numa_host": {"cpu_nodes": 2, "cpu_cores": 4, "cpu_threads": 1,
+                           "kB_mem": 8388608}}
+SMT_HOST = {"numa_host": {"cpu_nodes": 2, "cpu_cores": 2, "cpu_threads": 2,
+                          "kB_mem": 8388608}}
+PAGES_HOST = {"numa_host": {"cpu_nodes": 2, "cpu_cores": 4, "cpu_threads": 1,
+                            "kB_mem": 8388608,
+                            "mempages": [[[4, 524288], [2048, 512], [1048576, 1]],
+                                         [[4, 524288], [2048, 1024], [1048576, 2]]]}}
+
 GUEST_CASES = [
     ("defaults on qemu", {}, {}, {}),
     ("defaults on kvm", {}, {}, {"virt_type": "kvm"}),
@@ -6112,6 +6123,42 @@ GUEST_CASES = [
     ("TPM 1.2 from the image", {}, {"hw_tpm_version": "1.2"}, {"tpm": True}),
     ("TPM from both, the same", {"hw:tpm_version": "2.0"},
      dict(Q35, hw_tpm_version="2.0", hw_firmware_type="uefi"), {"tpm": True}),
+    ("dedicated CPUs", {"hw:cpu_policy": "dedicated"}, {},
+     dict(NUMA_HOST, vcpus=4, ram=2048, cpu_dedicated_set="0-7")),
+    ("dedicated CPUs, legacy host", {"hw:cpu_policy": "dedicated"}, {},
+     dict(NUMA_HOST, vcpus=2)),
+    ("two guest cells", {"hw:numa_nodes": "2"}, {}, dict(NUMA_HOST, vcpus=4, ram=2048)),
+    ("two guest cells, shared set", {"hw:numa_nodes": "2"}, {},
+     dict(NUMA_HOST, vcpus=4, ram=2048, cpu_shared_set="0-1,4-5")),
+    ("uneven cells", {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0", "hw:numa_cpus.1": "1-2",
+                      "hw:numa_mem.0": "512", "hw:numa_mem.1": "1536"}, {},
+     dict(NUMA_HOST, vcpus=3, ram=2048)),
+    ("2M pages", {"hw:mem_page_size": "2048"}, {}, dict(PAGES_HOST, vcpus=2, ram=1024)),
+    ("large pages", {"hw:mem_page_size": "large"}, {}, dict(PAGES_HOST, vcpus=2, ram=2048)),
+    ("any pages from the image", {"hw:mem_page_size": "any"}, {"hw_mem_page_size": "2MB"},
+     dict(PAGES_HOST, vcpus=2, ram=1024)),
+    ("small pages, locked", {"hw:mem_page_size": "small", "hw:locked_memory": "true"}, {},
+     dict(PAGES_HOST, vcpus=1, ram=1024)),
+    ("realtime vCPUs", {"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes",
+                        "hw:cpu_realtime_mask": "^0"}, {},
+     dict(NUMA_HOST, vcpus=4, ram=2048, cpu_dedicated_set="0-7")),
+    ("isolated emulator threads", {"hw:cpu_policy": "dedicated",
+                                   "hw:emulator_threads_policy": "isolate"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_dedicated_set="0-7")),
+    ("shared emulator threads", {"hw:cpu_policy": "dedicated",
+                                 "hw:emulator_threads_policy": "share"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_dedicated_set="2-7", cpu_shared_set="0-1")),
+    ("mixed CPUs", {"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "^0"}, {},
+     dict(NUMA_HOST, vcpus=3, ram=1536, cpu_dedicated_set="2-3,6-7",
+          cpu_shared_set="0-1,4-5")),
+    ("thread siblings preferred", {"hw:cpu_policy": "dedicated"}, {},
+     dict(SMT_HOST, vcpus=3, cpu_dedicated_set="0-7")),
+    ("thread isolation", {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "isolate"},
+     {}, dict(SMT_HOST, vcpus=2)),
+    ("threads required", {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "require"},
+     {}, dict(SMT_HOST, vcpus=2, cpu_dedicated_set="0-7")),
+    ("a guest without cells on a shared set", {}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_shared_set="0-3")),
     ("everything at once", {"hw:cpu_sockets": "1", "hw:watchdog_action": "none",
                             "quota:disk_total_bytes_sec": "1000000",
                             "quota:vif_outbound_average": "100"},
@@ -6122,6 +6169,26 @@ GUEST_CASES = [
 
 # what Nova refuses, and at which stage: the API (400) or the build (ERROR)
 GUEST_REFUSALS = [
+    ("dedicated CPUs beyond a cell", {"hw:cpu_policy": "dedicated",
+                                      "hw:emulator_threads_policy": "isolate"}, {},
+     dict(NUMA_HOST, vcpus=4, ram=2048, cpu_dedicated_set="0-7")),
+    ("dedicated CPUs on a shared-only host", {"hw:cpu_policy": "dedicated"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_shared_set="0-7")),
+    ("shared guest cells on a dedicated-only host", {"hw:numa_nodes": "1"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_dedicated_set="0-7")),
+    ("pages of a size the host lacks", {"hw:mem_page_size": "1024"}, {},
+     dict(PAGES_HOST, vcpus=1, ram=1024)),
+    ("more huge pages than free", {"hw:mem_page_size": "1GB"}, {},
+     dict(PAGES_HOST, vcpus=1, ram=4096)),
+    ("more guest cells than host cells", {"hw:numa_nodes": "4"}, {},
+     dict(NUMA_HOST, vcpus=4, ram=2048)),
+    ("threads required without SMT", {"hw:cpu_policy": "dedicated",
+                                      "hw:cpu_thread_policy": "require"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_dedicated_set="0-7")),
+    ("realtime with shared emulator threads, no shared set",
+     {"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0",
+      "hw:emulator_threads_policy": "share"}, {},
+     dict(NUMA_HOST, vcpus=2, cpu_dedicated_set="0-7")),
     ("unknown disk bus", {}, {"hw_disk_bus": "floppy"}, {}),
     ("xen disk bus", {}, {"hw_disk_bus": "xen"}, {}),
     ("unknown NIC", {}, {"hw_vif_model": "tulip"}, {}),
@@ -6214,14 +6281,18 @@ def nova_guest_case(specs, props, settings):
     if settings.get("cpu_mode"):
         libvirt_conf["cpu_mode"] = settings["cpu_mode"]
         libvirt_conf["cpu_models"] = settings.get("cpu_models", [])
-    return {"flavor": {"vcpus": settings.get("vcpus", 1), "ram": 512, "disk": 1,
+    compute_conf = {key: settings[key] for key in ("cpu_dedicated_set", "cpu_shared_set")
+                    if key in settings}
+    return {"flavor": {"vcpus": settings.get("vcpus", 1), "ram": settings.get("ram", 512),
+                       "disk": 1,
                        "ephemeral": settings.get("ephemeral", 0),
                        "swap": settings.get("swap", 0), "extra_specs": specs},
             "image": {"disk_format": "qcow2", "properties": props},
             "config_drive": settings.get("config_drive", False), "ports": 1,
-            "conf": {"libvirt": libvirt_conf, "vnc": {"enabled": settings.get("vnc", True)}},
-            "host": {"uefi": settings.get("uefi", True),
-                     "secure_boot": settings.get("secure_boot", True)}}
+            "conf": {"libvirt": libvirt_conf, "vnc": {"enabled": settings.get("vnc", True)},
+                     "compute": compute_conf},
+            "host": dict(settings.get("numa_host", {}), uefi=settings.get("uefi", True),
+                         secure_boot=settings.get("secure_boot", True))}
 
 
 def nova_guests(cases):
@@ -6235,10 +6306,15 @@ def nova_guests(cases):
     return json.loads(out.stdout)
 
 
-def minivan_guest(specs, props, settings, instances_dir):
-    """minivan's domain XML for the case (or ('build', reason) when it refuses it)."""
+def minivan_guest(specs, props, settings, instances_dir, caps=None):
+    """minivan's domain XML for the case (or ('build', reason) when it refuses it), on a
+    host with the NUMA cells of caps (the capabilities Nova's fake libvirt reported)."""
     virt_type = settings.get("virt_type", "qemu")
     driver = minivan.LibvirtDriver("qemu:///system", virt_type, instances_dir=instances_dir)
+    driver.numa_topology = caps
+    for key in ("cpu_dedicated_set", "cpu_shared_set"):
+        setattr(driver, key, minivan.parse_cpu_spec(settings[key]) if key in settings
+                else None)
     driver._guest_host = (None, minivan.GuestHost(
         machines=("pc", "q35", "pc-i440fx-7.2", "pc-q35-7.2"),
         uefi=settings.get("uefi", True), secure_boot=settings.get("secure_boot", True),
@@ -6252,7 +6328,7 @@ def minivan_guest(specs, props, settings, instances_dir):
     server = {"id": "3f9d2b4e-8f1e-4c57-9a3e-0d6c1e2b7a11", "name": "guest",
               "project_id": "p", "user_id": "u", "image_ref": "image",
               "created_at": "2026-12-04T00:00:00Z", "instance_name": "instance-00000001",
-              "flavor": {"id": "f", "name": "f", "ram": 512, "disk": 1,
+              "flavor": {"id": "f", "name": "f", "ram": settings.get("ram", 512), "disk": 1,
                          "vcpus": settings.get("vcpus", 1),
                          "ephemeral": settings.get("ephemeral", 0),
                          "swap": settings.get("swap", 0), "extra_specs": specs},
@@ -6261,6 +6337,17 @@ def minivan_guest(specs, props, settings, instances_dir):
               "volumes": [], "ports": [{"id": NOVA_PORT_ID, "mac": "fa:16:3e:00:00:00",
                                         "neutron": True, "vif_type": "ovs",
                                         "vif_details": {"bridge_name": "br-int"}}]}
+    try:        # the scheduler's part: the guest's cells fitted on the host's
+        request = minivan.numa_request(server["flavor"], minivan.image_meta(props))
+    except minivan.BadRequest as e:
+        return ("api", e.message)
+    if request is not None:
+        cells = driver.numa_cells()
+        fitted = cells and minivan.numa_fit(cells, minivan.numa_usage(cells, []), request,
+                                            1e9, 1e9)
+        if not fitted:
+            return ("build", minivan.NO_VALID_HOST)
+        server["numa_topology"] = minivan.stored_numa(request, fitted)
     disks = minivan.server_disks(os.path.join(instances_dir, server["id"]), server)
     config_drive = os.path.join(instances_dir, server["id"], "disk.config") \
         if server["config_drive"] else None
@@ -6298,6 +6385,10 @@ def guest_shape_of(xml):
              "hyperv": kids(root.find("features/hyperv")),
              "kvm": kids(root.find("features/kvm")),
              "cputune": kids(root.find("cputune")),
+             "numatune": kids(root.find("numatune")),
+             "memoryBacking": kids(root.find("memoryBacking")),
+             "hugepages": kids(root.find("memoryBacking/hugepages")),
+             "cpu_numa": kids(root.find("cpu/numa")),
              "clock": (attrs(root.find("clock")), kids(root.find("clock"))),
              "cpu": (attrs(root.find("cpu")), kids(root.find("cpu")))}
     devices = []
@@ -6349,8 +6440,8 @@ class GuestShapeOracleTests(unittest.TestCase):
         """Each flavor × image × option case gives the domain Nova's driver gives."""
         for (name, specs, props, settings), nova in zip(GUEST_CASES, self.nova):
             with self.subTest(name):
-                self.assertIn("xml", nova, f"Nova refused the case: {nova}")
-                ours = minivan_guest(specs, props, settings, self.tmp)
+                self.assertIn("xml", nova, f"Nova refused the case: {nova.get('message')}")
+                ours = minivan_guest(specs, props, settings, self.tmp, nova.get("caps"))
                 self.assertIsInstance(ours, str, f"minivan refused the case: {ours}")
                 self.assertEqual(guest_shape_of(ours), guest_shape_of(nova["xml"]))
 
@@ -6360,7 +6451,7 @@ class GuestShapeOracleTests(unittest.TestCase):
         results = self.nova[len(GUEST_CASES):]
         for (name, specs, props, settings), nova in zip(GUEST_REFUSALS, results):
             with self.subTest(name):
-                self.assertIn(nova.get("stage"), ("api", "build"), nova)
+                self.assertIn(nova.get("stage"), ("api", "build"), nova.get("message"))
                 flavor = {"name": "f", "vcpus": settings.get("vcpus", 1), "ram": 512,
                           "extra_specs": specs}
                 try:
@@ -6374,8 +6465,8 @@ class GuestShapeOracleTests(unittest.TestCase):
                     self.assertEqual(e.message, expected)
                     continue
                 self.assertEqual(nova["stage"], "build", "minivan's API took it")
-                ours = minivan_guest(specs, props, settings, self.tmp)
-                self.assertIsInstance(ours, tuple, "minivan built it; Nova: " + str(nova))
+                ours = minivan_guest(specs, props, settings, self.tmp, nova.get("caps"))
+                self.assertIsInstance(ours, tuple, "minivan built it; Nova: " + str(nova.get("message")))
 
     def test_real_libvirtd_defines_every_domain(self):
         """virDomainDefineXML of the real libvirtd accepts each of minivan's domains."""
@@ -6387,7 +6478,8 @@ class GuestShapeOracleTests(unittest.TestCase):
         self.addCleanup(conn.close)
         for index, (name, specs, props, settings) in enumerate(GUEST_CASES):
             with self.subTest(name):
-                xml = minivan_guest(specs, props, settings, self.tmp)
+                xml = minivan_guest(specs, props, settings, self.tmp,
+                                    self.nova[index].get("caps"))
                 xml = xml.replace("3f9d2b4e-8f1e-4c57-9a3e-0d6c1e2b7a11",
                                   str(uuid.uuid4())).replace(
                     "instance-00000001", f"minivan-shape-{index}")
@@ -6820,6 +6912,44 @@ class RealGuestTests(unittest.TestCase):
             self.assertEqual(resp.status, 204, resp.read())
             resp.read()
         return image["id"]
+
+    def test_pinned_guests_get_cpus_of_their_own(self):
+        """Guests of a flavor with dedicated CPUs on this host (its NUMA cells as libvirt
+        reports them; every CPU serves both kinds of guest, as Nova without
+        cpu_dedicated_set): each one's vCPU is pinned to a host CPU no other has, as
+        `virsh vcpupin` shows and the server topology API says; its memory is bound to
+        that CPU's cell; once every CPU is taken the next finds no valid host."""
+        caps = self.conn.getCapabilities()
+        host_cpus = sorted(int(c) for c in re.findall(r"<cpu id='(\d+)' socket_id", caps))
+        if not host_cpus:
+            skip_or_fail(self, "libvirt reports no NUMA cells on this host")
+        flavor = self.sdk.compute.create_flavor(name="pinned", ram=128, vcpus=1, disk=1)
+        self.addCleanup(self.sdk.compute.delete_flavor, flavor.id)
+        self.sdk.compute.create_flavor_extra_specs(flavor, {"hw:cpu_policy": "dedicated"})
+        pinned = []
+        for n in host_cpus:
+            server = self.sdk.compute.create_server(name=f"real-pinned-{n}",
+                                                    image_id=self.image_id,
+                                                    flavor_id=flavor.id, networks="none")
+            self.addCleanup(self.destroy, server.id)
+            self.active(server)
+            topology = self.sdk.compute.get(f"/servers/{server.id}/topology",
+                                            microversion="2.78").json()
+            pcpu = topology["nodes"][0]["cpu_pinning"]["0"]
+            shown = subprocess.run(["virsh", "-c", "qemu:///system", "vcpupin",
+                                    self.domain(server.id).name()],
+                                   capture_output=True, text=True, check=True).stdout
+            self.assertRegex(shown, rf"(?m)^\s*0\s+{pcpu}\s*$")
+            self.assertIn(f"<memory mode='strict' nodeset='{topology['nodes'][0]['host_node']}'",
+                          self.domain(server.id).XMLDesc(0))
+            pinned.append(pcpu)
+        self.assertEqual(sorted(pinned), host_cpus)
+        late = self.sdk.compute.create_server(name="real-pinned-late", image_id=self.image_id,
+                                              flavor_id=flavor.id, networks="none")
+        self.addCleanup(self.destroy, late.id)
+        with self.assertRaises(AssertionError) as failed:
+            self.active(late)
+        self.assertIn("No valid host was found", str(failed.exception))
 
     def test_guest_shaped_by_its_flavor_and_image(self):
         """An image that asks for SATA disks, an e1000 NIC, q35 and UEFI, and a flavor that
@@ -8676,6 +8806,190 @@ def host_node_xml(cpus, memory_mb):
     return TEST_NODE_XML.replace("<active>4</active>", f"<active>{cpus}</active>").replace(
         "<cores>4</cores>", f"<cores>{cpus}</cores>").replace(
         "<memory>8388608</memory>", f"<memory>{memory_mb * 1024}</memory>")
+
+
+def numa_caps_xml(cells):
+    """A made-up host's libvirt capabilities (for --numa-topology): cells is
+    [(cpus, MiB, {page KiB: count})], CPUs numbered on across cells, no SMT."""
+    parts, cpu = [], 0
+    for index, (cpus, memory, pages) in enumerate(cells):
+        pages = {4: memory * 256, **pages}
+        parts.append(f"<cell id='{index}'><memory unit='KiB'>{memory * 1024}</memory>" +
+                     "".join(f"<pages unit='KiB' size='{size}'>{count}</pages>"
+                             for size, count in sorted(pages.items())) +
+                     f"<cpus num='{cpus}'>" + "".join(
+                         f"<cpu id='{n}' socket_id='{index}' core_id='{n - cpu}' "
+                         f"siblings='{n}'/>" for n in range(cpu, cpu + cpus)) +
+                     "</cpus></cell>")
+        cpu += cpus
+    return (f"<capabilities><host><topology><cells num='{len(cells)}'>{''.join(parts)}"
+            "</cells></topology></host></capabilities>")
+
+
+class NumaSchedulingTests(ServerTestCase):
+    """Guests with NUMA cells, dedicated CPUs and huge pages on simulated hosts whose
+    NUMA cells are made up (--numa-topology): the scheduler places them only where their
+    cells fit the free ones, pinned servers never share a CPU, and a resize re-places."""
+
+    # two cells of four CPUs each, 2 MiB pages only in cmp-a's second
+    HOSTS = (("cmp-a", [(4, 4096, {}), (4, 4096, {2048: 512})]),
+             ("cmp-b", [(4, 2048, {}), (4, 2048, {})]))
+    conf = {"cpu_dedicated_set": "2-3,6-7", "cpu_shared_set": "0-1,4-5"}
+
+    def start_app(self):
+        pairs, tops = [], []
+        for name, cells in self.HOSTS:
+            node, caps = (os.path.join(self.tmp, name + suffix) for suffix in (".xml", ".caps"))
+            with open(node, "w") as f:
+                f.write(host_node_xml(sum(c[0] for c in cells), sum(c[1] for c in cells)))
+            with open(caps, "w") as f:
+                f.write(numa_caps_xml(cells))
+            pairs.append(f"{name}=test://{node}")
+            tops.append(f"{name}={caps}")
+        conf = minivan.default_config(data_dir=self.tmp, port="8774",
+                                      compute_hosts=",".join(pairs),
+                                      numa_topology=",".join(tops), **self.conf)
+        self.store = minivan.open_store(conf)
+        drivers = {name: minivan.LibvirtDriver(uri, "qemu", conf["network"],
+                                               conf["instances_dir"], conf["volume_mount_base"])
+                   for name, uri in conf["compute_hosts"]}
+        minivan.configure_drivers(conf, drivers)
+        for driver in drivers.values():
+            driver.connect()
+        self.app = minivan.App(conf, self.store, drivers=drivers, clock=self.clock)
+        self.app.compute.reconcile()
+
+    def flavor(self, flavor_id, vcpus, ram, **specs):
+        r = self.post("/v2.1/flavors", {"flavor": {"name": "f" + flavor_id, "id": flavor_id,
+                                                   "ram": ram, "vcpus": vcpus, "disk": 1}})
+        self.assertEqual(r.status, 200, r.raw)
+        if specs:
+            r = self.post(f"/v2.1/flavors/{flavor_id}/os-extra_specs", {"extra_specs": specs})
+            self.assertEqual(r.status, 200, r.raw)
+        return flavor_id
+
+    def topology(self, server_id, token="admin:admin"):
+        r = self.get(f"/v2.1/servers/{server_id}/topology", version="2.78", token=token)
+        self.assertEqual(r.status, 200, r.raw)
+        return r.json()
+
+    def domain_xml(self, server_id):
+        host = self.server(server_id)["OS-EXT-SRV-ATTR:host"]
+        return self.app.drivers[host].conn.lookupByUUIDString(server_id).XMLDesc(0)
+
+    def test_pinned_servers_never_share_a_cpu(self):
+        """Dedicated 2-vCPU servers take the dedicated set's CPUs two by two, each on one
+        cell, never one another's; when none is left the next build fails with No valid
+        host; a delete frees its CPUs for the next.  The server topology API shows the
+        pinning to an admin and not to its owner."""
+        self.flavor("ded2", 2, 512, **{"hw:cpu_policy": "dedicated"})
+        servers, pinned = [], []
+        for n in range(4):
+            token = "demo:demo" if n == 0 else "admin:admin"     # the first one is demo's
+            server_id = self.new_server(flavorRef="ded2", name=f"pinned-{n}", token=token)
+            servers.append(server_id)
+            nodes = self.topology(server_id)["nodes"]
+            self.assertEqual(len(nodes), 1)
+            cpus = sorted(nodes[0]["cpu_pinning"].values())
+            self.assertEqual(len(cpus), 2)
+            self.assertTrue(set(cpus) <= {2, 3, 6, 7}, cpus)
+            pinned.append((self.server(server_id)["OS-EXT-SRV-ATTR:host"], tuple(cpus)))
+        self.assertEqual(sorted(pinned), [(host, cpus) for host in ("cmp-a", "cmp-b")
+                                          for cpus in ((2, 3), (6, 7))])
+        r = self.post_server(flavorRef="ded2", name="one-too-many")
+        late = self.server(r.json()["server"]["id"])
+        self.assertEqual(late["status"], "ERROR")
+        self.assertIn("No valid host was found", late["fault"]["message"])
+        xml = self.domain_xml(servers[0])
+        host, cpus = pinned[0]
+        for vcpu, pcpu in enumerate(cpus):
+            self.assertIn(f"<vcpupin vcpu='{vcpu}' cpuset='{pcpu}'/>", xml)
+        self.assertNotIn("cpu_pinning", self.topology(servers[0], token="demo:demo")
+                         ["nodes"][0])
+        self.assertEqual(self.delete("/v2.1/servers/" + servers[0]).status, 204)
+        self.app.compute.wait_idle()
+        again = self.new_server(flavorRef="ded2", name="again")
+        self.assertEqual(
+            (self.server(again)["OS-EXT-SRV-ATTR:host"],
+             tuple(sorted(self.topology(again)["nodes"][0]["cpu_pinning"].values()))),
+            (host, cpus))
+
+    def test_huge_pages_only_where_a_cell_has_them(self):
+        """A 2 MiB-page guest goes only to the host whose cell has such pages, binds its
+        memory to that cell and is backed by them, until its pages run out."""
+        self.flavor("huge", 1, 512, **{"hw:mem_page_size": "2MB"})
+        first = self.new_server(flavorRef="huge", name="huge-0")
+        self.assertEqual(self.server(first)["OS-EXT-SRV-ATTR:host"], "cmp-a")
+        topology = self.topology(first)
+        self.assertEqual((topology["pagesize_kb"], topology["nodes"][0]["host_node"]),
+                         (2048, 1))
+        xml = self.domain_xml(first)
+        self.assertIn("<page size='2048' unit='KiB' nodeset='0'/>", xml)
+        self.assertIn("<memnode cellid='0' mode='strict' nodeset='1'/>", xml)
+        self.new_server(flavorRef="huge", name="huge-1")       # 512 pages: two guests
+        r = self.post_server(flavorRef="huge", name="huge-2")
+        late = self.server(r.json()["server"]["id"])
+        self.assertEqual(late["status"], "ERROR")
+        self.assertIn("No valid host was found", late["fault"]["message"])
+
+    def test_resize_from_shared_to_dedicated_re_places(self):
+        """A server of a shared flavor has no NUMA cells; resized to a dedicated flavor it
+        is pinned while it waits for confirmation; a revert gives the old (unpinned)
+        shape back and frees the CPUs, a confirm keeps the pinning."""
+        self.flavor("shared2", 2, 512)
+        self.flavor("ded2", 2, 512, **{"hw:cpu_policy": "dedicated"})
+        server_id = self.new_server(flavorRef="shared2")
+        self.assertEqual(self.topology(server_id), {"nodes": [], "pagesize_kb": None})
+        self.assertNotIn("<vcpupin", self.domain_xml(server_id))
+        self.assertIn("cpuset='0-1,4-5'", self.domain_xml(server_id))
+        for finish in ("revertResize", "confirmResize"):
+            r = self.action(server_id, {"resize": {"flavorRef": "ded2"}})
+            self.assertEqual(r.status, 202, r.raw)
+            self.assertEqual(self.server(server_id)["status"], "VERIFY_RESIZE")
+            pins = self.topology(server_id)["nodes"][0]["cpu_pinning"]
+            self.assertTrue(set(pins.values()) <= {2, 3, 6, 7}, pins)
+            self.assertIn("<vcpupin vcpu='0'", self.domain_xml(server_id))
+            self.assertEqual(self.action(server_id, {finish: None}).status,
+                             204 if finish == "confirmResize" else 202)
+            self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+            if finish == "revertResize":
+                self.assertEqual(self.topology(server_id), {"nodes": [], "pagesize_kb": None})
+                self.assertNotIn("<vcpupin", self.domain_xml(server_id))
+        self.assertEqual(self.topology(server_id)["nodes"][0]["cpu_pinning"], pins)
+        self.assertIn("<vcpupin vcpu='1'", self.domain_xml(server_id))
+
+    def test_rebuild_keeps_the_numa_topology(self):
+        """A rebuild onto an image that would change the server's NUMA request (here give
+        it cells) is Nova's 400; one that changes nothing else of it goes ahead."""
+        self.flavor("shared2", 2, 512)
+        server_id = self.new_server(flavorRef="shared2")
+        make_image(self.app.conf["images_dir"], "cells")
+        make_image(self.app.conf["images_dir"], "plain")
+        images = {i["name"]: i["id"] for i in
+                  self.get("/v2.1/images", version="2.35").json()["images"]}
+        r = self.post(f"/v2.1/images/{images['cells']}/metadata",
+                      {"metadata": {"hw_numa_nodes": "1"}})
+        self.assertEqual(r.status, 200, r.raw)
+        self.assertFault(self.action(server_id, {"rebuild": {"imageRef": images["cells"]}}),
+                         400, "badRequest", "An instance's NUMA topology cannot be changed "
+                         "as part of a rebuild. The image provided is invalid for this "
+                         "instance.")
+        r = self.action(server_id, {"rebuild": {"imageRef": images["plain"]}})
+        self.assertEqual(r.status, 202, r.raw)
+        self.assertEqual(self.server(server_id)["status"], "ACTIVE")
+
+    def test_no_cells_no_numa_guest(self):
+        """A host whose libvirt reports no NUMA cells (no --numa-topology for it) gets no
+        guest with NUMA cells: No valid host."""
+        self.app.drivers["cmp-a"].numa_topology = None
+        self.app.drivers["cmp-a"]._numa_cells = None
+        self.app.drivers["cmp-b"].numa_topology = None
+        self.app.drivers["cmp-b"]._numa_cells = None
+        self.flavor("cells", 2, 512, **{"hw:numa_nodes": "1"})
+        r = self.post_server(flavorRef="cells")
+        server = self.server(r.json()["server"]["id"])
+        self.assertEqual(server["status"], "ERROR")
+        self.assertIn("No valid host was found", server["fault"]["message"])
 
 
 class MultiHostTests(ServerTestCase):
