@@ -2462,6 +2462,10 @@ def machine_type_for(setting, arch):
 #   host_numa_cells(caps, dedicated, shared)   the host's cells, or None (no topology)
 #   numa_usage(cells, placed)                  what placed guests use of them
 #   numa_fit(cells, usage, request, ratios)    the guest's placed cells, or None
+#   stored_numa(request, cells)                as the server record keeps them
+#   GuestNuma(server, cells, ...)              the domain's elements for them
+# The scheduler (numa_place, section 31) fits them per host; the server keeps them as
+# numa_topology (and old_numa_topology on the source of a move until it ends).
 
 def format_cpu_spec(cpus):
     """A CPU set as Nova writes it: runs of consecutive ids as ranges ('0-3,6')."""
