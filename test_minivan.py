@@ -6468,6 +6468,86 @@ class GuestShapeOracleTests(unittest.TestCase):
                 ours = minivan_guest(specs, props, settings, self.tmp, nova.get("caps"))
                 self.assertIsInstance(ours, tuple, "minivan built it; Nova: " + str(nova.get("message")))
 
+    def test_numa_fit_sweep_matches_novas(self):
+        """Nova's numa_fit_instance_to_host and minivan's numa_fit, on 4 made-up hosts ×
+        4 CPU-set configurations × 20 guests × 4 sets of guests already there (placed one
+        after another, each one's use counted): the same host cells, pins, reserved CPUs
+        and page sizes, or the same no-fit, every time."""
+        def flavor(vcpus, ram, **specs):
+            return {"vcpus": vcpus, "ram": ram, "disk": 1, "extra_specs": specs}
+        hosts = [NUMA_HOST["numa_host"], SMT_HOST["numa_host"], PAGES_HOST["numa_host"],
+                 {"cpu_nodes": 4, "cpu_cores": 2, "cpu_threads": 1, "kB_mem": 8388608}]
+        confs = [{}, {"cpu_dedicated_set": "0-7"},
+                 {"cpu_dedicated_set": "2-7", "cpu_shared_set": "0-1"},
+                 {"cpu_shared_set": "0-5"}]
+        ded, pages = {"hw:cpu_policy": "dedicated"}, "hw:mem_page_size"
+        guests = {
+            "ded4": flavor(4, 2048, **ded), "ded2": flavor(2, 1024, **ded),
+            "ded3": flavor(3, 1024, **ded), "ded5": flavor(5, 1024, **ded),
+            "ded2-emu": flavor(2, 1024, **ded, **{"hw:emulator_threads_policy": "isolate"}),
+            "ded2-iso": flavor(2, 1024, **ded, **{"hw:cpu_thread_policy": "isolate"}),
+            "ded2-req": flavor(2, 1024, **ded, **{"hw:cpu_thread_policy": "require"}),
+            "ded3-pre": flavor(3, 1024, **ded, **{"hw:cpu_thread_policy": "prefer"}),
+            "mixed4": flavor(4, 2048, **{"hw:cpu_policy": "mixed",
+                                         "hw:cpu_dedicated_mask": "^0"}),
+            "cells2": flavor(4, 2048, **{"hw:numa_nodes": "2"}),
+            "cells2-ded": flavor(4, 2048, **ded, **{"hw:numa_nodes": "2"}),
+            "cells2-uneven": flavor(4, 3072, **{
+                "hw:numa_nodes": "2", "hw:numa_cpus.0": "0", "hw:numa_cpus.1": "1-3",
+                "hw:numa_mem.0": "1024", "hw:numa_mem.1": "2048"}),
+            "large": flavor(2, 2048, **{pages: "large"}), "any": flavor(2, 2048, **{pages: "any"}),
+            "small": flavor(2, 2048, **{pages: "small"}), "2048": flavor(2, 1024, **{pages: "2048"}),
+            "cell8": flavor(8, 2048, **{"hw:numa_nodes": "1"}),
+            "realtime": flavor(4, 2048, **ded, **{"hw:cpu_realtime": "yes",
+                                                  "hw:cpu_realtime_mask": "^0"}),
+            "ded2-big": flavor(2, 4096, **ded), "1GB": flavor(1, 1024, **{pages: "1GB"})}
+        earlier_sets = [[], ["ded2"], ["ded4", "ded2"], ["cells2", "large"]]
+        cases = [{"host": host, "conf": {"compute": conf}, "flavor": guest, "image": {},
+                  "limits": {"cpu": 16.0, "ram": 1.5}, "fit_only": True,
+                  "placed": [{"flavor": guests[e], "image": {}} for e in earlier]}
+                 for host in hosts for conf in confs for guest in guests.values()
+                 for earlier in earlier_sets]
+        python = os.path.join(NOVA_VENV, "bin", "python")
+        out = subprocess.run([python, os.path.join(HERE, "tools", "nova-guest.py")],
+                             input=json.dumps(cases), capture_output=True, text=True,
+                             timeout=600)
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        counts = collections.Counter()
+        for case, nova in zip(cases, json.loads(out.stdout)):
+            conf = case["conf"]["compute"]
+            cells = minivan.host_numa_cells(nova["caps"], *(
+                minivan.parse_cpu_spec(conf[k]) if k in conf else None
+                for k in ("cpu_dedicated_set", "cpu_shared_set")))
+
+            def fit(spec, placed):
+                request = minivan.numa_request(spec, {})
+                got = minivan.numa_fit(cells, minivan.numa_usage(cells, placed), request,
+                                       16.0, 1.5)
+                return request, got
+            placed, refused = [], False
+            for earlier in case["placed"]:
+                request, got = fit(earlier["flavor"], placed)
+                if got is None:
+                    refused = True
+                    break
+                placed.append(minivan.stored_numa(request, got))
+            with self.subTest(case=json.dumps(case)[:300]):
+                if nova.get("stage") == "placed":
+                    self.assertTrue(refused, "Nova could not place an earlier guest")
+                    counts["earlier guest refused"] += 1
+                    continue
+                self.assertFalse(refused, "minivan could not place an earlier guest")
+                _, got = fit(case["flavor"], placed)
+                ours = None if got is None else [
+                    {"id": c["id"], "cpus": sorted(c["cpus"]), "pcpus": sorted(c["pcpus"]),
+                     "memory": c["memory"], "pagesize": c["pagesize"],
+                     "pinning": {str(v): p for v, p in c["pinning"].items()},
+                     "reserved": sorted(c["reserved"])} for c in got]
+                self.assertEqual(ours, nova.get("numa"), nova.get("message"))
+                counts["fit" if ours else "no fit"] += 1
+        print(f"\nNUMA fit sweep, same as Nova's: {dict(counts)}")
+        self.assertEqual(sum(counts.values()), len(cases))
+
     def test_real_libvirtd_defines_every_domain(self):
         """virDomainDefineXML of the real libvirtd accepts each of minivan's domains."""
         libvirt = minivan.import_libvirt()

@@ -12,7 +12,8 @@ JSON list of cases on stdin and writes a JSON list of results on stdout, one per
                       "cpu_threads": 1, "cpu_sockets": 1, "kB_mem": 16780000,
                       "mempages": [[[size KiB, count], ...] per cell]},
              "placed": [{"flavor", "image"}, ...],  guests already on the host, in order
-             "limits": {"cpu": ratio, "ram": ratio}}  the scheduler's NUMA limits
+             "limits": {"cpu": ratio, "ram": ratio},  the scheduler's NUMA limits
+             "fit_only": bool}                    only the NUMA fit, no domain
     result: {"xml": "<domain ...>", "caps": "<capabilities ...>",
              "numa": [{"id", "cpus", "pcpus", "memory", "pagesize", "pinning",
                        "reserved"}] or None}
@@ -191,6 +192,8 @@ def build(case, tmp):
                 return {"stage": "build", "error": "NoValidHost", "caps": caps,
                         "message": "No valid host was found. "}
             instance.numa_topology = fitted
+        if case.get("fit_only"):             # the fit alone, without the domain
+            return {"caps": caps, "numa": cells_of(fitted)}
         disk_info = blockinfo.get_disk_info(CONF.libvirt.virt_type, instance, image_meta)
         cfg = drvr._get_guest_config(
             instance, network_info(case.get("ports", 1)), image_meta, disk_info,
