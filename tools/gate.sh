@@ -111,8 +111,10 @@ FIXED_KEY=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 tools/keystone.sh start "$WORK/keystone" "$KEYSTONE_PORT" "http://127.0.0.1:$COMPUTE_PORT/v2.1"
 GLANCE_METADEFS=1 GLANCE_QUOTAS=1 tools/glance.sh start "$WORK/keystone" "$GLANCE_PORT" "$WORK/keystone/env"
 CINDER_FIXED_KEY=$FIXED_KEY tools/cinder.sh start "$WORK/cinder" "$CINDER_PORT" "$WORK/keystone/env"
-NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT \
-    NEUTRON_METADATA_SECRET=$METADATA_SECRET \
+# MariaDB for both back ends, as devstack's MySQL (Tempest filters agents by a type
+# whose case differs from Neutron's: MySQL's comparison does not mind, sqlite's does)
+NEUTRON_AGENTS=$([[ $BACKEND == ovn ]] && echo ovn || echo all) NEUTRON_DB=mariadb \
+    NEUTRON_NOVA_METADATA=127.0.0.1:$METADATA_PORT NEUTRON_METADATA_SECRET=$METADATA_SECRET \
     tools/neutron.sh start "$WORK/neutron" "$NEUTRON_PORT" "$WORK/keystone/env"
 tools/make-guest.sh "$WORK/guest.qcow2"
 # shellcheck source=/dev/null

@@ -48,8 +48,9 @@
 #       the catalog, so that a compute service started later sees no Neutron.
 #
 # The database is sqlite made from neutron's models (its migrations need MySQL) and
-# stamped at the migrations' heads; with ML2/OVN, a MariaDB of its own in DIR with the
-# schema from the migrations (see db_url).  Neutron runs as root: its root helper is
+# stamped at the migrations' heads; with ML2/OVN, or with NEUTRON_DB=mariadb (as
+# devstack's MySQL, whose case-blind comparisons some API filters rely on), a MariaDB of
+# its own in DIR with the schema from the migrations (see db_url).  Neutron runs as root: its root helper is
 # plain sudo.
 # Uses ${MINIVAN_NEUTRON_VENV:-REPO/.venv-neutron} (tools/setup-venvs.sh).
 set -euo pipefail
@@ -287,7 +288,7 @@ start_ovn() {
 # database (the hash ring's heartbeat) while an API request holds a transaction and
 # waits for that thread, which sqlite's one database-wide lock turns into a deadlock.
 db_url() {
-    if [[ $AGENTS == ovn ]]; then
+    if [[ $AGENTS == ovn || ${NEUTRON_DB:-sqlite} == mariadb ]]; then
         echo "mysql+pymysql://root@localhost/neutron?unix_socket=$1/mariadb/mysql.sock&charset=utf8mb4"
     else
         echo "sqlite:///$1/neutron.db"
@@ -427,7 +428,7 @@ start() {
     register "$URL"
     mkdir -p "$dir/state/lock"
     write_config "$dir" "$port" "$amqp_port"
-    if [[ $AGENTS == ovn ]]; then
+    if [[ $AGENTS == ovn || ${NEUTRON_DB:-sqlite} == mariadb ]]; then
         start_mariadb "$dir"
     elif [[ ! -f $dir/neutron.db ]]; then
         "$NV/bin/python" "$dir/neutron_db.py" "sqlite:///$dir/neutron.db" >>"$dir/db.log" 2>&1 &&
