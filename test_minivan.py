@@ -6537,12 +6537,8 @@ class GuestShapeOracleTests(unittest.TestCase):
                     counts["earlier guest refused"] += 1
                     continue
                 self.assertFalse(refused, "minivan could not place an earlier guest")
-                _, got = fit(case["flavor"], placed)
-                ours = None if got is None else [
-                    {"id": c["id"], "cpus": sorted(c["cpus"]), "pcpus": sorted(c["pcpus"]),
-                     "memory": c["memory"], "pagesize": c["pagesize"],
-                     "pinning": {str(v): p for v, p in c["pinning"].items()},
-                     "reserved": sorted(c["reserved"])} for c in got]
+                request, got = fit(case["flavor"], placed)
+                ours = None if got is None else minivan.stored_numa(request, got)["cells"]
                 self.assertEqual(ours, nova.get("numa"), nova.get("message"))
                 counts["fit" if ours else "no fit"] += 1
         print(f"\nNUMA fit sweep, same as Nova's: {dict(counts)}")
