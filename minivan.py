@@ -49,15 +49,17 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §29 API: volumes and events             os-volumes/os-snapshots proxies, external events
     §30 API: server groups
     §31 API: services and hypervisors       and the scheduler: filters and weighers
-    §32 API: simple tenant usage
-    §33 API: aggregates                     host aggregates; their zones become the host's
-    §34 API: migrations                     every move between hosts is a migration record
-    §35 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §36 failure injection                   rules that make builds, actions and hosts fail
-    §37 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §38 HTTP front end                      app, server, handler, TLS, CORS
-    §39 systemd and signals                 sd_notify, watchdog, background loops
-    §40 main
+    §32 Placement                           resource providers, allocations, candidates
+                                            for the scheduler, healing
+    §33 API: simple tenant usage
+    §34 API: aggregates                     host aggregates; their zones become the host's
+    §35 API: migrations                     every move between hosts is a migration record
+    §36 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §37 failure injection                   rules that make builds, actions and hosts fail
+    §38 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §39 HTTP front end                      app, server, handler, TLS, CORS
+    §40 systemd and signals                 sd_notify, watchdog, background loops
+    §41 main
 """
 
 import argparse
@@ -192,6 +194,11 @@ OPTIONS = [
     ("neutron-url", "", "Neutron endpoint, e.g. http://controller:9696 (default: the network "
      "service of the Keystone catalog; without Neutron, servers' NICs join libvirt "
      "networks)"),
+    ("placement-url", "", "Placement endpoint, e.g. http://controller/placement (default: the "
+     "placement service of the Keystone catalog; without Placement, minivan keeps its own "
+     "accounting only)"),
+    ("placement-interval", "60", "seconds between the reports of the compute hosts' "
+     "resource providers to Placement and the heals of the servers' allocations"),
     ("vif-plugging-timeout", "300", "seconds a build waits for Neutron to report its ports "
      "plugged (network-vif-plugged); 0: no wait"),
     ("vif-plugging-is-fatal", "true", "a build whose ports Neutron does not report plugged "
@@ -384,7 +391,7 @@ def finish_config(conf):
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
                 "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
                 "max_concurrent_builds", "max_connections", "client_timeout",
-                "console_token_ttl", "token_cache_time"):
+                "console_token_ttl", "token_cache_time", "placement_interval"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -2050,7 +2057,6 @@ UNHONOURED_SPECS = (
     (r"hw_sound_model", "a sound device"),
     (r"pci_passthrough:alias", "PCI passthrough"),
     (r"accel:device_profile", "accelerators"),
-    (r"resources.*:.*|trait.*:.*", "Placement resources and traits"),
     (r"hw_emulation_architecture=(?!x86_64$).*|hw_vm_mode=(?!hvm$).*",
      "another architecture or virtualization mode"),
 )
@@ -6429,7 +6435,8 @@ def neutron_port_record(port, network_name, created, tag=None):
             "tag": tag, "neutron": True, "created": created,
             "subnet_ids": [ip.get("subnet_id") for ip in port.get("fixed_ips") or []],
             "vif_type": port.get("binding:vif_type"),
-            "vif_details": port.get("binding:vif_details") or {}}
+            "vif_details": port.get("binding:vif_details") or {},
+            "resource_request": port.get("resource_request")}
 
 
 def neutron_interface_xml(port, extra="<model type='virtio'/>"):
@@ -8359,13 +8366,25 @@ class Compute:
         flavor is the flavor the server will have there."""
         with self.app.scheduler_lock:
             server = self.store.data["servers"][server_id]
-            numa = {}
-            host = schedule(self.app, server, flavor or server["flavor"], requested=requested,
-                            exclude=exclude, force=force, numa_out=numa)
+            numa, claimed = {}, {}
+            asked = sorted(k for k in ((flavor or server["flavor"]).get("extra_specs") or {})
+                           if re.fullmatch(r"(resources|trait)[A-Za-z0-9_-]*:.+", k))
+            if asked and self.app.placement is None:
+                raise NoValidHost("minivan gives guests Placement resources and traits "
+                                  f"({', '.join(asked)}) only where the cloud has Placement")
+            if self.app.placement is not None:
+                host, claimed = place_with_placement(
+                    self.app, server, flavor or server["flavor"], requested, exclude, force,
+                    moving, numa)
+            else:
+                host = schedule(self.app, server, flavor or server["flavor"],
+                                requested=requested, exclude=exclude, force=force,
+                                numa_out=numa)
             changes = {"host": host, "node": host, "numa_topology": numa.get("topology"),
-                       "availability_zone": host_zone(self.app, host)}
+                       "availability_zone": host_zone(self.app, host), **claimed}
             if moving:
-                changes.update(migration_source=server.get("host"),
+                changes.update(move_consumer=claimed.get("move_consumer"),
+                               migration_source=server.get("host"),
                                old_numa_topology=server.get("numa_topology"),
                                new_flavor=flavor if flavor is not None and
                                flavor != server["flavor"] else None)
@@ -8468,6 +8487,10 @@ class Compute:
         neutron = self.neutron()
         spec = {"device_id": server["id"], "binding:host_id": server["host"],
                 "device_owner": "compute:" + (server.get("availability_zone") or "nova")}
+        allocation = ((server.get("port_allocations") or {}).get(server["host"]) or {}).get(
+            request["port_id"])
+        if allocation:          # the providers Placement gave its resource request (§32)
+            spec["binding:profile"] = {"allocation": allocation}
         try:
             if request["port_id"]:
                 port, created = neutron.update_port(request["port_id"], spec), False
@@ -8495,9 +8518,13 @@ class Compute:
             return
         neutron = self.neutron()
         bound = {}
+        allocations = (server.get("port_allocations") or {}).get(host) or {}
         for port in ports:
+            spec = {"binding:host_id": host}
+            if allocations.get(port["id"]):
+                spec["binding:profile"] = {"allocation": allocations[port["id"]]}
             try:
-                bound[port["id"]] = neutron.update_port(port["id"], {"binding:host_id": host})
+                bound[port["id"]] = neutron.update_port(port["id"], spec)
             except NetworkError as e:
                 raise DriverError(f"Binding port {port['id']} failed: {e.message}") from None
 
@@ -9076,7 +9103,8 @@ class Compute:
         source = server.get("host")
         dest = self.place(server_id, requested, exclude=(source,) if kind == "migration"
                           else (), flavor=new_flavor, moving=True)
-        number = record_migration(self.app, server, new_flavor, source, dest, kind)
+        number = record_migration(self.app, server, new_flavor, source, dest, kind,
+                                  consumer=self.move_consumer(server_id, source))
         try:
             self.move_disks(server, source, dest, new_flavor, was_active)
         except (DriverError, Unavailable, OSError) as e:
@@ -9088,6 +9116,13 @@ class Compute:
             self.roll_back_move(server, source, dest, was_active, e)
             raise MoveFailed(f"moving the server to {dest} failed: {e}") from None
         set_migration_status(self.store, server_id, "finished", self.app.clock, number=number)
+
+    def move_consumer(self, server_id, source):
+        """The consumer that holds a move's source allocations in Placement (made by its
+        claim, §32), or None."""
+        server = self.store.data["servers"][server_id]
+        return server.get("move_consumer") if server.get("migration_source") == source \
+            else None
 
     def roll_back_move(self, server, source, dest, was_active, error):
         """A resize or migration failed half-way: the old disk and the domain on the source
@@ -9221,7 +9256,8 @@ class Compute:
         source = server["host"]
         dest = self.place(server_id, requested, exclude=(source,), force=force, moving=True)
         number = record_migration(self.app, server, server["flavor"], source, dest,
-                                  "live-migration", status="preparing")
+                                  "live-migration", status="preparing",
+                                  consumer=self.move_consumer(server_id, source))
         try:
             self.bind_ports(server_id, dest)
             moving = dict(self.store.data["servers"][server_id], host=dest)
@@ -14199,16 +14235,20 @@ def hypervisor_records(app, hosts=None):
     """Each compute host as Nova's hypervisor (compute node), from libvirt and the servers
     on it, in id order."""
     services = {r["host"]: r for r in service_records(app) if r["binary"] == "nova-compute"}
-    live = collections.defaultdict(list)
+    live, held = collections.defaultdict(list), collections.defaultdict(list)
     for server in app.store.data["servers"].values():
         if server.get("host") and server["vm_state"] != "deleted":
             live[server["host"]].append(server)
+            source = server.get("migration_source")
+            if source and source != server["host"]:     # its old flavor, until the move ends
+                held[source].append(dict(server, flavor=server.get("old_flavor") or
+                                         server["flavor"]))
     records = []
     for number, host in enumerate(app.compute_host_names(), 1):
         if hosts is not None and host not in hosts:
             continue
         servers = live[host]
-        vcpus, ram, disk = usage_of(servers)
+        vcpus, ram, disk = usage_of(servers + held[host])
         records.append({"host": host, "number": number, "res": host_resources(app, host),
                         "servers": servers, "service": services.get(host),
                         "vcpus_used": vcpus,
@@ -14773,7 +14813,666 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 32 API: simple tenant usage --------------------------------------------------------
+# § 32 Placement -----------------------------------------------------------------------
+#
+# Where the cloud has Placement (the catalog's "placement" service, or --placement-url),
+# minivan does there what Nova's resource tracker, scheduler and conductor do:
+#   - each compute host is a resource provider (its hypervisor's uuid and name) with VCPU,
+#     PCPU, MEMORY_MB and DISK_GB inventories, the COMPUTE_* traits that apply and, as
+#     Placement aggregates, the host aggregates it is in; written when minivan's view of
+#     them changes, so that what an operator sets in Placement (a reserved amount, say)
+#     stays until then;
+#   - the scheduler takes its candidate hosts from GET /allocation_candidates, then its own
+#     filters and weighers choose, and the chosen candidate is claimed with the server as
+#     consumer (a claim that loses a race moves on to the next host, as Nova's alternates);
+#   - a move's source allocation is held by the migration's uuid until the move ends, as
+#     Nova's; every other change of a server's allocations (confirm, revert, delete,
+#     shelve-offload, a failed move) follows from its record: a worker writes what the
+#     record says it should hold;
+#   - at start and every --placement-interval seconds minivan compares every server's
+#     allocations with Placement's and mends them, and removes the allocations of its own
+#     gone servers and ended migrations (nova-manage placement heal_allocations and
+#     audit), and logs what it mended.
+# Without Placement none of this runs and minivan's own accounting (§31) is all there is.
+
+PLACEMENT_VERSION = "1.39"
+# the traits of Nova's libvirt driver that apply to every minivan host: what its guests
+# can have (the architecture, image types, disk buses, NIC and video models) and do
+# (tagged devices, interface and volume attach, extend, multi-attach, trusted certificates,
+# rescue of volume-backed servers).  Nova's others are left out where minivan refuses what
+# they promise: accelerators, PCI NUMA affinity, sound, virtual IOMMUs, packed virtqueues,
+# emulated architectures.
+PLACEMENT_TRAITS = (
+    "COMPUTE_NODE", "HW_ARCH_X86_64", "COMPUTE_ARCH_X86_64", "COMPUTE_DEVICE_TAGGING", "COMPUTE_NET_ATTACH_INTERFACE",
+    "COMPUTE_NET_ATTACH_INTERFACE_WITH_TAG", "COMPUTE_VOLUME_ATTACH_WITH_TAG",
+    "COMPUTE_VOLUME_EXTEND", "COMPUTE_VOLUME_MULTI_ATTACH", "COMPUTE_TRUSTED_CERTS",
+    "COMPUTE_RESCUE_BFV", "COMPUTE_IMAGE_TYPE_AKI", "COMPUTE_IMAGE_TYPE_AMI",
+    "COMPUTE_IMAGE_TYPE_ARI", "COMPUTE_IMAGE_TYPE_ISO", "COMPUTE_IMAGE_TYPE_QCOW2",
+    "COMPUTE_IMAGE_TYPE_RAW", "COMPUTE_STORAGE_BUS_VIRTIO", "COMPUTE_STORAGE_BUS_IDE",
+    "COMPUTE_STORAGE_BUS_SCSI", "COMPUTE_STORAGE_BUS_SATA", "COMPUTE_STORAGE_BUS_USB",
+    "COMPUTE_STORAGE_BUS_FDC", "COMPUTE_NET_VIF_MODEL_VIRTIO", "COMPUTE_NET_VIF_MODEL_E1000",
+    "COMPUTE_NET_VIF_MODEL_E1000E", "COMPUTE_NET_VIF_MODEL_NE2K_PCI",
+    "COMPUTE_NET_VIF_MODEL_PCNET", "COMPUTE_NET_VIF_MODEL_RTL8139",
+    "COMPUTE_NET_VIF_MODEL_VMXNET3", "COMPUTE_NET_VIF_MODEL_SPAPR_VLAN",
+    "COMPUTE_GRAPHICS_MODEL_VGA", "COMPUTE_GRAPHICS_MODEL_CIRRUS",
+    "COMPUTE_GRAPHICS_MODEL_VIRTIO", "COMPUTE_GRAPHICS_MODEL_BOCHS",
+    "COMPUTE_GRAPHICS_MODEL_NONE", "COMPUTE_GRAPHICS_MODEL_QXL",
+    "COMPUTE_GRAPHICS_MODEL_VMVGA",
+)
+HOST_DEPENDENT_TRAITS = ("COMPUTE_SECURITY_UEFI_SECURE_BOOT", "COMPUTE_SECURITY_TPM_1_2",
+                         "COMPUTE_SECURITY_TPM_2_0", "HW_CPU_HYPERTHREADING")
+STATUS_DISABLED_TRAIT = "COMPUTE_STATUS_DISABLED"
+
+
+class PlacementError(ServiceError):
+    """Placement refused a call: its status, its error code (e.g.
+    placement.concurrent_update) and its message."""
+
+    def __init__(self, status, raw):
+        code, detail = None, raw
+        try:
+            error = json.loads(raw)["errors"][0]
+            code, detail = error.get("code"), error.get("detail") or error.get("title")
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+        super().__init__(status, detail)
+        self.code = code
+
+
+class Placement:
+    """Placement's API as minivan's service user."""
+
+    def __init__(self, url, auth):
+        self.url = url.rstrip("/")
+        self.auth = auth
+
+    def call(self, method, path, body=None, version=PLACEMENT_VERSION):
+        for attempt in (0, 1):
+            headers = {"X-Auth-Token": self.auth.service_token_value(force=attempt == 1),
+                       "OpenStack-API-Version": "placement " + version}
+            try:
+                return call_service("placement service", self.url + path, method, headers,
+                                    body, PlacementError,
+                                    lambda raw, status: raw.decode("utf-8", "replace"))
+            except PlacementError as e:
+                if e.status != 401 or attempt:
+                    raise
+        raise PlacementError(401, "minivan's service token was refused by Placement")
+
+    def get_or_none(self, path):
+        try:
+            return self.call("GET", path)
+        except PlacementError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def allocations(self, consumer):
+        """(allocations {rp: resources}, consumer generation or None) of a consumer."""
+        doc = self.call("GET", f"/allocations/{consumer}")
+        return ({rp: a["resources"] for rp, a in doc.get("allocations", {}).items()},
+                doc.get("consumer_generation"))
+
+
+def provider_uuid(host):
+    """A compute host's resource provider: its hypervisor's uuid (2.53's id)."""
+    return str(uuid.uuid5(IMAGE_NAMESPACE, "hypervisor:" + host))
+
+
+def host_inventory(app, host):
+    """The inventories of a compute host's provider, as Nova's libvirt driver reports them;
+    None while its libvirt does not answer."""
+    driver = app.drivers.get(host)
+    if driver is None or not driver.available:
+        return None
+    res = host_resources(app, host)
+    if not res["memory_mb"]:
+        return None
+    conf = app.conf
+
+    def inventory(total, ratio=1.0, reserved=0):
+        return {"total": total, "reserved": reserved, "min_unit": 1, "max_unit": total,
+                "step_size": 1, "allocation_ratio": float(ratio)}
+    shared = res["vcpus"]
+    if conf.get("cpu_shared_set"):
+        shared = min(shared, len(conf["cpu_shared_set"]))
+    elif conf.get("cpu_dedicated_set"):
+        shared = 0
+    inv = {}
+    if shared:
+        inv["VCPU"] = inventory(shared, conf["cpu_allocation_ratio"])
+    if conf.get("cpu_dedicated_set"):
+        inv["PCPU"] = inventory(len(conf["cpu_dedicated_set"]))
+    inv["MEMORY_MB"] = inventory(res["memory_mb"], conf["ram_allocation_ratio"],
+                                 conf["reserved_host_memory_mb"])
+    if res["local_gb"]:
+        inv["DISK_GB"] = inventory(res["local_gb"], conf["disk_allocation_ratio"],
+                                   -(-int(conf["reserved_host_disk_mb"]) // 1024))
+    return inv
+
+
+def host_traits(app, host, disabled):
+    """The traits of a compute host's provider: Nova's libvirt driver's that apply, Secure
+    Boot's where the host has the firmware, the emulated TPM versions it offers
+    (--swtpm-enabled), hyperthreading's where its cores have sibling threads, and
+    COMPUTE_STATUS_DISABLED while its compute service is disabled."""
+    traits = set(PLACEMENT_TRAITS)
+    driver = app.drivers.get(host)
+    try:
+        offers = driver.guest_host() if driver is not None and driver.available else None
+        cells = driver.numa_cells() if offers is not None else None
+    except (DriverError, Unavailable, NumaConfigError):
+        offers = cells = None
+    if offers is not None and offers.secure_boot:
+        traits.add("COMPUTE_SECURITY_UEFI_SECURE_BOOT")
+    if offers is not None and offers.tpm:
+        traits |= {"COMPUTE_SECURITY_TPM_" + v.replace(".", "_") for v in offers.tpm[0]}
+    if any(len(siblings) > 1 for cell in cells or () for siblings in cell["siblings"]):
+        traits.add("HW_CPU_HYPERTHREADING")
+    if disabled:
+        traits.add(STATUS_DISABLED_TRAIT)
+    return traits
+
+
+def host_aggregates(app, host):
+    return sorted(a["uuid"] for a in app.store.data.get("aggregates", {}).values()
+                  if host in a["hosts"])
+
+
+def flavor_resources(app, server, flavor=None, numa=None):
+    """What a server with this flavor takes from its host's provider, as Nova's request:
+    VCPU (or PCPU for dedicated CPUs), MEMORY_MB and DISK_GB, with the flavor's
+    resources:RC overrides."""
+    placed = placed_flavor(dict(server, flavor=flavor or server["flavor"]), numa)
+    flavor = flavor or server["flavor"]
+    res = {"VCPU": placed["vcpus"], "PCPU": flavor["vcpus"] - placed["vcpus"],
+           "MEMORY_MB": placed["ram"], "DISK_GB": placed["disk"]}
+    for key, value in (flavor.get("extra_specs") or {}).items():
+        if key.startswith("resources:"):
+            try:
+                res[key.split(":", 1)[1]] = int(value)
+            except ValueError:
+                pass
+    return {rc: amount for rc, amount in res.items() if amount > 0}
+
+
+def port_request_groups(port_id, request):
+    """[(group id, {"resources", "required"})] and the same_subtree list of a Neutron port's
+    resource_request: the request groups of Neutron's port-resource-request-groups format,
+    or the port's one group (its id the port's) of the format before it."""
+    request = request or {}
+    if "request_groups" in request:
+        return ([(g["id"], g) for g in request["request_groups"] if g.get("resources")],
+                request.get("same_subtree") or [])
+    return ([(port_id, request)] if request.get("resources") else []), []
+
+
+def port_requests(app, server):
+    """{port id: resource_request} of the Neutron ports a server has or will be given."""
+    found = {p["id"]: p.get("resource_request") for p in server.get("ports", [])
+             if p.get("neutron")}
+    wanted = [r["port_id"] for r in server.get("requested_networks") or []
+              if r.get("port_id") and r["port_id"] not in found]
+    if wanted and app.network is not None:
+        for port_id in wanted:
+            try:
+                port = app.network.port(port_id)
+            except Unavailable:
+                port = None
+            found[port_id] = (port or {}).get("resource_request")
+    return {k: v for k, v in found.items() if v}
+
+
+def candidate_query(app, server, flavor, numa, requested=None, ports=None):
+    """The GET /allocation_candidates query of Nova's scheduler for a server with this
+    flavor: its resources, the flavor's trait:T (required/forbidden) and granular
+    resourcesN:/traitN: groups, the ports' resource requests, and never a disabled host."""
+    specs = flavor.get("extra_specs") or {}
+    groups = {"": {"resources": flavor_resources(app, server, flavor, numa), "required": []}}
+    for key, value in sorted(specs.items()):
+        match = re.fullmatch(r"(resources|trait)([A-Za-z0-9_-]*):(.+)", key)
+        if not match:
+            continue
+        kind, suffix, name = match.groups()
+        group = groups.setdefault(suffix, {"resources": {}, "required": []})
+        if kind == "resources" and suffix:
+            try:
+                group["resources"][name] = int(value)
+            except ValueError:
+                pass
+        elif kind == "trait" and value in ("required", "forbidden"):
+            group["required"].append(name if value == "required" else "!" + name)
+    subtrees = []
+    for port_id, request in sorted((ports or {}).items()):
+        port_groups, same = port_request_groups(port_id, request)
+        for group_id, group in port_groups:      # each group its own provider, as Nova's
+            groups[group_id] = {"resources": dict(group["resources"]),
+                                "required": list(group.get("required") or [])}
+        if len(same) > 1:
+            subtrees.append(",".join(same))
+    query = [("limit", "1000"), ("root_required", "!" + STATUS_DISABLED_TRAIT)]
+    query += [("same_subtree", same) for same in subtrees]
+    for suffix, group in groups.items():
+        resources = {rc: n for rc, n in group["resources"].items() if n > 0}
+        if resources:
+            query.append(("resources" + suffix, ",".join(
+                f"{rc}:{n}" for rc, n in sorted(resources.items()))))
+        if group["required"]:
+            query.append(("required" + suffix, ",".join(group["required"])))
+    if len(groups) > 2 or (len(groups) == 2 and "" in groups):
+        query.append(("group_policy", specs.get("group_policy", "none")))
+    if requested is not None:
+        query.append(("in_tree", provider_uuid(requested)))
+    return query
+
+
+PLACEMENT_FIELDS = ("host", "migration_source", "flavor", "new_flavor", "old_flavor",
+                    "move_consumer", "numa_topology", "old_numa_topology", "placement_claims",
+                    "volume_backed")
+
+
+def placement_view(server):
+    """What of a server record decides its allocations in Placement."""
+    return tuple(server.get(k) for k in PLACEMENT_FIELDS) + (
+        server.get("vm_state") == "deleted",)
+
+
+class PlacementSync:
+    """Keeps Placement in step with minivan: the hosts' providers, and each server's
+    allocations (a worker writes the allocations a changed server record says it holds)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.pending = {}               # server id -> move consumers to look at too
+        self.cond = threading.Condition()
+        self.wake = threading.Event()   # the providers need a look (services, aggregates)
+        self.reported = {}              # host -> (inventory, traits, aggregates) written
+        app.store.watchers.append(self.watch)
+
+    @property
+    def client(self):
+        return self.app.placement
+
+    # -- what the store's changes mean ------------------------------------------------
+    def watch(self, op, data):
+        path = op[1]
+        if path[0] in ("aggregates", "services"):
+            self.wake.set()
+        if path[0] != "servers" or len(path) < 2:
+            return
+        old = data["servers"].get(path[1]) or {}
+        new = op[2] if op[0] == "set" and len(path) == 2 else {}
+        if len(path) == 2 and placement_view(old) == placement_view(new):
+            return                      # nothing Placement holds for it changed
+        consumers = {c for c in (old.get("move_consumer"), new.get("move_consumer")) if c}
+        with self.cond:
+            self.pending.setdefault(path[1], set()).update(consumers)
+            self.cond.notify()
+
+    # -- providers --------------------------------------------------------------------
+    def report_providers(self):
+        """Create or bring up to date every compute host's provider; returns the hosts
+        whose provider was written."""
+        placement = self.client
+        if placement is None:
+            return []
+        services = {r["host"]: r for r in service_records(self.app)
+                    if r["binary"] == "nova-compute"}
+        written = []
+        for host in self.app.compute_host_names():
+            try:
+                if self.report_host(placement, host, services.get(host)):
+                    written.append(host)
+            except (PlacementError, Unavailable) as e:
+                LOG.warning("placement: reporting compute host %s failed: %s", host,
+                            getattr(e, "message", e))
+        return written
+
+    def report_host(self, placement, host, service):
+        rp = provider_uuid(host)
+        inventory = host_inventory(self.app, host)
+        last = self.reported.get(host)
+        inventory = inventory if inventory is not None else (last or (None,))[0]
+        traits = host_traits(self.app, host, bool(service and service["disabled"]))
+        aggregates = host_aggregates(self.app, host)
+        if last == (inventory, traits, aggregates):
+            return False
+        provider = placement.get_or_none(f"/resource_providers/{rp}")
+        if provider is None:
+            placement.call("POST", "/resource_providers", {"name": host,
+                                                                      "uuid": rp})
+            LOG.info("placement: compute host %s is resource provider %s", host, rp)
+        if inventory is not None and (last is None or last[0] != inventory):
+            current = placement.call("GET", f"/resource_providers/{rp}/inventories")
+            if current["inventories"] != inventory:
+                placement.call("PUT", f"/resource_providers/{rp}/inventories",
+                               {"resource_provider_generation":
+                                current["resource_provider_generation"],
+                                "inventories": inventory})
+        if last is None or last[1] != traits:
+            current = placement.call("GET", f"/resource_providers/{rp}/traits")
+            # traits others put there (other than the ones minivan decides) are kept
+            own = set(PLACEMENT_TRAITS) | {STATUS_DISABLED_TRAIT} | set(HOST_DEPENDENT_TRAITS)
+            wanted = (set(current["traits"]) - own) | traits
+            if set(current["traits"]) != wanted:
+                placement.call("PUT", f"/resource_providers/{rp}/traits",
+                               {"resource_provider_generation":
+                                current["resource_provider_generation"],
+                                "traits": sorted(wanted)})
+        if last is None or last[2] != aggregates:
+            current = placement.call("GET", f"/resource_providers/{rp}/aggregates")
+            if sorted(current["aggregates"]) != aggregates:
+                placement.call("PUT", f"/resource_providers/{rp}/aggregates",
+                               {"resource_provider_generation":
+                                current["resource_provider_generation"],
+                                "aggregates": aggregates})
+        self.reported[host] = (inventory, traits, aggregates)
+        return True
+
+    # -- allocations ------------------------------------------------------------------
+    def wanted(self, server_id, move_consumers=()):
+        """{consumer: {rp: resources}} a server's record says it holds: its flavor (the new
+        one while it resizes) on its host's provider, and the old one on its source's under
+        its move's consumer until the move ends; the candidate it was given is kept where
+        it still matches."""
+        with self.app.store.reading():
+            server = self.app.store.data["servers"].get(server_id)
+            server = json.loads(json.dumps(server)) if server else None
+        wanted = {server_id: {}}
+        wanted.update({c: {} for c in move_consumers})
+        if server is None or server["vm_state"] == "deleted":
+            return wanted, server
+        if server.get("move_consumer"):
+            wanted[server["move_consumer"]] = {}
+        claimed = server.get("placement_claims") or {}
+
+        def on(host, flavor, numa):
+            rp = provider_uuid(host)
+            derived = {rp: flavor_resources(self.app, server, flavor, numa)}
+            given = claimed.get(host)
+            if given and given.get(rp) == derived[rp]:
+                return given
+            return derived
+        if server.get("host"):
+            wanted[server_id] = on(server["host"], server.get("new_flavor") or
+                                   server["flavor"], server.get("numa_topology"))
+        source = server.get("migration_source")
+        if source and source != server.get("host") and server.get("move_consumer"):
+            wanted[server["move_consumer"]] = on(source, server.get("old_flavor") or
+                                                 server["flavor"],
+                                                 server.get("old_numa_topology"))
+        return wanted, server
+
+    def write(self, server_id, move_consumers=(), why="changed"):
+        """Make Placement hold what the server's record says; returns what it changed
+        ({consumer: (before, after)}).  Holds the scheduler's lock, so that it never
+        writes between a claim and the record of it."""
+        placement = self.client
+        if placement is None:
+            return {}
+        for attempt in range(4):
+            with self.app.scheduler_lock:
+                wanted, server = self.wanted(server_id, move_consumers)
+                current = {c: placement.allocations(c) for c in wanted}
+                changed = {c: (current[c][0], a) for c, a in wanted.items()
+                           if current[c][0] != a}
+                if not changed:
+                    return {}
+                try:
+                    if server is None:      # its record is gone: so are its allocations
+                        for consumer in changed:
+                            placement.call("DELETE", f"/allocations/{consumer}")
+                    else:
+                        placement.call("POST", "/allocations", {
+                            consumer: allocation_body(server, allocations, current[
+                                consumer][1], consumer == server_id)
+                            for consumer, (_, allocations) in changed.items()})
+                except PlacementError as e:
+                    if e.status in (404, 409) and attempt < 3:    # moved meanwhile: again
+                        LOG.info("placement: server %s changed in Placement while it was "
+                                 "written (%s): reading it again", server_id, e.message)
+                        continue
+                    raise
+            for consumer, (before, after) in changed.items():
+                LOG.info("placement: %s allocations of %s %s: %s -> %s", why,
+                         "server" if consumer == server_id else "migration", consumer,
+                         before or "none", after or "none")
+            return changed
+        return {}
+
+    def run_pending(self):
+        with self.cond:
+            pending, self.pending = self.pending, {}
+        for server_id, consumers in pending.items():
+            try:
+                self.write(server_id, consumers)
+            except (PlacementError, Unavailable) as e:
+                LOG.warning("placement: writing the allocations of server %s failed: %s",
+                            server_id, getattr(e, "message", e))
+                with self.cond:
+                    self.pending.setdefault(server_id, set()).update(consumers)
+
+    def heal(self):
+        """heal_allocations and audit: every server's allocations on the compute hosts'
+        providers as its record says, and what minivan's gone servers and ended migrations
+        left there removed.  Returns {consumer: (before, after)} of what it mended."""
+        placement = self.client
+        if placement is None:
+            return {}
+        held = collections.defaultdict(dict)        # consumer -> {root rp: resources}
+        roots = set()
+        for host in self.app.compute_host_names():
+            rp = provider_uuid(host)
+            try:
+                doc = placement.get_or_none(f"/resource_providers/{rp}/allocations")
+            except (PlacementError, Unavailable):
+                continue
+            if doc is None:             # the provider is gone: made again at the next report
+                self.reported.pop(host, None)
+                self.wake.set()
+                continue
+            roots.add(rp)
+            for consumer, allocation in doc["allocations"].items():
+                held[consumer][rp] = allocation["resources"]
+        data = self.app.store.data
+        with self.app.store.reading():
+            servers = [(s["id"], s.get("move_consumer")) for s in data["servers"].values()
+                       if s["vm_state"] != "deleted"]
+            migrations = {m["uuid"] for m in data.get("migrations", {}).values()}
+        mended, seen = {}, set()
+        for server_id, move in servers:
+            wanted, _ = self.wanted(server_id, {move} if move else ())
+            seen.update(wanted)
+            if all({rp: r for rp, r in allocations.items() if rp in roots} ==
+                   held.get(consumer, {}) for consumer, allocations in wanted.items()):
+                continue
+            try:
+                mended.update(self.write(server_id, {move} if move else (), why="healed"))
+            except (PlacementError, Unavailable) as e:
+                LOG.warning("placement: healing server %s failed: %s", server_id,
+                            getattr(e, "message", e))
+        for consumer in set(held) - seen:
+            try:
+                if consumer in data["servers"]:
+                    mended.update(self.write(consumer, why="healed"))
+                elif consumer in migrations:
+                    mended.update(self.remove(placement, consumer))
+                else:
+                    LOG.warning("placement: consumer %s holds resources of minivan's compute "
+                                "hosts but is none of its servers or migrations: left alone",
+                                consumer)
+            except (PlacementError, Unavailable) as e:
+                LOG.warning("placement: healing consumer %s failed: %s", consumer,
+                            getattr(e, "message", e))
+        return mended
+
+    def remove(self, placement, consumer):
+        """Remove the allocations of an ended migration."""
+        before, _ = placement.allocations(consumer)
+        try:
+            placement.call("DELETE", f"/allocations/{consumer}")
+        except PlacementError as e:
+            if e.status != 404:
+                raise
+            return {}
+        LOG.info("placement: healed allocations of migration %s: %s -> none", consumer,
+                 before)
+        return {consumer: (before, {})}
+
+    def loop(self, stop):
+        """Providers at start and whenever minivan's view of them changes (their resources,
+        a service disabled, an aggregate); allocations as servers change; every
+        --placement-interval seconds a look at the providers and a heal."""
+        interval = max(1, self.app.conf["placement_interval"])
+        next_full = 0.0
+        while not stop.is_set():
+            if self.client is not None:
+                now = time.monotonic()
+                if self.wake.is_set() or now >= next_full:
+                    self.wake.clear()
+                    self.report_providers()
+                if now >= next_full:
+                    mended = self.heal()
+                    if mended:
+                        LOG.info("placement: healed the allocations of %d consumers",
+                                 len(mended))
+                    next_full = now + interval
+                self.run_pending()
+            else:
+                with self.cond:
+                    self.pending.clear()
+            with self.cond:
+                if not self.pending:
+                    self.cond.wait(timeout=0.5)
+
+
+def allocation_body(server, allocations, generation, instance=True):
+    """One consumer's part of a POST /allocations body."""
+    return {"allocations": {rp: {"resources": r} for rp, r in allocations.items()},
+            "consumer_generation": generation, "project_id": server["project_id"],
+            "user_id": server["user_id"],
+            "consumer_type": "INSTANCE" if instance else "MIGRATION"}
+
+
+def claim_candidate(app, server, host, allocations, moving):
+    """Claim a candidate (allocations {rp: resources}) on host for a server; a move
+    (moving, to another host) passes the server's allocations on its source to a new
+    consumer, its migration's, in the same call, as Nova's conductor.  Returns (that
+    consumer or None, what it holds); PlacementError when Placement refuses (the candidate
+    was taken meanwhile).  A consumer changed by someone else between the read and the
+    write is read again, as Nova's report client does."""
+    placement = app.placement
+    for attempt in range(4):
+        current, generation = placement.allocations(server["id"])
+        body = {server["id"]: allocation_body(server, allocations, generation)}
+        move, held = None, {}
+        if moving and server.get("host") and host != server["host"]:
+            move = str(uuid.uuid4())
+            held = current or {provider_uuid(server["host"]): flavor_resources(
+                app, server, None, server.get("numa_topology"))}
+            body[move] = allocation_body(server, held, None, instance=False)
+        try:
+            placement.call("POST", "/allocations", body)
+        except PlacementError as e:
+            if e.code == "placement.concurrent_update" and attempt < 3:
+                LOG.info("placement: server %s changed in Placement while it was claimed: "
+                         "reading it again", server["id"])
+                continue
+            raise
+        return move, held
+    raise PlacementError(409, "the claim kept conflicting")
+
+
+def placement_candidates(app, server, flavor, requested=None, ports=None):
+    """{host: [(allocations {rp: resources}, mappings {group: [rp]})]} of Placement's
+    allocation candidates for a server with this flavor (and its ports' resource requests,
+    ports), by the compute host whose provider tree they are in."""
+    try:
+        request = numa_request(flavor, image_meta(server.get("image_properties") or {}))
+    except BadRequest:
+        request = None
+    numa = request and {"pcpu": bool(app.conf.get("cpu_dedicated_set")),
+                        "cells": request["cells"]}
+    query = candidate_query(app, server, flavor, numa, requested, ports)
+    doc = app.placement.call("GET", "/allocation_candidates?" +
+                             urllib.parse.urlencode(query))
+    roots = {provider_uuid(h): h for h in app.compute_host_names()}
+    summaries = doc.get("provider_summaries", {})
+    found = collections.defaultdict(list)
+    for candidate in doc.get("allocation_requests", []):
+        allocations = {rp: a["resources"] for rp, a in candidate["allocations"].items()}
+        hosts = {roots.get((summaries.get(rp) or {}).get("root_provider_uuid"),
+                           roots.get(rp)) for rp in allocations}
+        if len(hosts) == 1 and None not in hosts:
+            found[hosts.pop()].append((allocations, candidate.get("mappings") or {}))
+    return found
+
+
+def port_allocations(ports, mappings):
+    """{port id: the binding profile's "allocation"} of a claim: for each port with a
+    resource request, the provider of each of its groups ({group id: rp}), or for a port
+    of the format before groups, the provider of its one group."""
+    found = {}
+    for port_id, request in (ports or {}).items():
+        groups, _ = port_request_groups(port_id, request)
+        chosen = {g: (mappings.get(g) or [None])[0] for g, _ in groups}
+        if "request_groups" in request:
+            found[port_id] = chosen
+        elif chosen:
+            found[port_id] = chosen[port_id]
+    return found
+
+
+def place_with_placement(app, server, flavor, requested, exclude, force, moving, numa_out):
+    """schedule() with Placement: candidates first, then minivan's filters and weighers,
+    then the claim; a claim Placement refuses tries the next host.  Returns (host, changes
+    for the server's record)."""
+    tried = set(exclude)
+    ports = port_requests(app, server)
+    for _ in range(max(3, len(app.compute_host_names()))):
+        if force:
+            host = schedule(app, server, flavor, requested=requested, exclude=tried,
+                            force=True, numa_out=numa_out)
+            numa = numa_out.get("topology")
+            claim, mappings = {provider_uuid(host): flavor_resources(app, server, flavor,
+                                                                     numa)}, {}
+        else:
+            try:
+                candidates = placement_candidates(app, server, flavor, requested, ports)
+            except PlacementError as e:
+                LOG.warning("scheduling server %s: Placement refused the candidates query: "
+                            "%s", server["id"], e.message)
+                raise NoValidHost(NO_VALID_HOST) from None
+            without = {h for h in app.compute_host_names() if h not in candidates}
+            host = schedule(app, server, flavor, requested=requested,
+                            exclude=tried | without, numa_out=numa_out)
+            claim, mappings = candidates[host][0]
+        try:
+            move, before = claim_candidate(app, server, host, claim, moving)
+        except PlacementError as e:
+            LOG.info("scheduling server %s: Placement refused the claim on %s (%s): next "
+                     "host", server["id"], host, e.message)
+            tried.add(host)
+            if force:
+                raise NoValidHost(NO_VALID_HOST) from None
+            continue
+        # the ports' providers by host: a revert binds them to the source's again
+        changes = {"placement_claims": {host: claim},
+                   "port_allocations": {host: port_allocations(ports, mappings)}}
+        if move is None:
+            return host, changes
+        changes["placement_claims"][server["host"]] = before
+        changes["port_allocations"][server["host"]] = (server.get("port_allocations") or {
+            }).get(server["host"], {})
+        return host, dict(changes, move_consumer=move)
+    raise NoValidHost(NO_VALID_HOST)
+
+
+def placement_loop(app, stop):
+    app.placement_sync.loop(stop)
+
+
+# § 33 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -14872,7 +15571,7 @@ def simple_tenant_usage_show(req):
     return 200, result
 
 
-# § 33 API: aggregates -----------------------------------------------------------------
+# § 34 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -15115,19 +15814,22 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 34 API: migrations -----------------------------------------------------------------
+# § 35 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
 # migrations in progress, which can be aborted or forced to complete.
 
-def record_migration(app, server, new_flavor, source, dest, kind, status="migrating"):
+def record_migration(app, server, new_flavor, source, dest, kind, status="migrating",
+                     consumer=None):
     """A move's migration record; returns its id.  kind is Nova's migration_type:
-    resize, migration, live-migration or evacuation."""
+    resize, migration, live-migration or evacuation; consumer is the uuid that holds its
+    source's allocations in Placement (its uuid, as in Nova)."""
     def plan(data):
         number = data["counters"].get("migration", 0) + 1
         now = isotime_us(app.clock.now())
-        record = {"id": number, "uuid": str(uuid.uuid4()), "instance_uuid": server["id"],
+        record = {"id": number, "uuid": consumer or str(uuid.uuid4()),
+                  "instance_uuid": server["id"],
                   "source_compute": source, "dest_compute": dest, "source_node": source,
                   "dest_node": dest, "dest_host": host_ip(app, dest) if dest else None,
                   "status": status,
@@ -15309,7 +16011,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 35 metadata service ----------------------------------------------------------------
+# § 36 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -15760,7 +16462,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 36 failure injection ---------------------------------------------------------------
+# § 37 failure injection ---------------------------------------------------------------
 #
 # For people who test their own tools against minivan: with --fault-injection, an admin
 # makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
@@ -15940,7 +16642,7 @@ def faults_endpoint(app, method, path, headers, body):
     raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
 
 
-# § 37 ROUTES and ACTIONS --------------------------------------------------------------
+# § 38 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -16276,7 +16978,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 38 HTTP front end ------------------------------------------------------------------
+# § 39 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -16354,6 +17056,7 @@ class App:
         self.image_service = ImageService(self)
         self.image_cache = ImageCache(os.path.join(conf["data_dir"], "_base"))
         self.console_tokens = ConsoleTokens(conf["console_token_ttl"])
+        self.placement_sync = PlacementSync(self)
 
     @property
     def images(self):
@@ -16396,6 +17099,14 @@ class App:
         return self.catalog_service(
             "neutron_url", ("network",), lambda url: Neutron(url, self.auth),
             "ports come from Neutron at %s", "servers use libvirt networks")
+
+    @property
+    def placement(self):
+        """The Placement service, or None when this cloud has none."""
+        return self.catalog_service(
+            "placement_url", ("placement",), lambda url: Placement(url, self.auth),
+            "resource providers and allocations are kept in Placement at %s",
+            "minivan keeps its own accounting only")
 
     def catalog_service(self, option, types, make, found, without):
         """A client for the service at --OPTION, else at the first of these catalog types;
@@ -17016,7 +17727,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 39 systemd and signals -------------------------------------------------------------
+# § 40 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -17107,7 +17818,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 40 main ----------------------------------------------------------------------------
+# § 41 main ----------------------------------------------------------------------------
 
 def configure_drivers(conf, drivers):
     for name, driver in drivers.items():
@@ -17214,6 +17925,8 @@ def main(argv=None):
                      name="power-sync").start()
     threading.Thread(target=volume_cleanup_loop, args=(app, stop), daemon=True,
                      name="volume-cleanups").start()
+    threading.Thread(target=placement_loop, args=(app, stop), daemon=True,
+                     name="placement").start()
     threading.Thread(target=watchdog_loop, args=(
         stop, functools.partial(answers_healthcheck, server)), daemon=True,
         name="watchdog").start()

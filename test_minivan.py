@@ -10325,8 +10325,9 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
     """minivan behind the test Keystone with a real Neutron (tools/neutron.sh: ML2 with the
     Open vSwitch agent, on Open vSwitch's userspace datapath) and real QEMU guests: ports
     are made, bound to minivan's host, plugged into br-int, reported plugged by Neutron,
-    and deleted with their servers.  Neutron runs only while this class does: with it in
-    the catalog every compute service uses it."""
+    and deleted with their servers.  Neutron and Placement (tools/placement.sh, with
+    Neutron's QoS reporting the agent's guaranteed bandwidth to it) run only while this
+    class does: with them in the catalog every compute service uses them."""
 
     @classmethod
     def setUpClass(cls):
@@ -10339,10 +10340,23 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
             return
         work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
                             "neutron")
+        cls.placement_dir = work + "-placement"
+        done = subprocess.run([os.path.join(HERE, "tools", "placement.sh"), "start",
+                               cls.placement_dir, str(free_port()),
+                               os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            cls.failure = done.stdout + done.stderr
+            cls.ready = False
+            return
         cls.neutron_dir = work
         done = subprocess.run([os.path.join(HERE, "tools", "neutron.sh"), "start", work,
                                str(free_port()), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600,
+                              # (MariaDB: Neutron's placement reports and sqlite's one
+                              # writer at a time block each other)
+                              env=dict(os.environ, NEUTRON_QOS_BANDWIDTH=str(cls.BANDWIDTH),
+                                       NEUTRON_DB="mariadb"))
         if done.returncode != 0:
             cls.failure = done.stdout + done.stderr
             cls.ready = False
@@ -10382,12 +10396,18 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         if getattr(cls, "neutron_dir", None):
             subprocess.run([os.path.join(HERE, "tools", "neutron.sh"), "stop",
                             cls.neutron_dir], capture_output=True, timeout=300)
+        if getattr(cls, "placement_dir", None):
+            subprocess.run([os.path.join(HERE, "tools", "placement.sh"), "stop",
+                            cls.placement_dir], capture_output=True, timeout=120)
+
+    BANDWIDTH = 1000000         # kbit/s the agent's br-phys guarantees, in each direction
 
     def setUp(self):
         if not self.ready:
             skip_or_fail(self, getattr(self, "failure", None) or
                          "no Neutron setup (tools/test.sh: Keystone, Glance, the guest image, "
-                         "tools/setup-venvs.sh's .venv-neutron and openvswitch-switch)")
+                         "tools/setup-venvs.sh's .venv-neutron and .venv-placement, and "
+                         "openvswitch-switch)")
 
     def openstack(self, *args, expect_ok=True, env=None):
         return super().openstack(*args, expect_ok=expect_ok, env=dict(self.os_env, **(env or {})))
@@ -10562,6 +10582,81 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.openstack("server", "delete", "--wait", "nt-given")
         self.assertEqual(self.openstack("port", "show", given["id"], "-f", "json")["device_id"],
                          "")
+
+    def test_minimum_bandwidth_port(self):
+        """A port with a minimum-bandwidth QoS rule: minivan asks Placement for the
+        bandwidth with the server's flavor, and the claim takes it from the provider
+        Neutron's agent reports for br-phys under minivan's host; the port's binding names
+        that provider; a port asking for more than is left is No valid host, as in Nova;
+        the delete frees both."""
+        env = dict(self.os_env, OS_PLACEMENT_API_VERSION="1.39")
+        host_rp = self.openstack("resource", "provider", "list", "--name",
+                                 self.neutron["NEUTRON_AGENT_HOST"], "-f", "json", env=env)
+        self.assertEqual(len(host_rp), 1, host_rp)
+
+        def tree():
+            return self.openstack("resource", "provider", "list", "--in-tree",
+                                  host_rp[0]["uuid"], "-f", "json", env=env)
+        wait_until(lambda: len(tree()) == 3, timeout=90, interval=2,
+                   what="Neutron's agent and bridge providers under minivan's host")
+        bridge = next(p for p in tree() if p["name"].endswith(":br-phys"))
+        inventory = {r["resource_class"]: r["total"] for r in self.openstack(
+            "resource", "provider", "inventory", "list", bridge["uuid"], "-f", "json",
+            env=env)}
+        self.assertEqual(inventory["NET_BW_EGR_KILOBIT_PER_SEC"], self.BANDWIDTH)
+        policy = self.openstack("network", "qos", "policy", "create", "nt-min-bw", "-f",
+                                "json")
+        self.addCleanup(self.openstack, "network", "qos", "policy", "delete", policy["id"],
+                        expect_ok=False)
+        self.openstack("network", "qos", "rule", "create", "--type", "minimum-bandwidth",
+                       "--min-kbps", "1000", "--egress", policy["id"], "-f", "json")
+        big = self.openstack("network", "qos", "policy", "create", "nt-min-bw-big", "-f",
+                             "json")
+        self.addCleanup(self.openstack, "network", "qos", "policy", "delete", big["id"],
+                        expect_ok=False)
+        self.openstack("network", "qos", "rule", "create", "--type", "minimum-bandwidth",
+                       "--min-kbps", str(self.BANDWIDTH + 1), "--egress", big["id"], "-f",
+                       "json")
+        net_id = self.neutron["NEUTRON_NETWORK_ID"]
+        ports = {}
+        for name, qos in (("nt-bw", policy), ("nt-bw-big", big)):
+            ports[name] = self.openstack("port", "create", "--network", net_id,
+                                         "--qos-policy", qos["id"], name, "-f", "json")
+            self.addCleanup(self.openstack, "port", "delete", ports[name]["id"],
+                            expect_ok=False)
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "nt-bw",
+                        expect_ok=False)
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                "m1.tiny", "--nic", f"port-id={ports['nt-bw']['id']}",
+                                "--wait", "nt-bw", "-f", "json")
+        self.assertEqual(server["status"], "ACTIVE")
+        held = {a["resource_provider"]: a["resources"] for a in self.openstack(
+            "resource", "provider", "allocation", "show", server["id"], "-f", "json",
+            env=env)}
+        self.assertEqual(held[bridge["uuid"]], {"NET_BW_EGR_KILOBIT_PER_SEC": 1000})
+        self.assertEqual(held[host_rp[0]["uuid"]]["MEMORY_MB"], 512)
+        usage = {r["resource_class"]: r["usage"] for r in self.openstack(
+            "resource", "provider", "usage", "show", bridge["uuid"], "-f", "json", env=env)}
+        self.assertEqual(usage["NET_BW_EGR_KILOBIT_PER_SEC"], 1000)
+        bound = self.openstack("port", "show", ports["nt-bw"]["id"], "-f", "json")
+        allocation = bound["binding_profile"]["allocation"]
+        self.assertIn(bridge["uuid"], allocation.values() if isinstance(allocation, dict)
+                      else [allocation])
+        self.assertEqual(bound["status"], "ACTIVE")
+        # more than the bridge has left: No valid host
+        self.addCleanup(self.openstack, "server", "delete", "--wait", "nt-bw-big",
+                        expect_ok=False)
+        refused = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                 "m1.tiny", "--nic", f"port-id={ports['nt-bw-big']['id']}",
+                                 "nt-bw-big", "-f", "json")
+        wait_until(lambda: self.openstack("server", "show", refused["id"], "-f", "json")[
+            "status"] == "ERROR", what="No valid host")
+        fault = self.openstack("server", "show", refused["id"], "-f", "json")["fault"]
+        self.assertIn("No valid host was found", fault["message"])
+        self.openstack("server", "delete", "--wait", "nt-bw")
+        usage = {r["resource_class"]: r["usage"] for r in self.openstack(
+            "resource", "provider", "usage", "show", bridge["uuid"], "-f", "json", env=env)}
+        self.assertEqual(usage["NET_BW_EGR_KILOBIT_PER_SEC"], 0)
 
     def test_openstacksdk_functional_compute(self):
         """openstacksdk's own functional tests of the compute service (its
@@ -10846,3 +10941,582 @@ class NeutronEndToEndTests(CLIMixin, unittest.TestCase):
         self.assertEqual(api("DELETE", f"/os-security-groups/{group['id']}").status, 202)
         assert_fault(self, api("GET", f"/os-security-groups/{group['id']}"), 404,
                      "itemNotFound")
+
+
+# -- Placement: the real openstack-placement, read through osc-placement ------------------
+
+PLACEMENT_VENV = os.environ.get("MINIVAN_PLACEMENT_VENV",
+                                os.path.join(HERE, ".venv-placement"))
+NOVA_VENV = os.environ.get("MINIVAN_NOVA_VENV", os.path.join(HERE, ".venv-nova"))
+# Nova's traits minivan leaves out, each family for a reason of its own: what they promise
+# minivan refuses (accelerators, PCI NUMA affinity, SmartNIC ports, sound, virtual IOMMUs,
+# packed virtqueues, emulated architectures, TPM secret security, virtiofs shares), or does
+# not report yet (the host CPU's features)
+NOVA_TRAITS_LEFT_OUT = re.compile(
+    r"COMPUTE_ACCELERATORS|COMPUTE_SOCKET_PCI_NUMA_AFFINITY|COMPUTE_REMOTE_MANAGED_PORTS|"
+    r"COMPUTE_SOUND_MODEL_.*|COMPUTE_VIOMMU_MODEL_.*|COMPUTE_NET_VIRTIO_PACKED|"
+    r"COMPUTE_ARCH_(?!X86_64$).*|COMPUTE_SECURITY_TPM_SECRET_SECURITY_.*|"
+    r"COMPUTE_STORAGE_VIRTIO_FS|HW_CPU_X86_.*")
+
+
+def nova_provider(host=None, conf=None):
+    """The inventory and traits Nova 34's libvirt driver and resource tracker give a compute
+    node's provider (tools/nova-guest.py on Nova's fake libvirt)."""
+    case = {"flavor": {"vcpus": 1, "ram": 64, "disk": 1, "ephemeral": 0, "swap": 0,
+                       "extra_specs": {}},
+            "image": {"disk_format": "raw", "properties": {}}, "provider": True,
+            "host": host or {}, "conf": conf or {}}
+    done = subprocess.run([os.path.join(NOVA_VENV, "bin", "python"),
+                           os.path.join(HERE, "tools", "nova-guest.py")],
+                          input=json.dumps([case]), capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout)[0]
+
+
+class PlacementTests(unittest.TestCase):
+    """minivan behind the test Keystone on three simulated hosts, with a real Placement
+    (tools/placement.sh: openstack-placement under gunicorn, sqlite) in the catalog while
+    this class runs: providers, inventories, traits and aggregates as Nova reports them;
+    allocations through builds, moves, shelve and delete; candidates for the scheduler;
+    healing.  Read with osc-placement, as an operator does."""
+
+    INTERVAL = 2
+
+    @classmethod
+    def setUpClass(cls):
+        cls.env = keystone_env()
+        cls.ready = bool(cls.env and cls.env.get("GLANCE_URL") and have_clients()
+                         and os.path.exists(os.path.join(PLACEMENT_VENV, "bin", "gunicorn")))
+        if not cls.ready:
+            return
+        work = os.path.join(os.environ.get("MINIVAN_TEST_WORK", tempfile.gettempdir()),
+                            "placement")
+        cls.placement_dir = work
+        done = subprocess.run([os.path.join(HERE, "tools", "placement.sh"), "start", work,
+                               str(free_port()), os.environ["MINIVAN_TEST_KEYSTONE_ENV"]],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            cls.failure = done.stdout + done.stderr
+            cls.ready = False
+            return
+        with open(os.path.join(work, "env")) as f:
+            cls.placement_url = next(line.split("=", 1)[1].strip() for line in f
+                                     if line.startswith("export PLACEMENT_URL="))
+        cls.port = int(cls.env["COMPUTE_URL"].split(":")[2].split("/")[0])
+        start_minivan(cls, cls.port, hosts=3, env_extra=keystone_minivan_env(
+            cls.env, MINIVAN_PLACEMENT_INTERVAL=str(cls.INTERVAL)))
+        cls.os_env = dict({k: v for k, v in cls.env.items() if k.startswith("OS_")},
+                          OS_PLACEMENT_API_VERSION="1.39", OS_COMPUTE_API_VERSION="2.87")
+        cls.token = keystone_token(cls.env, "admin", "admin")
+        image = make_image(tempfile.mkdtemp(prefix="minivan-img-"), "placement", size="1M")
+        cls.image = glance_upload(cls.env, "placement", image)
+        cls.rps = {}
+        wait_until(lambda: len(cls.providers()) == 3, timeout=60, what="three providers")
+        cls.rps = {p["name"]: p["uuid"] for p in cls.providers()}
+
+    @classmethod
+    def tearDownClass(cls):
+        stop_minivan(cls)
+        if getattr(cls, "image", None):
+            image_request(cls.env["GLANCE_URL"], "DELETE", "/v2/images/" + cls.image,
+                          keystone_token(cls.env, "admin", "admin"))
+        if getattr(cls, "placement_dir", None):
+            subprocess.run([os.path.join(HERE, "tools", "placement.sh"), "stop",
+                            cls.placement_dir], capture_output=True, timeout=120)
+
+    def setUp(self):
+        if not self.ready:
+            skip_or_fail(self, getattr(self, "failure", None) or
+                         "no Placement setup (tools/test.sh: Keystone, Glance, the clients "
+                         "and tools/setup-venvs.sh's .venv-placement)")
+
+    # -- helpers ------------------------------------------------------------------------
+    @classmethod
+    def placement(cls, method, path, body=None, version="1.39"):
+        import urllib.request
+        req = urllib.request.Request(cls.placement_url + path, method=method, data=None
+                                     if body is None else json.dumps(body).encode(),
+                                     headers={"X-Auth-Token": cls.token,
+                                              "OpenStack-API-Version": "placement " + version,
+                                              "Content-Type": "application/json",
+                                              "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    @classmethod
+    def providers(cls):
+        return cls.placement("GET", "/resource_providers")[1]["resource_providers"]
+
+    def openstack(self, *args, expect_ok=True):
+        return run_openstack(self, list(args), self.os_env, expect_ok)
+
+    def api(self, method, path, body=None, version="2.87"):
+        return compute_request(None, self.port, method, path, self.token, body,
+                               version=version)
+
+    def usages(self):
+        """{host: {resource class: used}} as osc-placement shows them (zeros left out)."""
+        found = {}
+        for host, rp in sorted(self.rps.items()):
+            rows = self.openstack("resource", "provider", "usage", "show", rp, "-f", "json")
+            found[host] = {r["resource_class"]: r["usage"] for r in rows if r["usage"]}
+        return found
+
+    def hypervisor_usage(self):
+        """{host: {resource class: used}} as os-hypervisors (below 2.88) reports it."""
+        found = {}
+        for hyp in self.api("GET", "/os-hypervisors/detail").json()["hypervisors"]:
+            used = {"VCPU": hyp["vcpus_used"], "MEMORY_MB": hyp["memory_mb_used"] - 512,
+                    "DISK_GB": hyp["local_gb_used"]}
+            found[hyp["hypervisor_hostname"]] = {k: v for k, v in used.items() if v}
+        return found
+
+    def assert_usage(self, expected, osc=False):
+        """Placement's usages settle at expected ({host: {class: used}}, hosts without
+        usage left out), and equal what os-hypervisors reports; osc: as osc-placement
+        shows them too."""
+        want = {h: expected.get(h, {}) for h in self.rps}
+        wait_until(lambda: {h: {k: v for k, v in (self.placement(
+            "GET", f"/resource_providers/{rp}/usages")[1]["usages"]).items() if v}
+            for h, rp in self.rps.items()} == want, timeout=30, what=f"usages {want}")
+        if osc:
+            self.assertEqual(self.usages(), want)
+        self.assertEqual(self.hypervisor_usage(), want)
+
+    def allocations(self, consumer):
+        return self.openstack("resource", "provider", "allocation", "show", consumer,
+                              "-f", "json")
+
+    def boot(self, name, flavor="m1.tiny", *extra):
+        server = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                flavor, "--nic", "none", "--wait", *extra, name, "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", server["id"],
+                        expect_ok=False)
+        self.assertEqual(server["status"], "ACTIVE")
+        return server
+
+    def host_of(self, server_id):
+        return self.api("GET", f"/servers/{server_id}").json()["server"][
+            "OS-EXT-SRV-ATTR:host"]
+
+    def wait_status(self, server_id, status):
+        wait_until(lambda: self.api("GET", f"/servers/{server_id}").json()["server"][
+            "status"] == status, timeout=60, what=status)
+
+    def log(self):
+        with open(os.path.join(self.minivan_data, "minivan.log")) as f:
+            return f.read()
+
+    # -- tests --------------------------------------------------------------------------
+    def test_providers_inventories_traits_and_aggregates(self):
+        """A provider per compute host, named and numbered as its hypervisor; inventories
+        from its libvirt with minivan's ratios and reservations; Nova's traits (its own
+        libvirt driver and resource tracker, on a host like the simulated one) but for the
+        families minivan refuses; a disabled compute service's trait, and aggregates."""
+        listed = self.openstack("resource", "provider", "list", "-f", "json")
+        hypervisors = self.api("GET", "/os-hypervisors/detail").json()["hypervisors"]
+        self.assertEqual(sorted((p["name"], p["uuid"], p["parent_provider_uuid"])
+                                for p in listed),
+                         sorted((h["hypervisor_hostname"], h["id"], None)
+                                for h in hypervisors))
+        nova = nova_provider(host={"uefi": True, "secure_boot": True})
+        for hyp in hypervisors:
+            rows = self.openstack("resource", "provider", "inventory", "list", hyp["id"],
+                                  "-f", "json")
+            inventory = {r["resource_class"]: {k: r[k] for k in (
+                "total", "reserved", "allocation_ratio", "min_unit", "max_unit",
+                "step_size")} for r in rows}
+            self.assertEqual(inventory, {
+                "VCPU": {"total": hyp["vcpus"], "reserved": 0, "allocation_ratio": 4.0,
+                         "min_unit": 1, "max_unit": hyp["vcpus"], "step_size": 1},
+                "MEMORY_MB": {"total": hyp["memory_mb"], "reserved": 512,
+                              "allocation_ratio": 1.0, "min_unit": 1,
+                              "max_unit": hyp["memory_mb"], "step_size": 1},
+                "DISK_GB": {"total": hyp["local_gb"], "reserved": 0, "allocation_ratio": 1.0,
+                            "min_unit": 1, "max_unit": hyp["local_gb"], "step_size": 1}})
+            # Nova's inventory has the same classes, ratios and reservations (its fake
+            # host's sizes are its own)
+            self.assertEqual({rc: (i["reserved"], i["allocation_ratio"]) for rc, i in
+                              nova["inventory"].items()},
+                             {rc: (i["reserved"], i["allocation_ratio"]) for rc, i in
+                              inventory.items()})
+            traits = {r["name"] for r in self.openstack(
+                "resource", "provider", "trait", "list", hyp["id"], "-f", "json")}
+            self.assertEqual(traits, {t for t in nova["traits"]
+                                      if not NOVA_TRAITS_LEFT_OUT.fullmatch(t)})
+        # every trait minivan sets is one Placement knows (os-traits), as an operator lists
+        known = {r["name"] for r in self.openstack("trait", "list", "-f", "json")}
+        self.assertLessEqual(traits, known)
+        cmp3 = self.rps["cmp3"]
+
+        def traits_of(rp):
+            return set(self.placement("GET", f"/resource_providers/{rp}/traits")[1]["traits"])
+        self.openstack("compute", "service", "set", "--disable", "cmp3", "nova-compute")
+        wait_until(lambda: "COMPUTE_STATUS_DISABLED" in traits_of(cmp3), timeout=30,
+                   what="COMPUTE_STATUS_DISABLED")
+        self.openstack("compute", "service", "set", "--enable", "cmp3", "nova-compute")
+        wait_until(lambda: "COMPUTE_STATUS_DISABLED" not in traits_of(cmp3), timeout=30,
+                   what="COMPUTE_STATUS_DISABLED gone")
+        agg = self.openstack("aggregate", "create", "placement-agg", "-f", "json")
+        self.addCleanup(self.openstack, "aggregate", "delete", str(agg["id"]),
+                        expect_ok=False)
+        self.openstack("aggregate", "add", "host", "placement-agg", "cmp2")
+        uuid_ = self.openstack("aggregate", "show", "placement-agg", "-f", "json")["uuid"]
+
+        def aggregates_of(rp):
+            return self.openstack("resource", "provider", "aggregate", "list", rp, "-f",
+                                  "json")
+        wait_until(lambda: [a["uuid"] for a in aggregates_of(self.rps["cmp2"])] == [uuid_],
+                   timeout=30, what="the aggregate in Placement")
+        self.assertEqual(aggregates_of(self.rps["cmp1"]), [])
+        # member_of: candidates in the aggregate are cmp2's alone
+        candidates = self.openstack("allocation", "candidate", "list", "--resource",
+                                    "VCPU=1", "--member-of", uuid_, "-f", "json")
+        self.assertEqual({c["resource provider"] for c in candidates}, {self.rps["cmp2"]})
+        self.openstack("aggregate", "remove", "host", "placement-agg", "cmp2")
+        wait_until(lambda: aggregates_of(self.rps["cmp2"]) == [], timeout=30,
+                   what="the aggregate gone from Placement")
+
+    def test_allocations_follow_builds_moves_shelve_and_delete(self):
+        """Each server's flavor is claimed on its host with the server as consumer; a move
+        leaves the source's allocation to the migration's uuid until confirm (freed) or
+        revert (given back); live migration, evacuation, shelve-offload and delete move or
+        free them.  After every step osc-placement's usages equal os-hypervisors'."""
+        tiny = {"VCPU": 1, "MEMORY_MB": 512, "DISK_GB": 1}
+        small = {"VCPU": 1, "MEMORY_MB": 2048, "DISK_GB": 20}
+        server = self.boot("pl-mover", "m1.tiny", "--host", "cmp1",
+                           "--os-compute-api-version", "2.74")
+        sid = server["id"]
+        self.assert_usage({"cmp1": tiny}, osc=True)
+        mine = self.allocations(sid)
+        self.assertEqual([(a["resource_provider"], a["resources"]) for a in mine],
+                         [(self.rps["cmp1"], tiny)])
+        self.assertEqual((mine[0]["project_id"], mine[0]["consumer_type"]),
+                         (server["project_id"], "INSTANCE"))
+        # cold migration: the migration holds cmp1 until it is confirmed
+        self.openstack("server", "migrate", "--host", "cmp2", "--wait", sid,
+                       "--os-compute-api-version", "2.56")
+        self.wait_status(sid, "VERIFY_RESIZE")
+        self.assert_usage({"cmp1": tiny, "cmp2": tiny}, osc=True)
+        migration = self.openstack("server", "migration", "list", "--server", sid, "-f",
+                                   "json")[0]
+        held = self.allocations(migration["UUID"])
+        self.assertEqual([(a["resource_provider"], a["resources"], a["consumer_type"])
+                          for a in held], [(self.rps["cmp1"], tiny, "MIGRATION")])
+        self.openstack("server", "migration", "confirm", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assert_usage({"cmp2": tiny})
+        self.assertEqual(self.allocations(migration["UUID"]), [])
+        # resize to another flavor on cmp3, reverted: back on cmp2 with the old flavor
+        self.openstack("server", "resize", "--flavor", "m1.small", "--wait", sid)
+        self.wait_status(sid, "VERIFY_RESIZE")
+        dest = self.host_of(sid)
+        if dest == "cmp2":
+            self.assert_usage({"cmp2": small})
+        else:
+            self.assert_usage({"cmp2": tiny, dest: small})
+        self.openstack("server", "resize", "revert", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assertEqual(self.host_of(sid), "cmp2")
+        self.assert_usage({"cmp2": tiny})
+        # resize confirmed
+        self.openstack("server", "resize", "--flavor", "m1.small", "--wait", sid)
+        self.wait_status(sid, "VERIFY_RESIZE")
+        self.openstack("server", "resize", "confirm", sid)
+        self.wait_status(sid, "ACTIVE")
+        dest = self.host_of(sid)
+        self.assert_usage({dest: small})
+        # live migration
+        target = "cmp1" if dest != "cmp1" else "cmp3"
+        self.openstack("server", "migrate", "--live-migration", "--host", target, "--wait",
+                       sid, "--os-compute-api-version", "2.30")
+        self.wait_status(sid, "ACTIVE")
+        self.assertEqual(self.host_of(sid), target)
+        self.assert_usage({target: small})
+        # evacuation from a host that is down
+        self.openstack("compute", "service", "set", "--down", target, "nova-compute",
+                       "--os-compute-api-version", "2.11")
+        self.addCleanup(self.openstack, "compute", "service", "set", "--up", target,
+                        "nova-compute", "--os-compute-api-version", "2.11")
+        landing = "cmp2" if target != "cmp2" else "cmp3"
+        self.openstack("server", "evacuate", "--host", landing, sid,
+                       "--os-compute-api-version", "2.29")
+        self.wait_status(sid, "ACTIVE")
+        self.assertEqual(self.host_of(sid), landing)
+        self.assert_usage({landing: small})
+        self.openstack("compute", "service", "set", "--up", target, "nova-compute",
+                       "--os-compute-api-version", "2.11")
+        # shelve (offloaded at once) frees it; unshelve claims anew; delete frees it
+        self.openstack("server", "shelve", sid)
+        self.wait_status(sid, "SHELVED_OFFLOADED")
+        self.assert_usage({})
+        self.assertEqual(self.allocations(sid), [])
+        self.openstack("server", "unshelve", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assert_usage({self.host_of(sid): small})
+        self.openstack("server", "delete", "--wait", sid)
+        self.assert_usage({})
+        self.assertEqual(self.allocations(sid), [])
+        for mig in self.api("GET", f"/os-migrations?instance_uuid={sid}").json()[
+                "migrations"]:
+            self.assertEqual(self.allocations(mig["uuid"]), [], mig)
+
+    def test_healing(self):
+        """What is changed behind minivan's back is mended within --placement-interval,
+        and said in the log: a server's allocation deleted, or set to something else, comes
+        back; an ended migration's allocation left over is removed; a consumer minivan does
+        not know is left alone."""
+        server = self.boot("pl-heal")
+        sid, rp = server["id"], self.rps[self.host_of(server["id"])]
+        tiny = {"VCPU": 1, "MEMORY_MB": 512, "DISK_GB": 1}
+
+        def held(consumer):
+            return {k: v["resources"] for k, v in self.placement(
+                "GET", f"/allocations/{consumer}")[1]["allocations"].items()}
+        wait_until(lambda: held(sid) == {rp: tiny}, timeout=30, what="the claim")
+        self.openstack("resource", "provider", "allocation", "delete", sid)
+        wait_until(lambda: f"placement: healed allocations of server {sid}: none -> " in
+                   self.log(), timeout=30, what="healed")
+        self.assertEqual(held(sid), {rp: tiny})
+        other = next(r for r in self.rps.values() if r != rp)
+        self.openstack("resource", "provider", "allocation", "set", sid, "--allocation",
+                       f"rp={other},VCPU=3", "--project-id", server["project_id"],
+                       "--user-id", server["user_id"], "--consumer-type", "INSTANCE",
+                       "-f", "json")
+        wait_until(lambda: held(sid) == {rp: tiny}, timeout=30, what="healed again")
+        # an ended migration's allocation (made as minivan's own): removed
+        self.openstack("server", "migrate", "--wait", sid)
+        self.wait_status(sid, "VERIFY_RESIZE")
+        self.openstack("server", "resize", "confirm", sid)
+        self.wait_status(sid, "ACTIVE")
+        migration = self.openstack("server", "migration", "list", "--server", sid, "-f",
+                                   "json")[0]["UUID"]
+        wait_until(lambda: held(migration) == {}, timeout=30, what="migration's freed")
+        self.openstack("resource", "provider", "allocation", "set", migration,
+                       "--allocation", f"rp={rp},VCPU=1", "--project-id",
+                       server["project_id"], "--user-id", server["user_id"],
+                       "--consumer-type", "MIGRATION", "-f", "json")
+        wait_until(lambda: held(migration) == {}, timeout=30, what="leftover removed")
+        self.assertIn(f"placement: healed allocations of migration {migration}", self.log())
+        # a consumer of someone else's: left alone
+        stranger = str(uuid.uuid4())
+        self.openstack("resource", "provider", "allocation", "set", stranger,
+                       "--allocation", f"rp={rp},VCPU=1", "--project-id",
+                       server["project_id"], "--user-id", server["user_id"],
+                       "--consumer-type", "INSTANCE", "-f", "json")
+        self.addCleanup(self.placement, "DELETE", f"/allocations/{stranger}")
+        time.sleep(3 * self.INTERVAL)
+        self.assertEqual(held(stranger), {rp: {"VCPU": 1}})
+        self.assertIn(f"consumer {stranger} holds resources", self.log())
+
+    def test_reserved_inventory_keeps_builds_off(self):
+        """An operator reserves a host's vCPUs in Placement: builds go elsewhere, and
+        minivan's reports leave the reservation as it is."""
+        for host in ("cmp1", "cmp2"):
+            rp = self.rps[host]
+            row = {r["resource_class"]: r for r in self.openstack(
+                "resource", "provider", "inventory", "list", rp, "-f", "json")}["VCPU"]
+            self.openstack("resource", "provider", "inventory", "set", rp, "--amend",
+                           "--resource", f"VCPU:reserved={row['total']}", "-f", "json")
+            self.addCleanup(self.openstack, "resource", "provider", "inventory", "set", rp,
+                            "--amend", "--resource", "VCPU:reserved=0", "-f", "json")
+        for n in range(2):
+            server = self.boot(f"pl-reserved-{n}")
+            self.assertEqual(self.host_of(server["id"]), "cmp3")
+        time.sleep(2 * self.INTERVAL)
+        row = {r["resource_class"]: r for r in self.openstack(
+            "resource", "provider", "inventory", "list", self.rps["cmp1"], "-f", "json")}
+        self.assertEqual(row["VCPU"]["reserved"], row["VCPU"]["total"])
+        # a build that asks for cmp1 itself finds no room there
+        made = self.openstack("server", "create", "--image", self.image, "--flavor",
+                              "m1.tiny", "--nic", "none", "--host", "cmp1",
+                              "--os-compute-api-version", "2.74", "pl-reserved-x", "-f",
+                              "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", made["id"],
+                        expect_ok=False)
+        self.wait_status(made["id"], "ERROR")
+        fault = self.openstack("server", "show", made["id"], "-f", "json")["fault"]
+        self.assertIn("No valid host was found", fault["message"])
+
+    def test_flavor_resources_and_traits(self):
+        """A flavor's trait:T=required is met only by a host with the trait (set by an
+        operator in Placement), resources:VCPU replaces the flavor's vCPUs in the claim,
+        and a trait no host has is No valid host."""
+        flavor = self.openstack("flavor", "create", "--vcpus", "2", "--ram", "256", "--disk",
+                                "1", "--property", "trait:CUSTOM_MINIVAN_FAST=required",
+                                "--property", "resources:VCPU=1", "pl-fast", "-f", "json")
+        self.addCleanup(self.openstack, "flavor", "delete", flavor["id"], expect_ok=False)
+        self.openstack("trait", "create", "CUSTOM_MINIVAN_FAST")
+        missing = self.openstack("server", "create", "--image", self.image, "--flavor",
+                                 "pl-fast", "--nic", "none", "pl-nohost", "-f", "json")
+        self.addCleanup(self.openstack, "server", "delete", "--wait", missing["id"],
+                        expect_ok=False)
+        self.wait_status(missing["id"], "ERROR")
+        rp = self.rps["cmp2"]
+        traits = self.placement("GET", f"/resource_providers/{rp}/traits")[1]["traits"]
+
+        def without_it():
+            doc = self.placement("GET", f"/resource_providers/{rp}/traits")[1]
+            self.placement("PUT", f"/resource_providers/{rp}/traits", {
+                "resource_provider_generation": doc["resource_provider_generation"],
+                "traits": [t for t in doc["traits"] if t != "CUSTOM_MINIVAN_FAST"]})
+        self.addCleanup(without_it)
+        self.openstack("resource", "provider", "trait", "set", rp, *[
+            arg for t in traits + ["CUSTOM_MINIVAN_FAST"] for arg in ("--trait", t)],
+            "-f", "json")
+        server = self.boot("pl-fast-1", "pl-fast")
+        self.assertEqual(self.host_of(server["id"]), "cmp2")
+        self.assertEqual([(a["resource_provider"], a["resources"])
+                          for a in self.allocations(server["id"])],
+                         [(rp, {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1})])
+        # minivan's own trait updates (a disabled service) keep the operator's trait
+        self.openstack("compute", "service", "set", "--disable", "cmp2", "nova-compute")
+        self.openstack("compute", "service", "set", "--enable", "cmp2", "nova-compute")
+        time.sleep(2 * self.INTERVAL)
+        self.assertIn("CUSTOM_MINIVAN_FAST", self.placement(
+            "GET", f"/resource_providers/{rp}/traits")[1]["traits"])
+        self.placement("DELETE", f"/allocations/{server['id']}")  # (healed back below)
+        wait_until(lambda: self.placement("GET", f"/allocations/{server['id']}")[1][
+            "allocations"], timeout=30, what="healed")
+        self.assertEqual({k: v["resources"] for k, v in self.placement(
+            "GET", f"/allocations/{server['id']}")[1]["allocations"].items()},
+            {rp: {"VCPU": 1, "MEMORY_MB": 256, "DISK_GB": 1}})
+
+    def restart_minivan(self, **env):
+        """The class's minivan again on its own data, with these settings added."""
+        proc = self.minivan_proc
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        self.minivan_log.close()
+        start_minivan(type(self), self.port, hosts=3, data=self.minivan_data,
+                      env_extra=keystone_minivan_env(
+                          self.env, MINIVAN_PLACEMENT_INTERVAL=str(self.INTERVAL), **env))
+
+    def test_claims_that_lose_a_race(self):
+        """Another writer changes Placement between minivan's read and its write (a proxy
+        in front of the real Placement makes that write just before it passes on
+        minivan's): a server's consumer changed meanwhile is read again and claimed; a host
+        whose room was taken meanwhile is left for the next one; a migration's consumer
+        changed meanwhile is read again and freed."""
+        proxy = RacingProxy(self.placement_url)
+        self.addCleanup(proxy.close)
+        self.restart_minivan(MINIVAN_PLACEMENT_URL=proxy.url)
+        self.addCleanup(self.restart_minivan)
+        server = self.boot("pl-race", "m1.tiny", "--host", "cmp1",
+                           "--os-compute-api-version", "2.74")
+        sid = server["id"]
+        owner = {"project_id": server["project_id"], "user_id": server["user_id"]}
+
+        def bump(consumer):
+            """Write a consumer's allocations as they are: its generation moves on."""
+            def write(_body):
+                doc = self.placement("GET", f"/allocations/{consumer}")[1]
+                status, body = self.placement("PUT", f"/allocations/{consumer}", dict(
+                    owner, allocations={rp: {"resources": a["resources"]} for rp, a in
+                                        doc["allocations"].items()},
+                    consumer_generation=doc["consumer_generation"],
+                    consumer_type="INSTANCE"))
+                self.assertEqual(status, 204, body)
+            return write
+        # 1. the server's consumer changes just before minivan claims cmp2 for it
+        proxy.arm(lambda method, path, body: method == "POST" and sid in body, bump(sid))
+        self.openstack("server", "migrate", "--host", "cmp2", "--wait", sid,
+                       "--os-compute-api-version", "2.56")
+        self.wait_status(sid, "VERIFY_RESIZE")
+        self.assertEqual(proxy.fired, 1)
+        self.assertIn(f"placement: server {sid} changed in Placement while it was claimed",
+                      self.log())
+        self.assert_usage({"cmp1": {"VCPU": 1, "MEMORY_MB": 512, "DISK_GB": 1},
+                           "cmp2": {"VCPU": 1, "MEMORY_MB": 512, "DISK_GB": 1}})
+        # 2. the migration's consumer changes just before minivan frees it at confirm
+        migration = self.openstack("server", "migration", "list", "--server", sid, "-f",
+                                   "json")[0]["UUID"]
+        proxy.arm(lambda method, path, body: method == "POST" and migration in body,
+                  bump(migration))
+        self.openstack("server", "resize", "confirm", sid)
+        self.wait_status(sid, "ACTIVE")
+        self.assert_usage({"cmp2": {"VCPU": 1, "MEMORY_MB": 512, "DISK_GB": 1}})
+        self.assertEqual(proxy.fired, 2)
+        self.assertIn(f"placement: server {sid} changed in Placement while it was written",
+                      self.log())
+        # 3. a host's room is taken just before minivan claims it: the next host is claimed
+        stranger, taken = str(uuid.uuid4()), []
+        self.addCleanup(self.placement, "DELETE", f"/allocations/{stranger}")
+
+        def fill(body):
+            rp = next(iter(next(iter(body.values()))["allocations"]))
+            taken.append(rp)
+            inventory = self.placement("GET", f"/resource_providers/{rp}/inventories")[1][
+                "inventories"]["MEMORY_MB"]
+            status, reply = self.placement("PUT", f"/allocations/{stranger}", dict(
+                owner, consumer_generation=None, consumer_type="INSTANCE", allocations={
+                    rp: {"resources": {"MEMORY_MB": inventory["total"] -
+                                       inventory["reserved"]}}}))
+            self.assertEqual(status, 204, reply)
+        proxy.arm(lambda method, path, body: method == "POST" and sid not in body, fill)
+        other = self.boot("pl-race-2")
+        self.assertEqual(proxy.fired, 3)
+        raced = next(h for h, rp in self.rps.items() if rp == taken[0])
+        self.assertNotEqual(self.host_of(other["id"]), raced)
+        self.assertIn(f"Placement refused the claim on {raced}", self.log())
+        self.assertEqual(list(self.placement("GET", f"/allocations/{stranger}")[1][
+            "allocations"]), [taken[0]])
+
+
+class RacingProxy:
+    """An HTTP proxy in front of a real Placement that, once armed, makes a change of its
+    own in Placement just before it passes on the first request that matches (the change
+    another writer could make at that moment)."""
+
+    def __init__(self, target):
+        self.target, self.fired, self.rule = target.rstrip("/"), 0, None
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(length) if length else None
+                body = json.loads(data) if data else {}
+                rule = proxy.rule
+                if rule is not None and rule[0](self.command, self.path, body):
+                    proxy.rule = None
+                    proxy.fired += 1
+                    rule[1](body)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                req = urllib.request.Request(proxy.target + self.path, data=data,
+                                             method=self.command, headers=headers)
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        status, reply, got = resp.status, resp.read(), resp.headers
+                except urllib.error.HTTPError as e:
+                    status, reply, got = e.code, e.read(), e.headers
+                self.send_response(status)
+                for key in ("Content-Type", "OpenStack-API-Version"):
+                    if got.get(key):
+                        self.send_header(key, got[key])
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+            do_GET = do_PUT = do_POST = do_DELETE = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def arm(self, matches, change):
+        """matches(method, path, body) picks the request; change(body) is made first."""
+        self.rule = (matches, change)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

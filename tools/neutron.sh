@@ -37,6 +37,11 @@
 #       flat external network "public" on it (subnet 172.24.4.0/24, no router), the
 #       default one, with a shared default subnet pool (10.0.0.0/22, /26 subnets) for
 #       Neutron's auto-allocated topology, as devstack makes them.
+#       With NEUTRON_QOS_BANDWIDTH=KBPS (ML2/OVS) it loads QoS (the qos service and ML2
+#       extension) and reports to Placement (the placement service plugin, Placement
+#       found in the catalog): the agent's br-phys (physnet1) becomes a resource provider
+#       under this host's compute node provider, with KBPS kbit/s of guaranteed egress
+#       and ingress bandwidth, so that ports with a minimum-bandwidth rule ask for it.
 #       With NEUTRON_AGENTS=ovn it runs ML2/OVN, devstack's default, instead of the
 #       agents: OVN's databases and ovn-northd, ovn-controller making this host a
 #       gateway chassis (geneve project networks, OVN's own DHCP and routers, NAT and
@@ -90,7 +95,8 @@ write_config() {  # write_config DIR PORT AMQP_PORT
 debug = false
 host = $(hostname -s)
 core_plugin = ml2
-service_plugins = $([[ $AGENTS == ovn ]] && echo ovn-router || echo router)
+service_plugins = $([[ $AGENTS == ovn ]] && echo ovn-router || echo router)$(
+    [[ -n ${NEUTRON_QOS_BANDWIDTH:-} ]] && echo ",qos,placement")
 auth_strategy = keystone
 api_paste_config = $dir/api-paste.ini
 transport_url = rabbit://neutron:$PASSWORD@127.0.0.1:$amqp/
@@ -115,6 +121,7 @@ driver = noop
 heartbeat_timeout_threshold = 0
 [agent]
 root_helper = sudo
+$([[ -n ${NEUTRON_QOS_BANDWIDTH:-} ]] && echo "report_interval = 5")
 [keystone_authtoken]
 www_authenticate_uri = $OS_AUTH_URL
 $(auth_options neutron)
@@ -123,6 +130,12 @@ token_cache_time = 300
 $(auth_options neutron)
 endpoint_type = public
 EOF
+    if [[ -n ${NEUTRON_QOS_BANDWIDTH:-} ]]; then
+        # QoS with guaranteed minimum bandwidth: the agent's bridge is a resource provider
+        # under the compute node's in Placement, as devstack's q-qos with placement
+        printf '%s\n' "[placement]" "$(auth_options neutron)" "valid_interfaces = public" \
+            >> "$dir/neutron.conf"
+    fi
     for section in privsep privsep_link privsep_ovs_vsctl privsep_namespace; do
         printf '[%s]\nhelper_command = sudo %s/bin/privsep-helper --config-file %s --config-file %s\n' \
             "$section" "$NV" "$dir/neutron.conf" "$dir/ml2.ini" >> "$dir/neutron.conf"
@@ -135,11 +148,14 @@ EOF
 type_drivers = flat,local
 tenant_network_types = local
 mechanism_drivers = openvswitch
-extension_drivers = port_security
+extension_drivers = port_security$([[ -n ${NEUTRON_QOS_BANDWIDTH:-} ]] && echo ",qos")
 [ml2_type_flat]
 flat_networks = physnet1$([[ $AGENTS == all ]] && echo ",public")
 [ovs]
 bridge_mappings = physnet1:br-phys$([[ $AGENTS == all ]] && echo ",public:br-ex")
+$([[ -n ${NEUTRON_QOS_BANDWIDTH:-} ]] && printf '%s\n' \
+    "resource_provider_bandwidths = br-phys:$NEUTRON_QOS_BANDWIDTH:$NEUTRON_QOS_BANDWIDTH" \
+    "resource_provider_default_hypervisor = $(hostname -s)")
 datapath_type = netdev
 integration_bridge = br-int
 ovsdb_connection = unix:$OVS_RUN/db.sock

@@ -13,12 +13,16 @@ JSON list of cases on stdin and writes a JSON list of results on stdout, one per
                       "mempages": [[[size KiB, count], ...] per cell]},
              "placed": [{"flavor", "image"}, ...],  guests already on the host, in order
              "limits": {"cpu": ratio, "ram": ratio},  the scheduler's NUMA limits
-             "fit_only": bool}                    only the NUMA fit, no domain
+             "fit_only": bool,                    only the NUMA fit, no domain
+             "provider": bool}                    the host's resource provider instead
     result: {"xml": "<domain ...>", "caps": "<capabilities ...>",
              "numa": [{"id", "cpus", "pcpus", "memory", "pagesize", "pinning",
                        "reserved"}] or None}
             or {"stage": "api" | "placed" | "build", "error": "ExceptionClass",
                 "message": "...", "caps": ...}
+            or, for "provider": {"inventory": {RC: {...}}, "traits": [...]}, what Nova's
+                driver (update_provider_tree) and resource tracker (COMPUTE_NODE and the
+                driver's capability traits) give the compute node's provider
 
 "api" is what Nova's API refuses with 400 (image properties that do not fit their fields,
 flavor and image that contradict each other); "build" is what nova-compute fails with
@@ -40,9 +44,11 @@ from nova import context as nova_context  # noqa: E402
 from nova import exception  # noqa: E402
 from nova import objects  # noqa: E402
 from nova.compute import api as compute_api  # noqa: E402
+from nova.compute import provider_tree  # noqa: E402
 from nova.network import model as network_model  # noqa: E402
 from nova.tests import fixtures as nova_fixtures  # noqa: E402
 from nova.tests.fixtures import libvirt as fakelibvirt  # noqa: E402
+from nova.virt import driver as virt_driver  # noqa: E402
 from nova.virt import fake as fake_virt  # noqa: E402
 from nova.virt import hardware  # noqa: E402
 from nova.virt.libvirt import blockinfo, imagebackend  # noqa: E402
@@ -167,6 +173,8 @@ def build(case, tmp):
     drvr._host._supports_amd_sev = False
     drvr._host._supports_intel_tdx = False
     drvr._disk_cachemode = "none"
+    if case.get("provider"):
+        return provider(drvr)
     instance = make_instance(flavor, image, case.get("config_drive"))
     caps = conn.getCapabilities()
     limits = case.get("limits")
@@ -202,6 +210,18 @@ def build(case, tmp):
     except Exception as e:     # every failure of the driver is a build failure
         return {"stage": "build", "error": type(e).__name__, "message": str(e),
                 "caps": caps}
+
+
+def provider(drvr):
+    drvr._update_host_specific_capabilities()       # as init_host does
+    tree = provider_tree.ProviderTree()
+    tree.new_root("node", str(uuid.uuid4()))
+    drvr.update_provider_tree(tree, "node")
+    data = tree.data("node")
+    traits = set(data.traits) | {"COMPUTE_NODE"} | {
+        trait for capability, trait in virt_driver.CAPABILITY_TRAITS_MAP.items()
+        if drvr.capabilities.get(capability)}
+    return {"inventory": data.inventory, "traits": sorted(traits)}
 
 
 class Oracle(fixtures.Fixture):

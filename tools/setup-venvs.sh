@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup-venvs.sh - create (or bring up to date) the eight virtualenvs minivan's
+# setup-venvs.sh - create (or bring up to date) the nine virtualenvs minivan's
 # tests use:
 #   ${MINIVAN_VENV:-REPO/.venv}                   <- tools/requirements-test.txt
 #       (pytest, openstack/nova clients, tempest, libvirt-python, ...)
@@ -17,6 +17,8 @@
 #       (Horizon and Selenium, for tools/horizon.sh and the browser test)
 #   ${MINIVAN_NOVA_VENV:-REPO/.venv-nova}         <- tools/requirements-nova.txt
 #       (Nova 34 and the fixtures of its own tests, for tools/nova-guest.py)
+#   ${MINIVAN_PLACEMENT_VENV:-REPO/.venv-placement} <- tools/requirements-placement.txt
+#       (openstack-placement + gunicorn for tools/placement.sh)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -60,3 +62,4 @@ make_venv "${MINIVAN_CINDER_VENV:-$REPO/.venv-cinder}" "$REPO/tools/requirements
 make_venv "${MINIVAN_NEUTRON_VENV:-$REPO/.venv-neutron}" "$REPO/tools/requirements-neutron.txt"
 make_venv "${MINIVAN_ANSIBLE_VENV:-$REPO/.venv-ansible}" "$REPO/tools/requirements-ansible.txt"
 make_venv "${MINIVAN_HORIZON_VENV:-$REPO/.venv-horizon}" "$REPO/tools/requirements-horizon.txt"
+make_venv "${MINIVAN_PLACEMENT_VENV:-$REPO/.venv-placement}" "$REPO/tools/requirements-placement.txt"
