@@ -214,17 +214,8 @@ start() {
         --chdir "$dir" --pid "$dir/glance.pid" --timeout 300 \
         --access-logfile - --error-logfile - \
         glance_wsgi:application >>"$dir/glance.log" 2>&1 </dev/null &
-    local i
-    for i in $(seq 120); do
-        # GET / answers 300 Multiple Choices (the version list), no auth needed
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url/") == 300 ]] && break
-        if ! kill -0 $! 2>/dev/null; then
-            echo "glance: gunicorn died; tail of $dir/glance.log:" >&2
-            tail -n 30 "$dir/glance.log" >&2; exit 1
-        fi
-        [[ $i == 120 ]] && { echo "glance: no answer on $url after 60s" >&2; exit 1; }
-        sleep 0.5
-    done
+    # GET / answers 300 Multiple Choices (the version list), no auth needed
+    wait_answer glance $! "$url/" 300 "$dir/glance.log"
     # one authenticated request: proves keystonemiddleware and the database
     if ! curl -sS --fail-with-body -o /dev/null -H "X-Auth-Token: $TOKEN" \
             "$url/v2/images?limit=1"; then

@@ -60,6 +60,34 @@ endpoints() {
         else api POST /endpoints "$body" >/dev/null; fi
     done
 }
+# wait_answer NAME PID URL CODE LOG: returns once GET URL answers HTTP CODE; exits (with the
+# tail of LOG) if process PID dies first or after 60 s.
+wait_answer() {
+    local i
+    for i in $(seq 120); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$3") == "$4" ]] && return 0
+        if ! kill -0 "$2" 2>/dev/null; then
+            echo "$1: gunicorn died; tail of $5:" >&2
+            tail -n 30 "$5" >&2; exit 1
+        fi
+        sleep 0.5
+    done
+    echo "$1: no answer on $3 after 60s" >&2; exit 1
+}
+# remove_service NAME TYPE DIR: as the admin of DIR/keystone-env (when there is one),
+# removes the catalog's TYPE service, so that a compute service started later sees none.
+remove_service() {
+    local svc
+    [[ -f $3/keystone-env ]] || return 0
+    # shellcheck source=/dev/null
+    source "$3/keystone-env"
+    admin_token "$1"
+    svc=$(api GET "/services?type=$2" | jget services 0 id)
+    if [[ -n $svc ]]; then
+        api DELETE "/services/$svc" >/dev/null
+        echo "$1: $2 service removed from the catalog"
+    fi
+}
 # stop_gunicorn NAME PIDFILE IS_OURS: TERM the gunicorn master in PIDFILE when the command
 # IS_OURS PID says it is still ours (a stale pid may be reused), KILL it and its workers
 # if it is not gone after 10 s.

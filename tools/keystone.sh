@@ -101,16 +101,7 @@ start() {
         --chdir "$dir" --pid "$dir/keystone.pid" --timeout 120 \
         --access-logfile - --error-logfile - \
         keystone_wsgi:application >>"$dir/keystone.log" 2>&1 </dev/null &
-    local i
-    for i in $(seq 120); do
-        curl -sf -o /dev/null --max-time 2 "$url" && break
-        if ! kill -0 $! 2>/dev/null; then
-            echo "keystone: gunicorn died; tail of $dir/keystone.log:" >&2
-            tail -n 30 "$dir/keystone.log" >&2; exit 1
-        fi
-        [[ $i == 120 ]] && { echo "keystone: no answer on $url after 60s" >&2; exit 1; }
-        sleep 0.5
-    done
+    wait_answer keystone $! "$url" 200 "$dir/keystone.log"
     echo "keystone: serving $url (pid $(cat "$dir/keystone.pid")) after $((SECONDS - t0))s"
 
     cat > "$dir/env" <<EOF

@@ -575,16 +575,7 @@ stop() {
         if [[ $pid =~ ^[0-9]+$ ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
     done
     rm -f "$OVS_RUN/db.sock"
-    if [[ -f $dir/keystone-env ]]; then
-        # shellcheck source=/dev/null
-        source "$dir/keystone-env"
-        admin_token neutron
-        svc=$(api GET "/services?type=network" | jget services 0 id)
-        if [[ -n $svc ]]; then
-            api DELETE "/services/$svc" >/dev/null
-            echo "neutron: network service removed from the catalog"
-        fi
-    fi
+    remove_service neutron network "$dir"
 }
 
 case ${1:-} in

@@ -89,16 +89,7 @@ start() {
         --chdir "$dir" --pid "$dir/placement.pid" --timeout 120 \
         --access-logfile - --error-logfile - \
         placement_wsgi:application >>"$dir/placement.log" 2>&1 </dev/null &
-    local i
-    for i in $(seq 120); do
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url/") == 200 ]] && break
-        if ! kill -0 $! 2>/dev/null; then
-            echo "placement: gunicorn died; tail of $dir/placement.log:" >&2
-            tail -n 30 "$dir/placement.log" >&2; exit 1
-        fi
-        [[ $i == 120 ]] && { echo "placement: no answer on $url after 60s" >&2; exit 1; }
-        sleep 0.5
-    done
+    wait_answer placement $! "$url/" 200 "$dir/placement.log"
     if ! curl -sS --fail-with-body -o /dev/null -H "X-Auth-Token: $TOKEN" \
             -H 'OpenStack-API-Version: placement 1.39' "$url/resource_providers"; then
         echo "placement: GET /resource_providers failed; tail of $dir/placement.log:" >&2
@@ -111,21 +102,13 @@ start() {
 }
 
 stop() {
-    local dir svc
+    local dir
     dir=$(cd "$1" && pwd)
+    # (no setproctitle in its venv: the command line is python's, running bin/gunicorn)
     is_ours() { [[ $(readlink "/proc/$1/cwd" 2>/dev/null) == "$dir" ]] &&
-                grep -q '^gunicorn' "/proc/$1/cmdline" 2>/dev/null; }
+                grep -q 'bin/gunicorn' "/proc/$1/cmdline" 2>/dev/null; }
     stop_gunicorn placement "$dir/placement.pid" is_ours
-    if [[ -f $dir/keystone-env ]]; then
-        # shellcheck source=/dev/null
-        source "$dir/keystone-env"
-        admin_token placement
-        svc=$(api GET "/services?type=placement" | jget services 0 id)
-        if [[ -n $svc ]]; then
-            api DELETE "/services/$svc" >/dev/null
-            echo "placement: placement service removed from the catalog"
-        fi
-    fi
+    remove_service placement placement "$dir"
 }
 
 case ${1:-} in
