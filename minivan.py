@@ -14326,16 +14326,20 @@ def placed_flavor(server, numa=None):
             "disk": disk + flavor["ephemeral"] + -(-int(flavor.get("swap") or 0) // 1024)}
 
 
+def shared_vcpus(conf, res):
+    """A host's CPUs for guests that float (Placement's VCPU, os-hypervisors' vcpus): all
+    of them, or --cpu-shared-set's; none where only --cpu-dedicated-set is set."""
+    if conf.get("cpu_shared_set"):
+        return min(res["vcpus"], len(conf["cpu_shared_set"]))
+    return 0 if conf.get("cpu_dedicated_set") else res["vcpus"]
+
+
 def host_capacity(app, res, host, claims):
     """(free vcpus, free MB, free GB) of a host with resources res (host_resources) after
     allocation ratios and reservations."""
     conf = app.conf
     vcpus, ram, disk = claims.get(host, (0, 0, 0))
-    shared = res["vcpus"]           # Placement's VCPU: the shared set's CPUs, when set
-    if conf.get("cpu_shared_set"):
-        shared = min(shared, len(conf["cpu_shared_set"]))
-    elif conf.get("cpu_dedicated_set"):
-        shared = 0
+    shared = shared_vcpus(conf, res)
     return (shared * conf["cpu_allocation_ratio"] - vcpus,
             res["memory_mb"] * conf["ram_allocation_ratio"] - conf["reserved_host_memory_mb"]
             - ram,
@@ -14524,7 +14528,8 @@ def hypervisor_view(req, hyp, detail, with_servers=False):
             cpu = {"arch": "x86_64", "model": res.get("cpu_model", ""), "vendor": "",
                    "topology": {"cells": 1, "sockets": 1, "cores": res["vcpus"], "threads": 1},
                    "features": []}
-            view.update({"vcpus": res["vcpus"], "vcpus_used": hyp["vcpus_used"],
+            view.update({"vcpus": shared_vcpus(req.app.conf, res),
+                         "vcpus_used": hyp["vcpus_used"],
                          "memory_mb": res["memory_mb"], "memory_mb_used": hyp["memory_mb_used"],
                          "local_gb": res["local_gb"], "local_gb_used": hyp["local_gb_used"],
                          "free_ram_mb": res["memory_mb"] - hyp["memory_mb_used"],
@@ -14933,11 +14938,7 @@ def host_inventory(app, host):
     def inventory(total, ratio=1.0, reserved=0):
         return {"total": total, "reserved": reserved, "min_unit": 1, "max_unit": total,
                 "step_size": 1, "allocation_ratio": float(ratio)}
-    shared = res["vcpus"]
-    if conf.get("cpu_shared_set"):
-        shared = min(shared, len(conf["cpu_shared_set"]))
-    elif conf.get("cpu_dedicated_set"):
-        shared = 0
+    shared = shared_vcpus(conf, res)
     inv = {}
     if shared:
         inv["VCPU"] = inventory(shared, conf["cpu_allocation_ratio"])
