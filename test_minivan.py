@@ -11469,6 +11469,42 @@ class PlacementTests(unittest.TestCase):
             "allocations"]), [taken[0]])
 
 
+    def test_dedicated_cpus_are_pcpu(self):
+        """With --cpu-dedicated-set and --cpu-shared-set, each host's provider has VCPU for
+        the shared CPUs and PCPU for the dedicated ones (os-hypervisors' vcpus are the
+        shared ones, as Nova's); a hw:cpu_policy=dedicated flavor claims PCPU, not VCPU."""
+        caps = os.path.join(self.minivan_data, "one-cell.caps")
+        with open(caps, "w") as f:
+            f.write(numa_caps_xml([(4, 8192, {})]))
+        self.addCleanup(self.restart_minivan)
+        self.restart_minivan(MINIVAN_CPU_DEDICATED_SET="2-3", MINIVAN_CPU_SHARED_SET="0-1",
+                             MINIVAN_NUMA_TOPOLOGY=",".join(
+                                 f"cmp{n}={caps}" for n in (1, 2, 3)))
+        rp = self.rps["cmp1"]
+
+        def inventory():
+            return {rc: (i["total"], i["allocation_ratio"]) for rc, i in self.placement(
+                "GET", f"/resource_providers/{rp}/inventories")[1]["inventories"].items()}
+        wait_until(lambda: "PCPU" in inventory(), timeout=30, what="PCPU inventory")
+        rows = {r["resource_class"]: r for r in self.openstack(
+            "resource", "provider", "inventory", "list", rp, "-f", "json")}
+        self.assertEqual({rc: (r["total"], r["allocation_ratio"]) for rc, r in rows.items()
+                          if rc in ("VCPU", "PCPU")}, {"VCPU": (2, 4.0), "PCPU": (2, 1.0)})
+        hyp = next(h for h in self.api("GET", "/os-hypervisors/detail").json()["hypervisors"]
+                   if h["hypervisor_hostname"] == "cmp1")
+        self.assertEqual(hyp["vcpus"], 2)
+        flavor = self.openstack("flavor", "create", "--vcpus", "2", "--ram", "256", "--disk",
+                                "1", "--property", "hw:cpu_policy=dedicated", "pl-pinned",
+                                "-f", "json")
+        self.addCleanup(self.openstack, "flavor", "delete", flavor["id"], expect_ok=False)
+        server = self.boot("pl-pinned", "pl-pinned", "--host", "cmp1",
+                           "--os-compute-api-version", "2.74")
+        self.assertEqual([(a["resource_provider"], a["resources"])
+                          for a in self.allocations(server["id"])],
+                         [(rp, {"PCPU": 2, "MEMORY_MB": 256, "DISK_GB": 1})])
+        self.openstack("server", "delete", "--wait", server["id"])
+        self.assert_usage({})
+
 class RacingProxy:
     """An HTTP proxy in front of a real Placement that, once armed, makes a change of its
     own in Placement just before it passes on the first request that matches (the change
