@@ -14867,6 +14867,43 @@ PLACEMENT_TRAITS = (
 HOST_DEPENDENT_TRAITS = ("COMPUTE_SECURITY_UEFI_SECURE_BOOT", "COMPUTE_SECURITY_TPM_1_2",
                          "COMPUTE_SECURITY_TPM_2_0", "HW_CPU_HYPERTHREADING")
 STATUS_DISABLED_TRAIT = "COMPUTE_STATUS_DISABLED"
+# libvirt's x86 CPU feature names that have a trait, as Nova maps them: the feature's name in
+# capitals without "-" and ".", or the trait(s) after "="
+CPU_FEATURE_TRAITS = {
+    feature: ["HW_CPU_X86_" + t for t in (traits.split(",") if traits else [
+        feature.upper().replace("-", "").replace(".", "")])]
+    for feature, _, traits in (item.partition("=") for item in (
+        "3dnow abm aes=AESNI amx-bf16 amx-int8 amx-tile avx avx2 avx512bw avx512cd "
+        "avx512dq avx512er avx512f avx512pf avx512vl avx512vnni avx512vbmi avx512ifma "
+        "avx512vbmi2 avx512bitalg vaes=AVX512VAES gfni=AVX512GFNI "
+        "vpclmulqdq=AVX512VPCLMULQDQ avx512-vpopcntdq bmi1=BMI bmi2 pclmuldq=CLMUL f16c "
+        "fma=FMA3 fma4 mmx mpx sha-ni=SHA sse sse2 sse3 sse4.1 sse4.2 sse4a ssse3 "
+        "svm=SVM,AMD_SVM tbm vmx=VMX,INTEL_VMX xop").split())}
+
+
+def cpu_feature_traits(features):
+    """The HW_CPU_X86_* traits of a set of libvirt CPU feature names."""
+    return {t for f in features for t in CPU_FEATURE_TRAITS.get(f, ())}
+
+
+def host_cpu_features(driver):
+    """The libvirt feature names of a host's CPU, its model's included (libvirt's
+    baselineCPU, expanded), where guests get the host's CPU as Nova reports it: KVM with
+    --cpu-mode host-model or host-passthrough.  Empty elsewhere (under TCG Nova reports
+    none either) or where libvirt cannot say."""
+    if driver.simulated or driver.conn is None or driver.virt_type != "kvm" or \
+            driver.cpu_mode not in ("", "host-model", "host-passthrough"):
+        return set()
+    caps = driver._call("reading the host's capabilities", driver.conn.getCapabilities)
+    cpu = re.search(r"<host>.*?(<cpu>.*?</cpu>)", caps, re.S)
+    if cpu is None:
+        return set()
+    expand_features = 1             # VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES
+    expanded = driver._call("expanding the host's CPU features", driver.conn.baselineCPU,
+                            [cpu.group(1)], expand_features)
+    return {name for policy, name in re.findall(
+        r"<feature\s+policy='([^']*)'\s+name='([^']+)'", expanded or "")
+        if policy != "disable"}
 
 
 class PlacementError(ServiceError):
@@ -15088,6 +15125,7 @@ class PlacementSync:
         self.cond = threading.Condition()
         self.wake = threading.Event()   # the providers need a look (services, aggregates)
         self.reported = {}              # host -> (inventory, traits, aggregates) written
+        self.cpu_traits = {}            # host -> (its libvirt connection, its CPU's traits)
         app.store.watchers.append(self.watch)
 
     @property
@@ -15134,7 +15172,8 @@ class PlacementSync:
         inventory = host_inventory(self.app, host)
         last = self.reported.get(host)
         inventory = inventory if inventory is not None else (last or (None,))[0]
-        traits = host_traits(self.app, host, bool(service and service["disabled"]))
+        traits = host_traits(self.app, host, bool(service and service["disabled"])) | \
+            self.host_cpu_traits(host)
         aggregates = host_aggregates(self.app, host)
         if last == (inventory, traits, aggregates):
             return False
@@ -15153,7 +15192,8 @@ class PlacementSync:
         if last is None or last[1] != traits:
             current = placement.call("GET", f"/resource_providers/{rp}/traits")
             # traits others put there (other than the ones minivan decides) are kept
-            own = set(PLACEMENT_TRAITS) | {STATUS_DISABLED_TRAIT} | set(HOST_DEPENDENT_TRAITS)
+            own = set(PLACEMENT_TRAITS) | {STATUS_DISABLED_TRAIT} | set(
+                HOST_DEPENDENT_TRAITS) | cpu_feature_traits(CPU_FEATURE_TRAITS)
             wanted = (set(current["traits"]) - own) | traits
             if set(current["traits"]) != wanted:
                 placement.call("PUT", f"/resource_providers/{rp}/traits",
@@ -15169,6 +15209,22 @@ class PlacementSync:
                                 "aggregates": aggregates})
         self.reported[host] = (inventory, traits, aggregates)
         return True
+
+    def host_cpu_traits(self, host):
+        """A host's CPU feature traits, read once per libvirt connection."""
+        driver = self.app.drivers.get(host)
+        if driver is None or not driver.available:
+            return set()
+        known = self.cpu_traits.get(host)
+        if known is None or known[0] is not driver.conn:
+            try:
+                known = (driver.conn, cpu_feature_traits(host_cpu_features(driver)))
+            except (DriverError, Unavailable) as e:
+                LOG.warning("placement: the CPU features of compute host %s cannot be read: "
+                            "%s", host, e)
+                return set()
+            self.cpu_traits[host] = known
+        return known[1]
 
     # -- allocations ------------------------------------------------------------------
     def wanted(self, server_id, move_consumers=()):

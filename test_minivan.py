@@ -10975,6 +10975,38 @@ def nova_provider(host=None, conf=None):
     return json.loads(done.stdout)[0]
 
 
+class CpuFeatureTraitTests(unittest.TestCase):
+    """The HW_CPU_X86_* traits minivan gives a host's CPU features are the ones Nova 34's
+    libvirt driver gives them (nova.virt.libvirt.utils.cpu_features_to_traits), for every
+    x86 feature libvirt knows (its cpu_map), each on its own and all at once."""
+
+    CPU_MAP = "/usr/share/libvirt/cpu_map/x86_features.xml"
+
+    def test_every_libvirt_feature_maps_as_novas(self):
+        python = os.path.join(NOVA_VENV, "bin", "python")
+        if not os.path.exists(python) or not os.path.exists(self.CPU_MAP):
+            skip_or_fail(self, "no .venv-nova (tools/setup-venvs.sh) or libvirt's cpu_map")
+        with open(self.CPU_MAP) as f:
+            known = set(re.findall(r"<feature name='([^']+)'", f.read()))
+        self.assertGreater(len(known), 100)
+        # (and minivan's own names, one of which this libvirt may not know yet)
+        features = sorted(known | set(minivan.CPU_FEATURE_TRAITS))
+        script = ("import json, sys\n"
+                  "from nova.virt.libvirt.utils import cpu_features_to_traits\n"
+                  "names = json.load(sys.stdin)\n"
+                  "json.dump({n: sorted(t for t, on in cpu_features_to_traits({n}).items()"
+                  " if on) for n in names}, sys.stdout)\n")
+        done = subprocess.run([python, "-c", script], input=json.dumps(features),
+                              capture_output=True, text=True, timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        nova = json.loads(done.stdout)
+        mine = {n: sorted(minivan.cpu_feature_traits({n})) for n in features}
+        self.assertEqual(mine, nova)
+        self.assertEqual(sum(1 for t in nova.values() if t), len(minivan.CPU_FEATURE_TRAITS))
+        self.assertEqual(minivan.cpu_feature_traits(set(features)),
+                         {t for traits in nova.values() for t in traits})
+
+
 class PlacementTests(unittest.TestCase):
     """minivan behind the test Keystone on three simulated hosts, with a real Placement
     (tools/placement.sh: openstack-placement under gunicorn, sqlite) in the catalog while
