@@ -10950,8 +10950,9 @@ PLACEMENT_VENV = os.environ.get("MINIVAN_PLACEMENT_VENV",
 NOVA_VENV = os.environ.get("MINIVAN_NOVA_VENV", os.path.join(HERE, ".venv-nova"))
 # Nova's traits minivan leaves out, each family for a reason of its own: what they promise
 # minivan refuses (accelerators, PCI NUMA affinity, SmartNIC ports, sound, virtual IOMMUs,
-# packed virtqueues, emulated architectures, TPM secret security, virtiofs shares), or does
-# not report yet (the host CPU's features)
+# packed virtqueues, emulated architectures, TPM secret security, virtiofs shares), and the
+# CPU features of Nova's fake host (minivan's simulated hosts have none to report; a KVM
+# host's are CpuFeatureTraitTests')
 NOVA_TRAITS_LEFT_OUT = re.compile(
     r"COMPUTE_ACCELERATORS|COMPUTE_SOCKET_PCI_NUMA_AFFINITY|COMPUTE_REMOTE_MANAGED_PORTS|"
     r"COMPUTE_SOUND_MODEL_.*|COMPUTE_VIOMMU_MODEL_.*|COMPUTE_NET_VIRTIO_PACKED|"
