@@ -170,13 +170,8 @@ start() {
     local dir port=$2 ks_env=$3 t0=$SECONDS
     mkdir -p "$1"; dir=$(cd "$1" && pwd)
     local url=http://127.0.0.1:$port
-    [[ -x $GL_VENV/bin/gunicorn ]] ||
-        { echo "glance: no $GL_VENV/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
-    [[ -f $ks_env ]] || { echo "glance: no keystone env file $ks_env" >&2; exit 1; }
     running "$dir" && { echo "glance: already running in $dir" >&2; exit 1; }
-    if curl -s -o /dev/null --max-time 2 "$url/"; then
-        echo "glance: something already listens on 127.0.0.1:$port" >&2; exit 1
-    fi
+    start_checks glance "$GL_VENV" "$ks_env" "$url"
     # shellcheck source=/dev/null
     source "$ks_env"
     : "${OS_AUTH_URL:?not set by $ks_env}"

@@ -60,6 +60,16 @@ endpoints() {
         else api POST /endpoints "$body" >/dev/null; fi
     done
 }
+# start_checks NAME VENV KEYSTONE_ENV URL: exits with a one-line reason where a service
+# cannot start: no gunicorn in VENV, no KEYSTONE_ENV file, or something answers at URL.
+start_checks() {
+    [[ -x $2/bin/gunicorn ]] ||
+        { echo "$1: no $2/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
+    [[ -f $3 ]] || { echo "$1: no keystone env file $3" >&2; exit 1; }
+    if curl -s -o /dev/null --max-time 2 "$4/"; then
+        echo "$1: something already listens on ${4#http://}" >&2; exit 1
+    fi
+}
 # wait_answer NAME PID URL CODE LOG: returns once GET URL answers HTTP CODE; exits (with the
 # tail of LOG) if process PID dies first or after 60 s.
 wait_answer() {

@@ -60,12 +60,7 @@ start() {
     local dir port=$2 ks_env=$3 t0=$SECONDS
     mkdir -p "$1"; dir=$(cd "$1" && pwd)
     local url=http://127.0.0.1:$port
-    [[ -x $PV/bin/gunicorn ]] ||
-        { echo "placement: no $PV/bin/gunicorn; run tools/setup-venvs.sh" >&2; exit 1; }
-    [[ -f $ks_env ]] || { echo "placement: no keystone env file $ks_env" >&2; exit 1; }
-    if curl -s -o /dev/null --max-time 2 "$url/"; then
-        echo "placement: something already listens on 127.0.0.1:$port" >&2; exit 1
-    fi
+    start_checks placement "$PV" "$ks_env" "$url"
     cp "$ks_env" "$dir/keystone-env"
     # shellcheck source=/dev/null
     source "$ks_env"
