@@ -4247,6 +4247,38 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertIn("create_active", figures["results"][1])
         self.assertIn("servers/detail latest", done.stdout)
 
+    def test_peer_smoke(self):
+        """bench/bench.py --peer --smoke runs the same workload against the real Nova 34
+        (bench/nova_peer.py in Nova's virtualenv) and writes the side-by-side table as
+        JSON and as a picture."""
+        nova_python = os.path.join(HERE, ".venv-nova", "bin", "python")
+        if not have_libvirt() or not shutil.which("qemu-img") or not os.path.exists(
+                nova_python):
+            skip_or_fail(self, "the comparison needs libvirt-python, qemu-img and "
+                               ".venv-nova (tools/setup-venvs.sh)")
+        work = tempfile.mkdtemp(prefix="minivan-peer-")
+        self.addCleanup(shutil.rmtree, work, True)
+        out, svg = os.path.join(work, "peer.json"), os.path.join(work, "peer.svg")
+        done = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench.py"),
+                               "--peer", "--smoke", "--json", out, "--svg", svg],
+                              capture_output=True, text=True, timeout=600)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        with open(out) as f:
+            figures = json.load(f)
+        self.assertEqual(figures["minivan"][0]["target"], "minivan")
+        self.assertEqual(figures["nova"][0]["target"], "nova")
+        # Nova's answers: its own server records, made by its conductor and fake computes
+        self.assertEqual(figures["nova"][0]["burst_creates"], 8)
+        rows = {row["figure"]: row for row in figures["table"]}
+        self.assertIn("create -> ACTIVE p50 ms", rows)
+        for row in figures["table"]:
+            self.assertGreater(row["nova"], 0, row)
+            self.assertGreater(row["minivan"], 0, row)
+        root = ElementTree.parse(svg).getroot()
+        self.assertEqual(len(root.findall("{http://www.w3.org/2000/svg}rect")),
+                         1 + len(figures["table"]))
+        self.assertIn("minivan is", done.stdout)
+
 
 class HarnessTests(unittest.TestCase):
     def test_harness_short_profile(self):

@@ -23,8 +23,10 @@ where it is measured more than once.  The table goes to stdout, the same figures
 JSON to --json.  --smoke runs a few seconds (CI): sizes 0 and 20, short loops.
 """
 import argparse
+import html
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -38,6 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINIVAN = os.path.join(HERE, "..", "minivan.py")
+SIZES = "0,100,1000,10000"
 HEADERS = {"X-Auth-Token": "admin:admin", "Content-Type": "application/json"}
 
 
@@ -63,6 +66,8 @@ def rss_mb(pid):
 
 class Daemon:
     """A minivan process on its own data directory."""
+
+    name = "minivan"
 
     def __init__(self, data, env=None):
         self.data = data
@@ -116,10 +121,57 @@ class Daemon:
                    if os.path.exists(os.path.join(self.data, name)))
 
 
+class NovaPeer:
+    """The real Nova (bench/nova_peer.py in Nova's virtualenv), on a free loopback port.
+
+    Its databases live in temporary files that go with the process, so it always
+    starts empty."""
+
+    name = "nova"
+
+    def __init__(self, python, computes=3):
+        self.python = python
+        self.computes = computes
+        self.port = free_port()
+        self.proc = None
+        self.log = tempfile.NamedTemporaryFile(prefix="nova-peer-", suffix=".log",
+                                               delete=False).name
+
+    def start(self):
+        t0 = time.perf_counter()
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [self.python, os.path.join(HERE, "nova_peer.py"), "--port", str(self.port),
+                 "--computes", str(self.computes)], stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/v2.1/flavors", headers=HEADERS)
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("the Nova peer exited; see " + self.log)
+            time.sleep(0.02)
+        return time.perf_counter() - t0
+
+    def stop(self):
+        Daemon.stop(self)
+
+    def rss(self):
+        return rss_mb(self.proc.pid)
+
+    def state_bytes(self):
+        return None
+
+
 # -- clients --------------------------------------------------------------------------
 
 class Client:
     """One keep-alive HTTP connection."""
+
+    poll = 0.002            # seconds between GETs while waiting for a status
 
     def __init__(self, port):
         self.port = port
@@ -151,7 +203,7 @@ class Client:
                 return body["server"]["status"]
             if status == 200 and body["server"]["status"] == "ERROR":
                 raise RuntimeError(f"server {server_id}: ERROR {body['server'].get('fault')}")
-            time.sleep(0.002)
+            time.sleep(self.poll)
         raise RuntimeError(f"server {server_id} not {wanted} after {timeout}s")
 
 
@@ -170,8 +222,9 @@ def timed_gets(args):
 
 
 def create_servers(args):
-    """Worker: create count servers, each waited to ACTIVE; returns their ids."""
-    port, image, count, prefix = args
+    """Worker: create count servers, each waited to ACTIVE (unless wait is False);
+    returns their ids."""
+    port, image, count, prefix, *wait = args
     client = Client(port)
     ids = []
     for i in range(count):
@@ -182,7 +235,8 @@ def create_servers(args):
             raise RuntimeError(f"create: {status} {body}")
         ids.append(body["server"]["id"])
     for server_id in ids:
-        client.wait_status(server_id, ("ACTIVE",))
+        if wait != [False]:
+            client.wait_status(server_id, ("ACTIVE",))
     return ids
 
 
@@ -247,14 +301,22 @@ def fill(pool, port, image, n):
         if status != 202:
             raise RuntimeError(f"fill: {status} {body}")
         made += batch
-    deadline = time.perf_counter() + 600
+    wait_built(client, 0.2)
+
+
+def wait_built(client, poll=None):
+    """Until no server is building (one client asks, every poll seconds)."""
+    deadline = time.perf_counter() + 1800
     while time.perf_counter() < deadline:
-        status, body = client.call("GET", "/servers/detail?status=BUILD&limit=1",
-                                   version="2.37")
+        status, body = client.call("GET", "/servers?status=BUILD&limit=1", version="2.37")
         if not body["servers"]:
+            status, body = client.call("GET", "/servers?status=ERROR&limit=1",
+                                       version="2.37")
+            if body["servers"]:
+                raise RuntimeError(f"a server went to ERROR: {body['servers'][0]['id']}")
             return
-        time.sleep(0.2)
-    raise RuntimeError("the filled servers did not all become ACTIVE")
+        time.sleep(poll or max(client.poll, 0.01))
+    raise RuntimeError("the servers did not all become ACTIVE")
 
 
 def first_image(port):
@@ -268,13 +330,14 @@ def make_image(directory):
                     os.path.join(directory, "bench.qcow2"), "64M"], check=True)
 
 
-def run_size(n, opts, pool):
+def run_size(n, opts, pool, peer_python=None):
+    """Every figure at n servers, of minivan or (peer_python given) of the real Nova."""
     data = tempfile.mkdtemp(prefix=f"minivan-bench-{n}-")
     make_image(os.path.join(data, "images"))
-    daemon = Daemon(data)
-    out = {"servers": n}
+    daemon = NovaPeer(peer_python) if peer_python else Daemon(data)
+    out = {"servers": n, "target": daemon.name}
     try:
-        daemon.start()
+        out["startup_empty_s"] = round(daemon.start(), 3)
         time.sleep(0.5)
         out["rss_idle_mb"] = round(daemon.rss(), 1)
         image = first_image(daemon.port)
@@ -322,12 +385,16 @@ def run_size(n, opts, pool):
             out[f"mutations_{kind}_per_s"] = round(done / (time.perf_counter() - t0), 1)
         t0 = time.perf_counter()
         per = max(1, opts.burst // 8)
-        pool.map(create_servers, [(daemon.port, image, per, f"burst{k}") for k in range(8)])
+        pool.map(create_servers, [(daemon.port, image, per, f"burst{k}", False)
+                                  for k in range(8)])
+        wait_built(client)
         out["burst_creates"] = per * 8
         out["burst_all_active_s"] = round(time.perf_counter() - t0, 2)
         out["rss_after_mb"] = round(daemon.rss(), 1)
         out["state_bytes"] = daemon.state_bytes()
         daemon.stop()
+        if peer_python:               # Nova's databases went with its process
+            return out
         starts, rss = [], []
         for _ in range(opts.repeat):
             starts.append(daemon.start())
@@ -382,9 +449,130 @@ def table(results):
     return "\n".join(lines)
 
 
+# -- beside the real Nova ------------------------------------------------------------------
+
+# (label, figure, True where more is better)
+PEER_FIGURES = (
+    ("flavors/detail p50 ms", lambda r: r["flavors_detail_1c"]["p50_ms"], False),
+    ("flavors/detail req/s, 1 client", lambda r: r["flavors_detail_1c"]["rps"], True),
+    ("flavors/detail req/s, 8 clients", lambda r: r["flavors_detail_8c"]["rps"], True),
+    ("server show p50 ms", lambda r: r["server_show_1c"]["p50_ms"], False),
+    ("server show req/s, 1 client", lambda r: r["server_show_1c"]["rps"], True),
+    ("server show req/s, 8 clients", lambda r: r["server_show_8c"]["rps"], True),
+    ("servers/detail p50 ms, 2.1", lambda r: r["servers_detail_2.1"]["p50_ms"], False),
+    ("servers/detail p50 ms, latest", lambda r: r["servers_detail_latest"]["p50_ms"], False),
+    ("create -> ACTIVE p50 ms", lambda r: r["create_active"]["p50_ms"], False),
+    ("stop -> SHUTOFF p50 ms", lambda r: r["action_stop"]["p50_ms"], False),
+    ("start -> ACTIVE p50 ms", lambda r: r["action_start"]["p50_ms"], False),
+    ("reboot -> ACTIVE p50 ms", lambda r: r["action_reboot"]["p50_ms"], False),
+    ("concurrent creates, all ACTIVE s", lambda r: r["burst_all_active_s"], False),
+    ("metadata sets/s, 8 clients", lambda r: r["mutations_metadata_per_s"], True),
+    ("creates+deletes/s, 8 clients", lambda r: r["mutations_create_delete_per_s"], True),
+    ("filling the servers s", lambda r: r["fill_s"], False),
+    ("start-up, empty, s", lambda r: r["startup_empty_s"], False),
+    ("RSS after the run MB", lambda r: r["rss_after_mb"], False),
+)
+
+
+def peer_rows(pairs):
+    """[(size, label, minivan, nova, advantage)]: advantage > 1 where minivan is better."""
+    rows = []
+    for mine, nova in pairs:
+        for label, get, more_better in PEER_FIGURES:
+            a, b = get(mine), get(nova)
+            if a and b:
+                advantage = a / b if more_better else b / a
+            else:
+                advantage = None
+            rows.append((mine["servers"], label, a, b,
+                         round(advantage, 2) if advantage else None))
+    return rows
+
+
+def peer_table(rows, burst):
+    width = max(len(label) for _, label, *_ in rows) + 2
+    lines = [f"{'servers':>7}  {'figure':<{width}}{'minivan':>12}{'Nova':>12}"
+             f"{'minivan is':>18}"]
+    for size, label, a, b, adv in rows:
+        label = label.replace("concurrent creates", f"{burst} concurrent creates")
+        lines.append(f"{size:>7}  {label:<{width}}{a:>12}{b:>12}"
+                     f"{(f'{adv:g}x better' if adv else '-'):>18}")
+    return "\n".join(lines)
+
+
+def peer_svg(rows, path, burst):
+    """Bars on a log scale: how many times better minivan is than Nova, per figure."""
+    bar_h, gap, left, right, top = 16, 6, 330, 300, 40
+    lo, hi = 0.1, 100000.0
+    span = math.log10(hi) - math.log10(lo)
+
+    def x(v):
+        return left + right * (math.log10(min(max(v, lo), hi)) - math.log10(lo)) / span
+
+    height = top + len(rows) * (bar_h + gap) + 40
+    width = left + right + 260
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           '<text x="10" y="20" font-size="14" font-weight="bold">minivan beside Nova 34 '
+           '(fake virt driver), same machine and run: times better, log scale</text>']
+    for decade in range(-1, 6):
+        xv = x(10 ** decade)
+        out.append(f'<line x1="{xv:.1f}" y1="{top - 6}" x2="{xv:.1f}" y2="{height - 30}" '
+                   f'stroke="{"#000" if decade == 0 else "#ddd"}"/>')
+        out.append(f'<text x="{xv:.1f}" y="{height - 14}" text-anchor="middle">'
+                   f'{10 ** decade:g}x</text>')
+    y = top
+    for size, label, a, b, adv in rows:
+        label = label.replace("concurrent creates", f"{burst} concurrent creates")
+        out.append(f'<text x="{left - 8}" y="{y + 12}" text-anchor="end">'
+                   f'{html.escape(label)} ({size} servers)</text>')
+        if adv:
+            x0, x1 = sorted((x(1), x(adv)))
+            colour = "#2a7" if adv >= 1 else "#c33"
+            out.append(f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 1):.1f}" '
+                       f'height="{bar_h}" fill="{colour}"/>')
+        out.append(f'<text x="{left + right + 10}" y="{y + 12}">'
+                   f'{adv if adv else "-"}x  (minivan {a}, Nova {b})</text>')
+        y += bar_h + gap
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def run_peer(opts, pool):
+    """The same workload against minivan and the real Nova, size by size."""
+    python = opts.nova_python
+    if not os.path.exists(python):
+        print(f"bench: {python} is missing; tools/setup-venvs.sh makes Nova's virtualenv "
+              "(or give --nova-python)", file=sys.stderr)
+        return 2
+    pairs = []
+    for n in [int(x) for x in opts.sizes.split(",") if x.strip()]:
+        t0 = time.perf_counter()
+        mine = run_size(n, opts, pool)
+        nova = run_size(n, opts, pool, peer_python=python)
+        pairs.append((mine, nova))
+        print(f"bench: {n} servers measured on both in {time.perf_counter() - t0:.0f}s",
+              file=sys.stderr, flush=True)
+    rows = peer_rows(pairs)
+    print(peer_table(rows, opts.burst))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"python": sys.version.split()[0], "cpus": os.cpu_count(),
+                       "burst": opts.burst, "minivan": [m for m, _ in pairs],
+                       "nova": [n for _, n in pairs],
+                       "table": [dict(zip(("servers", "figure", "minivan", "nova",
+                                           "minivan_better_x"), row)) for row in rows]},
+                      f, indent=1)
+    if opts.svg:
+        peer_svg(rows, opts.svg, opts.burst)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="0,100,1000,10000",
+    p.add_argument("--sizes", default=SIZES,
                    help="servers in state, comma-separated (default: 0,100,1000,10000)")
     p.add_argument("--seconds", type=float, default=2.0,
                    help="seconds each client spends per throughput figure (default 2)")
@@ -396,12 +584,27 @@ def main(argv=None):
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--smoke", action="store_true",
                    help="a few seconds in all (CI): sizes 0,20, short loops")
+    p.add_argument("--peer", action="store_true",
+                   help="run the same workload against the real Nova as well, and print "
+                        "both side by side (default sizes 0,100; burst 48)")
+    p.add_argument("--nova-python", default=os.path.join(HERE, "..", ".venv-nova", "bin",
+                                                         "python"),
+                   help="Python of Nova's virtualenv, for --peer (default .venv-nova)")
+    p.add_argument("--svg", default="", help="with --peer: draw the table to this SVG file")
     opts = p.parse_args(argv)
+    if opts.peer and opts.sizes == SIZES:
+        opts.sizes, opts.burst, opts.creates = "0,100", 48, 10
     if opts.smoke:
         opts.sizes, opts.seconds, opts.creates, opts.burst, opts.repeat = "0,20", 0.2, 3, 16, 2
+        if opts.peer:
+            opts.sizes, opts.creates, opts.burst = "2", 2, 8
     if not shutil.which("qemu-img"):
         print("bench: qemu-img is missing (apt install qemu-utils)", file=sys.stderr)
         return 2
+    if opts.peer:
+        Client.poll = 0.01        # both answer status polls at the same pace
+        with multiprocessing.Pool(8) as pool:
+            return run_peer(opts, pool)
     sizes = [int(x) for x in opts.sizes.split(",") if x.strip()]
     results = []
     with multiprocessing.Pool(8) as pool:
