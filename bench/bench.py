@@ -177,7 +177,7 @@ class Client:
         self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
 
-    def call(self, method, path, body=None, version=None):
+    def call(self, method, path, body=None, version=None, parse=True):
         headers = dict(HEADERS)
         if version:
             headers["OpenStack-API-Version"] = "compute " + version
@@ -187,7 +187,7 @@ class Client:
                 self.conn.request(method, "/v2.1" + path, data, headers)
                 resp = self.conn.getresponse()
                 raw = resp.read()
-                return resp.status, (json.loads(raw) if raw else None)
+                return resp.status, (json.loads(raw) if raw and parse else raw)
             except (http.client.HTTPException, OSError):
                 self.conn.close()
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
@@ -214,7 +214,7 @@ def timed_gets(args):
     latencies = []
     for _ in range(count):
         t0 = time.perf_counter()
-        status, _ = client.call("GET", path, version=version)
+        status, _ = client.call("GET", path, version=version, parse=False)
         latencies.append(time.perf_counter() - t0)
         if status != 200:
             raise RuntimeError(f"GET {path}: {status}")
@@ -449,6 +449,104 @@ def table(results):
     return "\n".join(lines)
 
 
+# -- near the wire ------------------------------------------------------------------------
+
+class Floor:
+    """A bare http.server, in its own process, that sends back exactly the bytes
+    minivan sent for a GET: the least any Python HTTP server can take for them."""
+
+    SCRIPT = r"""
+import http.server, sys
+status, headers, body = int(sys.argv[2]), eval(sys.argv[3]), open(sys.argv[4], "rb").read()
+head = "".join(f"{k}: {v}\r\n" for k, v in headers)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.wfile.write(f"HTTP/1.1 {status} OK\r\n{head}\r\n".encode() + body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+    def __init__(self, port, path, version):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = dict(HEADERS)
+        if version:
+            headers["OpenStack-API-Version"] = "compute " + version
+        conn.request("GET", "/v2.1" + path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        self.body_bytes = len(body)
+        self.file = tempfile.NamedTemporaryFile(prefix="minivan-floor-", delete=False)
+        self.file.write(body)
+        self.file.close()
+        kept = [(k, v) for k, v in resp.getheaders()
+                if k.lower() not in ("server", "date", "connection")]
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(self.port),
+                                      str(resp.status), repr(kept), self.file.name])
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.01)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        os.unlink(self.file.name)
+
+
+def run_wire(opts, pool):
+    """servers/detail (default page), flavors/detail and server show at --wire-servers
+    servers: minivan's p50 beside the floor's, for the same bytes."""
+    n = opts.wire_servers
+    data = tempfile.mkdtemp(prefix=f"minivan-wire-{n}-")
+    make_image(os.path.join(data, "images"))
+    daemon = Daemon(data)
+    rows = []
+    try:
+        daemon.start()
+        image = first_image(daemon.port)
+        fill(pool, daemon.port, image, n)
+        server_id = Client(daemon.port).call("GET", "/servers?limit=1")[1]["servers"][0]["id"]
+        count = max(20, int(opts.seconds * 100))
+        for label, path, version in (("servers/detail, latest", "/servers/detail", "latest"),
+                                     ("servers/detail, 2.1", "/servers/detail", "2.1"),
+                                     ("flavors/detail", "/flavors/detail", None),
+                                     ("server show, latest", "/servers/" + server_id,
+                                      "latest")):
+            floor = Floor(daemon.port, path, version)
+            try:
+                mine, bare = [], []
+                for _ in range(opts.repeat):      # interleaved, so both see the same noise
+                    mine.append(percentile(timed_gets((daemon.port, path, version, count)),
+                                           0.5))
+                    bare.append(percentile(timed_gets((floor.port, path, version, count)),
+                                           0.5))
+            finally:
+                floor.stop()
+            a, b = statistics.median(mine) * 1000, statistics.median(bare) * 1000
+            rows.append({"figure": label, "bytes": floor.body_bytes,
+                         "minivan_p50_ms": round(a, 3), "floor_p50_ms": round(b, 3),
+                         "times_floor": round(a / b, 2)})
+    finally:
+        daemon.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    print(f"near the wire, {n} servers in state (medians of {opts.repeat} runs' p50):")
+    print(f"{'figure':<26}{'bytes':>10}{'minivan ms':>12}{'floor ms':>10}{'x floor':>9}")
+    for r in rows:
+        print(f"{r['figure']:<26}{r['bytes']:>10}{r['minivan_p50_ms']:>12}"
+              f"{r['floor_p50_ms']:>10}{r['times_floor']:>9}")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"python": sys.version.split()[0], "cpus": os.cpu_count(),
+                       "servers": n, "wire": rows}, f, indent=1)
+    return 0
+
+
 # -- beside the real Nova ------------------------------------------------------------------
 
 # (label, figure, True where more is better)
@@ -590,6 +688,11 @@ def main(argv=None):
     p.add_argument("--nova-python", default=os.path.join(HERE, "..", ".venv-nova", "bin",
                                                          "python"),
                    help="Python of Nova's virtualenv, for --peer (default .venv-nova)")
+    p.add_argument("--wire", action="store_true",
+                   help="near the wire: p50 of servers/detail, flavors/detail and server "
+                        "show beside a bare http.server sending the same bytes")
+    p.add_argument("--wire-servers", type=int, default=500,
+                   help="servers in state for --wire (default 500)")
     p.add_argument("--svg", default="", help="with --peer: draw the table to this SVG file")
     opts = p.parse_args(argv)
     if opts.peer and opts.sizes == SIZES:
@@ -601,6 +704,9 @@ def main(argv=None):
     if not shutil.which("qemu-img"):
         print("bench: qemu-img is missing (apt install qemu-utils)", file=sys.stderr)
         return 2
+    if opts.wire:
+        with multiprocessing.Pool(8) as pool:
+            return run_wire(opts, pool)
     if opts.peer:
         Client.poll = 0.01        # both answer status polls at the same pace
         with multiprocessing.Pool(8) as pool:

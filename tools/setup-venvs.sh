@@ -19,6 +19,9 @@
 #       (Nova 34 and the fixtures of its own tests, for tools/nova-guest.py)
 #   ${MINIVAN_PLACEMENT_VENV:-REPO/.venv-placement} <- tools/requirements-placement.txt
 #       (openstack-placement + gunicorn for tools/placement.sh)
+# and, only when called as "setup-venvs.sh rally", just this one:
+#   ${MINIVAN_RALLY_VENV:-REPO/.venv-rally}       <- tools/requirements-rally.txt
+#       (rally and rally-openstack, for bench/rally.sh)
 # Idempotent: a venv whose stamp file matches the hash of (python version +
 # requirement file) is left alone.  Python: ${MINIVAN_PYTHON:-python3} on PATH.
 set -euo pipefail
@@ -45,6 +48,11 @@ make_venv() {
     echo "setup-venvs: $dir ready in $((SECONDS - t0))s"
 }
 
+# Rally and its OpenStack plugins, for bench/rally.sh only: tools/setup-venvs.sh rally
+if [[ ${1:-} == rally ]]; then
+    make_venv "${MINIVAN_RALLY_VENV:-$REPO/.venv-rally}" "$REPO/tools/requirements-rally.txt"
+    exit 0
+fi
 make_venv "${MINIVAN_VENV:-$REPO/.venv}" "$REPO/tools/requirements-test.txt"
 # Nova's own policy defaults (nova/policies imports with oslo.policy alone): the oracle of
 # NovaPolicyTests, beside the test venv, without Nova's dependencies
