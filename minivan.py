@@ -41,25 +41,26 @@ Map of this file (``grep -n '^# §' minivan.py``):
     §21 API: limits, quota sets, quota classes
     §22 API: availability zones
     §23 servers: states, lookups, views
-    §24 servers: the compute engine         background operations, reconciliation, power sync
-    §25 config drive                        its files, and an ISO 9660 writer
-    §26 API: servers                        create, list, show, update, delete, actions...
-    §27 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
-    §28 API: networks and security groups   the proxy APIs, up to 2.35
-    §29 API: volumes and events             os-volumes/os-snapshots proxies, external events
-    §30 API: server groups
-    §31 API: services and hypervisors       and the scheduler: filters and weighers
-    §32 Placement                           resource providers, allocations, candidates
+    §24 encoded views                       server views kept encoded until the server changes
+    §25 servers: the compute engine         background operations, reconciliation, power sync
+    §26 config drive                        its files, and an ISO 9660 writer
+    §27 API: servers                        create, list, show, update, delete, actions...
+    §28 API: images                         Nova's image proxy, up to 2.35 (metadata 2.38)
+    §29 API: networks and security groups   the proxy APIs, up to 2.35
+    §30 API: volumes and events             os-volumes/os-snapshots proxies, external events
+    §31 API: server groups
+    §32 API: services and hypervisors       and the scheduler: filters and weighers
+    §33 Placement                           resource providers, allocations, candidates
                                             for the scheduler, healing
-    §33 API: simple tenant usage
-    §34 API: aggregates                     host aggregates; their zones become the host's
-    §35 API: migrations                     every move between hosts is a migration record
-    §36 metadata service                    OpenStack and EC2 metadata for guests; console proxy
-    §37 failure injection                   rules that make builds, actions and hosts fail
-    §38 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
-    §39 HTTP front end                      app, server, handler, TLS, CORS
-    §40 systemd and signals                 sd_notify, watchdog, background loops
-    §41 main
+    §34 API: simple tenant usage
+    §35 API: aggregates                     host aggregates; their zones become the host's
+    §36 API: migrations                     every move between hosts is a migration record
+    §37 metadata service                    OpenStack and EC2 metadata for guests; console proxy
+    §38 failure injection                   rules that make builds, actions and hosts fail
+    §39 ROUTES and ACTIONS                  the dispatch table, one row per Nova route
+    §40 HTTP front end                      app, server, handler, TLS, CORS
+    §41 systemd and signals                 sd_notify, watchdog, background loops
+    §42 main
 """
 
 import argparse
@@ -299,6 +300,8 @@ OPTIONS = [
      "and body"),
     ("max-limit", "1000", "largest page a list returns"),
     ("journal-max-bytes", "16777216", "journal size that triggers a new snapshot"),
+    ("view-cache-servers", "20000", "servers whose encoded views are kept between "
+     "requests (0: build every view on every request)"),
     ("debug", "false", "log every request and response (tokens and passwords excluded)"),
     ("noauth-allow-remote", "false", "with --auth noauth, listen on a --bind that is not "
      "a loopback address and answer requests for any host name: everyone who reaches the "
@@ -391,7 +394,8 @@ def finish_config(conf):
                 "reclaim_instance_interval", "shutdown_timeout", "shelved_offload_time",
                 "sync_power_state_interval", "resize_confirm_window", "vif_plugging_timeout",
                 "max_concurrent_builds", "max_connections", "client_timeout",
-                "console_token_ttl", "token_cache_time", "placement_interval"):
+                "console_token_ttl", "token_cache_time", "placement_interval",
+                "view_cache_servers"):
         try:
             conf[key] = int(conf[key])
         except ValueError:
@@ -763,6 +767,7 @@ class Store:
         self.cut_to = None      # journal length to cut back to before the next write
         self.lock_fd = None
         self.watchers = []      # watcher(op, data) runs before each op is applied
+        self.after = []         # after(op) runs once it is applied (readers may see it)
 
     # -- start-up --------------------------------------------------------
     def open(self):
@@ -886,6 +891,8 @@ class Store:
             for watcher in self.watchers:
                 watcher(op, self.data)
             apply_op(self.data, op)
+            for after in self.after:
+                after(op)
         undo.reverse()
         self.seq += 1
         self.pending.append((self.seq, line, undo))
@@ -898,6 +905,8 @@ class Store:
                 for watcher in self.watchers:
                     watcher(op, self.data)
                 apply_op(self.data, op)
+                for after in self.after:
+                    after(op)
             self.failed.add(seq)
 
     def reading(self):
@@ -8131,7 +8140,127 @@ def add_versioned_server_fields(req, server, view, kind):
         view["scheduler_hints"] = dict(server.get("scheduler_hints") or {})
 
 
-# § 24 servers: the compute engine -----------------------------------------------------
+# § 24 encoded views --------------------------------------------------------------------
+#
+# A server's view is the same bytes for every caller who sees it alike, until the server
+# changes: servers/detail and server show send views kept encoded, and build only those
+# of servers changed since.  A view is kept with the server's revision, which the store
+# bumps after each change to the server (after, so a view built from the data before
+# it is never taken for a view of the data after).  Callers see a server alike when
+# they share the microversion, the links' base, and what policy lets them see of it:
+# the admin fields, the flavor's extra specs, a fault's details, the host's status.
+
+class ViewCache:
+    """Encoded server views by server id and variant, for up to `capacity` servers
+    (the least recently used go first)."""
+
+    VARIANTS = 8                 # per server; more (many microversions) start again
+
+    def __init__(self, store, capacity):
+        self.capacity = capacity
+        self.revisions = {}      # server id -> revision: bumped after each change
+        self.generation = 0      # bumped when the whole servers collection is replaced
+        self.entries = collections.OrderedDict()   # id -> (revision, {variant: bytes})
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+        store.after.append(self.changed)
+
+    def changed(self, op):
+        path = op[1]
+        if not path or path[0] != "servers":
+            return
+        if len(path) == 1:
+            with self.lock:
+                self.generation += 1
+                self.entries.clear()
+            return
+        server_id = path[1]
+        self.revisions[server_id] = self.revisions.get(server_id, 0) + 1
+        if len(path) == 2 and op[0] == "del":
+            with self.lock:
+                self.entries.pop(server_id, None)
+
+    def revision(self, server_id):
+        return (self.generation, self.revisions.get(server_id, 0))
+
+    def views(self, req, servers, kind):
+        """The encoded views of servers (a list), building the ones not kept."""
+        if not self.capacity:
+            return [json_bytes(server_view(req, s, kind)) for s in servers]
+        wanted = [(s, self.revision(s["id"]), view_variant(req, s, kind)) for s in servers]
+        out = [None] * len(wanted)
+        with self.lock:
+            entries = self.entries
+            for i, (server, revision, variant) in enumerate(wanted):
+                entry = entries.get(server["id"])
+                if entry is not None and entry[0] == revision:
+                    out[i] = entry[1].get(variant)
+                    if out[i] is not None:
+                        entries.move_to_end(server["id"])
+        built = []
+        for i, (server, revision, variant) in enumerate(wanted):
+            if out[i] is None:
+                out[i] = json_bytes(server_view(req, server, kind))
+                built.append(i)
+        self.hits += len(out) - len(built)
+        self.misses += len(built)
+        if built:
+            with self.lock:
+                for i in built:
+                    server, revision, variant = wanted[i]
+                    if self.revision(server["id"]) != revision:
+                        continue                 # changed meanwhile: this one is old
+                    entry = self.entries.get(server["id"])
+                    if entry is None or entry[0] != revision or \
+                            len(entry[1]) >= self.VARIANTS:
+                        entry = self.entries[server["id"]] = (revision, {})
+                    entry[1][variant] = out[i]
+                    self.entries.move_to_end(server["id"])
+                while len(self.entries) > self.capacity:
+                    self.entries.popitem(last=False)
+        return out
+
+
+def view_variant(req, server, kind):
+    """What, besides the server, its view depends on for this caller (see §23)."""
+    project = server["project_id"]
+    memo = req.memo.setdefault("view_variants", {})
+    variant = memo.get((kind, project))
+    if variant is None:
+        admin = policy_allows(req.ident, "admin")
+        variant = memo[(kind, project)] = (
+            kind, req.version, req.legacy, req.base_url, req.project_in_url, admin,
+            policy_allows(req.ident, "reader", project), req.ident.is_admin,
+            admin and req.since("2.16") and (kind in ("show", "detail") or req.since("2.75")))
+    if not variant[-1]:
+        return variant
+    key = (kind, project, server.get("host"))
+    with_host = memo.get(key)
+    if with_host is None:
+        if "compute_services" not in req.memo:
+            req.memo["compute_services"] = {r["host"]: r for r in service_records(req.app)
+                                            if r["binary"] == "nova-compute"}
+        with_host = memo[key] = variant + (host_status(req.app, server,
+                                                       req.memo["compute_services"]),)
+    return with_host
+
+
+def encoded_body(key, items, tail=None):
+    """b'{"key": [item, ...], more...}' from encoded items and a dict tail."""
+    parts = [b'{"' + key.encode() + b'": [']
+    for item in items:
+        parts.append(item)
+        parts.append(b", ")
+    if items:
+        parts.pop()
+    parts.append(b"]")
+    for name, value in (tail or {}).items():
+        parts.append(b", " + json_bytes(name) + b": " + json_bytes(value))
+    parts.append(b"}")
+    return b"".join(parts)
+
+
+# § 25 servers: the compute engine -----------------------------------------------------
 #
 # API handlers check and record a state change under the store's lock, answer,
 # and hand the slow part to Compute, which runs it in a thread (one at a time
@@ -9562,7 +9691,7 @@ class Compute:
                     rescued_from=None)
 
 
-# § 25 config drive --------------------------------------------------------------------
+# § 26 config drive --------------------------------------------------------------------
 
 def metadata_hostname(conf, server):
     """The hostname a guest's metadata gives: with --dhcp-domain after it, as Nova's."""
@@ -9854,7 +9983,7 @@ def write_iso(path, files, label, now=None):
         f.truncate(total * SECTOR)
 
 
-# § 26 API: servers --------------------------------------------------------------------
+# § 27 API: servers --------------------------------------------------------------------
 
 DESCRIPTION_255 = {"type": ["string", "null"], "minLength": 0, "maxLength": 255,
                    "pattern": DESCRIPTION_PATTERN}
@@ -10516,7 +10645,7 @@ def servers_show(req):
     """GET /servers/{server_id}"""
     validate_query(req, (), strict_since="2.102")
     server = find_server(req, req.params["server_id"])
-    return 200, {"server": server_view(req, server, "show")}
+    return 200, b'{"server": ' + req.app.views.views(req, [server], "show")[0] + b"}"
 
 
 # -- list -------------------------------------------------------------------------
@@ -10751,9 +10880,14 @@ def server_list(req, detail):
     owner = query.get("project_id") or query.get("tenant_id")
     scope = owner if all_tenants else project
 
-    def wanted(s):
-        return (scope is None or s["project_id"] == scope) and \
-            server_matches(s, query, statuses, since, before, deleted_wanted)
+    if statuses or since or before or deleted_wanted or query.keys() - UNFILTERED_KEYS:
+        def wanted(s):
+            return (scope is None or s["project_id"] == scope) and \
+                server_matches(s, query, statuses, since, before, deleted_wanted)
+    else:                           # no filter: what server_matches comes to
+        def wanted(s):
+            return (scope is None or s["project_id"] == scope) and \
+                s["vm_state"] != "deleted"
     with req.store.reading():
         if order == [("created_at", "desc")]:
             page, marker = newest_page(req, scope, wanted)
@@ -10761,13 +10895,13 @@ def server_list(req, detail):
             servers = [s for s in req.store.data["servers"].values() if wanted(s)]
     if order != [("created_at", "desc")]:
         page, marker = paginate(req, sort_servers(servers, order), lambda s: s["id"])
+    links = {} if marker is None else {
+        "servers_links": req.next_link("servers/detail" if detail else "servers", marker)}
     if detail:
-        body = {"servers": [server_view(req, s, "detail") for s in page]}
-    else:
-        body = {"servers": [{"id": s["id"], "links": req.links("servers", s["id"]),
-                             "name": s["name"]} for s in page]}
-    if marker is not None:
-        body["servers_links"] = req.next_link("servers/detail" if detail else "servers", marker)
+        return 200, encoded_body("servers", req.app.views.views(req, page, "detail"), links)
+    body = {"servers": [{"id": s["id"], "links": req.links("servers", s["id"]),
+                         "name": s["name"]} for s in page]}
+    body.update(links)
     return 200, body
 
 
@@ -12799,7 +12933,7 @@ def server_security_groups_index(req):
                                      if name in by_name]}
 
 
-# § 27 API: images ---------------------------------------------------------------------
+# § 28 API: images ---------------------------------------------------------------------
 
 def image_view(req, image, detail=True):
     view = {"id": image["id"], "name": image["name"], "links": req.links("images", image["id"])
@@ -12936,7 +13070,7 @@ def image_metadata_delete(req):
 
 
 
-# § 28 API: networks and security groups -----------------------------------------------
+# § 29 API: networks and security groups -----------------------------------------------
 #
 # Without Neutron, networks are the host's libvirt networks and security groups are
 # minivan's own records (every project has its 'default'); with Neutron, the security
@@ -13574,7 +13708,7 @@ def security_group_rules_delete(req):
 
 
 
-# § 29 API: volumes and events ---------------------------------------------------------
+# § 30 API: volumes and events ---------------------------------------------------------
 #
 # Nova's volume and snapshot proxies (up to 2.35) over Cinder, server external events
 # (Neutron's and Cinder's notices about a server's ports and volumes), and assisted
@@ -13920,7 +14054,7 @@ def volume_holder(req, volume_id):
     raise BadRequest(f"No volume Block Device Mapping with id {volume_id}.")
 
 
-# § 30 API: server groups --------------------------------------------------------------
+# § 31 API: server groups --------------------------------------------------------------
 #
 # The scheduler (§30) keeps affinity groups' members on one host and anti-affinity
 # groups' apart (max_server_per_host each); a member that cannot be placed so fails its
@@ -14039,7 +14173,7 @@ def join_server_group(req, data, group_id, server_ids):
     return [["set", ["server_groups", group_id, "members"], group["members"] + server_ids]]
 
 
-# § 31 API: services and hypervisors ---------------------------------------------------
+# § 32 API: services and hypervisors ---------------------------------------------------
 #
 # One minivan process plays Nova's conductor, scheduler and compute on its host.  Their
 # records (enabled/disabled, forced down) are kept in the state; 'up' means alive: the
@@ -14818,7 +14952,7 @@ def instance_usage_audit_log_show(req):
         raise BadRequest(f"Invalid timestamp for date {text}") from None
 
 
-# § 32 Placement -----------------------------------------------------------------------
+# § 33 Placement -----------------------------------------------------------------------
 #
 # Where the cloud has Placement (the catalog's "placement" service, or --placement-url),
 # minivan does there what Nova's resource tracker, scheduler and conductor do:
@@ -15529,7 +15663,7 @@ def placement_loop(app, stop):
     app.placement_sync.loop(stop)
 
 
-# § 33 API: simple tenant usage --------------------------------------------------------
+# § 34 API: simple tenant usage --------------------------------------------------------
 
 def usage_period(req, query):
     """(start, end) of a usage query: ISO times, default the last day up to now."""
@@ -15628,7 +15762,7 @@ def simple_tenant_usage_show(req):
     return 200, result
 
 
-# § 34 API: aggregates -----------------------------------------------------------------
+# § 35 API: aggregates -----------------------------------------------------------------
 #
 # Host aggregates over this one host; an aggregate's availability_zone metadata becomes the
 # zone of its hosts, as in Nova.
@@ -15871,7 +16005,7 @@ def aggregate_images_create(req):
     return 202, None
 
 
-# § 35 API: migrations -----------------------------------------------------------------
+# § 36 API: migrations -----------------------------------------------------------------
 #
 # Every move is a migration record: resize, migration (cold), live-migration and
 # evacuation, with Nova's statuses.  A server's own migrations list shows its live
@@ -16068,7 +16202,7 @@ def server_migration_action_force_complete(req):
     return 202, None
 
 
-# § 36 metadata service ----------------------------------------------------------------
+# § 37 metadata service ----------------------------------------------------------------
 #
 # The OpenStack and EC2 metadata APIs for guests without a config drive, on their own
 # listener (--metadata-listen).  A guest is known by its source address: the address of
@@ -16519,7 +16653,7 @@ def graphics_address(uri):
         raise ConfigError(f"cannot resolve the compute host {remote} of {uri}") from None
 
 
-# § 37 failure injection ---------------------------------------------------------------
+# § 38 failure injection ---------------------------------------------------------------
 #
 # For people who test their own tools against minivan: with --fault-injection, an admin
 # makes builds fail or wait, actions and deletes fail, and hosts go down, on purpose.
@@ -16699,7 +16833,7 @@ def faults_endpoint(app, method, path, headers, body):
     raise BadMethod(headers={"Allow": "GET, POST" if not rest else "GET, DELETE"})
 
 
-# § 38 ROUTES and ACTIONS --------------------------------------------------------------
+# § 39 ROUTES and ACTIONS --------------------------------------------------------------
 #
 # One row per route of Nova 34.0.0 (its routes.tsv), in Nova's order:
 #   method  path (under /v2.1, also under /v2.1/{project_id})  action key (POST .../action)
@@ -17035,7 +17169,7 @@ def find_routes(segments):
     return best, params
 
 
-# § 39 HTTP front end ------------------------------------------------------------------
+# § 40 HTTP front end ------------------------------------------------------------------
 
 JSON_TYPES_ALLOWED = ("", "text/plain", "application/json",
                       "application/vnd.openstack.compute+json")
@@ -17109,6 +17243,7 @@ class App:
         self.claims = Claims(store)
         self.usage = ServerUsage(store)
         self.server_order = ServerOrder(store)
+        self.views = ViewCache(store, conf["view_cache_servers"])
         self.faults = FaultRules(self) if conf.get("fault_injection") else None
         self.image_service = ImageService(self)
         self.image_cache = ImageCache(os.path.join(conf["data_dir"], "_base"))
@@ -17494,6 +17629,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            # each answer goes out whole at once (head and body may be two writes)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()
 
@@ -17645,7 +17783,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-        self.wfile.write(head_bytes + (b"" if head else resp.payload))
+        if head or len(resp.payload) < 65536:
+            self.wfile.write(head_bytes + (b"" if head else resp.payload))
+        else:                               # a large body is not copied once more
+            self.wfile.write(head_bytes)
+            self.wfile.write(resp.payload)
         self.wfile.flush()
         self.log_request(resp.status, len(resp.payload))
 
@@ -17784,7 +17926,7 @@ class Server(http.server.ThreadingHTTPServer):
         LOG.exception("error while serving %s", client_address)
 
 
-# § 40 systemd and signals -------------------------------------------------------------
+# § 41 systemd and signals -------------------------------------------------------------
 
 def sd_notify(message, environ=None):
     """Tell systemd (Type=notify) something; a no-op outside systemd."""
@@ -17875,7 +18017,7 @@ def reconnect_loop(app, stop, interval=5.0):
         stop.wait(interval)
 
 
-# § 41 main ----------------------------------------------------------------------------
+# § 42 main ----------------------------------------------------------------------------
 
 def configure_drivers(conf, drivers):
     for name, driver in drivers.items():
