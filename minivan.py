@@ -102,6 +102,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 import xml.etree.ElementTree as ElementTree
 
 LOG = logging.getLogger("minivan")
@@ -733,6 +734,14 @@ def unexpected_error_message(exc):
 # the journal keeps growing.  commit() applies the change in memory, appends it
 # to the journal and returns only once the journal is fsynced; concurrent
 # commits share one fsync.
+#
+# A snapshot taken while minivan serves (the journal grew past its limit) holds
+# nobody up: the journal is set aside as state.json.journal.N and a new one
+# started, then a forked child writes the memory it was given (a frozen copy, by
+# the kernel's copy-on-write) to a temporary file while the parent goes on.  Once
+# the child is done, the parent puts the file in place and removes the journals
+# set aside.  Start-up replays state.json, then the journals set aside (oldest
+# first), then the journal.
 
 EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
@@ -766,6 +775,7 @@ class Store:
         self.journal = None
         self.cut_to = None      # journal length to cut back to before the next write
         self.lock_fd = None
+        self.snapshotting = None    # the background snapshot's child pid, while it runs
         self.watchers = []      # watcher(op, data) runs before each op is applied
         self.after = []         # after(op) runs once it is applied (readers may see it)
 
@@ -778,7 +788,11 @@ class Store:
             self.data = json.loads(json.dumps(EMPTY_STATE))
         else:
             self.data = self._read_snapshot()
-        replayed = self._replay_journal()
+        for name in os.listdir(self.dir):      # a snapshot that never finished
+            if name.startswith(os.path.basename(self.path) + ".tmp"):
+                remove_quietly(os.path.join(self.dir, name))
+        replayed = sum(self._replay_journal(path) for _, path in self._set_aside())
+        replayed += self._replay_journal(self.journal_path)
         self.journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if fresh or replayed:
             self.snapshot()
@@ -808,14 +822,22 @@ class Store:
                              f"understands up to {SCHEMA_VERSION} — run a newer minivan")
         return migrate_state(doc["data"], version)
 
-    def _replay_journal(self):
+    def _set_aside(self):
+        """The journals set aside by background snapshots not yet in place, as (N, path),
+        oldest first."""
+        prefix = os.path.basename(self.journal_path) + "."
+        return sorted((int(name[len(prefix):]), os.path.join(self.dir, name))
+                      for name in os.listdir(self.dir)
+                      if name.startswith(prefix) and name[len(prefix):].isdigit())
+
+    def _replay_journal(self, path):
         try:
-            with open(self.journal_path, "rb") as f:
+            with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return 0
         except OSError as e:
-            raise StateError(f"cannot read {self.journal_path}: {e}") from None
+            raise StateError(f"cannot read {path}: {e}") from None
         lines = raw.split(b"\n")
         count = offset = 0
         for number, line in enumerate(lines, 1):
@@ -831,27 +853,26 @@ class Store:
                 torn_tail = number == len(lines) and not raw.endswith(b"\n")
                 if torn_tail:
                     LOG.warning("dropping a torn last line of %s (a crash during a write): "
-                                "it was never acknowledged", self.journal_path)
-                    self._cut_journal(start)
+                                "it was never acknowledged", path)
+                    self._cut_journal(path, start)
                     break
-                raise StateError(f"{self.journal_path} line {number} is unreadable ({e}); "
+                raise StateError(f"{path} line {number} is unreadable ({e}); "
                                  "it was left untouched") from None
             count += 1
         return count
 
-    def _cut_journal(self, length):
+    def _cut_journal(self, path, length):
         """Cut the journal back to its whole lines, durably, before anything is appended
         to it: a line written after a torn one would be unreadable."""
         try:
-            fd = os.open(self.journal_path, os.O_WRONLY)
+            fd = os.open(path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, length)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as e:
-            raise StateError(f"cannot cut the torn last line off {self.journal_path}: "
-                             f"{e}") from None
+            raise StateError(f"cannot cut the torn last line off {path}: {e}") from None
 
     # -- changes -----------------------------------------------------------
     def commit(self, ops):
@@ -963,9 +984,9 @@ class Store:
                     LOG.info("the journal is writable again")
                     self.broken = None
             self.cond.notify_all()
-            if not error and not self.pending and \
+            if not error and not self.pending and not self.snapshotting and \
                     self._journal_size() > self.journal_max_bytes:
-                self._snapshot_locked()
+                self._snapshot_in_background()
 
     def _write(self, payload):
         view = memoryview(payload)
@@ -982,9 +1003,10 @@ class Store:
 
     # -- snapshots ---------------------------------------------------------
     def snapshot(self):
-        """Fold the journal into state.json (what is pending is written first)."""
+        """Fold the journal into state.json now (what is pending is written first, and a
+        background snapshot is let finish)."""
         with self.cond:
-            while self.flushing or self.pending:
+            while self.flushing or self.pending or self.snapshotting:
                 if self.pending:
                     self._wait_durable(self.seq)
                 else:
@@ -995,16 +1017,9 @@ class Store:
         """Write state.json atomically, then start an empty journal.  Caller holds cond,
         and nothing is pending.  Where it cannot be written, the journal stays (it holds
         everything) and False is returned."""
-        doc = {"schema_version": SCHEMA_VERSION, "saved_at": isotime_us(Clock().now()),
-               "data": self.data}
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            write_state_file(tmp, self.data)
             os.replace(tmp, self.path)
             fsync_directory(self.dir)
             if self.journal is not None:
@@ -1014,14 +1029,85 @@ class Store:
             else:
                 with open(self.journal_path, "w"):
                     pass
+            for _, path in self._set_aside():
+                os.unlink(path)
+            fsync_directory(self.dir)
         except OSError as e:
             LOG.error("writing %s failed: %s; the journal keeps the changes", self.path, e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
             return False
         return True
+
+    def _snapshot_in_background(self):
+        """Set the journal aside, start a new one, and fork a child that writes the state
+        as it is now.  Caller holds cond; nothing is pending or being written."""
+        aside = self._set_aside()
+        number = aside[-1][0] + 1 if aside else 1
+        aside_path = f"{self.journal_path}.{number}"
+        try:
+            os.rename(self.journal_path, aside_path)
+        except OSError as e:
+            LOG.error("setting the journal aside for a snapshot failed: %s", e)
+            return
+        journal = None
+        try:                                # from here on, start-up replays aside_path
+            journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                              0o600)
+            fsync_directory(self.dir)       # both names, before a change is acknowledged
+        except OSError as e:                # go on appending to it; the next one retries
+            LOG.error("starting a new journal failed: %s", e)
+            try:
+                if journal is not None:
+                    os.close(journal)
+                    os.unlink(self.journal_path)
+                os.rename(aside_path, self.journal_path)
+            except OSError:
+                pass                        # start-up replays aside_path in any case
+            return
+        os.close(self.journal)
+        self.journal = journal
+        tmp = f"{self.path}.tmp.{number}"
+        try:
+            with warnings.catch_warnings():     # the child takes no lock another thread holds
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError as e:                    # then the snapshot is written here and now
+            LOG.warning("cannot fork a snapshot writer (%s); writing it while changes wait",
+                        e)
+            self._snapshot_locked()
+            return
+        if pid == 0:                        # the child: write, and nothing else
+            code = 1
+            try:
+                os.close(self.lock_fd)
+                write_state_file(tmp, self.data)
+                code = 0
+            finally:
+                os._exit(code)
+        self.snapshotting = pid
+        threading.Thread(target=self._finish_snapshot, args=(pid, tmp, number),
+                         name="snapshot", daemon=True).start()
+
+    def _finish_snapshot(self, pid, tmp, number):
+        """Once the child is done: its file becomes state.json and the journals set
+        aside up to number go; if it failed, they stay (start-up replays them)."""
+        try:
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise OSError(f"the snapshot writer ended with status {status}")
+            os.replace(tmp, self.path)
+            fsync_directory(self.dir)
+            for n, path in self._set_aside():
+                if n <= number:
+                    os.unlink(path)
+            fsync_directory(self.dir)
+        except OSError as e:
+            LOG.error("a background snapshot failed: %s; the journals keep the changes", e)
+            remove_quietly(tmp)
+        finally:
+            with self.cond:
+                self.snapshotting = None
+                self.cond.notify_all()
 
     def close(self):
         """Fold the journal into a snapshot and release the lock."""
@@ -1034,6 +1120,30 @@ class Store:
             if fd is not None:
                 os.close(fd)
         self.journal = self.lock_fd = None
+
+
+def write_state_file(path, data):
+    """state.json's content, written and fsynced to path."""
+    parts = ['{"schema_version": %d,\n"saved_at": %s,\n"data": {' % (
+        SCHEMA_VERSION, json.dumps(isotime_us(Clock().now())))]
+    for i, (key, value) in enumerate(sorted(data.items())):
+        parts.append(("\n" if i == 0 else ",\n") + json.dumps(key) + ": ")
+        if isinstance(value, dict) and value:       # a collection: a line per record
+            parts.append("{" + ",".join("\n" + json.dumps(k) + ": " +
+                                        json.dumps(v, sort_keys=True)
+                                        for k, v in sorted(value.items())) + "}")
+        else:
+            parts.append(json.dumps(value, sort_keys=True))
+    parts.append("}}\n")
+    payload = "".join(parts).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def inverse_op(root, op):

@@ -1349,10 +1349,91 @@ class StateTests(AppTestCase):
         self.store.journal_max_bytes = 2000
         for i in range(30):
             self.post("/v2.1/os-keypairs", {"keypair": {"name": f"k{i}", "public_key": SAMPLE_KEY}})
+            while self.store.snapshotting:      # (written in the background)
+                time.sleep(0.01)
         size = os.path.getsize(os.path.join(self.tmp, "state.json.journal"))
         self.assertLess(size, 2000 + 1000)
         self.restart_app()
         self.assertEqual(len(self.get("/v2.1/os-keypairs").json()["keypairs"]), 30)
+
+    def test_snapshot_in_background_holds_nobody_up(self):
+        """Past journal-max-bytes, a forked child writes the snapshot: while it works (here
+        slowed to 1.5 s), changes are acknowledged and reads answered at their usual pace;
+        then its file is state.json and the journal set aside is gone; all survives."""
+        real = minivan.write_state_file
+
+        def slow(path, data):
+            if os.getpid() != parent:       # only in the child: the parent must not wait
+                time.sleep(1.5)
+            real(path, data)
+
+        parent = os.getpid()
+        minivan.write_state_file = slow
+        self.addCleanup(setattr, minivan, "write_state_file", real)
+        self.store.journal_max_bytes = 3000
+        n = 0
+        while not self.store.snapshotting:
+            n += 1
+            self.store.commit([["set", ["quotas", f"p{n}"], {"cores": n}]])
+        child = self.store.snapshotting
+        aside = os.path.join(self.tmp, "state.json.journal.1")
+        self.assertTrue(os.path.exists(aside))
+        slowest = 0
+        for i in range(40):
+            t0 = time.perf_counter()
+            self.store.commit([["set", ["quotas", f"during{i}"], {"cores": i}]])
+            self.assertEqual(self.get("/v2.1/os-keypairs").status, 200)
+            slowest = max(slowest, time.perf_counter() - t0)
+        self.assertEqual(self.store.snapshotting, child)       # still writing
+        self.assertLess(slowest, 0.5)
+        deadline = time.time() + 30
+        while self.store.snapshotting and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertIsNone(self.store.snapshotting)
+        self.assertFalse(os.path.exists(aside))
+        with open(os.path.join(self.tmp, "state.json")) as f:
+            saved = json.load(f)["data"]["quotas"]
+        self.assertIn(f"p{n}", saved)                   # what was there at the fork
+        self.assertNotIn("during39", saved)             # what came after: in the journal
+        self.restart_app()
+        quotas = self.store.data["quotas"]
+        self.assertEqual({f"p{i}" for i in range(1, n + 1)} | {f"during{i}" for i in range(40)},
+                         {k for k in quotas if k.startswith(("p", "during"))})
+
+    def test_a_failed_background_snapshot_keeps_the_journal(self):
+        """A snapshot writer that fails leaves its journal set aside; start-up replays it
+        before the journal, and nothing acknowledged is lost."""
+        real = minivan.write_state_file
+        parent = os.getpid()
+
+        def failing(path, data):
+            if os.getpid() != parent:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(path, data)
+
+        minivan.write_state_file = failing
+        self.addCleanup(setattr, minivan, "write_state_file", real)
+        self.store.journal_max_bytes = 3000
+        n = 0
+        while not self.store.snapshotting:
+            n += 1
+            self.store.commit([["set", ["quotas", f"p{n}"], {"cores": n}]])
+        while self.store.snapshotting:
+            time.sleep(0.02)
+        self.assertTrue(os.path.exists(os.path.join(self.tmp, "state.json.journal.1")))
+        self.assertEqual([name for name in os.listdir(self.tmp) if ".tmp" in name], [])
+        self.store.commit([["set", ["quotas", "after"], {"cores": 1}]])
+        # a crash now: no snapshot at shutdown
+        os.close(self.store.journal)
+        os.close(self.store.lock_fd)
+        self.store.journal = self.store.lock_fd = self.store.data = None
+        self.start_app()
+        self.assertIn(f"p{n}", self.store.data["quotas"])
+        self.assertIn("after", self.store.data["quotas"])
+        self.store.snapshot()                # a snapshot that works folds both away
+        self.assertEqual(sorted(name for name in os.listdir(self.tmp)
+                                if name.startswith("state.json")),
+                         ["state.json", "state.json.journal"])
 
     def test_group_commit_under_concurrency(self):
         """Concurrent mutations all become durable, sharing fsyncs."""
@@ -2082,6 +2163,16 @@ class DaemonTests(unittest.TestCase):
         files, counted across all threads (tools/crashpoints.c), step 1, 2, … until the
         workload (two clients creating and deleting keypairs at once) ends with no crash:
         after each, minivan starts and every acknowledged change is there."""
+        self.crash_at_every_step({})
+
+    def test_a_crash_at_every_step_of_background_snapshots_loses_nothing(self):
+        """The same with a journal of at most 1,500 bytes: snapshots are taken in the
+        background during the workload, and a crash lands at each step of setting the
+        journal aside, of the forked writer (which alone dies then) and of putting its
+        file in place."""
+        self.crash_at_every_step({"MINIVAN_JOURNAL_MAX_BYTES": "1500"})
+
+    def crash_at_every_step(self, extra_env):
         tmp = tempfile.mkdtemp(prefix="minivan-crashpoints-")
         self.addCleanup(shutil.rmtree, tmp, True)
         shim = self.crash_shim(tmp)
@@ -2089,7 +2180,8 @@ class DaemonTests(unittest.TestCase):
         for step in range(1, 200):
             data = os.path.join(tmp, f"run{step}")
             proc = self.start(data, port, {"LD_PRELOAD": shim, "CRASH_AT": str(step),
-                                           "CRASH_DIR": os.path.join(data, "data")})
+                                           "CRASH_DIR": os.path.join(data, "data"),
+                                           **extra_env})
             outcome = self.keypair_workload(port) if wait_healthy(port, proc, 30) else {}
             try:                    # a killed process's sockets close before it is reaped
                 proc.wait(1)
