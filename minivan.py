@@ -752,6 +752,9 @@ EMPTY_STATE = {
 }
 
 
+SNAPSHOT_SPACING = 1.0     # seconds at least between background snapshots
+
+
 class StateError(Exception):
     """The state files cannot be used; minivan refuses to start."""
 
@@ -776,6 +779,7 @@ class Store:
         self.cut_to = None      # journal length to cut back to before the next write
         self.lock_fd = None
         self.snapshotting = None    # the background snapshot's child pid, while it runs
+        self.next_snapshot = 0.0    # time.monotonic() before which none starts again
         self.watchers = []      # watcher(op, data) runs before each op is applied
         self.after = []         # after(op) runs once it is applied (readers may see it)
 
@@ -985,7 +989,8 @@ class Store:
                     self.broken = None
             self.cond.notify_all()
             if not error and not self.pending and not self.snapshotting and \
-                    self._journal_size() > self.journal_max_bytes:
+                    self._journal_size() > self.journal_max_bytes and \
+                    time.monotonic() >= self.next_snapshot:
                 self._snapshot_in_background()
 
     def _write(self, payload):
@@ -1080,6 +1085,7 @@ class Store:
             code = 1
             try:
                 os.close(self.lock_fd)
+                os.nice(19)                 # requests come first on a busy host
                 write_state_file(tmp, self.data)
                 code = 0
             finally:
@@ -1091,6 +1097,7 @@ class Store:
     def _finish_snapshot(self, pid, tmp, number):
         """Once the child is done: its file becomes state.json and the journals set
         aside up to number go; if it failed, they stay (start-up replays them)."""
+        started = time.monotonic()
         try:
             _, status = os.waitpid(pid, 0)
             if status != 0:
@@ -1101,12 +1108,18 @@ class Store:
                 if n <= number:
                     os.unlink(path)
             fsync_directory(self.dir)
+            LOG.info("snapshot: %s written in the background in %.2fs (%d bytes)", self.path,
+                     time.monotonic() - started, os.path.getsize(self.path))
         except OSError as e:
             LOG.error("a background snapshot failed: %s; the journals keep the changes", e)
             remove_quietly(tmp)
         finally:
             with self.cond:
                 self.snapshotting = None
+                # the journal may grow past its limit meanwhile: a fork costs every
+                # request after it some copy-on-write faults, and the writer a core
+                self.next_snapshot = time.monotonic() + max(
+                    SNAPSHOT_SPACING, 4 * (time.monotonic() - started))
                 self.cond.notify_all()
 
     def close(self):
@@ -18187,6 +18200,9 @@ def main(argv=None):
         print(f"minivan: {e}", file=sys.stderr)
         return 2
     setup_logging(conf["debug"])
+    # a request waiting for the interpreter waits at most this long for another thread
+    # (a writer, a snapshot's reaper, a long list) to give it up: 1 ms, not Python's 5 ms
+    sys.setswitchinterval(0.001)
     stop = threading.Event()
     try:
         drivers = {name: LibvirtDriver(uri, conf["virt_type"], conf["network"],

@@ -547,6 +547,126 @@ def run_wire(opts, pool):
     return 0
 
 
+# -- no tail, and 100,000 servers -------------------------------------------------------
+
+def writer(args):
+    """Worker: metadata sets on one server until stop_file exists; returns how many."""
+    port, server_id, stop_file = args
+    client = Client(port)
+    n = 0
+    while not os.path.exists(stop_file):
+        n += 1
+        status, _ = client.call("PUT", f"/servers/{server_id}/metadata/w{n % 20}",
+                                {"meta": {f"w{n % 20}": str(n)}})
+        if status != 200:
+            raise RuntimeError(f"metadata set: {status}")
+    return n
+
+
+def snapshots_logged(data):
+    with open(os.path.join(data, "minivan.log"), errors="replace") as f:
+        return sum("written in the background" in line for line in f)
+
+
+def run_tail_size(n, opts, pool):
+    """At n servers (made through the API): start-up, memory, then each read's p50 and
+    p99 with a writer going and snapshots taken every --tail-journal bytes of journal."""
+    data = tempfile.mkdtemp(prefix=f"minivan-tail-{n}-")
+    make_image(os.path.join(data, "images"))
+    daemon = Daemon(data)
+    out = {"servers": n}
+    try:
+        daemon.start()
+        image = first_image(daemon.port)
+        t0 = time.perf_counter()
+        fill(pool, daemon.port, image, n)
+        out["fill_s"] = round(time.perf_counter() - t0, 1)
+        daemon.stop()
+        out["state_bytes"] = daemon.state_bytes()
+        daemon.env = {"MINIVAN_JOURNAL_MAX_BYTES": str(opts.tail_journal)}
+        out["startup_s"] = round(daemon.start(), 3)
+        out["rss_at_start_mb"] = round(daemon.rss(), 1)
+        time.sleep(opts.settle)
+        out["rss_settled_mb"] = round(daemon.rss(), 1)
+        out["rss_per_state_byte"] = round(out["rss_settled_mb"] * 2 ** 20 / out["state_bytes"], 2)
+        client = Client(daemon.port)
+        some = client.call("GET", "/servers?limit=1")[1]["servers"]
+        server_id = some[0]["id"] if some else create_servers(
+            (daemon.port, image, 1, "probe"))[0]
+        t0 = time.perf_counter()
+        done = sum(pool.map(mutations, [(daemon.port, "metadata", server_id, image,
+                                          opts.seconds)] * 8))
+        out["durable_mutations_per_s"] = round(done / (time.perf_counter() - t0), 1)
+        reads = (("server show", "/servers/" + server_id, "latest"),
+                 ("servers/detail default page", "/servers/detail", "latest"),
+                 ("flavors/detail", "/flavors/detail", None))
+        runs = {label: [] for label, _, _ in reads}
+        written = 0
+        snapshots = snapshots_logged(data)
+        for run in range(opts.repeat):
+            stop = os.path.join(data, f"stop-writer-{run}")
+            pending = pool.apply_async(writer, ((daemon.port, server_id, stop),))
+            t0 = time.perf_counter()
+            for label, path, version in reads:
+                probe = timed_gets((daemon.port, path, version, 5))
+                count = max(50, min(5000, int(opts.seconds / max(statistics.median(probe),
+                                                                1e-4))))
+                latencies = timed_gets((daemon.port, path, version, count))
+                runs[label].append((percentile(latencies, 0.5), percentile(latencies, 0.99),
+                                    count))
+            open(stop, "w").close()
+            written += pending.get()
+            out.setdefault("measured_s", 0)
+            out["measured_s"] += time.perf_counter() - t0
+        out["snapshots_during"] = snapshots_logged(data) - snapshots
+        out["writer_sets_per_s"] = round(written / out.pop("measured_s"), 1)
+        for label, values in runs.items():
+            p50 = statistics.median(v[0] for v in values) * 1000
+            p99 = statistics.median(v[1] for v in values) * 1000
+            bound = max(2 * p50, p50 + 5)
+            out[label] = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                          "bound_ms": round(bound, 3), "within": p99 <= bound,
+                          "gets_per_run": values[0][2]}
+    finally:
+        daemon.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return out
+
+
+def run_tail(opts, pool):
+    sizes = [int(x) for x in opts.sizes.split(",") if x.strip()]
+    results = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        results.append(run_tail_size(n, opts, pool))
+        print(f"bench: {n} servers measured in {time.perf_counter() - t0:.0f}s",
+              file=sys.stderr, flush=True)
+    rows = [("servers in state", lambda r: r["servers"]),
+            ("filled through the API in s", lambda r: r["fill_s"]),
+            ("state file MB", lambda r: round(r["state_bytes"] / 2 ** 20, 1)),
+            ("start-up s", lambda r: r["startup_s"]),
+            ("RSS MB at start / settled", lambda r: f"{r['rss_at_start_mb']} / "
+                                                    f"{r['rss_settled_mb']}"),
+            ("RSS / state file", lambda r: r["rss_per_state_byte"]),
+            ("durable metadata sets/s (8c)", lambda r: r["durable_mutations_per_s"])]
+    for label in ("server show", "servers/detail default page", "flavors/detail"):
+        rows.append((f"{label} p50 / p99 ms", lambda r, k=label: "{p50_ms} / {p99_ms}{m}".format(
+            m="" if r[k]["within"] else " !", **r[k])))
+    rows += [("writer's sets/s while reading", lambda r: r["writer_sets_per_s"]),
+             ("snapshots while reading", lambda r: r["snapshots_during"])]
+    width = max(len(label) for label, _ in rows)
+    print(f"no tail: medians of {opts.repeat} runs; '!' marks a p99 above "
+          "max(2 x p50, p50 + 5 ms)")
+    for label, get in rows:
+        print(f"{label:<{width}}  " + "  ".join(f"{str(get(r)):>20}" for r in results))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"python": sys.version.split()[0], "cpus": os.cpu_count(),
+                       "journal_max_bytes": opts.tail_journal, "tail": results}, f, indent=1)
+    return 0 if all(r[k]["within"] for r in results for k in
+                    ("server show", "servers/detail default page", "flavors/detail")) else 1
+
+
 # -- beside the real Nova ------------------------------------------------------------------
 
 # (label, figure, True where more is better)
@@ -693,6 +813,14 @@ def main(argv=None):
                         "show beside a bare http.server sending the same bytes")
     p.add_argument("--wire-servers", type=int, default=500,
                    help="servers in state for --wire (default 500)")
+    p.add_argument("--tail", action="store_true",
+                   help="no tail: p50 and p99 of reads with a writer going and snapshots "
+                        "every --tail-journal bytes (default sizes 0,1000,10000,100000); "
+                        "also start-up, memory and durable mutations at each size")
+    p.add_argument("--tail-journal", type=int, default=51200,
+                   help="--journal-max-bytes of minivan under --tail (default 51200)")
+    p.add_argument("--settle", type=float, default=10.0,
+                   help="seconds after start-up before the settled RSS (default 10)")
     p.add_argument("--svg", default="", help="with --peer: draw the table to this SVG file")
     opts = p.parse_args(argv)
     if opts.peer and opts.sizes == SIZES:
@@ -704,6 +832,13 @@ def main(argv=None):
     if not shutil.which("qemu-img"):
         print("bench: qemu-img is missing (apt install qemu-utils)", file=sys.stderr)
         return 2
+    if opts.tail:
+        if opts.sizes == SIZES:
+            opts.sizes = "0,1000,10000,100000"
+        if opts.smoke:
+            opts.sizes, opts.settle = "20", 0.5
+        with multiprocessing.Pool(9) as pool:
+            return run_tail(opts, pool)
     if opts.wire:
         with multiprocessing.Pool(8) as pool:
             return run_wire(opts, pool)
