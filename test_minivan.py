@@ -4340,6 +4340,36 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertIn("create_active", figures["results"][1])
         self.assertIn("servers/detail latest", done.stdout)
 
+    def test_tail_and_wire_smoke(self):
+        """bench/bench.py --tail --smoke (reads with a writer and snapshots every 50 kB of
+        journal) and --wire (beside a bare http.server sending the same bytes) run and
+        write their figures; no thresholds."""
+        if not have_libvirt() or not shutil.which("qemu-img"):
+            skip_or_fail(self, "the benchmark needs libvirt-python and qemu-img")
+        work = tempfile.mkdtemp(prefix="minivan-bench-")
+        self.addCleanup(shutil.rmtree, work, True)
+        bench = os.path.join(HERE, "bench", "bench.py")
+        tail, wire = os.path.join(work, "tail.json"), os.path.join(work, "wire.json")
+        done = subprocess.run([sys.executable, bench, "--tail", "--smoke", "--repeat", "2",
+                               "--seconds", "0.3", "--json", tail],
+                              capture_output=True, text=True, timeout=600)
+        self.assertIn(done.returncode, (0, 1), done.stderr[-3000:])   # 1: a tail, reported
+        with open(tail) as f:
+            figures = json.load(f)["tail"][0]
+        self.assertEqual(figures["servers"], 20)
+        self.assertGreater(figures["snapshots_during"], 0)
+        self.assertGreater(figures["writer_sets_per_s"], 0)
+        for read in ("server show", "servers/detail default page", "flavors/detail"):
+            self.assertGreater(figures[read]["p99_ms"], 0)
+        done = subprocess.run([sys.executable, bench, "--wire", "--wire-servers", "20",
+                               "--repeat", "1", "--seconds", "0.2", "--json", wire],
+                              capture_output=True, text=True, timeout=600)
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        with open(wire) as f:
+            rows = json.load(f)["wire"]
+        self.assertEqual(len(rows), 4)
+        self.assertTrue(all(r["floor_p50_ms"] > 0 and r["bytes"] > 0 for r in rows))
+
     def test_peer_smoke(self):
         """bench/bench.py --peer --smoke runs the same workload against the real Nova 34
         (bench/nova_peer.py in Nova's virtualenv) and writes the side-by-side table as

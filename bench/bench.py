@@ -80,9 +80,10 @@ class Daemon:
                    MINIVAN_LIBVIRT_URI="test:///default", MINIVAN_AUTH="noauth",
                    MINIVAN_BIND="127.0.0.1", MINIVAN_SYNC_POWER_STATE_INTERVAL="60",
                    MINIVAN_FIREWALL="none",
-                   # the simulated host (8 GB, a few CPUs) must hold 10,000 servers
-                   MINIVAN_CPU_ALLOCATION_RATIO="10000", MINIVAN_RAM_ALLOCATION_RATIO="10000",
-                   MINIVAN_DISK_ALLOCATION_RATIO="10000")
+                   # the simulated host (8 GB, a few CPUs) must hold 100,000 servers
+                   MINIVAN_CPU_ALLOCATION_RATIO="100000",
+                   MINIVAN_RAM_ALLOCATION_RATIO="100000",
+                   MINIVAN_DISK_ALLOCATION_RATIO="100000")
         env.update(self.env)
         log = open(os.path.join(self.data, "minivan.log"), "a")
         t0 = time.perf_counter()
@@ -313,7 +314,9 @@ def wait_built(client, poll=None):
             status, body = client.call("GET", "/servers?status=ERROR&limit=1",
                                        version="2.37")
             if body["servers"]:
-                raise RuntimeError(f"a server went to ERROR: {body['servers'][0]['id']}")
+                bad = body["servers"][0]["id"]
+                fault = client.call("GET", "/servers/" + bad)[1]["server"].get("fault")
+                raise RuntimeError(f"server {bad} went to ERROR: {fault}")
             return
         time.sleep(poll or max(client.poll, 0.01))
     raise RuntimeError("the servers did not all become ACTIVE")

@@ -16,7 +16,7 @@ Where it differs from those tests, for a fair long run under load:
   * keystonemiddleware's auth_token filter is replaced by TokenShim: a token
     "user:project" becomes the headers auth_token would set (user "admin" has the
     admin role, everyone else member and reader);
-  * allocation ratios of 10,000 (as bench.py gives minivan), so that three simulated
+  * allocation ratios of 100,000 (as bench.py gives minivan), so that three simulated
     hosts hold thousands of servers;
   * no quota limits (NoopQuotaDriver), no API response validation, logging at
     WARNING, warnings that stay warnings (the tests make them errors), notifications dropped instead of kept in memory, and idle worker
@@ -119,7 +119,7 @@ class Peer(integrated_helpers._IntegratedTestBase):
         self.flags(debug=False)
         # as bench.py's minivan: a few simulated hosts must hold thousands of servers
         for kind in ("cpu", "ram", "disk"):
-            self.flags(**{f"{kind}_allocation_ratio": 10000.0})
+            self.flags(**{f"{kind}_allocation_ratio": 100000.0})
         super()._setup_services()
 
     def _setup_compute_service(self):
