@@ -8277,11 +8277,12 @@ class ViewCache:
     """Encoded server views by server id and variant, for up to `capacity` servers
     (the least recently used go first)."""
 
-    VARIANTS = 8                 # per server; more (many microversions) start again
+    VARIANTS = 8                 # per server (microversions, callers); the oldest goes
 
     def __init__(self, store, capacity):
         self.capacity = capacity
-        self.revisions = {}      # server id -> revision: bumped after each change
+        self.revisions = {}      # server id -> revision: a new one after each change
+        self.counter = itertools.count(1)
         self.generation = 0      # bumped when the whole servers collection is replaced
         self.entries = collections.OrderedDict()   # id -> (revision, {variant: bytes})
         self.lock = threading.Lock()
@@ -8298,10 +8299,12 @@ class ViewCache:
                 self.entries.clear()
             return
         server_id = path[1]
-        self.revisions[server_id] = self.revisions.get(server_id, 0) + 1
-        if len(path) == 2 and op[0] == "del":
+        if len(path) == 2 and op[0] == "del":     # gone for good
             with self.lock:
                 self.entries.pop(server_id, None)
+                self.revisions.pop(server_id, None)
+            return
+        self.revisions[server_id] = next(self.counter)   # never the same one twice
 
     def revision(self, server_id):
         return (self.generation, self.revisions.get(server_id, 0))
@@ -8334,9 +8337,10 @@ class ViewCache:
                     if self.revision(server["id"]) != revision:
                         continue                 # changed meanwhile: this one is old
                     entry = self.entries.get(server["id"])
-                    if entry is None or entry[0] != revision or \
-                            len(entry[1]) >= self.VARIANTS:
+                    if entry is None or entry[0] != revision:
                         entry = self.entries[server["id"]] = (revision, {})
+                    elif len(entry[1]) >= self.VARIANTS:      # the oldest goes
+                        del entry[1][next(iter(entry[1]))]
                     entry[1][variant] = out[i]
                     self.entries.move_to_end(server["id"])
                 while len(self.entries) > self.capacity:

@@ -4680,6 +4680,64 @@ class ServerTestCase(AppTestCase):
         return dom.state()[0]
 
 
+class ViewCacheTests(ServerTestCase):
+    def test_kept_views_are_what_building_them_gives(self):
+        """Server show and servers/detail, for an admin and the owner at several
+        microversions, after each kind of change (metadata, rename, stop, lock, a host
+        disabled, delete): the answer from kept views equals the answer built afresh
+        (--view-cache-servers 0), and kept views were used; also when more callers ask
+        than views are kept per server."""
+        mine = self.new_server(name="a")
+        theirs = self.post_server(name="b", token="demo:demo").json()["server"]["id"]
+        self.app.compute.wait_idle()
+        host = self.app.conf["host"]
+        self.app.views.VARIANTS = 32            # every caller's views stay
+        callers = [(token, version) for token in ("admin:admin", "demo:demo")
+                   for version in ("2.1", "2.16", "2.47", "2.75", "latest")]
+
+        def answers():
+            out = []
+            for token, version in callers:
+                for server_id in (mine, theirs):
+                    r = self.get("/v2.1/servers/" + server_id, token=token, version=version)
+                    out.append((r.status, r.raw))
+                r = self.get("/v2.1/servers/detail", token=token, version=version)
+                out.append((r.status, r.raw))
+            return out
+
+        def same_as_built(used=True):
+            answers()                           # fills the kept views
+            hits = self.app.views.hits
+            kept = answers()
+            if used:
+                self.assertGreater(self.app.views.hits, hits)
+            capacity, self.app.views.capacity = self.app.views.capacity, 0
+            try:
+                self.assertEqual(kept, answers())
+            finally:
+                self.app.views.capacity = capacity
+
+        same_as_built()
+        changes = [
+            lambda: self.put(f"/v2.1/servers/{theirs}/metadata/k", {"meta": {"k": "v"}},
+                             token="demo:demo"),
+            lambda: self.put(f"/v2.1/servers/{mine}", {"server": {"name": "renamed"}}),
+            lambda: self.action(mine, {"os-stop": None}),
+            lambda: self.action(theirs, {"lock": None}, token="demo:demo"),
+            lambda: self.put("/v2.1/os-services/disable-log-reason", {
+                "host": host, "binary": "nova-compute", "disabled_reason": "maintenance"}),
+            lambda: self.delete(f"/v2.1/servers/{mine}"),
+        ]
+        for change in changes:
+            before = answers()
+            change()
+            self.app.compute.wait_idle()
+            self.assertNotEqual(before, answers())
+            same_as_built()
+        self.app.views.VARIANTS = 2             # more callers than views kept per server
+        same_as_built(used=False)
+
+
 def upload_in_process(test, image_id, data, token="admin:admin"):
     """PUT /image/v2/images/{id}/file in-process, the data streamed as the server does."""
     headers = make_headers({"Host": "127.0.0.1:8774", "X-Auth-Token": token,
