@@ -994,11 +994,7 @@ class Store:
                 self._snapshot_in_background()
 
     def _write(self, payload):
-        view = memoryview(payload)
-        while view:
-            written = os.write(self.journal, view)
-            view = view[written:]
-        os.fsync(self.journal)
+        write_fully(self.journal, payload)
 
     def _journal_size(self):
         try:
@@ -1151,12 +1147,17 @@ def write_state_file(path, data):
     payload = "".join(parts).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_fully(fd, payload)
     finally:
         os.close(fd)
+
+
+def write_fully(fd, payload):
+    """All of payload to fd (os.write may take part of it), then fsync."""
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
 
 
 def inverse_op(root, op):
@@ -8238,10 +8239,15 @@ def add_full_server_fields(req, server, view):
             item["delete_on_termination"] = vol.get("delete_on_termination", False)
     view["os-extended-volumes:volumes_attached"] = volumes
     if req.since("2.16") and admin:
-        if "compute_services" not in req.memo:
-            req.memo["compute_services"] = {r["host"]: r for r in service_records(req.app)
-                                            if r["binary"] == "nova-compute"}
-        view["host_status"] = host_status(req.app, server, req.memo["compute_services"])
+        view["host_status"] = host_status(req.app, server, request_compute_services(req))
+
+
+def request_compute_services(req):
+    """{host: compute service record}, read once per request."""
+    if "compute_services" not in req.memo:
+        req.memo["compute_services"] = {r["host"]: r for r in service_records(req.app)
+                                        if r["binary"] == "nova-compute"}
+    return req.memo["compute_services"]
 
 
 def add_versioned_server_fields(req, server, view, kind):
@@ -8364,11 +8370,8 @@ def view_variant(req, server, kind):
     key = (kind, project, server.get("host"))
     with_host = memo.get(key)
     if with_host is None:
-        if "compute_services" not in req.memo:
-            req.memo["compute_services"] = {r["host"]: r for r in service_records(req.app)
-                                            if r["binary"] == "nova-compute"}
         with_host = memo[key] = variant + (host_status(req.app, server,
-                                                       req.memo["compute_services"]),)
+                                                       request_compute_services(req)),)
     return with_host
 
 

@@ -1357,25 +1357,31 @@ class StateTests(AppTestCase):
         self.restart_app()
         self.assertEqual(len(self.get("/v2.1/os-keypairs").json()["keypairs"]), 30)
 
-    def test_snapshot_in_background_holds_nobody_up(self):
-        """Past journal-max-bytes, a forked child writes the snapshot: while it works (here
-        slowed to 1.5 s), changes are acknowledged and reads answered at their usual pace;
-        then its file is state.json and the journal set aside is gone; all survives."""
-        real = minivan.write_state_file
+    def snapshot_child_does(self, act):
+        """Past a 3,000-byte journal, commits until a background snapshot starts, whose
+        forked writer first calls act() (the parent writes as usual); returns how many
+        commits that took (quotas p1..pN)."""
+        real, parent = minivan.write_state_file, os.getpid()
 
-        def slow(path, data):
-            if os.getpid() != parent:       # only in the child: the parent must not wait
-                time.sleep(1.5)
+        def write(path, data):
+            if os.getpid() != parent:
+                act()
             real(path, data)
 
-        parent = os.getpid()
-        minivan.write_state_file = slow
+        minivan.write_state_file = write
         self.addCleanup(setattr, minivan, "write_state_file", real)
         self.store.journal_max_bytes = 3000
         n = 0
         while not self.store.snapshotting:
             n += 1
             self.store.commit([["set", ["quotas", f"p{n}"], {"cores": n}]])
+        return n
+
+    def test_snapshot_in_background_holds_nobody_up(self):
+        """Past journal-max-bytes, a forked child writes the snapshot: while it works (here
+        slowed to 1.5 s), changes are acknowledged and reads answered at their usual pace;
+        then its file is state.json and the journal set aside is gone; all survives."""
+        n = self.snapshot_child_does(lambda: time.sleep(1.5))
         child = self.store.snapshotting
         aside = os.path.join(self.tmp, "state.json.journal.1")
         self.assertTrue(os.path.exists(aside))
@@ -1404,21 +1410,10 @@ class StateTests(AppTestCase):
     def test_a_failed_background_snapshot_keeps_the_journal(self):
         """A snapshot writer that fails leaves its journal set aside; start-up replays it
         before the journal, and nothing acknowledged is lost."""
-        real = minivan.write_state_file
-        parent = os.getpid()
+        def fail():
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def failing(path, data):
-            if os.getpid() != parent:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(path, data)
-
-        minivan.write_state_file = failing
-        self.addCleanup(setattr, minivan, "write_state_file", real)
-        self.store.journal_max_bytes = 3000
-        n = 0
-        while not self.store.snapshotting:
-            n += 1
-            self.store.commit([["set", ["quotas", f"p{n}"], {"cores": n}]])
+        n = self.snapshot_child_does(fail)
         while self.store.snapshotting:
             time.sleep(0.02)
         self.assertTrue(os.path.exists(os.path.join(self.tmp, "state.json.journal.1")))
