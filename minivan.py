@@ -17994,8 +17994,9 @@ class Server(http.server.ThreadingHTTPServer):
                 try:
                     request.sendall(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
                                      "application/json\r\nRetry-After: 1\r\nConnection: "
-                                     "close\r\nContent-Length: %d\r\n\r\n%s"
-                                     % (len(body), body)).encode())
+                                     "close\r\nX-OpenStack-Request-ID: %s\r\n"
+                                     "Content-Length: %d\r\n\r\n%s"
+                                     % (new_request_id(), len(body), body)).encode())
                 except OSError:
                     pass
             self.shutdown_request(request)

@@ -1945,6 +1945,7 @@ class SlowClientTests(SocketTestCase):
         self.assertTrue(answer.startswith("HTTP/1.1 503"), answer)
         self.assertIn("Retry-After: 1", answer)
         self.assertIn('"serviceUnavailable"', answer)
+        self.assertRegex(answer, r"X-OpenStack-Request-ID: req-[0-9a-f-]{36}\r\n")
         # each stalled request is cut after --client-timeout; then there is room again
         for sock in stalled:
             started = time.monotonic()
@@ -1952,6 +1953,16 @@ class SlowClientTests(SocketTestCase):
             self.assertEqual(sock.recv(100), b"")
             self.assertLess(time.monotonic() - started, 5)
             sock.close()
+        # a cut connection's slot is free once its thread has ended, a moment after the EOF
+        deadline = time.monotonic() + 5
+        while True:
+            probe = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            probe.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            refused = probe.recv(4096).startswith(b"HTTP/1.1 503")
+            probe.close()
+            if not refused or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         self.assertEqual(self.http("GET", "/v2.1/flavors").status, 200)
 
     def test_a_trickled_request_is_cut_after_the_timeout(self):
