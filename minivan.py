@@ -8278,12 +8278,15 @@ def add_versioned_server_fields(req, server, view, kind):
 # it is never taken for a view of the data after).  Callers see a server alike when
 # they share the microversion, the links' base, and what policy lets them see of it:
 # the admin fields, the flavor's extra specs, a fault's details, the host's status.
+# A whole page of servers/detail in the default order is kept too, for the few latest
+# (caller, query) pairs, until any server changes.
 
 class ViewCache:
     """Encoded server views by server id and variant, for up to `capacity` servers
     (the least recently used go first)."""
 
     VARIANTS = 8                 # per server (microversions, callers); the oldest goes
+    PAGES = 8                    # whole pages, by caller and query; the oldest goes
 
     def __init__(self, store, capacity):
         self.capacity = capacity
@@ -8291,14 +8294,17 @@ class ViewCache:
         self.counter = itertools.count(1)
         self.generation = 0      # bumped when the whole servers collection is replaced
         self.entries = collections.OrderedDict()   # id -> (revision, {variant: bytes})
+        self.pages = collections.OrderedDict()     # page key -> (servers revision, bytes)
+        self.servers_revision = 0                  # a new one after any server's change
         self.lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.page_hits = 0
         store.after.append(self.changed)
 
     def changed(self, op):
         path = op[1]
         if not path or path[0] != "servers":
             return
+        self.servers_revision = next(self.counter)
         if len(path) == 1:
             with self.lock:
                 self.generation += 1
@@ -8352,6 +8358,48 @@ class ViewCache:
                 while len(self.entries) > self.capacity:
                     self.entries.popitem(last=False)
         return out
+
+
+    def page(self, key):
+        """A kept page's bytes, or None; with the revision to keep a page built now."""
+        revision = self.servers_revision
+        if not self.capacity:
+            return None, revision
+        with self.lock:
+            kept = self.pages.get(key)
+            if kept is None or kept[0] != revision:
+                return None, revision
+            self.pages.move_to_end(key)
+            self.page_hits += 1
+            return kept[1], revision
+
+    def keep_page(self, key, revision, body):
+        """Keep a page built from data read after `revision` was current.  A server that
+        changed meanwhile bumped it, so such a page is never served."""
+        if not self.capacity:
+            return
+        with self.lock:
+            if revision != self.servers_revision:
+                return
+            self.pages[key] = (revision, body)
+            self.pages.move_to_end(key)
+            while len(self.pages) > self.PAGES:
+                self.pages.popitem(last=False)
+
+
+def page_key(req, scope):
+    """What a default-order page of servers/detail depends on besides the servers: the
+    caller's roles and project, the request's shape, and (for an admin from 2.16 on) the
+    status of every compute host."""
+    ident = req.ident
+    key = (req.version, req.legacy, req.base_url, req.project_in_url, ident.project_id,
+           frozenset(ident.roles), scope, tuple(sorted(
+               (name, tuple(values)) for name, values in req.query.items())))
+    if policy_allows(ident, "admin") and req.since("2.16"):
+        services = request_compute_services(req)
+        key += tuple(sorted((host, host_status(req.app, {"host": host}, services))
+                            for host in services))
+    return key
 
 
 def view_variant(req, server, kind):
@@ -11010,7 +11058,9 @@ def server_list(req, detail):
     owner = query.get("project_id") or query.get("tenant_id")
     scope = owner if all_tenants else project
 
-    if statuses or since or before or deleted_wanted or query.keys() - UNFILTERED_KEYS:
+    filtered = bool(statuses or since or before or deleted_wanted or
+                    query.keys() - UNFILTERED_KEYS)
+    if filtered:
         def wanted(s):
             return (scope is None or s["project_id"] == scope) and \
                 server_matches(s, query, statuses, since, before, deleted_wanted)
@@ -11018,6 +11068,12 @@ def server_list(req, detail):
         def wanted(s):
             return (scope is None or s["project_id"] == scope) and \
                 s["vm_state"] != "deleted"
+    key = None
+    if detail and order == [("created_at", "desc")] and not filtered:
+        key = page_key(req, scope)
+        kept, revision = req.app.views.page(key)
+        if kept is not None:
+            return 200, kept
     with req.store.reading():
         if order == [("created_at", "desc")]:
             page, marker = newest_page(req, scope, wanted)
@@ -11028,7 +11084,10 @@ def server_list(req, detail):
     links = {} if marker is None else {
         "servers_links": req.next_link("servers/detail" if detail else "servers", marker)}
     if detail:
-        return 200, encoded_body("servers", req.app.views.views(req, page, "detail"), links)
+        body = encoded_body("servers", req.app.views.views(req, page, "detail"), links)
+        if key is not None:
+            req.app.views.keep_page(key, revision, body)
+        return 200, body
     body = {"servers": [{"id": s["id"], "links": req.links("servers", s["id"]),
                          "name": s["name"]} for s in page]}
     body.update(links)

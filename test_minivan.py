@@ -4688,16 +4688,17 @@ class ServerTestCase(AppTestCase):
 
 class ViewCacheTests(ServerTestCase):
     def test_kept_views_are_what_building_them_gives(self):
-        """Server show and servers/detail, for an admin and the owner at several
-        microversions, after each kind of change (metadata, rename, stop, lock, a host
-        disabled, delete): the answer from kept views equals the answer built afresh
-        (--view-cache-servers 0), and kept views were used; also when more callers ask
-        than views are kept per server."""
+        """Server show and pages of servers/detail (with limits, markers, all_tenants),
+        for an admin and the owner at several microversions, after each kind of change
+        (metadata, rename, stop, lock, a host disabled, delete): the answer from kept views
+        and pages equals the answer built afresh (--view-cache-servers 0), and kept views
+        and pages were used; also when more callers ask than views are kept per server."""
         mine = self.new_server(name="a")
         theirs = self.post_server(name="b", token="demo:demo").json()["server"]["id"]
         self.app.compute.wait_idle()
         host = self.app.conf["host"]
         self.app.views.VARIANTS = 32            # every caller's views stay
+        self.app.views.PAGES = 128              # and every caller's pages
         callers = [(token, version) for token in ("admin:admin", "demo:demo")
                    for version in ("2.1", "2.16", "2.47", "2.75", "latest")]
 
@@ -4707,16 +4708,19 @@ class ViewCacheTests(ServerTestCase):
                 for server_id in (mine, theirs):
                     r = self.get("/v2.1/servers/" + server_id, token=token, version=version)
                     out.append((r.status, r.raw))
-                r = self.get("/v2.1/servers/detail", token=token, version=version)
-                out.append((r.status, r.raw))
+                for query in ("", "?limit=1", "?all_tenants=1", "?all_tenants=1&limit=1",
+                              f"?all_tenants=1&limit=1&marker={theirs}"):
+                    r = self.get("/v2.1/servers/detail" + query, token=token, version=version)
+                    out.append((r.status, r.raw))
             return out
 
         def same_as_built(used=True):
-            answers()                           # fills the kept views
-            hits = self.app.views.hits
+            answers()                           # fills the kept views and pages
+            hits, page_hits = self.app.views.hits, self.app.views.page_hits
             kept = answers()
             if used:
                 self.assertGreater(self.app.views.hits, hits)
+                self.assertGreater(self.app.views.page_hits, page_hits)
             capacity, self.app.views.capacity = self.app.views.capacity, 0
             try:
                 self.assertEqual(kept, answers())
@@ -4741,6 +4745,7 @@ class ViewCacheTests(ServerTestCase):
             self.assertNotEqual(before, answers())
             same_as_built()
         self.app.views.VARIANTS = 2             # more callers than views kept per server
+        self.app.views.PAGES = 2                # and than pages kept
         same_as_built(used=False)
 
 
