@@ -4749,6 +4749,69 @@ class ViewCacheTests(ServerTestCase):
         same_as_built(used=False)
 
 
+class PackedRecordTests(ServerTestCase):
+    """A server's instance actions are kept in memory as their JSON text (minivan.Packed):
+    what the API answers, what state.json holds and what Python's json reads from it stay
+    as they were."""
+
+    def actions(self, server_id):
+        r = self.get(f"/v2.1/servers/{server_id}/os-instance-actions", version="2.58")
+        self.assertEqual(r.status, 200, r.raw)
+        return r.json()["instanceActions"]
+
+    def test_actions_are_packed_and_read_back_the_same(self):
+        server_id = self.new_server()
+        self.action(server_id, {"os-stop": None})
+        self.action(server_id, {"os-start": None})
+        before = self.actions(server_id)
+        self.assertEqual([a["action"] for a in before], ["start", "stop", "create"])
+        packed = self.store.data["instance_actions"][server_id]
+        self.assertIsInstance(packed, minivan.Packed)
+        self.restart_app()                       # snapshot written, then read back
+        self.assertIsInstance(self.store.data["instance_actions"][server_id], minivan.Packed)
+        self.assertEqual(self.actions(server_id), before)
+        path = os.path.join(self.tmp, "state.json")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        oracle = json.loads(text)                # Python's own json: the state file is JSON
+        records = oracle["data"]["instance_actions"]
+        self.assertEqual(records[server_id],
+                         json.loads(self.store.data["instance_actions"][server_id]))
+        self.assertEqual([e["event"] for a in records[server_id] for e in a["events"]],
+                         ["compute__do_build_and_run_instance", "compute_stop_instance",
+                          "compute_start_instance"])     # as they happened
+        # the streaming reader reads what json reads, whatever the layout of the file
+        for layout in (text, json.dumps(oracle, indent=3), json.dumps(oracle, separators=(
+                ",", ":")), " \n" + json.dumps(oracle) + "\n\n"):
+            doc = minivan.parse_state(layout)
+            for key, value in doc["data"]["instance_actions"].items():
+                self.assertIsInstance(value, minivan.Packed)
+                doc["data"]["instance_actions"][key] = json.loads(value)
+            self.assertEqual(doc, oracle)
+        for broken in (text[:-3], text + "{}", text.replace('"data": {', '"data": {,', 1),
+                       "", "[]", '{"data": {"instance_actions": {"x": }}}'):
+            with self.assertRaises(ValueError):
+                minivan.parse_state(broken)
+
+    def test_a_change_inside_a_packed_record_and_its_undo(self):
+        server_id = self.new_server()
+        data = self.store.data
+        before = data["instance_actions"][server_id]
+        op = ["set", ["instance_actions", server_id], {"k": {"a": 1}}]
+        deeper = ["set", ["instance_actions", server_id, "k", "b"], 2]
+        undo = minivan.inverse_op(data, op)
+        minivan.apply_op(data, op)
+        undo_deeper = minivan.inverse_op(data, deeper)
+        minivan.apply_op(data, deeper)
+        self.assertEqual(json.loads(data["instance_actions"][server_id]),
+                         {"k": {"a": 1, "b": 2}})
+        minivan.apply_op(data, undo_deeper)
+        self.assertEqual(json.loads(data["instance_actions"][server_id]), {"k": {"a": 1}})
+        minivan.apply_op(data, undo)
+        self.assertEqual(data["instance_actions"][server_id], before)
+        self.assertIsInstance(data["instance_actions"][server_id], minivan.Packed)
+
+
 def upload_in_process(test, image_id, data, token="admin:admin"):
     """PUT /image/v2/images/{id}/file in-process, the data streamed as the server does."""
     headers = make_headers({"Host": "127.0.0.1:8774", "X-Auth-Token": token,
