@@ -221,11 +221,17 @@ class Client:
 
 
 def timed_gets(args):
-    """Worker: GET path count times; returns the latencies in seconds."""
-    port, path, version, count = args
+    """Worker: GET path count times; returns the latencies in seconds.  With a server
+    id after count, that server's metadata is changed (untimed) before each GET."""
+    port, path, version, count, *change = args
     client = Client(port)
     latencies = []
-    for _ in range(count):
+    for i in range(count):
+        if change:
+            status, _ = client.call("PUT", f"/servers/{change[0]}/metadata/bench",
+                                    {"meta": {"bench": str(i % 10)}})
+            if status != 200:
+                raise RuntimeError(f"metadata set: {status}")
         t0 = time.perf_counter()
         status, _ = client.call("GET", path, version=version, parse=False)
         latencies.append(time.perf_counter() - t0)
@@ -528,17 +534,24 @@ def run_wire(opts, pool):
         fill(pool, daemon.port, image, n)
         server_id = Client(daemon.port).call("GET", "/servers?limit=1")[1]["servers"][0]["id"]
         count = max(20, int(opts.seconds * 100))
-        for label, path, version in (("servers/detail, latest", "/servers/detail", "latest"),
-                                     ("servers/detail, 2.1", "/servers/detail", "2.1"),
-                                     ("flavors/detail", "/flavors/detail", None),
-                                     ("server show, latest", "/servers/" + server_id,
-                                      "latest")):
+        # the last: a server changes before each request, so the page is made again
+        # from kept views (and the changed server's new one)
+        for label, path, version, change in (
+                ("servers/detail, latest", "/servers/detail", "latest", ()),
+                ("servers/detail, 2.1", "/servers/detail", "2.1", ()),
+                ("flavors/detail", "/flavors/detail", None, ()),
+                ("server show, latest", "/servers/" + server_id, "latest", ()),
+                ("servers/detail, latest, a server changed before each", "/servers/detail",
+                 "latest", (server_id,))):
+            if change:
+                Client(daemon.port).call("PUT", f"/servers/{server_id}/metadata/bench",
+                                         {"meta": {"bench": "0"}})
             floor = Floor(daemon.port, path, version)
             try:
                 mine, bare = [], []
                 for _ in range(opts.repeat):      # interleaved, so both see the same noise
-                    mine.append(percentile(timed_gets((daemon.port, path, version, count)),
-                                           0.5))
+                    mine.append(percentile(timed_gets((daemon.port, path, version, count,
+                                                       *change)), 0.5))
                     bare.append(percentile(timed_gets((floor.port, path, version, count)),
                                            0.5))
             finally:
@@ -551,9 +564,9 @@ def run_wire(opts, pool):
         daemon.stop()
         shutil.rmtree(data, ignore_errors=True)
     print(f"near the wire, {n} servers in state (medians of {opts.repeat} runs' p50):")
-    print(f"{'figure':<26}{'bytes':>10}{'minivan ms':>12}{'floor ms':>10}{'x floor':>9}")
+    print(f"{'figure':<54}{'bytes':>10}{'minivan ms':>12}{'floor ms':>10}{'x floor':>9}")
     for r in rows:
-        print(f"{r['figure']:<26}{r['bytes']:>10}{r['minivan_p50_ms']:>12}"
+        print(f"{r['figure']:<54}{r['bytes']:>10}{r['minivan_p50_ms']:>12}"
               f"{r['floor_p50_ms']:>10}{r['times_floor']:>9}")
     if opts.json:
         with open(opts.json, "w") as f:
