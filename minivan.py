@@ -8468,7 +8468,6 @@ class ViewCache:
                     self.entries.popitem(last=False)
         return out
 
-
     def page(self, key):
         """A kept page's bytes, or None; with the revision to keep a page built now."""
         revision = self.servers_revision
