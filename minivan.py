@@ -17451,10 +17451,33 @@ ACTIONS = {(r.path, r.action): r for r in ROUTES if r.action}
 KNOWN_ROOTS = {r.segments[0] for r in ROUTES if r.segments}
 
 
+def index_routes(routes):
+    """{(segment count, first segment): the routes that may match such a path, in table
+    order}; the first segment None stands for any other (routes that begin with a
+    parameter)."""
+    index = {}
+    for route in routes:
+        n = len(route.segments)
+        first = route.segments[0] if n else None
+        if first is not None and first.startswith("{"):
+            first = None
+        index.setdefault((n, first), [])
+    for (n, first), bucket in index.items():
+        bucket.extend(r for r in routes if len(r.segments) == n and (
+            not n or r.segments[0] == first or r.segments[0].startswith("{")))
+    return index
+
+
+ROUTE_INDEX = index_routes(ROUTES)
+
+
 def find_routes(segments):
     """(routes of the most specific matching path, params) or ([], None)."""
     best, best_key, params = [], None, None
-    for route in ROUTES:
+    n = len(segments)
+    candidates = ROUTE_INDEX.get((n, segments[0] if n else None)) or \
+        ROUTE_INDEX.get((n, None), ())
+    for route in candidates:
         got = route.match(segments)
         if got is None:
             continue
