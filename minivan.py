@@ -14485,6 +14485,11 @@ def service_key(app, host, binary):
     return binary if host == app.conf["host"] else f"{binary}@{host}"
 
 
+@functools.lru_cache(maxsize=1024)
+def service_uuid(host, binary):
+    return str(uuid.uuid5(IMAGE_NAMESPACE, f"service:{host}:{binary}"))
+
+
 def service_records(app):
     """The services with their stored status, in id order: this host's conductor and
     scheduler, then a nova-compute per compute host."""
@@ -14499,7 +14504,7 @@ def service_records(app):
         if state.get("deleted"):
             continue
         records.append({"number": number, "binary": binary, "host": host, "key": key,
-                        "uuid": str(uuid.uuid5(IMAGE_NAMESPACE, f"service:{host}:{binary}")),
+                        "uuid": service_uuid(host, binary),
                         "zone": host_zone(app, host) if binary == "nova-compute"
                         else "internal",
                         "disabled": state.get("disabled", False),
