@@ -746,7 +746,9 @@ def unexpected_error_message(exc):
 # The records of a few collections, written often and read seldom (a server's
 # instance actions), are kept in memory as their JSON text (Packed), read from
 # state.json without building them and decoded only when asked for: a server's
-# actions take a third of the memory they would as dicts and lists.
+# actions take a third of the memory they would as dicts and lists.  Servers are read
+# one by one too, each sharing its keys and its equal values (hosts, states, zones,
+# projects, flavor names) with those read before it.
 
 EMPTY_STATE = {
     "flavors": {}, "flavor_access": {}, "keypairs": {}, "quotas": {},
@@ -780,10 +782,43 @@ def unpack(value):
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
+# Collections read record by record, each record made to share its keys with the
+# others, and the equal values of some of its fields (strings: values that nothing can
+# tell apart but memory); and the dicts in it that are to share theirs likewise.
+SHARED = {"servers": (("availability_zone", "disk_config", "host", "image_ref", "node",
+                       "project_id", "reservation_id", "root_device_name", "user_id",
+                       "vm_state"), ("flavor",))}
+
+
+class Sharing:
+    """Equal key sets and equal string values of records read one by one, held once."""
+
+    def __init__(self):
+        self.keys = {}           # tuple of keys -> the first such tuple
+        self.values = {}         # string -> the first such string
+
+    def record(self, record, fields=(), nested=()):
+        names = tuple(record)
+        record = dict(zip(self.keys.setdefault(names, names), record.values()))
+        values = self.values
+        for field in fields:
+            value = record.get(field)
+            if value.__class__ is str:
+                record[field] = values.setdefault(value, value)
+        for field in nested:
+            value = record.get(field)
+            if value.__class__ is dict:
+                record[field] = self.record(value, tuple(
+                    k for k, v in value.items() if v.__class__ is str))
+        return record
+
+
 def parse_state(text):
     """state.json's text as json.loads reads it, except that the records of the
-    PACKED collections are kept as Packed text, never built as objects."""
+    PACKED collections are kept as Packed text, never built as objects, and those of
+    the SHARED ones share their keys and some of their values."""
     scan = json.JSONDecoder().scan_once
+    sharing = Sharing()
 
     def skip(i):
         return _JSON_SPACE.match(text, i).end()
@@ -825,6 +860,15 @@ def parse_state(text):
     def collection(name, i):
         if name in PACKED and text.startswith("{", i):
             return members(i, packed_record)
+        if name in SHARED and text.startswith("{", i):
+            fields, nested = SHARED[name]
+
+            def shared_record(key, i):
+                built, end = value(i)
+                if built.__class__ is dict:
+                    built = sharing.record(built, fields, nested)
+                return built, end
+            return members(i, shared_record)
         return value(i)          # a whole collection at once: its keys decoded once
 
     def top(key, i):

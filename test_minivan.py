@@ -4793,6 +4793,18 @@ class PackedRecordTests(ServerTestCase):
             with self.assertRaises(ValueError):
                 minivan.parse_state(broken)
 
+    def test_servers_read_back_share_their_keys_and_equal_values(self):
+        first, second = self.new_server(name="a"), self.new_server(name="b")
+        before = [self.server(first), self.server(second)]
+        self.restart_app()
+        self.assertEqual([self.server(first), self.server(second)], before)
+        a, b = (self.store.data["servers"][i] for i in (first, second))
+        self.assertEqual(a["host"], b["host"])
+        self.assertIs(a["host"], b["host"])
+        self.assertIs(a["flavor"]["name"], b["flavor"]["name"])
+        self.assertEqual([id(k) for k in a], [id(k) for k in b])
+        self.assertIsNot(a["flavor"], b["flavor"])      # dicts stay each record's own
+
     def test_a_change_inside_a_packed_record_and_its_undo(self):
         server_id = self.new_server()
         data = self.store.data
