@@ -4361,8 +4361,10 @@ class BenchSmokeTests(unittest.TestCase):
                               capture_output=True, text=True, timeout=600)
         self.assertIn(done.returncode, (0, 1), done.stderr[-3000:])   # 1: a tail, reported
         with open(tail) as f:
-            figures = json.load(f)["tail"][0]
+            doc = json.load(f)
+        figures = doc["tail"][0]
         self.assertEqual(figures["servers"], 20)
+        self.assertGreater(doc["test_driver_kb_per_domain"], 0)
         self.assertGreater(figures["snapshots_during"], 0)
         self.assertGreater(figures["writer_sets_per_s"], 0)
         for read in ("server show", "servers/detail default page", "flavors/detail"):
@@ -4373,8 +4375,9 @@ class BenchSmokeTests(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         with open(wire) as f:
             rows = json.load(f)["wire"]
-        self.assertEqual(len(rows), 4)
+        self.assertEqual(len(rows), 5)
         self.assertTrue(all(r["floor_p50_ms"] > 0 and r["bytes"] > 0 for r in rows))
+        self.assertIn("a server changed before each", rows[-1]["figure"])
 
     def test_peer_smoke(self):
         """bench/bench.py --peer --smoke runs the same workload against the real Nova 34
